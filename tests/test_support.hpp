@@ -1,0 +1,47 @@
+#pragma once
+
+// Shared helpers for Keel's Boost.Test executables.
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include <boost/test/unit_test.hpp>
+
+namespace keel::test {
+
+/// ../shared/data beside the checkout (see ../shared/data/README.md).
+inline std::filesystem::path shared_data() { return KEEL_SHARED_DATA; }
+
+inline bool under_ci() {
+  const char* ci = std::getenv("CI");
+  return ci != nullptr && std::string(ci) == "true";
+}
+
+/// Precondition for tests that need ../shared/data: missing data fails under CI (CI=true) and
+/// skips the test elsewhere, with the reason.
+struct needs_shared_data {
+  boost::test_tools::assertion_result operator()(boost::unit_test::test_unit_id) const {
+    if (std::filesystem::exists(shared_data() / "vocab")) return true;
+    if (under_ci()) return true;  // let the test run and fail on the missing file
+    boost::test_tools::assertion_result r(false);
+    r.message() << "skipped: test data not found at " << shared_data().string();
+    return r;
+  }
+};
+
+/// A fresh directory under the build tree, removed on destruction.
+struct temp_dir {
+  std::filesystem::path path;
+  explicit temp_dir(const std::string& name) {
+    path = std::filesystem::path(KEEL_BINARY_DIR) / "test-tmp" / name;
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+
+}  // namespace keel::test
