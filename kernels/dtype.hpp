@@ -61,6 +61,7 @@ std::optional<dtype_layout> layout_of(dtype t);
 /// Bytes of `n` elements of type `t` (n must be a multiple of the block size).
 inline uint64_t bytes_of(dtype_layout l, uint64_t n) { return n / l.block_elems * l.block_bytes; }
 
+/// Exact, as F16C's `vcvtph2ps` (a signalling NaN comes out quiet).
 inline float fp16_to_f32(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1f;
@@ -79,7 +80,7 @@ inline float fp16_to_f32(uint16_t h) {
       bits = sign | (exp << 23) | (mant << 13);
     }
   } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (mant << 13);
+    bits = sign | 0x7f800000u | (mant << 13) | (mant != 0 ? 0x400000u : 0);  // quiet NaN, as F16C
   } else {
     bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
   }
@@ -88,13 +89,14 @@ inline float fp16_to_f32(uint16_t h) {
   return f;
 }
 
-/// Round to nearest even, as F16C's `vcvtps2ph` with mode 0.
+/// Round to nearest even, as F16C's `vcvtps2ph` with mode 0 (bit-exact, NaN payloads included).
 inline uint16_t f32_to_fp16(float f) {
   uint32_t x;
   std::memcpy(&x, &f, 4);
   uint32_t sign = (x >> 16) & 0x8000u;
   uint32_t abs = x & 0x7fffffffu;
-  if (abs >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0));
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((abs & 0x7fffffu) >> 13));
+  if (abs == 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u);
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow to inf
   if (abs < 0x38800000u) {  // subnormal or zero in f16
     if (abs < 0x33000000u) return static_cast<uint16_t>(sign);

@@ -7,6 +7,8 @@
 
 namespace keel {
 
+class thread_pool;
+
 /// A read-only weight matrix of `rows` rows by `cols` columns; each row is contiguous and
 /// `row_bytes` long (GGUF's dims[0] is `cols`). Does not own `data`.
 struct matrix_view {
@@ -22,7 +24,7 @@ matrix_view make_matrix(dtype type, const void* data, int64_t rows, int64_t cols
 
 /// Instruction sets the CPU kernels are built for. All give bit-identical results: every dot
 /// product accumulates in the same canonical order (16 lane partials, fused multiply-add, then a
-/// fixed pairwise reduction), so the ISA only changes speed.
+/// fixed pairwise reduction; spelled out at the top of ops.cpp), so the ISA only changes speed.
 enum class cpu_isa { scalar, avx2, avx512 };
 
 const char* to_string(cpu_isa x);
@@ -41,6 +43,11 @@ void use_isa(cpu_isa x);
 /// bit-identical for any nb, r0, r1, thread split or ISA.
 void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
             int64_t r0, int64_t r1);
+
+/// matmul over all rows of `w`, split across `pool` in contiguous row ranges; same results as
+/// the single-threaded call. Not re-entrant (see thread_pool).
+void matmul(thread_pool& pool, const matrix_view& w, const float* x, int64_t ldx, int64_t nb,
+            float* y, int64_t ldy);
 
 /// Dequantises row `r` of `w` into `out` (w.cols floats).
 void dequantize_row(const matrix_view& w, int64_t r, float* out);
@@ -66,6 +73,11 @@ void silu_mul(float* gate, const float* up, int64_t n);
 /// Rotary embedding as llama.cpp applies it to GGUF llama models (rope type "normal"): for each
 /// of `n_heads` heads of `head_dim` values, pairs (2i, 2i+1) rotate by pos * theta^(-2i/head_dim).
 void rope(float* x, int n_heads, int head_dim, int64_t pos, float theta);
+
+/// Bytes per second of a streaming read (a sum) over a `bytes`-long buffer by all of `pool`'s
+/// threads: the best of several passes. Allocates and touches the buffer first; takes a while
+/// for large buffers. For the decode roofline.
+double measure_memory_bandwidth(thread_pool& pool, size_t bytes);
 
 namespace reference {
 

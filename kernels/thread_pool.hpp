@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -21,7 +22,9 @@ class thread_pool {
   int size() const { return size_; }
 
   /// Splits [0, n) into size() contiguous parts of near-equal length (rounded to `grain`) and
-  /// runs fn(begin, end) on each, one per thread. Returns when all have finished.
+  /// runs fn(begin, end) on each non-empty part, part i on member i. Returns when all have
+  /// finished. `fn` must not throw. Workers spin briefly before sleeping, so back-to-back loops
+  /// (a decode step's matmuls) do not pay a wake-up each.
   template <class F>
   void parallel_for(int64_t n, F&& fn, int64_t grain = 1) {
     run(n, grain, [](void* ctx, int64_t b, int64_t e) { (*static_cast<F*>(ctx))(b, e); }, &fn);
@@ -38,9 +41,10 @@ class thread_pool {
   std::mutex mu_;
   std::condition_variable start_cv_;
   std::condition_variable done_cv_;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
-  bool stop_ = false;
+  // Published under mu_ (for sleepers) and read without it (for spinners).
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
   int64_t n_ = 0;
   int64_t grain_ = 1;
   body fn_ = nullptr;

@@ -1,0 +1,122 @@
+#include "apps/cli.hpp"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+
+namespace keel::cli {
+
+caf::expected<options> options::parse(std::span<char*> args, std::span<const option> spec,
+                                      size_t max_positional) {
+  options out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string a = args[i];
+    if (a.rfind("--", 0) != 0 || a == "--") {
+      if (out.positional_.size() >= max_positional) {
+        return make_error(errc::bad_request, "unexpected argument '" + a + "' (see --help)");
+      }
+      out.positional_.push_back(a);
+      continue;
+    }
+    std::string name = a.substr(2), value;
+    bool inline_value = false;
+    if (auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      inline_value = true;
+    }
+    const option* o = nullptr;
+    for (auto& s : spec)
+      if (name == s.name) o = &s;
+    if (o == nullptr) return make_error(errc::bad_request, "unknown option --" + name + " (see --help)");
+    if (o->value != nullptr && !inline_value) {
+      if (i + 1 >= args.size()) {
+        return make_error(errc::bad_request,
+                          "option --" + name + " needs a value " + std::string(o->value));
+      }
+      value = args[++i];
+    } else if (o->value == nullptr && inline_value) {
+      return make_error(errc::bad_request, "option --" + name + " takes no value, got '" + value + "'");
+    }
+    out.values_[name] = value;
+  }
+  return out;
+}
+
+std::string options::get(const std::string& name, const std::string& fallback) const {
+  auto i = values_.find(name);
+  return i == values_.end() ? fallback : i->second;
+}
+
+caf::expected<int64_t> options::get_int(const std::string& name, int64_t fallback, int64_t min,
+                                        int64_t max) const {
+  auto i = values_.find(name);
+  if (i == values_.end()) return fallback;
+  const char* s = i->second.c_str();
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(s, &end, 10);
+  if (*s == '\0' || *end != '\0' || errno != 0) {
+    return make_error(errc::bad_request, "--" + name + " " + i->second + ": expected an integer");
+  }
+  if (v < min || v > max) {
+    return make_error(errc::bad_request, "--" + name + " " + i->second + ": expected " +
+                                           std::to_string(min) + " to " + std::to_string(max));
+  }
+  return static_cast<int64_t>(v);
+}
+
+caf::expected<double> options::get_real(const std::string& name, double fallback, double min,
+                                        double max) const {
+  auto i = values_.find(name);
+  if (i == values_.end()) return fallback;
+  const char* s = i->second.c_str();
+  char* end = nullptr;
+  double v = std::strtod(s, &end);
+  if (*s == '\0' || *end != '\0' || !std::isfinite(v)) {
+    return make_error(errc::bad_request, "--" + name + " " + i->second + ": expected a number");
+  }
+  if (v < min || v > max) {
+    return make_error(errc::bad_request, "--" + name + " " + i->second + ": expected " +
+                                           std::to_string(min) + " to " + std::to_string(max));
+  }
+  return v;
+}
+
+caf::expected<uint64_t> options::get_bytes(const std::string& name, uint64_t fallback) const {
+  auto i = values_.find(name);
+  if (i == values_.end()) return fallback;
+  std::string s = i->second;
+  uint64_t mult = 1;
+  if (!s.empty()) {
+    char u = static_cast<char>(std::toupper(static_cast<unsigned char>(s.back())));
+    if (u == 'K' || u == 'M' || u == 'G') {
+      mult = u == 'K' ? 1ull << 10 : u == 'M' ? 1ull << 20 : 1ull << 30;
+      s.pop_back();
+    }
+  }
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long v = std::strtoull(s.c_str(), &end, 10);
+  if (s.empty() || *end != '\0' || errno != 0 || s[0] == '-' || v > (1ull << 50) / mult) {
+    return make_error(errc::bad_request,
+                      "--" + name + " " + i->second + ": expected a byte count such as 512M");
+  }
+  return v * mult;
+}
+
+std::string help_text(const std::string& usage, const std::string& description,
+                      std::span<const option> spec) {
+  std::string out = "usage: " + usage + "\n\n" + description + "\n\noptions:\n";
+  for (auto& o : spec) {
+    std::string left = std::string("  --") + o.name;
+    if (o.value != nullptr) left += std::string(" ") + o.value;
+    if (left.size() < 26) left.resize(26, ' ');
+    else left += "\n" + std::string(26, ' ');
+    out += left + o.help + "\n";
+  }
+  out += "  --help                  show this text\n";
+  return out;
+}
+
+}  // namespace keel::cli

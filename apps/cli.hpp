@@ -1,0 +1,49 @@
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kernels/error.hpp"
+
+namespace keel::cli {
+
+/// One command-line option: `--name VALUE` when `value` is set, else a switch `--name`.
+struct option {
+  const char* name;
+  const char* value;  // placeholder shown in --help, e.g. "N"; nullptr for a switch
+  const char* help;
+};
+
+/// Parsed options of one command. Values are checked when read, and errors name the option and
+/// the value ("--threads abc: expected an integer").
+class options {
+ public:
+  /// Parses `args` (without the program and command names). `bad_request` for an unknown
+  /// option, a missing value, or a stray positional argument beyond `max_positional`.
+  static caf::expected<options> parse(std::span<char*> args, std::span<const option> spec,
+                                      size_t max_positional = 0);
+
+  bool has(const std::string& name) const { return values_.count(name) > 0; }
+  const std::vector<std::string>& positional() const { return positional_; }
+
+  std::string get(const std::string& name, const std::string& fallback = "") const;
+  caf::expected<int64_t> get_int(const std::string& name, int64_t fallback, int64_t min,
+                                 int64_t max) const;
+  caf::expected<double> get_real(const std::string& name, double fallback, double min,
+                                 double max) const;
+  /// A byte count with an optional K, M, G suffix (powers of 1024).
+  caf::expected<uint64_t> get_bytes(const std::string& name, uint64_t fallback) const;
+
+ private:
+  std::map<std::string, std::string> values_;
+  std::vector<std::string> positional_;
+};
+
+/// The --help text of a command: usage line, description and the option table.
+std::string help_text(const std::string& usage, const std::string& description,
+                      std::span<const option> spec);
+
+}  // namespace keel::cli

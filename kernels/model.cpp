@@ -1,0 +1,293 @@
+#include "kernels/model.hpp"
+
+#include <cstring>
+#include <filesystem>
+
+namespace keel {
+
+std::string llama_names::layer_tensor(int32_t layer, const char* suffix) {
+  return "blk." + std::to_string(layer) + "." + suffix;
+}
+
+namespace {
+
+/// Reads a 1-D vector tensor of `n` values as F32.
+caf::expected<std::vector<float>> load_vector(const gguf_file& f, const std::string& name,
+                                              uint64_t n) {
+  auto t = f.require_tensor(name, {n});
+  if (!t) return std::move(t.error());
+  std::vector<float> out(n);
+  auto view = make_matrix((*t)->type, (*t)->data, 1, static_cast<int64_t>(n));
+  dequantize_row(view, 0, out.data());
+  return out;
+}
+
+/// A 2-D matrix tensor with GGUF dims {cols, rows}.
+caf::expected<matrix_view> load_matrix(const gguf_file& f, const std::string& name,
+                                       uint64_t cols, uint64_t rows) {
+  auto t = f.require_tensor(name, {cols, rows});
+  if (!t) return std::move(t.error());
+  return make_matrix((*t)->type, (*t)->data, static_cast<int64_t>(rows),
+                     static_cast<int64_t>(cols));
+}
+
+caf::error check_positive(const std::string& file, const char* key, int64_t v) {
+  if (v > 0 && v < (int64_t{1} << 30)) return caf::none;
+  return make_error(errc::bad_model,
+                    file + ": " + key + " is " + std::to_string(v) + ", expected a positive size");
+}
+
+}  // namespace
+
+caf::expected<std::unique_ptr<model>> model::load(const std::string& path,
+                                                  const std::string& llama2c_tokenizer) {
+  // Tell the formats apart by the magic: GGUF files start with "GGUF".
+  auto head = mapped_file::open(path);
+  if (!head) return std::move(head.error());
+  bool is_gguf = head->size() >= 4 && std::memcmp(head->data(), "GGUF", 4) == 0;
+  if (!is_gguf) {
+    auto ext = std::filesystem::path(path).extension().string();
+    if (ext == ".gguf") {
+      // A .gguf that lacks the magic is a bad GGUF, not a llama2.c checkpoint.
+      return gguf_file::parse(path, head->data(), std::min<uint64_t>(head->size(), 64)).error();
+    }
+    return load_llama2c(path, llama2c_tokenizer);
+  }
+  auto file = gguf_file::open(path);
+  if (!file) return std::move(file.error());
+  return load_gguf(std::move(*file));
+}
+
+caf::expected<std::unique_ptr<model>> model::load_gguf(gguf_file file) {
+  const auto& name = file.name();
+  auto arch = file.get_string("general.architecture");
+  if (!arch) return std::move(arch.error());
+  if (*arch != "llama") {
+    return make_error(errc::bad_model, name + ": general.architecture is '" + *arch +
+                                         "', expected 'llama'");
+  }
+  std::unique_ptr<model> m(new model);
+  m->path_ = name;
+  m->format_ = "gguf v" + std::to_string(file.version());
+  auto& c = m->config_;
+  auto get = [&](const char* key, int32_t& out) -> caf::error {
+    auto v = file.get_uint(key);
+    if (!v) return std::move(v.error());
+    if (auto err = check_positive(name, key, static_cast<int64_t>(*v))) return err;
+    out = static_cast<int32_t>(*v);
+    return caf::none;
+  };
+  if (auto err = get("llama.embedding_length", c.dim)) return err;
+  if (auto err = get("llama.block_count", c.n_layers)) return err;
+  if (auto err = get("llama.attention.head_count", c.n_heads)) return err;
+  if (auto err = get("llama.feed_forward_length", c.ffn_dim)) return err;
+  if (auto err = get("llama.context_length", c.ctx_len)) return err;
+  c.n_kv_heads = c.n_heads;
+  if (file.find("llama.attention.head_count_kv")) {
+    if (auto err = get("llama.attention.head_count_kv", c.n_kv_heads)) return err;
+  }
+  if (c.n_heads % c.n_kv_heads != 0) {
+    return make_error(errc::bad_model, name + ": llama.attention.head_count " +
+                                         std::to_string(c.n_heads) +
+                                         " is not a multiple of llama.attention.head_count_kv " +
+                                         std::to_string(c.n_kv_heads));
+  }
+  c.head_dim = c.dim / c.n_heads;
+  if (file.find("llama.attention.key_length")) {
+    if (auto err = get("llama.attention.key_length", c.head_dim)) return err;
+  } else if (c.dim % c.n_heads != 0) {
+    return make_error(errc::bad_model, name + ": llama.embedding_length " + std::to_string(c.dim) +
+                                         " is not a multiple of llama.attention.head_count " +
+                                         std::to_string(c.n_heads));
+  }
+  if (c.head_dim % 2 != 0) {
+    return make_error(errc::bad_model,
+                      name + ": head dimension " + std::to_string(c.head_dim) + " is odd");
+  }
+  if (auto* rd = file.find("llama.rope.dimension_count")) {
+    if (static_cast<int64_t>(rd->u) != c.head_dim) {
+      return make_error(errc::bad_model, name + ": llama.rope.dimension_count is " +
+                                           std::to_string(rd->u) +
+                                           ", only full-head rotary (" +
+                                           std::to_string(c.head_dim) + ") is supported");
+    }
+  }
+  c.rms_eps = static_cast<float>(file.get_float_or("llama.attention.layer_norm_rms_epsilon", 1e-5));
+  c.rope_theta = static_cast<float>(file.get_float_or("llama.rope.freq_base", 10000.0));
+  if (!(c.rms_eps > 0) || !(c.rope_theta > 0)) {
+    return make_error(errc::bad_model, name + ": rms epsilon " + std::to_string(c.rms_eps) +
+                                         " and rope base " + std::to_string(c.rope_theta) +
+                                         " must be positive");
+  }
+
+  auto voc = vocab_from_gguf(file);
+  if (!voc) return std::move(voc.error());
+  m->vocab_ = std::move(*voc);
+
+  auto* embd = file.tensor("token_embd.weight");
+  if (!embd) return make_error(errc::bad_model, name + ": missing required tensor token_embd.weight");
+  if (embd->dims.size() != 2) {
+    return make_error(errc::bad_model, name + ": tensor token_embd.weight has " +
+                                         std::to_string(embd->dims.size()) + " dims, expected 2");
+  }
+  c.vocab_size = static_cast<int32_t>(embd->dims[1]);
+  if (static_cast<size_t>(c.vocab_size) != m->vocab_.tokens.size()) {
+    return make_error(errc::bad_model, name + ": token_embd.weight has " +
+                                         std::to_string(c.vocab_size) +
+                                         " rows but the vocabulary has " +
+                                         std::to_string(m->vocab_.tokens.size()) + " tokens");
+  }
+  const uint64_t dim = c.dim, vocab = c.vocab_size, q = c.q_dim(), kv = c.kv_dim(), ffn = c.ffn_dim;
+  auto te = load_matrix(file, "token_embd.weight", dim, vocab);
+  if (!te) return std::move(te.error());
+  m->token_embd_ = *te;
+  auto on = load_vector(file, "output_norm.weight", dim);
+  if (!on) return std::move(on.error());
+  m->output_norm_ = std::move(*on);
+  if (file.tensor("output.weight")) {
+    auto out = load_matrix(file, "output.weight", dim, vocab);
+    if (!out) return std::move(out.error());
+    m->output_ = *out;
+  } else {
+    m->output_ = m->token_embd_;
+    c.tied_output = true;
+  }
+  m->layers_.resize(c.n_layers);
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    auto& L = m->layers_[l];
+    auto t = [&](const char* s) { return llama_names::layer_tensor(l, s); };
+    struct mat {
+      const char* suffix;
+      uint64_t cols, rows;
+      matrix_view* out;
+    } mats[] = {{"attn_q.weight", dim, q, &L.wq},         {"attn_k.weight", dim, kv, &L.wk},
+                {"attn_v.weight", dim, kv, &L.wv},        {"attn_output.weight", q, dim, &L.wo},
+                {"ffn_gate.weight", dim, ffn, &L.w_gate}, {"ffn_up.weight", dim, ffn, &L.w_up},
+                {"ffn_down.weight", ffn, dim, &L.w_down}};
+    for (auto& mm : mats) {
+      auto v = load_matrix(file, t(mm.suffix), mm.cols, mm.rows);
+      if (!v) return std::move(v.error());
+      *mm.out = *v;
+    }
+    auto an = load_vector(file, t("attn_norm.weight"), dim);
+    if (!an) return std::move(an.error());
+    L.attn_norm = std::move(*an);
+    auto fn = load_vector(file, t("ffn_norm.weight"), dim);
+    if (!fn) return std::move(fn.error());
+    L.ffn_norm = std::move(*fn);
+  }
+  m->gguf_.emplace(std::move(file));
+  return m;
+}
+
+caf::expected<std::unique_ptr<model>> model::load_llama2c(const std::string& path,
+                                                          const std::string& tokenizer) {
+  auto file = mapped_file::open(path);
+  if (!file) return std::move(file.error());
+  std::unique_ptr<model> m(new model);
+  m->path_ = path;
+  m->format_ = "llama2.c";
+  int32_t hdr[7];
+  if (file->size() < sizeof(hdr)) {
+    return make_error(errc::bad_model, path + ": neither GGUF nor a llama2.c checkpoint: " +
+                                         std::to_string(file->size()) + " bytes");
+  }
+  std::memcpy(hdr, file->data(), sizeof(hdr));
+  auto& c = m->config_;
+  c.dim = hdr[0];
+  c.ffn_dim = hdr[1];
+  c.n_layers = hdr[2];
+  c.n_heads = hdr[3];
+  c.n_kv_heads = hdr[4];
+  c.tied_output = hdr[5] > 0;
+  c.vocab_size = hdr[5] < 0 ? -hdr[5] : hdr[5];
+  c.ctx_len = hdr[6];
+  const char* keys[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                        "seq_len"};
+  int32_t vals[] = {c.dim, c.ffn_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.ctx_len};
+  for (int i = 0; i < 7; ++i) {
+    if (vals[i] <= 0 || vals[i] > (1 << 24)) {
+      return make_error(errc::bad_model, path + ": llama2.c header " + keys[i] + " is " +
+                                           std::to_string(vals[i]) +
+                                           " (not GGUF, and not a valid llama2.c checkpoint)");
+    }
+  }
+  if (c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 || (c.dim / c.n_heads) % 2 != 0) {
+    return make_error(errc::bad_model, path + ": llama2.c header has dim " +
+                                         std::to_string(c.dim) + ", n_heads " +
+                                         std::to_string(c.n_heads) + ", n_kv_heads " +
+                                         std::to_string(c.n_kv_heads) + ", which do not divide");
+  }
+  c.head_dim = c.dim / c.n_heads;
+  const uint64_t dim = c.dim, kv = c.kv_dim(), ffn = c.ffn_dim, L = c.n_layers,
+                 vocab = c.vocab_size, hs = c.head_dim, seq = c.ctx_len;
+  uint64_t floats = vocab * dim + L * dim + L * dim * dim + 2 * L * dim * kv + L * dim * dim +
+                    L * dim + 3 * L * dim * ffn + dim + seq * hs;
+  if (!c.tied_output) floats += vocab * dim;
+  uint64_t need = sizeof(hdr) + floats * 4;
+  if (file->size() < need) {
+    return make_error(errc::bad_model, path + ": truncated llama2.c checkpoint: " +
+                                         std::to_string(file->size()) + " bytes, the header needs " +
+                                         std::to_string(need));
+  }
+  const float* p = reinterpret_cast<const float*>(file->data() + sizeof(hdr));
+  auto take = [&p](uint64_t n) {
+    const float* r = p;
+    p += n;
+    return r;
+  };
+  auto mat = [](const float* data, uint64_t rows, uint64_t cols) {
+    return make_matrix(dtype::f32, data, static_cast<int64_t>(rows), static_cast<int64_t>(cols));
+  };
+  m->token_embd_ = mat(take(vocab * dim), vocab, dim);
+  m->layers_.resize(c.n_layers);
+  const float* att_norm = take(L * dim);
+  const float* wq = take(L * dim * dim);
+  const float* wk = take(L * dim * kv);
+  const float* wv = take(L * dim * kv);
+  const float* wo = take(L * dim * dim);
+  const float* ffn_norm = take(L * dim);
+  const float* w1 = take(L * dim * ffn);
+  const float* w2 = take(L * ffn * dim);
+  const float* w3 = take(L * dim * ffn);
+  const float* final_norm = take(dim);
+  take(seq * hs);  // freq_cis_real and freq_cis_imag: RoPE is recomputed
+  for (uint64_t l = 0; l < L; ++l) {
+    auto& y = m->layers_[l];
+    y.attn_norm.assign(att_norm + l * dim, att_norm + (l + 1) * dim);
+    y.ffn_norm.assign(ffn_norm + l * dim, ffn_norm + (l + 1) * dim);
+    y.wq = mat(wq + l * dim * dim, dim, dim);
+    y.wk = mat(wk + l * dim * kv, kv, dim);
+    y.wv = mat(wv + l * dim * kv, kv, dim);
+    y.wo = mat(wo + l * dim * dim, dim, dim);
+    y.w_gate = mat(w1 + l * dim * ffn, ffn, dim);
+    y.w_down = mat(w2 + l * ffn * dim, dim, ffn);
+    y.w_up = mat(w3 + l * dim * ffn, ffn, dim);
+  }
+  m->output_norm_.assign(final_norm, final_norm + dim);
+  m->output_ = c.tied_output ? m->token_embd_ : mat(take(vocab * dim), vocab, dim);
+
+  auto tok_path = tokenizer.empty()
+                    ? (std::filesystem::path(path).parent_path() / "tokenizer.bin").string()
+                    : tokenizer;
+  auto voc = vocab_from_llama2c(tok_path, c.vocab_size);
+  if (!voc) return std::move(voc.error());
+  m->vocab_ = std::move(*voc);
+  m->raw_ = std::move(*file);
+  return m;
+}
+
+dtype model::weight_type() const {
+  return layers_.empty() ? token_embd_.type : layers_[0].wq.type;
+}
+
+uint64_t model::weight_bytes_per_token() const {
+  uint64_t total = output_.row_bytes * static_cast<uint64_t>(output_.rows);
+  for (auto& l : layers_) {
+    for (auto* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
+      total += m->row_bytes * static_cast<uint64_t>(m->rows);
+  }
+  return total;
+}
+
+}  // namespace keel

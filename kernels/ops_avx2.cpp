@@ -1,0 +1,221 @@
+// AVX2 inner kernels. The canonical order (see ops.cpp) maps onto two ymm registers per dot
+// product: `lo` holds partial sums acc[0..7], `hi` holds acc[8..15].
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels/detail/ops_simd.hpp"
+
+namespace keel::detail::avx2 {
+namespace {
+
+struct acc16 {
+  __m256 lo = _mm256_setzero_ps();
+  __m256 hi = _mm256_setzero_ps();
+};
+
+// The fixed reduction tree: widths 8, 4, 2, 1, each acc[l] = acc[l] + acc[l + width].
+inline float reduce(acc16 a) {
+  __m256 s8 = _mm256_add_ps(a.lo, a.hi);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
+  return _mm_cvtss_f32(s1);
+}
+
+inline float reduce(float* a) {
+  for (int width = 8; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) a[l] = a[l] + a[l + width];
+  return a[0];
+}
+
+template <dtype T>
+inline float w_at(const char* row, int64_t j) {
+  if constexpr (T == dtype::f32) {
+    return reinterpret_cast<const float*>(row)[j];
+  } else {
+    // Not dtype.hpp's inline converters: an out-of-line copy of those compiled here with AVX2
+    // could be the one the linker keeps for the scalar translation units.
+    uint16_t h;
+    std::memcpy(&h, row + 2 * j, 2);
+    if constexpr (T == dtype::f16) return _cvtsh_ss(h);
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+}
+
+inline __m256 widen_bf16(const char* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Weight elements [j, j + 16) of a row, converted exactly to f32.
+template <dtype T>
+inline void load_w(const char* row, int64_t j, __m256& lo, __m256& hi) {
+  if constexpr (T == dtype::f32) {
+    lo = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + j);
+    hi = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + j + 8);
+  } else if constexpr (T == dtype::f16) {
+    lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * j)));
+    hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * j + 16)));
+  } else {
+    lo = widen_bf16(row + 2 * j);
+    hi = widen_bf16(row + 2 * j + 16);
+  }
+}
+
+inline __m256 load_q8(const int8_t* q) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+// R rows starting at r times B inputs; every weight block is loaded once for the B inputs.
+template <dtype T, int R, int B>
+void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r) {
+  const int64_t rb = static_cast<int64_t>(w.row_bytes);
+  const char* base = static_cast<const char*>(w.data) + r * rb;
+  const int64_t n = w.cols;
+  acc16 acc[R][B];
+  if constexpr (T == dtype::q8_0) {
+    const int64_t blocks = n / q8_0_block;
+    for (int64_t k = 0; k < blocks; ++k) {
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(base + i * rb)[k];
+        __m256 q0 = load_q8(blk.qs), q1 = load_q8(blk.qs + 8);
+        __m256 q2 = load_q8(blk.qs + 16), q3 = load_q8(blk.qs + 24);
+        __m256 d = _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(blk.d)));
+#pragma GCC unroll 4
+        for (int b = 0; b < B; ++b) {
+          const float* xb = x + b * ldx + k * 32;
+          __m256 plo = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16),
+                                       _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
+          __m256 phi = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24),
+                                       _mm256_mul_ps(q1, _mm256_loadu_ps(xb + 8)));
+          acc[i][b].lo = _mm256_fmadd_ps(d, plo, acc[i][b].lo);
+          acc[i][b].hi = _mm256_fmadd_ps(d, phi, acc[i][b].hi);
+        }
+      }
+    }
+  } else {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        __m256 wlo, whi;
+        load_w<T>(base + i * rb, j, wlo, whi);
+#pragma GCC unroll 4
+        for (int b = 0; b < B; ++b) {
+          acc[i][b].lo = _mm256_fmadd_ps(wlo, _mm256_loadu_ps(x + b * ldx + j), acc[i][b].lo);
+          acc[i][b].hi = _mm256_fmadd_ps(whi, _mm256_loadu_ps(x + b * ldx + j + 8), acc[i][b].hi);
+        }
+      }
+    }
+    if (j < n) {  // tail: element t still goes to lane t % 16, in increasing t
+      for (int i = 0; i < R; ++i) {
+        for (int b = 0; b < B; ++b) {
+          alignas(32) float a[16];
+          _mm256_store_ps(a, acc[i][b].lo);
+          _mm256_store_ps(a + 8, acc[i][b].hi);
+          for (int64_t t = j; t < n; ++t)
+            a[t % 16] = std::fma(w_at<T>(base + i * rb, t), x[b * ldx + t], a[t % 16]);
+          y[b * ldy + r + i] = reduce(a);
+        }
+      }
+      return;
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b) y[b * ldy + r + i] = reduce(acc[i][b]);
+}
+
+// Four rows against B inputs, with at most four dot products in flight (16 ymm registers).
+template <dtype T, int B>
+void rows4(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r) {
+  constexpr int R = B == 1 ? 4 : B == 2 ? 2 : 1;
+  for (int i = 0; i < 4; i += R) tile<T, R, B>(w, x, ldx, y, ldy, r + i);
+}
+
+template <dtype T>
+void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y,
+              int64_t ldy, int64_t r0, int64_t r1) {
+  // Rows outer, inputs inner, so four rows stay in L1/L2 while all inputs pass over them.
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    for (int64_t b = 0; b < nb; b += 4) {
+      const float* xb = x + b * ldx;
+      float* yb = y + b * ldy;
+      switch (nb - b < 4 ? nb - b : 4) {
+        case 1: rows4<T, 1>(w, xb, ldx, yb, ldy, r); break;
+        case 2: rows4<T, 2>(w, xb, ldx, yb, ldy, r); break;
+        case 3: rows4<T, 3>(w, xb, ldx, yb, ldy, r); break;
+        default: rows4<T, 4>(w, xb, ldx, yb, ldy, r); break;
+      }
+    }
+  }
+  for (; r < r1; ++r) {
+    for (int64_t b = 0; b < nb; ++b) tile<T, 1, 1>(w, x + b * ldx, ldx, y + b * ldy, ldy, r);
+  }
+}
+
+}  // namespace
+
+void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
+            int64_t r0, int64_t r1) {
+  switch (w.type) {
+    case dtype::f32: return matmul_t<dtype::f32>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::f16: return matmul_t<dtype::f16>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::bf16: return matmul_t<dtype::bf16>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::q8_0: return matmul_t<dtype::q8_0>(w, x, ldx, nb, y, ldy, r0, r1);
+    default: return;  // ops.cpp checks the type before dispatching
+  }
+}
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+  acc16 acc;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    acc.lo = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc.lo);
+    acc.hi = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc.hi);
+  }
+  if (j == n) return reduce(acc);
+  alignas(32) float s[16];
+  _mm256_store_ps(s, acc.lo);
+  _mm256_store_ps(s + 8, acc.hi);
+  for (; j < n; ++j) s[j % 16] = std::fma(a[j], b[j], s[j % 16]);
+  return reduce(s);
+}
+
+void axpy_f32(float* y, float a, const float* x, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+
+uint64_t stream_sum(const void* p, size_t bytes) {
+  const __m256i* v = static_cast<const __m256i*>(p);
+  const size_t n = bytes / 32;
+  __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 = _mm256_add_epi64(s0, _mm256_load_si256(v + i));
+    s1 = _mm256_add_epi64(s1, _mm256_load_si256(v + i + 1));
+    s2 = _mm256_add_epi64(s2, _mm256_load_si256(v + i + 2));
+    s3 = _mm256_add_epi64(s3, _mm256_load_si256(v + i + 3));
+  }
+  for (; i < n; ++i) s0 = _mm256_add_epi64(s0, _mm256_load_si256(v + i));
+  s0 = _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3));
+  alignas(32) uint64_t l[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(l), s0);
+  return l[0] + l[1] + l[2] + l[3];
+}
+
+}  // namespace keel::detail::avx2

@@ -1,0 +1,197 @@
+// AVX-512 inner kernels. The canonical order (see ops.cpp) maps onto one zmm register per dot
+// product: lane l of the register is partial sum acc[l].
+
+// GCC 12's AVX-512 headers self-initialise "undefined" registers (`__m512 __Y = __Y;`), which
+// trips -Wuninitialized once inlined (GCC bug 105593, fixed in 12.3).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "kernels/detail/ops_simd.hpp"
+
+namespace keel::detail::avx512 {
+namespace {
+
+// The fixed reduction tree: widths 8, 4, 2, 1, each acc[l] = acc[l] + acc[l + width].
+inline float reduce(__m512 v) {
+  __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
+  return _mm_cvtss_f32(s1);
+}
+
+// Weight elements [j, j + 16) of a row, converted exactly to f32; lanes outside `k` are zero.
+template <dtype T>
+inline __m512 load_w(const char* row, int64_t j, __mmask16 k) {
+  if constexpr (T == dtype::f32) {
+    return _mm512_maskz_loadu_ps(k, reinterpret_cast<const float*>(row) + j);
+  } else {
+    __m256i h = _mm256_maskz_loadu_epi16(k, reinterpret_cast<const uint16_t*>(row) + j);
+    if constexpr (T == dtype::f16) {
+      return _mm512_cvtph_ps(h);
+    } else {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+template <dtype T>
+inline __m512 load_w(const char* row, int64_t j) {
+  if constexpr (T == dtype::f32) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + j);
+  } else {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * j));
+    if constexpr (T == dtype::f16) {
+      return _mm512_cvtph_ps(h);
+    } else {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+inline __m512 load_q8(const int8_t* q) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+}
+
+// R rows starting at r times B inputs; every weight block is loaded once for the B inputs.
+template <dtype T, int R, int B>
+void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r) {
+  const char* base = static_cast<const char*>(w.data) + r * static_cast<int64_t>(w.row_bytes);
+  const int64_t rb = static_cast<int64_t>(w.row_bytes);
+  const int64_t n = w.cols;
+  __m512 acc[R][B];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) acc[i][b] = _mm512_setzero_ps();
+
+  if constexpr (T == dtype::q8_0) {
+    const int64_t blocks = n / q8_0_block;
+    for (int64_t k = 0; k < blocks; ++k) {
+      __m512 xlo[B], xhi[B];
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) {
+        xlo[b] = _mm512_loadu_ps(x + b * ldx + k * 32);
+        xhi[b] = _mm512_loadu_ps(x + b * ldx + k * 32 + 16);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(base + i * rb)[k];
+        __m512 qlo = load_q8(blk.qs);
+        __m512 qhi = load_q8(blk.qs + 16);
+        __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(blk.d)));
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b) {
+          __m512 p = _mm512_fmadd_ps(qhi, xhi[b], _mm512_mul_ps(qlo, xlo[b]));
+          acc[i][b] = _mm512_fmadd_ps(d, p, acc[i][b]);
+        }
+      }
+    }
+  } else {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      __m512 xv[B];
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + j);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        __m512 wv = load_w<T>(base + i * rb, j);
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b) acc[i][b] = _mm512_fmadd_ps(wv, xv[b], acc[i][b]);
+      }
+    }
+    if (j < n) {  // tail: element j still goes to lane j % 16; other lanes keep their value
+      const __mmask16 k = static_cast<__mmask16>((1u << (n - j)) - 1);
+      for (int i = 0; i < R; ++i) {
+        __m512 wv = load_w<T>(base + i * rb, j, k);
+        for (int b = 0; b < B; ++b) {
+          __m512 xv = _mm512_maskz_loadu_ps(k, x + b * ldx + j);
+          acc[i][b] = _mm512_mask3_fmadd_ps(wv, xv, acc[i][b], k);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) y[b * ldy + r + i] = reduce(acc[i][b]);
+}
+
+// Inputs in groups of 4 against R rows, so the rows stay in L1/L2 across the groups.
+template <dtype T, int R>
+void rows(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
+          int64_t r) {
+  for (int64_t b = 0; b < nb; b += 4) {
+    const float* xb = x + b * ldx;
+    float* yb = y + b * ldy;
+    switch (nb - b < 4 ? nb - b : 4) {
+      case 1: tile<T, R, 1>(w, xb, ldx, yb, ldy, r); break;
+      case 2: tile<T, R, 2>(w, xb, ldx, yb, ldy, r); break;
+      case 3: tile<T, R, 3>(w, xb, ldx, yb, ldy, r); break;
+      default: tile<T, R, 4>(w, xb, ldx, yb, ldy, r); break;
+    }
+  }
+}
+
+template <dtype T>
+void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y,
+              int64_t ldy, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) rows<T, 4>(w, x, ldx, nb, y, ldy, r);
+  for (; r < r1; ++r) rows<T, 1>(w, x, ldx, nb, y, ldy, r);
+}
+
+}  // namespace
+
+void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
+            int64_t r0, int64_t r1) {
+  switch (w.type) {
+    case dtype::f32: return matmul_t<dtype::f32>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::f16: return matmul_t<dtype::f16>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::bf16: return matmul_t<dtype::bf16>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::q8_0: return matmul_t<dtype::q8_0>(w, x, ldx, nb, y, ldy, r0, r1);
+    default: return;  // ops.cpp checks the type before dispatching
+  }
+}
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+  if (j < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - j)) - 1);
+    acc = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, a + j), _mm512_maskz_loadu_ps(k, b + j), acc, k);
+  }
+  return reduce(acc);
+}
+
+void axpy_f32(float* y, float a, const float* x, int64_t n) {
+  const __m512 av = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 r = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i));
+    _mm512_mask_storeu_ps(y + i, k, r);
+  }
+}
+
+uint64_t stream_sum(const void* p, size_t bytes) {
+  const __m512i* v = static_cast<const __m512i*>(p);
+  const size_t n = bytes / 64;
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 = _mm512_add_epi64(s0, _mm512_load_si512(v + i));
+    s1 = _mm512_add_epi64(s1, _mm512_load_si512(v + i + 1));
+    s2 = _mm512_add_epi64(s2, _mm512_load_si512(v + i + 2));
+    s3 = _mm512_add_epi64(s3, _mm512_load_si512(v + i + 3));
+  }
+  for (; i < n; ++i) s0 = _mm512_add_epi64(s0, _mm512_load_si512(v + i));
+  s0 = _mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3));
+  return static_cast<uint64_t>(_mm512_reduce_add_epi64(s0));
+}
+
+}  // namespace keel::detail::avx512

@@ -1,0 +1,130 @@
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels/error.hpp"
+
+namespace keel {
+
+class gguf_file;
+
+/// The two tokenizer families Keel runs: SentencePiece-style (GGUF "llama") and GPT-2-style
+/// byte-level BPE (GGUF "gpt2").
+enum class vocab_kind : uint8_t { spm, bpe };
+
+/// Token types, numbered as GGUF's `tokenizer.ggml.token_type` (llama.cpp's numbering).
+enum class token_type : int32_t {
+  undefined = 0,
+  normal = 1,
+  unknown = 2,
+  control = 3,
+  user_defined = 4,
+  unused = 5,
+  byte = 6,
+};
+
+/// A tokenizer vocabulary as loaded from a model file. Plain data; `tokenizer` indexes it.
+/// Invariants (checked by the loaders): `scores` and `types` have the size of `tokens`, and the
+/// special ids are -1 (absent) or valid indexes into `tokens`.
+struct vocab {
+  vocab_kind kind = vocab_kind::spm;
+  std::vector<std::string> tokens;  // spm: "▁" stands for a space; bpe: GPT-2 byte-mapped text
+  std::vector<float> scores;        // spm merge priorities (higher merges first)
+  std::vector<token_type> types;
+  std::vector<std::string> merges;  // bpe only: "left right", highest priority first
+  int32_t bos = -1;
+  int32_t eos = -1;
+  int32_t unk = -1;
+  int32_t pad = -1;
+  bool add_bos = false;           // callers should pass this to `tokenizer::encode`
+  bool add_eos = false;
+  bool add_space_prefix = false;  // spm: a space is prefixed to non-empty text before encoding
+};
+
+/// Reads the `tokenizer.ggml.*` keys. `tokenizer.ggml.model` must be "llama" (spm) or "gpt2"
+/// (bpe); missing optional keys take llama.cpp's defaults (spm: BOS 1, EOS 2, UNK 0, add BOS,
+/// add a space prefix; gpt2: no BOS added, no space prefix). Errors are `bad_model` and name the
+/// file, the key and the value.
+caf::expected<vocab> vocab_from_gguf(const gguf_file& file);
+
+/// Reads llama2.c's tokenizer.bin (int32 max_token_length, then `vocab_size` times: float32
+/// score, int32 length, that many bytes) as an spm vocabulary: id 0 `<unk>`, 1 `<s>` (BOS),
+/// 2 `</s>` (EOS), `<0xNN>` byte tokens; llama2.c's spaces become "▁". A missing file is
+/// `not_found`; a short or malformed one is `bad_model`, naming the file and the value.
+caf::expected<vocab> vocab_from_llama2c(const std::string& tokenizer_bin_path, int32_t vocab_size);
+
+/// A small byte-level BPE vocabulary that needs no files: the 256 GPT-2-mapped bytes (ids
+/// 0..255 are bytes 0..255), `<s>` (256, BOS) and `</s>` (257, EOS), then a few hundred merges
+/// learned deterministically from a built-in English text. Every byte string round-trips.
+vocab builtin_byte_vocab();
+
+/// Text to token ids and back for one vocabulary. Immutable after construction, so one instance
+/// may be shared by any number of threads.
+class tokenizer {
+ public:
+  explicit tokenizer(vocab v);
+
+  /// The ids of `text`, preceded by BOS when `add_bos` is true and the vocabulary has one.
+  /// Special-token text (e.g. "<s>" inside `text`) is not recognised; it is encoded as text.
+  /// Follows llama.cpp: spm merges by score with byte fallback, bpe splits with the GPT-2 regex
+  /// and merges by rank.
+  std::vector<int32_t> encode(std::string_view text, bool add_bos) const;
+
+  /// The bytes that token `id` stands for: "▁" becomes ' ', byte tokens give their byte, GPT-2
+  /// mapped characters give their bytes; empty for control, unused and out-of-range ids. The
+  /// result may be a fragment of a UTF-8 character.
+  const std::string& token_text(int32_t id) const;
+
+  /// The bytes of a whole id sequence, without the space prefix the encoder added (when the
+  /// vocabulary adds one). `decode(encode(s, b)) == s` for any bytes when every byte has a token.
+  std::string decode(std::span<const int32_t> ids) const;
+
+  const vocab& vocabulary() const { return vocab_; }
+  int32_t bos() const { return vocab_.bos; }
+  int32_t eos() const { return vocab_.eos; }
+  int32_t size() const { return static_cast<int32_t>(vocab_.tokens.size()); }
+
+  /// Whether `id` is a control token (BOS, EOS and the like).
+  bool is_control(int32_t id) const;
+
+ private:
+  void encode_spm(std::string_view text, std::vector<int32_t>& out) const;
+  void encode_bpe(std::string_view text, std::vector<int32_t>& out) const;
+  int32_t find(std::string_view text) const;
+
+  vocab vocab_;
+  std::unordered_map<std::string, int32_t> ids_;
+  std::unordered_map<std::string, int32_t> merge_ranks_;  // key: "left right"
+  std::array<int32_t, 256> byte_ids_;                     // fallback token of each byte, or -1
+  std::vector<std::string> pieces_;                       // token_text of each id
+};
+
+/// Streaming decode for generated tokens: `push` returns the text that became complete. Bytes of
+/// a UTF-8 character split across tokens are held back until the character completes. Holds a
+/// reference to the tokenizer, which must outlive it. Not thread-safe.
+class detokenizer {
+ public:
+  /// `at_start`: the ids begin a text (as from `encode`), so the space prefix the encoder added
+  /// is dropped from the first token. Pass false when continuing after a prompt.
+  explicit detokenizer(const tokenizer& tok, bool at_start = true);
+
+  /// Appends token `id`; returns the complete UTF-8 text now available (possibly empty).
+  /// Bytes that can never form a valid character come out as U+FFFD.
+  std::string push(int32_t id);
+
+  /// Returns whatever is held back, incomplete characters as U+FFFD, and resets the hold.
+  std::string flush();
+
+ private:
+  const tokenizer& tok_;
+  std::string held_;
+  bool strip_space_;
+};
+
+}  // namespace keel

@@ -1,0 +1,356 @@
+#define BOOST_TEST_MODULE ops_test
+#include <boost/test/unit_test.hpp>
+
+#include <immintrin.h>
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernels/dtype.hpp"
+#include "kernels/ops.hpp"
+
+using namespace keel;
+
+namespace {
+
+std::vector<cpu_isa> supported_isas() {
+  std::vector<cpu_isa> out;
+  for (cpu_isa i : {cpu_isa::scalar, cpu_isa::avx2, cpu_isa::avx512})
+    if (i <= detected_isa()) out.push_back(i);
+  return out;
+}
+
+/// Restores the detected ISA when a test that switches ISAs ends.
+struct isa_guard {
+  ~isa_guard() { use_isa(detected_isa()); }
+};
+
+uint32_t bits(float f) { return std::bit_cast<uint32_t>(f); }
+
+__attribute__((target("f16c"))) float hw_fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+__attribute__((target("f16c"))) uint16_t hw_f32_to_fp16(float f) {
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+
+bool has_f16c() { return __builtin_cpu_supports("f16c"); }
+
+/// Values spread over many binades, both signs, so that a different summation order changes
+/// the rounded result.
+std::vector<float> random_floats(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int> ex(-8, 8);
+  std::vector<float> v(n);
+  for (auto& x : v) x = std::ldexp(nd(rng), ex(rng));
+  return v;
+}
+
+/// A rows x cols matrix of `type` with random contents, as raw bytes.
+std::vector<char> random_matrix(dtype type, int64_t rows, int64_t cols, std::mt19937& rng) {
+  const size_t row_bytes = bytes_of(*layout_of(type), static_cast<uint64_t>(cols));
+  std::vector<char> out(row_bytes * static_cast<size_t>(rows));
+  if (type == dtype::q8_0) {
+    std::uniform_int_distribution<int> q(-128, 127);
+    std::uniform_real_distribution<float> d(1e-4f, 0.5f);
+    auto* b = reinterpret_cast<block_q8_0*>(out.data());
+    for (size_t k = 0; k < out.size() / sizeof(block_q8_0); ++k) {
+      b[k].d = f32_to_fp16(d(rng));
+      for (auto& x : b[k].qs) x = static_cast<int8_t>(q(rng));
+    }
+    return out;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    auto v = random_floats(static_cast<size_t>(cols), rng);
+    quantize_row(type, v.data(), cols, out.data() + r * row_bytes);
+  }
+  return out;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(dtypes)
+
+BOOST_AUTO_TEST_CASE(names_parse_and_layouts_match_ggml) {
+  BOOST_TEST(dtype_name(dtype::q8_0) == "q8_0");
+  BOOST_TEST(dtype_name(dtype::bf16) == "bf16");
+  BOOST_TEST(dtype_name(static_cast<dtype>(99)) == "type#99");
+  for (dtype t : {dtype::f32, dtype::f16, dtype::bf16, dtype::q8_0}) {
+    BOOST_TEST(dtype_supported(t));
+    BOOST_TEST((parse_dtype(dtype_name(t)) == t));
+  }
+  BOOST_TEST(!parse_dtype("q4_0"));
+  BOOST_TEST(!dtype_supported(dtype::q4_k));
+  auto l = [](dtype t) { return std::pair{layout_of(t)->block_elems, layout_of(t)->block_bytes}; };
+  BOOST_TEST((l(dtype::q8_0) == std::pair{32u, 34u}));
+  BOOST_TEST((l(dtype::q4_0) == std::pair{32u, 18u}));
+  BOOST_TEST((l(dtype::q4_k) == std::pair{256u, 144u}));
+  BOOST_TEST((l(dtype::q6_k) == std::pair{256u, 210u}));
+  BOOST_TEST((l(dtype::q8_k) == std::pair{256u, 292u}));
+  BOOST_TEST((l(dtype::bf16) == std::pair{1u, 2u}));
+  BOOST_TEST(!layout_of(static_cast<dtype>(99)));
+  BOOST_TEST(bytes_of(*layout_of(dtype::q8_0), 4096) == 128u * 34u);
+}
+
+BOOST_AUTO_TEST_CASE(fp16_to_f32_matches_f16c_for_every_half_including_nan) {
+  if (!has_f16c()) return;
+  int mismatches = 0;
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    float sw = fp16_to_f32(static_cast<uint16_t>(h));
+    float hw = hw_fp16_to_f32(static_cast<uint16_t>(h));
+    if (bits(sw) != bits(hw)) ++mismatches;
+  }
+  BOOST_TEST(mismatches == 0);
+}
+
+BOOST_AUTO_TEST_CASE(f32_to_fp16_matches_f16c_including_ties_subnormals_inf_nan) {
+  if (!has_f16c()) return;
+  std::vector<float> v;
+  // A stride through all f32 bit patterns.
+  for (uint64_t b = 0; b < (1ull << 32); b += 4093) v.push_back(std::bit_cast<float>(static_cast<uint32_t>(b)));
+  // Every half value, and the exact midpoints and their neighbours between adjacent halves
+  // (ties to even in the normal and subnormal ranges, and the overflow threshold).
+  for (uint32_t h = 0; h < 0x7c00; ++h) {
+    float a = fp16_to_f32(static_cast<uint16_t>(h));
+    float b = fp16_to_f32(static_cast<uint16_t>(h + 1));
+    float mid = a + (b - a) / 2;  // exact: halves have few mantissa bits
+    for (float x : {a, mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e9f)}) {
+      v.push_back(x);
+      v.push_back(-x);
+    }
+  }
+  for (uint32_t m = 1; m < 0x800000u; m += 97) {  // NaN payloads, signalling and quiet
+    v.push_back(std::bit_cast<float>(0x7f800000u | m));
+    v.push_back(std::bit_cast<float>(0xff800000u | m));
+  }
+  for (float x : {0.0f, -0.0f, 65504.0f, 65519.99f, 65520.0f, 1e30f, 0x1p-25f, 0x1.8p-25f,
+                  0x1p-26f, 0x1p-149f, std::numeric_limits<float>::infinity(),
+                  -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()})
+    v.push_back(x);
+  int mismatches = 0;
+  for (float x : v) {
+    uint16_t sw = f32_to_fp16(x), hw = hw_f32_to_fp16(x);
+    if (sw != hw && ++mismatches < 5)
+      BOOST_TEST_MESSAGE("f32 " << std::hex << bits(x) << " sw " << sw << " hw " << hw);
+  }
+  BOOST_TEST(v.size() > 1000000u);
+  BOOST_TEST(mismatches == 0);
+}
+
+BOOST_AUTO_TEST_CASE(bf16_rounds_to_nearest_even) {
+  BOOST_TEST(f32_to_bf16(std::bit_cast<float>(0x3f808000u)) == 0x3f80);  // tie, even below
+  BOOST_TEST(f32_to_bf16(std::bit_cast<float>(0x3f818000u)) == 0x3f82);  // tie, even above
+  BOOST_TEST(f32_to_bf16(std::bit_cast<float>(0x3f808001u)) == 0x3f81);
+  BOOST_TEST(std::isnan(bf16_to_f32(f32_to_bf16(std::numeric_limits<float>::quiet_NaN()))));
+  BOOST_TEST(bf16_to_f32(0x3f80) == 1.0f);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(matmul_determinism)
+
+BOOST_AUTO_TEST_CASE(every_isa_matches_reference_dot_row_bit_for_bit) {
+  isa_guard guard;
+  std::mt19937 rng(42);
+  const int64_t rows = 37;
+  int compared = 0;
+  for (dtype type : {dtype::f32, dtype::f16, dtype::bf16, dtype::q8_0}) {
+    // 4096 is a model's width; 75 and 200 exercise the tail of the float types.
+    std::vector<int64_t> widths{256, 4096};
+    if (type != dtype::q8_0) widths.insert(widths.end(), {75, 200});
+    for (int64_t cols : widths) {
+      auto data = random_matrix(type, rows, cols, rng);
+      matrix_view w = make_matrix(type, data.data(), rows, cols);
+      for (int64_t nb : {1, 3, 4, 16}) {
+        const int64_t ldx = cols + 7, ldy = rows + 3;
+        auto x = random_floats(static_cast<size_t>(ldx * nb), rng);
+        std::vector<float> want(static_cast<size_t>(ldy * nb));
+        for (int64_t b = 0; b < nb; ++b)
+          for (int64_t r = 0; r < rows; ++r)
+            want[b * ldy + r] = reference::dot_row(w, r, x.data() + b * ldx);
+        for (cpu_isa isa : supported_isas()) {
+          use_isa(isa);
+          std::uniform_int_distribution<int64_t> pick(0, rows);
+          for (int trial = 0; trial < 4; ++trial) {
+            int64_t r0 = trial == 0 ? 0 : pick(rng), r1 = trial == 0 ? rows : pick(rng);
+            if (r0 > r1) std::swap(r0, r1);
+            std::vector<float> y(want.size(), -7.0f);
+            matmul(w, x.data(), ldx, nb, y.data(), ldy, r0, r1);
+            int bad = 0;
+            for (int64_t b = 0; b < nb; ++b)
+              for (int64_t r = 0; r < ldy; ++r) {
+                float got = y[b * ldy + r];
+                float exp = (r >= r0 && r < r1) ? want[b * ldy + r] : -7.0f;
+                bad += bits(got) != bits(exp);
+                ++compared;
+              }
+            BOOST_TEST(bad == 0, dtype_name(type) << " cols " << cols << " nb " << nb << " isa "
+                                                  << to_string(isa) << " rows [" << r0 << ", "
+                                                  << r1 << ")");
+          }
+        }
+      }
+    }
+  }
+  BOOST_TEST(compared > 10000);
+}
+
+BOOST_AUTO_TEST_CASE(reference_order_is_not_a_plain_sequential_sum) {
+  // The determinism test above only has teeth if order matters for these inputs.
+  std::mt19937 rng(7);
+  int differ = 0;
+  for (int t = 0; t < 50; ++t) {
+    auto a = random_floats(4096, rng), b = random_floats(4096, rng);
+    float seq = 0.0f;
+    for (size_t j = 0; j < a.size(); ++j) seq = std::fma(a[j], b[j], seq);
+    differ += bits(seq) != bits(reference::dot_f32(a.data(), b.data(), 4096));
+  }
+  BOOST_TEST(differ > 25);
+}
+
+BOOST_AUTO_TEST_CASE(reference_q8_0_follows_the_documented_block_order) {
+  std::mt19937 rng(3);
+  auto data = random_matrix(dtype::q8_0, 1, 64, rng);
+  auto x = random_floats(64, rng);
+  const auto* blk = reinterpret_cast<const block_q8_0*>(data.data());
+  float acc[16] = {};
+  for (int k = 0; k < 2; ++k) {
+    float d = fp16_to_f32(blk[k].d);
+    for (int l = 0; l < 16; ++l) {
+      volatile float lo = static_cast<float>(blk[k].qs[l]) * x[32 * k + l];  // no contraction
+      acc[l] = std::fma(d, std::fma(static_cast<float>(blk[k].qs[l + 16]), x[32 * k + l + 16], lo),
+                        acc[l]);
+    }
+  }
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] = acc[l] + acc[l + w];
+  matrix_view m = make_matrix(dtype::q8_0, data.data(), 1, 64);
+  BOOST_TEST(bits(reference::dot_row(m, 0, x.data())) == bits(acc[0]));
+}
+
+BOOST_AUTO_TEST_CASE(dot_f32_and_axpy_are_identical_across_isas_for_any_length) {
+  isa_guard guard;
+  std::mt19937 rng(11);
+  auto a = random_floats(5000, rng), b = random_floats(5000, rng);
+  for (int64_t n : {0, 1, 5, 15, 16, 17, 31, 32, 33, 64, 70, 128, 1000, 4101}) {
+    float want = reference::dot_f32(a.data(), b.data(), n);
+    std::vector<float> yw(b.begin(), b.begin() + n);
+    for (int64_t i = 0; i < n; ++i) yw[i] = std::fma(0.37f, a[i], yw[i]);
+    // A one-row F32 matrix is the same dot product.
+    matrix_view m = make_matrix(dtype::f32, a.data(), 1, n);
+    for (cpu_isa isa : supported_isas()) {
+      use_isa(isa);
+      BOOST_TEST(bits(dot_f32(a.data(), b.data(), n)) == bits(want),
+                 "n " << n << " isa " << to_string(isa));
+      float y = 0;
+      if (n > 0) {
+        matmul(m, b.data(), n, 1, &y, 1, 0, 1);
+        BOOST_TEST(bits(y) == bits(want));
+      }
+      std::vector<float> yv(b.begin(), b.begin() + n);
+      axpy_f32(yv.data(), 0.37f, a.data(), n);
+      BOOST_TEST(std::memcmp(yv.data(), yw.data(), yv.size() * 4) == 0);
+    }
+  }
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(quantization)
+
+BOOST_AUTO_TEST_CASE(q8_0_quantizes_as_ggml_and_round_trips_within_half_a_step) {
+  std::mt19937 rng(5);
+  auto x = random_floats(128, rng);
+  x[5] = 0.0f;
+  std::fill(x.begin() + 96, x.end(), 0.0f);  // an all-zero block: d = 0, q = 0
+  std::vector<block_q8_0> q(4);
+  quantize_row(dtype::q8_0, x.data(), 128, q.data());
+  std::vector<float> back(128);
+  matrix_view m = make_matrix(dtype::q8_0, q.data(), 1, 128);
+  dequantize_row(m, 0, back.data());
+  for (int k = 0; k < 4; ++k) {
+    float amax = 0;
+    for (int l = 0; l < 32; ++l) amax = std::max(amax, std::fabs(x[32 * k + l]));
+    float d = amax / 127.0f;
+    BOOST_TEST(q[k].d == f32_to_fp16(d));
+    for (int l = 0; l < 32; ++l) {
+      float id = d != 0 ? 1.0f / d : 0.0f;
+      BOOST_TEST(q[k].qs[l] == static_cast<int8_t>(std::round(x[32 * k + l] * id)));
+      BOOST_TEST(back[32 * k + l] == fp16_to_f32(q[k].d) * q[k].qs[l]);
+      BOOST_TEST(std::fabs(back[32 * k + l] - x[32 * k + l]) <= 0.51f * d + 1e-3f * amax);
+    }
+  }
+  BOOST_TEST(q[3].d == 0);
+}
+
+BOOST_AUTO_TEST_CASE(f16_and_bf16_round_trip_through_the_dtype_converters) {
+  std::mt19937 rng(9);
+  auto x = random_floats(64, rng);
+  for (dtype t : {dtype::f16, dtype::bf16, dtype::f32}) {
+    std::vector<char> buf(bytes_of(*layout_of(t), 64));
+    quantize_row(t, x.data(), 64, buf.data());
+    std::vector<float> back(64);
+    dequantize_row(make_matrix(t, buf.data(), 1, 64), 0, back.data());
+    for (int i = 0; i < 64; ++i) {
+      float want = t == dtype::f16    ? fp16_to_f32(f32_to_fp16(x[i]))
+                   : t == dtype::bf16 ? bf16_to_f32(f32_to_bf16(x[i]))
+                                      : x[i];
+      BOOST_TEST(bits(back[i]) == bits(want));
+    }
+  }
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(elementwise)
+
+BOOST_AUTO_TEST_CASE(rmsnorm_scales_to_unit_rms_times_weight) {
+  std::mt19937 rng(1);
+  auto x = random_floats(100, rng), w = random_floats(100, rng);
+  std::vector<float> out(100);
+  rmsnorm(out.data(), x.data(), w.data(), 100, 1e-5f);
+  double ss = 0;
+  for (float v : x) ss += double(v) * v;
+  double scale = 1.0 / std::sqrt(ss / 100 + 1e-5);
+  for (int i = 0; i < 100; ++i) BOOST_TEST(out[i] == x[i] * scale * w[i], boost::test_tools::tolerance(1e-5));
+  rmsnorm(x.data(), x.data(), w.data(), 100, 1e-5f);  // in place
+  BOOST_TEST(std::memcmp(x.data(), out.data(), 400) == 0);
+}
+
+BOOST_AUTO_TEST_CASE(softmax_sums_to_one_and_survives_large_inputs) {
+  std::vector<float> x{1000.0f, 1001.0f, 999.0f, -std::numeric_limits<float>::infinity()};
+  softmax(x.data(), 4);
+  double e0 = std::exp(-1.0), e2 = std::exp(-2.0), s = e0 + 1 + e2;
+  BOOST_TEST(x[0] == e0 / s, boost::test_tools::tolerance(1e-6));
+  BOOST_TEST(x[1] == 1 / s, boost::test_tools::tolerance(1e-6));
+  BOOST_TEST(x[3] == 0.0f);
+}
+
+BOOST_AUTO_TEST_CASE(silu_mul_gates_up) {
+  std::vector<float> g{-2.0f, 0.0f, 3.0f}, u{1.0f, 5.0f, 2.0f};
+  silu_mul(g.data(), u.data(), 3);
+  BOOST_TEST(g[0] == -2.0 / (1 + std::exp(2.0)), boost::test_tools::tolerance(1e-6));
+  BOOST_TEST(g[1] == 0.0f);
+  BOOST_TEST(g[2] == 2 * 3.0 / (1 + std::exp(-3.0)), boost::test_tools::tolerance(1e-6));
+}
+
+BOOST_AUTO_TEST_CASE(rope_rotates_adjacent_pairs_by_pos_times_theta_power) {
+  const int heads = 2, dim = 8;
+  std::mt19937 rng(4);
+  auto x = random_floats(heads * dim, rng);
+  auto y = x;
+  rope(y.data(), heads, dim, 0, 10000.0f);
+  BOOST_TEST(std::memcmp(x.data(), y.data(), x.size() * 4) == 0);  // pos 0: identity
+  y = x;
+  rope(y.data(), heads, dim, 7, 10000.0f);
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < dim; i += 2) {
+      double a = 7 * std::pow(10000.0, -double(i) / dim);
+      double x0 = x[h * dim + i], x1 = x[h * dim + i + 1];
+      BOOST_TEST(y[h * dim + i] == x0 * std::cos(a) - x1 * std::sin(a), boost::test_tools::tolerance(1e-4));
+      BOOST_TEST(y[h * dim + i + 1] == x0 * std::sin(a) + x1 * std::cos(a), boost::test_tools::tolerance(1e-4));
+    }
+}
+
+BOOST_AUTO_TEST_SUITE_END()

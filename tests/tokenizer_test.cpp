@@ -1,0 +1,388 @@
+#define BOOST_TEST_MODULE tokenizer_test
+#include <boost/test/unit_test.hpp>
+
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "kernels/gguf.hpp"
+#include "kernels/tokenizer.hpp"
+#include "tests/test_support.hpp"
+
+using namespace keel;
+namespace utf = boost::unit_test;
+
+namespace {
+
+std::string read_file(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  BOOST_REQUIRE_MESSAGE(in, "cannot open " << p);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+tokenizer load_gguf_tokenizer(const std::string& name) {
+  auto file = gguf_file::open((test::shared_data() / "vocab" / name).string());
+  BOOST_REQUIRE_MESSAGE(file, describe(file.error()));
+  auto v = vocab_from_gguf(*file);
+  BOOST_REQUIRE_MESSAGE(v, describe(v.error()));
+  return tokenizer(std::move(*v));
+}
+
+std::string show_ids(const std::vector<int32_t>& ids) {
+  std::string s;
+  for (auto id : ids) s += " " + std::to_string(id);
+  return s;
+}
+
+std::string escaped(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c == '\n') out += "\\n";
+    else if (c == '\t') out += "\\t";
+    else out += static_cast<char>(c);
+  }
+  return out;
+}
+
+/// Checks every string of NAME.inp against its line in NAME.out.
+void check_vectors(const std::string& name) {
+  auto tok = load_gguf_tokenizer(name);
+  auto dir = test::shared_data() / "vocab";
+  auto inp = read_file(dir / (name + ".inp"));
+  auto outp = read_file(dir / (name + ".out"));
+
+  // llama.cpp's convention: each string is followed by "\n__ggml_vocab_test__\n".
+  const std::string sep = "\n__ggml_vocab_test__\n";
+  std::vector<std::string> texts;
+  for (size_t pos = 0;;) {
+    auto next = inp.find(sep, pos);
+    if (next == std::string::npos) break;
+    texts.push_back(inp.substr(pos, next - pos));
+    pos = next + sep.size();
+  }
+  std::vector<std::vector<int32_t>> expected;
+  std::istringstream lines(outp);
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream ids(line);
+    expected.emplace_back();
+    for (int32_t id; ids >> id;) expected.back().push_back(id);
+  }
+  BOOST_REQUIRE_EQUAL(texts.size(), expected.size());
+  BOOST_REQUIRE_GT(texts.size(), 40u);
+
+  size_t passed = 0;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    auto got = tok.encode(texts[i], false);
+    if (got == expected[i]) {
+      ++passed;
+      continue;
+    }
+    BOOST_ERROR(name << " string " << i << " \"" << escaped(texts[i]) << "\"\n  expected:"
+                     << show_ids(expected[i]) << "\n  got:     " << show_ids(got));
+  }
+  BOOST_TEST_MESSAGE(name << ": " << passed << " of " << texts.size() << " vectors match");
+  BOOST_CHECK_EQUAL(passed, texts.size());
+}
+
+const std::vector<std::string> round_trip_strings = {
+  "",
+  " ",
+  "Hello world",
+  "  leading and trailing spaces  ",
+  "tabs\tand\nnew\r\nlines\n\n",
+  "caf\xC3\xA9 na\xC3\xAFve \xE2\x82\xAC 100",               // é ï €
+  "\xE4\xBD\xA0\xE5\xA5\xBD\xEF\xBC\x8C\xE4\xB8\x96\xE7\x95\x8C",  // 你好，世界
+  "emoji \xF0\x9F\x98\x80\xF0\x9F\x91\x8D\xF0\x9F\x8F\xBD and \xE2\x9C\x85 done",
+  "\xF0\x9F\x91\xA8\xE2\x80\x8D\xF0\x9F\x91\xA9\xE2\x80\x8D\xF0\x9F\x91\xA7",  // ZWJ family
+  "<s> is not parsed as a special token </s>",
+  "don't we'll they're I've I'd 'S",
+  "x = f(a[1], {b: \"c\"}); // 3.14159e-10",
+};
+
+void check_round_trip(const tokenizer& tok, const std::string& what) {
+  for (auto& s : round_trip_strings) {
+    auto ids = tok.encode(s, true);
+    BOOST_CHECK_MESSAGE(tok.decode(ids) == s, what << ": decode(encode(\"" << escaped(s)
+                                                   << "\")) is \"" << escaped(tok.decode(ids))
+                                                   << "\"");
+    // Streaming gives the same text for valid UTF-8.
+    detokenizer d(tok);
+    std::string streamed;
+    for (auto id : ids) streamed += d.push(id);
+    streamed += d.flush();
+    BOOST_CHECK_MESSAGE(streamed == s, what << ": streamed \"" << escaped(streamed)
+                                            << "\", expected \"" << escaped(s) << "\"");
+  }
+}
+
+void put_i32(std::string& out, int32_t v) { out.append(reinterpret_cast<const char*>(&v), 4); }
+void put_f32(std::string& out, float v) { out.append(reinterpret_cast<const char*>(&v), 4); }
+
+/// A llama2.c tokenizer.bin: <unk>, <s>, </s>, 256 byte tokens, then `extra` with scores.
+std::string llama2c_image(const std::vector<std::pair<std::string, float>>& extra) {
+  std::vector<std::pair<std::string, float>> all = {{"<unk>", 0}, {"\n<s>\n", 0}, {"\n</s>\n", 0}};
+  for (int b = 0; b < 256; ++b) {
+    char buf[8];
+    std::snprintf(buf, sizeof buf, "<0x%02X>", b);
+    all.emplace_back(buf, 0.0f);
+  }
+  all.insert(all.end(), extra.begin(), extra.end());
+  std::string out;
+  put_i32(out, 16);
+  for (auto& [text, score] : all) {
+    put_f32(out, score);
+    put_i32(out, static_cast<int32_t>(text.size()));
+    out += text;
+  }
+  return out;
+}
+
+void write_bytes(const std::filesystem::path& p, const std::string& bytes) {
+  std::ofstream out(p, std::ios::binary);
+  out << bytes;
+}
+
+/// A minimal spm vocabulary in GGUF form (6 tokens).
+gguf_writer small_gguf(const std::string& model) {
+  gguf_writer w;
+  w.add_string("general.architecture", "llama");
+  w.add_string("tokenizer.ggml.model", model);
+  w.add_strings("tokenizer.ggml.tokens", {"<unk>", "<s>", "</s>", "a", "b", "ab"});
+  w.add_float32s("tokenizer.ggml.scores", {0, 0, 0, -1, -2, -0.5f});
+  w.add_int32s("tokenizer.ggml.token_type", {2, 3, 3, 1, 1, 1});
+  return w;
+}
+
+caf::expected<vocab> vocab_of(const gguf_writer& w, const std::string& name) {
+  auto image = w.serialize();
+  auto file = gguf_file::parse(name, image.data(), image.size());
+  BOOST_REQUIRE_MESSAGE(file, describe(file.error()));
+  return vocab_from_gguf(*file);
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(spm_vocab_matches_llama_cpp_reference_vectors,
+                     *utf::precondition(test::needs_shared_data{})) {
+  check_vectors("ggml-vocab-llama-spm.gguf");
+}
+
+BOOST_AUTO_TEST_CASE(gpt2_vocab_matches_llama_cpp_reference_vectors,
+                     *utf::precondition(test::needs_shared_data{})) {
+  check_vectors("ggml-vocab-gpt-2.gguf");
+}
+
+BOOST_AUTO_TEST_CASE(gguf_vocabs_take_llama_cpp_defaults,
+                     *utf::precondition(test::needs_shared_data{})) {
+  auto spm = load_gguf_tokenizer("ggml-vocab-llama-spm.gguf");
+  BOOST_CHECK(spm.vocabulary().kind == vocab_kind::spm);
+  BOOST_CHECK_EQUAL(spm.size(), 32000);
+  BOOST_CHECK_EQUAL(spm.bos(), 1);
+  BOOST_CHECK_EQUAL(spm.eos(), 2);
+  BOOST_CHECK_EQUAL(spm.vocabulary().unk, 0);
+  BOOST_CHECK(spm.vocabulary().add_bos);
+  BOOST_CHECK(spm.vocabulary().add_space_prefix);
+  BOOST_CHECK(spm.encode("Hello world", true) == (std::vector<int32_t>{1, 15043, 3186}));
+  BOOST_CHECK(spm.encode("", true) == (std::vector<int32_t>{1}));
+
+  auto gpt2 = load_gguf_tokenizer("ggml-vocab-gpt-2.gguf");
+  BOOST_CHECK(gpt2.vocabulary().kind == vocab_kind::bpe);
+  BOOST_CHECK_EQUAL(gpt2.size(), 50257);
+  BOOST_CHECK_EQUAL(gpt2.bos(), 50256);
+  BOOST_CHECK_EQUAL(gpt2.eos(), 50256);
+  BOOST_CHECK(!gpt2.vocabulary().add_space_prefix);
+  BOOST_CHECK(!gpt2.vocabulary().add_bos);
+  BOOST_CHECK_EQUAL(gpt2.vocabulary().merges.size(), 50000u);
+  BOOST_CHECK_EQUAL(gpt2.token_text(18435), " Hello");
+  BOOST_CHECK_EQUAL(gpt2.token_text(50256), "");  // control
+}
+
+BOOST_AUTO_TEST_CASE(decode_inverts_encode_on_all_vocabularies) {
+  check_round_trip(tokenizer(builtin_byte_vocab()), "builtin");
+  if (std::filesystem::exists(test::shared_data() / "vocab")) {
+    check_round_trip(load_gguf_tokenizer("ggml-vocab-llama-spm.gguf"), "llama-spm");
+    check_round_trip(load_gguf_tokenizer("ggml-vocab-gpt-2.gguf"), "gpt-2");
+  }
+}
+
+BOOST_AUTO_TEST_CASE(builtin_vocab_round_trips_arbitrary_bytes) {
+  tokenizer tok(builtin_byte_vocab());
+  std::string all;
+  for (int b = 0; b < 256; ++b) all += static_cast<char>(b);
+  std::vector<std::string> cases = {all, "\xFF\xFE invalid \xC3 utf8 \xE2\x82", "\x80\x80 the",
+                                    std::string(3, '\0') + "x"};
+  uint32_t seed = 12345;
+  for (int i = 0; i < 50; ++i) {
+    std::string s;
+    for (int j = 0; j < 40; ++j) {
+      seed = seed * 1664525u + 1013904223u;
+      s += static_cast<char>(seed >> 24);
+    }
+    cases.push_back(s);
+  }
+  for (auto& s : cases) BOOST_CHECK(tok.decode(tok.encode(s, false)) == s);
+}
+
+BOOST_AUTO_TEST_CASE(builtin_vocab_has_merges_and_control_tokens) {
+  auto v = builtin_byte_vocab();
+  BOOST_CHECK(v.kind == vocab_kind::bpe);
+  BOOST_CHECK_GE(v.merges.size(), 200u);
+  BOOST_CHECK_EQUAL(v.tokens.size(), v.scores.size());
+  BOOST_CHECK_EQUAL(v.tokens.size(), v.types.size());
+  BOOST_CHECK_EQUAL(v.tokens[v.bos], "<s>");
+  BOOST_CHECK_EQUAL(v.tokens[v.eos], "</s>");
+  BOOST_CHECK(v.add_bos);
+  // Deterministic: built twice, the same.
+  auto w = builtin_byte_vocab();
+  BOOST_CHECK(v.tokens == w.tokens);
+  BOOST_CHECK(v.merges == w.merges);
+
+  tokenizer tok(std::move(v));
+  auto ids = tok.encode("the information", true);
+  BOOST_CHECK_EQUAL(ids.front(), tok.bos());
+  BOOST_CHECK_LT(ids.size(), 8u);  // 15 bytes; merges must shorten it
+  BOOST_CHECK(tok.is_control(tok.bos()));
+  BOOST_CHECK_EQUAL(tok.token_text(tok.eos()), "");
+  detokenizer d(tok);
+  BOOST_CHECK_EQUAL(d.push(tok.bos()), "");
+  BOOST_CHECK_EQUAL(d.push(tok.eos()), "");
+}
+
+BOOST_AUTO_TEST_CASE(detokenizer_holds_back_a_character_split_across_byte_tokens,
+                     *utf::precondition(test::needs_shared_data{})) {
+  auto tok = load_gguf_tokenizer("ggml-vocab-llama-spm.gguf");
+  // "▁" then the four byte tokens of U+1F600 (the llama vocab has no token for it).
+  auto ids = tok.encode("\xF0\x9F\x98\x80!", false);
+  BOOST_REQUIRE_GE(ids.size(), 6u);
+  BOOST_CHECK(tok.vocabulary().types[ids[1]] == token_type::byte);
+  detokenizer d(tok);
+  BOOST_CHECK_EQUAL(d.push(ids[0]), "");  // the space prefix, dropped
+  BOOST_CHECK_EQUAL(d.push(ids[1]), "");
+  BOOST_CHECK_EQUAL(d.push(ids[2]), "");
+  BOOST_CHECK_EQUAL(d.push(ids[3]), "");
+  BOOST_CHECK_EQUAL(d.push(ids[4]), "\xF0\x9F\x98\x80");
+  BOOST_CHECK_EQUAL(d.push(ids[5]), "!");
+  BOOST_CHECK_EQUAL(d.flush(), "");
+
+  // A stream cut inside a character: flush gives U+FFFD.
+  detokenizer cut(tok);
+  BOOST_CHECK_EQUAL(cut.push(ids[0]) + cut.push(ids[1]) + cut.push(ids[2]), "");
+  BOOST_CHECK_EQUAL(cut.flush(), "\xEF\xBF\xBD");
+  // A byte that can never start a character is replaced at once.
+  auto ff = tok.encode("\xFF", false);
+  detokenizer bad(tok);
+  std::string got;
+  for (auto id : ff) got += bad.push(id);
+  BOOST_CHECK_EQUAL(got, "\xEF\xBF\xBD");
+
+  // Continuing after a prompt keeps the leading space.
+  detokenizer more(tok, false);
+  BOOST_CHECK_EQUAL(more.push(15043), " Hello");
+}
+
+BOOST_AUTO_TEST_CASE(detokenizer_unmaps_gpt2_bytes_split_across_tokens,
+                     *utf::precondition(test::needs_shared_data{})) {
+  auto tok = load_gguf_tokenizer("ggml-vocab-gpt-2.gguf");
+  // From the reference vectors: " \xF0\x9F\x98\x81" is 30325 223 (split inside the emoji).
+  detokenizer d(tok);
+  BOOST_CHECK_EQUAL(d.push(30325), " ");
+  BOOST_CHECK_EQUAL(d.push(223), "\xF0\x9F\x98\x81");
+  BOOST_CHECK_EQUAL(d.push(18435), " Hello");
+}
+
+BOOST_AUTO_TEST_CASE(llama2c_tokenizer_bin_loads_as_spm) {
+  test::temp_dir dir("tokenizer_llama2c");
+  auto path = (dir.path / "tokenizer.bin").string();
+  // Ids 259.. : " ", "a", "b", " a", "ab", " ab" (llama2.c writes spaces, not "▁").
+  write_bytes(path, llama2c_image({{" ", -1}, {"a", -2}, {"b", -3}, {" a", -1.5f},
+                                   {"ab", -1.2f}, {" ab", -1.1f}}));
+  auto v = vocab_from_llama2c(path, 265);
+  BOOST_REQUIRE_MESSAGE(v, describe(v.error()));
+  BOOST_CHECK_EQUAL(v->tokens[1], "<s>");
+  BOOST_CHECK_EQUAL(v->tokens[2], "</s>");
+  BOOST_CHECK_EQUAL(v->tokens[264], "\xE2\x96\x81" "ab");
+  BOOST_CHECK(v->types[0] == token_type::unknown);
+  BOOST_CHECK(v->types[1] == token_type::control);
+  BOOST_CHECK(v->types[3 + 'a'] == token_type::byte);
+  BOOST_CHECK(v->add_bos && v->add_space_prefix);
+  tokenizer tok(std::move(*v));
+  BOOST_CHECK_EQUAL(tok.bos(), 1);
+  BOOST_CHECK_EQUAL(tok.eos(), 2);
+  // "ab b" -> "▁ab▁b": "▁ab" merges (best score), "▁b" is no token -> "▁", "b".
+  BOOST_CHECK(tok.encode("ab b", true) == (std::vector<int32_t>{1, 264, 259, 261}));
+  // "c" is not in the vocabulary: byte fallback.
+  BOOST_CHECK(tok.encode("c", false) == (std::vector<int32_t>{259, 3 + 'c'}));
+  BOOST_CHECK_EQUAL(tok.decode(tok.encode("ab b c", true)), "ab b c");
+}
+
+BOOST_AUTO_TEST_CASE(llama2c_tokenizer_bin_errors_name_the_file_and_value) {
+  test::temp_dir dir("tokenizer_llama2c_bad");
+  auto path = (dir.path / "tokenizer.bin").string();
+  auto image = llama2c_image({{"a", -1}});
+  write_bytes(path, image.substr(0, image.size() - 3));
+  auto v = vocab_from_llama2c(path, 260);
+  BOOST_REQUIRE(!v);
+  BOOST_CHECK(code_of(v.error()) == errc::bad_model);
+  auto msg = message_of(v.error());
+  BOOST_TEST_MESSAGE(msg);
+  BOOST_CHECK(msg.find(path) != std::string::npos);
+  BOOST_CHECK(msg.find("token 259") != std::string::npos);
+
+  // Asking for more tokens than the file holds is the same error.
+  write_bytes(path, image);
+  auto more = vocab_from_llama2c(path, 300);
+  BOOST_REQUIRE(!more);
+  BOOST_CHECK(message_of(more.error()).find("token 260 of 300") != std::string::npos);
+
+  auto missing = vocab_from_llama2c((dir.path / "nope.bin").string(), 32000);
+  BOOST_REQUIRE(!missing);
+  BOOST_CHECK(code_of(missing.error()) == errc::not_found);
+  BOOST_CHECK(message_of(missing.error()).find("nope.bin") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(vocab_from_gguf_reads_a_small_file) {
+  auto w = small_gguf("llama");
+  w.add_bool("tokenizer.ggml.add_space_prefix", false);
+  auto v = vocab_of(w, "small.gguf");
+  BOOST_REQUIRE_MESSAGE(v, describe(v.error()));
+  BOOST_CHECK_EQUAL(v->bos, 1);
+  BOOST_CHECK_EQUAL(v->pad, -1);
+  BOOST_CHECK(!v->add_space_prefix);
+  tokenizer tok(std::move(*v));
+  BOOST_CHECK(tok.encode("abba", false) == (std::vector<int32_t>{5, 4, 3}));
+}
+
+BOOST_AUTO_TEST_CASE(vocab_from_gguf_rejects_unknown_models_and_bad_sizes) {
+  auto v = vocab_of(small_gguf("bert"), "bert.gguf");
+  BOOST_REQUIRE(!v);
+  BOOST_CHECK(code_of(v.error()) == errc::bad_model);
+  auto msg = message_of(v.error());
+  BOOST_CHECK(msg.find("bert.gguf") != std::string::npos);
+  BOOST_CHECK(msg.find("tokenizer.ggml.model") != std::string::npos);
+  BOOST_CHECK(msg.find("\"bert\"") != std::string::npos);
+
+  gguf_writer short_scores;
+  short_scores.add_string("tokenizer.ggml.model", "llama");
+  short_scores.add_strings("tokenizer.ggml.tokens", {"<unk>", "<s>", "</s>"});
+  short_scores.add_float32s("tokenizer.ggml.scores", {0, 0});
+  auto s = vocab_of(short_scores, "short.gguf");
+  BOOST_REQUIRE(!s);
+  BOOST_CHECK(message_of(s.error()).find("tokenizer.ggml.scores has 2 entries, expected 3") !=
+              std::string::npos);
+
+  auto ids = small_gguf("llama");
+  ids.add_uint32("tokenizer.ggml.eos_token_id", 99);
+  auto e = vocab_of(ids, "ids.gguf");
+  BOOST_REQUIRE(!e);
+  BOOST_CHECK(message_of(e.error()).find("tokenizer.ggml.eos_token_id is 99") !=
+              std::string::npos);
+
+  gguf_writer no_merges;
+  no_merges.add_string("tokenizer.ggml.model", "gpt2");
+  no_merges.add_strings("tokenizer.ggml.tokens", {"a", "b"});
+  auto m = vocab_of(no_merges, "nomerges.gguf");
+  BOOST_REQUIRE(!m);
+  BOOST_CHECK(message_of(m.error()).find("tokenizer.ggml.merges") != std::string::npos);
+}
