@@ -100,7 +100,7 @@ int generate(std::span<char*> args) {
   keel::engine eng(model, threads_pool);
 
   const bool ids = opts->has("ids");
-  keel::detokenizer detok(tok);
+  keel::detokenizer detok(tok, false);  // generated text continues the prompt
   if (ids) {
     std::string line = "prompt:";
     for (auto id : req.prompt) line += " " + std::to_string(id);

@@ -107,7 +107,9 @@ int silu_mul(buffer& gate, const buffer& up, int64_t n);
 
 /// Rotary embedding, llama "normal" mode, in place: `x` holds `nb` rows of `n_heads` heads of
 /// `head_dim` (even) values; row b is at position pos0 + b, and in each head the pair
-/// (2i, 2i+1) rotates by (pos0 + b) * theta^(-2i/head_dim).
+/// (2i, 2i+1) rotates by (pos0 + b) * theta^(-2i/head_dim). The angle is computed as ggml's
+/// rope cache and keel::rope compute it (pos times theta^(-2/head_dim), i times, in F32), so it is
+/// the same float as on the CPU; only sin and cos may differ in the last bits.
 int rope(buffer& x, int64_t nb, int n_heads, int head_dim, int64_t pos0, float theta);
 
 }  // namespace keel::gpu

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "kernels/gpu.hpp"
 
@@ -271,18 +272,19 @@ __global__ void silu_mul_kernel(float* gate, const float* __restrict__ up, int64
   }
 }
 
-// One thread per rotated pair.
+// One thread per rotated pair. The angle is built as ggml's rope cache (and keel::rope) builds
+// it: pos * theta_scale^i by i float multiplications, so CPU and GPU angles are the same floats.
 __global__ void rope_kernel(float* x, int64_t pairs, int n_heads, int head_dim, int64_t pos0,
-                            float theta) {
+                            float theta_scale) {
   const int half = head_dim / 2;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < pairs;
        p += int64_t(gridDim.x) * blockDim.x) {
     const int i = static_cast<int>(p % half);
-    const int64_t head = p / half;  // over all rows: row = head / n_heads
-    const int64_t pos = pos0 + head / n_heads;
-    const float freq = powf(theta, -2.0f * static_cast<float>(i) / static_cast<float>(head_dim));
+    const int64_t head = p / half;  // counted over all rows: the row is head / n_heads
+    float angle = static_cast<float>(pos0 + head / n_heads);
+    for (int k = 0; k < i; ++k) angle *= theta_scale;
     float s, c;
-    sincosf(static_cast<float>(pos) * freq, &s, &c);
+    sincosf(angle, &s, &c);
     auto* v = reinterpret_cast<float2*>(x + head * head_dim + 2 * i);
     const float2 a = *v;
     *v = make_float2(a.x * c - a.y * s, a.x * s + a.y * c);
@@ -384,9 +386,11 @@ int rope(buffer& x, int64_t nb, int n_heads, int head_dim, int64_t pos0, float t
     return status_bad_argument;
   }
   const int64_t pairs = nb * n_heads * (head_dim / 2);
+  // On the host with std::pow, as keel::rope computes it.
+  const float theta_scale = std::pow(theta, -2.0f / static_cast<float>(head_dim));
   if (pairs == 0) return status_ok;
   rope_kernel<<<elem_blocks(pairs), elem_threads>>>(static_cast<float*>(x.data()), pairs, n_heads,
-                                                    head_dim, pos0, theta);
+                                                    head_dim, pos0, theta_scale);
   return launched();
 }
 

@@ -17,6 +17,16 @@ namespace {
 // of microseconds (pause is 10 to 140 cycles), longer than the gap between a decode step's loops.
 constexpr int spin_limit = 1 << 12;
 
+// One spin step. Yielding now and then lets an oversubscribed pool (more threads than free
+// cores) make progress instead of spinning away the time slices of the threads it waits for.
+inline void spin_pause(int i) {
+  if ((i & 63) == 63) {
+    std::this_thread::yield();
+  } else {
+    KEEL_CPU_RELAX();
+  }
+}
+
 }  // namespace
 
 thread_pool::thread_pool(int threads) : size_(std::max(threads, 1)) {
@@ -61,7 +71,7 @@ void thread_pool::run(int64_t n, int64_t grain, body fn, void* ctx) {
   part(0, b, e);
   if (b < e) fn(ctx, b, e);
   for (int i = 0; i < spin_limit && pending_.load(std::memory_order_acquire) != 0; ++i)
-    KEEL_CPU_RELAX();
+    spin_pause(i);
   if (pending_.load(std::memory_order_acquire) != 0) {
     std::unique_lock<std::mutex> lk(mu_);
     done_cv_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
@@ -74,7 +84,7 @@ void thread_pool::worker(int index) {
     for (int i = 0; i < spin_limit && generation_.load(std::memory_order_acquire) == seen &&
                     !stop_.load(std::memory_order_relaxed);
          ++i)
-      KEEL_CPU_RELAX();
+      spin_pause(i);
     if (generation_.load(std::memory_order_acquire) == seen) {
       std::unique_lock<std::mutex> lk(mu_);
       start_cv_.wait(lk, [&] { return stop_.load() || generation_.load() != seen; });

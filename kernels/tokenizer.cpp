@@ -65,8 +65,10 @@ bool is_int_type(gguf_type t) {
     case gguf_type::u32:
     case gguf_type::i32:
     case gguf_type::u64:
-    case gguf_type::i64: return true;
-    default: return false;
+    case gguf_type::i64:
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -77,7 +79,7 @@ caf::error read_id(const gguf_file& f, std::string_view key, size_t n_tokens, in
   if (!kv) return {};
   if (!is_int_type(kv->type)) {
     return bad(f, "key " + kv->key + " has type " + std::string(gguf_type_name(kv->type)) +
-                    ", expected an integer");
+                      ", expected an integer");
   }
   bool none = kv->i == -1 || (kv->type == gguf_type::u32 && kv->u == 0xFFFFFFFFu);
   if (none) {
@@ -86,11 +88,12 @@ caf::error read_id(const gguf_file& f, std::string_view key, size_t n_tokens, in
   }
   bool is_unsigned = kv->type == gguf_type::u8 || kv->type == gguf_type::u16 ||
                      kv->type == gguf_type::u32 || kv->type == gguf_type::u64;
-  bool in_range = is_unsigned ? kv->u < n_tokens : kv->i >= 0 && static_cast<uint64_t>(kv->i) < n_tokens;
+  bool in_range =
+      is_unsigned ? kv->u < n_tokens : kv->i >= 0 && static_cast<uint64_t>(kv->i) < n_tokens;
   if (!in_range) {
     auto value = is_unsigned ? std::to_string(kv->u) : std::to_string(kv->i);
     return bad(f, "key " + kv->key + " is " + value + ", outside the vocabulary of " +
-                    std::to_string(n_tokens) + " tokens");
+                      std::to_string(n_tokens) + " tokens");
   }
   id = static_cast<int32_t>(kv->i);
   return {};
@@ -101,7 +104,7 @@ caf::error read_flag(const gguf_file& f, std::string_view key, bool& flag) {
   if (!kv) return {};
   if (kv->type != gguf_type::boolean) {
     return bad(f, "key " + kv->key + " has type " + std::string(gguf_type_name(kv->type)) +
-                    ", expected bool");
+                      ", expected bool");
   }
   flag = kv->i != 0;
   return {};
@@ -113,41 +116,41 @@ caf::error read_flag(const gguf_file& f, std::string_view key, bool& flag) {
 // and word pieces become single tokens. Changing it changes the vocabulary (and models made
 // with it), so leave it alone.
 constexpr std::string_view builtin_corpus =
-  "The quick brown fox jumps over the lazy dog. This is a small piece of English text that "
-  "teaches the built-in tokenizer which pairs of letters appear together most often. There are "
-  "many words here, and they are the words that people write every day: the, and, that, with, "
-  "from, they, there, their, which, would, could, should, about, other, these, those, after, "
-  "before, because, between, through, under, over, again, where, when, what, while, will, have, "
-  "has, had, been, being, were, was, are, is, it, its, in, into, on, one, only, or, our, out, "
-  "of, off, often, for, form, first, find, found, for the, in the, of the, to the, on the. "
-  "In the beginning the model knows nothing, and then it learns to predict the next token from "
-  "the tokens that came before it. A language model reads a prompt, computes attention over "
-  "the context, and generates an answer one token at a time. The server receives a request, "
-  "schedules the work on the available devices, and streams the generated text back to the "
-  "client as soon as each piece is ready. Engineers measure the time to the first token and the "
-  "number of tokens per second, and they try to make both better without making the answers "
-  "worse. Information, computation, generation, attention, question, function, condition, "
-  "position, action, station, nation, relation, operation: many English words end in tion. "
-  "Others end in ing, like running, reading, writing, thinking, making, taking, working, "
-  "learning, training, testing, being, having, going, coming, doing, saying, seeing, getting. "
-  "Some end in ed, like started, stopped, wanted, needed, used, played, asked, worked, called, "
-  "tried, moved, lived, believed, happened, included, continued, created, provided, returned. "
-  "Some end in er or est, like faster, fastest, smaller, smallest, larger, largest, better, "
-  "water, number, under, never, ever, order, other, mother, father, brother, together, weather. "
-  "And some end in ly, like quickly, really, only, early, nearly, clearly, simply, finally, "
-  "usually, actually, probably, especially, recently, certainly, exactly, directly, easily. "
-  "The children played in the garden while their parents were talking in the house. It was a "
-  "warm evening at the end of the summer, and the sun was going down behind the hills. Nobody "
-  "wanted to go inside yet, so they stayed there and watched the stars come out one by one. "
-  "She said that she would come back tomorrow with the books and the letters he had asked for. "
-  "He thought about it for a long time and then decided that it was the right thing to do. "
-  "We can't say what they'll do, but we're sure that you've seen it and that it's true. "
-  "Numbers like 0, 1, 2, 3, 10, 100, 2024 and 3.14 appear too, as do symbols: (a + b) * c = d; "
-  "x -> y, \"quoted\", 'single', [list], {set}, 50% and #1.\n\n"
-  "Keel is an inference engine. It loads a model, splits it across the workers of a cluster, "
-  "and answers requests. When a worker fails, the supervisor restarts it and the request is "
-  "tried again on another worker. The store keeps the state of every session, so that nothing "
-  "is lost when a process stops. Everything is tested: the kernels, the tokenizer, the server.\n";
+    "The quick brown fox jumps over the lazy dog. This is a small piece of English text that "
+    "teaches the built-in tokenizer which pairs of letters appear together most often. There are "
+    "many words here, and they are the words that people write every day: the, and, that, with, "
+    "from, they, there, their, which, would, could, should, about, other, these, those, after, "
+    "before, because, between, through, under, over, again, where, when, what, while, will, have, "
+    "has, had, been, being, were, was, are, is, it, its, in, into, on, one, only, or, our, out, "
+    "of, off, often, for, form, first, find, found, for the, in the, of the, to the, on the. "
+    "In the beginning the model knows nothing, and then it learns to predict the next token from "
+    "the tokens that came before it. A language model reads a prompt, computes attention over "
+    "the context, and generates an answer one token at a time. The server receives a request, "
+    "schedules the work on the available devices, and streams the generated text back to the "
+    "client as soon as each piece is ready. Engineers measure the time to the first token and the "
+    "number of tokens per second, and they try to make both better without making the answers "
+    "worse. Information, computation, generation, attention, question, function, condition, "
+    "position, action, station, nation, relation, operation: many English words end in tion. "
+    "Others end in ing, like running, reading, writing, thinking, making, taking, working, "
+    "learning, training, testing, being, having, going, coming, doing, saying, seeing, getting. "
+    "Some end in ed, like started, stopped, wanted, needed, used, played, asked, worked, called, "
+    "tried, moved, lived, believed, happened, included, continued, created, provided, returned. "
+    "Some end in er or est, like faster, fastest, smaller, smallest, larger, largest, better, "
+    "water, number, under, never, ever, order, other, mother, father, brother, together, weather. "
+    "And some end in ly, like quickly, really, only, early, nearly, clearly, simply, finally, "
+    "usually, actually, probably, especially, recently, certainly, exactly, directly, easily. "
+    "The children played in the garden while their parents were talking in the house. It was a "
+    "warm evening at the end of the summer, and the sun was going down behind the hills. Nobody "
+    "wanted to go inside yet, so they stayed there and watched the stars come out one by one. "
+    "She said that she would come back tomorrow with the books and the letters he had asked for. "
+    "He thought about it for a long time and then decided that it was the right thing to do. "
+    "We can't say what they'll do, but we're sure that you've seen it and that it's true. "
+    "Numbers like 0, 1, 2, 3, 10, 100, 2024 and 3.14 appear too, as do symbols: (a + b) * c = d; "
+    "x -> y, \"quoted\", 'single', [list], {set}, 50% and #1.\n\n"
+    "Keel is an inference engine. It loads a model, splits it across the workers of a cluster, "
+    "and answers requests. When a worker fails, the supervisor restarts it and the request is "
+    "tried again on another worker. The store keeps the state of every session, so that nothing "
+    "is lost when a process stops. Everything is tested: the kernels, the tokenizer, the server.\n";
 
 constexpr int builtin_max_merges = 400;
 
@@ -163,7 +166,7 @@ caf::expected<vocab> vocab_from_gguf(const gguf_file& f) {
     v.kind = vocab_kind::bpe;
   } else {
     return bad(f, "key tokenizer.ggml.model is \"" + *model +
-                    "\", expected \"llama\" (SentencePiece) or \"gpt2\" (byte-level BPE)");
+                      "\", expected \"llama\" (SentencePiece) or \"gpt2\" (byte-level BPE)");
   }
   auto tokens = f.get_array("tokenizer.ggml.tokens", gguf_type::string);
   if (!tokens) return tokens.error();
@@ -181,7 +184,7 @@ caf::expected<vocab> vocab_from_gguf(const gguf_file& f) {
     auto& s = (*scores)->floats;
     if (s.size() != n) {
       return bad(f, "key tokenizer.ggml.scores has " + std::to_string(s.size()) +
-                      " entries, expected " + std::to_string(n) + " (one per token)");
+                        " entries, expected " + std::to_string(n) + " (one per token)");
     }
     for (size_t i = 0; i < n; ++i) v.scores[i] = static_cast<float>(s[i]);
   }
@@ -193,12 +196,12 @@ caf::expected<vocab> vocab_from_gguf(const gguf_file& f) {
     auto& t = (*types)->ints;
     if (t.size() != n) {
       return bad(f, "key tokenizer.ggml.token_type has " + std::to_string(t.size()) +
-                      " entries, expected " + std::to_string(n) + " (one per token)");
+                        " entries, expected " + std::to_string(n) + " (one per token)");
     }
     for (size_t i = 0; i < n; ++i) {
       if (t[i] < 0 || t[i] > 6) {
         return bad(f, "key tokenizer.ggml.token_type[" + std::to_string(i) + "] is " +
-                        std::to_string(t[i]) + ", expected 0..6");
+                          std::to_string(t[i]) + ", expected 0..6");
       }
       v.types[i] = static_cast<token_type>(t[i]);
     }
@@ -213,7 +216,7 @@ caf::expected<vocab> vocab_from_gguf(const gguf_file& f) {
       auto sp = m.find(' ', 1);
       if (sp == std::string::npos || sp + 1 >= m.size()) {
         return bad(f, "key tokenizer.ggml.merges[" + std::to_string(i) + "] is \"" + m +
-                        "\", expected \"left right\"");
+                          "\", expected \"left right\"");
       }
     }
   }
@@ -260,8 +263,8 @@ caf::expected<vocab> vocab_from_llama2c(const std::string& path, int32_t vocab_s
   };
   auto truncated = [&](const std::string& what) {
     return make_error(errc::bad_model, path + ": truncated at offset " + std::to_string(pos) +
-                                         " (file size " + std::to_string(bytes.size()) +
-                                         ") reading " + what);
+                                           " (file size " + std::to_string(bytes.size()) +
+                                           ") reading " + what);
   };
   int32_t max_len = 0;
   if (!read(&max_len, 4)) return truncated("max_token_length");
@@ -282,8 +285,8 @@ caf::expected<vocab> vocab_from_llama2c(const std::string& path, int32_t vocab_s
     if (!read(&len, 4)) return truncated("the length of " + which);
     if (len < 0 || len > max_len) {
       return make_error(errc::bad_model, path + ": " + which + " has length " +
-                                           std::to_string(len) + ", expected 0.." +
-                                           std::to_string(max_len));
+                                             std::to_string(len) + ", expected 0.." +
+                                             std::to_string(max_len));
     }
     std::string text(static_cast<size_t>(len), '\0');
     if (!read(text.data(), text.size())) return truncated("the text of " + which);
@@ -419,11 +422,14 @@ tokenizer::tokenizer(vocab v) : vocab_(std::move(v)) {
         else
           p = t;
         break;
-      case token_type::user_defined: p = t; break;
+      case token_type::user_defined:
+        p = t;
+        break;
       case token_type::unknown:
         p = vocab_.kind == vocab_kind::spm ? "\xE2\x96\x85" : t;  // llama.cpp shows "▅"
         break;
-      default: break;  // control, unused, undefined: nothing
+      default:
+        break;  // control, unused, undefined: nothing
     }
   }
 }
@@ -599,7 +605,10 @@ std::string detokenizer::push(int32_t id) {
 }
 
 std::string detokenizer::flush() {
-  auto out = utf8_sanitize(held_);
+  // The held bytes are one incomplete character: one U+FFFD, as for a maximal invalid subpart.
+  size_t keep = utf8_incomplete_tail(held_);
+  auto out = utf8_sanitize(std::string_view(held_).substr(0, held_.size() - keep));
+  if (keep > 0) out += "\xEF\xBF\xBD";
   held_.clear();
   return out;
 }

@@ -42,7 +42,7 @@ struct vocab {
   int32_t eos = -1;
   int32_t unk = -1;
   int32_t pad = -1;
-  bool add_bos = false;           // callers should pass this to `tokenizer::encode`
+  bool add_bos = false;  // callers should pass this to `tokenizer::encode`
   bool add_eos = false;
   bool add_space_prefix = false;  // spm: a space is prefixed to non-empty text before encoding
 };
@@ -118,7 +118,8 @@ class detokenizer {
   /// Bytes that can never form a valid character come out as U+FFFD.
   std::string push(int32_t id);
 
-  /// Returns whatever is held back, incomplete characters as U+FFFD, and resets the hold.
+  /// Returns whatever is held back (an incomplete character becomes one U+FFFD) and empties the
+  /// hold.
   std::string flush();
 
  private:

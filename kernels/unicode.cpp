@@ -63,8 +63,10 @@ size_t utf8_incomplete_tail(std::string_view s) {
   for (size_t back = 1; back <= 3 && back <= s.size(); ++back) {
     auto c = static_cast<uint8_t>(s[s.size() - back]);
     if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
-    int need = (c >= 0xC2 && c <= 0xDF) ? 2 : (c >= 0xE0 && c <= 0xEF) ? 3
-               : (c >= 0xF0 && c <= 0xF4) ? 4 : 1;
+    int need = (c >= 0xC2 && c <= 0xDF)   ? 2
+               : (c >= 0xE0 && c <= 0xEF) ? 3
+               : (c >= 0xF0 && c <= 0xF4) ? 4
+                                          : 1;
     if (static_cast<size_t>(need) <= back) return 0;
     // A prefix can already be invalid at its second byte (overlong, surrogate, > U+10FFFF).
     if (back >= 2) {
@@ -142,8 +144,8 @@ std::vector<std::string_view> gpt2_pretokenize(std::string_view text) {
         continue;
       }
       uint32_t b = cp_at(pos + 2);
-      if (pos + 2 < n && ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') ||
-                          (a == 'l' && b == 'l'))) {
+      if (pos + 2 < n &&
+          ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l'))) {
         emit(pos += 3);
         continue;
       }
@@ -200,8 +202,12 @@ const byte_tables& tables() {
 
 }  // namespace
 
-const std::string& gpt2_byte_to_text(uint8_t byte) { return tables().to_text[byte]; }
+const std::string& gpt2_byte_to_text(uint8_t byte) {
+  return tables().to_text[byte];
+}
 
-int gpt2_cp_to_byte(uint32_t cp) { return cp < 324 ? tables().from_cp[cp] : -1; }
+int gpt2_cp_to_byte(uint32_t cp) {
+  return cp < 324 ? tables().from_cp[cp] : -1;
+}
 
 }  // namespace keel
