@@ -342,9 +342,11 @@ caf::error gguf_file::parse_all() {
                                            std::to_string(alignment_));
     }
     if (t.offset > data_size || t.n_bytes > data_size - t.offset) {
-      return make_error(errc::bad_model, name_ + ": tensor " + t.name + " data [" +
-                                           std::to_string(data_start + t.offset) + ", " +
-                                           std::to_string(data_start + t.offset + t.n_bytes) +
+      // Name the stored offset: a sum with it may wrap and print an in-bounds range.
+      return make_error(errc::bad_model, name_ + ": tensor " + t.name + " data at offset " +
+                                           std::to_string(t.offset) + " (" +
+                                           std::to_string(t.n_bytes) + " bytes, data section at " +
+                                           std::to_string(data_start) +
                                            ") is out of bounds of the file (" +
                                            std::to_string(map_->size) + " bytes)");
     }

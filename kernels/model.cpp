@@ -100,6 +100,13 @@ caf::expected<std::unique_ptr<model>> model::load_gguf(gguf_file file) {
                                          " is not a multiple of llama.attention.head_count " +
                                          std::to_string(c.n_heads));
   }
+  // q_dim() and kv_dim() are int32: a huge key_length must not overflow them.
+  if (int64_t{c.n_heads} * c.head_dim >= (int64_t{1} << 30)) {
+    return make_error(errc::bad_model, name + ": llama.attention.key_length " +
+                                         std::to_string(c.head_dim) +
+                                         " times llama.attention.head_count " +
+                                         std::to_string(c.n_heads) + " is too large");
+  }
   if (c.head_dim % 2 != 0) {
     return make_error(errc::bad_model,
                       name + ": head dimension " + std::to_string(c.head_dim) + " is odd");
@@ -152,9 +159,11 @@ caf::expected<std::unique_ptr<model>> model::load_gguf(gguf_file file) {
     m->output_ = m->token_embd_;
     c.tied_output = true;
   }
-  m->layers_.resize(c.n_layers);
+  // Layers are added as their tensors are found, so a corrupt block_count fails on a missing
+  // tensor instead of allocating for up to 2^30 layers.
+  m->layers_.reserve(std::min<size_t>(c.n_layers, file.tensors().size()));
   for (int32_t l = 0; l < c.n_layers; ++l) {
-    auto& L = m->layers_[l];
+    auto& L = m->layers_.emplace_back();
     auto t = [&](const char* s) { return llama_names::layer_tensor(l, s); };
     struct mat {
       const char* suffix;

@@ -74,6 +74,19 @@ uint16_t load_u16(const char* p) {
 
 }  // namespace
 
+namespace detail {
+
+const float* fp16_table() {
+  static const std::unique_ptr<float[]> table = [] {
+    auto t = std::make_unique<float[]>(65536);
+    for (uint32_t h = 0; h < 65536; ++h) t[h] = fp16_to_f32(static_cast<uint16_t>(h));
+    return t;
+  }();
+  return table.get();
+}
+
+}  // namespace detail
+
 matrix_view make_matrix(dtype type, const void* data, int64_t rows, int64_t cols) {
   matrix_view m;
   m.type = type;
@@ -86,9 +99,12 @@ matrix_view make_matrix(dtype type, const void* data, int64_t rows, int64_t cols
 
 const char* to_string(cpu_isa x) {
   switch (x) {
-    case cpu_isa::scalar: return "scalar";
-    case cpu_isa::avx2: return "avx2";
-    case cpu_isa::avx512: return "avx512";
+    case cpu_isa::scalar:
+      return "scalar";
+    case cpu_isa::avx2:
+      return "avx2";
+    case cpu_isa::avx512:
+      return "avx512";
   }
   return "unknown";
 }
@@ -98,7 +114,9 @@ cpu_isa detected_isa() {
   return isa;
 }
 
-cpu_isa active_isa() { return active().load(std::memory_order_relaxed); }
+cpu_isa active_isa() {
+  return active().load(std::memory_order_relaxed);
+}
 
 void use_isa(cpu_isa x) {
   active().store(std::min(x, detected_isa()), std::memory_order_relaxed);
@@ -137,7 +155,8 @@ float dot_row(const matrix_view& w, int64_t r, const float* x) {
       }
       break;
     }
-    default: die("dot_row", w.type);
+    default:
+      die("dot_row", w.type);
   }
   return reduce16(acc);
 }
@@ -154,9 +173,12 @@ void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float
             int64_t r0, int64_t r1) {
   if (!dtype_supported(w.type)) die("matmul", w.type);
   switch (active_isa()) {
-    case cpu_isa::avx512: return detail::avx512::matmul(w, x, ldx, nb, y, ldy, r0, r1);
-    case cpu_isa::avx2: return detail::avx2::matmul(w, x, ldx, nb, y, ldy, r0, r1);
-    case cpu_isa::scalar: break;
+    case cpu_isa::avx512:
+      return detail::avx512::matmul(w, x, ldx, nb, y, ldy, r0, r1);
+    case cpu_isa::avx2:
+      return detail::avx2::matmul(w, x, ldx, nb, y, ldy, r0, r1);
+    case cpu_isa::scalar:
+      break;
   }
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t b = 0; b < nb; ++b) y[b * ldy + r] = reference::dot_row(w, r, x + b * ldx);
@@ -172,7 +194,9 @@ void matmul(thread_pool& pool, const matrix_view& w, const float* x, int64_t ldx
 void dequantize_row(const matrix_view& w, int64_t r, float* out) {
   const char* row = static_cast<const char*>(w.data) + r * static_cast<int64_t>(w.row_bytes);
   switch (w.type) {
-    case dtype::f32: std::memcpy(out, row, static_cast<size_t>(w.cols) * 4); return;
+    case dtype::f32:
+      std::memcpy(out, row, static_cast<size_t>(w.cols) * 4);
+      return;
     case dtype::f16:
       for (int64_t j = 0; j < w.cols; ++j) out[j] = fp16_to_f32(load_u16(row + 2 * j));
       return;
@@ -188,13 +212,16 @@ void dequantize_row(const matrix_view& w, int64_t r, float* out) {
       }
       return;
     }
-    default: die("dequantize_row", w.type);
+    default:
+      die("dequantize_row", w.type);
   }
 }
 
 void quantize_row(dtype type, const float* x, int64_t n, void* out) {
   switch (type) {
-    case dtype::f32: std::memcpy(out, x, static_cast<size_t>(n) * 4); return;
+    case dtype::f32:
+      std::memcpy(out, x, static_cast<size_t>(n) * 4);
+      return;
     case dtype::f16:
     case dtype::bf16: {
       char* o = static_cast<char*>(out);
@@ -219,24 +246,31 @@ void quantize_row(dtype type, const float* x, int64_t n, void* out) {
       }
       return;
     }
-    default: die("quantize_row", type);
+    default:
+      die("quantize_row", type);
   }
 }
 
 float dot_f32(const float* a, const float* b, int64_t n) {
   switch (active_isa()) {
-    case cpu_isa::avx512: return detail::avx512::dot_f32(a, b, n);
-    case cpu_isa::avx2: return detail::avx2::dot_f32(a, b, n);
-    case cpu_isa::scalar: break;
+    case cpu_isa::avx512:
+      return detail::avx512::dot_f32(a, b, n);
+    case cpu_isa::avx2:
+      return detail::avx2::dot_f32(a, b, n);
+    case cpu_isa::scalar:
+      break;
   }
   return reference::dot_f32(a, b, n);
 }
 
 void axpy_f32(float* y, float a, const float* x, int64_t n) {
   switch (active_isa()) {
-    case cpu_isa::avx512: return detail::avx512::axpy_f32(y, a, x, n);
-    case cpu_isa::avx2: return detail::avx2::axpy_f32(y, a, x, n);
-    case cpu_isa::scalar: break;
+    case cpu_isa::avx512:
+      return detail::avx512::axpy_f32(y, a, x, n);
+    case cpu_isa::avx2:
+      return detail::avx2::axpy_f32(y, a, x, n);
+    case cpu_isa::scalar:
+      break;
   }
   for (int64_t i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
 }
@@ -314,7 +348,8 @@ double measure_memory_bandwidth(thread_pool& pool, size_t bytes) {
           sink.fetch_add(s, std::memory_order_relaxed);
         },
         64);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (secs > 0) best = std::max(best, static_cast<double>(bytes) / secs);
   }
   return best;

@@ -82,18 +82,19 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
   acc16 acc[R][B];
   if constexpr (T == dtype::q8_0) {
     const int64_t blocks = n / q8_0_block;
+    const float* f16 = fp16_table();
     for (int64_t k = 0; k < blocks; ++k) {
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
         const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(base + i * rb)[k];
         __m256 q0 = load_q8(blk.qs), q1 = load_q8(blk.qs + 8);
         __m256 q2 = load_q8(blk.qs + 16), q3 = load_q8(blk.qs + 24);
-        __m256 d = _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(blk.d)));
+        __m256 d = _mm256_broadcast_ss(f16 + blk.d);
 #pragma GCC unroll 4
         for (int b = 0; b < B; ++b) {
           const float* xb = x + b * ldx + k * 32;
-          __m256 plo = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16),
-                                       _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
+          __m256 plo =
+              _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16), _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
           __m256 phi = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24),
                                        _mm256_mul_ps(q1, _mm256_loadu_ps(xb + 8)));
           acc[i][b].lo = _mm256_fmadd_ps(d, plo, acc[i][b].lo);
@@ -143,8 +144,8 @@ void rows4(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t 
 }
 
 template <dtype T>
-void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y,
-              int64_t ldy, int64_t r0, int64_t r1) {
+void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
+              int64_t r0, int64_t r1) {
   // Rows outer, inputs inner, so four rows stay in L1/L2 while all inputs pass over them.
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
@@ -152,10 +153,18 @@ void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, flo
       const float* xb = x + b * ldx;
       float* yb = y + b * ldy;
       switch (nb - b < 4 ? nb - b : 4) {
-        case 1: rows4<T, 1>(w, xb, ldx, yb, ldy, r); break;
-        case 2: rows4<T, 2>(w, xb, ldx, yb, ldy, r); break;
-        case 3: rows4<T, 3>(w, xb, ldx, yb, ldy, r); break;
-        default: rows4<T, 4>(w, xb, ldx, yb, ldy, r); break;
+        case 1:
+          rows4<T, 1>(w, xb, ldx, yb, ldy, r);
+          break;
+        case 2:
+          rows4<T, 2>(w, xb, ldx, yb, ldy, r);
+          break;
+        case 3:
+          rows4<T, 3>(w, xb, ldx, yb, ldy, r);
+          break;
+        default:
+          rows4<T, 4>(w, xb, ldx, yb, ldy, r);
+          break;
       }
     }
   }
@@ -169,11 +178,16 @@ void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, flo
 void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
             int64_t r0, int64_t r1) {
   switch (w.type) {
-    case dtype::f32: return matmul_t<dtype::f32>(w, x, ldx, nb, y, ldy, r0, r1);
-    case dtype::f16: return matmul_t<dtype::f16>(w, x, ldx, nb, y, ldy, r0, r1);
-    case dtype::bf16: return matmul_t<dtype::bf16>(w, x, ldx, nb, y, ldy, r0, r1);
-    case dtype::q8_0: return matmul_t<dtype::q8_0>(w, x, ldx, nb, y, ldy, r0, r1);
-    default: return;  // ops.cpp checks the type before dispatching
+    case dtype::f32:
+      return matmul_t<dtype::f32>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::f16:
+      return matmul_t<dtype::f16>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::bf16:
+      return matmul_t<dtype::bf16>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::q8_0:
+      return matmul_t<dtype::q8_0>(w, x, ldx, nb, y, ldy, r0, r1);
+    default:
+      return;  // ops.cpp checks the type before dispatching
   }
 }
 

@@ -51,7 +51,8 @@ inline __m512 load_w(const char* row, int64_t j) {
 }
 
 inline __m512 load_q8(const int8_t* q) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
 }
 
 // R rows starting at r times B inputs; every weight block is loaded once for the B inputs.
@@ -68,6 +69,7 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
 
   if constexpr (T == dtype::q8_0) {
     const int64_t blocks = n / q8_0_block;
+    const float* f16 = fp16_table();
     for (int64_t k = 0; k < blocks; ++k) {
       __m512 xlo[B], xhi[B];
 #pragma GCC unroll 8
@@ -80,7 +82,7 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
         const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(base + i * rb)[k];
         __m512 qlo = load_q8(blk.qs);
         __m512 qhi = load_q8(blk.qs + 16);
-        __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(blk.d)));
+        __m512 d = _mm512_set1_ps(f16[blk.d]);
 #pragma GCC unroll 8
         for (int b = 0; b < B; ++b) {
           __m512 p = _mm512_fmadd_ps(qhi, xhi[b], _mm512_mul_ps(qlo, xlo[b]));
@@ -126,17 +128,25 @@ void rows(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* 
     const float* xb = x + b * ldx;
     float* yb = y + b * ldy;
     switch (nb - b < 4 ? nb - b : 4) {
-      case 1: tile<T, R, 1>(w, xb, ldx, yb, ldy, r); break;
-      case 2: tile<T, R, 2>(w, xb, ldx, yb, ldy, r); break;
-      case 3: tile<T, R, 3>(w, xb, ldx, yb, ldy, r); break;
-      default: tile<T, R, 4>(w, xb, ldx, yb, ldy, r); break;
+      case 1:
+        tile<T, R, 1>(w, xb, ldx, yb, ldy, r);
+        break;
+      case 2:
+        tile<T, R, 2>(w, xb, ldx, yb, ldy, r);
+        break;
+      case 3:
+        tile<T, R, 3>(w, xb, ldx, yb, ldy, r);
+        break;
+      default:
+        tile<T, R, 4>(w, xb, ldx, yb, ldy, r);
+        break;
     }
   }
 }
 
 template <dtype T>
-void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y,
-              int64_t ldy, int64_t r0, int64_t r1) {
+void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
+              int64_t r0, int64_t r1) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) rows<T, 4>(w, x, ldx, nb, y, ldy, r);
   for (; r < r1; ++r) rows<T, 1>(w, x, ldx, nb, y, ldy, r);
@@ -147,21 +157,28 @@ void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, flo
 void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
             int64_t r0, int64_t r1) {
   switch (w.type) {
-    case dtype::f32: return matmul_t<dtype::f32>(w, x, ldx, nb, y, ldy, r0, r1);
-    case dtype::f16: return matmul_t<dtype::f16>(w, x, ldx, nb, y, ldy, r0, r1);
-    case dtype::bf16: return matmul_t<dtype::bf16>(w, x, ldx, nb, y, ldy, r0, r1);
-    case dtype::q8_0: return matmul_t<dtype::q8_0>(w, x, ldx, nb, y, ldy, r0, r1);
-    default: return;  // ops.cpp checks the type before dispatching
+    case dtype::f32:
+      return matmul_t<dtype::f32>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::f16:
+      return matmul_t<dtype::f16>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::bf16:
+      return matmul_t<dtype::bf16>(w, x, ldx, nb, y, ldy, r0, r1);
+    case dtype::q8_0:
+      return matmul_t<dtype::q8_0>(w, x, ldx, nb, y, ldy, r0, r1);
+    default:
+      return;  // ops.cpp checks the type before dispatching
   }
 }
 
 float dot_f32(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+  for (; j + 16 <= n; j += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
   if (j < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - j)) - 1);
-    acc = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, a + j), _mm512_maskz_loadu_ps(k, b + j), acc, k);
+    acc = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, a + j), _mm512_maskz_loadu_ps(k, b + j),
+                                acc, k);
   }
   return reduce(acc);
 }
@@ -173,7 +190,8 @@ void axpy_f32(float* y, float a, const float* x, int64_t n) {
     _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
   if (i < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-    __m512 r = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i));
+    __m512 r =
+        _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i));
     _mm512_mask_storeu_ps(y + i, k, r);
   }
 }

@@ -28,14 +28,20 @@ struct isa_guard {
   ~isa_guard() { use_isa(detected_isa()); }
 };
 
-uint32_t bits(float f) { return std::bit_cast<uint32_t>(f); }
+uint32_t bits(float f) {
+  return std::bit_cast<uint32_t>(f);
+}
 
-__attribute__((target("f16c"))) float hw_fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+__attribute__((target("f16c"))) float hw_fp16_to_f32(uint16_t h) {
+  return _cvtsh_ss(h);
+}
 __attribute__((target("f16c"))) uint16_t hw_f32_to_fp16(float f) {
   return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
 }
 
-bool has_f16c() { return __builtin_cpu_supports("f16c"); }
+bool has_f16c() {
+  return __builtin_cpu_supports("f16c");
+}
 
 /// Values spread over many binades, both signs, so that a different summation order changes
 /// the rounded result.
@@ -108,7 +114,8 @@ BOOST_AUTO_TEST_CASE(f32_to_fp16_matches_f16c_including_ties_subnormals_inf_nan)
   if (!has_f16c()) return;
   std::vector<float> v;
   // A stride through all f32 bit patterns.
-  for (uint64_t b = 0; b < (1ull << 32); b += 4093) v.push_back(std::bit_cast<float>(static_cast<uint32_t>(b)));
+  for (uint64_t b = 0; b < (1ull << 32); b += 4093)
+    v.push_back(std::bit_cast<float>(static_cast<uint32_t>(b)));
   // Every half value, and the exact midpoints and their neighbours between adjacent halves
   // (ties to even in the normal and subnormal ranges, and the overflow threshold).
   for (uint32_t h = 0; h < 0x7c00; ++h) {
@@ -124,8 +131,8 @@ BOOST_AUTO_TEST_CASE(f32_to_fp16_matches_f16c_including_ties_subnormals_inf_nan)
     v.push_back(std::bit_cast<float>(0x7f800000u | m));
     v.push_back(std::bit_cast<float>(0xff800000u | m));
   }
-  for (float x : {0.0f, -0.0f, 65504.0f, 65519.99f, 65520.0f, 1e30f, 0x1p-25f, 0x1.8p-25f,
-                  0x1p-26f, 0x1p-149f, std::numeric_limits<float>::infinity(),
+  for (float x : {0.0f, -0.0f, 65504.0f, 65519.99f, 65520.0f, 1e30f, 0x1p-25f, 0x1.8p-25f, 0x1p-26f,
+                  0x1p-149f, std::numeric_limits<float>::infinity(),
                   -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()})
     v.push_back(x);
   int mismatches = 0;
@@ -185,9 +192,9 @@ BOOST_AUTO_TEST_CASE(every_isa_matches_reference_dot_row_bit_for_bit) {
                 bad += bits(got) != bits(exp);
                 ++compared;
               }
-            BOOST_TEST(bad == 0, dtype_name(type) << " cols " << cols << " nb " << nb << " isa "
-                                                  << to_string(isa) << " rows [" << r0 << ", "
-                                                  << r1 << ")");
+            BOOST_TEST(bad == 0, dtype_name(type)
+                                     << " cols " << cols << " nb " << nb << " isa "
+                                     << to_string(isa) << " rows [" << r0 << ", " << r1 << ")");
           }
         }
       }
@@ -313,7 +320,8 @@ BOOST_AUTO_TEST_CASE(rmsnorm_scales_to_unit_rms_times_weight) {
   double ss = 0;
   for (float v : x) ss += double(v) * v;
   double scale = 1.0 / std::sqrt(ss / 100 + 1e-5);
-  for (int i = 0; i < 100; ++i) BOOST_TEST(out[i] == x[i] * scale * w[i], boost::test_tools::tolerance(1e-5));
+  for (int i = 0; i < 100; ++i)
+    BOOST_TEST(out[i] == x[i] * scale * w[i], boost::test_tools::tolerance(1e-5));
   rmsnorm(x.data(), x.data(), w.data(), 100, 1e-5f);  // in place
   BOOST_TEST(std::memcmp(x.data(), out.data(), 400) == 0);
 }
@@ -348,8 +356,10 @@ BOOST_AUTO_TEST_CASE(rope_rotates_adjacent_pairs_by_pos_times_theta_power) {
     for (int i = 0; i < dim; i += 2) {
       double a = 7 * std::pow(10000.0, -double(i) / dim);
       double x0 = x[h * dim + i], x1 = x[h * dim + i + 1];
-      BOOST_TEST(y[h * dim + i] == x0 * std::cos(a) - x1 * std::sin(a), boost::test_tools::tolerance(1e-4));
-      BOOST_TEST(y[h * dim + i + 1] == x0 * std::sin(a) + x1 * std::cos(a), boost::test_tools::tolerance(1e-4));
+      BOOST_TEST(y[h * dim + i] == x0 * std::cos(a) - x1 * std::sin(a),
+                 boost::test_tools::tolerance(1e-4));
+      BOOST_TEST(y[h * dim + i + 1] == x0 * std::sin(a) + x1 * std::cos(a),
+                 boost::test_tools::tolerance(1e-4));
     }
 }
 

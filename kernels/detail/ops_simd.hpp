@@ -11,6 +11,10 @@
 
 namespace keel::detail {
 
+/// fp16_to_f32 of every half, by bit pattern: a Q8_0 scale becomes one broadcast load instead of
+/// three shuffle/convert micro-ops, which matters at one input. Built on first use; thread-safe.
+const float* fp16_table();
+
 namespace avx2 {
 /// keel::matmul for f32, f16, bf16 and q8_0 weights.
 void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
