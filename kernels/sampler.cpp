@@ -63,6 +63,53 @@ void apply_penalty(const sampling_params& p, float* logits, int32_t n, const int
   }
 }
 
+// The length of the smallest best-first prefix of `ids` whose weight reaches `target` (all of
+// them if none does), moving that prefix to the front in no particular order. A quickselect that
+// halves the range each round, so a nucleus of most of a 150k vocabulary costs O(n), not a sort.
+template <class Better, class Weight>
+size_t nucleus(std::vector<int32_t>& ids, double target, Better better, Weight weight) {
+  auto at = [&](size_t j) { return ids.begin() + static_cast<std::ptrdiff_t>(j); };
+  size_t lo = 0, hi = ids.size();
+  double before = 0.0;  // weight of ids[0, lo), each better than all of ids[lo, hi)
+  while (hi - lo > 32) {
+    size_t mid = lo + (hi - lo) / 2;
+    std::nth_element(at(lo), at(mid), at(hi), better);
+    double s = 0.0;
+    for (size_t j = lo; j <= mid; ++j) s += weight(ids[j]);
+    if (before + s >= target) {
+      hi = mid + 1;
+    } else {
+      before += s;
+      lo = mid + 1;
+    }
+  }
+  std::sort(at(lo), at(hi), better);
+  for (; lo < hi; ++lo) {
+    before += weight(ids[lo]);
+    if (before >= target) return lo + 1;
+  }
+  return hi;
+}
+
+// Picks by cumulative weight: the first of `count` candidates whose running sum exceeds u times
+// the total. Candidates of weight 0 are never picked.
+template <class IdOf, class WeightOf>
+int32_t draw(size_t count, IdOf id_of, WeightOf weight_of, double u) {
+  double total = 0.0;
+  for (size_t j = 0; j < count; ++j) total += weight_of(j);
+  const double target = u * total;
+  double cum = 0.0;
+  int32_t last = -1;
+  for (size_t j = 0; j < count; ++j) {
+    float w = weight_of(j);
+    if (w <= 0.0f) continue;
+    cum += w;
+    last = id_of(j);
+    if (cum > target) return last;
+  }
+  return last;  // only reached through rounding in the last place
+}
+
 }  // namespace
 
 caf::error validate(const sampling_params& p) {
@@ -117,11 +164,13 @@ int32_t sample(const sampling_params& p, float* logits, int32_t n_vocab, const i
   const bool use_min_p = p.min_p > 0.0f;
   const float min_p = std::min(p.min_p, 1.0f);
 
-  // Candidates: `ids` when `explicit_ids`, else the whole vocabulary. `sorted` means best first.
+  // Candidates: `ids` when `explicit_ids`, else the whole vocabulary. `sorted` means best first,
+  // `by_id` means ascending id.
   auto& ids = s.ids;
   ids.clear();
   bool explicit_ids = false;
   bool sorted = false;
+  bool by_id = true;
   if (top_k > 0) {
     // Bounded heap whose front is the worst of the best top_k seen so far: O(n) for small k.
     ids.resize(top_k);
@@ -135,6 +184,7 @@ int32_t sample(const sampling_params& p, float* logits, int32_t n_vocab, const i
     }
     std::sort_heap(ids.begin(), ids.end(), better);
     explicit_ids = sorted = true;
+    by_id = false;
   }
   const float lmax = sorted ? logits[ids[0]] : logits[argmax(logits, n)];
   if (lmax == neg_inf) return sorted ? ids[0] : argmax(logits, n);  // everything is masked
@@ -172,56 +222,47 @@ int32_t sample(const sampling_params& p, float* logits, int32_t n_vocab, const i
       std::iota(ids.begin(), ids.end(), 0);
       explicit_ids = true;
     }
-    // Sort lazily in growing chunks: the nucleus is usually a tiny part of the vocabulary.
     const double target = top_p * z;
-    const size_t size = ids.size();
-    size_t done = 0;
-    size_t chunk = sorted ? size : std::min<size_t>(size, 256);
-    double cum = 0.0;
-    size_t keep = size;
-    while (keep == size && done < size) {
-      if (!sorted) std::partial_sort(ids.begin() + done, ids.begin() + chunk, ids.end(), better);
-      for (; done < chunk; ++done) {
-        cum += weight(ids[done]);
+    size_t cut = ids.size();
+    if (sorted) {
+      double cum = 0.0;
+      for (size_t j = 0; j < ids.size(); ++j) {
+        cum += weight(ids[j]);
         if (cum >= target) {
-          keep = done + 1;
+          cut = j + 1;
           break;
         }
       }
-      chunk = std::min(size, chunk * 8);
+    } else {
+      cut = nucleus(ids, target, better, weight);
     }
-    ids.resize(keep);
-    sorted = true;
+    ids.resize(cut);
+    by_id = false;
   }
 
-  // Draw over the survivors in id order, so the pick does not depend on which filter ran.
-  // The weights overwrite `logits` (no more comparisons follow).
+  // Draw over the survivors in id order, so the pick does not depend on which filter ran. A small
+  // survivor set is sorted by id; a large one is marked in a dense weight array instead.
   const double u = draw_unit(p.seed, turn, index);
-  double total = 0.0;
-  int32_t last = -1;
-  if (explicit_ids) {
-    if (sorted) std::sort(ids.begin(), ids.end());
-    for (int32_t i : ids) total += (logits[i] = weight(i));
-    double cum = 0.0;
-    const double target = u * total;
-    for (int32_t i : ids) {
-      if (logits[i] <= 0.0f) continue;
-      cum += logits[i];
-      last = i;
-      if (cum > target) return i;
-    }
-  } else {
-    for (int32_t i = 0; i < n; ++i) total += (logits[i] = weight(i));
-    double cum = 0.0;
-    const double target = u * total;
-    for (int32_t i = 0; i < n; ++i) {
-      if (logits[i] <= 0.0f) continue;
-      cum += logits[i];
-      last = i;
-      if (cum > target) return i;
-    }
+  if (explicit_ids && !by_id && ids.size() * 16 < static_cast<size_t>(n)) {
+    std::sort(ids.begin(), ids.end());
+    by_id = true;
   }
-  return last;  // only reached through rounding in the last place
+  if (explicit_ids && by_id) {
+    for (int32_t i : ids) logits[i] = weight(i);  // no comparison follows
+    return draw(
+        ids.size(), [&](size_t j) { return ids[j]; }, [&](size_t j) { return logits[ids[j]]; }, u);
+  }
+  float* w = logits;
+  if (explicit_ids) {
+    s.weights.assign(static_cast<size_t>(n), 0.0f);
+    for (int32_t i : ids) s.weights[i] = weight(i);
+    w = s.weights.data();
+  } else {
+    for (int32_t i = 0; i < n; ++i) logits[i] = weight(i);
+  }
+  return draw(
+      static_cast<size_t>(n), [](size_t j) { return static_cast<int32_t>(j); },
+      [w](size_t j) { return w[j]; }, u);
 }
 
 }  // namespace keel

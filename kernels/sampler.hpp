@@ -37,6 +37,7 @@ double draw_unit(uint64_t seed, uint64_t turn, uint64_t index);
 struct sampler_scratch {
   std::vector<int32_t> ids;
   std::vector<int32_t> recent;
+  std::vector<float> weights;
 };
 
 /// Picks the next token. `logits` (n_vocab > 0 values) is scratch: it is modified. `recent` are

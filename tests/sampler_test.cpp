@@ -204,6 +204,36 @@ BOOST_AUTO_TEST_CASE(top_p_keeps_the_smallest_nucleus) {
   BOOST_TEST(std::abs(seen[0] / 4000.0 - 0.625) < 0.03);  // 0.5 / 0.8
 }
 
+BOOST_AUTO_TEST_CASE(top_p_on_a_large_vocabulary_matches_a_full_sort) {
+  // Reference nucleus by sorting everything; the sampler selects it without a sort.
+  const int32_t n = 5000;
+  auto logits = wide_logits(n, 21);
+  for (float top_p : {0.05f, 0.5f, 0.97f}) {
+    std::vector<int32_t> order(n);
+    for (int32_t i = 0; i < n; ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    double z = 0.0;
+    for (float l : logits) z += std::exp(static_cast<double>(l) - logits[order[0]]);
+    std::set<int32_t> nucleus;
+    double cum = 0.0;
+    for (int32_t id : order) {
+      nucleus.insert(id);
+      cum += std::exp(static_cast<double>(logits[id]) - logits[order[0]]);
+      if (cum >= top_p * z) break;
+    }
+    sampling_params p = random_params(6);
+    p.top_p = top_p;
+    std::set<int32_t> picked;
+    for (uint64_t i = 0; i < 2000; ++i) picked.insert(pick(p, logits, 0, i));
+    BOOST_TEST_CONTEXT("top_p " << top_p << " nucleus " << nucleus.size()) {
+      BOOST_TEST(std::includes(nucleus.begin(), nucleus.end(), picked.begin(), picked.end()));
+      BOOST_TEST(picked.size() * 3 > std::min<size_t>(nucleus.size(), 2000));
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(repetition_penalty_changes_the_pick) {
   std::vector<float> logits = {1.0f, 2.0f, 1.8f, -0.5f};
   sampling_params p;
