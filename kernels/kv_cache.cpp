@@ -28,7 +28,9 @@ uint64_t page_size(const kv_layout& l) {
 
 }  // namespace
 
-int64_t kv_dim(const kv_layout& l) { return int64_t{l.n_kv_heads} * l.head_dim; }
+int64_t kv_dim(const kv_layout& l) {
+  return int64_t{l.n_kv_heads} * l.head_dim;
+}
 
 int64_t pages_for(const kv_layout& l, int64_t n_tokens) {
   if (n_tokens <= 0) return 0;
@@ -39,13 +41,13 @@ int64_t pages_for(const kv_layout& l, int64_t n_tokens) {
 kv_pool::kv_pool(kv_layout layout, uint64_t byte_budget)
     : layout_(layout), page_bytes_(page_size(layout)) {
   if (page_bytes_ == 0) return;
-  uint64_t pages = std::min<uint64_t>(byte_budget / page_bytes_,
-                                      std::numeric_limits<int32_t>::max());
+  uint64_t pages =
+      std::min<uint64_t>(byte_budget / page_bytes_, std::numeric_limits<int32_t>::max());
   if (pages == 0) return;
   size_t bytes = static_cast<size_t>(pages * page_bytes_);
   // MAP_NORESERVE: the budget is a ceiling, not a commitment; pages cost memory when written.
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                 -1, 0);
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) return;  // a pool of 0 pages: allocate() reports overloaded
   base_ = static_cast<float*>(p);
   mapped_bytes_ = bytes;
@@ -62,9 +64,9 @@ kv_pool::~kv_pool() {
 }
 
 caf::error kv_pool::full_error() const {
-  return make_error(errc::overloaded, "KV cache full: " +
-                                          std::to_string(total_pages_ - free_pages()) + " of " +
-                                          std::to_string(total_pages_) + " pages in use");
+  return make_error(errc::overloaded,
+                    "KV cache full: " + std::to_string(total_pages_ - free_pages()) + " of " +
+                        std::to_string(total_pages_) + " pages in use");
 }
 
 caf::expected<int32_t> kv_pool::allocate() {
@@ -125,7 +127,9 @@ caf::error kv_sequence::reserve(int64_t n_tokens) {
   return {};
 }
 
-void kv_sequence::set_length(int64_t n) { length_ = std::clamp<int64_t>(n, 0, capacity()); }
+void kv_sequence::set_length(int64_t n) {
+  length_ = std::clamp<int64_t>(n, 0, capacity());
+}
 
 void kv_sequence::truncate(int64_t n) {
   n = std::max<int64_t>(n, 0);

@@ -41,20 +41,17 @@ class kv_pool {
   int32_t total_pages() const { return total_pages_; }
   int32_t free_pages() const { return static_cast<int32_t>(free_.size()); }
 
-  /// A free page (a fresh pool hands out 0, 1, 2, ...; released pages are reused first), or errc::overloaded ("KV cache full: N of N pages in
-  /// use") when none is left or a fault was injected. Never throws, never crashes.
+  /// A free page (a fresh pool hands out 0, 1, 2, ...; released pages are reused first), or
+  /// errc::overloaded ("KV cache full: N of N pages in use") when none is left or a fault was
+  /// injected. Never throws, never crashes.
   caf::expected<int32_t> allocate();
 
   /// Returns `page` to the pool. Ignores a page that is out of range or not allocated.
   void release(int32_t page);
 
   /// The K / V vector of `slot` of `layer` in `page` (kv_dim floats). No bounds checks.
-  float* key(int32_t page, int32_t layer, int32_t slot) {
-    return slot_ptr(page, layer, slot, 0);
-  }
-  float* value(int32_t page, int32_t layer, int32_t slot) {
-    return slot_ptr(page, layer, slot, 1);
-  }
+  float* key(int32_t page, int32_t layer, int32_t slot) { return slot_ptr(page, layer, slot, 0); }
+  float* value(int32_t page, int32_t layer, int32_t slot) { return slot_ptr(page, layer, slot, 1); }
 
   /// Fault injection: after `after` more allocate() calls go through, the next n fail with
   /// overloaded (n <= 0 cancels). Costs one branch when off.
@@ -119,7 +116,8 @@ class kv_sequence {
 
   /// The K / V vector of position `pos` (< capacity()) of `layer`.
   float* key(int32_t layer, int64_t pos) {
-    return pool_->key(pages_[pos / page_tokens()], layer, static_cast<int32_t>(pos % page_tokens()));
+    return pool_->key(pages_[pos / page_tokens()], layer,
+                      static_cast<int32_t>(pos % page_tokens()));
   }
   float* value(int32_t layer, int64_t pos) {
     return pool_->value(pages_[pos / page_tokens()], layer,

@@ -126,8 +126,8 @@ caf::error validate(const sampling_params& p) {
     return make_error(errc::bad_request, "repetition_penalty must be finite and > 0, got " +
                                              num(p.repetition_penalty));
   if (p.repetition_window < 0)
-    return make_error(errc::bad_request, "repetition_window must be >= 0, got " +
-                                             std::to_string(p.repetition_window));
+    return make_error(errc::bad_request,
+                      "repetition_window must be >= 0, got " + std::to_string(p.repetition_window));
   return {};
 }
 
@@ -191,6 +191,7 @@ int32_t sample(const sampling_params& p, float* logits, int32_t n_vocab, const i
 
   // Unnormalised probabilities: the best token weighs 1, so min-p keeps weight >= min_p.
   const float inv_t = static_cast<float>(1.0 / static_cast<double>(p.temperature));
+  if (!std::isfinite(inv_t)) return sorted ? ids[0] : argmax(logits, n);  // subnormal temperature
   auto weight = [&](int32_t i) { return std::exp((logits[i] - lmax) * inv_t); };
 
   // The softmax normaliser over the top-k set, which top-p measures against.
@@ -204,7 +205,7 @@ int32_t sample(const sampling_params& p, float* logits, int32_t n_vocab, const i
   }
 
   // Top-p and min-p each keep a prefix of the sorted candidates, and top-p's normaliser does not
-  // depend on min-p, so applying min-p first gives the same set and shrinks the sort.
+  // depend on min-p, so applying min-p first gives the same set and shrinks the selection.
   if (use_min_p) {
     if (explicit_ids) {
       auto cut = std::find_if(ids.begin(), ids.end(), [&](int32_t i) { return weight(i) < min_p; });
