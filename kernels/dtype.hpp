@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <ostream>
 #include <string_view>
 
 namespace keel {
@@ -44,6 +45,8 @@ static_assert(sizeof(block_q8_0) == 34);
 
 /// "f32", "q8_0", ...; "type#N" for numbers GGUF does not define.
 std::string_view dtype_name(dtype t);
+
+inline std::ostream& operator<<(std::ostream& out, dtype t) { return out << dtype_name(t); }
 
 /// Parses "f32", "f16", "bf16", "q8_0".
 std::optional<dtype> parse_dtype(std::string_view s);

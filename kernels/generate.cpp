@@ -52,8 +52,10 @@ caf::expected<std::vector<std::vector<int32_t>>> generate(
   std::vector<std::unique_ptr<active_seq>> active;
   std::vector<seq_step> steps;
   const int32_t eos = eng.get_model().vocabulary().eos;
+  // Lowered when the KV pool overflows, so that evicted sequences wait until another finishes.
+  int32_t admit_limit = max_batch;
   while (!waiting.empty() || !active.empty()) {
-    while (!waiting.empty() && static_cast<int32_t>(active.size()) < max_batch) {
+    while (!waiting.empty() && static_cast<int32_t>(active.size()) < admit_limit) {
       size_t index = waiting.front();
       waiting.pop_front();
       auto s = std::make_unique<active_seq>(active_seq{index, kv_sequence(pool), {}, {}, false});
@@ -76,6 +78,7 @@ caf::expected<std::vector<std::vector<int32_t>>> generate(
       if (code_of(err) != errc::overloaded || active.size() == 1) return err;
       waiting.push_front(active.back()->index);
       active.pop_back();
+      admit_limit = static_cast<int32_t>(active.size());
       continue;
     }
     for (size_t i = 0; i < active.size(); ++i) {
@@ -95,7 +98,8 @@ caf::expected<std::vector<std::vector<int32_t>>> generate(
       bool full = static_cast<int64_t>(s.history.size()) >= c.ctx_len;
       s.done = stop || full || static_cast<int32_t>(gen.size()) >= r.max_tokens;
     }
-    std::erase_if(active, [](const std::unique_ptr<active_seq>& s) { return s->done; });
+    if (std::erase_if(active, [](const std::unique_ptr<active_seq>& s) { return s->done; }) > 0)
+      admit_limit = max_batch;
   }
   return out;
 }

@@ -21,11 +21,11 @@ namespace {
 std::unique_ptr<model> make_model(const test::temp_dir& dir, synth_options o,
                                   const std::string& name) {
   auto w = synthesize(o, builtin_byte_vocab());
-  BOOST_REQUIRE_MESSAGE(w, describe(w.error()));
+  BOOST_REQUIRE_MESSAGE(w, test::why(w));
   auto path = (dir.path / name).string();
   BOOST_REQUIRE(!w->write(path));
   auto m = model::load(path);
-  BOOST_REQUIRE_MESSAGE(m, describe(m.error()));
+  BOOST_REQUIRE_MESSAGE(m, test::why(m));
   return std::move(*m);
 }
 
@@ -181,7 +181,7 @@ std::vector<std::vector<int32_t>> run(const model& m, const std::vector<generati
   engine eng(m, pool);
   kv_pool kv(kv_layout_for(m), kv_bytes);
   auto out = generate(eng, kv, reqs, batch, {}, chunk);
-  BOOST_REQUIRE_MESSAGE(out, describe(out.error()));
+  BOOST_REQUIRE_MESSAGE(out, test::why(out));
   BOOST_TEST(kv.free_pages() == kv.total_pages());  // every page came back
   return *out;
 }

@@ -1009,7 +1009,7 @@ void exercise(const bytes& img, size_t size, const std::string& path, bool load,
     if (!f) {
       ++stats.parse_errors;
       if (message_of(f.error()).empty() || code_of(f.error()) != errc::bad_model)
-        BOOST_ERROR("parse error without a message or class: " << describe(f.error()));
+        BOOST_ERROR("parse error without a message or class: " << test::why(f));
     } else {
       ++stats.parsed_ok;
       uint64_t start = data_section_of(*f);

@@ -8,6 +8,7 @@
 
 #include "kernels/error.hpp"
 #include "kernels/kv_cache.hpp"
+#include "tests/test_support.hpp"
 
 using namespace keel;
 
@@ -80,7 +81,7 @@ BOOST_AUTO_TEST_CASE(allocate_until_exhausted_reports_overloaded_and_release_rec
     auto page = pool.allocate();
     BOOST_REQUIRE(!page);
     BOOST_TEST((code_of(page.error()) == errc::overloaded),
-               "not overloaded: " << describe(page.error()));
+               "not overloaded: " << keel::test::why(page));
     BOOST_TEST(message_of(page.error()) == "KV cache full: 4 of 4 pages in use");
   }
   pool.release(2);

@@ -16,7 +16,7 @@ using namespace keel;
 namespace {
 
 struct tiny_weights {
-  int32_t dim = 64, hidden = 96, layers = 2, heads = 4, kv_heads = 2, vocab = 300, seq = 128;
+  int32_t dim = 64, hidden = 96, layers = 2, heads = 4, kv_heads = 2, n_vocab = 300, seq = 128;
   std::vector<float> embed, att_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3, final_norm, wcls;
 
   explicit tiny_weights(uint64_t seed) {
@@ -31,7 +31,7 @@ struct tiny_weights {
       }
     };
     int32_t kv = dim / heads * kv_heads;
-    fill(embed, vocab * dim, 1.0f);
+    fill(embed, n_vocab * dim, 1.0f);
     fill(att_norm, layers * dim, 0.1f, 1.0f);
     fill(wq, layers * dim * dim, 0.2f);
     fill(wk, layers * dim * kv, 0.2f);
@@ -42,7 +42,7 @@ struct tiny_weights {
     fill(w2, layers * dim * hidden, 0.1f);
     fill(w3, layers * hidden * dim, 0.2f);
     fill(final_norm, dim, 0.1f, 1.0f);
-    fill(wcls, vocab * dim, 0.3f);
+    fill(wcls, n_vocab * dim, 0.3f);
   }
 
   /// llama2.c's checkpoint: 7 int32 header, then the arrays in its order.
@@ -51,7 +51,7 @@ struct tiny_weights {
     auto put = [&out](const void* p, size_t n) {
       out.insert(out.end(), static_cast<const char*>(p), static_cast<const char*>(p) + n);
     };
-    int32_t hdr[7] = {dim, hidden, layers, heads, kv_heads, shared ? vocab : -vocab, seq};
+    int32_t hdr[7] = {dim, hidden, layers, heads, kv_heads, shared ? n_vocab : -n_vocab, seq};
     put(hdr, sizeof hdr);
     for (auto* v : {&embed, &att_norm, &wq, &wk, &wv, &wo, &ffn_norm, &w1, &w2, &w3, &final_norm})
       put(v->data(), v->size() * 4);
@@ -66,7 +66,7 @@ struct tiny_weights {
     std::ofstream f(path, std::ios::binary);
     int32_t max_len = 16;
     f.write(reinterpret_cast<const char*>(&max_len), 4);
-    for (int32_t i = 0; i < vocab; ++i) {
+    for (int32_t i = 0; i < n_vocab; ++i) {
       std::string t;
       if (i == 0) t = "<unk>";
       else if (i == 1) t = "<s>";
@@ -75,6 +75,8 @@ struct tiny_weights {
         char b[8];
         std::snprintf(b, sizeof b, "<0x%02X>", i - 3);
         t = b;
+      } else if (i == 3 + 256) {
+        t = " ";  // the space piece every SentencePiece vocabulary has
       } else {
         t = std::string(i % 2 ? " " : "") + std::string(1, static_cast<char>('a' + i % 26)) +
             std::string(1, static_cast<char>('a' + (i / 26) % 26));
@@ -103,7 +105,7 @@ struct tiny_weights {
       return std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(p),
                                   reinterpret_cast<const uint8_t*>(p + n));
     };
-    uint64_t d = dim, h = hidden, kv = dim / heads * kv_heads, V = vocab;
+    uint64_t d = dim, h = hidden, kv = dim / heads * kv_heads, V = n_vocab;
     w.add_tensor("token_embd.weight", {d, V}, dtype::f32, bytes(embed.data(), embed.size()));
     for (int32_t l = 0; l < layers; ++l) {
       auto n = [l](const char* s) { return llama_names::layer_tensor(l, s); };
@@ -145,7 +147,7 @@ BOOST_AUTO_TEST_CASE(llama2c_checkpoint_gives_the_same_logits_as_the_same_weight
     w.write_llama2c(bin, shared);
     w.write_tokenizer((dir.path / "tokenizer.bin").string());
     auto a = model::load(bin);
-    BOOST_REQUIRE_MESSAGE(a, describe(a.error()));
+    BOOST_REQUIRE_MESSAGE(a, test::why(a));
     BOOST_TEST((*a)->format() == "llama2.c");
     BOOST_TEST((*a)->config().n_kv_heads == 2);
     BOOST_TEST((*a)->config().tied_output == shared);
@@ -153,7 +155,7 @@ BOOST_AUTO_TEST_CASE(llama2c_checkpoint_gives_the_same_logits_as_the_same_weight
     auto gg = (dir.path / "same.gguf").string();
     w.write_gguf(gg, (*a)->vocabulary(), shared);
     auto b = model::load(gg);
-    BOOST_REQUIRE_MESSAGE(b, describe(b.error()));
+    BOOST_REQUIRE_MESSAGE(b, test::why(b));
     std::vector<int32_t> toks = {1, 260, 17, 299, 3, 42, 100};
     auto la = logits_of(**a, toks), lb = logits_of(**b, toks);
     BOOST_TEST(std::memcmp(la.data(), lb.data(), la.size() * 4) == 0);
@@ -168,7 +170,7 @@ BOOST_AUTO_TEST_CASE(llama2c_tokenizer_encodes_with_bos_and_byte_fallback) {
   w.write_llama2c((dir.path / "m.bin").string(), true);
   w.write_tokenizer((dir.path / "tokenizer.bin").string());
   auto m = model::load((dir.path / "m.bin").string());
-  BOOST_REQUIRE_MESSAGE(m, describe(m.error()));
+  BOOST_REQUIRE_MESSAGE(m, test::why(m));
   tokenizer tok((*m)->vocabulary());
   auto ids = tok.encode("\x01", true);
   BOOST_REQUIRE(!ids.empty());
@@ -244,7 +246,7 @@ BOOST_AUTO_TEST_CASE(synthesized_model_loads_with_its_shape_and_vocabulary) {
   auto path = (dir.path / "m.gguf").string();
   BOOST_REQUIRE(!w->write(path));
   auto m = model::load(path);
-  BOOST_REQUIRE_MESSAGE(m, describe(m.error()));
+  BOOST_REQUIRE_MESSAGE(m, test::why(m));
   const auto& c = (*m)->config();
   BOOST_TEST(c.dim == 128);
   BOOST_TEST(c.n_layers == 3);

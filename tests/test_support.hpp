@@ -8,7 +8,17 @@
 
 #include <boost/test/unit_test.hpp>
 
+#include "kernels/error.hpp"
+
 namespace keel::test {
+
+/// The description of an expected's error, or "" when it holds a value. Boost evaluates the
+/// message of BOOST_REQUIRE_MESSAGE eagerly, so `describe(x.error())` there would read the error
+/// of an engaged expected.
+template <class T>
+std::string why(const caf::expected<T>& x) {
+  return x ? std::string() : keel::describe(x.error());
+}
 
 /// ../shared/data beside the checkout (see ../shared/data/README.md).
 inline std::filesystem::path shared_data() { return KEEL_SHARED_DATA; }
