@@ -549,7 +549,9 @@ void gguf_writer::add_tensor(std::string name, std::vector<uint64_t> dims, dtype
   tensors_.push_back({std::move(name), std::move(dims), type, std::move(bytes)});
 }
 
-std::vector<uint8_t> gguf_writer::serialize() const {
+uint64_t gguf_writer::aligned(uint64_t x) const { return (x + alignment_ - 1) / alignment_ * alignment_; }
+
+std::vector<uint8_t> gguf_writer::header() const {
   std::vector<uint8_t> out;
   put<uint32_t>(out, gguf_magic);
   put<uint32_t>(out, 3);
@@ -560,7 +562,6 @@ std::vector<uint8_t> gguf_writer::serialize() const {
     put<uint32_t>(out, static_cast<uint32_t>(e.type));
     out.insert(out.end(), e.payload.begin(), e.payload.end());
   }
-  auto align = [this](uint64_t x) { return (x + alignment_ - 1) / alignment_ * alignment_; };
   uint64_t offset = 0;
   for (auto& t : tensors_) {
     put_string(out, t.name);
@@ -568,24 +569,35 @@ std::vector<uint8_t> gguf_writer::serialize() const {
     for (auto d : t.dims) put<uint64_t>(out, d);
     put<uint32_t>(out, static_cast<uint32_t>(t.type));
     put<uint64_t>(out, offset);
-    offset = align(offset + t.bytes.size());
+    offset = aligned(offset + t.bytes.size());
   }
-  out.resize(align(out.size()), 0);
+  out.resize(aligned(out.size()), 0);
+  return out;
+}
+
+std::vector<uint8_t> gguf_writer::serialize() const {
+  auto out = header();
   for (auto& t : tensors_) {
     out.insert(out.end(), t.bytes.begin(), t.bytes.end());
-    out.resize(align(out.size()), 0);
+    out.resize(aligned(out.size()), 0);
   }
   return out;
 }
 
 caf::error gguf_writer::write(const std::string& path) const {
-  auto image = serialize();
   auto tmp = path + ".tmp";
   {
+    // Streamed tensor by tensor: a large model is never held twice in memory.
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     if (!f) return make_error(errc::failed, tmp + ": cannot create: " + std::strerror(errno));
-    f.write(reinterpret_cast<const char*>(image.data()),
-            static_cast<std::streamsize>(image.size()));
+    auto head = header();
+    f.write(reinterpret_cast<const char*>(head.data()), static_cast<std::streamsize>(head.size()));
+    const char zeros[64] = {};
+    for (auto& t : tensors_) {
+      f.write(reinterpret_cast<const char*>(t.bytes.data()),
+              static_cast<std::streamsize>(t.bytes.size()));
+      f.write(zeros, static_cast<std::streamsize>(aligned(t.bytes.size()) - t.bytes.size()));
+    }
     if (!f.flush()) return make_error(errc::failed, tmp + ": write failed: " + std::strerror(errno));
   }
   std::error_code ec;

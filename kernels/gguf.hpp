@@ -149,6 +149,9 @@ class gguf_writer {
     dtype type;
     std::vector<uint8_t> bytes;
   };
+  std::vector<uint8_t> header() const;  // everything before the tensor data
+  uint64_t aligned(uint64_t x) const;
+
   std::vector<entry> kvs_;
   std::vector<tensor_entry> tensors_;
   uint64_t alignment_ = 32;
