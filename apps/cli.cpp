@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <iostream>
 
 namespace keel::cli {
 
@@ -28,7 +29,8 @@ caf::expected<options> options::parse(std::span<char*> args, std::span<const opt
     const option* o = nullptr;
     for (auto& s : spec)
       if (name == s.name) o = &s;
-    if (o == nullptr) return make_error(errc::bad_request, "unknown option --" + name + " (see --help)");
+    if (o == nullptr)
+      return make_error(errc::bad_request, "unknown option --" + name + " (see --help)");
     if (o->value != nullptr && !inline_value) {
       if (i + 1 >= args.size()) {
         return make_error(errc::bad_request,
@@ -36,7 +38,8 @@ caf::expected<options> options::parse(std::span<char*> args, std::span<const opt
       }
       value = args[++i];
     } else if (o->value == nullptr && inline_value) {
-      return make_error(errc::bad_request, "option --" + name + " takes no value, got '" + value + "'");
+      return make_error(errc::bad_request,
+                        "option --" + name + " takes no value, got '" + value + "'");
     }
     out.values_[name] = value;
   }
@@ -61,7 +64,7 @@ caf::expected<int64_t> options::get_int(const std::string& name, int64_t fallbac
   }
   if (v < min || v > max) {
     return make_error(errc::bad_request, "--" + name + " " + i->second + ": expected " +
-                                           std::to_string(min) + " to " + std::to_string(max));
+                                             std::to_string(min) + " to " + std::to_string(max));
   }
   return static_cast<int64_t>(v);
 }
@@ -78,7 +81,7 @@ caf::expected<double> options::get_real(const std::string& name, double fallback
   }
   if (v < min || v > max) {
     return make_error(errc::bad_request, "--" + name + " " + i->second + ": expected " +
-                                           std::to_string(min) + " to " + std::to_string(max));
+                                             std::to_string(min) + " to " + std::to_string(max));
   }
   return v;
 }
@@ -105,14 +108,49 @@ caf::expected<uint64_t> options::get_bytes(const std::string& name, uint64_t fal
   return v * mult;
 }
 
+bool wants_help(std::span<char*> args) {
+  for (auto* a : args)
+    if (std::string_view(a) == "--help" || std::string_view(a) == "-h") return true;
+  return false;
+}
+
+int fail(const char* program, const caf::error& err) {
+  std::cerr << program << ": " << describe(err) << "\n";
+  return code_of(err) == errc::bad_request ? 2 : 1;
+}
+
+int dispatch(int argc, char** argv, const char* program, const char* top_help,
+             std::span<const command> commands) {
+  std::span<char*> args(argv + 1, static_cast<size_t>(argc - 1));
+  if (args.empty()) {
+    std::cerr << top_help;
+    return 2;
+  }
+  std::string_view name = args[0];
+  if (name == "--help" || name == "-h" || name == "help") {
+    std::cout << top_help;
+    return 0;
+  }
+  std::string names;
+  for (auto& c : commands) {
+    if (name == c.name) return c.run(args.subspan(1));
+    names += (names.empty() ? "" : ", ") + std::string(c.name);
+  }
+  std::cerr << program << ": unknown command '" << name << "', expected " << names
+            << " (see --help)\n";
+  return 2;
+}
+
 std::string help_text(const std::string& usage, const std::string& description,
                       std::span<const option> spec) {
   std::string out = "usage: " + usage + "\n\n" + description + "\n\noptions:\n";
   for (auto& o : spec) {
     std::string left = std::string("  --") + o.name;
     if (o.value != nullptr) left += std::string(" ") + o.value;
-    if (left.size() < 26) left.resize(26, ' ');
-    else left += "\n" + std::string(26, ' ');
+    if (left.size() < 26)
+      left.resize(26, ' ');
+    else
+      left += "\n" + std::string(26, ' ');
     out += left + o.help + "\n";
   }
   out += "  --help                  show this text\n";

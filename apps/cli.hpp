@@ -42,6 +42,24 @@ class options {
   std::vector<std::string> positional_;
 };
 
+/// Whether `args` ask for help (`--help` or `-h`).
+bool wants_help(std::span<char*> args);
+
+/// Prints "PROGRAM: <class>: <message>" to stderr; returns the exit status: 2 for a bad request
+/// (the caller's mistake), 1 for everything else.
+int fail(const char* program, const caf::error& err);
+
+/// A subcommand of a multi-command binary.
+struct command {
+  const char* name;
+  int (*run)(std::span<char*> args);  // args after the command name
+};
+
+/// Runs the command named by argv[1]. No command: prints `top_help` and returns 2; `--help`,
+/// `-h` or `help`: prints it and returns 0; an unknown name: a one-line error and 2.
+int dispatch(int argc, char** argv, const char* program, const char* top_help,
+             std::span<const command> commands);
+
 /// The --help text of a command: usage line, description and the option table.
 std::string help_text(const std::string& usage, const std::string& description,
                       std::span<const option> spec);

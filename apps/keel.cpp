@@ -16,48 +16,47 @@ namespace {
 using keel::cli::option;
 
 constexpr option generate_spec[] = {
-  {"model", "FILE", "GGUF model or llama2.c checkpoint (required)"},
-  {"tokenizer", "FILE", "llama2.c tokenizer.bin (default: beside the model)"},
-  {"prompt", "TEXT", "the prompt (required)"},
-  {"max-tokens", "N", "most tokens to generate (default 64)"},
-  {"temperature", "T", "0 for greedy (default 0)"},
-  {"top-k", "K", "keep the K most likely tokens; 0 = off (default 0)"},
-  {"top-p", "P", "nucleus sampling threshold in (0, 1] (default 1)"},
-  {"min-p", "P", "drop tokens below P times the best one's probability (default 0)"},
-  {"repeat-penalty", "R", "repetition penalty, 1 = off (default 1)"},
-  {"seed", "S", "sampling seed (default 0)"},
-  {"threads", "N", "CPU threads (default: all cores)"},
-  {"kv-bytes", "B", "KV cache budget, e.g. 256M (default: enough for the context)"},
-  {"ids", nullptr, "print token ids: 'prompt: ...' then 'gen: ...'"},
+    {"model", "FILE", "GGUF model or llama2.c checkpoint (required)"},
+    {"tokenizer", "FILE", "llama2.c tokenizer.bin (default: beside the model)"},
+    {"prompt", "TEXT", "the prompt (required)"},
+    {"max-tokens", "N", "most tokens to generate (default 64)"},
+    {"temperature", "T", "0 for greedy (default 0)"},
+    {"top-k", "K", "keep the K most likely tokens; 0 = off (default 0)"},
+    {"top-p", "P", "nucleus sampling threshold in (0, 1] (default 1)"},
+    {"min-p", "P", "drop tokens below P times the best one's probability (default 0)"},
+    {"repeat-penalty", "R", "repetition penalty, 1 = off (default 1)"},
+    {"seed", "S", "sampling seed (default 0)"},
+    {"threads", "N", "CPU threads (default: all cores)"},
+    {"kv-bytes", "B", "KV cache budget, e.g. 256M (default: enough for the context)"},
+    {"ids", nullptr, "print token ids: 'prompt: ...' then 'gen: ...'"},
 };
 
 const char* top_help =
-  "usage: keel COMMAND [OPTIONS]\n\n"
-  "Keel's client.\n\n"
-  "commands:\n"
-  "  generate --model FILE --prompt TEXT [...]   generate a continuation in this process\n\n"
-  "Run 'keel COMMAND --help' for a command's options.\n";
+    "usage: keel COMMAND [OPTIONS]\n\n"
+    "Keel's client.\n\n"
+    "commands:\n"
+    "  generate --model FILE --prompt TEXT [...]   generate a continuation in this process\n\n"
+    "Run 'keel COMMAND --help' for a command's options.\n";
 
 int fail(const caf::error& err) {
-  std::cerr << "keel: " << keel::describe(err) << "\n";
-  return keel::code_of(err) == keel::errc::bad_request ? 2 : 1;
+  return keel::cli::fail("keel", err);
 }
 
 int generate(std::span<char*> args) {
-  for (auto* a : args) {
-    if (std::string(a) == "--help" || std::string(a) == "-h") {
-      std::cout << keel::cli::help_text(
+  if (keel::cli::wants_help(args)) {
+    std::cout << keel::cli::help_text(
         "keel generate --model FILE --prompt TEXT [OPTIONS]",
         "Streams the continuation of TEXT to stdout. The same model, prompt, seed and options "
         "always give the same tokens.",
         generate_spec);
-      return 0;
-    }
+    return 0;
   }
   auto opts = keel::cli::options::parse(args, generate_spec);
   if (!opts) return fail(opts.error());
-  if (!opts->has("model")) return fail(keel::make_error(keel::errc::bad_request, "generate: --model FILE is required"));
-  if (!opts->has("prompt")) return fail(keel::make_error(keel::errc::bad_request, "generate: --prompt TEXT is required"));
+  if (!opts->has("model"))
+    return fail(keel::make_error(keel::errc::bad_request, "generate: --model FILE is required"));
+  if (!opts->has("prompt"))
+    return fail(keel::make_error(keel::errc::bad_request, "generate: --prompt TEXT is required"));
   keel::generation_request req;
   auto max_tokens = opts->get_int("max-tokens", 64, 1, 1 << 20);
   auto temperature = opts->get_real("temperature", 0.0, 0.0, 100.0);
@@ -66,7 +65,8 @@ int generate(std::span<char*> args) {
   auto min_p = opts->get_real("min-p", 0.0, 0.0, 1.0);
   auto rep = opts->get_real("repeat-penalty", 1.0, 0.0, 100.0);
   auto seed = opts->get_int("seed", 0, 0, INT64_MAX);
-  auto threads = opts->get_int("threads", std::max(1u, std::thread::hardware_concurrency()), 1, 1024);
+  auto threads =
+      opts->get_int("threads", std::max(1u, std::thread::hardware_concurrency()), 1, 1024);
   if (!max_tokens) return fail(max_tokens.error());
   if (!top_k) return fail(top_k.error());
   if (!seed) return fail(seed.error());
@@ -89,7 +89,9 @@ int generate(std::span<char*> args) {
   const auto& model = **m;
   keel::tokenizer tok(model.vocabulary());
   req.prompt = tok.encode(opts->get("prompt"), model.vocabulary().add_bos);
-  if (req.prompt.empty()) return fail(keel::make_error(keel::errc::bad_request, "generate: --prompt is empty and the model adds no BOS"));
+  if (req.prompt.empty())
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "generate: --prompt is empty and the model adds no BOS"));
   auto layout = keel::kv_layout_for(model);
   auto need = static_cast<uint64_t>(keel::pages_for(layout, model.config().ctx_len) + 1) *
               keel::kv_pool(layout, 0).page_bytes();
@@ -107,8 +109,10 @@ int generate(std::span<char*> args) {
     std::printf("%s\ngen:", line.c_str());
   }
   auto on_token = [&](size_t, int32_t id) {
-    if (ids) std::printf(" %d", id);
-    else std::fputs(detok.push(id).c_str(), stdout);
+    if (ids)
+      std::printf(" %d", id);
+    else
+      std::fputs(detok.push(id).c_str(), stdout);
     std::fflush(stdout);
   };
   auto result = keel::generate(eng, pool, {req}, 1, on_token);
@@ -121,14 +125,6 @@ int generate(std::span<char*> args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::span<char*> args(argv + 1, static_cast<size_t>(argc - 1));
-  if (args.empty() || std::string(args[0]) == "--help" || std::string(args[0]) == "-h" ||
-      std::string(args[0]) == "help") {
-    std::cout << top_help;
-    return args.empty() ? 2 : 0;
-  }
-  std::string cmd = args[0];
-  if (cmd == "generate") return generate(args.subspan(1));
-  std::cerr << "keel: unknown command '" << cmd << "', expected generate (see --help)\n";
-  return 2;
+  constexpr keel::cli::command commands[] = {{"generate", generate}};
+  return keel::cli::dispatch(argc, argv, "keel", top_help, commands);
 }

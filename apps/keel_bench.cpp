@@ -21,23 +21,22 @@ using keel::cli::option;
 using clock_type = std::chrono::steady_clock;
 
 constexpr option engine_spec[] = {
-  {"model", "FILE", "model to measure (required)"},
-  {"threads", "N", "CPU threads (default: all cores)"},
-  {"steps", "N", "decode steps per batch size (default 32)"},
-  {"prompt", "N", "prefill length in tokens (default 256)"},
-  {"out", "FILE", "also write the report (Markdown) to FILE, e.g. bench/engine.md"},
+    {"model", "FILE", "model to measure (required)"},
+    {"threads", "N", "CPU threads (default: all cores)"},
+    {"steps", "N", "decode steps per batch size (default 32)"},
+    {"prompt", "N", "prefill length in tokens (default 256)"},
+    {"out", "FILE", "also write the report (Markdown) to FILE, e.g. bench/engine.md"},
 };
 
 const char* top_help =
-  "usage: keel-bench COMMAND [OPTIONS]\n\n"
-  "Keel's benchmarks. They report figures; they never fail on a target.\n\n"
-  "commands:\n"
-  "  engine --model FILE [--threads N]   prefill and decode tokens/s, decode roofline\n\n"
-  "Run 'keel-bench COMMAND --help' for a command's options.\n";
+    "usage: keel-bench COMMAND [OPTIONS]\n\n"
+    "Keel's benchmarks. They report figures; they never fail on a target.\n\n"
+    "commands:\n"
+    "  engine --model FILE [--threads N]   prefill and decode tokens/s, decode roofline\n\n"
+    "Run 'keel-bench COMMAND --help' for a command's options.\n";
 
 int fail(const caf::error& err) {
-  std::cerr << "keel-bench: " << keel::describe(err) << "\n";
-  return keel::code_of(err) == keel::errc::bad_request ? 2 : 1;
+  return keel::cli::fail("keel-bench", err);
 }
 
 double seconds_since(clock_type::time_point t0) {
@@ -80,21 +79,21 @@ std::vector<int32_t> bench_tokens(int32_t n, int32_t vocab, uint64_t salt) {
 }
 
 int engine_bench(std::span<char*> args) {
-  for (auto* a : args) {
-    if (std::string(a) == "--help" || std::string(a) == "-h") {
-      std::cout << keel::cli::help_text(
+  if (keel::cli::wants_help(args)) {
+    std::cout << keel::cli::help_text(
         "keel-bench engine --model FILE [--threads N] [--out bench/engine.md]",
         "Measures prefill tokens/s, decode tokens/s at batch 1, 4 and 16, the machine's memory "
         "bandwidth, and the decode roofline ratio (weight bytes read per token x tokens/s / "
         "bandwidth).",
         engine_spec);
-      return 0;
-    }
+    return 0;
   }
   auto opts = keel::cli::options::parse(args, engine_spec);
   if (!opts) return fail(opts.error());
-  if (!opts->has("model")) return fail(keel::make_error(keel::errc::bad_request, "engine: --model FILE is required"));
-  auto threads = opts->get_int("threads", std::max(1u, std::thread::hardware_concurrency()), 1, 1024);
+  if (!opts->has("model"))
+    return fail(keel::make_error(keel::errc::bad_request, "engine: --model FILE is required"));
+  auto threads =
+      opts->get_int("threads", std::max(1u, std::thread::hardware_concurrency()), 1, 1024);
   if (!threads) return fail(threads.error());
   auto steps = opts->get_int("steps", 32, 1, 100000);
   if (!steps) return fail(steps.error());
@@ -110,10 +109,13 @@ int engine_bench(std::span<char*> args) {
   keel::engine eng(model, pool);
   const int32_t batches[] = {1, 4, 16};
   int64_t plen = std::min<int64_t>(*prompt_len, c.ctx_len - *steps - 2);
-  if (plen < 1) return fail(keel::make_error(keel::errc::bad_request, "engine: the context is too short for the prompt and steps"));
+  if (plen < 1)
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "engine: the context is too short for the prompt and steps"));
   auto layout = keel::kv_layout_for(model);
   auto per_seq = keel::pages_for(layout, plen + *steps + 1);
-  keel::kv_pool kv(layout, static_cast<uint64_t>(per_seq * 17) * keel::kv_pool(layout, 0).page_bytes());
+  keel::kv_pool kv(layout,
+                   static_cast<uint64_t>(per_seq * 17) * keel::kv_pool(layout, 0).page_bytes());
 
   const uint64_t weight_bytes = model.weight_bytes_per_token();
   std::cerr << "keel-bench: measuring memory bandwidth\n";
@@ -127,7 +129,8 @@ int engine_bench(std::span<char*> args) {
     auto toks = bench_tokens(static_cast<int32_t>(plen), c.vocab_size, 1);
     auto t0 = clock_type::now();
     for (int64_t done = 0; done < plen; done += 64) {
-      keel::seq_step st{&seq, toks.data() + done, static_cast<int32_t>(std::min<int64_t>(64, plen - done)), nullptr};
+      keel::seq_step st{&seq, toks.data() + done,
+                        static_cast<int32_t>(std::min<int64_t>(64, plen - done)), nullptr};
       if (auto err = eng.forward({&st, 1})) return fail(err);
     }
     prefill_tps = std::max(prefill_tps, plen / seconds_since(t0));
@@ -152,7 +155,8 @@ int engine_bench(std::span<char*> args) {
     auto t0 = clock_type::now();
     for (int64_t k = 0; k < *steps; ++k) {
       for (int32_t i = 0; i < b; ++i)
-        st[i] = {&seqs[i], toks[i].data() + 16 + k, 1, logits.data() + static_cast<size_t>(i) * c.vocab_size};
+        st[i] = {&seqs[i], toks[i].data() + 16 + k, 1,
+                 logits.data() + static_cast<size_t>(i) * c.vocab_size};
       if (auto err = eng.forward(st)) return fail(err);
     }
     decode_tps[bi] = static_cast<double>(b) * *steps / seconds_since(t0);
@@ -197,7 +201,9 @@ int engine_bench(std::span<char*> args) {
   if (opts->has("out")) {
     std::ofstream f(opts->get("out"));
     f << r.str();
-    if (!f) return fail(keel::make_error(keel::errc::failed, opts->get("out") + ": cannot write the report"));
+    if (!f)
+      return fail(
+          keel::make_error(keel::errc::failed, opts->get("out") + ": cannot write the report"));
     std::cerr << "keel-bench: wrote " << opts->get("out") << "\n";
   }
   return 0;
@@ -206,14 +212,6 @@ int engine_bench(std::span<char*> args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::span<char*> args(argv + 1, static_cast<size_t>(argc - 1));
-  if (args.empty() || std::string(args[0]) == "--help" || std::string(args[0]) == "-h" ||
-      std::string(args[0]) == "help") {
-    std::cout << top_help;
-    return args.empty() ? 2 : 0;
-  }
-  std::string cmd = args[0];
-  if (cmd == "engine") return engine_bench(args.subspan(1));
-  std::cerr << "keel-bench: unknown command '" << cmd << "', expected engine (see --help)\n";
-  return 2;
+  constexpr keel::cli::command commands[] = {{"engine", engine_bench}};
+  return keel::cli::dispatch(argc, argv, "keel-bench", top_help, commands);
 }

@@ -17,40 +17,33 @@ namespace {
 using keel::cli::option;
 
 constexpr option synth_spec[] = {
-  {"out", "FILE", "output GGUF path (also -o FILE)"},
-  {"vocab", "FILE", "take the vocabulary from this GGUF (default: built-in byte-level BPE)"},
-  {"dim", "N", "embedding width (default 256)"},
-  {"layers", "N", "decoder blocks (default 4)"},
-  {"heads", "N", "attention heads (default 8)"},
-  {"kv-heads", "N", "key/value heads (default 4)"},
-  {"ffn", "N", "feed-forward width (default 768)"},
-  {"ctx", "N", "context length (default 1024)"},
-  {"seed", "N", "weight seed (default 1)"},
-  {"type", "T", "matrix type: f32, f16, bf16 or q8_0 (default f32)"},
-  {"tied", nullptr, "tie the output head to the token embedding"},
+    {"out", "FILE", "output GGUF path (also -o FILE)"},
+    {"vocab", "FILE", "take the vocabulary from this GGUF (default: built-in byte-level BPE)"},
+    {"dim", "N", "embedding width (default 256)"},
+    {"layers", "N", "decoder blocks (default 4)"},
+    {"heads", "N", "attention heads (default 8)"},
+    {"kv-heads", "N", "key/value heads (default 4)"},
+    {"ffn", "N", "feed-forward width (default 768)"},
+    {"ctx", "N", "context length (default 1024)"},
+    {"seed", "N", "weight seed (default 1)"},
+    {"type", "T", "matrix type: f32, f16, bf16 or q8_0 (default f32)"},
+    {"tied", nullptr, "tie the output head to the token embedding"},
 };
 
 const char* top_help =
-  "usage: keel-model COMMAND [OPTIONS]\n\n"
-  "Model tools for Keel.\n\n"
-  "commands:\n"
-  "  synth -o OUT.gguf [...]   write a Llama GGUF with seeded random weights\n"
-  "  info FILE                 architecture, sizes, tensor types, vocabulary\n\n"
-  "Run 'keel-model COMMAND --help' for a command's options.\n";
-
-bool wants_help(std::span<char*> args) {
-  for (auto* a : args)
-    if (std::string(a) == "--help" || std::string(a) == "-h") return true;
-  return false;
-}
+    "usage: keel-model COMMAND [OPTIONS]\n\n"
+    "Model tools for Keel.\n\n"
+    "commands:\n"
+    "  synth -o OUT.gguf [...]   write a Llama GGUF with seeded random weights\n"
+    "  info FILE                 architecture, sizes, tensor types, vocabulary\n\n"
+    "Run 'keel-model COMMAND --help' for a command's options.\n";
 
 int fail(const caf::error& err) {
-  std::cerr << "keel-model: " << keel::describe(err) << "\n";
-  return keel::code_of(err) == keel::errc::bad_request ? 2 : 1;
+  return keel::cli::fail("keel-model", err);
 }
 
 int synth(std::span<char*> args) {
-  if (wants_help(args)) {
+  if (keel::cli::wants_help(args)) {
     std::cout << keel::cli::help_text("keel-model synth -o OUT.gguf [OPTIONS]",
                                       "Writes a valid Llama GGUF with seeded random weights. The "
                                       "same options give the same bytes.",
@@ -63,13 +56,14 @@ int synth(std::span<char*> args) {
   auto opts = keel::cli::options::parse(norm, synth_spec);
   if (!opts) return fail(opts.error());
   auto out = opts->get("out");
-  if (out.empty()) return fail(keel::make_error(keel::errc::bad_request, "synth: -o OUT.gguf is required"));
+  if (out.empty())
+    return fail(keel::make_error(keel::errc::bad_request, "synth: -o OUT.gguf is required"));
   keel::synth_options o;
   struct {
     const char* name;
     int32_t* field;
-  } ints[] = {{"dim", &o.dim}, {"layers", &o.layers}, {"heads", &o.heads},
-              {"kv-heads", &o.kv_heads}, {"ffn", &o.ffn}, {"ctx", &o.ctx}};
+  } ints[] = {{"dim", &o.dim},           {"layers", &o.layers}, {"heads", &o.heads},
+              {"kv-heads", &o.kv_heads}, {"ffn", &o.ffn},       {"ctx", &o.ctx}};
   for (auto& i : ints) {
     auto v = opts->get_int(i.name, *i.field, 1, 1 << 20);
     if (!v) return fail(v.error());
@@ -80,8 +74,8 @@ int synth(std::span<char*> args) {
   o.seed = static_cast<uint64_t>(*seed);
   auto type = keel::parse_dtype(opts->get("type", "f32"));
   if (!type || !keel::dtype_supported(*type)) {
-    return fail(keel::make_error(keel::errc::bad_request,
-                                 "--type " + opts->get("type") + ": expected f32, f16, bf16 or q8_0"));
+    return fail(keel::make_error(keel::errc::bad_request, "--type " + opts->get("type") +
+                                                              ": expected f32, f16, bf16 or q8_0"));
   }
   o.type = *type;
   o.tied_output = opts->has("tied");
@@ -106,15 +100,19 @@ int synth(std::span<char*> args) {
 
 std::string human_bytes(uint64_t b) {
   char buf[32];
-  if (b >= (1ull << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", b / double(1ull << 30));
-  else if (b >= (1ull << 20)) std::snprintf(buf, sizeof buf, "%.2f MiB", b / double(1ull << 20));
-  else if (b >= (1ull << 10)) std::snprintf(buf, sizeof buf, "%.2f KiB", b / double(1ull << 10));
-  else std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
+  if (b >= (1ull << 30))
+    std::snprintf(buf, sizeof buf, "%.2f GiB", b / double(1ull << 30));
+  else if (b >= (1ull << 20))
+    std::snprintf(buf, sizeof buf, "%.2f MiB", b / double(1ull << 20));
+  else if (b >= (1ull << 10))
+    std::snprintf(buf, sizeof buf, "%.2f KiB", b / double(1ull << 10));
+  else
+    std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
   return buf;
 }
 
 int info(std::span<char*> args) {
-  if (wants_help(args) || args.size() != 1) {
+  if (keel::cli::wants_help(args) || args.size() != 1) {
     std::cout << "usage: keel-model info FILE\n\nDescribes a GGUF or llama2.c model: architecture, "
                  "sizes, tensor types and vocabulary.\n";
     return args.size() == 1 ? 0 : 2;
@@ -135,7 +133,8 @@ int info(std::span<char*> args) {
   std::printf("rope base     %g\n", c.rope_theta);
   std::printf("rms epsilon   %g\n", c.rms_eps);
   std::printf("output head   %s\n", c.tied_output ? "tied to token embedding" : "separate");
-  std::printf("weights       %s read per token\n", human_bytes((*m)->weight_bytes_per_token()).c_str());
+  std::printf("weights       %s read per token\n",
+              human_bytes((*m)->weight_bytes_per_token()).c_str());
   std::printf("vocabulary    %zu tokens, %s, bos %d, eos %d%s\n", v.tokens.size(),
               v.kind == keel::vocab_kind::spm ? "sentencepiece (llama)" : "byte-level BPE (gpt2)",
               v.bos, v.eos, v.add_bos ? ", adds BOS" : "");
@@ -149,7 +148,8 @@ int info(std::span<char*> args) {
     }
     std::printf("tensors       %zu\n", file->tensors().size());
     for (auto& [name, e] : types)
-      std::printf("  %-10s  %4d tensors  %s\n", name.c_str(), e.first, human_bytes(e.second).c_str());
+      std::printf("  %-10s  %4d tensors  %s\n", name.c_str(), e.first,
+                  human_bytes(e.second).c_str());
   }
   return 0;
 }
@@ -157,15 +157,6 @@ int info(std::span<char*> args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::span<char*> args(argv + 1, static_cast<size_t>(argc - 1));
-  if (args.empty() || std::string(args[0]) == "--help" || std::string(args[0]) == "-h" ||
-      std::string(args[0]) == "help") {
-    std::cout << top_help;
-    return args.empty() ? 2 : 0;
-  }
-  std::string cmd = args[0];
-  if (cmd == "synth") return synth(args.subspan(1));
-  if (cmd == "info") return info(args.subspan(1));
-  std::cerr << "keel-model: unknown command '" << cmd << "', expected synth or info (see --help)\n";
-  return 2;
+  constexpr keel::cli::command commands[] = {{"synth", synth}, {"info", info}};
+  return keel::cli::dispatch(argc, argv, "keel-model", top_help, commands);
 }

@@ -46,7 +46,9 @@ static_assert(sizeof(block_q8_0) == 34);
 /// "f32", "q8_0", ...; "type#N" for numbers GGUF does not define.
 std::string_view dtype_name(dtype t);
 
-inline std::ostream& operator<<(std::ostream& out, dtype t) { return out << dtype_name(t); }
+inline std::ostream& operator<<(std::ostream& out, dtype t) {
+  return out << dtype_name(t);
+}
 
 /// Parses "f32", "f16", "bf16", "q8_0".
 std::optional<dtype> parse_dtype(std::string_view s);
@@ -62,7 +64,9 @@ struct dtype_layout {
 std::optional<dtype_layout> layout_of(dtype t);
 
 /// Bytes of `n` elements of type `t` (n must be a multiple of the block size).
-inline uint64_t bytes_of(dtype_layout l, uint64_t n) { return n / l.block_elems * l.block_bytes; }
+inline uint64_t bytes_of(dtype_layout l, uint64_t n) {
+  return n / l.block_elems * l.block_bytes;
+}
 
 /// Exact, as F16C's `vcvtph2ps` (a signalling NaN comes out quiet).
 inline float fp16_to_f32(uint16_t h) {
@@ -100,7 +104,7 @@ inline uint16_t f32_to_fp16(float f) {
   uint32_t abs = x & 0x7fffffffu;
   if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((abs & 0x7fffffu) >> 13));
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // inf, or overflow to it
-  if (abs < 0x38800000u) {  // subnormal or zero in f16
+  if (abs < 0x38800000u) {                                               // subnormal or zero in f16
     if (abs < 0x33000000u) return static_cast<uint16_t>(sign);
     uint32_t e = abs >> 23;
     uint32_t m = (abs & 0x7fffffu) | 0x800000u;

@@ -11,8 +11,8 @@ void engine::matmul(const matrix_view& w, const float* x, int64_t nb, float* y) 
   // Rows are split across threads in grains of 16 so that threads never share a cache line of y
   // for nb = 1; each output is computed by one thread in the canonical order.
   pool_.parallel_for(
-    w.rows, [&](int64_t r0, int64_t r1) { keel::matmul(w, x, w.cols, nb, y, w.rows, r0, r1); },
-    16);
+      w.rows, [&](int64_t r0, int64_t r1) { keel::matmul(w, x, w.cols, nb, y, w.rows, r0, r1); },
+      16);
 }
 
 caf::error engine::forward(std::span<const seq_step> steps) {
@@ -25,13 +25,13 @@ caf::error engine::forward(std::span<const seq_step> steps) {
     if (s.kv->length() + s.n_tokens > c.ctx_len) {
       return make_error(errc::bad_request,
                         "forward: sequence of " + std::to_string(s.kv->length() + s.n_tokens) +
-                          " tokens exceeds the context length " + std::to_string(c.ctx_len));
+                            " tokens exceeds the context length " + std::to_string(c.ctx_len));
     }
     for (int32_t i = 0; i < s.n_tokens; ++i) {
       if (s.tokens[i] < 0 || s.tokens[i] >= c.vocab_size) {
         return make_error(errc::bad_request, "forward: token id " + std::to_string(s.tokens[i]) +
-                                               " is outside the vocabulary of " +
-                                               std::to_string(c.vocab_size));
+                                                 " is outside the vocabulary of " +
+                                                 std::to_string(c.vocab_size));
       }
     }
     total += s.n_tokens;

@@ -44,8 +44,8 @@ class engine {
   thread_pool& pool_;
   // Scratch, per token: [T x width].
   std::vector<float> x_, xb_, q_, k_, v_, att_, gate_, up_, logits_in_, logits_out_;
-  std::vector<int64_t> pos_;          // position of each token
-  std::vector<int32_t> seq_of_;       // step index of each token
+  std::vector<int64_t> pos_;     // position of each token
+  std::vector<int32_t> seq_of_;  // step index of each token
 };
 
 }  // namespace keel

@@ -7,16 +7,26 @@ namespace keel {
 
 const char* to_string(errc x) {
   switch (x) {
-    case errc::none: return "none";
-    case errc::failed: return "failed";
-    case errc::overloaded: return "overloaded";
-    case errc::disconnected: return "disconnected";
-    case errc::unimplemented: return "unimplemented";
-    case errc::stale_epoch: return "stale_epoch";
-    case errc::corrupt_record: return "corrupt_record";
-    case errc::bad_model: return "bad_model";
-    case errc::bad_request: return "bad_request";
-    case errc::not_found: return "not_found";
+    case errc::none:
+      return "none";
+    case errc::failed:
+      return "failed";
+    case errc::overloaded:
+      return "overloaded";
+    case errc::disconnected:
+      return "disconnected";
+    case errc::unimplemented:
+      return "unimplemented";
+    case errc::stale_epoch:
+      return "stale_epoch";
+    case errc::corrupt_record:
+      return "corrupt_record";
+    case errc::bad_model:
+      return "bad_model";
+    case errc::bad_request:
+      return "bad_request";
+    case errc::not_found:
+      return "not_found";
   }
   return "unknown";
 }

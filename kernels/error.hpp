@@ -29,7 +29,9 @@ inline constexpr caf::atom_value errc_category = caf::atom("keel");
 
 const char* to_string(errc x);
 
-inline std::ostream& operator<<(std::ostream& out, errc x) { return out << to_string(x); }
+inline std::ostream& operator<<(std::ostream& out, errc x) {
+  return out << to_string(x);
+}
 
 /// Makes a classified error whose message names the thing and the value.
 caf::error make_error(errc code, std::string message);

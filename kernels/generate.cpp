@@ -27,20 +27,21 @@ struct active_seq {
 }  // namespace
 
 caf::expected<std::vector<std::vector<int32_t>>> generate(
-  engine& eng, kv_pool& pool, const std::vector<generation_request>& reqs, int32_t max_batch,
-  const token_callback& on_token, int32_t prefill_chunk) {
+    engine& eng, kv_pool& pool, const std::vector<generation_request>& reqs, int32_t max_batch,
+    const token_callback& on_token, int32_t prefill_chunk) {
   const auto& c = eng.get_model().config();
   for (size_t i = 0; i < reqs.size(); ++i) {
     const auto& r = reqs[i];
-    if (r.prompt.empty()) return make_error(errc::bad_request, "generate: prompt " + std::to_string(i) + " is empty");
+    if (r.prompt.empty())
+      return make_error(errc::bad_request, "generate: prompt " + std::to_string(i) + " is empty");
     if (static_cast<int64_t>(r.prompt.size()) >= c.ctx_len) {
-      return make_error(errc::bad_request, "generate: prompt of " + std::to_string(r.prompt.size()) +
-                                             " tokens does not fit the context length " +
-                                             std::to_string(c.ctx_len));
+      return make_error(errc::bad_request,
+                        "generate: prompt of " + std::to_string(r.prompt.size()) +
+                            " tokens does not fit the context length " + std::to_string(c.ctx_len));
     }
     if (r.max_tokens < 1) {
-      return make_error(errc::bad_request,
-                        "generate: max_tokens must be at least 1, got " + std::to_string(r.max_tokens));
+      return make_error(errc::bad_request, "generate: max_tokens must be at least 1, got " +
+                                               std::to_string(r.max_tokens));
     }
     if (auto err = validate(r.params)) return err;
   }

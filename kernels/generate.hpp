@@ -15,7 +15,7 @@ struct generation_request {
   std::vector<int32_t> prompt;
   sampling_params params;
   int32_t max_tokens = 32;
-  uint64_t turn = 0;       // keys the sampler's draws with the token index
+  uint64_t turn = 0;  // keys the sampler's draws with the token index
   bool stop_at_eos = true;
 };
 
@@ -27,11 +27,9 @@ using token_callback = std::function<void(size_t seq, int32_t token)>;
 /// chunks of `prefill_chunk` tokens. Returns each request's generated ids. The result does not
 /// depend on max_batch, prefill_chunk or the thread count. `overloaded` when the KV pool cannot
 /// hold a sequence even alone; `bad_request` for a prompt that is empty or too long.
-caf::expected<std::vector<std::vector<int32_t>>> generate(engine& eng, kv_pool& pool,
-                                                          const std::vector<generation_request>& reqs,
-                                                          int32_t max_batch,
-                                                          const token_callback& on_token = {},
-                                                          int32_t prefill_chunk = 64);
+caf::expected<std::vector<std::vector<int32_t>>> generate(
+    engine& eng, kv_pool& pool, const std::vector<generation_request>& reqs, int32_t max_batch,
+    const token_callback& on_token = {}, int32_t prefill_chunk = 64);
 
 /// A KV pool layout for `m`.
 kv_layout kv_layout_for(const model& m, int32_t page_tokens = 16);

@@ -18,16 +18,16 @@ constexpr uint64_t max_dims = 4;
 class reader {
  public:
   reader(const std::string& name, const uint8_t* data, uint64_t size)
-    : name_(name), data_(data), size_(size) {}
+      : name_(name), data_(data), size_(size) {}
 
   uint64_t pos() const { return pos_; }
   const std::string& name() const { return name_; }
 
   caf::error truncated(std::string_view what) const {
     return make_error(errc::bad_model, name_ + ": truncated file: " + std::string(what) +
-                                         " at offset " + std::to_string(pos_) +
-                                         " runs past the end (" + std::to_string(size_) +
-                                         " bytes)");
+                                           " at offset " + std::to_string(pos_) +
+                                           " runs past the end (" + std::to_string(size_) +
+                                           " bytes)");
   }
 
   template <class T>
@@ -43,9 +43,9 @@ class reader {
     if (auto err = read(len, what)) return err;
     if (len > size_ - pos_) {
       return make_error(errc::bad_model, name_ + ": truncated file: " + std::string(what) +
-                                           " of length " + std::to_string(len) + " at offset " +
-                                           std::to_string(pos_) + " runs past the end (" +
-                                           std::to_string(size_) + " bytes)");
+                                             " of length " + std::to_string(len) + " at offset " +
+                                             std::to_string(pos_) + " runs past the end (" +
+                                             std::to_string(size_) + " bytes)");
     }
     out.assign(reinterpret_cast<const char*>(data_ + pos_), len);
     pos_ += len;
@@ -66,48 +66,38 @@ uint64_t min_size(gguf_type t) {
   switch (t) {
     case gguf_type::u8:
     case gguf_type::i8:
-    case gguf_type::boolean: return 1;
+    case gguf_type::boolean:
+      return 1;
     case gguf_type::u16:
-    case gguf_type::i16: return 2;
+    case gguf_type::i16:
+      return 2;
     case gguf_type::u32:
     case gguf_type::i32:
-    case gguf_type::f32: return 4;
+    case gguf_type::f32:
+      return 4;
     case gguf_type::u64:
     case gguf_type::i64:
     case gguf_type::f64:
-    case gguf_type::string: return 8;
-    case gguf_type::array: return 12;
+    case gguf_type::string:
+      return 8;
+    case gguf_type::array:
+      return 12;
   }
   return 0;
-}
-
-bool is_integer(gguf_type t) {
-  switch (t) {
-    case gguf_type::u8:
-    case gguf_type::i8:
-    case gguf_type::u16:
-    case gguf_type::i16:
-    case gguf_type::u32:
-    case gguf_type::i32:
-    case gguf_type::u64:
-    case gguf_type::i64:
-    case gguf_type::boolean: return true;
-    default: return false;
-  }
 }
 
 /// Reads one scalar of type t into (i, u, f, s).
 caf::error read_scalar(reader& r, gguf_type t, gguf_kv& kv, const std::string& key) {
   auto what = "value of " + key;
   switch (t) {
-#define KEEL_GGUF_INT(tag, ctype)                      \
-  case gguf_type::tag: {                               \
-    ctype v{};                                         \
-    if (auto err = r.read(v, what)) return err;        \
-    kv.i = static_cast<int64_t>(v);                    \
-    kv.u = static_cast<uint64_t>(v);                   \
-    kv.f = static_cast<double>(v);                     \
-    return caf::none;                                  \
+#define KEEL_GGUF_INT(tag, ctype)               \
+  case gguf_type::tag: {                        \
+    ctype v{};                                  \
+    if (auto err = r.read(v, what)) return err; \
+    kv.i = static_cast<int64_t>(v);             \
+    kv.u = static_cast<uint64_t>(v);            \
+    kv.f = static_cast<double>(v);              \
+    return caf::none;                           \
   }
     KEEL_GGUF_INT(u8, uint8_t)
     KEEL_GGUF_INT(i8, int8_t)
@@ -136,11 +126,13 @@ caf::error read_scalar(reader& r, gguf_type t, gguf_kv& kv, const std::string& k
       kv.f = v;
       return caf::none;
     }
-    case gguf_type::string: return r.read_string(kv.s, what);
-    case gguf_type::array: break;
+    case gguf_type::string:
+      return r.read_string(kv.s, what);
+    case gguf_type::array:
+      break;
   }
   return make_error(errc::bad_model, r.name() + ": key " + key + " has unknown value type " +
-                                       std::to_string(static_cast<uint32_t>(t)));
+                                         std::to_string(static_cast<uint32_t>(t)));
 }
 
 caf::error read_value(reader& r, gguf_kv& kv) {
@@ -153,13 +145,13 @@ caf::error read_value(reader& r, gguf_kv& kv) {
   auto esize = min_size(kv.elem);
   if (esize == 0 || kv.elem == gguf_type::array) {
     return make_error(errc::bad_model, r.name() + ": key " + kv.key +
-                                         " is an array of unsupported element type " +
-                                         std::to_string(elem));
+                                           " is an array of unsupported element type " +
+                                           std::to_string(elem));
   }
   if (count > r.remaining() / esize) {
     return make_error(errc::bad_model, r.name() + ": truncated file: array " + kv.key + " of " +
-                                         std::to_string(count) + " elements at offset " +
-                                         std::to_string(r.pos()) + " runs past the end");
+                                           std::to_string(count) + " elements at offset " +
+                                           std::to_string(r.pos()) + " runs past the end");
   }
   gguf_kv tmp;
   tmp.key = kv.key;
@@ -185,21 +177,50 @@ caf::error read_value(reader& r, gguf_kv& kv) {
 
 }  // namespace
 
+bool gguf_is_integer(gguf_type t) {
+  switch (t) {
+    case gguf_type::u8:
+    case gguf_type::i8:
+    case gguf_type::u16:
+    case gguf_type::i16:
+    case gguf_type::u32:
+    case gguf_type::i32:
+    case gguf_type::u64:
+    case gguf_type::i64:
+      return true;
+    default:
+      return false;
+  }
+}
+
 std::string_view gguf_type_name(gguf_type t) {
   switch (t) {
-    case gguf_type::u8: return "u8";
-    case gguf_type::i8: return "i8";
-    case gguf_type::u16: return "u16";
-    case gguf_type::i16: return "i16";
-    case gguf_type::u32: return "u32";
-    case gguf_type::i32: return "i32";
-    case gguf_type::f32: return "f32";
-    case gguf_type::boolean: return "bool";
-    case gguf_type::string: return "string";
-    case gguf_type::array: return "array";
-    case gguf_type::u64: return "u64";
-    case gguf_type::i64: return "i64";
-    case gguf_type::f64: return "f64";
+    case gguf_type::u8:
+      return "u8";
+    case gguf_type::i8:
+      return "i8";
+    case gguf_type::u16:
+      return "u16";
+    case gguf_type::i16:
+      return "i16";
+    case gguf_type::u32:
+      return "u32";
+    case gguf_type::i32:
+      return "i32";
+    case gguf_type::f32:
+      return "f32";
+    case gguf_type::boolean:
+      return "bool";
+    case gguf_type::string:
+      return "string";
+    case gguf_type::array:
+      return "array";
+    case gguf_type::u64:
+      return "u64";
+    case gguf_type::i64:
+      return "i64";
+    case gguf_type::f64:
+      return "f64";
   }
   return "unknown";
 }
@@ -216,7 +237,9 @@ gguf_file::gguf_file(gguf_file&&) noexcept = default;
 gguf_file& gguf_file::operator=(gguf_file&&) noexcept = default;
 gguf_file::~gguf_file() = default;
 
-uint64_t gguf_file::file_size() const { return map_ ? map_->size : 0; }
+uint64_t gguf_file::file_size() const {
+  return map_ ? map_->size : 0;
+}
 
 caf::expected<gguf_file> gguf_file::open(const std::string& path) {
   auto file = mapped_file::open(path);
@@ -247,8 +270,8 @@ caf::error gguf_file::parse_all() {
   reader r(name_, map_->data, map_->size);
   uint32_t magic = 0;
   if (map_->size < 4) {
-    return make_error(errc::bad_model, name_ + ": not a GGUF file: " +
-                                         std::to_string(map_->size) + " bytes, too short");
+    return make_error(errc::bad_model, name_ + ": not a GGUF file: " + std::to_string(map_->size) +
+                                           " bytes, too short");
   }
   if (auto err = r.read(magic, "magic")) return err;
   if (magic != gguf_magic) {
@@ -260,7 +283,7 @@ caf::error gguf_file::parse_all() {
   if (auto err = r.read(version_, "version")) return err;
   if (version_ != 2 && version_ != 3) {
     return make_error(errc::bad_model, name_ + ": unsupported GGUF version " +
-                                         std::to_string(version_) + ", expected 2 or 3");
+                                           std::to_string(version_) + ", expected 2 or 3");
   }
   uint64_t n_tensors = 0;
   uint64_t n_kv = 0;
@@ -269,9 +292,9 @@ caf::error gguf_file::parse_all() {
   // Each entry takes at least 12 bytes; larger counts cannot fit and would exhaust memory.
   if (n_kv > r.remaining() / 12 || n_tensors > r.remaining() / 24) {
     return make_error(errc::bad_model, name_ + ": truncated file: header claims " +
-                                         std::to_string(n_kv) + " metadata entries and " +
-                                         std::to_string(n_tensors) + " tensors in " +
-                                         std::to_string(r.remaining()) + " bytes");
+                                           std::to_string(n_kv) + " metadata entries and " +
+                                           std::to_string(n_tensors) + " tensors in " +
+                                           std::to_string(r.remaining()) + " bytes");
   }
   kvs_.resize(n_kv);
   for (auto& kv : kvs_) {
@@ -280,15 +303,15 @@ caf::error gguf_file::parse_all() {
     if (auto err = r.read(t, "type of " + kv.key)) return err;
     kv.type = static_cast<gguf_type>(t);
     if (min_size(kv.type) == 0) {
-      return make_error(errc::bad_model, name_ + ": key " + kv.key + " has unknown value type " +
-                                           std::to_string(t));
+      return make_error(errc::bad_model,
+                        name_ + ": key " + kv.key + " has unknown value type " + std::to_string(t));
     }
     if (auto err = read_value(r, kv)) return err;
   }
   if (auto* a = find("general.alignment")) {
-    if (!is_integer(a->type) || a->u == 0 || (a->u & (a->u - 1)) != 0 || a->u > 65536) {
+    if (!gguf_is_integer(a->type) || a->u == 0 || (a->u & (a->u - 1)) != 0 || a->u > 65536) {
       return make_error(errc::bad_model, name_ + ": general.alignment is " + std::to_string(a->u) +
-                                           ", expected a power of two up to 65536");
+                                             ", expected a power of two up to 65536");
     }
     alignment_ = a->u;
   }
@@ -299,7 +322,7 @@ caf::error gguf_file::parse_all() {
     if (auto err = r.read(n_dims, "dimension count of tensor " + t.name)) return err;
     if (n_dims == 0 || n_dims > max_dims) {
       return make_error(errc::bad_model, name_ + ": tensor " + t.name + " has " +
-                                           std::to_string(n_dims) + " dims, expected 1 to 4");
+                                             std::to_string(n_dims) + " dims, expected 1 to 4");
     }
     t.dims.resize(n_dims);
     t.n_elements = 1;
@@ -307,7 +330,7 @@ caf::error gguf_file::parse_all() {
       if (auto err = r.read(d, "dims of tensor " + t.name)) return err;
       if (d == 0 || d > (uint64_t{1} << 40) || t.n_elements > (uint64_t{1} << 48) / d) {
         return make_error(errc::bad_model, name_ + ": tensor " + t.name + " has dimension " +
-                                             std::to_string(d) + ", out of range");
+                                               std::to_string(d) + ", out of range");
       }
       t.n_elements *= d;
     }
@@ -317,38 +340,37 @@ caf::error gguf_file::parse_all() {
     if (auto err = r.read(t.offset, "offset of tensor " + t.name)) return err;
     auto lay = layout_of(t.type);
     if (!lay) {
-      return make_error(errc::bad_model, name_ + ": tensor " + t.name + " has unknown type " +
-                                           std::to_string(type));
+      return make_error(errc::bad_model,
+                        name_ + ": tensor " + t.name + " has unknown type " + std::to_string(type));
     }
     if (t.dims[0] % lay->block_elems != 0) {
       return make_error(errc::bad_model, name_ + ": tensor " + t.name + " has row length " +
-                                           std::to_string(t.dims[0]) + ", not a multiple of " +
-                                           std::to_string(lay->block_elems) + " for type " +
-                                           std::string(dtype_name(t.type)));
+                                             std::to_string(t.dims[0]) + ", not a multiple of " +
+                                             std::to_string(lay->block_elems) + " for type " +
+                                             std::string(dtype_name(t.type)));
     }
     t.n_bytes = bytes_of(*lay, t.n_elements);
   }
   uint64_t data_start = (r.pos() + alignment_ - 1) / alignment_ * alignment_;
   if (data_start > map_->size && n_tensors > 0) {
     return make_error(errc::bad_model, name_ + ": truncated file: tensor data would start at " +
-                                         std::to_string(data_start) + " beyond the end (" +
-                                         std::to_string(map_->size) + " bytes)");
+                                           std::to_string(data_start) + " beyond the end (" +
+                                           std::to_string(map_->size) + " bytes)");
   }
   uint64_t data_size = map_->size - std::min(data_start, map_->size);
   for (auto& t : tensors_) {
     if (t.offset % alignment_ != 0) {
       return make_error(errc::bad_model, name_ + ": tensor " + t.name + " offset " +
-                                           std::to_string(t.offset) + " is not a multiple of " +
-                                           std::to_string(alignment_));
+                                             std::to_string(t.offset) + " is not a multiple of " +
+                                             std::to_string(alignment_));
     }
     if (t.offset > data_size || t.n_bytes > data_size - t.offset) {
       // Name the stored offset: a sum with it may wrap and print an in-bounds range.
-      return make_error(errc::bad_model, name_ + ": tensor " + t.name + " data at offset " +
-                                           std::to_string(t.offset) + " (" +
-                                           std::to_string(t.n_bytes) + " bytes, data section at " +
-                                           std::to_string(data_start) +
-                                           ") is out of bounds of the file (" +
-                                           std::to_string(map_->size) + " bytes)");
+      return make_error(
+          errc::bad_model,
+          name_ + ": tensor " + t.name + " data at offset " + std::to_string(t.offset) + " (" +
+              std::to_string(t.n_bytes) + " bytes, data section at " + std::to_string(data_start) +
+              ") is out of bounds of the file (" + std::to_string(map_->size) + " bytes)");
     }
     t.data = map_->data + data_start + t.offset;
   }
@@ -376,8 +398,8 @@ caf::error missing_key(const std::string& file, std::string_view key) {
 caf::error wrong_type(const std::string& file, const gguf_kv& kv, std::string_view expected) {
   auto got = std::string(gguf_type_name(kv.type));
   if (kv.type == gguf_type::array) got += " of " + std::string(gguf_type_name(kv.elem));
-  return make_error(errc::bad_model, file + ": key " + kv.key + " has type " + got +
-                                       ", expected " + std::string(expected));
+  return make_error(errc::bad_model, file + ": key " + kv.key + " has type " + got + ", expected " +
+                                         std::string(expected));
 }
 
 }  // namespace
@@ -385,12 +407,12 @@ caf::error wrong_type(const std::string& file, const gguf_kv& kv, std::string_vi
 caf::expected<uint64_t> gguf_file::get_uint(std::string_view key) const {
   auto* kv = find(key);
   if (!kv) return missing_key(name_, key);
-  if (!is_integer(kv->type)) return wrong_type(name_, *kv, "an integer");
+  if (!gguf_is_integer(kv->type)) return wrong_type(name_, *kv, "an integer");
   bool is_signed = kv->type == gguf_type::i8 || kv->type == gguf_type::i16 ||
                    kv->type == gguf_type::i32 || kv->type == gguf_type::i64;
   if (is_signed && kv->i < 0) {
-    return make_error(errc::bad_model, name_ + ": key " + kv->key + " is " +
-                                         std::to_string(kv->i) + ", expected a non-negative value");
+    return make_error(errc::bad_model, name_ + ": key " + kv->key + " is " + std::to_string(kv->i) +
+                                           ", expected a non-negative value");
   }
   return kv->u;
 }
@@ -399,7 +421,7 @@ caf::expected<double> gguf_file::get_float(std::string_view key) const {
   auto* kv = find(key);
   if (!kv) return missing_key(name_, key);
   if (kv->type == gguf_type::f32 || kv->type == gguf_type::f64) return kv->f;
-  if (is_integer(kv->type) && kv->type != gguf_type::boolean) return kv->f;
+  if (gguf_is_integer(kv->type)) return kv->f;
   return wrong_type(name_, *kv, "a number");
 }
 
@@ -421,7 +443,7 @@ caf::expected<const gguf_kv*> gguf_file::get_array(std::string_view key, gguf_ty
   auto* kv = find(key);
   if (!kv) return missing_key(name_, key);
   bool ok = kv->type == gguf_type::array &&
-            (kv->elem == elem || (is_integer(elem) && is_integer(kv->elem)) ||
+            (kv->elem == elem || (gguf_is_integer(elem) && gguf_is_integer(kv->elem)) ||
              (elem == gguf_type::f32 && kv->elem == gguf_type::f64) ||
              (elem == gguf_type::f64 && kv->elem == gguf_type::f32));
   if (!ok) return wrong_type(name_, *kv, "array of " + std::string(gguf_type_name(elem)));
@@ -430,7 +452,7 @@ caf::expected<const gguf_kv*> gguf_file::get_array(std::string_view key, gguf_ty
 
 uint64_t gguf_file::get_uint_or(std::string_view key, uint64_t fallback) const {
   auto* kv = find(key);
-  return kv && is_integer(kv->type) ? kv->u : fallback;
+  return kv && gguf_is_integer(kv->type) ? kv->u : fallback;
 }
 
 double gguf_file::get_float_or(std::string_view key, double fallback) const {
@@ -444,7 +466,7 @@ bool gguf_file::get_bool_or(std::string_view key, bool fallback) const {
 }
 
 caf::expected<const gguf_tensor*> gguf_file::require_tensor(
-  std::string_view name, const std::vector<uint64_t>& dims) const {
+    std::string_view name, const std::vector<uint64_t>& dims) const {
   auto* t = tensor(name);
   if (!t) {
     return make_error(errc::bad_model, name_ + ": missing required tensor " + std::string(name));
@@ -456,13 +478,13 @@ caf::expected<const gguf_tensor*> gguf_file::require_tensor(
   };
   if (t->dims != dims) {
     return make_error(errc::bad_model, name_ + ": tensor " + t->name + " has shape " +
-                                         shape(t->dims) + ", expected " + shape(dims));
+                                           shape(t->dims) + ", expected " + shape(dims));
   }
   if (!dtype_supported(t->type)) {
     return make_error(errc::bad_model, name_ + ": tensor " + t->name + " has type " +
-                                         std::string(dtype_name(t->type)) +
-                                         ", which Keel does not compute with (f32, f16, bf16, "
-                                         "q8_0)");
+                                           std::string(dtype_name(t->type)) +
+                                           ", which Keel does not compute with (f32, f16, bf16, "
+                                           "q8_0)");
   }
   return t;
 }
@@ -549,7 +571,9 @@ void gguf_writer::add_tensor(std::string name, std::vector<uint64_t> dims, dtype
   tensors_.push_back({std::move(name), std::move(dims), type, std::move(bytes)});
 }
 
-uint64_t gguf_writer::aligned(uint64_t x) const { return (x + alignment_ - 1) / alignment_ * alignment_; }
+uint64_t gguf_writer::aligned(uint64_t x) const {
+  return (x + alignment_ - 1) / alignment_ * alignment_;
+}
 
 std::vector<uint8_t> gguf_writer::header() const {
   std::vector<uint8_t> out;
@@ -598,11 +622,13 @@ caf::error gguf_writer::write(const std::string& path) const {
               static_cast<std::streamsize>(t.bytes.size()));
       f.write(zeros, static_cast<std::streamsize>(aligned(t.bytes.size()) - t.bytes.size()));
     }
-    if (!f.flush()) return make_error(errc::failed, tmp + ": write failed: " + std::strerror(errno));
+    if (!f.flush())
+      return make_error(errc::failed, tmp + ": write failed: " + std::strerror(errno));
   }
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
-  if (ec) return make_error(errc::failed, path + ": cannot rename from " + tmp + ": " + ec.message());
+  if (ec)
+    return make_error(errc::failed, path + ": cannot rename from " + tmp + ": " + ec.message());
   return caf::none;
 }
 

@@ -30,6 +30,9 @@ enum class gguf_type : uint32_t {
 
 std::string_view gguf_type_name(gguf_type t);
 
+/// Whether `t` is one of the eight integer types (not bool).
+bool gguf_is_integer(gguf_type t);
+
 /// One metadata entry. Scalars use the field of their kind (`i` for every integer type and for
 /// booleans, `f` for floats, `s` for strings); arrays fill `ints`, `floats` or `strings` by
 /// element kind and set `elem`.
@@ -51,7 +54,7 @@ struct gguf_tensor {
   std::string name;
   std::vector<uint64_t> dims;  // GGUF order: dims[0] is the contiguous (row) length
   dtype type = dtype::f32;
-  uint64_t offset = 0;         // from the start of the data section
+  uint64_t offset = 0;  // from the start of the data section
   uint64_t n_elements = 0;
   uint64_t n_bytes = 0;
   const uint8_t* data = nullptr;  // points into the mapping owned by the gguf_file

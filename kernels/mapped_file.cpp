@@ -38,7 +38,7 @@ caf::expected<mapped_file> mapped_file::open(const std::string& path) {
 }
 
 mapped_file::mapped_file(mapped_file&& other) noexcept
-  : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+    : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
 
 mapped_file& mapped_file::operator=(mapped_file&& other) noexcept {
   if (this != &other) {
@@ -49,7 +49,9 @@ mapped_file& mapped_file::operator=(mapped_file&& other) noexcept {
   return *this;
 }
 
-mapped_file::~mapped_file() { reset(); }
+mapped_file::~mapped_file() {
+  reset();
+}
 
 void mapped_file::reset() {
   if (data_ != nullptr) munmap(const_cast<uint8_t*>(data_), size_);

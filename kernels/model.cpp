@@ -23,8 +23,8 @@ caf::expected<std::vector<float>> load_vector(const gguf_file& f, const std::str
 }
 
 /// A 2-D matrix tensor with GGUF dims {cols, rows}.
-caf::expected<matrix_view> load_matrix(const gguf_file& f, const std::string& name,
-                                       uint64_t cols, uint64_t rows) {
+caf::expected<matrix_view> load_matrix(const gguf_file& f, const std::string& name, uint64_t cols,
+                                       uint64_t rows) {
   auto t = f.require_tensor(name, {cols, rows});
   if (!t) return std::move(t.error());
   return make_matrix((*t)->type, (*t)->data, static_cast<int64_t>(rows),
@@ -63,8 +63,8 @@ caf::expected<std::unique_ptr<model>> model::load_gguf(gguf_file file) {
   auto arch = file.get_string("general.architecture");
   if (!arch) return std::move(arch.error());
   if (*arch != "llama") {
-    return make_error(errc::bad_model, name + ": general.architecture is '" + *arch +
-                                         "', expected 'llama'");
+    return make_error(errc::bad_model,
+                      name + ": general.architecture is '" + *arch + "', expected 'llama'");
   }
   std::unique_ptr<model> m(new model);
   m->path_ = name;
@@ -88,24 +88,24 @@ caf::expected<std::unique_ptr<model>> model::load_gguf(gguf_file file) {
   }
   if (c.n_heads % c.n_kv_heads != 0) {
     return make_error(errc::bad_model, name + ": llama.attention.head_count " +
-                                         std::to_string(c.n_heads) +
-                                         " is not a multiple of llama.attention.head_count_kv " +
-                                         std::to_string(c.n_kv_heads));
+                                           std::to_string(c.n_heads) +
+                                           " is not a multiple of llama.attention.head_count_kv " +
+                                           std::to_string(c.n_kv_heads));
   }
   c.head_dim = c.dim / c.n_heads;
   if (file.find("llama.attention.key_length")) {
     if (auto err = get("llama.attention.key_length", c.head_dim)) return err;
   } else if (c.dim % c.n_heads != 0) {
     return make_error(errc::bad_model, name + ": llama.embedding_length " + std::to_string(c.dim) +
-                                         " is not a multiple of llama.attention.head_count " +
-                                         std::to_string(c.n_heads));
+                                           " is not a multiple of llama.attention.head_count " +
+                                           std::to_string(c.n_heads));
   }
   // q_dim() and kv_dim() are int32: a huge key_length must not overflow them.
   if (int64_t{c.n_heads} * c.head_dim >= (int64_t{1} << 30)) {
     return make_error(errc::bad_model, name + ": llama.attention.key_length " +
-                                         std::to_string(c.head_dim) +
-                                         " times llama.attention.head_count " +
-                                         std::to_string(c.n_heads) + " is too large");
+                                           std::to_string(c.head_dim) +
+                                           " times llama.attention.head_count " +
+                                           std::to_string(c.n_heads) + " is too large");
   }
   if (c.head_dim % 2 != 0) {
     return make_error(errc::bad_model,
@@ -114,17 +114,16 @@ caf::expected<std::unique_ptr<model>> model::load_gguf(gguf_file file) {
   if (auto* rd = file.find("llama.rope.dimension_count")) {
     if (static_cast<int64_t>(rd->u) != c.head_dim) {
       return make_error(errc::bad_model, name + ": llama.rope.dimension_count is " +
-                                           std::to_string(rd->u) +
-                                           ", only full-head rotary (" +
-                                           std::to_string(c.head_dim) + ") is supported");
+                                             std::to_string(rd->u) + ", only full-head rotary (" +
+                                             std::to_string(c.head_dim) + ") is supported");
     }
   }
   c.rms_eps = static_cast<float>(file.get_float_or("llama.attention.layer_norm_rms_epsilon", 1e-5));
   c.rope_theta = static_cast<float>(file.get_float_or("llama.rope.freq_base", 10000.0));
   if (!(c.rms_eps > 0) || !(c.rope_theta > 0)) {
     return make_error(errc::bad_model, name + ": rms epsilon " + std::to_string(c.rms_eps) +
-                                         " and rope base " + std::to_string(c.rope_theta) +
-                                         " must be positive");
+                                           " and rope base " + std::to_string(c.rope_theta) +
+                                           " must be positive");
   }
 
   auto voc = vocab_from_gguf(file);
@@ -132,17 +131,18 @@ caf::expected<std::unique_ptr<model>> model::load_gguf(gguf_file file) {
   m->vocab_ = std::move(*voc);
 
   auto* embd = file.tensor("token_embd.weight");
-  if (!embd) return make_error(errc::bad_model, name + ": missing required tensor token_embd.weight");
+  if (!embd)
+    return make_error(errc::bad_model, name + ": missing required tensor token_embd.weight");
   if (embd->dims.size() != 2) {
     return make_error(errc::bad_model, name + ": tensor token_embd.weight has " +
-                                         std::to_string(embd->dims.size()) + " dims, expected 2");
+                                           std::to_string(embd->dims.size()) + " dims, expected 2");
   }
   c.vocab_size = static_cast<int32_t>(embd->dims[1]);
   if (static_cast<size_t>(c.vocab_size) != m->vocab_.tokens.size()) {
     return make_error(errc::bad_model, name + ": token_embd.weight has " +
-                                         std::to_string(c.vocab_size) +
-                                         " rows but the vocabulary has " +
-                                         std::to_string(m->vocab_.tokens.size()) + " tokens");
+                                           std::to_string(c.vocab_size) +
+                                           " rows but the vocabulary has " +
+                                           std::to_string(m->vocab_.tokens.size()) + " tokens");
   }
   const uint64_t dim = c.dim, vocab = c.vocab_size, q = c.q_dim(), kv = c.kv_dim(), ffn = c.ffn_dim;
   auto te = load_matrix(file, "token_embd.weight", dim, vocab);
@@ -199,7 +199,7 @@ caf::expected<std::unique_ptr<model>> model::load_llama2c(const std::string& pat
   int32_t hdr[7];
   if (file->size() < sizeof(hdr)) {
     return make_error(errc::bad_model, path + ": neither GGUF nor a llama2.c checkpoint: " +
-                                         std::to_string(file->size()) + " bytes");
+                                           std::to_string(file->size()) + " bytes");
   }
   std::memcpy(hdr, file->data(), sizeof(hdr));
   auto& c = m->config_;
@@ -211,21 +211,21 @@ caf::expected<std::unique_ptr<model>> model::load_llama2c(const std::string& pat
   c.tied_output = hdr[5] > 0;
   c.vocab_size = hdr[5] < 0 ? -hdr[5] : hdr[5];
   c.ctx_len = hdr[6];
-  const char* keys[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                        "seq_len"};
+  const char* keys[] = {"dim",        "hidden_dim", "n_layers", "n_heads",
+                        "n_kv_heads", "vocab_size", "seq_len"};
   int32_t vals[] = {c.dim, c.ffn_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.ctx_len};
   for (int i = 0; i < 7; ++i) {
     if (vals[i] <= 0 || vals[i] > (1 << 24)) {
       return make_error(errc::bad_model, path + ": llama2.c header " + keys[i] + " is " +
-                                           std::to_string(vals[i]) +
-                                           " (not GGUF, and not a valid llama2.c checkpoint)");
+                                             std::to_string(vals[i]) +
+                                             " (not GGUF, and not a valid llama2.c checkpoint)");
     }
   }
   if (c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 || (c.dim / c.n_heads) % 2 != 0) {
-    return make_error(errc::bad_model, path + ": llama2.c header has dim " +
-                                         std::to_string(c.dim) + ", n_heads " +
-                                         std::to_string(c.n_heads) + ", n_kv_heads " +
-                                         std::to_string(c.n_kv_heads) + ", which do not divide");
+    return make_error(errc::bad_model, path + ": llama2.c header has dim " + std::to_string(c.dim) +
+                                           ", n_heads " + std::to_string(c.n_heads) +
+                                           ", n_kv_heads " + std::to_string(c.n_kv_heads) +
+                                           ", which do not divide");
   }
   c.head_dim = c.dim / c.n_heads;
   const uint64_t dim = c.dim, kv = c.kv_dim(), ffn = c.ffn_dim, L = c.n_layers,
@@ -235,9 +235,9 @@ caf::expected<std::unique_ptr<model>> model::load_llama2c(const std::string& pat
   if (!c.tied_output) floats += vocab * dim;
   uint64_t need = sizeof(hdr) + floats * 4;
   if (file->size() < need) {
-    return make_error(errc::bad_model, path + ": truncated llama2.c checkpoint: " +
-                                         std::to_string(file->size()) + " bytes, the header needs " +
-                                         std::to_string(need));
+    return make_error(errc::bad_model,
+                      path + ": truncated llama2.c checkpoint: " + std::to_string(file->size()) +
+                          " bytes, the header needs " + std::to_string(need));
   }
   const float* p = reinterpret_cast<const float*>(file->data() + sizeof(hdr));
   auto take = [&p](uint64_t n) {
@@ -277,8 +277,8 @@ caf::expected<std::unique_ptr<model>> model::load_llama2c(const std::string& pat
   m->output_ = c.tied_output ? m->token_embd_ : mat(take(vocab * dim), vocab, dim);
 
   auto tok_path = tokenizer.empty()
-                    ? (std::filesystem::path(path).parent_path() / "tokenizer.bin").string()
-                    : tokenizer;
+                      ? (std::filesystem::path(path).parent_path() / "tokenizer.bin").string()
+                      : tokenizer;
   auto voc = vocab_from_llama2c(tok_path, c.vocab_size);
   if (!voc) return std::move(voc.error());
   m->vocab_ = std::move(*voc);

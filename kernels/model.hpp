@@ -16,14 +16,14 @@ namespace keel {
 
 /// Hyper-parameters of a Llama-family decoder.
 struct llama_config {
-  int32_t dim = 0;         // embedding width
+  int32_t dim = 0;  // embedding width
   int32_t n_layers = 0;
   int32_t n_heads = 0;     // query heads
   int32_t n_kv_heads = 0;  // key/value heads (grouped-query attention when < n_heads)
   int32_t head_dim = 0;
   int32_t ffn_dim = 0;
   int32_t vocab_size = 0;
-  int32_t ctx_len = 0;     // trained context length: the longest sequence accepted
+  int32_t ctx_len = 0;  // trained context length: the longest sequence accepted
   float rms_eps = 1e-5f;
   float rope_theta = 10000.0f;
   bool tied_output = false;  // the output head is the token embedding

@@ -22,7 +22,9 @@ struct splitmix {
     return z ^ (z >> 31);
   }
   /// Uniform in [-1, 1).
-  float uniform() { return static_cast<float>(static_cast<double>(next() >> 40) / (1 << 23) - 1.0); }
+  float uniform() {
+    return static_cast<float>(static_cast<double>(next() >> 40) / (1 << 23) - 1.0);
+  }
 };
 
 uint64_t stream_seed(uint64_t seed, const std::string& name) {
@@ -67,16 +69,16 @@ caf::error validate(const synth_options& o) {
   struct {
     const char* name;
     int32_t v;
-  } sizes[] = {{"dim", o.dim},   {"layers", o.layers}, {"heads", o.heads},
-               {"kv-heads", o.kv_heads}, {"ffn", o.ffn}, {"ctx", o.ctx}};
+  } sizes[] = {{"dim", o.dim},           {"layers", o.layers}, {"heads", o.heads},
+               {"kv-heads", o.kv_heads}, {"ffn", o.ffn},       {"ctx", o.ctx}};
   for (auto& s : sizes)
     if (s.v <= 0 || s.v > (1 << 20)) return bad(s.name, s.v, "must be between 1 and 1048576");
   if (o.dim % o.heads != 0) return bad("dim", o.dim, "must be a multiple of --heads");
   if ((o.dim / o.heads) % 2 != 0) return bad("heads", o.heads, "gives an odd head dimension");
   if (o.heads % o.kv_heads != 0) return bad("kv-heads", o.kv_heads, "must divide --heads");
   if (!dtype_supported(o.type)) {
-    return make_error(errc::bad_request,
-                      "--type " + std::string(dtype_name(o.type)) + ": expected f32, f16, bf16 or q8_0");
+    return make_error(errc::bad_request, "--type " + std::string(dtype_name(o.type)) +
+                                             ": expected f32, f16, bf16 or q8_0");
   }
   auto block = static_cast<int32_t>(layout_of(o.type)->block_elems);
   if (o.dim % block != 0) return bad("dim", o.dim, "must be a multiple of the type's block");

@@ -19,8 +19,8 @@ struct synth_options {
   int32_t ffn = 768;
   int32_t ctx = 1024;
   uint64_t seed = 1;
-  dtype type = dtype::f32;  // f32, f16, bf16 or q8_0 for the matrices; norms stay F32
-  bool tied_output = false; // omit output.weight and reuse token_embd.weight
+  dtype type = dtype::f32;   // f32, f16, bf16 or q8_0 for the matrices; norms stay F32
+  bool tied_output = false;  // omit output.weight and reuse token_embd.weight
 };
 
 /// `bad_request` naming the option and its value when the shape is impossible (e.g. a Q8_0 row

@@ -27,7 +27,8 @@ class thread_pool {
   /// (a decode step's matmuls) do not pay a wake-up each.
   template <class F>
   void parallel_for(int64_t n, F&& fn, int64_t grain = 1) {
-    run(n, grain, [](void* ctx, int64_t b, int64_t e) { (*static_cast<F*>(ctx))(b, e); }, &fn);
+    run(
+        n, grain, [](void* ctx, int64_t b, int64_t e) { (*static_cast<F*>(ctx))(b, e); }, &fn);
   }
 
  private:

@@ -56,28 +56,12 @@ caf::error bad(const gguf_file& f, const std::string& what) {
   return make_error(errc::bad_model, f.name() + ": " + what);
 }
 
-bool is_int_type(gguf_type t) {
-  switch (t) {
-    case gguf_type::u8:
-    case gguf_type::i8:
-    case gguf_type::u16:
-    case gguf_type::i16:
-    case gguf_type::u32:
-    case gguf_type::i32:
-    case gguf_type::u64:
-    case gguf_type::i64:
-      return true;
-    default:
-      return false;
-  }
-}
-
 /// Reads a special token id into `id` when the key exists. -1 (or u32 0xFFFFFFFF, as some
 /// converters write) means "none".
 caf::error read_id(const gguf_file& f, std::string_view key, size_t n_tokens, int32_t& id) {
   auto* kv = f.find(key);
   if (!kv) return {};
-  if (!is_int_type(kv->type)) {
+  if (!gguf_is_integer(kv->type)) {
     return bad(f, "key " + kv->key + " has type " + std::string(gguf_type_name(kv->type)) +
                       ", expected an integer");
   }

@@ -29,7 +29,9 @@ result sh(const std::string& cmd) {
   return r;
 }
 
-std::string bin(const char* name) { return std::string(KEEL_BINARY_DIR) + "/apps/" + name; }
+std::string bin(const char* name) {
+  return std::string(KEEL_BINARY_DIR) + "/apps/" + name;
+}
 
 std::string slurp(const std::filesystem::path& p) {
   std::ifstream f(p, std::ios::binary);
@@ -61,7 +63,8 @@ BOOST_AUTO_TEST_CASE(synth_writes_the_same_bytes_for_the_same_arguments) {
        c = (dir.path / "c.gguf").string();
   BOOST_REQUIRE(sh(bin("keel-model") + " synth -o " + a + synth_args + " --type q8_0").status == 0);
   BOOST_REQUIRE(sh(bin("keel-model") + " synth -o " + b + synth_args + " --type q8_0").status == 0);
-  BOOST_REQUIRE(sh(bin("keel-model") + " synth -o " + c + synth_args + " --type q8_0 --seed 9").status == 0);
+  BOOST_REQUIRE(
+      sh(bin("keel-model") + " synth -o " + c + synth_args + " --type q8_0 --seed 9").status == 0);
   BOOST_TEST(slurp(a) == slurp(b));
   BOOST_TEST(slurp(a) != slurp(c));
   auto info = sh(bin("keel-model") + " info " + a);
@@ -74,7 +77,8 @@ BOOST_AUTO_TEST_CASE(generate_prints_prompt_and_generated_ids_deterministically)
   keel::test::temp_dir dir("cli_generate");
   auto m = (dir.path / "m.gguf").string();
   BOOST_REQUIRE(sh(bin("keel-model") + " synth -o " + m + synth_args).status == 0);
-  auto cmd = bin("keel") + " generate --model " + m + " --prompt 'Hello there' --max-tokens 8 --ids";
+  auto cmd =
+      bin("keel") + " generate --model " + m + " --prompt 'Hello there' --max-tokens 8 --ids";
   auto r = sh(cmd);
   BOOST_REQUIRE_MESSAGE(r.status == 0, r.out);
   std::istringstream lines(r.out);
@@ -89,8 +93,10 @@ BOOST_AUTO_TEST_CASE(generate_prints_prompt_and_generated_ids_deterministically)
   BOOST_TEST(n >= 1);
   BOOST_TEST(n <= 8);
   BOOST_TEST(sh(cmd + " --threads 2").out == r.out);
-  auto t1 = sh(bin("keel") + " generate --model " + m + " --prompt hi --temperature 0.9 --seed 3 --ids");
-  auto t2 = sh(bin("keel") + " generate --model " + m + " --prompt hi --temperature 0.9 --seed 3 --ids");
+  auto t1 =
+      sh(bin("keel") + " generate --model " + m + " --prompt hi --temperature 0.9 --seed 3 --ids");
+  auto t2 =
+      sh(bin("keel") + " generate --model " + m + " --prompt hi --temperature 0.9 --seed 3 --ids");
   BOOST_TEST(t1.status == 0);
   BOOST_TEST(t1.out == t2.out);
   auto text = sh(bin("keel") + " generate --model " + m + " --prompt hi --max-tokens 4");
@@ -114,7 +120,8 @@ BOOST_AUTO_TEST_CASE(bad_arguments_get_a_clear_error_naming_the_value) {
   r = sh(g + " --bogus");
   BOOST_TEST(r.status == 2);
   BOOST_TEST(r.out.find("--bogus") != std::string::npos);
-  r = sh(bin("keel") + " generate --model " + (dir.path / "missing.gguf").string() + " --prompt hi");
+  r = sh(bin("keel") + " generate --model " + (dir.path / "missing.gguf").string() +
+         " --prompt hi");
   BOOST_TEST(r.status == 1);
   BOOST_TEST(r.out.find("missing.gguf") != std::string::npos);
   r = sh(bin("keel-model") + " synth -o " + m + " --dim 100 --type q8_0");
@@ -130,7 +137,8 @@ BOOST_AUTO_TEST_CASE(engine_benchmark_writes_a_report) {
   auto m = (dir.path / "m.gguf").string();
   BOOST_REQUIRE(sh(bin("keel-model") + " synth -o " + m + synth_args + " --type f16").status == 0);
   auto report = (dir.path / "engine.md").string();
-  auto r = sh(bin("keel-bench") + " engine --model " + m + " --threads 1 --steps 4 --prompt 16 --out " + report);
+  auto r = sh(bin("keel-bench") + " engine --model " + m +
+              " --threads 1 --steps 4 --prompt 16 --out " + report);
   BOOST_REQUIRE_MESSAGE(r.status == 0, r.out);
   auto text = slurp(report);
   BOOST_TEST(text.find("decode, batch 16") != std::string::npos);

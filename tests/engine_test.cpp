@@ -150,7 +150,8 @@ void check_against_reference(const model& m, double tol) {
   double scale = 0;
   for (double v : ref) scale = std::max(scale, std::abs(v));
   double worst = 0;
-  for (size_t i = 0; i < ref.size(); ++i) worst = std::max(worst, std::abs(got[i] - ref[i]) / scale);
+  for (size_t i = 0; i < ref.size(); ++i)
+    worst = std::max(worst, std::abs(got[i] - ref[i]) / scale);
   BOOST_TEST_MESSAGE("max relative logit error " << worst);
   BOOST_TEST(worst < tol);
   BOOST_TEST(scale > 0.1);  // the model is not degenerate
@@ -158,9 +159,14 @@ void check_against_reference(const model& m, double tol) {
 
 std::vector<generation_request> prompts(const model& m, int n, sampling_params p = {}) {
   tokenizer tok(m.vocabulary());
-  const char* texts[] = {"Once upon a time", "The quick brown fox", "hello", "a",
+  const char* texts[] = {"Once upon a time",
+                         "The quick brown fox",
+                         "hello",
+                         "a",
                          "In the beginning there was a very long sentence that goes on",
-                         "1 2 3 4 5", "Keel keeps conversations alive", "zzz"};
+                         "1 2 3 4 5",
+                         "Keel keeps conversations alive",
+                         "zzz"};
   std::vector<generation_request> out;
   for (int i = 0; i < n; ++i) {
     generation_request r;
@@ -259,7 +265,9 @@ BOOST_AUTO_TEST_CASE(every_cpu_isa_gives_the_same_tokens) {
   auto best = run(*m, reqs, 4, 1);
   for (auto isa : {cpu_isa::scalar, cpu_isa::avx2, cpu_isa::avx512}) {
     use_isa(isa);
-    BOOST_TEST_CONTEXT("isa " << to_string(active_isa())) { BOOST_TEST(run(*m, reqs, 4, 1) == best); }
+    BOOST_TEST_CONTEXT("isa " << to_string(active_isa())) {
+      BOOST_TEST(run(*m, reqs, 4, 1) == best);
+    }
   }
   use_isa(detected_isa());
 }

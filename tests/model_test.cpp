@@ -59,7 +59,8 @@ struct tiny_weights {
     put(freqs.data(), freqs.size() * 4);
     if (!shared) put(wcls.data(), wcls.size() * 4);
     out.resize(out.size() - cut);
-    std::ofstream(path, std::ios::binary).write(out.data(), static_cast<std::streamsize>(out.size()));
+    std::ofstream(path, std::ios::binary)
+        .write(out.data(), static_cast<std::streamsize>(out.size()));
   }
 
   void write_tokenizer(const std::string& path) const {
@@ -68,9 +69,12 @@ struct tiny_weights {
     f.write(reinterpret_cast<const char*>(&max_len), 4);
     for (int32_t i = 0; i < n_vocab; ++i) {
       std::string t;
-      if (i == 0) t = "<unk>";
-      else if (i == 1) t = "<s>";
-      else if (i == 2) t = "</s>";
+      if (i == 0)
+        t = "<unk>";
+      else if (i == 1)
+        t = "<s>";
+      else if (i == 2)
+        t = "</s>";
       else if (i < 3 + 256) {
         char b[8];
         std::snprintf(b, sizeof b, "<0x%02X>", i - 3);

@@ -21,7 +21,9 @@ std::string why(const caf::expected<T>& x) {
 }
 
 /// ../shared/data beside the checkout (see ../shared/data/README.md).
-inline std::filesystem::path shared_data() { return KEEL_SHARED_DATA; }
+inline std::filesystem::path shared_data() {
+  return KEEL_SHARED_DATA;
+}
 
 inline bool under_ci() {
   const char* ci = std::getenv("CI");
