@@ -2,10 +2,123 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
+#include <tuple>
 
 namespace keel {
 
-engine::engine(const model& m, thread_pool& pool) : model_(m), pool_(pool) {}
+namespace {
+
+// Rows [r0, r0 + n) of `w`: contiguous.
+matrix_view row_slice(const matrix_view& w, int64_t r0, int64_t n) {
+  matrix_view v = w;
+  v.data = static_cast<const char*>(w.data) + r0 * static_cast<int64_t>(w.row_bytes);
+  v.rows = n;
+  return v;
+}
+
+// Columns [c0, c0 + n) of `w`: a strided view (same row_bytes); c0 and n are whole blocks.
+matrix_view column_slice(const matrix_view& w, int64_t c0, int64_t n) {
+  matrix_view v = w;
+  v.data =
+      static_cast<const char*>(w.data) + bytes_of(*layout_of(w.type), static_cast<uint64_t>(c0));
+  v.cols = n;
+  return v;
+}
+
+std::string dims_of(const model& m) {
+  const auto& c = m.config();
+  return m.path() + " (" + std::to_string(c.n_heads) + " heads, " + std::to_string(c.n_kv_heads) +
+         " kv heads, head_dim " + std::to_string(c.head_dim) + ", ffn " +
+         std::to_string(c.ffn_dim) + ")";
+}
+
+}  // namespace
+
+caf::error check_sharding(const model& m, shard_layout shard) {
+  const auto& c = m.config();
+  const std::string n = std::to_string(shard.count);
+  if (shard.count < 1 || shard.index < 0 || shard.index >= shard.count) {
+    return make_error(errc::bad_request, "shard " + std::to_string(shard.index) + " of " + n +
+                                             " is not a valid shard of " + dims_of(m));
+  }
+  auto not_divisible = [&](const char* what, int32_t v) {
+    return make_error(errc::bad_request, dims_of(m) + ": " + std::to_string(v) + " " + what +
+                                             " are not divisible by " + n + " shards");
+  };
+  if (c.n_heads % shard.count != 0) return not_divisible("heads", c.n_heads);
+  if (c.n_kv_heads % shard.count != 0) return not_divisible("kv heads", c.n_kv_heads);
+  if (c.ffn_dim % shard.count != 0) return not_divisible("feed-forward columns", c.ffn_dim);
+  // wo and w_down are split by columns: each slice must be whole blocks of its type.
+  const int64_t q_cols = int64_t{c.q_dim()} / shard.count, f_cols = c.ffn_dim / shard.count;
+  for (size_t l = 0; l < m.layers().size(); ++l) {
+    const auto& L = m.layers()[l];
+    for (auto [w, cols, name] :
+         {std::tuple{&L.wo, q_cols, "attn_output"}, std::tuple{&L.w_down, f_cols, "ffn_down"}}) {
+      auto lay = layout_of(w->type);
+      if (!lay) {
+        return make_error(errc::bad_request, dims_of(m) + ": blk." + std::to_string(l) + "." +
+                                                 name + " has type " +
+                                                 std::string(dtype_name(w->type)) +
+                                                 ", which cannot be split into columns");
+      }
+      if (cols % lay->block_elems != 0) {
+        return make_error(errc::bad_request,
+                          dims_of(m) + ": " + n + " shards give blk." + std::to_string(l) + "." +
+                              name + " column slices of " + std::to_string(cols) + ", not a " +
+                              "multiple of the " + std::string(dtype_name(w->type)) + " block of " +
+                              std::to_string(lay->block_elems));
+      }
+    }
+  }
+  return caf::none;
+}
+
+kv_layout kv_layout_for(const model& m, shard_layout shard, int32_t page_tokens) {
+  const auto& c = m.config();
+  const int32_t n = shard.count > 0 ? shard.count : 1;
+  return kv_layout{c.n_layers, c.n_kv_heads / n, c.head_dim, page_tokens};
+}
+
+engine::engine(const model& m, thread_pool& pool) : engine(m, pool, shard_layout{}, nullptr) {}
+
+engine::engine(const model& m, thread_pool& pool, shard_layout shard, collective* coll)
+    : model_(m), pool_(pool), shard_(shard), coll_(coll) {
+  if (auto err = check_sharding(m, shard)) {
+    setup_error_ = std::move(err);
+    return;
+  }
+  if (shard.count > 1 && (coll == nullptr || coll->size() != shard.count)) {
+    setup_error_ = make_error(
+        errc::bad_request,
+        "engine: shard " + std::to_string(shard.index) + " of " + std::to_string(shard.count) +
+            " needs a collective of " + std::to_string(shard.count) + " ranks, got " +
+            (coll == nullptr ? std::string("none") : std::to_string(coll->size())));
+    return;
+  }
+  const auto& c = m.config();
+  const int64_t k = shard.index, hd = c.head_dim;
+  heads_ = c.n_heads / shard.count;
+  kv_heads_ = c.n_kv_heads / shard.count;
+  ffn_ = c.ffn_dim / shard.count;
+  const int64_t qd = heads_ * hd, kvd = kv_heads_ * hd;
+  slices_.reserve(m.layers().size());
+  for (const auto& L : m.layers()) {
+    if (shard.count == 1) {  // the whole matrices, untouched: bit-identical to an unsharded run
+      slices_.push_back({L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down});
+      continue;
+    }
+    slices_.push_back({row_slice(L.wq, k * qd, qd), row_slice(L.wk, k * kvd, kvd),
+                       row_slice(L.wv, k * kvd, kvd), column_slice(L.wo, k * qd, qd),
+                       row_slice(L.w_gate, k * ffn_, ffn_), row_slice(L.w_up, k * ffn_, ffn_),
+                       column_slice(L.w_down, k * ffn_, ffn_)});
+  }
+}
+
+caf::error engine::reduce(float* data, int64_t n) {
+  if (shard_.count == 1) return caf::none;
+  return coll_->all_reduce(shard_.index, data, n);
+}
 
 void engine::matmul(const matrix_view& w, const float* x, int64_t nb, float* y) {
   // Rows are split across threads in grains of 16 so that threads never share a cache line of y
@@ -15,12 +128,23 @@ void engine::matmul(const matrix_view& w, const float* x, int64_t nb, float* y) 
       16);
 }
 
-caf::error engine::forward(std::span<const seq_step> steps) {
+caf::error engine::validate(std::span<const seq_step> steps) const {
   const auto& c = model_.config();
-  int64_t total = 0;
+  const kv_layout want = kv_layout_for(model_, shard_);
   for (auto& s : steps) {
     if (s.kv == nullptr || s.n_tokens <= 0 || s.tokens == nullptr) {
       return make_error(errc::bad_request, "forward: a step has no tokens or no KV sequence");
+    }
+    const auto& have = s.kv->pool().layout();
+    if (have.n_layers != want.n_layers || have.n_kv_heads != want.n_kv_heads ||
+        have.head_dim != want.head_dim) {
+      return make_error(
+          errc::bad_request,
+          "forward: KV pool of " + std::to_string(have.n_layers) + " layers x " +
+              std::to_string(have.n_kv_heads) + " kv heads x " + std::to_string(have.head_dim) +
+              ", shard " + std::to_string(shard_.index) + " of " + std::to_string(shard_.count) +
+              " needs " + std::to_string(want.n_layers) + " x " + std::to_string(want.n_kv_heads) +
+              " x " + std::to_string(want.head_dim));
     }
     if (s.kv->length() + s.n_tokens > c.ctx_len) {
       return make_error(errc::bad_request,
@@ -34,19 +158,61 @@ caf::error engine::forward(std::span<const seq_step> steps) {
                                                  std::to_string(c.vocab_size));
       }
     }
-    total += s.n_tokens;
   }
-  if (total == 0) return caf::none;
+  return caf::none;
+}
+
+caf::error engine::forward(std::span<const seq_step> steps) {
+  if (setup_error_) return setup_error_;
+  const auto& c = model_.config();
+  caf::error local = validate(steps);
+  int64_t total = 0;
+  for (auto& s : steps) total += s.n_tokens;
+  if (!local && total == 0) return caf::none;
   // Reserve every sequence's pages before touching anything: all or nothing.
-  for (size_t i = 0; i < steps.size(); ++i) {
-    auto* kv = steps[i].kv;
-    if (auto err = kv->reserve(kv->length() + steps[i].n_tokens)) {
-      for (size_t j = 0; j <= i; ++j) steps[j].kv->truncate(steps[j].kv->length());
+  size_t reserved = 0;
+  for (; !local && reserved < steps.size(); ++reserved) {
+    auto* kv = steps[reserved].kv;
+    if (auto err = kv->reserve(kv->length() + steps[reserved].n_tokens)) local = std::move(err);
+  }
+  auto roll_back = [&](size_t n) {
+    for (size_t j = 0; j < n; ++j) steps[j].kv->truncate(steps[j].kv->length());
+  };
+  if (local) {
+    roll_back(reserved);
+    // In a group, the other shards wait in the agreement below: tell them (see there).
+    if (shard_.count > 1) {
+      float verdict[2] = {code_of(local) == errc::overloaded ? 1.0f : 0.0f,
+                          code_of(local) == errc::overloaded ? 0.0f : 1.0f};
+      reduce(verdict, 2);
+    }
+    return local;
+  }
+  if (shard_.count > 1) {
+    // The shards agree before computing: a step one shard cannot take (its KV pool is full) is
+    // taken by none, and no shard is left waiting in an all-reduce the others never join.
+    float verdict[2] = {0.0f, 0.0f};  // shards overloaded, shards refusing otherwise
+    if (auto err = reduce(verdict, 2)) {
+      roll_back(steps.size());
       return err;
+    }
+    if (verdict[0] + verdict[1] > 0) {
+      roll_back(steps.size());
+      if (verdict[1] > 0) {
+        return make_error(errc::failed, "forward: another shard of " +
+                                            std::to_string(shard_.count) +
+                                            " rejected the step (were the steps identical?)");
+      }
+      return make_error(errc::overloaded, "forward: KV cache full on " +
+                                              std::to_string(static_cast<int>(verdict[0])) +
+                                              " other shard(s) of " + std::to_string(shard_.count));
     }
   }
 
-  const int64_t T = total, dim = c.dim, qd = c.q_dim(), kvd = c.kv_dim(), ffn = c.ffn_dim;
+  // This shard's widths: its heads, its KV heads, its feed-forward columns (all of them for a
+  // single shard).
+  const int64_t T = total, dim = c.dim, qd = int64_t{heads_} * c.head_dim,
+                kvd = int64_t{kv_heads_} * c.head_dim, ffn = ffn_;
   x_.resize(T * dim);
   xb_.resize(T * std::max<int64_t>(dim, qd));
   q_.resize(T * qd);
@@ -70,31 +236,45 @@ caf::error engine::forward(std::span<const seq_step> steps) {
 
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const auto& L = model_.layers()[l];
+    const auto& S = slices_[l];
     for (int64_t t = 0; t < T; ++t)
       rmsnorm(&xb_[t * dim], &x_[t * dim], L.attn_norm.data(), dim, c.rms_eps);
-    matmul(L.wq, xb_.data(), T, q_.data());
-    matmul(L.wk, xb_.data(), T, k_.data());
-    matmul(L.wv, xb_.data(), T, v_.data());
+    matmul(S.wq, xb_.data(), T, q_.data());
+    matmul(S.wk, xb_.data(), T, k_.data());
+    matmul(S.wv, xb_.data(), T, v_.data());
     for (int64_t t = 0; t < T; ++t) {
-      rope(&q_[t * qd], c.n_heads, c.head_dim, pos_[t], c.rope_theta);
-      rope(&k_[t * kvd], c.n_kv_heads, c.head_dim, pos_[t], c.rope_theta);
+      // RoPE depends only on the position within a head, so a shard rotates its heads alone.
+      rope(&q_[t * qd], heads_, c.head_dim, pos_[t], c.rope_theta);
+      rope(&k_[t * kvd], kv_heads_, c.head_dim, pos_[t], c.rope_theta);
       auto* kv = steps[seq_of_[t]].kv;
       std::memcpy(kv->key(l, pos_[t]), &k_[t * kvd], kvd * sizeof(float));
       std::memcpy(kv->value(l, pos_[t]), &v_[t * kvd], kvd * sizeof(float));
     }
     attention(l, steps);
-    matmul(L.wo, att_.data(), T, xb_.data());
+    // A shard's heads times its columns of wo: a partial sum, completed across the group.
+    matmul(S.wo, att_.data(), T, xb_.data());
+    if (auto err = reduce(xb_.data(), T * dim)) {
+      roll_back(steps.size());
+      return err;
+    }
     for (int64_t i = 0; i < T * dim; ++i) x_[i] += xb_[i];
     for (int64_t t = 0; t < T; ++t)
       rmsnorm(&xb_[t * dim], &x_[t * dim], L.ffn_norm.data(), dim, c.rms_eps);
-    matmul(L.w_gate, xb_.data(), T, gate_.data());
-    matmul(L.w_up, xb_.data(), T, up_.data());
+    matmul(S.w_gate, xb_.data(), T, gate_.data());
+    matmul(S.w_up, xb_.data(), T, up_.data());
     for (int64_t t = 0; t < T; ++t) silu_mul(&gate_[t * ffn], &up_[t * ffn], ffn);
-    matmul(L.w_down, gate_.data(), T, xb_.data());
+    matmul(S.w_down, gate_.data(), T, xb_.data());
+    if (auto err = reduce(xb_.data(), T * dim)) {
+      roll_back(steps.size());
+      return err;
+    }
     for (int64_t i = 0; i < T * dim; ++i) x_[i] += xb_[i];
   }
 
   for (auto& s : steps) s.kv->set_length(s.kv->length() + s.n_tokens);
+  // The residual stream is identical on every shard; the output head is not split, so one
+  // shard computes the logits.
+  if (shard_.index != 0) return caf::none;
 
   // Logits only for the last token of the steps that ask for them, as one batch.
   std::vector<int64_t> want;
@@ -124,15 +304,18 @@ caf::error engine::forward(std::span<const seq_step> steps) {
 
 void engine::attention(int32_t layer, std::span<const seq_step> steps) {
   const auto& c = model_.config();
-  const int64_t T = static_cast<int64_t>(pos_.size()), hd = c.head_dim, qd = c.q_dim();
+  const int64_t T = static_cast<int64_t>(pos_.size()), hd = c.head_dim;
+  const int64_t qd = int64_t{heads_} * hd;
+  const int32_t heads = heads_;
+  // A shard's heads are whole groups: its local head h reads its local KV head h / group.
   const int32_t group = c.n_heads / c.n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   // One (token, head) pair per work item; each is computed by one thread, in a fixed order.
-  pool_.parallel_for(T * c.n_heads, [&](int64_t b, int64_t e) {
+  pool_.parallel_for(T * heads, [&](int64_t b, int64_t e) {
     std::vector<float> scores;
     for (int64_t item = b; item < e; ++item) {
-      const int64_t t = item / c.n_heads;
-      const int32_t h = static_cast<int32_t>(item % c.n_heads);
+      const int64_t t = item / heads;
+      const int32_t h = static_cast<int32_t>(item % heads);
       const int32_t kvh = h / group;
       auto* kv = steps[seq_of_[t]].kv;
       const int64_t n = pos_[t] + 1;  // causal: positions 0 .. pos

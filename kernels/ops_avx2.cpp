@@ -3,6 +3,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -73,9 +74,32 @@ inline __m256 load_q8(const int8_t* q) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
+// Software prefetch of the weight rows that come next, spread evenly over a tile's iterations, so
+// a matrix larger than the caches streams in while every input group computes (see ops_avx512).
+struct prefetcher {
+  const char* p = nullptr;  // next line to prefetch
+  int64_t lines = 0;        // lines to issue over `iters` iterations
+  int64_t iters = 1;
+  int64_t credit = 0;
+
+  prefetcher() = default;
+  prefetcher(const char* begin, int64_t bytes, int64_t n_iters)
+      : p(begin), lines((bytes + 63) / 64), iters(n_iters > 0 ? n_iters : 1) {}
+
+  inline void step() {
+    credit += lines;
+    while (credit >= iters) {
+      _mm_prefetch(p, _MM_HINT_T1);
+      p += 64;
+      credit -= iters;
+    }
+  }
+};
+
 // R rows starting at r times B inputs; every weight block is loaded once for the B inputs.
 template <dtype T, int R, int B>
-void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r) {
+void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r,
+          prefetcher pf = {}) {
   const int64_t rb = static_cast<int64_t>(w.row_bytes);
   const char* base = static_cast<const char*>(w.data) + r * rb;
   const int64_t n = w.cols;
@@ -84,6 +108,7 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
     const int64_t blocks = n / q8_0_block;
     const float* f16 = fp16_table();
     for (int64_t k = 0; k < blocks; ++k) {
+      pf.step();
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
         const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(base + i * rb)[k];
@@ -105,6 +130,7 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
   } else {
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
+      pf.step();
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
         __m256 wlo, whi;
@@ -136,34 +162,46 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
     for (int b = 0; b < B; ++b) y[b * ldy + r + i] = reduce(acc[i][b]);
 }
 
-// Four rows against B inputs, with at most four dot products in flight (16 ymm registers).
+// Four rows against B inputs, with at most four dot products in flight (16 ymm registers). The
+// tiles share out the prefetch of [pf, pf + pf_bytes).
 template <dtype T, int B>
-void rows4(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r) {
+void rows4(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r,
+           const char* pf, int64_t pf_bytes) {
   constexpr int R = B == 1 ? 4 : B == 2 ? 2 : 1;
-  for (int i = 0; i < 4; i += R) tile<T, R, B>(w, x, ldx, y, ldy, r + i);
+  const int64_t iters = T == dtype::q8_0 ? w.cols / q8_0_block : w.cols / 16;
+  for (int i = 0; i < 4; i += R) {
+    const int64_t lo = pf_bytes * i / 4, hi = pf_bytes * (i + R) / 4;
+    tile<T, R, B>(w, x, ldx, y, ldy, r + i, prefetcher(pf + lo, hi - lo, iters));
+  }
 }
 
 template <dtype T>
 void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
               int64_t r0, int64_t r1) {
   // Rows outer, inputs inner, so four rows stay in L1/L2 while all inputs pass over them.
+  // Each input group prefetches its share of the next four rows.
+  const int64_t rb = static_cast<int64_t>(w.row_bytes);
+  const int64_t groups = (nb + 3) / 4;
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
-    for (int64_t b = 0; b < nb; b += 4) {
+    const char* next = static_cast<const char*>(w.data) + (r + 4) * rb;
+    const int64_t pf_bytes = (std::min<int64_t>(r + 8, r1) - (r + 4)) * rb;
+    for (int64_t g = 0, b = 0; b < nb; ++g, b += 4) {
       const float* xb = x + b * ldx;
       float* yb = y + b * ldy;
+      const int64_t lo = pf_bytes * g / groups, hi = pf_bytes * (g + 1) / groups;
       switch (nb - b < 4 ? nb - b : 4) {
         case 1:
-          rows4<T, 1>(w, xb, ldx, yb, ldy, r);
+          rows4<T, 1>(w, xb, ldx, yb, ldy, r, next + lo, hi - lo);
           break;
         case 2:
-          rows4<T, 2>(w, xb, ldx, yb, ldy, r);
+          rows4<T, 2>(w, xb, ldx, yb, ldy, r, next + lo, hi - lo);
           break;
         case 3:
-          rows4<T, 3>(w, xb, ldx, yb, ldy, r);
+          rows4<T, 3>(w, xb, ldx, yb, ldy, r, next + lo, hi - lo);
           break;
         default:
-          rows4<T, 4>(w, xb, ldx, yb, ldy, r);
+          rows4<T, 4>(w, xb, ldx, yb, ldy, r, next + lo, hi - lo);
           break;
       }
     }

@@ -7,6 +7,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels/detail/ops_simd.hpp"
 
 namespace keel::detail::avx512 {
@@ -55,9 +57,33 @@ inline __m512 load_q8(const int8_t* q) {
       _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
 }
 
+// Software prefetch of the weight rows that come next, spread evenly over a tile's iterations:
+// a weight matrix larger than the caches is streamed while the current rows are computed on,
+// instead of only while the first input group passes over them. Prefetches never change results.
+struct prefetcher {
+  const char* p = nullptr;  // next line to prefetch
+  int64_t lines = 0;        // lines to issue over `iters` iterations
+  int64_t iters = 1;
+  int64_t credit = 0;
+
+  prefetcher() = default;
+  prefetcher(const char* begin, int64_t bytes, int64_t n_iters)
+      : p(begin), lines((bytes + 63) / 64), iters(n_iters > 0 ? n_iters : 1) {}
+
+  inline void step() {
+    credit += lines;
+    while (credit >= iters) {
+      _mm_prefetch(p, _MM_HINT_T1);
+      p += 64;
+      credit -= iters;
+    }
+  }
+};
+
 // R rows starting at r times B inputs; every weight block is loaded once for the B inputs.
 template <dtype T, int R, int B>
-void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r) {
+void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r,
+          prefetcher pf) {
   const char* base = static_cast<const char*>(w.data) + r * static_cast<int64_t>(w.row_bytes);
   const int64_t rb = static_cast<int64_t>(w.row_bytes);
   const int64_t n = w.cols;
@@ -71,6 +97,7 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
     const int64_t blocks = n / q8_0_block;
     const float* f16 = fp16_table();
     for (int64_t k = 0; k < blocks; ++k) {
+      pf.step();
       __m512 xlo[B], xhi[B];
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) {
@@ -93,6 +120,7 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
   } else {
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
+      pf.step();
       __m512 xv[B];
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + j);
@@ -120,25 +148,32 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
     for (int b = 0; b < B; ++b) y[b * ldy + r + i] = reduce(acc[i][b]);
 }
 
-// Inputs in groups of 4 against R rows, so the rows stay in L1/L2 across the groups.
+// Inputs in groups of 4 against R rows, so the rows stay in L1/L2 across the groups. Each
+// group's tile prefetches its share of the `pf_bytes` bytes that follow the rows, so the next
+// rows stream in while all the groups compute, not only while the first one does.
 template <dtype T, int R>
 void rows(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
-          int64_t r) {
-  for (int64_t b = 0; b < nb; b += 4) {
+          int64_t r, int64_t pf_bytes) {
+  const char* next = static_cast<const char*>(w.data) + (r + R) * static_cast<int64_t>(w.row_bytes);
+  const int64_t iters = T == dtype::q8_0 ? w.cols / q8_0_block : w.cols / 16;
+  const int64_t groups = (nb + 3) / 4;
+  for (int64_t g = 0, b = 0; b < nb; ++g, b += 4) {
     const float* xb = x + b * ldx;
     float* yb = y + b * ldy;
+    const int64_t lo = pf_bytes * g / groups, hi = pf_bytes * (g + 1) / groups;
+    const prefetcher pf(next + lo, hi - lo, iters);
     switch (nb - b < 4 ? nb - b : 4) {
       case 1:
-        tile<T, R, 1>(w, xb, ldx, yb, ldy, r);
+        tile<T, R, 1>(w, xb, ldx, yb, ldy, r, pf);
         break;
       case 2:
-        tile<T, R, 2>(w, xb, ldx, yb, ldy, r);
+        tile<T, R, 2>(w, xb, ldx, yb, ldy, r, pf);
         break;
       case 3:
-        tile<T, R, 3>(w, xb, ldx, yb, ldy, r);
+        tile<T, R, 3>(w, xb, ldx, yb, ldy, r, pf);
         break;
       default:
-        tile<T, R, 4>(w, xb, ldx, yb, ldy, r);
+        tile<T, R, 4>(w, xb, ldx, yb, ldy, r, pf);
         break;
     }
   }
@@ -147,9 +182,11 @@ void rows(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* 
 template <dtype T>
 void matmul_t(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
               int64_t r0, int64_t r1) {
+  const int64_t rb = static_cast<int64_t>(w.row_bytes);
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) rows<T, 4>(w, x, ldx, nb, y, ldy, r);
-  for (; r < r1; ++r) rows<T, 1>(w, x, ldx, nb, y, ldy, r);
+  for (; r + 4 <= r1; r += 4)
+    rows<T, 4>(w, x, ldx, nb, y, ldy, r, (std::min<int64_t>(r + 8, r1) - (r + 4)) * rb);
+  for (; r < r1; ++r) rows<T, 1>(w, x, ldx, nb, y, ldy, r, 0);
 }
 
 }  // namespace

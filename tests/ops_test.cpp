@@ -169,7 +169,7 @@ BOOST_AUTO_TEST_CASE(every_isa_matches_reference_dot_row_bit_for_bit) {
     for (int64_t cols : widths) {
       auto data = random_matrix(type, rows, cols, rng);
       matrix_view w = make_matrix(type, data.data(), rows, cols);
-      for (int64_t nb : {1, 3, 4, 16}) {
+      for (int64_t nb : {1, 3, 4, 7, 16, 21}) {
         const int64_t ldx = cols + 7, ldy = rows + 3;
         auto x = random_floats(static_cast<size_t>(ldx * nb), rng);
         std::vector<float> want(static_cast<size_t>(ldy * nb));

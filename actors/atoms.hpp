@@ -1,0 +1,41 @@
+#pragma once
+
+// Atoms of Keel's actor protocols (CAF 0.17: at most 10 characters each).
+
+#include <caf/atom.hpp>
+
+namespace keel {
+
+using get_atom = caf::atom_constant<caf::atom("k_get")>;
+using start_atom = caf::atom_constant<caf::atom("k_start")>;
+using stop_atom = caf::atom_constant<caf::atom("k_stop")>;
+using restart_atom = caf::atom_constant<caf::atom("k_restart")>;
+using list_atom = caf::atom_constant<caf::atom("k_list")>;
+using subscribe_atom = caf::atom_constant<caf::atom("k_sub")>;
+using started_atom = caf::atom_constant<caf::atom("k_started")>;
+using backoff_atom = caf::atom_constant<caf::atom("k_backoff")>;
+using stop_timeout_atom = caf::atom_constant<caf::atom("k_stopto")>;  // supervisor-internal
+
+}  // namespace keel
+
+namespace keel {
+
+// Node protocol (see actors/messages.hpp).
+using step_atom = caf::atom_constant<caf::atom("k_step")>;
+using submit_atom = caf::atom_constant<caf::atom("k_submit")>;
+using token_atom = caf::atom_constant<caf::atom("k_token")>;
+using done_atom = caf::atom_constant<caf::atom("k_done")>;
+using cancel_atom = caf::atom_constant<caf::atom("k_cancel")>;
+using attach_atom = caf::atom_constant<caf::atom("k_attach")>;
+using send_atom = caf::atom_constant<caf::atom("k_send")>;
+using history_atom = caf::atom_constant<caf::atom("k_history")>;
+using tick_atom = caf::atom_constant<caf::atom("k_tick")>;
+using stats_atom = caf::atom_constant<caf::atom("k_stats")>;
+
+}  // namespace keel
+
+namespace keel {
+
+using open_atom = caf::atom_constant<caf::atom("k_open")>;
+
+}  // namespace keel

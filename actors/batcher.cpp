@@ -1,0 +1,395 @@
+#include "actors/batcher.hpp"
+
+#include <algorithm>
+#include <map>
+
+#include <caf/event_based_actor.hpp>
+#include <caf/stateful_actor.hpp>
+
+#include "kernels/kv_cache.hpp"
+
+namespace keel {
+
+const char* to_string(finish_reason r) {
+  switch (r) {
+    case finish_reason::length: return "length";
+    case finish_reason::eos: return "eos";
+    case finish_reason::context: return "context";
+    case finish_reason::cancelled: return "cancelled";
+    case finish_reason::overloaded: return "overloaded";
+    case finish_reason::failed: return "failed";
+  }
+  return "unknown";
+}
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+struct sequence {
+  generation_job job;
+  std::vector<int32_t> tokens;  // job.tokens followed by every generated token
+  int64_t kv_length = 0;        // tokens the shards hold in their caches
+  int32_t pages = 0;            // pages reserved for it while admitted
+  uint64_t arrival = 0;
+  bool admitted = false;
+};
+
+struct batcher_state {
+  std::shared_ptr<node_context> ctx;
+  batcher_config cfg;
+  std::map<seq_id, sequence> seqs;  // waiting and admitted
+  std::vector<seq_id> running;      // admitted, in admission order
+  std::vector<seq_id> released;     // to free on the shards with the next step
+  int32_t free_pages = 0;
+  uint64_t arrivals = 0;
+  std::vector<caf::actor> shards;   // by rank; invalid while down
+  bool group_failed = false;        // waiting for the group to restart
+  uint64_t failure_epoch = 0;
+  clock_type::time_point failed_at;
+  bool recovering = false;          // a failure happened and no token was sent since
+  bool in_flight = false;
+  uint64_t step_number = 0;
+  caf::actor engine_sup;
+  sampler_scratch scratch;
+  batcher_stats stats;
+  static inline const char* name = "batcher";
+};
+
+using self_ptr = caf::stateful_actor<batcher_state>*;
+
+int64_t retry_after_ms(const batcher_state& st) {
+  // A rough hint: each waiting turn ahead costs about one admission slot of 50 ms.
+  return 100 + 50 * static_cast<int64_t>(st.seqs.size() - st.running.size());
+}
+
+void finish(self_ptr self, seq_id id, finish_reason why, const std::string& detail = "") {
+  auto& st = self->state;
+  auto i = st.seqs.find(id);
+  if (i == st.seqs.end()) return;
+  auto& s = i->second;
+  int64_t retry = why == finish_reason::overloaded ? retry_after_ms(st) : 0;
+  self->send(s.job.session, done_atom::value, id, why, detail, retry);
+  if (s.admitted) {
+    st.free_pages += s.pages;
+    st.running.erase(std::remove(st.running.begin(), st.running.end(), id), st.running.end());
+    st.released.push_back(id);
+  }
+  st.seqs.erase(i);
+}
+
+int32_t pages_needed(const batcher_state& st, const sequence& s) {
+  const auto& c = st.ctx->llm->config();
+  int64_t remaining = std::max<int64_t>(0, s.job.max_tokens - static_cast<int64_t>(s.job.generated.size()));
+  int64_t total = std::min<int64_t>(c.ctx_len, static_cast<int64_t>(s.tokens.size()) + remaining);
+  return static_cast<int32_t>((total + st.cfg.page_tokens - 1) / st.cfg.page_tokens);
+}
+
+/// Waiting turns, best first: higher priority, then earlier arrival.
+std::vector<seq_id> waiting_order(const batcher_state& st) {
+  std::vector<seq_id> w;
+  for (auto& [id, s] : st.seqs)
+    if (!s.admitted) w.push_back(id);
+  std::sort(w.begin(), w.end(), [&st](seq_id a, seq_id b) {
+    auto& x = st.seqs.at(a);
+    auto& y = st.seqs.at(b);
+    if (x.job.priority != y.job.priority) return x.job.priority > y.job.priority;
+    return x.arrival < y.arrival;
+  });
+  return w;
+}
+
+void admit(self_ptr self) {
+  auto& st = self->state;
+  for (auto id : waiting_order(st)) {
+    if (static_cast<int32_t>(st.running.size()) >= st.cfg.max_batch) return;
+    auto& s = st.seqs.at(id);
+    int32_t need = pages_needed(st, s);
+    if (need > st.cfg.kv_pages) {
+      finish(self, id, finish_reason::overloaded,
+             "the turn needs " + std::to_string(need) + " KV pages, the node has " +
+               std::to_string(st.cfg.kv_pages));
+      continue;
+    }
+    // Strict priority order: a turn that does not fit yet holds back those behind it.
+    if (need > st.free_pages) return;
+    st.free_pages -= need;
+    s.pages = need;
+    s.admitted = true;
+    s.kv_length = 0;
+    st.running.push_back(id);
+  }
+}
+
+void schedule(self_ptr self);
+
+/// Sends the running sequence admitted last back to the queue (KV pages ran out on a shard).
+void preempt_one(self_ptr self) {
+  auto& st = self->state;
+  if (st.running.empty()) return;
+  auto id = st.running.back();
+  st.running.pop_back();
+  auto& s = st.seqs.at(id);
+  st.free_pages += s.pages;
+  s.pages = 0;
+  s.admitted = false;
+  s.kv_length = 0;
+  st.released.push_back(id);
+  ++st.stats.preemptions;
+}
+
+/// Marks ranks as down (their handle is the one in `lost`). The first loss since the group was
+/// last complete starts a recovery: every sequence restarts from an empty cache on the new
+/// workers, and if no worker restarts within restart_grace, the batcher forces it.
+void lose_shards(self_ptr self, const std::vector<caf::actor>& lost) {
+  auto& st = self->state;
+  bool any = false;
+  for (size_t r = 0; r < st.shards.size(); ++r) {
+    if (st.shards[r] && r < lost.size() && st.shards[r] == lost[r]) {
+      st.shards[r] = caf::actor{};
+      any = true;
+    }
+  }
+  if (!any) return;
+  for (auto& [id, s] : st.seqs) s.kv_length = 0;
+  if (!st.group_failed) {
+    st.group_failed = true;
+    ++st.failure_epoch;
+    ++st.stats.group_failures;
+    st.failed_at = clock_type::now();
+    st.recovering = true;
+    self->delayed_send(self, st.cfg.restart_grace, restart_atom::value, st.failure_epoch);
+  }
+}
+
+void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
+                  std::vector<std::vector<float>>& logits) {
+  auto& st = self->state;
+  ++st.stats.steps;
+  const auto& m = *st.ctx->llm;
+  const auto& c = m.config();
+  size_t li = 0;
+  for (auto& e : batch->entries) {
+    auto i = st.seqs.find(e.seq);
+    if (i == st.seqs.end() || !i->second.admitted) {
+      if (e.want_logits) ++li;
+      continue;  // cancelled while the step ran
+    }
+    auto& s = i->second;
+    s.kv_length = e.kv_length + static_cast<int64_t>(e.tokens.size());
+    if (!e.want_logits) continue;
+    auto& l = logits[li++];
+    auto n_recent = std::min<size_t>(std::max(s.job.params.repetition_window, 0), s.tokens.size());
+    auto index = static_cast<int64_t>(s.job.generated.size());
+    int32_t tok = sample(s.job.params, l.data(), c.vocab_size,
+                         s.tokens.data() + s.tokens.size() - n_recent, n_recent, s.job.turn,
+                         static_cast<uint64_t>(index), st.scratch);
+    s.tokens.push_back(tok);
+    s.job.generated.push_back(tok);
+    self->send(s.job.session, token_atom::value, e.seq, index, tok);
+    ++st.stats.tokens;
+    if (st.recovering) {
+      st.recovering = false;
+      st.stats.recovery_ms.push_back(
+        std::chrono::duration<double, std::milli>(clock_type::now() - st.failed_at).count());
+    }
+    if (tok == m.vocabulary().eos) finish(self, e.seq, finish_reason::eos);
+    else if (static_cast<int32_t>(s.job.generated.size()) >= s.job.max_tokens)
+      finish(self, e.seq, finish_reason::length);
+    else if (static_cast<int64_t>(s.tokens.size()) >= c.ctx_len)
+      finish(self, e.seq, finish_reason::context);
+  }
+}
+
+void on_step_failed(self_ptr self, const caf::error& err, const std::vector<caf::actor>& used) {
+  auto code = code_of(err);
+  if (code == errc::overloaded) {
+    preempt_one(self);
+  } else if (code == errc::not_found) {
+    for (auto& [id, s] : self->state.seqs) s.kv_length = 0;
+  } else {
+    // A worker died (or failed in a way only a restart mends): the group restarts as a whole.
+    lose_shards(self, used);
+  }
+}
+
+void schedule(self_ptr self) {
+  auto& st = self->state;
+  if (st.in_flight || st.group_failed) return;
+  admit(self);
+  if (st.running.empty()) return;
+  for (auto& a : st.shards)
+    if (!a) return;  // not all ranks are up
+  auto batch = std::make_shared<step_batch>();
+  batch->number = ++st.step_number;
+  batch->released.swap(st.released);
+  for (auto id : st.running) {
+    auto& s = st.seqs.at(id);
+    auto pending = static_cast<int64_t>(s.tokens.size()) - s.kv_length;
+    auto n = std::min<int64_t>(pending, st.cfg.prefill_chunk);
+    step_entry e;
+    e.seq = id;
+    e.kv_length = s.kv_length;
+    e.tokens.assign(s.tokens.begin() + s.kv_length, s.tokens.begin() + s.kv_length + n);
+    e.want_logits = n == pending;
+    batch->entries.push_back(std::move(e));
+  }
+  std::shared_ptr<const step_batch> sent = batch;
+  st.in_flight = true;
+  auto replies = std::make_shared<int32_t>(0);
+  auto failure = std::make_shared<caf::error>();
+  auto logits = std::make_shared<std::vector<std::vector<float>>>();
+  auto used = st.shards;
+  for (auto& shard : st.shards) {
+    self->request(shard, caf::infinite, step_atom::value, sent)
+      .then(
+        [=](step_result& r) {
+          if (r.rank == 0) *logits = std::move(r.logits);
+          if (++*replies < self->state.cfg.shards) return;
+          self->state.in_flight = false;
+          if (*failure) on_step_failed(self, *failure, used);
+          else on_step_done(self, sent, *logits);
+          schedule(self);
+        },
+        [=](caf::error& err) {
+          // Keep the most telling error: a dead worker outranks the others' "disconnected".
+          if (!*failure || code_of(*failure) == errc::disconnected) *failure = err;
+          if (++*replies < self->state.cfg.shards) return;
+          self->state.in_flight = false;
+          on_step_failed(self, *failure, used);
+          schedule(self);
+        });
+  }
+}
+
+void watch_engine(self_ptr self) {
+  auto& st = self->state;
+  auto sup = st.ctx->engine_sup();
+  if (!sup || sup == st.engine_sup) return;
+  st.engine_sup = sup;
+  self->monitor(sup);
+  self->send(sup, subscribe_atom::value, caf::actor_cast<caf::actor>(self));
+}
+
+caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_config cfg) {
+  auto& st = self->state;
+  st.ctx = std::move(ctx);
+  st.cfg = cfg;
+  st.free_pages = cfg.kv_pages;
+  st.shards.resize(cfg.shards);
+  self->set_down_handler([self](caf::down_msg& m) {
+    auto& st = self->state;
+    if (m.source == st.engine_sup.address()) {
+      // engine_sup itself was restarted by node_sup: subscribe to the new one.
+      st.engine_sup = caf::actor{};
+      lose_shards(self, st.shards);
+      self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);
+      return;
+    }
+    std::vector<caf::actor> lost(st.shards.size());
+    for (size_t r = 0; r < st.shards.size(); ++r)
+      if (st.shards[r] && st.shards[r].address() == m.source) lost[r] = st.shards[r];
+    lose_shards(self, lost);
+  });
+  watch_engine(self);
+  return {
+    [self](started_atom, const std::string& id, caf::actor worker) {
+      auto& st = self->state;
+      if (id.rfind("shard-", 0) != 0) return;
+      auto rank = std::stoi(id.substr(6));
+      if (rank < 0 || rank >= st.cfg.shards) return;
+      self->monitor(worker);
+      st.shards[rank] = std::move(worker);
+      if (std::all_of(st.shards.begin(), st.shards.end(), [](const caf::actor& a) { return a; }))
+        st.group_failed = false;
+      schedule(self);
+    },
+    [self](submit_atom, generation_job& job) {
+      auto& st = self->state;
+      const auto& c = st.ctx->llm->config();
+      auto id = job.seq;
+      std::string bad;
+      if (job.tokens.empty()) bad = "the turn has no tokens";
+      else if (static_cast<int64_t>(job.tokens.size() + job.generated.size()) >= c.ctx_len)
+        bad = "the conversation has " + std::to_string(job.tokens.size() + job.generated.size()) +
+              " tokens, the context length is " + std::to_string(c.ctx_len);
+      else if (auto err = validate(job.params)) bad = message_of(err);
+      if (!bad.empty()) {
+        self->send(job.session, done_atom::value, id, finish_reason::failed, bad, int64_t{0});
+        return;
+      }
+      if (auto old = st.seqs.find(id); old != st.seqs.end()) {
+        // A resubmission replaces the old turn without telling its session.
+        if (old->second.admitted) {
+          st.free_pages += old->second.pages;
+          st.running.erase(std::remove(st.running.begin(), st.running.end(), id), st.running.end());
+          st.released.push_back(id);
+        }
+        st.seqs.erase(old);
+      }
+      sequence s;
+      s.tokens = job.tokens;
+      s.tokens.insert(s.tokens.end(), job.generated.begin(), job.generated.end());
+      s.job = std::move(job);
+      s.arrival = ++st.arrivals;
+      st.seqs.emplace(id, std::move(s));
+      auto waiting = static_cast<int32_t>(st.seqs.size() - st.running.size());
+      if (waiting > st.cfg.max_queue) {
+        auto order = waiting_order(st);
+        ++st.stats.shed;
+        finish(self, order.back(), finish_reason::overloaded,
+               "the wait queue is full (" + std::to_string(st.cfg.max_queue) +
+                 " turns); lowest priority shed");
+      }
+      schedule(self);
+    },
+    [self](cancel_atom, seq_id id) {
+      finish(self, id, finish_reason::cancelled);
+      schedule(self);
+    },
+    [self](attach_atom, seq_id id, caf::actor session, int64_t have) {
+      auto& st = self->state;
+      auto i = st.seqs.find(id);
+      if (i == st.seqs.end()) return;
+      auto& s = i->second;
+      s.job.session = session;
+      for (auto k = std::max<int64_t>(have, 0); k < static_cast<int64_t>(s.job.generated.size()); ++k)
+        self->send(session, token_atom::value, id, k, s.job.generated[k]);
+    },
+    [self](stats_atom) {
+      auto& st = self->state;
+      auto out = st.stats;
+      out.running = static_cast<int32_t>(st.running.size());
+      out.waiting = static_cast<int32_t>(st.seqs.size() - st.running.size());
+      out.free_pages = st.free_pages;
+      return out;
+    },
+    [self](tick_atom) {
+      watch_engine(self);
+      if (!self->state.engine_sup)
+        self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);
+      schedule(self);
+    },
+    [self](restart_atom, uint64_t epoch) {
+      auto& st = self->state;
+      if (!st.group_failed || epoch != st.failure_epoch) return;
+      // The group did not restart by itself: fail the workers so that engine_sup restarts them.
+      if (st.engine_sup) {
+        self->request(st.engine_sup, caf::infinite, list_atom::value)
+          .then([](const std::vector<child_info>& children) {
+            for (auto& c : children)
+              if (c.handle) caf::anon_send_exit(c.handle, caf::exit_reason::kill);
+          });
+      }
+    },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_batcher(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
+                         batcher_config cfg) {
+  return sys.spawn(batcher, std::move(ctx), cfg);
+}
+
+}  // namespace keel

@@ -1,0 +1,136 @@
+#include "actors/node.hpp"
+
+#include <caf/scoped_actor.hpp>
+
+#include "actors/shard_worker.hpp"
+#include "kernels/engine.hpp"
+#include "kernels/kv_cache.hpp"
+
+namespace keel {
+
+namespace {
+
+/// Wraps a child spec so that each start records the new handle in the node context.
+child_spec recording(child_spec spec, std::function<void(caf::actor)> record) {
+  auto start = std::move(spec.start);
+  spec.start = [start, record](caf::actor_system& sys, const std::string& path,
+                               const caf::message& args) -> caf::expected<caf::actor> {
+    auto a = start(sys, path, args);
+    if (a) record(*a);
+    return a;
+  };
+  return spec;
+}
+
+constexpr auto call_timeout = std::chrono::seconds(10);
+
+}  // namespace
+
+caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_config cfg,
+                                                 std::shared_ptr<supervision_log> log) {
+  auto m = model::load(cfg.model_path, cfg.tokenizer_path);
+  if (!m) return std::move(m.error());
+  shard_layout layout{0, cfg.shards};
+  if (cfg.shards < 1) {
+    return make_error(errc::bad_request, "shards must be at least 1, got " + std::to_string(cfg.shards));
+  }
+  if (auto err = check_sharding(**m, layout)) return err;
+  std::unique_ptr<node> n(new node(sys));
+  auto ctx = std::make_shared<node_context>();
+  ctx->name = cfg.name;
+  ctx->tok = std::make_shared<tokenizer>((*m)->vocabulary());
+  ctx->llm = std::shared_ptr<const model>(std::move(*m));
+  ctx->faults = std::make_shared<fault_injector>();
+  ctx->log = log ? std::move(log) : std::make_shared<supervision_log>();
+
+  auto group = std::make_shared<engine_group>();
+  group->ctx = ctx;
+  group->shards = cfg.shards;
+  group->threads_per_shard = cfg.threads_per_shard;
+  group->kv_bytes_per_shard = cfg.kv_bytes / static_cast<uint64_t>(cfg.shards);
+  kv_pool probe(kv_layout_for(*ctx->llm, layout, cfg.batching.page_tokens), 0);
+  cfg.batching.shards = cfg.shards;
+  cfg.batching.kv_pages = static_cast<int32_t>(group->kv_bytes_per_shard / probe.page_bytes());
+  if (cfg.batching.kv_pages < 1) {
+    return make_error(errc::bad_request, "kv_bytes " + std::to_string(cfg.kv_bytes) +
+                                           " leaves no KV page per shard (a page is " +
+                                           std::to_string(probe.page_bytes()) + " bytes)");
+  }
+
+  auto table = std::make_shared<session_table>();
+  auto engine_sup = recording(
+    supervisor_child("engine", cfg.engine_flags, shard_worker_specs(group), ctx->log),
+    [ctx](caf::actor a) { ctx->set_engine_sup(std::move(a)); });
+  child_spec batcher;
+  batcher.id = "batcher";
+  batcher.start = [ctx, bcfg = cfg.batching](caf::actor_system& s, const std::string&,
+                                              const caf::message&) -> caf::expected<caf::actor> {
+    return spawn_batcher(s, ctx, bcfg);
+  };
+  batcher = recording(std::move(batcher), [ctx](caf::actor a) { ctx->set_batcher(std::move(a)); });
+  auto sessions = supervisor_child("sessions", cfg.session_flags, {session_spec(ctx, table)}, ctx->log);
+  n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags,
+                              {std::move(engine_sup), std::move(batcher), std::move(sessions)},
+                              ctx->log);
+  n->cfg_ = std::move(cfg);
+  n->ctx_ = std::move(ctx);
+  n->sessions_ = std::move(table);
+  return n;
+}
+
+node::~node() { stop(); }
+
+void node::stop() {
+  if (!root_) return;
+  caf::scoped_actor self{sys_};
+  self->monitor(root_);
+  self->send_exit(root_, caf::exit_reason::user_shutdown);
+  self->receive([](const caf::down_msg&) {}, caf::after(std::chrono::seconds(30)) >> [] {});
+  root_ = caf::actor{};
+}
+
+caf::actor node::child(const std::string& id) {
+  caf::scoped_actor self{sys_};
+  caf::actor out;
+  self->request(root_, call_timeout, get_atom::value, id)
+    .receive([&](caf::actor a) { out = std::move(a); }, [](caf::error&) {});
+  return out;
+}
+
+caf::expected<std::string> node::open_session(const sampling_params& params, int32_t priority) {
+  if (auto err = validate(params)) return err;
+  session_record r;
+  r.number = ++next_session_;
+  r.id = "s-" + std::to_string(r.number);
+  r.params = params;
+  r.priority = priority;
+  auto sup = child("sessions");
+  if (!sup) return make_error(errc::disconnected, cfg_.name + ": the session supervisor is down");
+  caf::scoped_actor self{sys_};
+  caf::expected<std::string> out = make_error(errc::failed, "no reply");
+  self->request(sup, call_timeout, start_atom::value, r.id, caf::make_message(r))
+    .receive([&](caf::actor&) { out = r.id; }, [&](caf::error& e) { out = std::move(e); });
+  return out;
+}
+
+caf::actor node::session(const std::string& id) {
+  auto sup = child("sessions");
+  if (!sup) return {};
+  caf::scoped_actor self{sys_};
+  caf::actor out;
+  self->request(sup, call_timeout, get_atom::value, id)
+    .receive([&](caf::actor a) { out = std::move(a); }, [](caf::error&) {});
+  return out;
+}
+
+caf::expected<batcher_stats> node::stats() {
+  auto b = ctx_->batcher();
+  if (!b) return make_error(errc::disconnected, cfg_.name + ": the batcher is down");
+  caf::scoped_actor self{sys_};
+  caf::expected<batcher_stats> out = make_error(errc::failed, "no reply");
+  self->request(b, call_timeout, stats_atom::value)
+    .receive([&](batcher_stats& s) { out = std::move(s); }, [&](caf::error& e) { out = std::move(e); });
+  return out;
+}
+
+}  // namespace keel

@@ -1,0 +1,77 @@
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <caf/actor.hpp>
+#include <caf/actor_system.hpp>
+
+#include "actors/batcher.hpp"
+#include "actors/node_context.hpp"
+#include "actors/session.hpp"
+#include "actors/supervisor.hpp"
+
+namespace keel {
+
+struct node_config {
+  std::string name = "node";
+  std::string model_path;
+  std::string tokenizer_path;  // llama2.c models only
+  int32_t shards = 1;
+  int32_t threads_per_shard = 1;
+  uint64_t kv_bytes = 256ull << 20;  // KV budget of the whole node, split across shards
+  batcher_config batching;           // shards and kv_pages are filled in by the node
+  supervisor_flags engine_flags{restart_strategy::one_for_all, 10, std::chrono::seconds(10), {}};
+  supervisor_flags node_flags{restart_strategy::one_for_one, 5, std::chrono::seconds(10), {}};
+  supervisor_flags session_flags{restart_strategy::simple_one_for_one, 20, std::chrono::seconds(10), {}};
+};
+
+/// One node's supervision tree in this process:
+///
+///   node          one_for_one
+///   |- engine     one_for_all: shard-0 .. shard-{n-1}
+///   |- batcher    permanent
+///   `- sessions   simple_one_for_one: one transient session actor per conversation
+///
+/// The model is loaded once and shared; restarts map nothing again. Owned by main() or a test;
+/// the destructor stops the tree in reverse order.
+class node {
+ public:
+  static caf::expected<std::unique_ptr<node>> start(caf::actor_system& sys, node_config cfg,
+                                                     std::shared_ptr<supervision_log> log = {});
+  ~node();
+  node(const node&) = delete;
+  node& operator=(const node&) = delete;
+
+  caf::actor root() const { return root_; }
+  const std::shared_ptr<node_context>& context() const { return ctx_; }
+  fault_injector& faults() { return *ctx_->faults; }
+  supervision_log& log() { return *ctx_->log; }
+  const node_config& config() const { return cfg_; }
+
+  /// Opens a conversation and returns its id ("s-1", "s-2", ...).
+  caf::expected<std::string> open_session(const sampling_params& params, int32_t priority = 0);
+  /// The session's current actor (invalid when unknown or between restarts).
+  caf::actor session(const std::string& id);
+  /// The current handle of a direct child of the root: "engine", "batcher" or "sessions".
+  caf::actor child(const std::string& id);
+  /// The batcher's figures.
+  caf::expected<batcher_stats> stats();
+
+  /// Stops the tree (also done by the destructor).
+  void stop();
+
+ private:
+  node(caf::actor_system& sys) : sys_(sys) {}
+
+  caf::actor_system& sys_;
+  node_config cfg_;
+  std::shared_ptr<node_context> ctx_;
+  std::shared_ptr<session_table> sessions_;
+  caf::actor root_;
+  std::atomic<uint64_t> next_session_{0};
+};
+
+}  // namespace keel

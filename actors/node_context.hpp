@@ -1,0 +1,49 @@
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include <caf/actor.hpp>
+
+#include "actors/fault.hpp"
+#include "actors/supervisor.hpp"
+#include "kernels/model.hpp"
+#include "kernels/tokenizer.hpp"
+
+namespace keel {
+
+/// What one node's actors share: the model (mapped once, so restarts do not reload it), the
+/// tokenizer, fault injection, the supervision log, and the current handles of the
+/// long-lived actors, which supervisors update when they (re)start them. Thread-safe.
+struct node_context {
+  std::string name;  // the root of actor paths ("node")
+  std::shared_ptr<const model> llm;
+  std::shared_ptr<const tokenizer> tok;
+  std::shared_ptr<fault_injector> faults;
+  std::shared_ptr<supervision_log> log;
+
+  caf::actor engine_sup() const {
+    std::lock_guard<std::mutex> guard(mu_);
+    return engine_sup_;
+  }
+  caf::actor batcher() const {
+    std::lock_guard<std::mutex> guard(mu_);
+    return batcher_;
+  }
+  void set_engine_sup(caf::actor a) {
+    std::lock_guard<std::mutex> guard(mu_);
+    engine_sup_ = std::move(a);
+  }
+  void set_batcher(caf::actor a) {
+    std::lock_guard<std::mutex> guard(mu_);
+    batcher_ = std::move(a);
+  }
+
+ private:
+  mutable std::mutex mu_;
+  caf::actor engine_sup_;
+  caf::actor batcher_;
+};
+
+}  // namespace keel

@@ -1,0 +1,194 @@
+#include "actors/session.hpp"
+
+#include <stdexcept>
+
+#include <caf/event_based_actor.hpp>
+#include <caf/stateful_actor.hpp>
+
+namespace keel {
+
+void session_table::put(const session_record& r) {
+  std::lock_guard<std::mutex> guard(mu_);
+  records_[r.id] = r;
+}
+
+std::optional<session_record> session_table::get(const std::string& id) const {
+  std::lock_guard<std::mutex> guard(mu_);
+  auto i = records_.find(id);
+  if (i == records_.end()) return std::nullopt;
+  return i->second;
+}
+
+std::vector<std::string> session_table::ids() const {
+  std::lock_guard<std::mutex> guard(mu_);
+  std::vector<std::string> out;
+  for (auto& [id, r] : records_) out.push_back(id);
+  return out;
+}
+
+void session_table::erase(const std::string& id) {
+  std::lock_guard<std::mutex> guard(mu_);
+  records_.erase(id);
+}
+
+namespace {
+
+struct session_state {
+  std::shared_ptr<node_context> ctx;
+  std::shared_ptr<session_table> table;
+  session_record rec;
+  caf::actor batcher;  // the one the running turn was submitted to
+  static inline const char* name = "session";
+};
+
+using self_ptr = caf::stateful_actor<session_state>*;
+
+seq_id seq_of(const session_record& r, uint64_t turn) { return (r.number << 24) | turn; }
+
+void check_fault(self_ptr self) {
+  auto& st = self->state;
+  if (st.ctx->faults->take_session_crash(st.rec.id))
+    throw std::runtime_error("injected fault: session " + st.rec.id + " crashed");
+}
+
+turn_record* running_turn(session_state& st) {
+  if (st.rec.turns.empty() || st.rec.turns.back().done) return nullptr;
+  return &st.rec.turns.back();
+}
+
+/// Submits the running turn to the current batcher (first time, or again after the batcher or
+/// this session restarted: generation continues after the tokens already delivered).
+void submit(self_ptr self) {
+  auto& st = self->state;
+  auto* t = running_turn(st);
+  if (t == nullptr) return;
+  auto b = st.ctx->batcher();
+  if (!b) {
+    self->delayed_send(self, std::chrono::milliseconds(10), submit_atom::value);
+    return;
+  }
+  if (b != st.batcher) {
+    st.batcher = b;
+    self->monitor(b);
+  }
+  generation_job job;
+  job.seq = seq_of(st.rec, t->turn);
+  job.session = caf::actor_cast<caf::actor>(self);
+  for (auto& past : st.rec.turns) {
+    job.tokens.insert(job.tokens.end(), past.user.begin(), past.user.end());
+    if (&past != t) job.tokens.insert(job.tokens.end(), past.generated.begin(), past.generated.end());
+  }
+  job.generated = t->generated;
+  job.params = st.rec.params;
+  job.priority = st.rec.priority;
+  job.max_tokens = t->max_tokens;
+  job.turn = t->turn;
+  self->send(b, submit_atom::value, std::move(job));
+}
+
+caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
+                      std::shared_ptr<session_table> table, session_record initial) {
+  auto& st = self->state;
+  st.ctx = std::move(ctx);
+  st.table = std::move(table);
+  if (auto saved = st.table->get(initial.id)) {
+    st.rec = std::move(*saved);  // a restart: continue where the crashed incarnation was
+  } else {
+    st.rec = std::move(initial);
+    st.table->put(st.rec);
+  }
+  // A turn that was running when the previous incarnation died: resubmitting replaces the
+  // batcher's copy and continues after the tokens this session has recorded.
+  submit(self);
+  self->set_down_handler([self](caf::down_msg& m) {
+    auto& st = self->state;
+    if (m.source == st.batcher.address()) {
+      st.batcher = caf::actor{};
+      self->delayed_send(self, std::chrono::milliseconds(10), submit_atom::value);
+    }
+  });
+  return {
+    [self](send_atom, const std::string& text, int32_t max_tokens,
+           caf::actor sink) -> caf::result<uint64_t> {
+      check_fault(self);
+      auto& st = self->state;
+      if (auto* t = running_turn(st)) {
+        return make_error(errc::bad_request, "session " + st.rec.id + ": turn " +
+                                               std::to_string(t->turn) + " is still running");
+      }
+      if (text.empty()) return make_error(errc::bad_request, "session " + st.rec.id + ": empty turn");
+      if (max_tokens < 1) {
+        return make_error(errc::bad_request, "max_tokens must be at least 1, got " +
+                                               std::to_string(max_tokens));
+      }
+      turn_record t;
+      t.turn = st.rec.turns.size();
+      const auto& tok = *st.ctx->tok;
+      t.user = tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
+      t.max_tokens = max_tokens;
+      t.sink = std::move(sink);
+      auto turn = t.turn;
+      st.rec.turns.push_back(std::move(t));
+      st.table->put(st.rec);
+      submit(self);
+      return turn;
+    },
+    [self](submit_atom) { submit(self); },
+    [self](token_atom, seq_id seq, int64_t index, int32_t token) {
+      check_fault(self);
+      auto& st = self->state;
+      auto* t = running_turn(st);
+      if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
+      // Exactly once: an index already recorded is a repeat (after a resubmission or attach).
+      if (index != static_cast<int64_t>(t->generated.size())) return;
+      t->generated.push_back(token);
+      st.table->put(st.rec);
+      self->send(t->sink, token_atom::value, st.rec.id, t->turn, index, token,
+                 st.ctx->tok->token_text(token));
+    },
+    [self](done_atom, seq_id seq, finish_reason why, const std::string& detail,
+           int64_t retry_after_ms) {
+      auto& st = self->state;
+      auto* t = running_turn(st);
+      if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
+      t->done = true;
+      t->reason = why;
+      st.table->put(st.rec);
+      self->send(t->sink, done_atom::value, st.rec.id, t->turn, why, detail, retry_after_ms);
+    },
+    [self](cancel_atom) {
+      auto& st = self->state;
+      if (auto* t = running_turn(st); t && st.batcher)
+        self->send(st.batcher, cancel_atom::value, seq_of(st.rec, t->turn));
+    },
+    [self](history_atom) {
+      std::vector<std::vector<int32_t>> out;
+      for (auto& t : self->state.rec.turns) out.push_back(t.generated);
+      return out;
+    },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_session(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
+                         std::shared_ptr<session_table> table, session_record initial) {
+  return sys.spawn(session, std::move(ctx), std::move(table), std::move(initial));
+}
+
+child_spec session_spec(std::shared_ptr<node_context> ctx, std::shared_ptr<session_table> table) {
+  child_spec c;
+  c.id = "session";
+  c.restart = restart_type::transient;
+  c.shutdown.timeout = std::chrono::seconds(1);
+  c.start = [ctx, table](caf::actor_system& sys, const std::string&,
+                         const caf::message& args) -> caf::expected<caf::actor> {
+    if (args.size() != 1 || !args.match_element<session_record>(0))
+      return make_error(errc::bad_request, "session_sup: start expects one session_record");
+    return spawn_session(sys, ctx, table, args.get_as<session_record>(0));
+  };
+  return c;
+}
+
+}  // namespace keel
+

@@ -1,0 +1,128 @@
+#include "actors/shard_worker.hpp"
+
+#include <map>
+#include <stdexcept>
+#include <thread>
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/stateful_actor.hpp>
+
+#include "kernels/engine.hpp"
+#include "kernels/kv_cache.hpp"
+#include "kernels/thread_pool.hpp"
+
+namespace keel {
+
+std::shared_ptr<collective> engine_group::collective_for(int32_t rank) {
+  std::lock_guard<std::mutex> guard(mu_);
+  if (rank == 0 || !current_ || current_->aborted()) {
+    if (current_) current_->abort();
+    current_ = std::make_shared<collective>(shards);
+  }
+  return current_;
+}
+
+namespace {
+
+struct shard_state {
+  std::shared_ptr<engine_group> group;
+  int32_t rank = 0;
+  std::string path;
+  std::shared_ptr<collective> coll;
+  std::unique_ptr<thread_pool> pool;
+  std::unique_ptr<kv_pool> kv;
+  std::unique_ptr<engine> eng;
+  std::map<seq_id, kv_sequence> seqs;
+  uint64_t steps = 0;
+  static inline const char* name = "shard_worker";
+};
+
+caf::result<step_result> run_step(shard_state& st, const step_batch& b) {
+  auto& faults = *st.group->ctx->faults;
+  auto f = faults.on_shard_step(st.rank);
+  if (f.stall.count() > 0) std::this_thread::sleep_for(f.stall);
+  if (f.crash) {
+    throw std::runtime_error("injected fault: " + st.path + " crashed at step " +
+                             std::to_string(st.steps));
+  }
+  if (auto n = faults.take_kv_failures(st.rank); n > 0) st.kv->fail_next_allocations(n);
+  ++st.steps;
+  for (auto id : b.released) st.seqs.erase(id);
+  std::vector<seq_step> steps;
+  steps.reserve(b.entries.size());
+  step_result out;
+  out.number = b.number;
+  out.rank = st.rank;
+  const bool leader = st.rank == 0;
+  const auto vocab = st.group->ctx->llm->config().vocab_size;
+  for (auto& e : b.entries) {
+    auto& seq = st.seqs.try_emplace(e.seq, *st.kv).first->second;
+    if (seq.length() > e.kv_length) seq.truncate(e.kv_length);
+    if (seq.length() != e.kv_length) {
+      return make_error(errc::not_found, st.path + ": sequence " + std::to_string(e.seq) + " has " +
+                                        std::to_string(seq.length()) +
+                                        " cached tokens, the step expects " +
+                                        std::to_string(e.kv_length));
+    }
+    if (leader && e.want_logits) out.logits.emplace_back(vocab);
+  }
+  size_t li = 0;
+  for (auto& e : b.entries) {
+    seq_step s;
+    s.kv = &st.seqs.at(e.seq);
+    s.tokens = e.tokens.data();
+    s.n_tokens = static_cast<int32_t>(e.tokens.size());
+    s.logits = leader && e.want_logits ? out.logits[li++].data() : nullptr;
+    steps.push_back(s);
+  }
+  if (auto err = st.eng->forward(steps)) return err;
+  return out;
+}
+
+caf::behavior shard_worker(caf::stateful_actor<shard_state>* self,
+                           std::shared_ptr<engine_group> group, int32_t rank, std::string path) {
+  auto& st = self->state;
+  st.group = group;
+  st.rank = rank;
+  st.path = std::move(path);
+  st.coll = group->collective_for(rank);
+  const auto& m = *group->ctx->llm;
+  shard_layout layout{rank, group->shards};
+  st.pool = std::make_unique<thread_pool>(group->threads_per_shard);
+  st.kv = std::make_unique<kv_pool>(kv_layout_for(m, layout), group->kv_bytes_per_shard);
+  st.eng = std::make_unique<engine>(m, *st.pool, layout, st.coll.get());
+  // Whatever ends this actor, the other ranks must not wait for it in the collective.
+  self->attach_functor([coll = st.coll] { coll->abort(); });
+  return {
+    [self](step_atom, const std::shared_ptr<const step_batch>& b) -> caf::result<step_result> {
+      return run_step(self->state, *b);
+    },
+  };
+}
+
+}  // namespace
+
+caf::expected<caf::actor> spawn_shard_worker(caf::actor_system& sys,
+                                             std::shared_ptr<engine_group> group, int32_t rank,
+                                             std::string path) {
+  if (auto err = check_sharding(*group->ctx->llm, shard_layout{rank, group->shards})) return err;
+  return sys.spawn<caf::detached>(shard_worker, std::move(group), rank, std::move(path));
+}
+
+std::vector<child_spec> shard_worker_specs(std::shared_ptr<engine_group> group) {
+  std::vector<child_spec> out;
+  for (int32_t r = 0; r < group->shards; ++r) {
+    child_spec c;
+    c.id = "shard-" + std::to_string(r);
+    c.start = [group, r](caf::actor_system& sys, const std::string& path, const caf::message&) {
+      return spawn_shard_worker(sys, group, r, path);
+    };
+    c.restart = restart_type::permanent;
+    c.shutdown.timeout = std::chrono::seconds(10);  // a step in progress finishes first
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+}  // namespace keel

@@ -1,0 +1,50 @@
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "actors/messages.hpp"
+#include "actors/node_context.hpp"
+#include "actors/supervisor.hpp"
+#include "kernels/collective.hpp"
+
+namespace keel {
+
+/// The shared set-up of one tensor-parallel engine group (the children of engine_sup).
+struct engine_group {
+  std::shared_ptr<node_context> ctx;
+  int32_t shards = 1;
+  int32_t threads_per_shard = 1;
+  uint64_t kv_bytes_per_shard = 64ull << 20;
+
+  /// The collective of the group's current incarnation: rank 0 starts first (one_for_all starts
+  /// children in order) and makes a new one; the other ranks join it.
+  std::shared_ptr<collective> collective_for(int32_t rank);
+
+ private:
+  std::mutex mu_;
+  std::shared_ptr<collective> current_;
+};
+
+/// A shard worker owns one device (here: a group of CPU threads), its slice of the weights and
+/// its KV pages. It runs as a detached actor (compute and the collective block its thread).
+///
+/// Messages:
+/// - `(step_atom, std::shared_ptr<const step_batch>) -> step_result`: frees the released
+///   sequences, then runs the entries as one batched forward step. Errors: `overloaded` when
+///   KV pages run out (nothing changed), `disconnected` when another rank of the group died
+///   mid-step, `not_found` when an entry's kv_length does not match this shard's cache (the
+///   batcher then starts every sequence over from an empty cache).
+/// Faults (fault_injector): crash (an exception: the actor fails), stall, failed KV allocations.
+/// When it terminates for any reason it aborts the group's collective, so that no other rank
+/// stays blocked.
+caf::expected<caf::actor> spawn_shard_worker(caf::actor_system& sys,
+                                             std::shared_ptr<engine_group> group, int32_t rank,
+                                             std::string path);
+
+/// Child specs "shard-0" .. "shard-{n-1}" for engine_sup.
+std::vector<child_spec> shard_worker_specs(std::shared_ptr<engine_group> group);
+
+}  // namespace keel

@@ -1,0 +1,248 @@
+#define BOOST_TEST_MODULE node_test
+#include <boost/test/unit_test.hpp>
+
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <random>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/scoped_actor.hpp>
+
+#include "actors/node.hpp"
+#include "kernels/generate.hpp"
+#include "kernels/synth.hpp"
+#include "tests/test_support.hpp"
+
+using namespace keel;
+
+namespace {
+
+/// What a sink saw of each (session, turn): tokens by index, and how the turn ended.
+struct transcript {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<std::pair<std::string, uint64_t>, std::vector<int32_t>> tokens;
+  std::map<std::pair<std::string, uint64_t>, finish_reason> done;
+  std::map<std::pair<std::string, uint64_t>, int64_t> retry_after;
+  int violations = 0;  // an index out of order (lost or repeated token)
+
+  bool wait_done(size_t n, std::chrono::seconds limit) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, limit, [&] { return done.size() >= n; });
+  }
+};
+
+caf::behavior sink(caf::event_based_actor*, std::shared_ptr<transcript> t) {
+  return {
+    [t](token_atom, const std::string& s, uint64_t turn, int64_t index, int32_t tok,
+        const std::string&) {
+      std::lock_guard<std::mutex> guard(t->mu);
+      auto& v = t->tokens[{s, turn}];
+      if (index != static_cast<int64_t>(v.size())) ++t->violations;
+      else v.push_back(tok);
+    },
+    [t](done_atom, const std::string& s, uint64_t turn, finish_reason why, const std::string&,
+        int64_t retry) {
+      std::lock_guard<std::mutex> guard(t->mu);
+      t->done[{s, turn}] = why;
+      t->retry_after[{s, turn}] = retry;
+      t->cv.notify_all();
+    },
+  };
+}
+
+struct fixture {
+  test::temp_dir dir{"node_test"};
+  std::string model_path;
+  fixture() {
+    synth_options o;
+    o.dim = 128;
+    o.layers = 2;
+    o.heads = 8;
+    o.kv_heads = 4;
+    o.ffn = 256;
+    o.ctx = 512;
+    o.seed = 11;
+    auto w = synthesize(o, builtin_byte_vocab());
+    BOOST_REQUIRE(w);
+    model_path = (dir.path / "m.gguf").string();
+    BOOST_REQUIRE(!w->write(model_path));
+  }
+};
+
+struct run_result {
+  std::map<std::pair<std::string, uint64_t>, std::vector<int32_t>> tokens;
+  std::map<std::pair<std::string, uint64_t>, finish_reason> done;
+  std::map<std::pair<std::string, uint64_t>, int64_t> retry_after;
+  int violations = 0;
+  batcher_stats stats;
+  int32_t shard_restarts = 0;
+};
+
+const char* prompts[] = {"Once upon a time", "The quick brown fox", "hello", "In the beginning",
+                         "1 2 3", "Keel keeps conversations alive", "zzz", "a b c d e f"};
+
+sampling_params sampled(uint64_t seed) {
+  sampling_params p;
+  p.temperature = 0.8f;
+  p.top_k = 40;
+  p.seed = seed;
+  return p;
+}
+
+/// Runs `n` conversations of one turn each on a fresh node; `arm` may inject faults after the
+/// turns are submitted.
+run_result run_node(const std::string& model, node_config cfg, int n, int32_t max_tokens,
+                    const std::function<void(node&)>& arm = {},
+                    const std::function<int32_t(int)>& priority = {}) {
+  caf::actor_system_config sys_cfg;
+  caf::actor_system sys{sys_cfg};
+  cfg.model_path = model;
+  auto log = std::make_shared<supervision_log>([](const std::string&) {});
+  auto nd = node::start(sys, cfg, log);
+  BOOST_REQUIRE_MESSAGE(nd, test::why(nd));
+  auto t = std::make_shared<transcript>();
+  auto snk = sys.spawn(sink, t);
+  caf::scoped_actor self{sys};
+  for (int i = 0; i < n; ++i) {
+    auto id = (*nd)->open_session(sampled(static_cast<uint64_t>(i)), priority ? priority(i) : 0);
+    BOOST_REQUIRE_MESSAGE(id, test::why(id));
+    auto s = (*nd)->session(*id);
+    BOOST_REQUIRE(s);
+    self->request(s, std::chrono::seconds(10), send_atom::value, std::string(prompts[i % 8]),
+                  max_tokens, snk)
+      .receive([](uint64_t) {}, [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
+  }
+  if (arm) arm(**nd);
+  BOOST_REQUIRE_MESSAGE(t->wait_done(static_cast<size_t>(n), std::chrono::seconds(120)),
+                        "turns did not finish");
+  run_result r;
+  {
+    std::lock_guard<std::mutex> guard(t->mu);
+    r.tokens = t->tokens;
+    r.done = t->done;
+    r.retry_after = t->retry_after;
+    r.violations = t->violations;
+  }
+  auto st = (*nd)->stats();
+  BOOST_REQUIRE(st);
+  r.stats = *st;
+  for (int s = 0; s < cfg.shards; ++s)
+    r.shard_restarts += log->restarts(cfg.name + "/engine/shard-" + std::to_string(s));
+  (*nd)->stop();
+  caf::anon_send_exit(snk, caf::exit_reason::user_shutdown);
+  return r;
+}
+
+node_config two_shards() {
+  node_config c;
+  c.shards = 2;
+  c.threads_per_shard = 1;
+  c.kv_bytes = 64ull << 20;
+  c.batching.max_batch = 8;
+  c.batching.prefill_chunk = 16;
+  return c;
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(node, fixture)
+
+BOOST_AUTO_TEST_CASE(one_shard_node_streams_what_the_engine_generates) {
+  node_config c;
+  c.batching.max_batch = 4;
+  auto r = run_node(model_path, c, 4, 40);
+  BOOST_TEST(r.violations == 0);
+  // The same turns straight through the engine, one at a time.
+  auto m = model::load(model_path);
+  BOOST_REQUIRE(m);
+  thread_pool pool(1);
+  engine eng(**m, pool);
+  kv_pool kv(kv_layout_for(**m), 64ull << 20);
+  tokenizer tok((*m)->vocabulary());
+  for (int i = 0; i < 4; ++i) {
+    generation_request req;
+    req.prompt = tok.encode(prompts[i], true);
+    req.params = sampled(static_cast<uint64_t>(i));
+    req.max_tokens = 40;
+    auto out = generate(eng, kv, {req}, 1);
+    BOOST_REQUIRE(out);
+    auto key = std::make_pair("s-" + std::to_string(i + 1), uint64_t{0});
+    BOOST_TEST(r.tokens[key] == (*out)[0]);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(eight_conversations_survive_five_shard_crashes_unchanged) {
+  auto clean = run_node(model_path, two_shards(), 8, 200);
+  BOOST_TEST(clean.violations == 0);
+  BOOST_TEST(clean.shard_restarts == 0);
+  std::mt19937 rng(20261122);
+  auto crashed = run_node(model_path, two_shards(), 8, 200, [&rng](node& n) {
+    // Five crashes at random steps of random ranks, one after another.
+    for (int k = 0; k < 5; ++k) {
+      auto before = n.stats()->group_failures;
+      n.faults().crash_shard(static_cast<int32_t>(rng() % 2), static_cast<int32_t>(rng() % 20));
+      for (int w = 0; w < 2000 && n.stats()->group_failures == before; ++w)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  });
+  BOOST_TEST(crashed.violations == 0);
+  BOOST_TEST(crashed.stats.group_failures == 5u);
+  BOOST_TEST(crashed.shard_restarts >= 5);
+  BOOST_TEST(crashed.tokens == clean.tokens);
+  for (auto& [key, v] : clean.tokens) BOOST_TEST_CONTEXT(key.first) { BOOST_TEST(!v.empty()); }
+  BOOST_TEST(crashed.done == clean.done);
+}
+
+BOOST_AUTO_TEST_CASE(failed_kv_allocations_and_stalls_change_nothing) {
+  auto clean = run_node(model_path, two_shards(), 4, 60);
+  auto faulty = run_node(model_path, two_shards(), 4, 60, [](node& n) {
+    n.faults().fail_kv_allocations(1, 3);
+    n.faults().stall_shard(0, std::chrono::milliseconds(30), 5);
+  });
+  BOOST_TEST(faulty.violations == 0);
+  BOOST_TEST(faulty.tokens == clean.tokens);
+  BOOST_TEST(faulty.stats.group_failures == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(a_crashed_session_is_rebuilt_and_its_stream_continues) {
+  node_config c = two_shards();
+  auto clean = run_node(model_path, c, 3, 120);
+  auto faulty = run_node(model_path, c, 3, 120, [](node& n) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    n.faults().crash_session("s-2");
+  });
+  BOOST_TEST(faulty.violations == 0);
+  BOOST_TEST(faulty.tokens == clean.tokens);
+}
+
+BOOST_AUTO_TEST_CASE(more_work_than_the_kv_budget_is_queued_or_shed_by_priority) {
+  node_config c;
+  // Room for about two turns at once; a queue of four.
+  c.kv_bytes = 2 * 15 * 16 * 2 * 2 * 64 * sizeof(float);  // pages for ~2 x 240 tokens
+  c.batching.max_queue = 4;
+  c.batching.max_batch = 8;
+  auto r = run_node(model_path, c, 12, 200, {}, [](int i) { return i % 3; });
+  BOOST_TEST(r.violations == 0);
+  int shed = 0, finished = 0;
+  for (auto& [key, why] : r.done) {
+    int prio = (std::stoi(key.first.substr(2)) - 1) % 3;
+    if (why == finish_reason::overloaded) {
+      ++shed;
+      BOOST_TEST(r.retry_after[key] > 0);
+      BOOST_TEST(prio < 2);  // the highest priority is never the one shed
+    } else {
+      ++finished;
+      BOOST_TEST(r.tokens[key].size() > 0u);
+    }
+  }
+  BOOST_TEST(shed > 0);
+  BOOST_TEST(finished > 0);
+  BOOST_TEST(shed + finished == 12);
+  BOOST_TEST(r.stats.shed == static_cast<uint64_t>(shed));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
