@@ -506,7 +506,7 @@ class supervisor_actor final : public caf::event_based_actor {
     restart_times_.push_back(now);
     while (!restart_times_.empty() && now - restart_times_.front() > flags_.period)
       restart_times_.pop_front();
-    if (static_cast<int64_t>(restart_times_.size()) > flags_.intensity) {
+    if (static_cast<int64_t>(restart_times_.size()) >= flags_.intensity) {
       record(supervision_event_kind::escalated, path_, reason_text(reason),
              static_cast<int32_t>(restart_times_.size()));
       begin_shutdown(reason);

@@ -149,7 +149,7 @@ node_config two_shards() {
 
 }  // namespace
 
-BOOST_FIXTURE_TEST_SUITE(node, fixture)
+BOOST_FIXTURE_TEST_SUITE(node_tree, fixture)
 
 BOOST_AUTO_TEST_CASE(one_shard_node_streams_what_the_engine_generates) {
   node_config c;
