@@ -24,30 +24,42 @@ namespace keel {
 
 const char* to_string(restart_strategy x) {
   switch (x) {
-    case restart_strategy::one_for_one: return "one_for_one";
-    case restart_strategy::one_for_all: return "one_for_all";
-    case restart_strategy::rest_for_one: return "rest_for_one";
-    case restart_strategy::simple_one_for_one: return "simple_one_for_one";
+    case restart_strategy::one_for_one:
+      return "one_for_one";
+    case restart_strategy::one_for_all:
+      return "one_for_all";
+    case restart_strategy::rest_for_one:
+      return "rest_for_one";
+    case restart_strategy::simple_one_for_one:
+      return "simple_one_for_one";
   }
   return "?";
 }
 
 const char* to_string(restart_type x) {
   switch (x) {
-    case restart_type::permanent: return "permanent";
-    case restart_type::transient: return "transient";
-    case restart_type::temporary: return "temporary";
+    case restart_type::permanent:
+      return "permanent";
+    case restart_type::transient:
+      return "transient";
+    case restart_type::temporary:
+      return "temporary";
   }
   return "?";
 }
 
 const char* to_string(supervision_event_kind x) {
   switch (x) {
-    case supervision_event_kind::started: return "started";
-    case supervision_event_kind::exited: return "exited";
-    case supervision_event_kind::restarted: return "restarted";
-    case supervision_event_kind::escalated: return "escalated";
-    case supervision_event_kind::stopped: return "stopped";
+    case supervision_event_kind::started:
+      return "started";
+    case supervision_event_kind::exited:
+      return "exited";
+    case supervision_event_kind::restarted:
+      return "restarted";
+    case supervision_event_kind::escalated:
+      return "escalated";
+    case supervision_event_kind::stopped:
+      return "stopped";
   }
   return "?";
 }
@@ -219,11 +231,11 @@ class supervisor_actor final : public caf::event_based_actor {
  public:
   supervisor_actor(caf::actor_config& cfg, std::string path, supervisor_flags flags,
                    std::vector<child_spec> specs, std::shared_ptr<supervision_log> log)
-    : caf::event_based_actor(cfg),
-      path_(std::move(path)),
-      flags_(flags),
-      log_(std::move(log)),
-      rng_(flags.backoff.seed) {
+      : caf::event_based_actor(cfg),
+        path_(std::move(path)),
+        flags_(flags),
+        log_(std::move(log)),
+        rng_(flags.backoff.seed) {
     if (flags_.strategy == restart_strategy::simple_one_for_one) {
       if (!specs.empty()) template_ = std::move(specs.front());
     } else {
@@ -236,9 +248,7 @@ class supervisor_actor final : public caf::event_based_actor {
     }
   }
 
-  const char* name() const override {
-    return "keel.supervisor";
-  }
+  const char* name() const override { return "keel.supervisor"; }
 
   caf::behavior make_behavior() override {
     set_exit_handler([this](caf::exit_msg& m) { on_exit_msg(m); });
@@ -246,47 +256,46 @@ class supervisor_actor final : public caf::event_based_actor {
     for (auto& c : children_) ops_.push_back(start_op(c.spec.id));
     run_ops();
     return {
-      [this](get_atom, const std::string& id) -> caf::actor {
-        auto* c = find(id);
-        return c != nullptr && !c->stopping ? c->handle : caf::actor{};
-      },
-      [this](start_atom, const std::string& id,
-             caf::message& args) -> caf::result<caf::actor> { return on_start(id, args); },
-      [this](restart_atom, const std::string& id) -> caf::result<bool> {
-        return on_restart(id);
-      },
-      [this](stop_atom, const std::string& id) -> caf::result<bool> { return on_stop(id); },
-      [this](list_atom) {
-        std::vector<child_info> out;
-        for (auto& c : children_)
-          out.push_back(child_info{c.spec.id, c.path, c.stopping ? caf::actor{} : c.handle,
-                                   c.restarts, c.last_failure});
-        return out;
-      },
-      [this](subscribe_atom, caf::actor& observer) {
-        if (!observer) return;
-        monitor(observer);
-        for (auto& c : children_)
-          if (c.handle && !c.stopping) send(observer, started_atom::value, c.spec.id, c.handle);
-        observers_.push_back(std::move(observer));
-      },
-      [this](backoff_atom, const std::string& id, uint64_t token) {
-        auto* c = find(id);
-        if (c == nullptr || c->backoff_token != token || shutting_down_) return;
-        c->backoff_token = 0;
-        ops_.push_back(start_op(id, true, c->restart_reason));
-        run_ops();
-      },
-      [this](backoff_atom, uint64_t token) {
-        if (token != wait_token_) return;
-        wait_token_ = 0;
-        run_ops();
-      },
-      [this](stop_timeout_atom, uint64_t token) {
-        if (token != stop_token_ || waiting_stop_.empty()) return;
-        if (auto* c = find(waiting_stop_); c != nullptr && c->handle)
-          send_exit(c->handle, caf::exit_reason::kill);
-      },
+        [this](get_atom, const std::string& id) -> caf::actor {
+          auto* c = find(id);
+          return c != nullptr && !c->stopping ? c->handle : caf::actor{};
+        },
+        [this](start_atom, const std::string& id, caf::message& args) -> caf::result<caf::actor> {
+          return on_start(id, args);
+        },
+        [this](restart_atom, const std::string& id) -> caf::result<bool> { return on_restart(id); },
+        [this](stop_atom, const std::string& id) -> caf::result<bool> { return on_stop(id); },
+        [this](list_atom) {
+          std::vector<child_info> out;
+          for (auto& c : children_)
+            out.push_back(child_info{c.spec.id, c.path, c.stopping ? caf::actor{} : c.handle,
+                                     c.restarts, c.last_failure});
+          return out;
+        },
+        [this](subscribe_atom, caf::actor& observer) {
+          if (!observer) return;
+          monitor(observer);
+          for (auto& c : children_)
+            if (c.handle && !c.stopping) send(observer, started_atom::value, c.spec.id, c.handle);
+          observers_.push_back(std::move(observer));
+        },
+        [this](backoff_atom, const std::string& id, uint64_t token) {
+          auto* c = find(id);
+          if (c == nullptr || c->backoff_token != token || shutting_down_) return;
+          c->backoff_token = 0;
+          ops_.push_back(start_op(id, true, c->restart_reason));
+          run_ops();
+        },
+        [this](backoff_atom, uint64_t token) {
+          if (token != wait_token_) return;
+          wait_token_ = 0;
+          run_ops();
+        },
+        [this](stop_timeout_atom, uint64_t token) {
+          if (token != stop_token_ || waiting_stop_.empty()) return;
+          if (auto* c = find(waiting_stop_); c != nullptr && c->handle)
+            send_exit(c->handle, caf::exit_reason::kill);
+        },
     };
   }
 
@@ -320,9 +329,7 @@ class supervisor_actor final : public caf::event_based_actor {
 
   // -- the work queue --
 
-  bool busy() const {
-    return !waiting_stop_.empty() || wait_token_ != 0;
-  }
+  bool busy() const { return !waiting_stop_.empty() || wait_token_ != 0; }
 
   void run_ops() {
     if (in_run_ops_) return;  // the outer loop picks up what was queued
@@ -331,10 +338,18 @@ class supervisor_actor final : public caf::event_based_actor {
       auto o = std::move(ops_.front());
       ops_.pop_front();
       switch (o.kind) {
-        case op_kind::start: do_start(o); break;
-        case op_kind::stop: do_stop(o); break;
-        case op_kind::wait: do_wait(o); break;
-        case op_kind::call: o.fn(); break;
+        case op_kind::start:
+          do_start(o);
+          break;
+        case op_kind::stop:
+          do_stop(o);
+          break;
+        case op_kind::wait:
+          do_wait(o);
+          break;
+        case op_kind::call:
+          o.fn();
+          break;
       }
     }
     in_run_ops_ = false;
@@ -447,9 +462,8 @@ class supervisor_actor final : public caf::event_based_actor {
 
   bool start_pending(const child& c) const {
     if (c.backoff_token != 0) return true;
-    return std::any_of(ops_.begin(), ops_.end(), [&](const op& o) {
-      return o.kind == op_kind::start && o.id == c.spec.id;
-    });
+    return std::any_of(ops_.begin(), ops_.end(),
+                       [&](const op& o) { return o.kind == op_kind::start && o.id == c.spec.id; });
   }
 
   // -- exits --
@@ -494,8 +508,8 @@ class supervisor_actor final : public caf::event_based_actor {
     auto* c = find(id);
     if (c == nullptr) return;
     const auto type = c->spec.restart;
-    const bool restart = type == restart_type::permanent
-                         || (type == restart_type::transient && (start_failed || !is_normal(reason)));
+    const bool restart = type == restart_type::permanent ||
+                         (type == restart_type::transient && (start_failed || !is_normal(reason)));
     const bool dynamic = flags_.strategy == restart_strategy::simple_one_for_one;
     if (!restart || shutting_down_) {
       if (dynamic) erase(id);
@@ -506,7 +520,7 @@ class supervisor_actor final : public caf::event_based_actor {
     restart_times_.push_back(now);
     while (!restart_times_.empty() && now - restart_times_.front() > flags_.period)
       restart_times_.pop_front();
-    if (static_cast<int64_t>(restart_times_.size()) >= flags_.intensity) {
+    if (static_cast<int64_t>(restart_times_.size()) > flags_.intensity) {
       record(supervision_event_kind::escalated, path_, reason_text(reason),
              static_cast<int32_t>(restart_times_.size()));
       begin_shutdown(reason);
@@ -554,9 +568,8 @@ class supervisor_actor final : public caf::event_based_actor {
     for (size_t i = first; i < children_.size(); ++i) {
       auto& c = children_[i];
       ids.push_back(c.spec.id);
-      if (c.spec.id == failed
-          || (((c.handle && !c.stopping) || start_pending(c))
-              && c.spec.restart != restart_type::temporary))
+      if (c.spec.id == failed || (((c.handle && !c.stopping) || start_pending(c)) &&
+                                  c.spec.restart != restart_type::temporary))
         to_start.push_back(c.spec.id);
     }
     cancel_starts(ids);
@@ -643,7 +656,7 @@ class supervisor_actor final : public caf::event_based_actor {
   std::string path_;
   supervisor_flags flags_;
   std::shared_ptr<supervision_log> log_;
-  child_spec template_;  // simple_one_for_one
+  child_spec template_;          // simple_one_for_one
   std::vector<child> children_;  // in start order
   std::vector<caf::actor> observers_;
   std::unordered_set<caf::actor_addr> linked_;  // children whose link exit_msg is still due
@@ -675,8 +688,8 @@ child_spec supervisor_child(std::string id, supervisor_flags flags,
   spec.restart = restart_type::permanent;
   spec.shutdown.timeout = shutdown_policy::infinite;
   spec.start = [flags, children = std::move(children), log = std::move(log)](
-                 caf::actor_system& sys, const std::string& path,
-                 const caf::message&) -> caf::expected<caf::actor> {
+                   caf::actor_system& sys, const std::string& path,
+                   const caf::message&) -> caf::expected<caf::actor> {
     return spawn_supervisor(sys, path, flags, children, log);
   };
   return spec;
