@@ -12,12 +12,18 @@ namespace keel {
 
 const char* to_string(finish_reason r) {
   switch (r) {
-    case finish_reason::length: return "length";
-    case finish_reason::eos: return "eos";
-    case finish_reason::context: return "context";
-    case finish_reason::cancelled: return "cancelled";
-    case finish_reason::overloaded: return "overloaded";
-    case finish_reason::failed: return "failed";
+    case finish_reason::length:
+      return "length";
+    case finish_reason::eos:
+      return "eos";
+    case finish_reason::context:
+      return "context";
+    case finish_reason::cancelled:
+      return "cancelled";
+    case finish_reason::overloaded:
+      return "overloaded";
+    case finish_reason::failed:
+      return "failed";
   }
   return "unknown";
 }
@@ -43,11 +49,11 @@ struct batcher_state {
   std::vector<seq_id> released;     // to free on the shards with the next step
   int32_t free_pages = 0;
   uint64_t arrivals = 0;
-  std::vector<caf::actor> shards;   // by rank; invalid while down
-  bool group_failed = false;        // waiting for the group to restart
+  std::vector<caf::actor> shards;  // by rank; invalid while down
+  bool group_failed = false;       // waiting for the group to restart
   uint64_t failure_epoch = 0;
   clock_type::time_point failed_at;
-  bool recovering = false;          // a failure happened and no token was sent since
+  bool recovering = false;  // a failure happened and no token was sent since
   bool in_flight = false;
   uint64_t step_number = 0;
   caf::actor engine_sup;
@@ -80,7 +86,8 @@ void finish(self_ptr self, seq_id id, finish_reason why, const std::string& deta
 
 int32_t pages_needed(const batcher_state& st, const sequence& s) {
   const auto& c = st.ctx->llm->config();
-  int64_t remaining = std::max<int64_t>(0, s.job.max_tokens - static_cast<int64_t>(s.job.generated.size()));
+  int64_t remaining =
+      std::max<int64_t>(0, s.job.max_tokens - static_cast<int64_t>(s.job.generated.size()));
   int64_t total = std::min<int64_t>(c.ctx_len, static_cast<int64_t>(s.tokens.size()) + remaining);
   return static_cast<int32_t>((total + st.cfg.page_tokens - 1) / st.cfg.page_tokens);
 }
@@ -108,7 +115,7 @@ void admit(self_ptr self) {
     if (need > st.cfg.kv_pages) {
       finish(self, id, finish_reason::overloaded,
              "the turn needs " + std::to_string(need) + " KV pages, the node has " +
-               std::to_string(st.cfg.kv_pages));
+                 std::to_string(st.cfg.kv_pages));
       continue;
     }
     // Strict priority order: a turn that does not fit yet holds back those behind it.
@@ -181,9 +188,9 @@ void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
     auto& l = logits[li++];
     auto n_recent = std::min<size_t>(std::max(s.job.params.repetition_window, 0), s.tokens.size());
     auto index = static_cast<int64_t>(s.job.generated.size());
-    int32_t tok = sample(s.job.params, l.data(), c.vocab_size,
-                         s.tokens.data() + s.tokens.size() - n_recent, n_recent, s.job.turn,
-                         static_cast<uint64_t>(index), st.scratch);
+    int32_t tok =
+        sample(s.job.params, l.data(), c.vocab_size, s.tokens.data() + s.tokens.size() - n_recent,
+               n_recent, s.job.turn, static_cast<uint64_t>(index), st.scratch);
     s.tokens.push_back(tok);
     s.job.generated.push_back(tok);
     self->send(s.job.session, token_atom::value, e.seq, index, tok);
@@ -191,9 +198,10 @@ void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
     if (st.recovering) {
       st.recovering = false;
       st.stats.recovery_ms.push_back(
-        std::chrono::duration<double, std::milli>(clock_type::now() - st.failed_at).count());
+          std::chrono::duration<double, std::milli>(clock_type::now() - st.failed_at).count());
     }
-    if (tok == m.vocabulary().eos) finish(self, e.seq, finish_reason::eos);
+    if (tok == m.vocabulary().eos)
+      finish(self, e.seq, finish_reason::eos);
     else if (static_cast<int32_t>(s.job.generated.size()) >= s.job.max_tokens)
       finish(self, e.seq, finish_reason::length);
     else if (static_cast<int64_t>(s.tokens.size()) >= c.ctx_len)
@@ -205,8 +213,6 @@ void on_step_failed(self_ptr self, const caf::error& err, const std::vector<caf:
   auto code = code_of(err);
   if (code == errc::overloaded) {
     preempt_one(self);
-  } else if (code == errc::not_found) {
-    for (auto& [id, s] : self->state.seqs) s.kv_length = 0;
   } else {
     // A worker died (or failed in a way only a restart mends): the group restarts as a whole.
     lose_shards(self, used);
@@ -223,6 +229,7 @@ void schedule(self_ptr self) {
   auto batch = std::make_shared<step_batch>();
   batch->number = ++st.step_number;
   batch->released.swap(st.released);
+  batch->reset = batch->number == 1;  // sequences of a previous batcher incarnation are stale
   for (auto id : st.running) {
     auto& s = st.seqs.at(id);
     auto pending = static_cast<int64_t>(s.tokens.size()) - s.kv_length;
@@ -242,23 +249,25 @@ void schedule(self_ptr self) {
   auto used = st.shards;
   for (auto& shard : st.shards) {
     self->request(shard, caf::infinite, step_atom::value, sent)
-      .then(
-        [=](step_result& r) {
-          if (r.rank == 0) *logits = std::move(r.logits);
-          if (++*replies < self->state.cfg.shards) return;
-          self->state.in_flight = false;
-          if (*failure) on_step_failed(self, *failure, used);
-          else on_step_done(self, sent, *logits);
-          schedule(self);
-        },
-        [=](caf::error& err) {
-          // Keep the most telling error: a dead worker outranks the others' "disconnected".
-          if (!*failure || code_of(*failure) == errc::disconnected) *failure = err;
-          if (++*replies < self->state.cfg.shards) return;
-          self->state.in_flight = false;
-          on_step_failed(self, *failure, used);
-          schedule(self);
-        });
+        .then(
+            [=](step_result& r) {
+              if (r.rank == 0) *logits = std::move(r.logits);
+              if (++*replies < self->state.cfg.shards) return;
+              self->state.in_flight = false;
+              if (*failure)
+                on_step_failed(self, *failure, used);
+              else
+                on_step_done(self, sent, *logits);
+              schedule(self);
+            },
+            [=](caf::error& err) {
+              // Keep the most telling error: a dead worker outranks the others' "disconnected".
+              if (!*failure || code_of(*failure) == errc::disconnected) *failure = err;
+              if (++*replies < self->state.cfg.shards) return;
+              self->state.in_flight = false;
+              on_step_failed(self, *failure, used);
+              schedule(self);
+            });
   }
 }
 
@@ -293,95 +302,99 @@ caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_
   });
   watch_engine(self);
   return {
-    [self](started_atom, const std::string& id, caf::actor worker) {
-      auto& st = self->state;
-      if (id.rfind("shard-", 0) != 0) return;
-      auto rank = std::stoi(id.substr(6));
-      if (rank < 0 || rank >= st.cfg.shards) return;
-      self->monitor(worker);
-      st.shards[rank] = std::move(worker);
-      if (std::all_of(st.shards.begin(), st.shards.end(), [](const caf::actor& a) { return a; }))
-        st.group_failed = false;
-      schedule(self);
-    },
-    [self](submit_atom, generation_job& job) {
-      auto& st = self->state;
-      const auto& c = st.ctx->llm->config();
-      auto id = job.seq;
-      std::string bad;
-      if (job.tokens.empty()) bad = "the turn has no tokens";
-      else if (static_cast<int64_t>(job.tokens.size() + job.generated.size()) >= c.ctx_len)
-        bad = "the conversation has " + std::to_string(job.tokens.size() + job.generated.size()) +
-              " tokens, the context length is " + std::to_string(c.ctx_len);
-      else if (auto err = validate(job.params)) bad = message_of(err);
-      if (!bad.empty()) {
-        self->send(job.session, done_atom::value, id, finish_reason::failed, bad, int64_t{0});
-        return;
-      }
-      if (auto old = st.seqs.find(id); old != st.seqs.end()) {
-        // A resubmission replaces the old turn without telling its session.
-        if (old->second.admitted) {
-          st.free_pages += old->second.pages;
-          st.running.erase(std::remove(st.running.begin(), st.running.end(), id), st.running.end());
-          st.released.push_back(id);
+      [self](started_atom, const std::string& id, caf::actor worker) {
+        auto& st = self->state;
+        if (id.rfind("shard-", 0) != 0) return;
+        auto rank = std::stoi(id.substr(6));
+        if (rank < 0 || rank >= st.cfg.shards) return;
+        self->monitor(worker);
+        st.shards[rank] = std::move(worker);
+        if (std::all_of(st.shards.begin(), st.shards.end(), [](const caf::actor& a) { return a; }))
+          st.group_failed = false;
+        schedule(self);
+      },
+      [self](submit_atom, generation_job& job) {
+        auto& st = self->state;
+        const auto& c = st.ctx->llm->config();
+        auto id = job.seq;
+        std::string bad;
+        if (job.tokens.empty())
+          bad = "the turn has no tokens";
+        else if (static_cast<int64_t>(job.tokens.size() + job.generated.size()) >= c.ctx_len)
+          bad = "the conversation has " + std::to_string(job.tokens.size() + job.generated.size()) +
+                " tokens, the context length is " + std::to_string(c.ctx_len);
+        else if (auto err = validate(job.params))
+          bad = message_of(err);
+        if (!bad.empty()) {
+          self->send(job.session, done_atom::value, id, finish_reason::failed, bad, int64_t{0});
+          return;
         }
-        st.seqs.erase(old);
-      }
-      sequence s;
-      s.tokens = job.tokens;
-      s.tokens.insert(s.tokens.end(), job.generated.begin(), job.generated.end());
-      s.job = std::move(job);
-      s.arrival = ++st.arrivals;
-      st.seqs.emplace(id, std::move(s));
-      auto waiting = static_cast<int32_t>(st.seqs.size() - st.running.size());
-      if (waiting > st.cfg.max_queue) {
-        auto order = waiting_order(st);
-        ++st.stats.shed;
-        finish(self, order.back(), finish_reason::overloaded,
-               "the wait queue is full (" + std::to_string(st.cfg.max_queue) +
-                 " turns); lowest priority shed");
-      }
-      schedule(self);
-    },
-    [self](cancel_atom, seq_id id) {
-      finish(self, id, finish_reason::cancelled);
-      schedule(self);
-    },
-    [self](attach_atom, seq_id id, caf::actor session, int64_t have) {
-      auto& st = self->state;
-      auto i = st.seqs.find(id);
-      if (i == st.seqs.end()) return;
-      auto& s = i->second;
-      s.job.session = session;
-      for (auto k = std::max<int64_t>(have, 0); k < static_cast<int64_t>(s.job.generated.size()); ++k)
-        self->send(session, token_atom::value, id, k, s.job.generated[k]);
-    },
-    [self](stats_atom) {
-      auto& st = self->state;
-      auto out = st.stats;
-      out.running = static_cast<int32_t>(st.running.size());
-      out.waiting = static_cast<int32_t>(st.seqs.size() - st.running.size());
-      out.free_pages = st.free_pages;
-      return out;
-    },
-    [self](tick_atom) {
-      watch_engine(self);
-      if (!self->state.engine_sup)
-        self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);
-      schedule(self);
-    },
-    [self](restart_atom, uint64_t epoch) {
-      auto& st = self->state;
-      if (!st.group_failed || epoch != st.failure_epoch) return;
-      // The group did not restart by itself: fail the workers so that engine_sup restarts them.
-      if (st.engine_sup) {
-        self->request(st.engine_sup, caf::infinite, list_atom::value)
-          .then([](const std::vector<child_info>& children) {
-            for (auto& c : children)
-              if (c.handle) caf::anon_send_exit(c.handle, caf::exit_reason::kill);
-          });
-      }
-    },
+        if (auto old = st.seqs.find(id); old != st.seqs.end()) {
+          // A resubmission replaces the old turn without telling its session.
+          if (old->second.admitted) {
+            st.free_pages += old->second.pages;
+            st.running.erase(std::remove(st.running.begin(), st.running.end(), id),
+                             st.running.end());
+            st.released.push_back(id);
+          }
+          st.seqs.erase(old);
+        }
+        sequence s;
+        s.tokens = job.tokens;
+        s.tokens.insert(s.tokens.end(), job.generated.begin(), job.generated.end());
+        s.job = std::move(job);
+        s.arrival = ++st.arrivals;
+        st.seqs.emplace(id, std::move(s));
+        auto waiting = static_cast<int32_t>(st.seqs.size() - st.running.size());
+        if (waiting > st.cfg.max_queue) {
+          auto order = waiting_order(st);
+          ++st.stats.shed;
+          finish(self, order.back(), finish_reason::overloaded,
+                 "the wait queue is full (" + std::to_string(st.cfg.max_queue) +
+                     " turns); lowest priority shed");
+        }
+        schedule(self);
+      },
+      [self](cancel_atom, seq_id id) {
+        finish(self, id, finish_reason::cancelled);
+        schedule(self);
+      },
+      [self](attach_atom, seq_id id, caf::actor session, int64_t have) {
+        auto& st = self->state;
+        auto i = st.seqs.find(id);
+        if (i == st.seqs.end()) return;
+        auto& s = i->second;
+        s.job.session = session;
+        for (auto k = std::max<int64_t>(have, 0); k < static_cast<int64_t>(s.job.generated.size());
+             ++k)
+          self->send(session, token_atom::value, id, k, s.job.generated[k]);
+      },
+      [self](stats_atom) {
+        auto& st = self->state;
+        auto out = st.stats;
+        out.running = static_cast<int32_t>(st.running.size());
+        out.waiting = static_cast<int32_t>(st.seqs.size() - st.running.size());
+        out.free_pages = st.free_pages;
+        return out;
+      },
+      [self](tick_atom) {
+        watch_engine(self);
+        if (!self->state.engine_sup)
+          self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);
+        schedule(self);
+      },
+      [self](restart_atom, uint64_t epoch) {
+        auto& st = self->state;
+        if (!st.group_failed || epoch != st.failure_epoch) return;
+        // The group did not restart by itself: fail the workers so that engine_sup restarts them.
+        if (st.engine_sup) {
+          self->request(st.engine_sup, caf::infinite, list_atom::value)
+              .then([](const std::vector<child_info>& children) {
+                for (auto& c : children)
+                  if (c.handle) caf::anon_send_exit(c.handle, caf::exit_reason::kill);
+              });
+        }
+      },
   };
 }
 

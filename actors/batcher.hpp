@@ -13,11 +13,11 @@
 namespace keel {
 
 struct batcher_config {
-  int32_t shards = 1;           // ranks of the engine group ("shard-0" ...)
-  int32_t max_batch = 64;       // sequences in one step
-  int32_t prefill_chunk = 64;   // prompt tokens of one sequence in one step
-  int32_t max_queue = 256;      // waiting turns; beyond it the lowest priority is shed
-  int32_t kv_pages = 0;         // KV pages of each shard (all shards have the same count)
+  int32_t shards = 1;          // ranks of the engine group ("shard-0" ...)
+  int32_t max_batch = 64;      // sequences in one step
+  int32_t prefill_chunk = 64;  // prompt tokens of one sequence in one step
+  int32_t max_queue = 256;     // waiting turns; beyond it the lowest priority is shed
+  int32_t kv_pages = 0;        // KV pages of each shard (all shards have the same count)
   int32_t page_tokens = 16;
   /// When a step failed for a reason other than overload and the group has not restarted
   /// within this time, the batcher kills the shards so that engine_sup restarts them.

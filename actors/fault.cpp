@@ -4,7 +4,8 @@ namespace keel {
 
 void fault_injector::touch() {
   bool any = !sessions_.empty();
-  for (auto& [rank, p] : shards_) any = any || p.crash_in >= 0 || p.stall_in >= 0 || p.kv_failures > 0;
+  for (auto& [rank, p] : shards_)
+    any = any || p.crash_in >= 0 || p.stall_in >= 0 || p.kv_failures > 0;
   armed_.store(any, std::memory_order_relaxed);
 }
 

@@ -32,6 +32,7 @@ struct step_batch {
   uint64_t number = 0;
   std::vector<step_entry> entries;
   std::vector<seq_id> released;  // sequences whose KV pages the shards free first
+  bool reset = false;            // free every sequence first (a new batcher's first step)
 };
 
 /// A shard's answer: rank 0 fills `logits` (vocab_size floats for each entry that wanted them,

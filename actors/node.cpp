@@ -32,7 +32,8 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   if (!m) return std::move(m.error());
   shard_layout layout{0, cfg.shards};
   if (cfg.shards < 1) {
-    return make_error(errc::bad_request, "shards must be at least 1, got " + std::to_string(cfg.shards));
+    return make_error(errc::bad_request,
+                      "shards must be at least 1, got " + std::to_string(cfg.shards));
   }
   if (auto err = check_sharding(**m, layout)) return err;
   std::unique_ptr<node> n(new node(sys));
@@ -53,32 +54,35 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   cfg.batching.kv_pages = static_cast<int32_t>(group->kv_bytes_per_shard / probe.page_bytes());
   if (cfg.batching.kv_pages < 1) {
     return make_error(errc::bad_request, "kv_bytes " + std::to_string(cfg.kv_bytes) +
-                                           " leaves no KV page per shard (a page is " +
-                                           std::to_string(probe.page_bytes()) + " bytes)");
+                                             " leaves no KV page per shard (a page is " +
+                                             std::to_string(probe.page_bytes()) + " bytes)");
   }
 
   auto table = std::make_shared<session_table>();
-  auto engine_sup = recording(
-    supervisor_child("engine", cfg.engine_flags, shard_worker_specs(group), ctx->log),
-    [ctx](caf::actor a) { ctx->set_engine_sup(std::move(a)); });
+  auto engine_sup =
+      recording(supervisor_child("engine", cfg.engine_flags, shard_worker_specs(group), ctx->log),
+                [ctx](caf::actor a) { ctx->set_engine_sup(std::move(a)); });
   child_spec batcher;
   batcher.id = "batcher";
   batcher.start = [ctx, bcfg = cfg.batching](caf::actor_system& s, const std::string&,
-                                              const caf::message&) -> caf::expected<caf::actor> {
+                                             const caf::message&) -> caf::expected<caf::actor> {
     return spawn_batcher(s, ctx, bcfg);
   };
   batcher = recording(std::move(batcher), [ctx](caf::actor a) { ctx->set_batcher(std::move(a)); });
-  auto sessions = supervisor_child("sessions", cfg.session_flags, {session_spec(ctx, table)}, ctx->log);
-  n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags,
-                              {std::move(engine_sup), std::move(batcher), std::move(sessions)},
-                              ctx->log);
+  auto sessions =
+      supervisor_child("sessions", cfg.session_flags, {session_spec(ctx, table)}, ctx->log);
+  n->root_ =
+      spawn_supervisor(sys, cfg.name, cfg.node_flags,
+                       {std::move(engine_sup), std::move(batcher), std::move(sessions)}, ctx->log);
   n->cfg_ = std::move(cfg);
   n->ctx_ = std::move(ctx);
   n->sessions_ = std::move(table);
   return n;
 }
 
-node::~node() { stop(); }
+node::~node() {
+  stop();
+}
 
 void node::stop() {
   if (!root_) return;
@@ -93,7 +97,7 @@ caf::actor node::child(const std::string& id) {
   caf::scoped_actor self{sys_};
   caf::actor out;
   self->request(root_, call_timeout, get_atom::value, id)
-    .receive([&](caf::actor a) { out = std::move(a); }, [](caf::error&) {});
+      .receive([&](caf::actor a) { out = std::move(a); }, [](caf::error&) {});
   return out;
 }
 
@@ -109,7 +113,7 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
   caf::scoped_actor self{sys_};
   caf::expected<std::string> out = make_error(errc::failed, "no reply");
   self->request(sup, call_timeout, start_atom::value, r.id, caf::make_message(r))
-    .receive([&](caf::actor&) { out = r.id; }, [&](caf::error& e) { out = std::move(e); });
+      .receive([&](caf::actor&) { out = r.id; }, [&](caf::error& e) { out = std::move(e); });
   return out;
 }
 
@@ -119,7 +123,7 @@ caf::actor node::session(const std::string& id) {
   caf::scoped_actor self{sys_};
   caf::actor out;
   self->request(sup, call_timeout, get_atom::value, id)
-    .receive([&](caf::actor a) { out = std::move(a); }, [](caf::error&) {});
+      .receive([&](caf::actor a) { out = std::move(a); }, [](caf::error&) {});
   return out;
 }
 
@@ -129,7 +133,8 @@ caf::expected<batcher_stats> node::stats() {
   caf::scoped_actor self{sys_};
   caf::expected<batcher_stats> out = make_error(errc::failed, "no reply");
   self->request(b, call_timeout, stats_atom::value)
-    .receive([&](batcher_stats& s) { out = std::move(s); }, [&](caf::error& e) { out = std::move(e); });
+      .receive([&](batcher_stats& s) { out = std::move(s); },
+               [&](caf::error& e) { out = std::move(e); });
   return out;
 }
 

@@ -25,7 +25,8 @@ struct node_config {
   batcher_config batching;           // shards and kv_pages are filled in by the node
   supervisor_flags engine_flags{restart_strategy::one_for_all, 10, std::chrono::seconds(10), {}};
   supervisor_flags node_flags{restart_strategy::one_for_one, 5, std::chrono::seconds(10), {}};
-  supervisor_flags session_flags{restart_strategy::simple_one_for_one, 20, std::chrono::seconds(10), {}};
+  supervisor_flags session_flags{
+      restart_strategy::simple_one_for_one, 20, std::chrono::seconds(10), {}};
 };
 
 /// One node's supervision tree in this process:
@@ -40,7 +41,7 @@ struct node_config {
 class node {
  public:
   static caf::expected<std::unique_ptr<node>> start(caf::actor_system& sys, node_config cfg,
-                                                     std::shared_ptr<supervision_log> log = {});
+                                                    std::shared_ptr<supervision_log> log = {});
   ~node();
   node(const node&) = delete;
   node& operator=(const node&) = delete;

@@ -5,6 +5,8 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
 
+#include "actors/let_it_crash.hpp"
+
 namespace keel {
 
 void session_table::put(const session_record& r) {
@@ -43,7 +45,9 @@ struct session_state {
 
 using self_ptr = caf::stateful_actor<session_state>*;
 
-seq_id seq_of(const session_record& r, uint64_t turn) { return (r.number << 24) | turn; }
+seq_id seq_of(const session_record& r, uint64_t turn) {
+  return (r.number << 24) | turn;
+}
 
 void check_fault(self_ptr self) {
   auto& st = self->state;
@@ -76,7 +80,8 @@ void submit(self_ptr self) {
   job.session = caf::actor_cast<caf::actor>(self);
   for (auto& past : st.rec.turns) {
     job.tokens.insert(job.tokens.end(), past.user.begin(), past.user.end());
-    if (&past != t) job.tokens.insert(job.tokens.end(), past.generated.begin(), past.generated.end());
+    if (&past != t)
+      job.tokens.insert(job.tokens.end(), past.generated.begin(), past.generated.end());
   }
   job.generated = t->generated;
   job.params = st.rec.params;
@@ -88,6 +93,7 @@ void submit(self_ptr self) {
 
 caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
                       std::shared_ptr<session_table> table, session_record initial) {
+  exceptions_as_failures(self);
   auto& st = self->state;
   st.ctx = std::move(ctx);
   st.table = std::move(table);
@@ -108,64 +114,65 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
     }
   });
   return {
-    [self](send_atom, const std::string& text, int32_t max_tokens,
-           caf::actor sink) -> caf::result<uint64_t> {
-      check_fault(self);
-      auto& st = self->state;
-      if (auto* t = running_turn(st)) {
-        return make_error(errc::bad_request, "session " + st.rec.id + ": turn " +
-                                               std::to_string(t->turn) + " is still running");
-      }
-      if (text.empty()) return make_error(errc::bad_request, "session " + st.rec.id + ": empty turn");
-      if (max_tokens < 1) {
-        return make_error(errc::bad_request, "max_tokens must be at least 1, got " +
-                                               std::to_string(max_tokens));
-      }
-      turn_record t;
-      t.turn = st.rec.turns.size();
-      const auto& tok = *st.ctx->tok;
-      t.user = tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
-      t.max_tokens = max_tokens;
-      t.sink = std::move(sink);
-      auto turn = t.turn;
-      st.rec.turns.push_back(std::move(t));
-      st.table->put(st.rec);
-      submit(self);
-      return turn;
-    },
-    [self](submit_atom) { submit(self); },
-    [self](token_atom, seq_id seq, int64_t index, int32_t token) {
-      check_fault(self);
-      auto& st = self->state;
-      auto* t = running_turn(st);
-      if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
-      // Exactly once: an index already recorded is a repeat (after a resubmission or attach).
-      if (index != static_cast<int64_t>(t->generated.size())) return;
-      t->generated.push_back(token);
-      st.table->put(st.rec);
-      self->send(t->sink, token_atom::value, st.rec.id, t->turn, index, token,
-                 st.ctx->tok->token_text(token));
-    },
-    [self](done_atom, seq_id seq, finish_reason why, const std::string& detail,
-           int64_t retry_after_ms) {
-      auto& st = self->state;
-      auto* t = running_turn(st);
-      if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
-      t->done = true;
-      t->reason = why;
-      st.table->put(st.rec);
-      self->send(t->sink, done_atom::value, st.rec.id, t->turn, why, detail, retry_after_ms);
-    },
-    [self](cancel_atom) {
-      auto& st = self->state;
-      if (auto* t = running_turn(st); t && st.batcher)
-        self->send(st.batcher, cancel_atom::value, seq_of(st.rec, t->turn));
-    },
-    [self](history_atom) {
-      std::vector<std::vector<int32_t>> out;
-      for (auto& t : self->state.rec.turns) out.push_back(t.generated);
-      return out;
-    },
+      [self](send_atom, const std::string& text, int32_t max_tokens,
+             caf::actor sink) -> caf::result<uint64_t> {
+        check_fault(self);
+        auto& st = self->state;
+        if (auto* t = running_turn(st)) {
+          return make_error(errc::bad_request, "session " + st.rec.id + ": turn " +
+                                                   std::to_string(t->turn) + " is still running");
+        }
+        if (text.empty())
+          return make_error(errc::bad_request, "session " + st.rec.id + ": empty turn");
+        if (max_tokens < 1) {
+          return make_error(errc::bad_request,
+                            "max_tokens must be at least 1, got " + std::to_string(max_tokens));
+        }
+        turn_record t;
+        t.turn = st.rec.turns.size();
+        const auto& tok = *st.ctx->tok;
+        t.user = tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
+        t.max_tokens = max_tokens;
+        t.sink = std::move(sink);
+        auto turn = t.turn;
+        st.rec.turns.push_back(std::move(t));
+        st.table->put(st.rec);
+        submit(self);
+        return turn;
+      },
+      [self](submit_atom) { submit(self); },
+      [self](token_atom, seq_id seq, int64_t index, int32_t token) {
+        check_fault(self);
+        auto& st = self->state;
+        auto* t = running_turn(st);
+        if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
+        // Exactly once: an index already recorded is a repeat (after a resubmission or attach).
+        if (index != static_cast<int64_t>(t->generated.size())) return;
+        t->generated.push_back(token);
+        st.table->put(st.rec);
+        self->send(t->sink, token_atom::value, st.rec.id, t->turn, index, token,
+                   st.ctx->tok->token_text(token));
+      },
+      [self](done_atom, seq_id seq, finish_reason why, const std::string& detail,
+             int64_t retry_after_ms) {
+        auto& st = self->state;
+        auto* t = running_turn(st);
+        if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
+        t->done = true;
+        t->reason = why;
+        st.table->put(st.rec);
+        self->send(t->sink, done_atom::value, st.rec.id, t->turn, why, detail, retry_after_ms);
+      },
+      [self](cancel_atom) {
+        auto& st = self->state;
+        if (auto* t = running_turn(st); t && st.batcher)
+          self->send(st.batcher, cancel_atom::value, seq_of(st.rec, t->turn));
+      },
+      [self](history_atom) {
+        std::vector<std::vector<int32_t>> out;
+        for (auto& t : self->state.rec.turns) out.push_back(t.generated);
+        return out;
+      },
   };
 }
 
@@ -191,4 +198,3 @@ child_spec session_spec(std::shared_ptr<node_context> ctx, std::shared_ptr<sessi
 }
 
 }  // namespace keel
-

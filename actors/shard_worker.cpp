@@ -8,6 +8,7 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
 
+#include "actors/let_it_crash.hpp"
 #include "kernels/engine.hpp"
 #include "kernels/kv_cache.hpp"
 #include "kernels/thread_pool.hpp"
@@ -48,6 +49,7 @@ caf::result<step_result> run_step(shard_state& st, const step_batch& b) {
   }
   if (auto n = faults.take_kv_failures(st.rank); n > 0) st.kv->fail_next_allocations(n);
   ++st.steps;
+  if (b.reset) st.seqs.clear();
   for (auto id : b.released) st.seqs.erase(id);
   std::vector<seq_step> steps;
   steps.reserve(b.entries.size());
@@ -60,10 +62,11 @@ caf::result<step_result> run_step(shard_state& st, const step_batch& b) {
     auto& seq = st.seqs.try_emplace(e.seq, *st.kv).first->second;
     if (seq.length() > e.kv_length) seq.truncate(e.kv_length);
     if (seq.length() != e.kv_length) {
-      return make_error(errc::not_found, st.path + ": sequence " + std::to_string(e.seq) + " has " +
-                                        std::to_string(seq.length()) +
-                                        " cached tokens, the step expects " +
-                                        std::to_string(e.kv_length));
+      // This rank lost state the batcher counts on: its group is inconsistent. Let it crash;
+      // the group restarts clean and the batcher prefills every sequence again.
+      throw std::logic_error(st.path + ": sequence " + std::to_string(e.seq) + " has " +
+                             std::to_string(seq.length()) + " cached tokens, the step expects " +
+                             std::to_string(e.kv_length));
     }
     if (leader && e.want_logits) out.logits.emplace_back(vocab);
   }
@@ -81,23 +84,25 @@ caf::result<step_result> run_step(shard_state& st, const step_batch& b) {
 }
 
 caf::behavior shard_worker(caf::stateful_actor<shard_state>* self,
-                           std::shared_ptr<engine_group> group, int32_t rank, std::string path) {
+                           std::shared_ptr<engine_group> group, int32_t rank, std::string path,
+                           std::shared_ptr<collective> coll) {
   auto& st = self->state;
   st.group = group;
   st.rank = rank;
   st.path = std::move(path);
-  st.coll = group->collective_for(rank);
+  st.coll = std::move(coll);
   const auto& m = *group->ctx->llm;
   shard_layout layout{rank, group->shards};
   st.pool = std::make_unique<thread_pool>(group->threads_per_shard);
   st.kv = std::make_unique<kv_pool>(kv_layout_for(m, layout), group->kv_bytes_per_shard);
   st.eng = std::make_unique<engine>(m, *st.pool, layout, st.coll.get());
+  exceptions_as_failures(self);
   // Whatever ends this actor, the other ranks must not wait for it in the collective.
   self->attach_functor([coll = st.coll] { coll->abort(); });
   return {
-    [self](step_atom, const std::shared_ptr<const step_batch>& b) -> caf::result<step_result> {
-      return run_step(self->state, *b);
-    },
+      [self](step_atom, const std::shared_ptr<const step_batch>& b) -> caf::result<step_result> {
+        return run_step(self->state, *b);
+      },
   };
 }
 
@@ -107,7 +112,10 @@ caf::expected<caf::actor> spawn_shard_worker(caf::actor_system& sys,
                                              std::shared_ptr<engine_group> group, int32_t rank,
                                              std::string path) {
   if (auto err = check_sharding(*group->ctx->llm, shard_layout{rank, group->shards})) return err;
-  return sys.spawn<caf::detached>(shard_worker, std::move(group), rank, std::move(path));
+  // Taken here, in the supervisor's start order (rank 0 first), not in the new thread.
+  auto coll = group->collective_for(rank);
+  return sys.spawn<caf::detached>(shard_worker, std::move(group), rank, std::move(path),
+                                  std::move(coll));
 }
 
 std::vector<child_spec> shard_worker_specs(std::shared_ptr<engine_group> group) {

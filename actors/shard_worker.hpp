@@ -35,8 +35,8 @@ struct engine_group {
 /// - `(step_atom, std::shared_ptr<const step_batch>) -> step_result`: frees the released
 ///   sequences, then runs the entries as one batched forward step. Errors: `overloaded` when
 ///   KV pages run out (nothing changed), `disconnected` when another rank of the group died
-///   mid-step, `not_found` when an entry's kv_length does not match this shard's cache (the
-///   batcher then starts every sequence over from an empty cache).
+///   mid-step. An entry whose kv_length this shard's cache does not have means the group's state
+///   is inconsistent: the worker fails, so that its group restarts clean.
 /// Faults (fault_injector): crash (an exception: the actor fails), stall, failed KV allocations.
 /// When it terminates for any reason it aborts the group's collective, so that no other rank
 /// stays blocked.

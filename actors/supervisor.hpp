@@ -9,8 +9,8 @@
 #include <vector>
 
 #include <caf/actor.hpp>
-#include <caf/allowed_unsafe_message_type.hpp>
 #include <caf/actor_system.hpp>
+#include <caf/allowed_unsafe_message_type.hpp>
 #include <caf/expected.hpp>
 #include <caf/message.hpp>
 #include <caf/timespan.hpp>
@@ -28,10 +28,10 @@ enum class restart_type : uint8_t {
 
 /// Which children a failure restarts (OTP's strategies).
 enum class restart_strategy : uint8_t {
-  one_for_one,        // only the failed child
-  one_for_all,        // all children: stop the rest in reverse order, start all in order
-  rest_for_one,       // the failed child and those started after it
-  simple_one_for_one, // one_for_one over children added at run time from a single template spec
+  one_for_one,         // only the failed child
+  one_for_all,         // all children: stop the rest in reverse order, start all in order
+  rest_for_one,        // the failed child and those started after it
+  simple_one_for_one,  // one_for_one over children added at run time from a single template spec
 };
 
 const char* to_string(restart_strategy x);
@@ -52,7 +52,7 @@ struct shutdown_policy {
 /// the new actor, not yet linked or monitored (the supervisor does that), or an error, which the
 /// supervisor treats as a failure of the child.
 using child_factory = std::function<caf::expected<caf::actor>(
-  caf::actor_system& sys, const std::string& path, const caf::message& args)>;
+    caf::actor_system& sys, const std::string& path, const caf::message& args)>;
 
 struct child_spec {
   std::string id;  // unique among the siblings; the last segment of the child's path
@@ -156,14 +156,12 @@ struct child_info {
 ///   start order, then the supervisor.
 /// A child's exit is recorded in `log` (may be null) with the child's path and reason.
 caf::actor spawn_supervisor(caf::actor_system& sys, std::string path, supervisor_flags flags,
-                            std::vector<child_spec> children,
-                            std::shared_ptr<supervision_log> log);
+                            std::vector<child_spec> children, std::shared_ptr<supervision_log> log);
 
 /// A child spec that starts a nested supervisor (restart permanent, infinite shutdown timeout
 /// so that its own children stop in order).
 child_spec supervisor_child(std::string id, supervisor_flags flags,
-                            std::vector<child_spec> children,
-                            std::shared_ptr<supervision_log> log);
+                            std::vector<child_spec> children, std::shared_ptr<supervision_log> log);
 
 }  // namespace keel
 

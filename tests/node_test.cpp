@@ -37,20 +37,22 @@ struct transcript {
 
 caf::behavior sink(caf::event_based_actor*, std::shared_ptr<transcript> t) {
   return {
-    [t](token_atom, const std::string& s, uint64_t turn, int64_t index, int32_t tok,
-        const std::string&) {
-      std::lock_guard<std::mutex> guard(t->mu);
-      auto& v = t->tokens[{s, turn}];
-      if (index != static_cast<int64_t>(v.size())) ++t->violations;
-      else v.push_back(tok);
-    },
-    [t](done_atom, const std::string& s, uint64_t turn, finish_reason why, const std::string&,
-        int64_t retry) {
-      std::lock_guard<std::mutex> guard(t->mu);
-      t->done[{s, turn}] = why;
-      t->retry_after[{s, turn}] = retry;
-      t->cv.notify_all();
-    },
+      [t](token_atom, const std::string& s, uint64_t turn, int64_t index, int32_t tok,
+          const std::string&) {
+        std::lock_guard<std::mutex> guard(t->mu);
+        auto& v = t->tokens[{s, turn}];
+        if (index != static_cast<int64_t>(v.size()))
+          ++t->violations;
+        else
+          v.push_back(tok);
+      },
+      [t](done_atom, const std::string& s, uint64_t turn, finish_reason why, const std::string&,
+          int64_t retry) {
+        std::lock_guard<std::mutex> guard(t->mu);
+        t->done[{s, turn}] = why;
+        t->retry_after[{s, turn}] = retry;
+        t->cv.notify_all();
+      },
   };
 }
 
@@ -82,8 +84,14 @@ struct run_result {
   int32_t shard_restarts = 0;
 };
 
-const char* prompts[] = {"Once upon a time", "The quick brown fox", "hello", "In the beginning",
-                         "1 2 3", "Keel keeps conversations alive", "zzz", "a b c d e f"};
+const char* prompts[] = {"Once upon a time",
+                         "The quick brown fox",
+                         "hello",
+                         "In the beginning",
+                         "1 2 3",
+                         "Keel keeps conversations alive",
+                         "zzz",
+                         "a b c d e f"};
 
 sampling_params sampled(uint64_t seed) {
   sampling_params p;
@@ -101,7 +109,10 @@ run_result run_node(const std::string& model, node_config cfg, int n, int32_t ma
   caf::actor_system_config sys_cfg;
   caf::actor_system sys{sys_cfg};
   cfg.model_path = model;
-  auto log = std::make_shared<supervision_log>([](const std::string&) {});
+  // KEEL_TEST_VERBOSE=1 shows the supervision log.
+  auto log = std::getenv("KEEL_TEST_VERBOSE")
+                 ? std::make_shared<supervision_log>()
+                 : std::make_shared<supervision_log>([](const std::string&) {});
   auto nd = node::start(sys, cfg, log);
   BOOST_REQUIRE_MESSAGE(nd, test::why(nd));
   auto t = std::make_shared<transcript>();
@@ -114,11 +125,18 @@ run_result run_node(const std::string& model, node_config cfg, int n, int32_t ma
     BOOST_REQUIRE(s);
     self->request(s, std::chrono::seconds(10), send_atom::value, std::string(prompts[i % 8]),
                   max_tokens, snk)
-      .receive([](uint64_t) {}, [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
+        .receive([](uint64_t) {}, [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
   }
   if (arm) arm(**nd);
-  BOOST_REQUIRE_MESSAGE(t->wait_done(static_cast<size_t>(n), std::chrono::seconds(120)),
-                        "turns did not finish");
+  if (!t->wait_done(static_cast<size_t>(n), std::chrono::seconds(60))) {
+    auto st = (*nd)->stats();
+    BOOST_FAIL("turns did not finish: "
+               << t->done.size() << " of " << n << " done; batcher: "
+               << (st ? std::to_string(st->running) + " running, " + std::to_string(st->waiting) +
+                            " waiting, " + std::to_string(st->steps) + " steps, " +
+                            std::to_string(st->group_failures) + " group failures"
+                      : test::why(st)));
+  }
   run_result r;
   {
     std::lock_guard<std::mutex> guard(t->mu);
@@ -193,7 +211,9 @@ BOOST_AUTO_TEST_CASE(eight_conversations_survive_five_shard_crashes_unchanged) {
   BOOST_TEST(crashed.stats.group_failures == 5u);
   BOOST_TEST(crashed.shard_restarts >= 5);
   BOOST_TEST(crashed.tokens == clean.tokens);
-  for (auto& [key, v] : clean.tokens) BOOST_TEST_CONTEXT(key.first) { BOOST_TEST(!v.empty()); }
+  for (auto& [key, v] : clean.tokens) BOOST_TEST_CONTEXT(key.first) {
+      BOOST_TEST(!v.empty());
+    }
   BOOST_TEST(crashed.done == clean.done);
 }
 
