@@ -37,5 +37,6 @@ using stats_atom = caf::atom_constant<caf::atom("k_stats")>;
 namespace keel {
 
 using open_atom = caf::atom_constant<caf::atom("k_open")>;
+using resume_atom = caf::atom_constant<caf::atom("k_resume")>;
 
 }  // namespace keel

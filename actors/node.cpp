@@ -127,6 +127,13 @@ caf::actor node::session(const std::string& id) {
   return out;
 }
 
+std::vector<session_record> node::sessions() const {
+  std::vector<session_record> out;
+  for (auto& id : sessions_->ids())
+    if (auto r = sessions_->get(id)) out.push_back(std::move(*r));
+  return out;
+}
+
 caf::expected<batcher_stats> node::stats() {
   auto b = ctx_->batcher();
   if (!b) return make_error(errc::disconnected, cfg_.name + ": the batcher is down");

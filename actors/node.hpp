@@ -58,6 +58,8 @@ class node {
   caf::actor session(const std::string& id);
   /// The current handle of a direct child of the root: "engine", "batcher" or "sessions".
   caf::actor child(const std::string& id);
+  /// Every session's record (from the session table), ordered by id.
+  std::vector<session_record> sessions() const;
   /// The batcher's figures.
   caf::expected<batcher_stats> stats();
 

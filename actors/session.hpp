@@ -62,6 +62,11 @@ class session_table {
 ///   starts a turn; `bad_request` while another turn runs or when the text is empty.
 /// - `(cancel_atom)`: cancels the running turn.
 /// - `(history_atom) -> std::vector<std::vector<int32_t>>`: each turn's generated tokens.
+/// - `(get_atom) -> session_record`: the whole conversation.
+/// - `(resume_atom, uint64_t turn, int64_t from_index, caf::actor sink) -> bool`: sends the
+///   turn's tokens from `from_index` on to `sink` (and `done` when the turn has ended); a running
+///   turn streams the rest there too, instead of to its previous sink. `not_found` for an unknown
+///   turn.
 /// To the sink: `(token_atom, std::string session, uint64_t turn, int64_t index, int32_t token,
 /// std::string piece)` once per index in order, then `(done_atom, std::string session,
 /// uint64_t turn, finish_reason, std::string detail, int64_t retry_after_ms)`.

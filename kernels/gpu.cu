@@ -8,9 +8,13 @@
 
 namespace keel::gpu {
 
+// In gpu_collective.cu: the strings of status_aborted, status_nccl_unavailable and NCCL errors.
+std::string nccl_status_string(int status);
+
 std::string status_string(int status) {
   if (status == status_ok) return "ok";
   if (status == status_bad_argument) return "bad_argument";
+  if (status < 0) return nccl_status_string(status);
   auto e = static_cast<cudaError_t>(status);
   return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
 }

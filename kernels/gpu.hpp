@@ -24,8 +24,15 @@ namespace keel::gpu {
 /// synchronises (`synchronize`, `buffer::download`).
 inline constexpr int status_ok = 0;
 inline constexpr int status_bad_argument = -1;
+/// `nccl_group` only: the group was aborted (before or during the call).
+inline constexpr int status_aborted = -2;
+/// `nccl_group` only: keel_cuda was built without NCCL (nccl.h / libnccl not found).
+inline constexpr int status_nccl_unavailable = -3;
+/// `nccl_group` only: an NCCL error `r` (an `ncclResult_t`) is `status_nccl_base - r`.
+inline constexpr int status_nccl_base = -1000;
 
-/// "ok", "bad_argument", or "cudaErrorMemoryAllocation: out of memory".
+/// "ok", "bad_argument", "cudaErrorMemoryAllocation: out of memory", "aborted",
+/// "NCCL not available: ...", or "ncclUnhandledCudaError: unhandled cuda error ...".
 std::string status_string(int status);
 
 struct device_info {
@@ -111,5 +118,73 @@ int silu_mul(buffer& gate, const buffer& up, int64_t n);
 /// rope cache and keel::rope compute it (pos times theta^(-2/head_dim), i times, in F32), so it is
 /// the same float as on the CPU; only sin and cos may differ in the last bits.
 int rope(buffer& x, int64_t nb, int n_heads, int head_dim, int64_t pos0, float theta);
+
+/// Tensor parallelism across the GPUs of one process: one NCCL communicator per device, rank r
+/// driving device `devices[r]` from its own thread (one shard worker per device). The GPU twin of
+/// keel::collective (kernels/collective.hpp), with status ints instead of caf::error.
+///
+/// `init` creates all communicators at once from one thread (ncclGetUniqueId, then
+/// ncclCommInitRankConfig per rank inside one ncclGroupStart/End, which is what ncclCommInitAll
+/// does), so that a failing device fails the whole group in one place before any shard worker
+/// starts. The communicators are non-blocking (ncclConfig_t::blocking = 0): no NCCL call ever
+/// blocks a rank's thread; `all_reduce_sum` polls for completion and for `abort`.
+///
+/// Summation order: NCCL does not sum in rank order, so results are not bit-identical to the
+/// CPU collective (they agree up to float rounding). With the Ring and Tree algorithms every rank
+/// gets the same bits (the reduced value is broadcast), and a given layout is reproducible run
+/// to run as long as the NCCL version, the GPUs and their topology, the rank count, the message
+/// size and the NCCL tuning stay the same. To keep the order fixed when NCCL's tuner would pick
+/// differently, set before `init` (in the environment of the process):
+///   NCCL_ALGO=Ring NCCL_PROTO=Simple NCCL_MIN_NCHANNELS=k NCCL_MAX_NCHANNELS=k
+/// (NVLS/CollNet reduce in the switch or network and are not guaranteed to be reproducible).
+///
+/// Threading: `init`, the destructor and move run with no rank inside a call. Each rank calls
+/// `all_reduce_sum` only from its own thread, one call per rank per round, with the same `n` on
+/// every rank (NCCL cannot detect a mismatch: it hangs until `abort` or corrupts the result).
+/// `abort` is thread-safe and idempotent. Nothing throws.
+class nccl_group {
+ public:
+  nccl_group() noexcept;
+  ~nccl_group();  // ncclCommAbort on every communicator still open (never blocks on peers)
+  nccl_group(nccl_group&&) noexcept;
+  nccl_group& operator=(nccl_group&&) noexcept;
+  nccl_group(const nccl_group&) = delete;
+  nccl_group& operator=(const nccl_group&) = delete;
+
+  /// True when keel_cuda was built with NCCL; otherwise `init` returns
+  /// `status_nccl_unavailable`.
+  static bool available() noexcept;
+  /// "2.28.9", or the reason NCCL is not usable ("NCCL not available: ...").
+  static std::string version();
+
+  /// Creates one communicator per entry of `devices` (distinct CUDA device indices; rank r is
+  /// devices[r]) and one CUDA stream per rank. On failure the group stays empty and `*why` (if
+  /// not null) says what failed, e.g. "cudaGetDeviceCount: cudaErrorInsufficientDriver: ..." on a
+  /// host without a driver. Restores the calling thread's current device.
+  int init(const std::vector<int>& devices, std::string* why = nullptr);
+
+  int size() const noexcept;      ///< ranks (0 when empty)
+  int device(int rank) const;     ///< device of `rank`, -1 when out of range
+
+  /// Sums data[0..n) (F32, from the start of `data`, in place) over all ranks. Called from rank
+  /// `rank`'s thread; makes devices[rank] current, queues the all-reduce on the rank's stream
+  /// (a blocking stream, so it is ordered after the work this thread queued on the legacy
+  /// default stream, and later default-stream work waits for it) and returns when it is done.
+  /// `status_aborted` when the group is aborted before or while waiting (the data is then
+  /// undefined), an NCCL or CUDA error, or `status_bad_argument` (rank out of range, n < 0,
+  /// `data` too small, empty group). n == 0 returns at once.
+  int all_reduce_sum(int rank, buffer& data, int64_t n);
+
+  /// Wakes every rank waiting in `all_reduce_sum` with `status_aborted`; later calls fail at
+  /// once. Only sets a flag: each waiting rank then calls ncclCommAbort on its own communicator
+  /// (stopping its kernel that waits for the missing peers), because NCCL communicators must not
+  /// be used from two threads at once. The others are aborted by the destructor.
+  void abort() noexcept;
+  bool aborted() const noexcept;
+
+ private:
+  struct impl;
+  impl* impl_ = nullptr;
+};
 
 }  // namespace keel::gpu
