@@ -1,14 +1,27 @@
-// keel-bench: benchmarks that report (never assert). `engine` measures the CPU engine.
+// keel-bench: benchmarks that report (never assert). `engine` measures the CPU engine; `batch`
+// measures the actor path (node, batcher, sessions) against it, and recovery from shard crashes.
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <mutex>
+#include <random>
 #include <span>
 #include <sstream>
 #include <string>
 #include <thread>
 
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/scoped_actor.hpp>
+
+#include "actors/node.hpp"
 #include "apps/cli.hpp"
 #include "kernels/engine.hpp"
 #include "kernels/generate.hpp"
@@ -32,7 +45,9 @@ const char* top_help =
     "usage: keel-bench COMMAND [OPTIONS]\n\n"
     "Keel's benchmarks. They report figures; they never fail on a target.\n\n"
     "commands:\n"
-    "  engine --model FILE [--threads N]   prefill and decode tokens/s, decode roofline\n\n"
+    "  engine --model FILE [--threads N]   prefill and decode tokens/s, decode roofline\n"
+    "  batch --model FILE [--shards N]     actor path vs engine decode tokens/s at 1-64\n"
+    "                                      sessions; recovery time after shard crashes\n\n"
     "Run 'keel-bench COMMAND --help' for a command's options.\n";
 
 int fail(const caf::error& err) {
@@ -212,6 +227,6 @@ int engine_bench(std::span<char*> args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  constexpr keel::cli::command commands[] = {{"engine", engine_bench}};
+  constexpr keel::cli::command commands[] = {{"engine", engine_bench}, {"batch", batch_bench}};
   return keel::cli::dispatch(argc, argv, "keel-bench", top_help, commands);
 }

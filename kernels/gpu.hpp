@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -144,11 +145,9 @@ int rope(buffer& x, int64_t nb, int n_heads, int head_dim, int64_t pos0, float t
 /// `abort` is thread-safe and idempotent. Nothing throws.
 class nccl_group {
  public:
-  nccl_group() noexcept;
+  nccl_group();
   ~nccl_group();  // ncclCommAbort on every communicator still open (never blocks on peers)
-  nccl_group(nccl_group&&) noexcept;
-  nccl_group& operator=(nccl_group&&) noexcept;
-  nccl_group(const nccl_group&) = delete;
+  nccl_group(const nccl_group&) = delete;  // shared by the ranks' threads: not movable either
   nccl_group& operator=(const nccl_group&) = delete;
 
   /// True when keel_cuda was built with NCCL; otherwise `init` returns
@@ -158,9 +157,10 @@ class nccl_group {
   static std::string version();
 
   /// Creates one communicator per entry of `devices` (distinct CUDA device indices; rank r is
-  /// devices[r]) and one CUDA stream per rank. On failure the group stays empty and `*why` (if
-  /// not null) says what failed, e.g. "cudaGetDeviceCount: cudaErrorInsufficientDriver: ..." on a
-  /// host without a driver. Restores the calling thread's current device.
+  /// devices[r]) and one CUDA stream per rank, replacing what the group held (and clearing an
+  /// abort). On failure the group stays empty and `*why` (if not null) says what failed, e.g.
+  /// "cudaGetDeviceCount: cudaErrorInsufficientDriver: ..." on a host without a driver.
+  /// Restores the calling thread's current device.
   int init(const std::vector<int>& devices, std::string* why = nullptr);
 
   int size() const noexcept;      ///< ranks (0 when empty)
@@ -172,7 +172,8 @@ class nccl_group {
   /// default stream, and later default-stream work waits for it) and returns when it is done.
   /// `status_aborted` when the group is aborted before or while waiting (the data is then
   /// undefined), an NCCL or CUDA error, or `status_bad_argument` (rank out of range, n < 0,
-  /// `data` too small, empty group). n == 0 returns at once.
+  /// `data` too small, empty group). n == 0 returns at once. Any failure of a call with a valid
+  /// rank also aborts the group: the other ranks would otherwise wait for this one forever.
   int all_reduce_sum(int rank, buffer& data, int64_t n);
 
   /// Wakes every rank waiting in `all_reduce_sum` with `status_aborted`; later calls fail at
@@ -184,7 +185,7 @@ class nccl_group {
 
  private:
   struct impl;
-  impl* impl_ = nullptr;
+  std::unique_ptr<impl> impl_;
 };
 
 }  // namespace keel::gpu
