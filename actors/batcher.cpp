@@ -53,7 +53,8 @@ struct batcher_state {
   bool group_failed = false;       // waiting for the group to restart
   uint64_t failure_epoch = 0;
   clock_type::time_point failed_at;
-  bool recovering = false;  // a failure happened and no token was sent since
+  bool recovering = false;    // a failure happened and no token was sent since
+  bool reset_caches = false;  // the next step tells the shards to drop their KV caches
   bool in_flight = false;
   uint64_t step_number = 0;
   caf::actor engine_sup;
@@ -158,8 +159,14 @@ void lose_shards(self_ptr self, const std::vector<caf::actor>& lost) {
     }
   }
   if (!any) return;
-  for (auto& [id, s] : st.seqs) s.kv_length = 0;
+  // The restarted workers adopt their ranks' KV caches, so sequences go on from the lengths
+  // the batcher counts. A new failure before any token was produced since the last one may
+  // mean the caches themselves are the trouble: then drop them and prefill everything again.
   if (!st.group_failed) {
+    if (st.recovering) {
+      for (auto& [id, s] : st.seqs) s.kv_length = 0;
+      st.reset_caches = true;
+    }
     st.group_failed = true;
     ++st.failure_epoch;
     ++st.stats.group_failures;
@@ -229,7 +236,9 @@ void schedule(self_ptr self) {
   auto batch = std::make_shared<step_batch>();
   batch->number = ++st.step_number;
   batch->released.swap(st.released);
-  batch->reset = batch->number == 1;  // sequences of a previous batcher incarnation are stale
+  // Sequences of a previous batcher incarnation are stale, and so are distrusted caches.
+  batch->reset = batch->number == 1 || st.reset_caches;
+  st.reset_caches = false;
   for (auto id : st.running) {
     auto& s = st.seqs.at(id);
     auto pending = static_cast<int64_t>(s.tokens.size()) - s.kv_length;
@@ -292,6 +301,8 @@ caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_
       // engine_sup itself was restarted by node_sup: subscribe to the new one.
       st.engine_sup = caf::actor{};
       lose_shards(self, st.shards);
+      for (auto& [id, s] : st.seqs) s.kv_length = 0;  // engine_sup gave up: start clean
+      st.reset_caches = true;
       self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);
       return;
     }

@@ -26,6 +26,11 @@ constexpr auto call_timeout = std::chrono::seconds(10);
 
 }  // namespace
 
+void tune_actor_system(caf::actor_system_config& cfg) {
+  cfg.set("work-stealing.aggressive-poll-attempts", size_t{1});
+  cfg.set("work-stealing.moderate-poll-attempts", size_t{1});
+}
+
 caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_config cfg,
                                                  std::shared_ptr<supervision_log> log) {
   auto m = model::load(cfg.model_path, cfg.tokenizer_path);

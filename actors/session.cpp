@@ -169,26 +169,28 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
           self->send(st.batcher, cancel_atom::value, seq_of(st.rec, t->turn));
       },
       [self](get_atom) { return self->state.rec; },
-    [self](resume_atom, uint64_t turn, int64_t from_index, caf::actor sink) -> caf::result<bool> {
-      check_fault(self);
-      auto& st = self->state;
-      if (turn >= st.rec.turns.size()) {
-        return make_error(errc::not_found, "session " + st.rec.id + " has no turn " +
-                                             std::to_string(turn));
-      }
-      auto& t = st.rec.turns[turn];
-      for (auto k = std::max<int64_t>(from_index, 0); k < static_cast<int64_t>(t.generated.size()); ++k)
-        self->send(sink, token_atom::value, st.rec.id, t.turn, k, t.generated[k],
-                   st.ctx->tok->token_text(t.generated[k]));
-      if (t.done) {
-        self->send(sink, done_atom::value, st.rec.id, t.turn, t.reason, std::string{}, int64_t{0});
-      } else {
-        t.sink = std::move(sink);
-        st.table->put(st.rec);
-      }
-      return true;
-    },
-    [self](history_atom) {
+      [self](resume_atom, uint64_t turn, int64_t from_index, caf::actor sink) -> caf::result<bool> {
+        check_fault(self);
+        auto& st = self->state;
+        if (turn >= st.rec.turns.size()) {
+          return make_error(errc::not_found,
+                            "session " + st.rec.id + " has no turn " + std::to_string(turn));
+        }
+        auto& t = st.rec.turns[turn];
+        for (auto k = std::max<int64_t>(from_index, 0);
+             k < static_cast<int64_t>(t.generated.size()); ++k)
+          self->send(sink, token_atom::value, st.rec.id, t.turn, k, t.generated[k],
+                     st.ctx->tok->token_text(t.generated[k]));
+        if (t.done) {
+          self->send(sink, done_atom::value, st.rec.id, t.turn, t.reason, std::string{},
+                     int64_t{0});
+        } else {
+          t.sink = std::move(sink);
+          st.table->put(st.rec);
+        }
+        return true;
+      },
+      [self](history_atom) {
         std::vector<std::vector<int32_t>> out;
         for (auto& t : self->state.rec.turns) out.push_back(t.generated);
         return out;

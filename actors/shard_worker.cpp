@@ -24,6 +24,17 @@ std::shared_ptr<collective> engine_group::collective_for(int32_t rank) {
   return current_;
 }
 
+std::shared_ptr<rank_cache> engine_group::cache_for(int32_t rank) {
+  std::lock_guard<std::mutex> guard(mu_);
+  auto& c = caches_[rank];
+  if (!c) {
+    c = std::make_shared<rank_cache>();
+    c->kv = std::make_unique<kv_pool>(kv_layout_for(*ctx->llm, shard_layout{rank, shards}),
+                                      kv_bytes_per_shard);
+  }
+  return c;
+}
+
 namespace {
 
 struct shard_state {
@@ -32,9 +43,8 @@ struct shard_state {
   std::string path;
   std::shared_ptr<collective> coll;
   std::unique_ptr<thread_pool> pool;
-  std::unique_ptr<kv_pool> kv;
+  std::shared_ptr<rank_cache> cache;
   std::unique_ptr<engine> eng;
-  std::map<seq_id, kv_sequence> seqs;
   uint64_t steps = 0;
   static inline const char* name = "shard_worker";
 };
@@ -47,10 +57,11 @@ caf::result<step_result> run_step(shard_state& st, const step_batch& b) {
     throw std::runtime_error("injected fault: " + st.path + " crashed at step " +
                              std::to_string(st.steps));
   }
-  if (auto n = faults.take_kv_failures(st.rank); n > 0) st.kv->fail_next_allocations(n);
+  auto& seqs = st.cache->seqs;
+  if (auto n = faults.take_kv_failures(st.rank); n > 0) st.cache->kv->fail_next_allocations(n);
   ++st.steps;
-  if (b.reset) st.seqs.clear();
-  for (auto id : b.released) st.seqs.erase(id);
+  if (b.reset) seqs.clear();
+  for (auto id : b.released) seqs.erase(id);
   std::vector<seq_step> steps;
   steps.reserve(b.entries.size());
   step_result out;
@@ -59,11 +70,11 @@ caf::result<step_result> run_step(shard_state& st, const step_batch& b) {
   const bool leader = st.rank == 0;
   const auto vocab = st.group->ctx->llm->config().vocab_size;
   for (auto& e : b.entries) {
-    auto& seq = st.seqs.try_emplace(e.seq, *st.kv).first->second;
+    auto& seq = seqs.try_emplace(e.seq, *st.cache->kv).first->second;
     if (seq.length() > e.kv_length) seq.truncate(e.kv_length);
     if (seq.length() != e.kv_length) {
-      // This rank lost state the batcher counts on: its group is inconsistent. Let it crash;
-      // the group restarts clean and the batcher prefills every sequence again.
+      // This rank lacks state the batcher counts on: the group is inconsistent. Let it crash;
+      // the batcher then drops every cache and prefills the sequences again.
       throw std::logic_error(st.path + ": sequence " + std::to_string(e.seq) + " has " +
                              std::to_string(seq.length()) + " cached tokens, the step expects " +
                              std::to_string(e.kv_length));
@@ -73,7 +84,7 @@ caf::result<step_result> run_step(shard_state& st, const step_batch& b) {
   size_t li = 0;
   for (auto& e : b.entries) {
     seq_step s;
-    s.kv = &st.seqs.at(e.seq);
+    s.kv = &seqs.at(e.seq);
     s.tokens = e.tokens.data();
     s.n_tokens = static_cast<int32_t>(e.tokens.size());
     s.logits = leader && e.want_logits ? out.logits[li++].data() : nullptr;
@@ -94,7 +105,7 @@ caf::behavior shard_worker(caf::stateful_actor<shard_state>* self,
   const auto& m = *group->ctx->llm;
   shard_layout layout{rank, group->shards};
   st.pool = std::make_unique<thread_pool>(group->threads_per_shard);
-  st.kv = std::make_unique<kv_pool>(kv_layout_for(m, layout), group->kv_bytes_per_shard);
+  st.cache = group->cache_for(rank);
   st.eng = std::make_unique<engine>(m, *st.pool, layout, st.coll.get());
   exceptions_as_failures(self);
   // Whatever ends this actor, the other ranks must not wait for it in the collective.

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -9,8 +10,19 @@
 #include "actors/node_context.hpp"
 #include "actors/supervisor.hpp"
 #include "kernels/collective.hpp"
+#include "kernels/kv_cache.hpp"
 
 namespace keel {
+
+/// A rank's KV cache: its page pool and the pages of each sequence. The engine group owns it,
+/// so it outlives a crashed worker: the restarted worker adopts it and sequences continue
+/// without being prefilled again. The batcher still names each sequence's valid length in
+/// every step (a step cut short may have written past it), and can drop the caches with
+/// `step_batch::reset` when it no longer trusts them. Used by one worker thread at a time.
+struct rank_cache {
+  std::unique_ptr<kv_pool> kv;  // declared first: the sequences release into it
+  std::map<seq_id, kv_sequence> seqs;
+};
 
 /// The shared set-up of one tensor-parallel engine group (the children of engine_sup).
 struct engine_group {
@@ -23,9 +35,13 @@ struct engine_group {
   /// children in order) and makes a new one; the other ranks join it.
   std::shared_ptr<collective> collective_for(int32_t rank);
 
+  /// The rank's cache, made on first use.
+  std::shared_ptr<rank_cache> cache_for(int32_t rank);
+
  private:
   std::mutex mu_;
   std::shared_ptr<collective> current_;
+  std::map<int32_t, std::shared_ptr<rank_cache>> caches_;
 };
 
 /// A shard worker owns one device (here: a group of CPU threads), its slice of the weights and

@@ -1,7 +1,16 @@
-// keel: the command-line client. `keel generate --model FILE` runs a model in this process.
+// keel: the command-line client. `keel generate --model FILE` runs a model in this process;
+// `--connect HOST:PORT[,...]` sends the work to a keel-node instead (generate, chat, sessions,
+// history).
 
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
+#include <memory>
 #include <span>
 #include <string>
 #include <thread>
@@ -10,13 +19,19 @@
 #include "kernels/generate.hpp"
 #include "kernels/model.hpp"
 #include "kernels/tokenizer.hpp"
+#include "wire/client.hpp"
+
+#ifdef KEEL_HAVE_LIBEDIT
+#include <editline/readline.h>
+#endif
 
 namespace {
 
 using keel::cli::option;
 
 constexpr option generate_spec[] = {
-    {"model", "FILE", "GGUF model or llama2.c checkpoint (required)"},
+    {"model", "FILE", "GGUF model or llama2.c checkpoint (this or --connect)"},
+    {"connect", "HOST:PORT,...", "generate on the first keel-node that answers"},
     {"tokenizer", "FILE", "llama2.c tokenizer.bin (default: beside the model)"},
     {"prompt", "TEXT", "the prompt (required)"},
     {"max-tokens", "N", "most tokens to generate (default 64)"},
@@ -28,53 +43,60 @@ constexpr option generate_spec[] = {
     {"seed", "S", "sampling seed (default 0)"},
     {"threads", "N", "CPU threads (default: all cores)"},
     {"kv-bytes", "B", "KV cache budget, e.g. 256M (default: enough for the context)"},
+    {"priority", "N", "with --connect: the session's priority, higher first (default 0)"},
     {"ids", nullptr, "print token ids: 'prompt: ...' then 'gen: ...'"},
+};
+
+constexpr option chat_spec[] = {
+    {"connect", "HOST:PORT,...", "the keel-nodes to try, in order (required)"},
+    {"session", "ID", "continue this session instead of opening a new one"},
+    {"max-tokens", "N", "most tokens per reply (default 256)"},
+    {"temperature", "T", "0 for greedy (default 0)"},
+    {"top-k", "K", "keep the K most likely tokens; 0 = off (default 0)"},
+    {"top-p", "P", "nucleus sampling threshold in (0, 1] (default 1)"},
+    {"min-p", "P", "drop tokens below P times the best one's probability (default 0)"},
+    {"repeat-penalty", "R", "repetition penalty, 1 = off (default 1)"},
+    {"seed", "S", "sampling seed (default 0)"},
+    {"priority", "N", "the session's priority, higher first (default 0)"},
+};
+
+constexpr option connect_spec[] = {
+    {"connect", "HOST:PORT,...", "the keel-nodes to try, in order (required)"},
 };
 
 const char* top_help =
     "usage: keel COMMAND [OPTIONS]\n\n"
     "Keel's client.\n\n"
     "commands:\n"
-    "  generate --model FILE --prompt TEXT [...]   generate a continuation in this process\n\n"
+    "  generate --model FILE --prompt TEXT [...]   generate a continuation in this process\n"
+    "  generate --connect HOST:PORT --prompt TEXT  the same, on a keel-node\n"
+    "  chat --connect HOST:PORT [...]              talk with a model on a keel-node\n"
+    "  sessions --connect HOST:PORT                list a node's sessions\n"
+    "  history --connect HOST:PORT SESSION         show a session's turns\n\n"
     "Run 'keel COMMAND --help' for a command's options.\n";
 
 int fail(const caf::error& err) {
   return keel::cli::fail("keel", err);
 }
 
-int generate(std::span<char*> args) {
-  if (keel::cli::wants_help(args)) {
-    std::cout << keel::cli::help_text(
-        "keel generate --model FILE --prompt TEXT [OPTIONS]",
-        "Streams the continuation of TEXT to stdout. The same model, prompt, seed and options "
-        "always give the same tokens.",
-        generate_spec);
-    return 0;
-  }
-  auto opts = keel::cli::options::parse(args, generate_spec);
-  if (!opts) return fail(opts.error());
-  if (!opts->has("model"))
-    return fail(keel::make_error(keel::errc::bad_request, "generate: --model FILE is required"));
-  if (!opts->has("prompt"))
-    return fail(keel::make_error(keel::errc::bad_request, "generate: --prompt TEXT is required"));
+/// The sampling options and --max-tokens shared by generate and chat, checked.
+caf::expected<keel::generation_request> read_sampling(const keel::cli::options& opts,
+                                                      int64_t default_max_tokens) {
   keel::generation_request req;
-  auto max_tokens = opts->get_int("max-tokens", 64, 1, 1 << 20);
-  auto temperature = opts->get_real("temperature", 0.0, 0.0, 100.0);
-  auto top_k = opts->get_int("top-k", 0, 0, 1 << 24);
-  auto top_p = opts->get_real("top-p", 1.0, 0.0, 1.0);
-  auto min_p = opts->get_real("min-p", 0.0, 0.0, 1.0);
-  auto rep = opts->get_real("repeat-penalty", 1.0, 0.0, 100.0);
-  auto seed = opts->get_int("seed", 0, 0, INT64_MAX);
-  auto threads =
-      opts->get_int("threads", std::max(1u, std::thread::hardware_concurrency()), 1, 1024);
-  if (!max_tokens) return fail(max_tokens.error());
-  if (!top_k) return fail(top_k.error());
-  if (!seed) return fail(seed.error());
-  if (!threads) return fail(threads.error());
-  if (!temperature) return fail(temperature.error());
-  if (!top_p) return fail(top_p.error());
-  if (!min_p) return fail(min_p.error());
-  if (!rep) return fail(rep.error());
+  auto max_tokens = opts.get_int("max-tokens", default_max_tokens, 1, 1 << 20);
+  auto temperature = opts.get_real("temperature", 0.0, 0.0, 100.0);
+  auto top_k = opts.get_int("top-k", 0, 0, 1 << 24);
+  auto top_p = opts.get_real("top-p", 1.0, 0.0, 1.0);
+  auto min_p = opts.get_real("min-p", 0.0, 0.0, 1.0);
+  auto rep = opts.get_real("repeat-penalty", 1.0, 0.0, 100.0);
+  auto seed = opts.get_int("seed", 0, 0, INT64_MAX);
+  if (!max_tokens) return max_tokens.error();
+  if (!top_k) return top_k.error();
+  if (!seed) return seed.error();
+  if (!temperature) return temperature.error();
+  if (!top_p) return top_p.error();
+  if (!min_p) return min_p.error();
+  if (!rep) return rep.error();
   req.max_tokens = static_cast<int32_t>(*max_tokens);
   req.params.temperature = static_cast<float>(*temperature);
   req.params.top_k = static_cast<int32_t>(*top_k);
@@ -82,7 +104,108 @@ int generate(std::span<char*> args) {
   req.params.min_p = static_cast<float>(*min_p);
   req.params.repetition_penalty = static_cast<float>(*rep);
   req.params.seed = static_cast<uint64_t>(*seed);
-  if (auto err = keel::validate(req.params)) return fail(err);
+  if (auto err = keel::validate(req.params)) return err;
+  return req;
+}
+
+/// The client connected to the first node of --connect that answers.
+caf::expected<std::unique_ptr<keel::wire::client>> connect(const keel::cli::options& opts,
+                                                           const char* command) {
+  if (!opts.has("connect"))
+    return keel::make_error(
+        keel::errc::bad_request,
+        std::string(command) + ": --connect HOST:PORT[,HOST:PORT...] is required");
+  auto endpoints = keel::wire::parse_endpoints(opts.get("connect"));
+  if (!endpoints) return endpoints.error();
+  return keel::wire::client::connect(*endpoints);
+}
+
+caf::expected<int32_t> read_priority(const keel::cli::options& opts) {
+  auto p = opts.get_int("priority", 0, INT32_MIN, INT32_MAX);
+  if (!p) return p.error();
+  return static_cast<int32_t>(*p);
+}
+
+void print_ids(const char* label, const std::vector<int32_t>& ids) {
+  std::string line = label;
+  for (auto id : ids) {
+    line += ' ';
+    line += std::to_string(id);
+  }
+  std::printf("%s\n", line.c_str());
+}
+
+/// `keel generate --connect`: the same output as the local command, from a node.
+int generate_remote(const keel::cli::options& opts, const keel::generation_request& req) {
+  for (const char* local_only : {"model", "tokenizer", "threads", "kv-bytes"})
+    if (opts.has(local_only))
+      return fail(keel::make_error(keel::errc::bad_request,
+                                   std::string("generate: --") + local_only +
+                                       " applies to local generation, not with --connect"));
+  auto priority = read_priority(opts);
+  if (!priority) return fail(priority.error());
+  auto c = connect(opts, "generate");
+  if (!c) return fail(c.error());
+  auto session = (*c)->open_session(req.params, *priority);
+  if (!session) return fail(session.error());
+  const bool ids = opts.has("ids");
+  bool accepted = false;
+  auto on_accept = [&](uint64_t, const std::vector<int32_t>& prompt) {
+    accepted = true;
+    if (!ids) return;
+    std::string line = "prompt:";
+    for (auto id : prompt) {
+      line += ' ';
+      line += std::to_string(id);
+    }
+    std::printf("%s\ngen:", line.c_str());
+    std::fflush(stdout);
+  };
+  auto on_token = [&](uint64_t, uint64_t, int32_t id, std::string_view piece) {
+    if (ids)
+      std::printf(" %d", id);
+    else
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+    std::fflush(stdout);
+  };
+  auto result = (*c)->generate(*session, opts.get("prompt"), static_cast<uint32_t>(req.max_tokens),
+                               on_token, on_accept);
+  if (accepted) std::fputs("\n", stdout);
+  std::fflush(stdout);
+  if (!result) return fail(result.error());
+  return 0;
+}
+
+int generate(std::span<char*> args) {
+  if (keel::cli::wants_help(args)) {
+    std::cout << keel::cli::help_text(
+        "keel generate (--model FILE | --connect HOST:PORT[,...]) --prompt TEXT [OPTIONS]",
+        "Streams the continuation of TEXT to stdout, computed in this process (--model) or on "
+        "the first keel-node of --connect that answers. The same model, prompt, seed and "
+        "options always give the same tokens, locally or through a node.",
+        generate_spec);
+    return 0;
+  }
+  auto opts = keel::cli::options::parse(args, generate_spec);
+  if (!opts) return fail(opts.error());
+  if (opts->has("model") && opts->has("connect"))
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "generate: give --model FILE or --connect HOST:PORT, not both"));
+  if (!opts->has("model") && !opts->has("connect"))
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "generate: --model FILE (or --connect HOST:PORT) is required"));
+  if (!opts->has("prompt"))
+    return fail(keel::make_error(keel::errc::bad_request, "generate: --prompt TEXT is required"));
+  auto sampled = read_sampling(*opts, 64);
+  if (!sampled) return fail(sampled.error());
+  auto req = std::move(*sampled);
+  if (opts->has("connect")) return generate_remote(*opts, req);
+  if (opts->has("priority"))
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "generate: --priority applies only with --connect"));
+  auto threads =
+      opts->get_int("threads", std::max(1u, std::thread::hardware_concurrency()), 1, 1024);
+  if (!threads) return fail(threads.error());
 
   auto m = keel::model::load(opts->get("model"), opts->get("tokenizer"));
   if (!m) return fail(m.error());
@@ -105,7 +228,10 @@ int generate(std::span<char*> args) {
   keel::detokenizer detok(tok, false);  // generated text continues the prompt
   if (ids) {
     std::string line = "prompt:";
-    for (auto id : req.prompt) line += " " + std::to_string(id);
+    for (auto id : req.prompt) {
+      line += ' ';
+      line += std::to_string(id);
+    }
     std::printf("%s\ngen:", line.c_str());
   }
   auto on_token = [&](size_t, int32_t id) {
@@ -122,9 +248,193 @@ int generate(std::span<char*> args) {
   return 0;
 }
 
+/// Reads one line of user input: with line editing and history on a terminal, plain otherwise.
+class line_reader {
+ public:
+  line_reader() : edit_(isatty(STDIN_FILENO) == 1) {}
+
+  bool interactive() const { return edit_; }
+
+  /// False at end of input.
+  bool read(const char* prompt, std::string& line) {
+#ifdef KEEL_HAVE_LIBEDIT
+    if (edit_) {
+      char* raw = readline(prompt);
+      if (raw == nullptr) return false;
+      line = raw;
+      std::free(raw);
+      if (!line.empty()) add_history(line.c_str());
+      return true;
+    }
+#endif
+    if (edit_) {
+      std::fputs(prompt, stdout);
+      std::fflush(stdout);
+    }
+    return static_cast<bool>(std::getline(std::cin, line));
+  }
+
+ private:
+  bool edit_;
+};
+
+void print_history(const std::vector<keel::wire::turn_record>& turns) {
+  for (const auto& t : turns) {
+    std::printf("turn %llu (%s, %zu + %zu tokens)\n", static_cast<unsigned long long>(t.turn),
+                t.done ? keel::wire::to_string(t.reason) : "running", t.prompt.size(),
+                t.generated.size());
+    print_ids("prompt:", t.prompt);
+    print_ids("gen:", t.generated);
+  }
+}
+
+/// While a reply streams, Ctrl-C cancels it instead of ending the program. A thread takes SIGINT
+/// with sigwait, so no work happens in a signal handler.
+class interrupt_to_cancel {
+ public:
+  explicit interrupt_to_cancel(keel::wire::client& c) : client_(c) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    std::thread([this, set] {
+      int sig = 0;
+      while (sigwait(&set, &sig) == 0) {
+        if (!streaming_.load()) std::_Exit(130);  // at the prompt: Ctrl-C quits, as usual
+        client_.request_cancel();
+      }
+    }).detach();
+  }
+  void streaming(bool on) { streaming_.store(on); }
+
+ private:
+  keel::wire::client& client_;  // outlives this object: main's frame holds both
+  std::atomic<bool> streaming_{false};
+};
+
+int chat(std::span<char*> args) {
+  if (keel::cli::wants_help(args)) {
+    std::cout << keel::cli::help_text(
+        "keel chat --connect HOST:PORT[,...] [OPTIONS]",
+        "Talks with the model of a keel-node: each line read from stdin is a user turn, and the "
+        "reply streams to stdout. Commands: /history shows the session's turns, /quit (or end "
+        "of input) leaves. Ctrl-C stops a reply.",
+        chat_spec);
+    return 0;
+  }
+  auto opts = keel::cli::options::parse(args, chat_spec);
+  if (!opts) return fail(opts.error());
+  auto sampled = read_sampling(*opts, 256);
+  if (!sampled) return fail(sampled.error());
+  auto priority = read_priority(*opts);
+  if (!priority) return fail(priority.error());
+  auto c = connect(*opts, "chat");
+  if (!c) return fail(c.error());
+  auto& cl = **c;
+  std::string session = opts->get("session");
+  if (session.empty()) {
+    auto s = cl.open_session(sampled->params, *priority);
+    if (!s) return fail(s.error());
+    session = *s;
+  } else if (auto h = cl.history(session); !h) {
+    return fail(h.error());
+  }
+  line_reader input;
+  std::unique_ptr<interrupt_to_cancel> interrupts;
+  if (input.interactive()) {
+    interrupts = std::make_unique<interrupt_to_cancel>(cl);
+    std::fprintf(stderr, "keel: session %s on %s; /history, /quit\n", session.c_str(),
+                 cl.endpoint().c_str());
+  }
+  std::string line;
+  while (input.read("> ", line)) {
+    auto first = line.find_first_not_of(" \t\r");
+    if (first == std::string::npos) continue;
+    line = line.substr(first, line.find_last_not_of(" \t\r") - first + 1);
+    if (line == "/quit" || line == "/exit") break;
+    if (line == "/history") {
+      auto h = cl.history(session);
+      if (!h) return fail(h.error());
+      print_history(*h);
+      continue;
+    }
+    if (line[0] == '/') {
+      std::fprintf(stderr, "keel: unknown command %s (try /history or /quit)\n", line.c_str());
+      continue;
+    }
+    if (interrupts) interrupts->streaming(true);
+    auto reply = cl.generate(session, line, static_cast<uint32_t>(sampled->max_tokens),
+                             [](uint64_t, uint64_t, int32_t, std::string_view piece) {
+                               std::fwrite(piece.data(), 1, piece.size(), stdout);
+                               std::fflush(stdout);
+                             });
+    if (interrupts) interrupts->streaming(false);
+    std::fputs("\n", stdout);
+    std::fflush(stdout);
+    if (!reply) {
+      auto code = keel::code_of(reply.error());
+      // A refused turn leaves the session usable; a lost node does not.
+      if (code == keel::errc::disconnected || code == keel::errc::failed)
+        return fail(reply.error());
+      std::fprintf(stderr, "keel: %s\n", keel::describe(reply.error()).c_str());
+    } else if (reply->reason == keel::wire::finish_reason::cancelled) {
+      std::fprintf(stderr, "keel: [reply cancelled]\n");
+    } else if (reply->reason == keel::wire::finish_reason::context) {
+      std::fprintf(stderr, "keel: [the context is full]\n");
+    }
+  }
+  return 0;
+}
+
+int sessions(std::span<char*> args) {
+  if (keel::cli::wants_help(args)) {
+    std::cout << keel::cli::help_text("keel sessions --connect HOST:PORT[,...]",
+                                      "Lists the sessions of the first keel-node that answers: "
+                                      "id, turns, tokens, and whether a turn is running.",
+                                      connect_spec);
+    return 0;
+  }
+  auto opts = keel::cli::options::parse(args, connect_spec);
+  if (!opts) return fail(opts.error());
+  auto c = connect(*opts, "sessions");
+  if (!c) return fail(c.error());
+  auto list = (*c)->sessions();
+  if (!list) return fail(list.error());
+  size_t width = 2;
+  for (const auto& s : *list) width = std::max(width, s.id.size());
+  std::printf("%-*s %6s %8s %8s %s\n", static_cast<int>(width), "ID", "TURNS", "TOKENS", "PRIORITY",
+              "RUNNING");
+  for (const auto& s : *list)
+    std::printf("%-*s %6u %8llu %8d %s\n", static_cast<int>(width), s.id.c_str(), s.turns,
+                static_cast<unsigned long long>(s.tokens), s.priority, s.running ? "yes" : "no");
+  return 0;
+}
+
+int history(std::span<char*> args) {
+  if (keel::cli::wants_help(args)) {
+    std::cout << keel::cli::help_text(
+        "keel history --connect HOST:PORT[,...] SESSION",
+        "Prints every turn of SESSION: its number, how it ended, and the prompt and generated "
+        "token ids ('prompt: ...' then 'gen: ...').",
+        connect_spec);
+    return 0;
+  }
+  auto opts = keel::cli::options::parse(args, connect_spec, 1);
+  if (!opts) return fail(opts.error());
+  if (opts->positional().size() != 1)
+    return fail(keel::make_error(keel::errc::bad_request, "history: SESSION is required"));
+  auto c = connect(*opts, "history");
+  if (!c) return fail(c.error());
+  auto turns = (*c)->history(opts->positional()[0]);
+  if (!turns) return fail(turns.error());
+  print_history(*turns);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  constexpr keel::cli::command commands[] = {{"generate", generate}};
+  constexpr keel::cli::command commands[] = {
+      {"generate", generate}, {"chat", chat}, {"sessions", sessions}, {"history", history}};
   return keel::cli::dispatch(argc, argv, "keel", top_help, commands);
 }

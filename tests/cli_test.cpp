@@ -143,4 +143,13 @@ BOOST_AUTO_TEST_CASE(engine_benchmark_writes_a_report) {
   auto text = slurp(report);
   BOOST_TEST(text.find("decode, batch 16") != std::string::npos);
   BOOST_TEST(text.find("roofline") != std::string::npos);
+  // The actor-path benchmark: throughput tables and two shard crashes on a two-shard node.
+  auto batch = (dir.path / "batch.md").string();
+  r = sh(bin("keel-bench") + " batch --model " + m +
+         " --shards 2 --threads 2 --tokens 8 --crashes 2 --reps 1 --out " + batch);
+  BOOST_REQUIRE_MESSAGE(r.status == 0, r.out);
+  text = slurp(batch);
+  BOOST_TEST(text.find("| 64 |") != std::string::npos);
+  BOOST_TEST(text.find("recovery p99") != std::string::npos);
+  BOOST_TEST(text.find("transcripts equal: yes") != std::string::npos);
 }

@@ -107,6 +107,7 @@ run_result run_node(const std::string& model, node_config cfg, int n, int32_t ma
                     const std::function<void(node&)>& arm = {},
                     const std::function<int32_t(int)>& priority = {}) {
   caf::actor_system_config sys_cfg;
+  keel::tune_actor_system(sys_cfg);
   caf::actor_system sys{sys_cfg};
   cfg.model_path = model;
   // KEEL_TEST_VERBOSE=1 shows the supervision log.

@@ -1,0 +1,91 @@
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <caf/actor_system.hpp>
+#include <caf/expected.hpp>
+
+#include "actors/node.hpp"
+
+namespace keel {
+
+struct gateway_config {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;   // 0: an ephemeral port (see gateway::port)
+  std::string region;  // reported in NodeInfo
+  /// A stream whose client does not drain it (the next token cannot be sent: Cap'n Proto's
+  /// flow-control window is full) for this long is cut off: its sink is dropped, its turn keeps
+  /// generating and keeps every token for `resume`.
+  std::chrono::milliseconds stall_timeout{10000};
+  /// Tokens buffered per stream between the session actor and the KJ thread; a client that
+  /// falls this far behind is cut off too. 0: the model's context length (so that a `resume`
+  /// replaying a whole turn always fits).
+  size_t stream_buffer = 0;
+  /// SO_SNDBUF of each accepted connection. Cap'n Proto's stream window is the socket's send
+  /// buffer, so this bounds the bytes of tokens in flight to one client (and the time until a
+  /// client that stops reading is noticed). 0: the kernel's autotuning (windows of megabytes).
+  int socket_send_buffer = 32 << 10;
+  /// The longest `text` a `send` accepts, in bytes; longer ones get `badRequest`.
+  size_t max_text_bytes = 1 << 20;
+  /// Cap'n Proto ReaderOptions of incoming messages: words traversed per message (bounds the
+  /// size of one request) and pointer nesting depth (keel.capnp nests three deep).
+  uint64_t traversal_limit_words = 1 << 19;  // 4 MiB
+  int nesting_limit = 16;
+  /// Connections served at once; further ones are closed at accept.
+  size_t max_connections = 1024;
+  /// Timeout of each request the gateway makes to the node's actors.
+  std::chrono::milliseconds call_timeout{10000};
+  /// Where the gateway reports connections refused, streams cut off and calls that failed with an
+  /// exception (one line each, no newline); empty: silent. Called on the gateway's thread.
+  std::function<void(const std::string&)> log;
+};
+
+/// The Cap'n Proto server of one node: serves `Gateway` (wire/keel.capnp) on HOST:PORT for the
+/// node's sessions. It runs its own thread with a KJ event loop; it reaches the actors by
+/// messages and gets their answers through cross-thread fulfillers (wire/bridge.hpp), so
+/// neither side ever blocks the other.
+///
+/// Every stream of tokens to a client has its own bounded buffer and Cap'n Proto's `-> stream`
+/// flow control, so a slow client slows only itself; one that stops reading is cut off after
+/// `stall_timeout`. A client that disconnects, sends a malformed message, or makes a call fail
+/// loses its own connection or call only: the node and its turns go on. Errors cross the wire
+/// classified (`Error.kind`).
+///
+/// `node` must outlive the gateway. Start and stop from any thread but the gateway's own.
+class gateway {
+ public:
+  static caf::expected<std::unique_ptr<gateway>> start(caf::actor_system& sys, node& n,
+                                                       gateway_config cfg);
+  ~gateway();
+  gateway(const gateway&) = delete;
+  gateway& operator=(const gateway&) = delete;
+
+  /// The bound port (the ephemeral one when the configuration asked for 0).
+  uint16_t port() const { return port_; }
+  /// "HOST:PORT" with the bound port.
+  std::string address() const;
+  const gateway_config& config() const { return cfg_; }
+
+  /// Stops serving: closes the listener and every connection, cuts every stream off (turns go
+  /// on), and joins the thread. Also done by the destructor.
+  void stop();
+
+  struct impl;  // the state of the KJ thread (gateway.cpp)
+
+ private:
+  gateway() = default;
+
+  gateway_config cfg_;
+  uint16_t port_ = 0;
+  std::thread thread_;
+  struct stopper;
+  std::unique_ptr<stopper> stop_;
+};
+
+}  // namespace keel

@@ -1,0 +1,190 @@
+// keel-node: one Keel node. Serves a model's sessions to clients over Cap'n Proto
+// (wire/keel.capnp) until SIGTERM or SIGINT.
+
+#include <signal.h>
+
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+
+#include "actors/gateway.hpp"
+#include "actors/node.hpp"
+#include "apps/cli.hpp"
+
+namespace {
+
+using keel::cli::option;
+
+constexpr option spec[] = {
+    {"listen", "HOST:PORT", "address to serve clients on; port 0 picks a free one (required)"},
+    {"model", "FILE", "GGUF model or llama2.c checkpoint (required)"},
+    {"tokenizer", "FILE", "llama2.c tokenizer.bin (default: beside the model)"},
+    {"name", "NAME", "this node's name (default: node)"},
+    {"region", "NAME", "this node's region, reported to clients (default: none)"},
+    {"data", "DIR", "directory for the session store (recorded; used by the store)"},
+    {"shards", "N", "tensor-parallel shards (default 1)"},
+    {"threads", "N", "CPU threads per shard (default 1)"},
+    {"kv-bytes", "B", "KV cache budget of the node, e.g. 256M (default 256M)"},
+    {"stall-timeout", "MS",
+     "cut off a client that does not read its stream for MS ms (default "
+     "10000)"},
+    {"config", "FILE", "'key = value' lines with the names of these options; flags override"},
+};
+
+constexpr const char* program = "keel-node";
+
+int fail(const caf::error& err) {
+  return keel::cli::fail(program, err);
+}
+
+std::string trim(const std::string& s) {
+  auto b = s.find_first_not_of(" \t\r");
+  if (b == std::string::npos) return {};
+  auto e = s.find_last_not_of(" \t\r");
+  return s.substr(b, e - b + 1);
+}
+
+/// The options of a config file as `--key value` arguments: `key = value` lines, `#` comments,
+/// blank lines. A key that is not an option (or is `config`) is an error naming it and its line.
+caf::expected<std::vector<std::string>> read_config(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return keel::make_error(keel::errc::bad_request, path + ": cannot open the file");
+  std::vector<std::string> out;
+  std::string line;
+  for (int number = 1; std::getline(in, line); ++number) {
+    auto text = trim(line);
+    if (text.empty() || text[0] == '#') continue;
+    auto where = path + ":" + std::to_string(number);
+    auto eq = text.find('=');
+    if (eq == std::string::npos) {
+      return keel::make_error(keel::errc::bad_request,
+                              where + ": expected 'key = value', got '" + text + "'");
+    }
+    auto key = trim(text.substr(0, eq));
+    auto value = trim(text.substr(eq + 1));
+    bool known = false;
+    for (auto& o : spec) known = known || (key == o.name && o.value != nullptr);
+    if (!known || key == "config")
+      return keel::make_error(keel::errc::bad_request, where + ": unknown key '" + key + "'");
+    out.push_back("--" + key);
+    out.push_back(value);
+  }
+  return out;
+}
+
+/// "HOST:PORT" (the host may be bracketed: "[::1]:7000").
+caf::expected<std::pair<std::string, uint16_t>> parse_listen(const std::string& s) {
+  auto colon = s.rfind(':');
+  auto bad = [&] {
+    return keel::make_error(keel::errc::bad_request,
+                            "--listen " + s + ": expected HOST:PORT with PORT in [0, 65535]");
+  };
+  if (colon == std::string::npos || colon == 0) return bad();
+  auto host = s.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
+  auto port = s.substr(colon + 1);
+  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != port.npos)
+    return bad();
+  auto n = std::stoul(port);
+  if (n > 65535) return bad();
+  return std::make_pair(host, static_cast<uint16_t>(n));
+}
+
+int run(std::span<char*> args) {
+  if (keel::cli::wants_help(args)) {
+    std::cout << keel::cli::help_text(
+        "keel-node --listen HOST:PORT --model FILE [OPTIONS]",
+        "Runs one Keel node: loads the model, starts the node's actors and serves clients on "
+        "HOST:PORT until SIGTERM or SIGINT. Logs go to stderr, among them one line "
+        "'keel-node: listening on HOST:PORT' with the bound port.",
+        spec);
+    return 0;
+  }
+  auto flags = keel::cli::options::parse(args, spec);
+  if (!flags) return fail(flags.error());
+  // Config-file entries first, then the command line: a later value wins.
+  std::vector<std::string> merged;
+  if (flags->has("config")) {
+    auto file = read_config(flags->get("config"));
+    if (!file) return fail(file.error());
+    merged = std::move(*file);
+  }
+  for (auto* a : args) merged.emplace_back(a);
+  std::vector<char*> argv;
+  for (auto& a : merged) argv.push_back(a.data());
+  auto opts = keel::cli::options::parse(argv, spec);
+  if (!opts) return fail(opts.error());
+
+  if (!opts->has("listen"))
+    return fail(keel::make_error(keel::errc::bad_request, "--listen HOST:PORT is required"));
+  if (!opts->has("model"))
+    return fail(keel::make_error(keel::errc::bad_request, "--model FILE is required"));
+  auto listen = parse_listen(opts->get("listen"));
+  if (!listen) return fail(listen.error());
+  auto shards = opts->get_int("shards", 1, 1, 64);
+  auto threads = opts->get_int("threads", 1, 1, 1024);
+  auto kv_bytes = opts->get_bytes("kv-bytes", 256ull << 20);
+  auto stall = opts->get_int("stall-timeout", 10000, 1, 24 * 3600 * 1000);
+  if (!shards) return fail(shards.error());
+  if (!threads) return fail(threads.error());
+  if (!kv_bytes) return fail(kv_bytes.error());
+  if (!stall) return fail(stall.error());
+
+  keel::node_config ncfg;
+  ncfg.name = opts->get("name", "node");
+  ncfg.model_path = opts->get("model");
+  ncfg.tokenizer_path = opts->get("tokenizer");
+  ncfg.shards = static_cast<int32_t>(*shards);
+  ncfg.threads_per_shard = static_cast<int32_t>(*threads);
+  ncfg.kv_bytes = *kv_bytes;
+  keel::gateway_config gcfg;
+  gcfg.host = listen->first;
+  gcfg.port = listen->second;
+  gcfg.region = opts->get("region");
+  gcfg.stall_timeout = std::chrono::milliseconds(*stall);
+  gcfg.log = [](const std::string& line) { std::cerr << program << ": " << line << std::endl; };
+
+  // Block the stop signals before any thread starts, so that every thread inherits the mask
+  // and only sigwait below receives them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  caf::actor_system_config sys_cfg;
+  keel::tune_actor_system(sys_cfg);
+  caf::actor_system sys{sys_cfg};
+  auto log = std::make_shared<keel::supervision_log>(
+      [](const std::string& line) { std::cerr << program << ": " << line << std::endl; });
+  auto nd = keel::node::start(sys, ncfg, log);
+  if (!nd) return fail(nd.error());
+  auto gw = keel::gateway::start(sys, **nd, gcfg);
+  if (!gw) return fail(gw.error());
+  std::cerr << program << ": listening on " << (*gw)->address() << std::endl;
+  std::cerr << program << ": node " << ncfg.name << ", model " << ncfg.model_path << ", "
+            << ncfg.shards << " shard(s) x " << ncfg.threads_per_shard << " thread(s)"
+            << (gcfg.region.empty() ? "" : ", region " + gcfg.region)
+            << (opts->has("data") ? ", data " + opts->get("data") : "") << std::endl;
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::cerr << program << ": " << strsignal(sig) << ", stopping" << std::endl;
+  (*gw)->stop();
+  (*nd)->stop();
+  std::cerr << program << ": stopped" << std::endl;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return run(std::span<char*>(argv + 1, static_cast<size_t>(argc - 1)));
+}

@@ -1,0 +1,560 @@
+#include "wire/client.hpp"
+
+#include <capnp/ez-rpc.h>
+#include <kj/async-io.h>
+#include <kj/async.h>
+#include <kj/exception.h>
+
+#include <cstdlib>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <optional>
+
+#include "wire/keel.capnp.h"
+
+namespace keel::wire {
+
+const char* to_string(finish_reason x) {
+  switch (x) {
+    case finish_reason::length:
+      return "length";
+    case finish_reason::eos:
+      return "eos";
+    case finish_reason::context:
+      return "context";
+    case finish_reason::cancelled:
+      return "cancelled";
+    case finish_reason::overloaded:
+      return "overloaded";
+    case finish_reason::failed:
+      return "failed";
+  }
+  return "unknown";
+}
+
+namespace {
+
+constexpr std::string_view retry_prefix = " (retry after ";
+
+finish_reason from_wire(FinishReason r) {
+  switch (r) {
+    case FinishReason::LENGTH:
+      return finish_reason::length;
+    case FinishReason::EOS:
+      return finish_reason::eos;
+    case FinishReason::CONTEXT:
+      return finish_reason::context;
+    case FinishReason::CANCELLED:
+      return finish_reason::cancelled;
+    case FinishReason::OVERLOADED:
+      return finish_reason::overloaded;
+    case FinishReason::FAILED:
+      return finish_reason::failed;
+  }
+  return finish_reason::failed;
+}
+
+/// The node's classified error as a keel error; no error for kind `none`.
+caf::error from_wire(Error::Reader e) {
+  std::string msg = e.getMessage().cStr();
+  switch (e.getKind()) {
+    case Error::Kind::NONE:
+      return {};
+    case Error::Kind::FAILED:
+      return make_error(errc::failed, msg);
+    case Error::Kind::OVERLOADED:
+      if (e.getRetryAfterMs() > 0)
+        msg += std::string(retry_prefix) + std::to_string(e.getRetryAfterMs()) + " ms)";
+      return make_error(errc::overloaded, msg);
+    case Error::Kind::DISCONNECTED:
+      return make_error(errc::disconnected, msg);
+    case Error::Kind::BAD_REQUEST:
+      return make_error(errc::bad_request, msg);
+    case Error::Kind::NOT_FOUND:
+      return make_error(errc::not_found, msg);
+    case Error::Kind::UNIMPLEMENTED:
+      return make_error(errc::unimplemented, msg);
+  }
+  return make_error(errc::failed, "unknown error kind " +
+                                      std::to_string(static_cast<int>(e.getKind())) + ": " + msg);
+}
+
+/// A Cap'n Proto exception as a keel error, classified by its type.
+caf::error from_kj(const kj::Exception& e, const std::string& where) {
+  errc code = errc::failed;
+  switch (e.getType()) {
+    case kj::Exception::Type::DISCONNECTED:
+      code = errc::disconnected;
+      break;
+    case kj::Exception::Type::OVERLOADED:
+      code = errc::overloaded;
+      break;
+    case kj::Exception::Type::UNIMPLEMENTED:
+      code = errc::unimplemented;
+      break;
+    case kj::Exception::Type::FAILED:
+      code = errc::failed;
+      break;
+  }
+  return make_error(code, where + ": " + e.getDescription().cStr());
+}
+
+template <class T>
+std::vector<T> to_vector(typename capnp::List<T>::Reader xs) {
+  std::vector<T> out;
+  out.reserve(xs.size());
+  for (auto x : xs) out.push_back(x);
+  return out;
+}
+
+/// What one TokenSink has received. Shared by the sink (owned by the RPC system, which may keep
+/// it after generate() returns) and the generate() call; `close()` cuts the callbacks off.
+struct stream_state {
+  const token_handler* on_token = nullptr;  // null once closed
+  bool accepted = false;
+  uint64_t turn = 0;
+  // The next index expected per turn: an index below it was already delivered (a resumed stream
+  // may repeat it) and is dropped; one above it is a gap.
+  std::map<uint64_t, uint64_t> next_index;
+  struct held {
+    uint64_t turn, index;
+    int32_t id;
+    std::string piece;
+  };
+  std::vector<held> before_accept;  // tokens that overtook the reply to send()
+  std::vector<int32_t> generated;
+  caf::error error;
+  bool done = false;
+  uint64_t done_turn = 0;
+  finish_reason reason = finish_reason::length;
+  caf::error done_error;
+  std::chrono::steady_clock::time_point last_event = std::chrono::steady_clock::now();
+  kj::Own<kj::PromiseFulfiller<void>> finished;  // fulfilled on done() or a protocol error
+
+  void finish() {
+    if (finished.get() != nullptr && finished->isWaiting()) finished->fulfill();
+  }
+
+  void fail(caf::error err) {
+    if (!error) error = std::move(err);
+    finish();
+  }
+
+  void deliver(uint64_t t, uint64_t index, int32_t id, std::string_view piece) {
+    if (t != turn) {
+      fail(make_error(errc::failed, "token for turn " + std::to_string(t) +
+                                        " arrived on the stream of turn " + std::to_string(turn)));
+      return;
+    }
+    generated.push_back(id);
+    if (on_token != nullptr && *on_token) (*on_token)(t, index, id, piece);
+  }
+
+  /// Accepts one event; false when the stream is broken.
+  void token(uint64_t t, uint64_t index, int32_t id, std::string_view piece) {
+    last_event = std::chrono::steady_clock::now();
+    if (error || on_token == nullptr) return;
+    auto& next = next_index[t];
+    if (index < next) return;  // already held
+    if (index > next) {
+      fail(make_error(errc::failed, "turn " + std::to_string(t) + ": token index " +
+                                        std::to_string(index) + " arrived, expected " +
+                                        std::to_string(next)));
+      return;
+    }
+    ++next;
+    if (!accepted)
+      before_accept.push_back({t, index, id, std::string(piece)});
+    else
+      deliver(t, index, id, piece);
+  }
+
+  void accept(uint64_t t) {
+    accepted = true;
+    turn = t;
+    auto held_tokens = std::move(before_accept);
+    for (auto& h : held_tokens) {
+      if (error) break;
+      deliver(h.turn, h.index, h.id, h.piece);
+    }
+    if (done && !error && done_turn != turn)
+      fail(make_error(errc::failed, "done for turn " + std::to_string(done_turn) +
+                                        " arrived on the stream of turn " + std::to_string(turn)));
+  }
+
+  void close() {
+    on_token = nullptr;
+    finished = nullptr;
+  }
+};
+
+class sink_impl final : public TokenSink::Server {
+ public:
+  explicit sink_impl(std::shared_ptr<stream_state> st) : st_(std::move(st)) {}
+
+  kj::Promise<void> token(TokenContext ctx) override {
+    if (st_->on_token == nullptr)
+      return KJ_EXCEPTION(DISCONNECTED, "keel client: nobody reads this stream any more");
+    auto e = ctx.getParams().getEvent();
+    auto piece = e.getPiece();
+    st_->token(e.getTurn(), e.getIndex(), e.getId(),
+               std::string_view(reinterpret_cast<const char*>(piece.begin()), piece.size()));
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> done(DoneContext ctx) override {
+    auto p = ctx.getParams();
+    st_->last_event = std::chrono::steady_clock::now();
+    if (!st_->done) {
+      st_->done = true;
+      st_->done_turn = p.getTurn();
+      st_->reason = from_wire(p.getReason());
+      st_->done_error = from_wire(p.getError());
+    }
+    st_->finish();
+    return kj::READY_NOW;
+  }
+
+ private:
+  std::shared_ptr<stream_state> st_;
+};
+
+}  // namespace
+
+uint32_t retry_after_ms(const caf::error& err) {
+  if (code_of(err) != errc::overloaded) return 0;
+  auto msg = message_of(err);
+  auto at = msg.rfind(retry_prefix);
+  if (at == std::string::npos) return 0;
+  return static_cast<uint32_t>(std::strtoul(msg.c_str() + at + retry_prefix.size(), nullptr, 10));
+}
+
+caf::expected<std::vector<std::string>> parse_endpoints(const std::string& list) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (true) {
+    auto comma = list.find(',', start);
+    auto item = list.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    auto colon = item.rfind(':');
+    if (item.empty() || colon == std::string::npos || colon == 0 || colon + 1 == item.size() ||
+        item.find_first_not_of("0123456789", colon + 1) != std::string::npos)
+      return make_error(errc::bad_request,
+                        "--connect " + list + ": '" + item + "' is not HOST:PORT");
+    out.push_back(item);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+struct client::impl {
+  std::string endpoint;
+  options opts;
+  std::unique_ptr<capnp::EzRpcClient> rpc;
+  Gateway::Client gateway = nullptr;
+  std::map<std::string, Session::Client> sessions;  // capabilities of sessions used before
+
+  std::mutex mu;  // guards the two below: request_cancel() comes from any thread
+  bool streaming = false;
+  kj::Own<kj::CrossThreadPromiseFulfiller<void>> cancel_bell;
+
+  kj::WaitScope& ws() { return rpc->getWaitScope(); }
+
+  /// `p`, failing with DISCONNECTED after the call timeout.
+  template <class T>
+  kj::Promise<T> bounded(kj::Promise<T> p, std::chrono::milliseconds limit, const char* what) {
+    if (limit.count() <= 0) return p;
+    auto timeout = rpc->getIoProvider().getTimer().afterDelay(limit.count() * kj::MILLISECONDS);
+    std::string msg =
+        std::string(what) + ": no answer within " + std::to_string(limit.count()) + " ms";
+    return p.exclusiveJoin(
+        timeout.then([msg]() -> kj::Promise<T> { return KJ_EXCEPTION(DISCONNECTED, msg); }));
+  }
+
+  template <class T>
+  auto call(kj::Promise<T> p, const char* what) {
+    return bounded(kj::mv(p), opts.call_timeout, what).wait(ws());
+  }
+
+  caf::error edge(const kj::Exception& e) { return from_kj(e, endpoint); }
+
+  /// The capability of session `id` (held in `sessions`), or the node's error.
+  caf::error session(const std::string& id, Session::Client*& out) {
+    if (auto it = sessions.find(id); it != sessions.end()) {
+      out = &it->second;
+      return {};
+    }
+    auto req = gateway.getSessionRequest();
+    req.setId(id);
+    auto resp = call(req.send(), "getSession");
+    if (auto err = from_wire(resp.getError())) return err;
+    out = &sessions.emplace(id, resp.getSession()).first->second;
+    return {};
+  }
+};
+
+namespace {
+
+/// While alive on a thread, KJ's log lines on that thread are dropped: this library reports
+/// failures as values, so KJ's "error: disconnected ..." lines on stderr would only be noise.
+/// Scoped to one call (ExceptionCallbacks must be destroyed in reverse order of creation).
+class quiet_kj_logs final : public kj::ExceptionCallback {
+ public:
+  void logMessage(kj::LogSeverity, const char*, int, int, kj::String&&) override {}
+};
+
+/// Runs `f`, turning every exception into a classified error at this edge.
+template <class T, class F>
+caf::expected<T> at_edge(const std::string& where, F&& f) {
+  quiet_kj_logs quiet;
+  try {
+    return f();
+  } catch (const kj::Exception& e) {
+    return from_kj(e, where);
+  } catch (const std::exception& e) {
+    return make_error(errc::failed, where + ": " + e.what());
+  }
+}
+
+}  // namespace
+
+client::client(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+
+client::~client() {
+  if (!impl_) return;
+  quiet_kj_logs quiet;
+  try {
+    impl_->sessions.clear();
+    impl_->gateway = nullptr;
+    impl_->rpc.reset();
+  } catch (...) {
+    // Tearing down a broken connection must not throw out of a destructor.
+  }
+}
+
+caf::expected<std::unique_ptr<client>> client::connect(const std::vector<std::string>& endpoints) {
+  return connect(endpoints, options{});
+}
+
+caf::expected<std::unique_ptr<client>> client::connect(const std::vector<std::string>& endpoints,
+                                                       options opts) {
+  if (endpoints.empty())
+    return make_error(errc::bad_request, "connect: no keel-node address given");
+  std::string tried, why;
+  quiet_kj_logs quiet;
+  for (const auto& ep : endpoints) {
+    auto p = std::make_unique<impl>();
+    p->endpoint = ep;
+    p->opts = opts;
+    try {
+      p->rpc = std::make_unique<capnp::EzRpcClient>(ep.c_str());
+      p->gateway = p->rpc->getMain<Gateway>();
+      p->bounded(p->gateway.infoRequest().send(), opts.connect_timeout, "info").wait(p->ws());
+      return std::unique_ptr<client>(new client(std::move(p)));
+    } catch (const kj::Exception& e) {
+      why += (why.empty() ? "" : "; ") + ep + ": " + e.getDescription().cStr();
+    } catch (const std::exception& e) {
+      why += (why.empty() ? "" : "; ") + ep + ": " + e.what();
+    }
+    try {
+      p.reset();
+    } catch (...) {
+    }
+    tried += (tried.empty() ? "" : ", ") + ep;
+  }
+  return make_error(errc::disconnected, "no keel-node answered at " + tried + " (" + why + ")");
+}
+
+const std::string& client::endpoint() const {
+  return impl_->endpoint;
+}
+
+caf::expected<node_info> client::info() {
+  return at_edge<node_info>(impl_->endpoint, [&] {
+    auto resp = impl_->call(impl_->gateway.infoRequest().send(), "info");
+    auto i = resp.getInfo();
+    node_info out;
+    out.name = i.getName().cStr();
+    out.region = i.getRegion().cStr();
+    out.model = i.getModel().cStr();
+    out.vocab_size = i.getVocabSize();
+    out.context_length = i.getContextLength();
+    out.shards = i.getShards();
+    return out;
+  });
+}
+
+caf::expected<std::string> client::open_session(const sampling_params& params, int32_t priority) {
+  return at_edge<std::string>(impl_->endpoint, [&]() -> caf::expected<std::string> {
+    auto req = impl_->gateway.openSessionRequest();
+    auto p = req.initParams();
+    p.setTemperature(params.temperature);
+    p.setTopK(params.top_k);
+    p.setTopP(params.top_p);
+    p.setMinP(params.min_p);
+    p.setRepetitionPenalty(params.repetition_penalty);
+    p.setRepetitionWindow(params.repetition_window);
+    p.setSeed(params.seed);
+    req.setPriority(priority);
+    auto resp = impl_->call(req.send(), "openSession");
+    if (auto err = from_wire(resp.getError())) return err;
+    std::string id = resp.getId().cStr();
+    impl_->sessions.emplace(id, resp.getSession());
+    return id;
+  });
+}
+
+caf::expected<generation> client::generate(const std::string& session, const std::string& text,
+                                           uint32_t max_tokens, const token_handler& on_token,
+                                           const accept_handler& on_accept) {
+  auto& d = *impl_;
+  auto st = std::make_shared<stream_state>();
+  st->on_token = &on_token;
+  // Whatever happens, the handlers are cut off before this frame ends: the sink may outlive it.
+  struct closer {
+    impl& d;
+    std::shared_ptr<stream_state> st;
+    ~closer() {
+      st->close();
+      std::lock_guard<std::mutex> g(d.mu);
+      d.streaming = false;
+      d.cancel_bell = nullptr;
+    }
+  } close_on_exit{d, st};
+  return at_edge<generation>(d.endpoint, [&]() -> caf::expected<generation> {
+    Session::Client* sess = nullptr;
+    if (auto err = d.session(session, sess)) return err;
+    auto finished = kj::newPromiseAndFulfiller<void>();
+    st->finished = kj::mv(finished.fulfiller);
+    auto all_done = finished.promise.fork();
+
+    auto bell = kj::newPromiseAndCrossThreadFulfiller<void>();
+    {
+      std::lock_guard<std::mutex> g(d.mu);
+      d.streaming = true;
+      d.cancel_bell = kj::mv(bell.fulfiller);
+    }
+    bool cancel_wanted = false;
+    std::optional<uint64_t> turn;
+    auto send_cancel = [sess](uint64_t t) {
+      auto req = sess->cancelRequest();
+      req.setTurn(t);
+      return req.send().ignoreResult();
+    };
+    auto cancel_task = bell.promise
+                           .then([&]() -> kj::Promise<void> {
+                             cancel_wanted = true;
+                             if (turn) return send_cancel(*turn);
+                             return kj::READY_NOW;
+                           })
+                           .eagerlyEvaluate([](kj::Exception&&) {
+                             // A cancel that cannot reach the node changes nothing: the stream
+                             // ends anyway (done or disconnect).
+                           });
+
+    auto req = sess->sendRequest();
+    req.setText(text);
+    req.setMaxTokens(max_tokens);
+    req.setSink(kj::heap<sink_impl>(st));
+    auto resp = d.call(req.send(), "send");
+    if (auto err = from_wire(resp.getError())) return err;
+    generation out;
+    out.turn = resp.getTurn();
+    out.prompt = to_vector<int32_t>(resp.getPrompt());
+    turn = out.turn;
+    if (on_accept) on_accept(out.turn, out.prompt);
+    st->accept(out.turn);
+    kj::Promise<void> late_cancel = kj::READY_NOW;
+    if (cancel_wanted) late_cancel = send_cancel(out.turn).eagerlyEvaluate([](kj::Exception&&) {});
+
+    // Wait for done, a broken stream, or a silence longer than the call timeout.
+    while (!st->done && !st->error) {
+      auto limit = d.opts.call_timeout;
+      if (limit.count() <= 0) {
+        all_done.addBranch().wait(d.ws());
+        continue;
+      }
+      auto idle = std::chrono::steady_clock::now() - st->last_event;
+      if (idle >= limit)
+        return make_error(errc::disconnected, d.endpoint + ": turn " + std::to_string(out.turn) +
+                                                  ": no token for " +
+                                                  std::to_string(limit.count()) + " ms");
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(limit - idle).count() + 1;
+      all_done.addBranch()
+          .exclusiveJoin(d.rpc->getIoProvider().getTimer().afterDelay(left * kj::MILLISECONDS))
+          .wait(d.ws());
+    }
+    if (st->error) return st->error;
+    if (st->done_error) return st->done_error;
+    out.generated = std::move(st->generated);
+    out.reason = st->reason;
+    return out;
+  });
+}
+
+caf::error client::cancel(const std::string& session, uint64_t turn) {
+  auto r = at_edge<bool>(impl_->endpoint, [&]() -> caf::expected<bool> {
+    Session::Client* sess = nullptr;
+    if (auto err = impl_->session(session, sess)) return err;
+    auto req = sess->cancelRequest();
+    req.setTurn(turn);
+    auto resp = impl_->call(req.send(), "cancel");
+    if (auto err = from_wire(resp.getError())) return err;
+    return true;
+  });
+  return r ? caf::error{} : r.error();
+}
+
+void client::request_cancel() {
+  std::lock_guard<std::mutex> g(impl_->mu);
+  if (impl_->streaming && impl_->cancel_bell.get() != nullptr) {
+    quiet_kj_logs quiet;
+    try {
+      impl_->cancel_bell->fulfill();
+    } catch (...) {
+      // The loop that would hear the bell is gone: there is nothing left to cancel.
+    }
+    impl_->cancel_bell = nullptr;
+  }
+}
+
+caf::expected<std::vector<turn_record>> client::history(const std::string& session) {
+  return at_edge<std::vector<turn_record>>(
+      impl_->endpoint, [&]() -> caf::expected<std::vector<turn_record>> {
+        Session::Client* sess = nullptr;
+        if (auto err = impl_->session(session, sess)) return err;
+        auto resp = impl_->call(sess->historyRequest().send(), "history");
+        if (auto err = from_wire(resp.getError())) return err;
+        std::vector<turn_record> out;
+        for (auto t : resp.getTurns()) {
+          turn_record r;
+          r.turn = t.getTurn();
+          r.prompt = to_vector<int32_t>(t.getPrompt());
+          r.generated = to_vector<int32_t>(t.getGenerated());
+          r.done = t.getDone();
+          r.reason = from_wire(t.getReason());
+          out.push_back(std::move(r));
+        }
+        return out;
+      });
+}
+
+caf::expected<std::vector<session_info>> client::sessions() {
+  return at_edge<std::vector<session_info>>(impl_->endpoint, [&] {
+    auto resp = impl_->call(impl_->gateway.listSessionsRequest().send(), "listSessions");
+    std::vector<session_info> out;
+    for (auto s : resp.getSessions()) {
+      session_info i;
+      i.id = s.getId().cStr();
+      i.turns = s.getTurns();
+      i.tokens = s.getTokens();
+      i.priority = s.getPriority();
+      i.running = s.getRunning();
+      out.push_back(std::move(i));
+    }
+    return out;
+  });
+}
+
+}  // namespace keel::wire

@@ -1,0 +1,156 @@
+#pragma once
+
+// A synchronous client of keel-node's Cap'n Proto API (wire/keel.capnp). No CAF actors: every
+// call runs a KJ event loop on the calling thread until its answer arrives.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <caf/error.hpp>
+#include <caf/expected.hpp>
+
+#include "kernels/error.hpp"
+#include "kernels/sampler.hpp"
+
+namespace keel::wire {
+
+/// Why a turn ended (the wire's FinishReason).
+enum class finish_reason : uint8_t { length, eos, context, cancelled, overloaded, failed };
+
+const char* to_string(finish_reason x);
+
+inline std::ostream& operator<<(std::ostream& out, finish_reason x) {
+  return out << to_string(x);
+}
+
+/// What a node says about itself.
+struct node_info {
+  std::string name;
+  std::string region;
+  std::string model;
+  uint32_t vocab_size = 0;
+  uint32_t context_length = 0;
+  uint32_t shards = 0;
+};
+
+/// One row of `client::sessions()`.
+struct session_info {
+  std::string id;
+  uint32_t turns = 0;
+  uint64_t tokens = 0;  // prompt and generated tokens of every turn
+  int32_t priority = 0;
+  bool running = false;  // a turn is being generated
+};
+
+/// One turn of `client::history()`.
+struct turn_record {
+  uint64_t turn = 0;
+  std::vector<int32_t> prompt;     // the user's tokens
+  std::vector<int32_t> generated;  // the reply so far
+  bool done = false;
+  finish_reason reason = finish_reason::length;  // meaningful when `done`
+};
+
+/// The outcome of `client::generate()`.
+struct generation {
+  uint64_t turn = 0;
+  std::vector<int32_t> prompt;     // the prompt's ids as the node tokenized them
+  std::vector<int32_t> generated;  // every token of the reply, in order, without repeats
+  finish_reason reason = finish_reason::length;
+};
+
+/// Called once per token, in index order, each (turn, index) at most once, and only after the
+/// node has accepted the turn. `piece` is the token's bytes (a UTF-8 character may be split
+/// across tokens); it is valid during the call only. Runs on the thread that called generate().
+using token_handler =
+    std::function<void(uint64_t turn, uint64_t index, int32_t id, std::string_view piece)>;
+
+/// Called once when the node accepts a turn, before any token: the turn number and the prompt ids.
+using accept_handler = std::function<void(uint64_t turn, const std::vector<int32_t>& prompt)>;
+
+/// The retry-after hint of an `overloaded` error from this library, in milliseconds; 0 when
+/// there is none. The hint travels in the message as "(retry after N ms)".
+uint32_t retry_after_ms(const caf::error& err);
+
+/// Splits "HOST:PORT,HOST:PORT" into endpoints. `bad_request` naming the item for an empty
+/// item or one without a port.
+caf::expected<std::vector<std::string>> parse_endpoints(const std::string& list);
+
+/// A connection to one keel-node, chosen as the first of a list of endpoints that answers.
+///
+/// Threading: a client belongs to the thread that connected it; every member function except
+/// `request_cancel()` must be called on that thread (KJ's event loop is thread-local). Several
+/// clients may live on one thread or on different threads.
+///
+/// Errors: no exception leaves this class. Failures are `caf::error`s of `keel::errc`: the
+/// node's own classified errors (`bad_request`, `not_found`, `overloaded` with a retry-after
+/// hint, ...) and Cap'n Proto exceptions mapped by type (DISCONNECTED -> `disconnected`,
+/// OVERLOADED -> `overloaded`, UNIMPLEMENTED -> `unimplemented`, FAILED -> `failed`).
+class client {
+ public:
+  struct options {
+    /// How long each endpoint gets to answer `info()` while connecting.
+    std::chrono::milliseconds connect_timeout{3000};
+    /// How long a unary call (and a stream with no event) may take before it fails with
+    /// `disconnected`; zero means no limit.
+    std::chrono::milliseconds call_timeout{60000};
+  };
+
+  /// Connects to the first endpoint ("HOST:PORT") of `endpoints` that answers `info()`, trying
+  /// them in order. `disconnected`, naming every address and why it failed, when none answers.
+  static caf::expected<std::unique_ptr<client>> connect(const std::vector<std::string>& endpoints,
+                                                        options opts);
+  static caf::expected<std::unique_ptr<client>> connect(const std::vector<std::string>& endpoints);
+
+  ~client();
+  client(const client&) = delete;
+  client& operator=(const client&) = delete;
+
+  /// The endpoint this client is connected to.
+  const std::string& endpoint() const;
+
+  /// The node's name, model and limits.
+  caf::expected<node_info> info();
+
+  /// Opens a session with these sampling parameters; returns its id. `bad_request` naming the
+  /// parameter when one is out of range.
+  caf::expected<std::string> open_session(const sampling_params& params, int32_t priority = 0);
+
+  /// Sends a user turn to `session` and blocks until the reply ends, calling `on_token` for each
+  /// token as it arrives. Returns the prompt and generated ids and why the turn ended (a turn
+  /// ended by `cancel` or `request_cancel` returns normally with `finish_reason::cancelled`). An
+  /// error when the node refuses the turn (`not_found`, `bad_request`, `overloaded`), when the
+  /// turn ends with an error, when the stream skips an index (`failed`), or when the
+  /// connection is lost (`disconnected`).
+  caf::expected<generation> generate(const std::string& session, const std::string& text,
+                                     uint32_t max_tokens, const token_handler& on_token = {},
+                                     const accept_handler& on_accept = {});
+
+  /// Asks the node to stop a turn of `session` (a turn that another client, or this one in an
+  /// earlier call, started). `not_found` for an unknown session or turn.
+  caf::error cancel(const std::string& session, uint64_t turn);
+
+  /// Cancels the turn that `generate()` is streaming now (the call then returns with
+  /// `finish_reason::cancelled`); does nothing when no generate() runs. Callable from any
+  /// thread, including from inside `on_token`.
+  void request_cancel();
+
+  /// Every turn of `session`, oldest first.
+  caf::expected<std::vector<turn_record>> history(const std::string& session);
+
+  /// Every session the node holds.
+  caf::expected<std::vector<session_info>> sessions();
+
+ private:
+  struct impl;
+  explicit client(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace keel::wire

@@ -1,0 +1,43 @@
+#pragma once
+
+// Conversions between Keel's C++ types and the client API's Cap'n Proto types (keel.capnp).
+// Finish reasons are converted in actors/gateway.cpp, because their C++ type belongs to the
+// actors' protocol (actors/messages.hpp), which wire/ does not include.
+
+#include <cstdint>
+
+#include <kj/exception.h>
+#include <caf/error.hpp>
+
+#include "kernels/error.hpp"
+#include "kernels/sampler.hpp"
+#include "wire/keel.capnp.h"
+
+namespace keel::wire {
+
+/// The wire's error kind of an error class. Classes the wire does not name (stale_epoch,
+/// corrupt_record, bad_model) travel as `failed`: the client cannot mend them by retrying.
+Error::Kind to_wire(errc code);
+
+/// The error class of a wire kind (`none` for `Error::Kind::NONE`).
+errc from_wire(Error::Kind kind);
+
+/// Fills `out` from `err` (kind and message); `retry_after_ms` goes with `overloaded`. An empty
+/// `err` gives kind `none`.
+void to_wire(const caf::error& err, Error::Builder out, uint32_t retry_after_ms = 0);
+
+/// The error a wire `Error` carries: empty for kind `none`; the retry-after hint is read
+/// separately (`in.getRetryAfterMs()`).
+caf::error from_wire(Error::Reader in);
+
+/// Classifies a Cap'n Proto / KJ exception the way the wire does: DISCONNECTED ->
+/// `disconnected`, OVERLOADED -> `overloaded`, UNIMPLEMENTED -> `unimplemented`, the rest
+/// `failed`; the message is the exception's description.
+caf::error from_kj(const kj::Exception& e);
+
+void to_wire(const sampling_params& p, SamplingParams::Builder out);
+
+/// The parameters as sent; they are not validated here (see `keel::validate`).
+sampling_params from_wire(SamplingParams::Reader in);
+
+}  // namespace keel::wire
