@@ -5,7 +5,7 @@
 
 #include <caf/scheduled_actor.hpp>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel {
 

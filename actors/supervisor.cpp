@@ -16,7 +16,7 @@
 #include <caf/sec.hpp>
 #include <caf/system_messages.hpp>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel {
 

@@ -6,7 +6,7 @@
 #include <mutex>
 #include <vector>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel {
 

@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "kernels/collective.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "kernels/kv_cache.hpp"
 #include "kernels/model.hpp"
 #include "kernels/thread_pool.hpp"

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "kernels/dtype.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel {
 

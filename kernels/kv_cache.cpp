@@ -7,7 +7,7 @@
 #include <string>
 #include <utility>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel {
 

@@ -3,7 +3,7 @@
 #include <cstdint>
 #include <string>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel {
 

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "kernels/gguf.hpp"
 #include "kernels/mapped_file.hpp"
 #include "kernels/ops.hpp"

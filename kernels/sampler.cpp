@@ -8,7 +8,7 @@
 #include <numeric>
 #include <string>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel {
 

@@ -4,7 +4,7 @@
 #include <string>
 
 #include "kernels/dtype.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "kernels/gguf.hpp"
 #include "kernels/tokenizer.hpp"
 

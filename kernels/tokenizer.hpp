@@ -8,7 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel {
 

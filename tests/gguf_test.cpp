@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "kernels/dtype.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "kernels/gguf.hpp"
 #include "kernels/model.hpp"
 #include "kernels/synth.hpp"

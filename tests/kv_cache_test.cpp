@@ -6,7 +6,7 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "kernels/kv_cache.hpp"
 #include "tests/test_support.hpp"
 

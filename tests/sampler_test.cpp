@@ -8,7 +8,7 @@
 #include <thread>
 #include <vector>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "kernels/sampler.hpp"
 
 using namespace keel;

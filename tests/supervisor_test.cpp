@@ -19,7 +19,7 @@
 #include <caf/send.hpp>
 
 #include "actors/supervisor.hpp"
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 using namespace std::chrono_literals;
 using namespace keel;

@@ -8,7 +8,7 @@
 
 #include <boost/test/unit_test.hpp>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel::test {
 

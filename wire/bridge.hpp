@@ -37,7 +37,7 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/expected.hpp>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 
 namespace keel::wire {
 

@@ -15,7 +15,7 @@
 #include <caf/error.hpp>
 #include <caf/expected.hpp>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "kernels/sampler.hpp"
 
 namespace keel::wire {

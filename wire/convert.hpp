@@ -9,7 +9,7 @@
 #include <kj/exception.h>
 #include <caf/error.hpp>
 
-#include "kernels/error.hpp"
+#include "base/error.hpp"
 #include "kernels/sampler.hpp"
 #include "wire/keel.capnp.h"
 
