@@ -10,24 +10,6 @@
 
 namespace keel {
 
-const char* to_string(finish_reason r) {
-  switch (r) {
-    case finish_reason::length:
-      return "length";
-    case finish_reason::eos:
-      return "eos";
-    case finish_reason::context:
-      return "context";
-    case finish_reason::cancelled:
-      return "cancelled";
-    case finish_reason::overloaded:
-      return "overloaded";
-    case finish_reason::failed:
-      return "failed";
-  }
-  return "unknown";
-}
-
 namespace {
 
 using clock_type = std::chrono::steady_clock;

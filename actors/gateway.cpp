@@ -72,24 +72,6 @@ caf::behavior relay(caf::event_based_actor* self, std::shared_ptr<event_channel>
   };
 }
 
-wire::FinishReason to_wire(finish_reason r) {
-  switch (r) {
-    case finish_reason::length:
-      return wire::FinishReason::LENGTH;
-    case finish_reason::eos:
-      return wire::FinishReason::EOS;
-    case finish_reason::context:
-      return wire::FinishReason::CONTEXT;
-    case finish_reason::cancelled:
-      return wire::FinishReason::CANCELLED;
-    case finish_reason::overloaded:
-      return wire::FinishReason::OVERLOADED;
-    case finish_reason::failed:
-      return wire::FinishReason::FAILED;
-  }
-  return wire::FinishReason::FAILED;
-}
-
 /// Retry-after hint for `overloaded` errors that carry none of their own.
 constexpr uint32_t default_retry_after_ms = 100;
 
@@ -285,7 +267,7 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   kj::Promise<void> send_done(stream& s, const stream_event& e) {
     auto req = s.sink.doneRequest();
     req.setTurn(e.turn);
-    req.setReason(to_wire(e.reason));
+    req.setReason(wire::to_wire(e.reason));
     auto err = req.initError();
     switch (e.reason) {
       case finish_reason::overloaded:
@@ -559,7 +541,7 @@ class session_server final : public wire::Session::Server {
         list_of<int32_t>(t.user, out.initPrompt(static_cast<unsigned>(t.user.size())));
         list_of<int32_t>(t.generated, out.initGenerated(static_cast<unsigned>(t.generated.size())));
         out.setDone(t.done);
-        out.setReason(to_wire(t.reason));
+        out.setReason(wire::to_wire(t.reason));
       }
       res.initError().setKind(wire::Error::Kind::NONE);
     });

@@ -11,6 +11,7 @@
 #include <caf/actor.hpp>
 #include <caf/allowed_unsafe_message_type.hpp>
 
+#include "base/finish_reason.hpp"
 #include "kernels/sampler.hpp"
 
 namespace keel {
@@ -57,11 +58,6 @@ struct generation_job {
   int32_t max_tokens = 0;  // of this turn, counting `generated`
   uint64_t turn = 0;
 };
-
-/// Why a turn ended.
-enum class finish_reason : uint8_t { length, eos, context, cancelled, overloaded, failed };
-
-const char* to_string(finish_reason r);
 
 }  // namespace keel
 

@@ -281,7 +281,7 @@ class line_reader {
 void print_history(const std::vector<keel::wire::turn_record>& turns) {
   for (const auto& t : turns) {
     std::printf("turn %llu (%s, %zu + %zu tokens)\n", static_cast<unsigned long long>(t.turn),
-                t.done ? keel::wire::to_string(t.reason) : "running", t.prompt.size(),
+                t.done ? keel::to_string(t.reason) : "running", t.prompt.size(),
                 t.generated.size());
     print_ids("prompt:", t.prompt);
     print_ids("gen:", t.generated);

@@ -11,94 +11,15 @@
 #include <mutex>
 #include <optional>
 
+#include "wire/convert.hpp"
 #include "wire/keel.capnp.h"
 
 namespace keel::wire {
 
-const char* to_string(finish_reason x) {
-  switch (x) {
-    case finish_reason::length:
-      return "length";
-    case finish_reason::eos:
-      return "eos";
-    case finish_reason::context:
-      return "context";
-    case finish_reason::cancelled:
-      return "cancelled";
-    case finish_reason::overloaded:
-      return "overloaded";
-    case finish_reason::failed:
-      return "failed";
-  }
-  return "unknown";
-}
-
 namespace {
 
-constexpr std::string_view retry_prefix = " (retry after ";
 
-finish_reason from_wire(FinishReason r) {
-  switch (r) {
-    case FinishReason::LENGTH:
-      return finish_reason::length;
-    case FinishReason::EOS:
-      return finish_reason::eos;
-    case FinishReason::CONTEXT:
-      return finish_reason::context;
-    case FinishReason::CANCELLED:
-      return finish_reason::cancelled;
-    case FinishReason::OVERLOADED:
-      return finish_reason::overloaded;
-    case FinishReason::FAILED:
-      return finish_reason::failed;
-  }
-  return finish_reason::failed;
-}
 
-/// The node's classified error as a keel error; no error for kind `none`.
-caf::error from_wire(Error::Reader e) {
-  std::string msg = e.getMessage().cStr();
-  switch (e.getKind()) {
-    case Error::Kind::NONE:
-      return {};
-    case Error::Kind::FAILED:
-      return make_error(errc::failed, msg);
-    case Error::Kind::OVERLOADED:
-      if (e.getRetryAfterMs() > 0)
-        msg += std::string(retry_prefix) + std::to_string(e.getRetryAfterMs()) + " ms)";
-      return make_error(errc::overloaded, msg);
-    case Error::Kind::DISCONNECTED:
-      return make_error(errc::disconnected, msg);
-    case Error::Kind::BAD_REQUEST:
-      return make_error(errc::bad_request, msg);
-    case Error::Kind::NOT_FOUND:
-      return make_error(errc::not_found, msg);
-    case Error::Kind::UNIMPLEMENTED:
-      return make_error(errc::unimplemented, msg);
-  }
-  return make_error(errc::failed, "unknown error kind " +
-                                      std::to_string(static_cast<int>(e.getKind())) + ": " + msg);
-}
-
-/// A Cap'n Proto exception as a keel error, classified by its type.
-caf::error from_kj(const kj::Exception& e, const std::string& where) {
-  errc code = errc::failed;
-  switch (e.getType()) {
-    case kj::Exception::Type::DISCONNECTED:
-      code = errc::disconnected;
-      break;
-    case kj::Exception::Type::OVERLOADED:
-      code = errc::overloaded;
-      break;
-    case kj::Exception::Type::UNIMPLEMENTED:
-      code = errc::unimplemented;
-      break;
-    case kj::Exception::Type::FAILED:
-      code = errc::failed;
-      break;
-  }
-  return make_error(code, where + ": " + e.getDescription().cStr());
-}
 
 template <class T>
 std::vector<T> to_vector(typename capnp::List<T>::Reader xs) {
@@ -225,9 +146,9 @@ class sink_impl final : public TokenSink::Server {
 uint32_t retry_after_ms(const caf::error& err) {
   if (code_of(err) != errc::overloaded) return 0;
   auto msg = message_of(err);
-  auto at = msg.rfind(retry_prefix);
+  auto at = msg.rfind(retry_after_prefix);
   if (at == std::string::npos) return 0;
-  return static_cast<uint32_t>(std::strtoul(msg.c_str() + at + retry_prefix.size(), nullptr, 10));
+  return static_cast<uint32_t>(std::strtoul(msg.c_str() + at + retry_after_prefix.size(), nullptr, 10));
 }
 
 caf::expected<std::vector<std::string>> parse_endpoints(const std::string& list) {

@@ -16,18 +16,12 @@
 #include <caf/expected.hpp>
 
 #include "base/error.hpp"
+#include "base/finish_reason.hpp"
 #include "kernels/sampler.hpp"
 
 namespace keel::wire {
 
-/// Why a turn ended (the wire's FinishReason).
-enum class finish_reason : uint8_t { length, eos, context, cancelled, overloaded, failed };
-
-const char* to_string(finish_reason x);
-
-inline std::ostream& operator<<(std::ostream& out, finish_reason x) {
-  return out << to_string(x);
-}
+using keel::finish_reason;
 
 /// What a node says about itself.
 struct node_info {

@@ -64,10 +64,13 @@ void to_wire(const caf::error& err, Error::Builder out, uint32_t retry_after_ms)
 caf::error from_wire(Error::Reader in) {
   auto code = from_wire(in.getKind());
   if (code == errc::none) return {};
-  return make_error(code, std::string(in.getMessage().cStr()));
+  std::string msg = in.getMessage().cStr();
+  if (code == errc::overloaded && in.getRetryAfterMs() > 0)
+    msg += std::string(retry_after_prefix) + std::to_string(in.getRetryAfterMs()) + " ms)";
+  return make_error(code, std::move(msg));
 }
 
-caf::error from_kj(const kj::Exception& e) {
+caf::error from_kj(const kj::Exception& e, const std::string& where) {
   errc code = errc::failed;
   switch (e.getType()) {
     case kj::Exception::Type::DISCONNECTED:
@@ -82,7 +85,8 @@ caf::error from_kj(const kj::Exception& e) {
     case kj::Exception::Type::FAILED:
       break;
   }
-  return make_error(code, std::string(e.getDescription().cStr()));
+  std::string text = e.getDescription().cStr();
+  return make_error(code, where.empty() ? text : where + ": " + text);
 }
 
 void to_wire(const sampling_params& p, SamplingParams::Builder out) {
@@ -105,6 +109,34 @@ sampling_params from_wire(SamplingParams::Reader in) {
   p.repetition_window = in.getRepetitionWindow();
   p.seed = in.getSeed();
   return p;
+}
+
+}  // namespace keel::wire
+
+namespace keel::wire {
+
+FinishReason to_wire(finish_reason r) {
+  switch (r) {
+    case finish_reason::length: return FinishReason::LENGTH;
+    case finish_reason::eos: return FinishReason::EOS;
+    case finish_reason::context: return FinishReason::CONTEXT;
+    case finish_reason::cancelled: return FinishReason::CANCELLED;
+    case finish_reason::overloaded: return FinishReason::OVERLOADED;
+    case finish_reason::failed: return FinishReason::FAILED;
+  }
+  return FinishReason::FAILED;
+}
+
+finish_reason from_wire(FinishReason r) {
+  switch (r) {
+    case FinishReason::LENGTH: return finish_reason::length;
+    case FinishReason::EOS: return finish_reason::eos;
+    case FinishReason::CONTEXT: return finish_reason::context;
+    case FinishReason::CANCELLED: return finish_reason::cancelled;
+    case FinishReason::OVERLOADED: return finish_reason::overloaded;
+    case FinishReason::FAILED: return finish_reason::failed;
+  }
+  return finish_reason::failed;
 }
 
 }  // namespace keel::wire
