@@ -5,6 +5,7 @@
 #include "actors/shard_worker.hpp"
 #include "kernels/engine.hpp"
 #include "kernels/kv_cache.hpp"
+#include "wire/checkpoint.hpp"
 
 namespace keel {
 
@@ -63,7 +64,42 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
                                              std::to_string(probe.page_bytes()) + " bytes)");
   }
 
-  auto table = std::make_shared<session_table>();
+  auto table = std::make_shared<session_table>(cfg.checkpoint_every);
+  std::vector<session_record> recovered;
+  if (!cfg.data_dir.empty()) {
+    auto store = storage::session_store::open(cfg.data_dir);
+    if (!store) return std::move(store.error());
+    auto found = (*store)->scan();
+    if (!found) return std::move(found.error());
+    for (auto& c : found->corrupt) {
+      ctx->log->report(cfg.name + ": recovery: skipped corrupt record " + c.cf + " key " + c.key +
+                       " in " + cfg.data_dir + ": " + c.reason);
+    }
+    uint64_t highest = 0;
+    for (auto& s : found->sessions) {
+      auto c = wire::decode(s.payload);
+      if (c && c->id != s.id) {
+        c = make_error(errc::corrupt_record,
+                       "session checkpoint " + c->id + " stored under key " + s.id);
+      }
+      if (!c) {
+        ctx->log->report(cfg.name + ": recovery: skipped corrupt record sessions key " + s.id +
+                         " in " + cfg.data_dir + ": " + describe(c.error()));
+        continue;
+      }
+      auto r = from_checkpoint(std::move(*c), s.turns);
+      highest = std::max(highest, r.number);
+      table->recovered(r);
+      recovered.push_back(std::move(r));
+    }
+    auto next = (*store)->next_session_number();
+    if (!next) return std::move(next.error());
+    if (*next <= highest) {
+      if (auto err = (*store)->set_next_session_number(highest + 1)) return err;
+    }
+    table->attach_store(store->get());
+    n->store_ = std::move(*store);
+  }
   auto engine_sup =
       recording(supervisor_child("engine", cfg.engine_flags, shard_worker_specs(group), ctx->log),
                 [ctx](caf::actor a) { ctx->set_engine_sup(std::move(a)); });
@@ -82,6 +118,10 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   n->cfg_ = std::move(cfg);
   n->ctx_ = std::move(ctx);
   n->sessions_ = std::move(table);
+  // Recovered sessions start under session_sup with their records (already in the table); a
+  // turn that was running resubmits itself with the tokens its log holds.
+  for (auto& r : recovered)
+    if (auto err = n->start_session(r)) return err;
   return n;
 }
 
@@ -96,6 +136,9 @@ void node::stop() {
   self->send_exit(root_, caf::exit_reason::user_shutdown);
   self->receive([](const caf::down_msg&) {}, caf::after(std::chrono::seconds(30)) >> [] {});
   root_ = caf::actor{};
+  // The sessions (the table's only writers) are down: the store can close.
+  if (sessions_) sessions_->detach_store();
+  store_.reset();
 }
 
 caf::actor node::child(const std::string& id) {
@@ -109,16 +152,30 @@ caf::actor node::child(const std::string& id) {
 caf::expected<std::string> node::open_session(const sampling_params& params, int32_t priority) {
   if (auto err = validate(params)) return err;
   session_record r;
-  r.number = ++next_session_;
+  if (store_) {
+    auto number = store_->take_session_number();
+    if (!number) return std::move(number.error());
+    r.number = *number;
+  } else {
+    r.number = ++next_session_;
+  }
   r.id = "s-" + std::to_string(r.number);
   r.params = params;
   r.priority = priority;
+  // Durable (with a store) before the id is returned.
+  if (auto err = sessions_->put(r, change::structure)) return err;
+  if (auto err = start_session(r)) return err;
+  return r.id;
+}
+
+caf::error node::start_session(const session_record& r) {
   auto sup = child("sessions");
   if (!sup) return make_error(errc::disconnected, cfg_.name + ": the session supervisor is down");
   caf::scoped_actor self{sys_};
-  caf::expected<std::string> out = make_error(errc::failed, "no reply");
+  caf::error out = make_error(errc::failed, "no reply");
   self->request(sup, call_timeout, start_atom::value, r.id, caf::make_message(r))
-      .receive([&](caf::actor&) { out = r.id; }, [&](caf::error& e) { out = std::move(e); });
+      .receive([&](caf::actor&) { out = caf::error{}; },
+               [&](caf::error& e) { out = std::move(e); });
   return out;
 }
 

@@ -28,6 +28,13 @@ struct node_config {
   supervisor_flags node_flags{restart_strategy::one_for_one, 5, std::chrono::seconds(10), {}};
   supervisor_flags session_flags{
       restart_strategy::simple_one_for_one, 20, std::chrono::seconds(10), {}};
+  /// The session store's directory; empty: sessions live in memory only and die with the node.
+  std::string data_dir;
+  /// A running turn's generated tokens are appended to its turn log every this many tokens
+  /// (buffered) and at the end of the turn (synced). 16: a buffered append costs about 5 us
+  /// plus the rewrite of the turn's log (docs/storage.md), well under a decode step even at
+  /// batch 1, and a restart regenerates at most 15 tokens per running turn.
+  int32_t checkpoint_every = 16;
 };
 
 /// Settings for the actor system of a process that runs a node: CAF 0.17's idle scheduler
@@ -45,6 +52,11 @@ void tune_actor_system(caf::actor_system_config& cfg);
 ///
 /// The model is loaded once and shared; restarts map nothing again. Owned by main() or a test;
 /// the destructor stops the tree in reverse order.
+///
+/// With `node_config::data_dir` the node owns a storage::session_store there. `start` recovers
+/// every intact session from it (a running turn resumes where its log ends), reports each
+/// corrupt record on the supervision log's sink and skips it, and continues session numbers
+/// after the highest one stored.
 class node {
  public:
   static caf::expected<std::unique_ptr<node>> start(caf::actor_system& sys, node_config cfg,
@@ -59,7 +71,8 @@ class node {
   supervision_log& log() { return *ctx_->log; }
   const node_config& config() const { return cfg_; }
 
-  /// Opens a conversation and returns its id ("s-1", "s-2", ...).
+  /// Opens a conversation and returns its id ("s-1", "s-2", ...). With a data dir, the session
+  /// record is in a synced write before the id is returned.
   caf::expected<std::string> open_session(const sampling_params& params, int32_t priority = 0);
   /// The session's current actor (invalid when unknown or between restarts).
   caf::actor session(const std::string& id);
@@ -70,14 +83,20 @@ class node {
   /// The batcher's figures.
   caf::expected<batcher_stats> stats();
 
-  /// Stops the tree (also done by the destructor).
+  /// The session store (null without a data dir).
+  storage::session_store* store() { return store_.get(); }
+
+  /// Stops the tree (also done by the destructor) and closes the store.
   void stop();
 
  private:
   node(caf::actor_system& sys) : sys_(sys) {}
+  /// Starts the session `r` (already in the table) under session_sup.
+  caf::error start_session(const session_record& r);
 
   caf::actor_system& sys_;
   node_config cfg_;
+  std::unique_ptr<storage::session_store> store_;  // null without a data dir
   std::shared_ptr<node_context> ctx_;
   std::shared_ptr<session_table> sessions_;
   caf::actor root_;

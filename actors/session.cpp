@@ -9,9 +9,91 @@
 
 namespace keel {
 
-void session_table::put(const session_record& r) {
+void session_table::attach_store(storage::session_store* store) {
+  std::lock_guard<std::mutex> guard(mu_);
+  store_ = store;
+}
+
+void session_table::detach_store() {
+  std::lock_guard<std::mutex> guard(mu_);
+  store_ = nullptr;
+}
+
+caf::error session_table::write_store(const session_record& r, change c) {
+  if (store_ == nullptr || c == change::memory) return {};
+  size_t logged = 0;
+  if (auto i = logged_.find(r.id); i != logged_.end()) logged = i->second;
+  const turn_record* last = r.turns.empty() ? nullptr : &r.turns.back();
+  // A new turn starts a new log: `logged` counts the tokens of the last turn only.
+  if (last == nullptr || logged > last->generated.size()) logged = 0;
+  size_t unlogged = last ? last->generated.size() - logged : 0;
+  if (c == change::tokens) {
+    if (unlogged < static_cast<size_t>(std::max(checkpoint_every_, 1))) return {};
+    std::vector<int32_t> tail(last->generated.begin() + static_cast<ptrdiff_t>(logged),
+                              last->generated.end());
+    if (auto err = store_->append_turn_tokens(r.id, epoch, last->turn, logged, tail,
+                                              storage::durability::buffered))
+      return err;
+  } else {
+    storage::write_batch b;
+    b.put_session(r.id, epoch, wire::encode(to_checkpoint(r)));
+    if (unlogged > 0) {
+      b.append_turn_tokens(
+          r.id, epoch, last->turn, logged,
+          {last->generated.begin() + static_cast<ptrdiff_t>(logged), last->generated.end()});
+    }
+    if (auto err = store_->write(b, storage::durability::sync)) return err;
+  }
+  logged_[r.id] = last ? last->generated.size() : 0;
+  return {};
+}
+
+caf::error session_table::put(const session_record& r, change c) {
+  std::lock_guard<std::mutex> guard(mu_);
+  // A new turn's log starts empty.
+  if (auto i = records_.find(r.id); i != records_.end() && i->second.turns.size() != r.turns.size())
+    logged_[r.id] = 0;
+  auto err = write_store(r, c);
+  // A token checkpoint that failed is retried later; memory still takes the token.
+  if (err && c == change::structure) return err;
+  records_[r.id] = r;
+  return err;
+}
+
+void session_table::recovered(const session_record& r) {
   std::lock_guard<std::mutex> guard(mu_);
   records_[r.id] = r;
+  logged_[r.id] = r.turns.empty() ? 0 : r.turns.back().generated.size();
+}
+
+wire::session_checkpoint to_checkpoint(const session_record& r) {
+  wire::session_checkpoint c;
+  c.id = r.id;
+  c.number = r.number;
+  c.params = r.params;
+  c.priority = r.priority;
+  for (auto& t : r.turns) c.turns.push_back({t.turn, t.user, t.max_tokens, t.done, t.reason});
+  return c;
+}
+
+session_record from_checkpoint(wire::session_checkpoint c,
+                               const std::map<uint64_t, std::vector<int32_t>>& logs) {
+  session_record r;
+  r.id = std::move(c.id);
+  r.number = c.number;
+  r.params = c.params;
+  r.priority = c.priority;
+  for (auto& t : c.turns) {
+    turn_record x;
+    x.turn = t.turn;
+    x.user = std::move(t.user);
+    x.max_tokens = t.max_tokens;
+    x.done = t.done;
+    x.reason = t.reason;
+    if (auto i = logs.find(t.turn); i != logs.end()) x.generated = i->second;
+    r.turns.push_back(std::move(x));
+  }
+  return r;
 }
 
 std::optional<session_record> session_table::get(const std::string& id) const {
@@ -31,6 +113,7 @@ std::vector<std::string> session_table::ids() const {
 void session_table::erase(const std::string& id) {
   std::lock_guard<std::mutex> guard(mu_);
   records_.erase(id);
+  logged_.erase(id);
 }
 
 namespace {
@@ -100,6 +183,8 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
   if (auto saved = st.table->get(initial.id)) {
     st.rec = std::move(*saved);  // a restart: continue where the crashed incarnation was
   } else {
+    // The node wrote a new session's record (synced) before starting it; this keeps a session
+    // started without the node (tests) in the table.
     st.rec = std::move(initial);
     st.table->put(st.rec);
   }
@@ -136,7 +221,11 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         t.sink = std::move(sink);
         auto turn = t.turn;
         st.rec.turns.push_back(std::move(t));
-        st.table->put(st.rec);
+        // Acknowledged (the reply) only after the turn is in a synced write.
+        if (auto err = st.table->put(st.rec, change::structure)) {
+          st.rec.turns.pop_back();
+          return err;
+        }
         submit(self);
         return turn;
       },
@@ -149,7 +238,9 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         // Exactly once: an index already recorded is a repeat (after a resubmission or attach).
         if (index != static_cast<int64_t>(t->generated.size())) return;
         t->generated.push_back(token);
-        st.table->put(st.rec);
+        // A failed buffered checkpoint is retried with the next token, and the turn's end
+        // writes all unlogged tokens synced.
+        (void)st.table->put(st.rec, change::tokens);
         self->send(t->sink, token_atom::value, st.rec.id, t->turn, index, token,
                    st.ctx->tok->token_text(token));
       },
@@ -160,7 +251,12 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
         t->done = true;
         t->reason = why;
-        st.table->put(st.rec);
+        if (auto err = st.table->put(st.rec, change::structure)) {
+          // Let it crash: the restarted session has the turn still running in the table and
+          // resubmits it, so the end is written again.
+          throw std::runtime_error("session " + st.rec.id + ": cannot record the end of turn " +
+                                   std::to_string(t->turn) + ": " + describe(err));
+        }
         self->send(t->sink, done_atom::value, st.rec.id, t->turn, why, detail, retry_after_ms);
       },
       [self](cancel_atom) {

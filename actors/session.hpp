@@ -14,6 +14,8 @@
 #include "actors/messages.hpp"
 #include "actors/node_context.hpp"
 #include "actors/supervisor.hpp"
+#include "storage/session_store.hpp"
+#include "wire/checkpoint.hpp"
 
 namespace keel {
 
@@ -37,20 +39,61 @@ struct session_record {
   std::vector<turn_record> turns;
 };
 
-/// Sessions' state, written by the session actors on every change and read by a restarted
-/// one. An in-memory stand-in for the RocksDB session store of the failover issue: it keeps
-/// conversations through actor crashes, not through process death. Thread-safe.
+/// How a change to a session is recorded (see `session_table::put`).
+enum class change : uint8_t {
+  memory,     // in memory only (a new sink)
+  structure,  // a new session, an accepted user turn, a finished turn: synced to the store
+  tokens,     // a generated token: appended to the turn log every `checkpoint_every` tokens
+};
+
+/// Sessions' state, written by the session actors on every change and read by a restarted one.
+/// In memory it keeps conversations through actor crashes; with a backing store
+/// (`attach_store`) it also keeps them through process death:
+/// - `change::structure` writes the session record (wire/checkpoint.hpp) and the last turn's
+///   tokens not yet logged in one synced batch before `put` returns, so the caller acknowledges
+///   only what is durable (ARCHITECTURE.md, guarantee 1);
+/// - `change::tokens` appends the running turn's unlogged tokens to its turn log once
+///   `checkpoint_every` of them have accumulated, buffered (in the OS page cache: it survives a
+///   process crash; a power loss loses at most the tokens since the last synced write, and a
+///   resumed turn regenerates exactly those, since sampling is deterministic).
+/// When a store write fails, memory is left unchanged and the error is returned. Epoch 1 for
+/// every write until failover assigns epochs. Thread-safe.
 class session_table {
  public:
-  void put(const session_record& r);
+  explicit session_table(int32_t checkpoint_every = 16) : checkpoint_every_(checkpoint_every) {}
+
+  /// Backs the table with `store`, not owned: it must outlive every write, which the node
+  /// ensures by stopping its tree (the only writers) before it detaches and closes the store.
+  void attach_store(storage::session_store* store);
+  void detach_store();
+
+  /// Records `r`; writes it to the store as `c` says (see the class comment).
+  caf::error put(const session_record& r, change c = change::memory);
+  /// Records a session recovered from the store, whose turn logs hold its generated tokens.
+  void recovered(const session_record& r);
   std::optional<session_record> get(const std::string& id) const;
   std::vector<std::string> ids() const;
   void erase(const std::string& id);
 
+  /// The store's epoch for this node's writes (fixed until failover raises it).
+  static constexpr uint64_t epoch = 1;
+
  private:
+  caf::error write_store(const session_record& r, change c);
+
+  const int32_t checkpoint_every_;
   mutable std::mutex mu_;
+  storage::session_store* store_ = nullptr;
   std::map<std::string, session_record> records_;
+  // Per session: how many tokens of its last turn are in the store's turn log.
+  std::map<std::string, size_t> logged_;
 };
+
+/// The stored form of a session (without generated tokens, which live in the turn logs).
+wire::session_checkpoint to_checkpoint(const session_record& r);
+/// A session from its stored form and its turn logs (turn -> generated tokens).
+session_record from_checkpoint(wire::session_checkpoint c,
+                               const std::map<uint64_t, std::vector<int32_t>>& logs);
 
 /// A session actor owns one conversation: its token history and sampling parameters. It
 /// submits each user turn (with the whole history) to the batcher, numbers nothing itself (the

@@ -89,6 +89,14 @@ void supervision_log::record(supervision_event e) {
     std::cerr << line << '\n';
 }
 
+void supervision_log::report(const std::string& line) {
+  std::lock_guard<std::mutex> guard{mu_};
+  if (sink_)
+    sink_(line);
+  else
+    std::cerr << line << '\n';
+}
+
 std::vector<supervision_event> supervision_log::events() const {
   std::lock_guard<std::mutex> guard{mu_};
   return events_;

@@ -116,6 +116,10 @@ class supervision_log {
 
   void record(supervision_event e);
 
+  /// Writes `line` to the sink (stderr when none) without recording an event: what the node
+  /// found while recovering, e.g. a corrupt record it skipped.
+  void report(const std::string& line);
+
   std::vector<supervision_event> events() const;
   /// How often the child at `path` was restarted.
   int32_t restarts(const std::string& path) const;

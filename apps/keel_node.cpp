@@ -27,7 +27,7 @@ constexpr option spec[] = {
     {"tokenizer", "FILE", "llama2.c tokenizer.bin (default: beside the model)"},
     {"name", "NAME", "this node's name (default: node)"},
     {"region", "NAME", "this node's region, reported to clients (default: none)"},
-    {"data", "DIR", "directory for the session store (recorded; used by the store)"},
+    {"data", "DIR", "session store directory: sessions survive a restart on it (default: none)"},
     {"shards", "N", "tensor-parallel shards (default 1)"},
     {"threads", "N", "CPU threads per shard (default 1)"},
     {"kv-bytes", "B", "KV cache budget of the node, e.g. 256M (default 256M)"},
@@ -144,6 +144,7 @@ int run(std::span<char*> args) {
   ncfg.shards = static_cast<int32_t>(*shards);
   ncfg.threads_per_shard = static_cast<int32_t>(*threads);
   ncfg.kv_bytes = *kv_bytes;
+  ncfg.data_dir = opts->get("data");
   keel::gateway_config gcfg;
   gcfg.host = listen->first;
   gcfg.port = listen->second;

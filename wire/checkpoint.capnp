@@ -1,0 +1,46 @@
+@0x949c6801f09a7c5b;
+# A session record as the node's store keeps it (storage/ holds it as opaque payload bytes inside
+# its checksummed envelope; wire/checkpoint.hpp converts it). The generated tokens of each turn
+# are not here: they live in the store's turn logs, appended as they are produced.
+#
+# Independent of keel.capnp on purpose: the stored format changes only with `formatVersion`, not
+# with the client API.
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("keel::wire::stored");
+
+struct SessionCheckpoint {
+  formatVersion @0 :UInt16;  # 1; a reader refuses versions it does not know
+  id @1 :Text;
+  number @2 :UInt64;
+  params @3 :Sampling;
+  priority @4 :Int32;
+  turns @5 :List(Turn);
+
+  struct Sampling {
+    temperature @0 :Float32;
+    topK @1 :Int32;
+    topP @2 :Float32;
+    minP @3 :Float32;
+    repetitionPenalty @4 :Float32;
+    repetitionWindow @5 :Int32;
+    seed @6 :UInt64;
+  }
+
+  struct Turn {
+    turn @0 :UInt64;
+    user @1 :List(Int32);
+    maxTokens @2 :Int32;
+    done @3 :Bool;
+    reason @4 :FinishReason;
+  }
+
+  enum FinishReason {
+    length @0;
+    eos @1;
+    context @2;
+    cancelled @3;
+    overloaded @4;
+    failed @5;
+  }
+}

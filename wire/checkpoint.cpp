@@ -1,0 +1,132 @@
+#include "wire/checkpoint.hpp"
+
+#include <cstring>
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <kj/exception.h>
+
+#include "wire/checkpoint.capnp.h"
+
+namespace keel::wire {
+
+namespace {
+
+using stored::SessionCheckpoint;
+
+SessionCheckpoint::FinishReason to_stored(finish_reason r) {
+  switch (r) {
+    case finish_reason::length:
+      return SessionCheckpoint::FinishReason::LENGTH;
+    case finish_reason::eos:
+      return SessionCheckpoint::FinishReason::EOS;
+    case finish_reason::context:
+      return SessionCheckpoint::FinishReason::CONTEXT;
+    case finish_reason::cancelled:
+      return SessionCheckpoint::FinishReason::CANCELLED;
+    case finish_reason::overloaded:
+      return SessionCheckpoint::FinishReason::OVERLOADED;
+    case finish_reason::failed:
+      return SessionCheckpoint::FinishReason::FAILED;
+  }
+  return SessionCheckpoint::FinishReason::FAILED;
+}
+
+caf::error corrupt(const std::string& what) {
+  return make_error(errc::corrupt_record, "session checkpoint" + what);
+}
+
+}  // namespace
+
+std::string encode(const session_checkpoint& c) {
+  capnp::MallocMessageBuilder msg;
+  auto root = msg.initRoot<SessionCheckpoint>();
+  root.setFormatVersion(checkpoint_format_version);
+  root.setId(c.id);
+  root.setNumber(c.number);
+  auto p = root.initParams();
+  p.setTemperature(c.params.temperature);
+  p.setTopK(c.params.top_k);
+  p.setTopP(c.params.top_p);
+  p.setMinP(c.params.min_p);
+  p.setRepetitionPenalty(c.params.repetition_penalty);
+  p.setRepetitionWindow(c.params.repetition_window);
+  p.setSeed(c.params.seed);
+  root.setPriority(c.priority);
+  auto turns = root.initTurns(static_cast<unsigned>(c.turns.size()));
+  for (size_t i = 0; i < c.turns.size(); ++i) {
+    auto& t = c.turns[i];
+    auto out = turns[static_cast<unsigned>(i)];
+    out.setTurn(t.turn);
+    auto user = out.initUser(static_cast<unsigned>(t.user.size()));
+    for (size_t k = 0; k < t.user.size(); ++k) user.set(static_cast<unsigned>(k), t.user[k]);
+    out.setMaxTokens(t.max_tokens);
+    out.setDone(t.done);
+    out.setReason(to_stored(t.reason));
+  }
+  auto words = capnp::messageToFlatArray(msg);
+  auto bytes = words.asBytes();
+  return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+}
+
+caf::expected<session_checkpoint> decode(std::string_view bytes) {
+  if (bytes.empty() || bytes.size() % sizeof(capnp::word) != 0) {
+    return corrupt(": " + std::to_string(bytes.size()) +
+                   " bytes, not a whole number of 8-byte words");
+  }
+  // The payload comes from a std::string, which guarantees no 8-byte alignment: copy.
+  auto words = kj::heapArray<capnp::word>(bytes.size() / sizeof(capnp::word));
+  std::memcpy(words.begin(), bytes.data(), bytes.size());
+  session_checkpoint c;
+  try {
+    capnp::FlatArrayMessageReader msg(words);
+    auto root = msg.getRoot<SessionCheckpoint>();
+    if (root.getFormatVersion() != checkpoint_format_version) {
+      return corrupt(": format version " + std::to_string(root.getFormatVersion()) +
+                     ", this build reads version " + std::to_string(checkpoint_format_version));
+    }
+    c.id = root.getId();
+    if (c.id.empty()) return corrupt(": empty session id");
+    c.number = root.getNumber();
+    auto p = root.getParams();
+    c.params.temperature = p.getTemperature();
+    c.params.top_k = p.getTopK();
+    c.params.top_p = p.getTopP();
+    c.params.min_p = p.getMinP();
+    c.params.repetition_penalty = p.getRepetitionPenalty();
+    c.params.repetition_window = p.getRepetitionWindow();
+    c.params.seed = p.getSeed();
+    if (auto err = validate(c.params))
+      return corrupt(" " + c.id + ": sampling parameters: " + describe(err));
+    c.priority = root.getPriority();
+    auto turns = root.getTurns();
+    for (unsigned i = 0; i < turns.size(); ++i) {
+      auto in = turns[i];
+      turn_checkpoint t;
+      t.turn = in.getTurn();
+      if (t.turn != i) {
+        return corrupt(" " + c.id + ": turn " + std::to_string(i) + " is numbered " +
+                       std::to_string(t.turn));
+      }
+      for (auto x : in.getUser()) t.user.push_back(x);
+      t.max_tokens = in.getMaxTokens();
+      t.done = in.getDone();
+      if (!t.done && i + 1 != turns.size()) {
+        return corrupt(" " + c.id + ": turn " + std::to_string(i) +
+                       " is not done but is not the last turn");
+      }
+      auto r = static_cast<uint16_t>(in.getReason());
+      if (r > static_cast<uint16_t>(finish_reason::failed)) {
+        return corrupt(" " + c.id + ": turn " + std::to_string(i) + ": unknown finish reason " +
+                       std::to_string(r));
+      }
+      t.reason = static_cast<finish_reason>(r);
+      c.turns.push_back(std::move(t));
+    }
+  } catch (const kj::Exception& e) {
+    return corrupt(": " + std::string(e.getDescription().cStr()));
+  }
+  return c;
+}
+
+}  // namespace keel::wire

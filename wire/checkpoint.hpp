@@ -1,0 +1,48 @@
+#pragma once
+
+// The session record as the node's store keeps it (checkpoint.capnp): encoded here, stored by
+// storage::session_store as an opaque payload.
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <caf/expected.hpp>
+
+#include "base/error.hpp"
+#include "base/finish_reason.hpp"
+#include "kernels/sampler.hpp"
+
+namespace keel::wire {
+
+/// One turn as stored. Its generated tokens live in the store's turn log, not here.
+struct turn_checkpoint {
+  uint64_t turn = 0;
+  std::vector<int32_t> user;
+  int32_t max_tokens = 0;
+  bool done = false;
+  finish_reason reason = finish_reason::length;
+};
+
+/// A session as stored: what a restarted node needs, besides the turn logs, to rebuild it.
+struct session_checkpoint {
+  std::string id;
+  uint64_t number = 0;
+  sampling_params params;
+  int32_t priority = 0;
+  std::vector<turn_checkpoint> turns;
+};
+
+/// The checkpoint format version this build writes and reads.
+inline constexpr uint16_t checkpoint_format_version = 1;
+
+/// A checkpoint.capnp message (unpacked, flat).
+std::string encode(const session_checkpoint& c);
+
+/// The checkpoint in `bytes`; `corrupt_record` naming what is wrong ("session checkpoint: format
+/// version 7, this build reads version 1", "session checkpoint s-3: turn 2 is numbered 5", ...)
+/// when the bytes are not a well-formed version-1 checkpoint.
+caf::expected<session_checkpoint> decode(std::string_view bytes);
+
+}  // namespace keel::wire
