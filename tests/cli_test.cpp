@@ -152,4 +152,17 @@ BOOST_AUTO_TEST_CASE(engine_benchmark_writes_a_report) {
   BOOST_TEST(text.find("| 64 |") != std::string::npos);
   BOOST_TEST(text.find("recovery p99") != std::string::npos);
   BOOST_TEST(text.find("transcripts equal: yes") != std::string::npos);
+  // The serving benchmark: it starts keel-node itself (127.0.0.1:0), runs two clients over the
+  // wire and in process, and stops the node.
+  auto serve = (dir.path / "serve.md").string();
+  r = sh(bin("keel-bench") + " serve --model " + m +
+         " --threads 1 --clients 2 --turns 2 --tokens 4 --reps 1 --out " + serve);
+  BOOST_REQUIRE_MESSAGE(r.status == 0, r.out);
+  text = slurp(serve);
+  BOOST_TEST(text.find("| 2 | wire |") != std::string::npos);
+  BOOST_TEST(text.find("| 2 | in process |") != std::string::npos);
+  BOOST_TEST(text.find("TTFT p50 added") != std::string::npos);
+  BOOST_TEST(text.find("tokens/s lost") != std::string::npos);
+  BOOST_TEST(text.find("the same model as --model") != std::string::npos);
+  BOOST_TEST(text.find("(exit 0)") != std::string::npos);
 }
