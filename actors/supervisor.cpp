@@ -1,5 +1,7 @@
 #include "actors/supervisor.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <deque>
@@ -64,6 +66,21 @@ const char* to_string(supervision_event_kind x) {
   return "?";
 }
 
+namespace {
+
+/// One line to stderr in one write: lines from several threads never interleave.
+void write_stderr(const std::string& line) {
+  std::string out = line + "\n";
+  size_t done = 0;
+  while (done < out.size()) {
+    auto n = ::write(2, out.data() + done, out.size() - done);
+    if (n <= 0) break;
+    done += static_cast<size_t>(n);
+  }
+}
+
+}  // namespace
+
 supervision_log::supervision_log(sink_fn sink) : sink_(std::move(sink)) {}
 
 void supervision_log::record(supervision_event e) {
@@ -86,7 +103,7 @@ void supervision_log::record(supervision_event e) {
   if (sink_)
     sink_(line);
   else
-    std::cerr << line << '\n';
+    write_stderr(line);
 }
 
 void supervision_log::report(const std::string& line) {
@@ -94,7 +111,7 @@ void supervision_log::report(const std::string& line) {
   if (sink_)
     sink_(line);
   else
-    std::cerr << line << '\n';
+    write_stderr(line);
 }
 
 std::vector<supervision_event> supervision_log::events() const {

@@ -1,5 +1,6 @@
 #include "apps/cli.hpp"
 
+#include <unistd.h>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -106,6 +107,16 @@ caf::expected<uint64_t> options::get_bytes(const std::string& name, uint64_t fal
                       "--" + name + " " + i->second + ": expected a byte count such as 512M");
   }
   return v * mult;
+}
+
+void log_line(const char* program, const std::string& line) {
+  std::string out = std::string(program) + ": " + line + "\n";
+  size_t done = 0;
+  while (done < out.size()) {
+    auto n = ::write(2, out.data() + done, out.size() - done);
+    if (n <= 0) break;
+    done += static_cast<size_t>(n);
+  }
 }
 
 bool wants_help(std::span<char*> args) {

@@ -42,6 +42,10 @@ class options {
   std::vector<std::string> positional_;
 };
 
+/// Writes "PROGRAM: LINE\n" to stderr in one write, so that lines logged from several threads
+/// never interleave (tests read some of them, e.g. keel-node's "listening on").
+void log_line(const char* program, const std::string& line);
+
 /// Whether `args` ask for help (`--help` or `-h`).
 bool wants_help(std::span<char*> args);
 

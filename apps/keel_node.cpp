@@ -150,7 +150,7 @@ int run(std::span<char*> args) {
   gcfg.port = listen->second;
   gcfg.region = opts->get("region");
   gcfg.stall_timeout = std::chrono::milliseconds(*stall);
-  gcfg.log = [](const std::string& line) { std::cerr << program << ": " << line << std::endl; };
+  gcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
 
   // Block the stop signals before any thread starts, so that every thread inherits the mask
   // and only sigwait below receives them.
@@ -164,23 +164,24 @@ int run(std::span<char*> args) {
   keel::tune_actor_system(sys_cfg);
   caf::actor_system sys{sys_cfg};
   auto log = std::make_shared<keel::supervision_log>(
-      [](const std::string& line) { std::cerr << program << ": " << line << std::endl; });
+      [](const std::string& line) { keel::cli::log_line(program, line); });
   auto nd = keel::node::start(sys, ncfg, log);
   if (!nd) return fail(nd.error());
   auto gw = keel::gateway::start(sys, **nd, gcfg);
   if (!gw) return fail(gw.error());
-  std::cerr << program << ": listening on " << (*gw)->address() << std::endl;
-  std::cerr << program << ": node " << ncfg.name << ", model " << ncfg.model_path << ", "
-            << ncfg.shards << " shard(s) x " << ncfg.threads_per_shard << " thread(s)"
-            << (gcfg.region.empty() ? "" : ", region " + gcfg.region)
-            << (opts->has("data") ? ", data " + opts->get("data") : "") << std::endl;
+  keel::cli::log_line(program, "listening on " + (*gw)->address());
+  keel::cli::log_line(program, "node " + ncfg.name + ", model " + ncfg.model_path + ", " +
+                                   std::to_string(ncfg.shards) + " shard(s) x " +
+                                   std::to_string(ncfg.threads_per_shard) + " thread(s)" +
+                                   (gcfg.region.empty() ? "" : ", region " + gcfg.region) +
+                                   (opts->has("data") ? ", data " + opts->get("data") : ""));
 
   int sig = 0;
   sigwait(&stop_signals, &sig);
-  std::cerr << program << ": " << strsignal(sig) << ", stopping" << std::endl;
+  keel::cli::log_line(program, std::string(strsignal(sig)) + ", stopping");
   (*gw)->stop();
   (*nd)->stop();
-  std::cerr << program << ": stopped" << std::endl;
+  keel::cli::log_line(program, "stopped");
   return 0;
 }
 
