@@ -45,6 +45,7 @@ constexpr option generate_spec[] = {
     {"kv-bytes", "B", "KV cache budget, e.g. 256M (default: enough for the context)"},
     {"priority", "N", "with --connect: the session's priority, higher first (default 0)"},
     {"ids", nullptr, "print token ids: 'prompt: ...' then 'gen: ...'"},
+    {"verbose", nullptr, "with --connect: print the session, its node and each failover to stderr"},
 };
 
 constexpr option chat_spec[] = {
@@ -109,15 +110,16 @@ caf::expected<keel::generation_request> read_sampling(const keel::cli::options& 
 }
 
 /// The client connected to the first node of --connect that answers.
-caf::expected<std::unique_ptr<keel::wire::client>> connect(const keel::cli::options& opts,
-                                                           const char* command) {
+caf::expected<std::unique_ptr<keel::wire::client>> connect(
+    const keel::cli::options& opts, const char* command,
+    keel::wire::client::options copts = keel::wire::client::options{}) {
   if (!opts.has("connect"))
     return keel::make_error(
         keel::errc::bad_request,
         std::string(command) + ": --connect HOST:PORT[,HOST:PORT...] is required");
   auto endpoints = keel::wire::parse_endpoints(opts.get("connect"));
   if (!endpoints) return endpoints.error();
-  return keel::wire::client::connect(*endpoints);
+  return keel::wire::client::connect(*endpoints, std::move(copts));
 }
 
 caf::expected<int32_t> read_priority(const keel::cli::options& opts) {
@@ -144,10 +146,26 @@ int generate_remote(const keel::cli::options& opts, const keel::generation_reque
                                        " applies to local generation, not with --connect"));
   auto priority = read_priority(opts);
   if (!priority) return fail(priority.error());
-  auto c = connect(opts, "generate");
+  const bool verbose = opts.has("verbose");
+  keel::wire::client::options copts;
+  if (verbose)
+    copts.on_failover = [](const keel::wire::failover_event& ev) {
+      std::fprintf(stderr,
+                   "keel: failover of session %s turn %llu from %s to node %s at %s in %lld ms "
+                   "(resuming at index %llu)\n",
+                   ev.session.c_str(), static_cast<unsigned long long>(ev.turn), ev.from.c_str(),
+                   ev.to_node.c_str(), ev.to.c_str(), static_cast<long long>(ev.duration.count()),
+                   static_cast<unsigned long long>(ev.from_index));
+    };
+  auto c = connect(opts, "generate", std::move(copts));
   if (!c) return fail(c.error());
   auto session = (*c)->open_session(req.params, *priority);
   if (!session) return fail(session.error());
+  if (verbose) {
+    auto info = (*c)->info();
+    std::fprintf(stderr, "keel: session %s on node %s at %s\n", session->c_str(),
+                 info ? info->name.c_str() : "?", (*c)->endpoint().c_str());
+  }
   const bool ids = opts.has("ids");
   bool accepted = false;
   auto on_accept = [&](uint64_t, const std::vector<int32_t>& prompt) {

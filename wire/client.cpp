@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <thread>
 
 #include "wire/convert.hpp"
 #include "wire/keel.capnp.h"
@@ -17,9 +18,6 @@
 namespace keel::wire {
 
 namespace {
-
-
-
 
 template <class T>
 std::vector<T> to_vector(typename capnp::List<T>::Reader xs) {
@@ -148,7 +146,8 @@ uint32_t retry_after_ms(const caf::error& err) {
   auto msg = message_of(err);
   auto at = msg.rfind(retry_after_prefix);
   if (at == std::string::npos) return 0;
-  return static_cast<uint32_t>(std::strtoul(msg.c_str() + at + retry_after_prefix.size(), nullptr, 10));
+  return static_cast<uint32_t>(
+      std::strtoul(msg.c_str() + at + retry_after_prefix.size(), nullptr, 10));
 }
 
 caf::expected<std::vector<std::string>> parse_endpoints(const std::string& list) {
@@ -171,6 +170,8 @@ caf::expected<std::vector<std::string>> parse_endpoints(const std::string& list)
 
 struct client::impl {
   std::string endpoint;
+  std::vector<std::string> endpoints;  // every address given to connect(), in order
+  std::string node_name;               // of the node at `endpoint`, when known
   options opts;
   std::unique_ptr<capnp::EzRpcClient> rpc;
   Gateway::Client gateway = nullptr;
@@ -199,6 +200,62 @@ struct client::impl {
   }
 
   caf::error edge(const kj::Exception& e) { return from_kj(e, endpoint); }
+
+  /// Never resolves; fails with DISCONNECTED once an `info()` probe does: a dead connection
+  /// noticed within about `probe_interval`.
+  kj::Promise<void> probe() {
+    return rpc->getIoProvider()
+        .getTimer()
+        .afterDelay(std::max<int64_t>(opts.probe_interval.count(), 1) * kj::MILLISECONDS)
+        .then([this] {
+          return bounded(gateway.infoRequest().send(), opts.connect_timeout, "probe")
+              .ignoreResult();
+        })
+        .then([this] { return probe(); });
+  }
+
+  /// Replaces the connection by one to the first endpoint that answers, trying the list in
+  /// rounds with backoff until `deadline`. Capabilities of the old connection are dropped.
+  caf::error reconnect(std::chrono::steady_clock::time_point deadline) {
+    auto backoff = std::max(opts.resume_backoff, std::chrono::milliseconds(1));
+    std::string why;
+    while (true) {
+      for (const auto& ep : endpoints) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) break;
+        try {
+          // The new client shares this thread's event loop with the old one, so the old one
+          // can go once nothing of it is left.
+          auto next = std::make_unique<capnp::EzRpcClient>(ep.c_str());
+          auto gw = next->getMain<Gateway>();
+          auto resp = bounded(gw.infoRequest().send(), std::min(opts.connect_timeout, left), "info")
+                          .wait(next->getWaitScope());
+          node_name = resp.getInfo().getName().cStr();
+          sessions.clear();
+          gateway = kj::mv(gw);
+          std::swap(rpc, next);
+          try {
+            next.reset();
+          } catch (...) {
+            // Tearing down the broken connection changes nothing for the new one.
+          }
+          endpoint = ep;
+          return {};
+        } catch (const kj::Exception& e) {
+          why = ep + ": " + e.getDescription().cStr();
+        } catch (const std::exception& e) {
+          why = ep + ": " + e.what();
+        }
+      }
+      if (std::chrono::steady_clock::now() + backoff >= deadline) break;
+      std::this_thread::sleep_for(backoff);
+      backoff = std::min(backoff * 2, std::chrono::milliseconds(500));
+    }
+    return make_error(errc::disconnected, "no keel-node answered within " +
+                                              std::to_string(opts.resume_for.count()) +
+                                              " ms (last: " + why + ")");
+  }
 
   /// The capability of session `id` (held in `sessions`), or the node's error.
   caf::error session(const std::string& id, Session::Client*& out) {
@@ -267,11 +324,14 @@ caf::expected<std::unique_ptr<client>> client::connect(const std::vector<std::st
   for (const auto& ep : endpoints) {
     auto p = std::make_unique<impl>();
     p->endpoint = ep;
+    p->endpoints = endpoints;
     p->opts = opts;
     try {
       p->rpc = std::make_unique<capnp::EzRpcClient>(ep.c_str());
       p->gateway = p->rpc->getMain<Gateway>();
-      p->bounded(p->gateway.infoRequest().send(), opts.connect_timeout, "info").wait(p->ws());
+      auto resp =
+          p->bounded(p->gateway.infoRequest().send(), opts.connect_timeout, "info").wait(p->ws());
+      p->node_name = resp.getInfo().getName().cStr();
       return std::unique_ptr<client>(new client(std::move(p)));
     } catch (const kj::Exception& e) {
       why += (why.empty() ? "" : "; ") + ep + ": " + e.getDescription().cStr();
@@ -343,75 +403,122 @@ caf::expected<generation> client::generate(const std::string& session, const std
       d.cancel_bell = nullptr;
     }
   } close_on_exit{d, st};
-  return at_edge<generation>(d.endpoint, [&]() -> caf::expected<generation> {
-    Session::Client* sess = nullptr;
-    if (auto err = d.session(session, sess)) return err;
-    auto finished = kj::newPromiseAndFulfiller<void>();
-    st->finished = kj::mv(finished.fulfiller);
-    auto all_done = finished.promise.fork();
+  auto bell = kj::newPromiseAndCrossThreadFulfiller<void>();
+  {
+    std::lock_guard<std::mutex> g(d.mu);
+    d.streaming = true;
+    d.cancel_bell = kj::mv(bell.fulfiller);
+  }
+  // Each attempt (send, then every resume) takes a branch: a cancel reaches whichever node
+  // serves the turn.
+  auto bell_rung = bell.promise.fork();
+  bool cancel_wanted = false;
+  bool accepted = false;
+  generation out;
 
-    auto bell = kj::newPromiseAndCrossThreadFulfiller<void>();
-    {
-      std::lock_guard<std::mutex> g(d.mu);
-      d.streaming = true;
-      d.cancel_bell = kj::mv(bell.fulfiller);
-    }
-    bool cancel_wanted = false;
-    std::optional<uint64_t> turn;
-    auto send_cancel = [sess](uint64_t t) {
-      auto req = sess->cancelRequest();
-      req.setTurn(t);
-      return req.send().ignoreResult();
-    };
-    auto cancel_task = bell.promise
-                           .then([&]() -> kj::Promise<void> {
-                             cancel_wanted = true;
-                             if (turn) return send_cancel(*turn);
-                             return kj::READY_NOW;
-                           })
-                           .eagerlyEvaluate([](kj::Exception&&) {
-                             // A cancel that cannot reach the node changes nothing: the stream
-                             // ends anyway (done or disconnect).
-                           });
-
-    auto req = sess->sendRequest();
-    req.setText(text);
-    req.setMaxTokens(max_tokens);
-    req.setSink(kj::heap<sink_impl>(st));
-    auto resp = d.call(req.send(), "send");
-    if (auto err = from_wire(resp.getError())) return err;
-    generation out;
-    out.turn = resp.getTurn();
-    out.prompt = to_vector<int32_t>(resp.getPrompt());
-    turn = out.turn;
-    if (on_accept) on_accept(out.turn, out.prompt);
-    st->accept(out.turn);
-    kj::Promise<void> late_cancel = kj::READY_NOW;
-    if (cancel_wanted) late_cancel = send_cancel(out.turn).eagerlyEvaluate([](kj::Exception&&) {});
-
-    // Wait for done, a broken stream, or a silence longer than the call timeout.
-    while (!st->done && !st->error) {
-      auto limit = d.opts.call_timeout;
-      if (limit.count() <= 0) {
-        all_done.addBranch().wait(d.ws());
-        continue;
+  // One stream: `send` (first) or `resume` (after a failover), waited on until done. True when
+  // the turn ended; an error otherwise (`disconnected` when the connection broke).
+  auto attempt = [&](bool resume, const std::function<void()>& on_resumed) {
+    return at_edge<bool>(d.endpoint, [&]() -> caf::expected<bool> {
+      Session::Client* sess = nullptr;
+      if (auto err = d.session(session, sess)) return err;
+      auto finished = kj::newPromiseAndFulfiller<void>();
+      st->finished = kj::mv(finished.fulfiller);
+      auto all_done = finished.promise.fork();
+      std::optional<uint64_t> turn;
+      if (accepted) turn = out.turn;
+      auto send_cancel = [sess](uint64_t t) {
+        auto req = sess->cancelRequest();
+        req.setTurn(t);
+        return req.send().ignoreResult();
+      };
+      auto cancel_task = bell_rung.addBranch()
+                             .then([&]() -> kj::Promise<void> {
+                               cancel_wanted = true;
+                               if (turn) return send_cancel(*turn);
+                               return kj::READY_NOW;
+                             })
+                             .eagerlyEvaluate([](kj::Exception&&) {
+                               // A cancel that cannot reach the node changes nothing: the
+                               // stream ends anyway (done or disconnect).
+                             });
+      if (!resume) {
+        auto req = sess->sendRequest();
+        req.setText(text);
+        req.setMaxTokens(max_tokens);
+        req.setSink(kj::heap<sink_impl>(st));
+        auto resp = d.call(req.send(), "send");
+        if (auto err = from_wire(resp.getError())) return err;
+        out.turn = resp.getTurn();
+        out.prompt = to_vector<int32_t>(resp.getPrompt());
+        turn = out.turn;
+        accepted = true;
+        if (on_accept) on_accept(out.turn, out.prompt);
+        st->accept(out.turn);
+      } else {
+        auto req = sess->resumeRequest();
+        req.setTurn(out.turn);
+        req.setFromIndex(st->next_index[out.turn]);
+        req.setSink(kj::heap<sink_impl>(st));
+        auto resp = d.call(req.send(), "resume");
+        if (auto err = from_wire(resp.getError())) return err;
+        st->last_event = std::chrono::steady_clock::now();
+        if (on_resumed) on_resumed();
       }
-      auto idle = std::chrono::steady_clock::now() - st->last_event;
-      if (idle >= limit)
-        return make_error(errc::disconnected, d.endpoint + ": turn " + std::to_string(out.turn) +
-                                                  ": no token for " +
-                                                  std::to_string(limit.count()) + " ms");
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(limit - idle).count() + 1;
-      all_done.addBranch()
-          .exclusiveJoin(d.rpc->getIoProvider().getTimer().afterDelay(left * kj::MILLISECONDS))
-          .wait(d.ws());
-    }
-    if (st->error) return st->error;
-    if (st->done_error) return st->done_error;
-    out.generated = std::move(st->generated);
-    out.reason = st->reason;
-    return out;
-  });
+      kj::Promise<void> late_cancel = kj::READY_NOW;
+      if (cancel_wanted)
+        late_cancel = send_cancel(out.turn).eagerlyEvaluate([](kj::Exception&&) {});
+      auto alive = d.probe().fork();
+
+      // Wait for done, a broken stream, a dead connection, or a silence longer than the call
+      // timeout.
+      while (!st->done && !st->error) {
+        auto limit = d.opts.call_timeout;
+        auto next = all_done.addBranch().exclusiveJoin(alive.addBranch());
+        if (limit.count() <= 0) {
+          next.wait(d.ws());
+          continue;
+        }
+        auto idle = std::chrono::steady_clock::now() - st->last_event;
+        if (idle >= limit)
+          return make_error(errc::disconnected, d.endpoint + ": turn " + std::to_string(out.turn) +
+                                                    ": no token for " +
+                                                    std::to_string(limit.count()) + " ms");
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(limit - idle).count() + 1;
+        next.exclusiveJoin(d.rpc->getIoProvider().getTimer().afterDelay(left * kj::MILLISECONDS))
+            .wait(d.ws());
+      }
+      if (st->error) return st->error;
+      if (st->done_error) return st->done_error;
+      return true;
+    });
+  };
+
+  auto r = attempt(false, {});
+  while (!r && accepted && !cancel_wanted && code_of(r.error()) == errc::disconnected &&
+         d.opts.resume_for.count() > 0) {
+    auto broke = std::chrono::steady_clock::now();
+    failover_event ev;
+    ev.session = session;
+    ev.turn = out.turn;
+    ev.from = d.endpoint;
+    if (auto err = d.reconnect(broke + d.opts.resume_for))
+      return make_error(errc::disconnected, "turn " + std::to_string(out.turn) + " of " + session +
+                                                " broke (" + describe(r.error()) +
+                                                ") and could not resume: " + describe(err));
+    ev.to = d.endpoint;
+    ev.to_node = d.node_name;
+    ev.from_index = st->next_index[out.turn];
+    r = attempt(true, [&] {
+      ev.duration = std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::steady_clock::now() - broke);
+      if (d.opts.on_failover) d.opts.on_failover(ev);
+    });
+  }
+  if (!r) return r.error();
+  out.generated = std::move(st->generated);
+  out.reason = st->reason;
+  return out;
 }
 
 caf::error client::cancel(const std::string& session, uint64_t turn) {

@@ -68,6 +68,17 @@ using token_handler =
 /// Called once when the node accepts a turn, before any token: the turn number and the prompt ids.
 using accept_handler = std::function<void(uint64_t turn, const std::vector<int32_t>& prompt)>;
 
+/// One failover of `client::generate()`: the stream from `from` broke (`disconnected`) and went
+/// on from `to` (possibly the same address, served by a restarted node).
+struct failover_event {
+  std::string session;
+  uint64_t turn = 0;
+  uint64_t from_index = 0;                // the first index asked of the new node
+  std::string from, to;                   // endpoints
+  std::string to_node;                    // the new node's name
+  std::chrono::milliseconds duration{0};  // from the failure seen to the resumed stream accepted
+};
+
 /// The retry-after hint of an `overloaded` error from this library, in milliseconds; 0 when
 /// there is none. The hint travels in the message as "(retry after N ms)".
 uint32_t retry_after_ms(const caf::error& err);
@@ -94,6 +105,16 @@ class client {
     /// How long a unary call (and a stream with no event) may take before it fails with
     /// `disconnected`; zero means no limit.
     std::chrono::milliseconds call_timeout{60000};
+    /// How long `generate()` keeps trying to reconnect (every endpoint in order, with backoff)
+    /// and resume a stream that broke with `disconnected`; zero turns resuming off.
+    std::chrono::milliseconds resume_for{30000};
+    /// The first pause between rounds over the endpoints; doubled up to 500 ms.
+    std::chrono::milliseconds resume_backoff{25};
+    /// While streaming, the node is asked `info()` this often, so that a dead connection is
+    /// noticed without waiting for `call_timeout`.
+    std::chrono::milliseconds probe_interval{100};
+    /// Called on the generating thread after each failover, before the resumed tokens.
+    std::function<void(const failover_event&)> on_failover;
   };
 
   /// Connects to the first endpoint ("HOST:PORT") of `endpoints` that answers `info()`, trying
@@ -106,7 +127,7 @@ class client {
   client(const client&) = delete;
   client& operator=(const client&) = delete;
 
-  /// The endpoint this client is connected to.
+  /// The endpoint this client is connected to (it changes when generate() fails over).
   const std::string& endpoint() const;
 
   /// The node's name, model and limits.
@@ -121,7 +142,9 @@ class client {
   /// ended by `cancel` or `request_cancel` returns normally with `finish_reason::cancelled`). An
   /// error when the node refuses the turn (`not_found`, `bad_request`, `overloaded`), when the
   /// turn ends with an error, when the stream skips an index (`failed`), or when the
-  /// connection is lost (`disconnected`).
+  /// connection is lost (`disconnected`) and cannot be resumed: once the turn is accepted, a
+  /// broken stream is resumed for up to `options::resume_for` by reconnecting (the endpoints
+  /// in order) and `Session.resume(turn, next index)`; `on_token` still sees each index once.
   caf::expected<generation> generate(const std::string& session, const std::string& text,
                                      uint32_t max_tokens, const token_handler& on_token = {},
                                      const accept_handler& on_accept = {});
