@@ -1,0 +1,29 @@
+// keel-bench: benchmarks that report (never assert). `engine` measures the CPU engine; `batch`
+// measures the actor path (node, batcher, sessions) against it, and recovery from shard crashes;
+// `serve` measures clients over the wire (keel-node, Cap'n Proto) against the same node in process.
+
+#include "apps/bench/common.hpp"
+
+namespace {
+
+const char* top_help =
+    "usage: keel-bench COMMAND [OPTIONS]\n\n"
+    "Keel's benchmarks. They report figures; they never fail on a target.\n\n"
+    "commands:\n"
+    "  engine --model FILE [--threads N]   prefill and decode tokens/s, decode roofline\n"
+    "  batch --model FILE [--shards N]     actor path vs engine decode tokens/s at 1-64\n"
+    "                                      sessions; recovery time after shard crashes\n"
+    "  serve [--connect HOST:PORT] --model FILE [--clients N]\n"
+    "                                      clients over the wire: time to first token,\n"
+    "                                      inter-token latency, tokens/s, against the same\n"
+    "                                      node in process\n\n"
+    "Run 'keel-bench COMMAND --help' for a command's options.\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  constexpr keel::cli::command commands[] = {{"engine", keel::bench::engine_command},
+                                             {"batch", keel::bench::batch_command},
+                                             {"serve", keel::bench::serve_command}};
+  return keel::cli::dispatch(argc, argv, "keel-bench", top_help, commands);
+}
