@@ -112,9 +112,33 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   batcher = recording(std::move(batcher), [ctx](caf::actor a) { ctx->set_batcher(std::move(a)); });
   auto sessions =
       supervisor_child("sessions", cfg.session_flags, {session_spec(ctx, table)}, ctx->log);
-  n->root_ =
-      spawn_supervisor(sys, cfg.name, cfg.node_flags,
-                       {std::move(engine_sup), std::move(batcher), std::move(sessions)}, ctx->log);
+  std::vector<child_spec> top{std::move(engine_sup), std::move(batcher), std::move(sessions)};
+  if (!cfg.peers.empty()) {
+    if (cfg.heartbeat_interval.count() <= 0 || cfg.down_after <= cfg.heartbeat_interval) {
+      return make_error(errc::bad_request,
+                        "heartbeat_interval must be positive and below down_after, got " +
+                            std::to_string(cfg.heartbeat_interval.count()) + " ms and " +
+                            std::to_string(cfg.down_after.count()) + " ms");
+    }
+    for (auto& p : cfg.peers) {
+      auto colon = p.rfind(':');
+      auto port = colon == std::string::npos ? std::string() : p.substr(colon + 1);
+      if (colon == 0 || port.empty() || port.size() > 5 ||
+          port.find_first_not_of("0123456789") != std::string::npos || std::stoul(port) > 65535) {
+        return make_error(errc::bad_request, "peer " + p + " is not HOST:PORT");
+      }
+    }
+    link_config lc;
+    lc.self_name = cfg.name;
+    lc.self_region = cfg.region;
+    lc.self_address = cfg.peer_address;
+    lc.heartbeat_interval = cfg.heartbeat_interval;
+    lc.down_after = cfg.down_after;
+    std::vector<child_spec> links;
+    for (auto& p : cfg.peers) links.push_back(link_spec(p, lc, n->peers_, ctx->log));
+    top.push_back(supervisor_child("links", cfg.links_flags, std::move(links), ctx->log));
+  }
+  n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags, std::move(top), ctx->log);
   n->cfg_ = std::move(cfg);
   n->ctx_ = std::move(ctx);
   n->sessions_ = std::move(table);

@@ -11,6 +11,7 @@
 
 #include "actors/batcher.hpp"
 #include "actors/node_context.hpp"
+#include "actors/region_link.hpp"
 #include "actors/session.hpp"
 #include "actors/supervisor.hpp"
 
@@ -35,6 +36,14 @@ struct node_config {
   /// plus the rewrite of the turn's log (docs/storage.md), well under a decode step even at
   /// batch 1, and a restart regenerates at most 15 tokens per running turn.
   int32_t checkpoint_every = 16;
+  /// Region links: HOST:PORT of each peer's peer endpoint (peer_server); one link each, under
+  /// `links`. Empty: no links (and no `links` supervisor).
+  std::vector<std::string> peers;
+  std::string region;        // this node's region, as its heartbeats report it
+  std::string peer_address;  // HOST:PORT of this node's own peer endpoint, likewise
+  std::chrono::milliseconds heartbeat_interval{100};
+  std::chrono::milliseconds down_after{500};
+  supervisor_flags links_flags{restart_strategy::one_for_one, 10, std::chrono::seconds(10), {}};
 };
 
 /// Settings for the actor system of a process that runs a node: CAF 0.17's idle scheduler
@@ -48,7 +57,8 @@ void tune_actor_system(caf::actor_system_config& cfg);
 ///   node          one_for_one
 ///   |- engine     one_for_all: shard-0 .. shard-{n-1}
 ///   |- batcher    permanent
-///   `- sessions   simple_one_for_one: one transient session actor per conversation
+///   |- sessions   simple_one_for_one: one transient session actor per conversation
+///   `- links      one_for_one: one region link per peer (only with `node_config::peers`)
 ///
 /// The model is loaded once and shared; restarts map nothing again. Owned by main() or a test;
 /// the destructor stops the tree in reverse order.
@@ -80,6 +90,9 @@ class node {
   caf::actor child(const std::string& id);
   /// Every session's record (from the session table), ordered by id.
   std::vector<session_record> sessions() const;
+  /// Each peer as its region link sees it (status, last round trip, failures), by address.
+  std::vector<peer_info> peers() const { return peers_->snapshot(); }
+
   /// The batcher's figures.
   caf::expected<batcher_stats> stats();
 
@@ -99,6 +112,7 @@ class node {
   std::unique_ptr<storage::session_store> store_;  // null without a data dir
   std::shared_ptr<node_context> ctx_;
   std::shared_ptr<session_table> sessions_;
+  std::shared_ptr<peer_table> peers_ = std::make_shared<peer_table>();
   caf::actor root_;
   std::atomic<uint64_t> next_session_{0};
 };

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -15,6 +16,7 @@
 
 #include "actors/gateway.hpp"
 #include "actors/node.hpp"
+#include "actors/peer_server.hpp"
 #include "apps/cli.hpp"
 
 namespace {
@@ -34,6 +36,12 @@ constexpr option spec[] = {
     {"stall-timeout", "MS",
      "cut off a client that does not read its stream for MS ms (default "
      "10000)"},
+    {"peer-listen", "HOST:PORT",
+     "address to serve other nodes on (wire/peer.capnp); port 0 picks a free one (default: "
+     "none)"},
+    {"peers", "HOST:PORT,...", "the other nodes' peer addresses; one region link each"},
+    {"heartbeat-interval", "MS", "region link heartbeat interval (default 100)"},
+    {"down-after", "MS", "declare a peer down after MS ms without a heartbeat (default 500)"},
     {"config", "FILE", "'key = value' lines with the names of these options; flags override"},
 };
 
@@ -79,11 +87,12 @@ caf::expected<std::vector<std::string>> read_config(const std::string& path) {
 }
 
 /// "HOST:PORT" (the host may be bracketed: "[::1]:7000").
-caf::expected<std::pair<std::string, uint16_t>> parse_listen(const std::string& s) {
+caf::expected<std::pair<std::string, uint16_t>> parse_listen(const std::string& s,
+                                                             const std::string& flag = "listen") {
   auto colon = s.rfind(':');
   auto bad = [&] {
     return keel::make_error(keel::errc::bad_request,
-                            "--listen " + s + ": expected HOST:PORT with PORT in [0, 65535]");
+                            "--" + flag + " " + s + ": expected HOST:PORT with PORT in [0, 65535]");
   };
   if (colon == std::string::npos || colon == 0) return bad();
   auto host = s.substr(0, colon);
@@ -136,6 +145,31 @@ int run(std::span<char*> args) {
   if (!threads) return fail(threads.error());
   if (!kv_bytes) return fail(kv_bytes.error());
   if (!stall) return fail(stall.error());
+  auto heartbeat = opts->get_int("heartbeat-interval", 100, 1, 60 * 1000);
+  auto down_after = opts->get_int("down-after", 500, 2, 10 * 60 * 1000);
+  if (!heartbeat) return fail(heartbeat.error());
+  if (!down_after) return fail(down_after.error());
+  std::vector<std::string> peers;
+  if (opts->has("peers")) {
+    std::string list = opts->get("peers");
+    for (size_t b = 0; b <= list.size();) {
+      auto e = list.find(',', b);
+      if (e == std::string::npos) e = list.size();
+      auto one = trim(list.substr(b, e - b));
+      if (!one.empty()) {
+        auto hp = parse_listen(one, "peers");
+        if (!hp) return fail(hp.error());
+        peers.push_back(one);
+      }
+      b = e + 1;
+    }
+  }
+  std::optional<std::pair<std::string, uint16_t>> peer_listen;
+  if (opts->has("peer-listen")) {
+    auto pl = parse_listen(opts->get("peer-listen"), "peer-listen");
+    if (!pl) return fail(pl.error());
+    peer_listen = *pl;
+  }
 
   keel::node_config ncfg;
   ncfg.name = opts->get("name", "node");
@@ -145,6 +179,10 @@ int run(std::span<char*> args) {
   ncfg.threads_per_shard = static_cast<int32_t>(*threads);
   ncfg.kv_bytes = *kv_bytes;
   ncfg.data_dir = opts->get("data");
+  ncfg.region = opts->get("region");
+  ncfg.peers = std::move(peers);
+  ncfg.heartbeat_interval = std::chrono::milliseconds(*heartbeat);
+  ncfg.down_after = std::chrono::milliseconds(*down_after);
   keel::gateway_config gcfg;
   gcfg.host = listen->first;
   gcfg.port = listen->second;
@@ -165,6 +203,21 @@ int run(std::span<char*> args) {
   caf::actor_system sys{sys_cfg};
   auto log = std::make_shared<keel::supervision_log>(
       [](const std::string& line) { keel::cli::log_line(program, line); });
+  // The peer endpoint first: the node's links name it in their heartbeats.
+  std::unique_ptr<keel::peer_server> peer_srv;
+  if (peer_listen) {
+    keel::peer_server_config pcfg;
+    pcfg.host = peer_listen->first;
+    pcfg.port = peer_listen->second;
+    pcfg.name = ncfg.name;
+    pcfg.region = ncfg.region;
+    pcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
+    auto ps = keel::peer_server::start(pcfg);
+    if (!ps) return fail(ps.error());
+    peer_srv = std::move(*ps);
+    ncfg.peer_address = peer_srv->address();
+    keel::cli::log_line(program, "serving peers on " + peer_srv->address());
+  }
   auto nd = keel::node::start(sys, ncfg, log);
   if (!nd) return fail(nd.error());
   auto gw = keel::gateway::start(sys, **nd, gcfg);
@@ -181,6 +234,7 @@ int run(std::span<char*> args) {
   keel::cli::log_line(program, std::string(strsignal(sig)) + ", stopping");
   (*gw)->stop();
   (*nd)->stop();
+  if (peer_srv) peer_srv->stop();
   keel::cli::log_line(program, "stopped");
   return 0;
 }
