@@ -1,5 +1,7 @@
 #include "actors/node.hpp"
 
+#include "actors/peer_server.hpp"
+
 #include <caf/scoped_actor.hpp>
 
 #include "actors/shard_worker.hpp"
@@ -77,6 +79,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     }
     uint64_t highest = 0;
     for (auto& s : found->sessions) {
+      if (s.id.rfind(replica_prefix, 0) == 0) continue;  // a peer's session, kept for takeover
       auto c = wire::decode(s.payload);
       if (c && c->id != s.id) {
         c = make_error(errc::corrupt_record,
@@ -137,6 +140,17 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     std::vector<child_spec> links;
     for (auto& p : cfg.peers) links.push_back(link_spec(p, lc, n->peers_, ctx->log));
     top.push_back(supervisor_child("links", cfg.links_flags, std::move(links), ctx->log));
+    if (n->store_) {
+      // Every write of the session table is copied to a peer (asynchronously; see
+      // replicator.hpp). The table only queues, under its own lock.
+      replicator_config rc;
+      rc.self_name = cfg.name;
+      rc.self_region = cfg.region;
+      rc.self_address = cfg.peer_address;
+      rc.log = [log = ctx->log](const std::string& line) { log->report(line); };
+      n->replicator_ = std::make_unique<replicator>(std::move(rc), n->peers_);
+      table->on_stored([r = n->replicator_.get()](replica_update u) { r->enqueue(std::move(u)); });
+    }
   }
   n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags, std::move(top), ctx->log);
   n->cfg_ = std::move(cfg);
@@ -160,8 +174,12 @@ void node::stop() {
   self->send_exit(root_, caf::exit_reason::user_shutdown);
   self->receive([](const caf::down_msg&) {}, caf::after(std::chrono::seconds(30)) >> [] {});
   root_ = caf::actor{};
-  // The sessions (the table's only writers) are down: the store can close.
-  if (sessions_) sessions_->detach_store();
+  // The sessions (the table's only writers) are down: replication stops and the store closes.
+  if (sessions_) {
+    sessions_->on_stored({});
+    sessions_->detach_store();
+  }
+  replicator_.reset();
   store_.reset();
 }
 

@@ -12,6 +12,7 @@
 #include "actors/batcher.hpp"
 #include "actors/node_context.hpp"
 #include "actors/region_link.hpp"
+#include "actors/replicator.hpp"
 #include "actors/session.hpp"
 #include "actors/supervisor.hpp"
 
@@ -98,6 +99,8 @@ class node {
 
   /// The session store (null without a data dir).
   storage::session_store* store() { return store_.get(); }
+  /// Replication of this node's session writes (null without a data dir or peers).
+  const replicator* replication() const { return replicator_.get(); }
 
   /// Stops the tree (also done by the destructor) and closes the store.
   void stop();
@@ -113,6 +116,7 @@ class node {
   std::shared_ptr<node_context> ctx_;
   std::shared_ptr<session_table> sessions_;
   std::shared_ptr<peer_table> peers_ = std::make_shared<peer_table>();
+  std::unique_ptr<replicator> replicator_;  // with a data dir and peers
   caf::actor root_;
   std::atomic<uint64_t> next_session_{0};
 };

@@ -4,11 +4,22 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 
 #include <caf/expected.hpp>
 
+namespace keel::storage {
+class session_store;
+}
+
 namespace keel {
+
+/// Where this node's store keeps a peer's replica of `session`: under "replica/NODE/SESSION",
+/// apart from the node's own sessions, so that session ids (unique per node only) never collide
+/// and recovery does not take a peer's sessions for its own. Takeover will read them from here.
+inline constexpr std::string_view replica_prefix = "replica/";
+std::string replica_key(const std::string& from_node, const std::string& session);
 
 struct peer_server_config {
   std::string host = "127.0.0.1";
@@ -37,8 +48,17 @@ class peer_server {
   /// "HOST:PORT" with the bound port.
   std::string address() const;
 
+  /// Where `replicate` stores replicas, not owned: detach it (or stop the server) before the
+  /// store closes. Detached (the default): `replicate` answers `unimplemented`. Attach after
+  /// the node started, since the node opens its store after the peer endpoint is up (its
+  /// links name the endpoint). Waits for a `replicate` in progress.
+  void attach_store(storage::session_store* store);
+  void detach_store() { attach_store(nullptr); }
+
   /// Closes the listener and every connection and joins the thread. Also done by the destructor.
   void stop();
+
+  struct replica_store;  // detail: shared with the server's thread
 
  private:
   peer_server() = default;
@@ -48,6 +68,7 @@ class peer_server {
   std::thread thread_;
   struct stopper;
   std::unique_ptr<stopper> stop_;
+  std::unique_ptr<replica_store> store_;
 };
 
 }  // namespace keel

@@ -19,6 +19,11 @@ void session_table::detach_store() {
   store_ = nullptr;
 }
 
+void session_table::on_stored(std::function<void(replica_update)> f) {
+  std::lock_guard<std::mutex> guard(mu_);
+  on_stored_ = std::move(f);
+}
+
 caf::error session_table::write_store(const session_record& r, change c) {
   if (store_ == nullptr || c == change::memory) return {};
   size_t logged = 0;
@@ -34,15 +39,19 @@ caf::error session_table::write_store(const session_record& r, change c) {
     if (auto err = store_->append_turn_tokens(r.id, epoch, last->turn, logged, tail,
                                               storage::durability::buffered))
       return err;
+    if (on_stored_) on_stored_({r.id, epoch, {}, last->turn, logged, std::move(tail)});
   } else {
     storage::write_batch b;
-    b.put_session(r.id, epoch, wire::encode(to_checkpoint(r)));
+    auto record = wire::encode(to_checkpoint(r));
+    b.put_session(r.id, epoch, record);
+    std::vector<int32_t> tail;
     if (unlogged > 0) {
-      b.append_turn_tokens(
-          r.id, epoch, last->turn, logged,
-          {last->generated.begin() + static_cast<ptrdiff_t>(logged), last->generated.end()});
+      tail.assign(last->generated.begin() + static_cast<ptrdiff_t>(logged), last->generated.end());
+      b.append_turn_tokens(r.id, epoch, last->turn, logged, tail);
     }
     if (auto err = store_->write(b, storage::durability::sync)) return err;
+    if (on_stored_)
+      on_stored_({r.id, epoch, std::move(record), last ? last->turn : 0, logged, std::move(tail)});
   }
   logged_[r.id] = last ? last->generated.size() : 0;
   return {};

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -13,6 +14,7 @@
 
 #include "actors/messages.hpp"
 #include "actors/node_context.hpp"
+#include "actors/replicator.hpp"
 #include "actors/supervisor.hpp"
 #include "storage/session_store.hpp"
 #include "wire/checkpoint.hpp"
@@ -67,6 +69,10 @@ class session_table {
   void attach_store(storage::session_store* store);
   void detach_store();
 
+  /// Called with every write to the store, after it succeeded and with the table's mutex held:
+  /// it must only queue (replicator::enqueue). Empty: no replication.
+  void on_stored(std::function<void(replica_update)> f);
+
   /// Records `r`; writes it to the store as `c` says (see the class comment).
   caf::error put(const session_record& r, change c = change::memory);
   /// Records a session recovered from the store, whose turn logs hold its generated tokens.
@@ -84,6 +90,7 @@ class session_table {
   const int32_t checkpoint_every_;
   mutable std::mutex mu_;
   storage::session_store* store_ = nullptr;
+  std::function<void(replica_update)> on_stored_;
   std::map<std::string, session_record> records_;
   // Per session: how many tokens of its last turn are in the store's turn log.
   std::map<std::string, size_t> logged_;

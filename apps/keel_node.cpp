@@ -220,6 +220,8 @@ int run(std::span<char*> args) {
   }
   auto nd = keel::node::start(sys, ncfg, log);
   if (!nd) return fail(nd.error());
+  // Replicas from peers go to the node's store (docs/actors.md, "Replication").
+  if (peer_srv) peer_srv->attach_store((*nd)->store());
   auto gw = keel::gateway::start(sys, **nd, gcfg);
   if (!gw) return fail(gw.error());
   keel::cli::log_line(program, "listening on " + (*gw)->address());
@@ -233,6 +235,7 @@ int run(std::span<char*> args) {
   sigwait(&stop_signals, &sig);
   keel::cli::log_line(program, std::string(strsignal(sig)) + ", stopping");
   (*gw)->stop();
+  if (peer_srv) peer_srv->detach_store();
   (*nd)->stop();
   if (peer_srv) peer_srv->stop();
   keel::cli::log_line(program, "stopped");

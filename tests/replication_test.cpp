@@ -1,0 +1,212 @@
+#define BOOST_TEST_MODULE replication_test
+#include <boost/test/unit_test.hpp>
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include <capnp/ez-rpc.h>
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/scoped_actor.hpp>
+
+#include "actors/node.hpp"
+#include "actors/peer_server.hpp"
+#include "kernels/synth.hpp"
+#include "storage/session_store.hpp"
+#include "tests/test_support.hpp"
+#include "wire/peer.capnp.h"
+
+using namespace keel;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct done_flag {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+};
+
+caf::behavior sink(caf::event_based_actor*, std::shared_ptr<done_flag> f) {
+  return {
+      [](token_atom, const std::string&, uint64_t, int64_t, int32_t, const std::string&) {},
+      [f](done_atom, const std::string&, uint64_t, finish_reason, const std::string&, int64_t) {
+        std::lock_guard<std::mutex> guard(f->mu);
+        f->done = true;
+        f->cv.notify_all();
+      },
+  };
+}
+
+struct fixture {
+  test::temp_dir dir{"replication_test"};
+  std::string model_path;
+  caf::actor_system_config sys_cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  std::mutex mu;
+  std::vector<std::string> lines;
+
+  fixture() {
+    synth_options o;
+    o.dim = 32;
+    o.layers = 1;
+    o.heads = 4;
+    o.kv_heads = 2;
+    o.ffn = 64;
+    o.ctx = 128;
+    o.seed = 5;
+    auto w = synthesize(o, builtin_byte_vocab());
+    BOOST_REQUIRE(w);
+    model_path = (dir.path / "m.gguf").string();
+    BOOST_REQUIRE(!w->write(model_path));
+    tune_actor_system(sys_cfg);
+    sys = std::make_unique<caf::actor_system>(sys_cfg);
+  }
+
+  std::unique_ptr<peer_server> serve(const std::string& name) {
+    peer_server_config c;
+    c.name = name;
+    c.log = [this](const std::string& line) {
+      std::lock_guard<std::mutex> guard(mu);
+      lines.push_back(line);
+    };
+    auto s = peer_server::start(c);
+    BOOST_REQUIRE_MESSAGE(s, test::why(s));
+    return std::move(*s);
+  }
+
+  std::unique_ptr<node> start_node(const std::string& name, const std::string& self,
+                                   std::vector<std::string> peers) {
+    node_config c;
+    c.name = name;
+    c.model_path = model_path;
+    c.kv_bytes = 4 << 20;
+    c.data_dir = (dir.path / ("data-" + name)).string();
+    c.peer_address = self;
+    c.peers = std::move(peers);
+    auto log = std::make_shared<supervision_log>([this](const std::string& line) {
+      std::lock_guard<std::mutex> guard(mu);
+      lines.push_back(line);
+    });
+    auto n = node::start(*sys, c, log);
+    BOOST_REQUIRE_MESSAGE(n, test::why(n));
+    return std::move(*n);
+  }
+
+  static bool wait_for(const std::function<bool()>& pred, std::chrono::milliseconds limit) {
+    auto t0 = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - t0 < limit) {
+      if (pred()) return true;
+      std::this_thread::sleep_for(10ms);
+    }
+    return false;
+  }
+};
+
+/// Calls `replicate` on the peer endpoint at `address`; returns (code, message).
+std::pair<uint8_t, std::string> replicate(const std::string& address, const std::string& id,
+                                          uint64_t epoch, const std::string& record) {
+  capnp::EzRpcClient client(address);
+  auto req = client.getMain<wire::Peer>().replicateRequest();
+  req.initFrom().setName("test");
+  req.setSession(id);
+  req.setEpoch(epoch);
+  req.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(record.data()), record.size()));
+  auto res = req.send().wait(client.getWaitScope());
+  return {res.getError().getCode(), res.getError().getMessage().cStr()};
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_CASE(a_finished_turn_is_in_the_peers_store, fixture) {
+  auto sa = serve("a");
+  auto sb = serve("b");
+  auto a = start_node("a", sa->address(), {sb->address()});
+  auto b = start_node("b", sb->address(), {sa->address()});
+  sa->attach_store(a->store());
+  sb->attach_store(b->store());
+  auto up = [](node& n) {
+    auto ps = n.peers();
+    return ps.size() == 1 && ps[0].accepts_work();
+  };
+  BOOST_REQUIRE(wait_for([&] { return up(*a) && up(*b); }, 5000ms));
+
+  sampling_params params;
+  params.temperature = 0.8f;
+  params.seed = 7;
+  auto id = a->open_session(params);
+  BOOST_REQUIRE_MESSAGE(id, test::why(id));
+  auto flag = std::make_shared<done_flag>();
+  auto snk = sys->spawn(sink, flag);
+  {
+    caf::scoped_actor self{*sys};
+    self->request(a->session(*id), 10s, send_atom::value, std::string("hello there"), int32_t{40},
+                  snk)
+        .receive([](uint64_t) {}, [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
+  }
+  {
+    std::unique_lock<std::mutex> lock(flag->mu);
+    BOOST_REQUIRE(flag->cv.wait_for(lock, 10s, [&] { return flag->done; }));
+  }
+  auto mine = a->store()->read_turn(*id, 0);
+  BOOST_REQUIRE_MESSAGE(mine, test::why(mine));
+  BOOST_TEST(mine->size() == 40u);
+  auto generated = a->sessions().at(0).turns.at(0).generated;
+  BOOST_TEST(*mine == generated);
+  // Replication is asynchronous: wait (bounded) for the last update to arrive.
+  BOOST_REQUIRE(wait_for(
+      [&] {
+        auto theirs = b->store()->read_turn(replica_key("a", *id), 0);
+        return theirs && *theirs == *mine;
+      },
+      5000ms));
+  auto rec_a = a->store()->get_session(*id);
+  auto rec_b = b->store()->get_session(replica_key("a", *id));
+  BOOST_REQUIRE_MESSAGE(rec_b, test::why(rec_b));
+  BOOST_REQUIRE(rec_a);
+  BOOST_TEST(rec_b->epoch == rec_a->epoch);
+  BOOST_TEST(rec_b->payload == rec_a->payload);
+  BOOST_TEST(a->replication()->sent() >= 3u);  // open, turn accepted, tokens, turn finished
+  BOOST_TEST(a->replication()->failed() == 0u);
+
+  // The replica is kept apart from b's own sessions: b restarted on its data recovers none.
+  sb->detach_store();
+  b.reset();
+  auto b2 = start_node("b", sb->address(), {});
+  BOOST_TEST(b2->sessions().empty());
+  {
+    std::lock_guard<std::mutex> guard(mu);
+    for (auto& line : lines) BOOST_TEST(line.find("recovery: skipped") == std::string::npos, line);
+  }
+  BOOST_TEST(static_cast<bool>(b2->store()->get_session(replica_key("a", *id))));
+  sa->detach_store();
+}
+
+BOOST_FIXTURE_TEST_CASE(an_older_epoch_is_refused_with_stale_epoch, fixture) {
+  auto store = storage::session_store::open((dir.path / "replica").string());
+  BOOST_REQUIRE_MESSAGE(store, test::why(store));
+  auto s = serve("b");
+  // Without a store: unimplemented.
+  auto [code0, msg0] = replicate(s->address(), "a-1", 5, "r5");
+  BOOST_TEST(code0 == static_cast<uint8_t>(errc::unimplemented));
+  s->attach_store(store->get());
+
+  auto [code1, msg1] = replicate(s->address(), "a-1", 5, "r5");
+  BOOST_TEST(code1 == 0u);
+  BOOST_TEST(msg1 == "");
+  auto [code2, msg2] = replicate(s->address(), "a-1", 4, "r4");
+  BOOST_TEST(code2 == static_cast<uint8_t>(errc::stale_epoch));
+  BOOST_TEST_MESSAGE(msg2);
+  BOOST_TEST(msg2.find("a-1") != std::string::npos);
+  BOOST_TEST(msg2.find("4") != std::string::npos);
+  BOOST_TEST(msg2.find("5") != std::string::npos);
+  auto kept = (*store)->get_session(replica_key("test", "a-1"));
+  BOOST_REQUIRE(kept);
+  BOOST_TEST(kept->epoch == 5u);
+  BOOST_TEST(kept->payload == "r5");
+  s->stop();
+}
