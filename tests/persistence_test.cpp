@@ -84,10 +84,7 @@ struct fixture {
     o.ffn = 256;
     o.ctx = 512;
     o.seed = 11;
-    auto w = synthesize(o, builtin_byte_vocab());
-    BOOST_REQUIRE(w);
-    model_path = (dir.path / "m.gguf").string();
-    BOOST_REQUIRE(!w->write(model_path));
+    model_path = test::write_model(dir.path / "m.gguf", o);
     keel::tune_actor_system(sys_cfg);
     sys = std::make_unique<caf::actor_system>(sys_cfg);
   }

@@ -41,10 +41,7 @@ struct fixture {
     o.ffn = 64;
     o.ctx = 64;
     o.seed = 3;
-    auto w = synthesize(o, builtin_byte_vocab());
-    BOOST_REQUIRE(w);
-    model_path = (dir.path / "m.gguf").string();
-    BOOST_REQUIRE(!w->write(model_path));
+    model_path = test::write_model(dir.path / "m.gguf", o);
     tune_actor_system(sys_cfg);
     sys = std::make_unique<caf::actor_system>(sys_cfg);
   }

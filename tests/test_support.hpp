@@ -9,6 +9,8 @@
 #include <boost/test/unit_test.hpp>
 
 #include "base/error.hpp"
+#include "kernels/synth.hpp"
+#include "kernels/tokenizer.hpp"
 
 namespace keel::test {
 
@@ -41,6 +43,14 @@ struct needs_shared_data {
     return r;
   }
 };
+
+/// Synthesizes a model with `o` and the built-in byte vocabulary into `path`; returns the path.
+inline std::string write_model(const std::filesystem::path& path, const keel::synth_options& o) {
+  auto w = keel::synthesize(o, keel::builtin_byte_vocab());
+  BOOST_REQUIRE_MESSAGE(w, why(w));
+  BOOST_REQUIRE(!w->write(path.string()));
+  return path.string();
+}
 
 /// A fresh directory under the build tree, removed on destruction.
 struct temp_dir {

@@ -554,16 +554,7 @@ int batch_command(std::span<char*> args) {
     r << "\n";
   }
   r << "transcripts equal: " << (transcripts_equal ? "yes" : "no") << "\n";
-  std::cout << r.str();
-  if (opts->has("out")) {
-    std::ofstream f(opts->get("out"));
-    f << r.str();
-    if (!f)
-      return fail(
-          keel::make_error(keel::errc::failed, opts->get("out") + ": cannot write the report"));
-    std::cerr << "keel-bench: wrote " << opts->get("out") << "\n";
-  }
-  return 0;
+  return publish(r.str(), opts->get("out"));
 }
 
 }  // namespace keel::bench

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iostream>
 
 namespace keel::bench {
 
@@ -71,6 +72,16 @@ double percentile(std::vector<double> v, double p) {
   std::sort(v.begin(), v.end());
   auto k = static_cast<size_t>(std::ceil(p * static_cast<double>(v.size())));
   return v[std::clamp<size_t>(k, 1, v.size()) - 1];
+}
+
+int publish(const std::string& report, const std::string& out) {
+  std::cout << report;
+  if (out.empty()) return 0;
+  std::ofstream f(out);
+  f << report;
+  if (!f) return fail(keel::make_error(keel::errc::failed, out + ": cannot write the report"));
+  std::cerr << "keel-bench: wrote " << out << "\n";
+  return 0;
 }
 
 }  // namespace keel::bench

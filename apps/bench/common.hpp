@@ -42,6 +42,9 @@ keel::sampling_params bench_params(uint64_t seed);
 /// The nearest-rank percentile `p` (0 < p <= 1) of `v`; 0 when `v` is empty.
 double percentile(std::vector<double> v, double p);
 
+/// Prints the report and, when `out` is not empty, writes it there too; the exit status.
+int publish(const std::string& report, const std::string& out);
+
 // The commands.
 int engine_command(std::span<char*> args);
 int batch_command(std::span<char*> args);

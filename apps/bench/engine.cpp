@@ -174,16 +174,7 @@ int engine_command(std::span<char*> args) {
                 "| batch 16 / batch 1 | %.2fx (target >= 6x) |\n",
                 roofline, decode_tps[2] / decode_tps[0]);
   r << buf;
-  std::cout << r.str();
-  if (opts->has("out")) {
-    std::ofstream f(opts->get("out"));
-    f << r.str();
-    if (!f)
-      return fail(
-          keel::make_error(keel::errc::failed, opts->get("out") + ": cannot write the report"));
-    std::cerr << "keel-bench: wrote " << opts->get("out") << "\n";
-  }
-  return 0;
+  return publish(r.str(), opts->get("out"));
 }
 
 }  // namespace keel::bench
