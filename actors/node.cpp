@@ -1,5 +1,7 @@
 #include "actors/node.hpp"
 
+#include <algorithm>
+
 #include "actors/peer_server.hpp"
 
 #include <caf/scoped_actor.hpp>
@@ -68,6 +70,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
 
   auto table = std::make_shared<session_table>(cfg.checkpoint_every);
   std::vector<session_record> recovered;
+  std::vector<std::string> corrupt;  // own sessions with a corrupt record, to repair
   if (!cfg.data_dir.empty()) {
     auto store = storage::session_store::open(cfg.data_dir);
     if (!store) return std::move(store.error());
@@ -76,6 +79,9 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     for (auto& c : found->corrupt) {
       ctx->log->report(cfg.name + ": recovery: skipped corrupt record " + c.cf + " key " + c.key +
                        " in " + cfg.data_dir + ": " + c.reason);
+      if (!c.session.empty() && c.session.rfind(replica_prefix, 0) != 0 &&
+          std::find(corrupt.begin(), corrupt.end(), c.session) == corrupt.end())
+        corrupt.push_back(c.session);
     }
     uint64_t highest = 0;
     for (auto& s : found->sessions) {
@@ -88,9 +94,14 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
       if (!c) {
         ctx->log->report(cfg.name + ": recovery: skipped corrupt record sessions key " + s.id +
                          " in " + cfg.data_dir + ": " + describe(c.error()));
+        corrupt.push_back(s.id);
         continue;
       }
+      if (std::find(corrupt.begin(), corrupt.end(), s.id) != corrupt.end())
+        continue;  // a turn log of it is corrupt: repaired whole from a replica
       auto r = from_checkpoint(std::move(*c), s.turns);
+      r.epoch = s.epoch;
+      if (r.owner.empty()) r.owner = cfg.name;
       highest = std::max(highest, r.number);
       table->recovered(r);
       recovered.push_back(std::move(r));
@@ -147,15 +158,28 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
       rc.self_name = cfg.name;
       rc.self_region = cfg.region;
       rc.self_address = cfg.peer_address;
+      rc.replicas = cfg.replicas;
+      rc.call_timeout = std::max(std::chrono::milliseconds(1000), cfg.down_after * 2);
+      rc.store = n->store_.get();
+      rc.on_stale = [np = n.get()](const std::string& id, uint64_t epoch) { np->lose(id, epoch); };
       rc.log = [log = ctx->log](const std::string& line) { log->report(line); };
       n->replicator_ = std::make_unique<replicator>(std::move(rc), n->peers_);
-      table->on_stored([r = n->replicator_.get()](replica_update u) { r->enqueue(std::move(u)); });
+      table->on_stored(
+          [r = n->replicator_.get()](replica_update u) { return r->enqueue(std::move(u)); });
+      // A peer declared down: take over the sessions it owned of which this node has the
+      // newest copy (on the replicator's thread, after the updates queued before).
+      n->peers_->on_down([np = n.get()](const peer_info&) {
+        np->replicator_->post([np] { np->take_over(); });
+      });
     }
   }
   n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags, std::move(top), ctx->log);
   n->cfg_ = std::move(cfg);
   n->ctx_ = std::move(ctx);
   n->sessions_ = std::move(table);
+  // With peers: sessions another node took over while this one was down are dropped, corrupt
+  // ones are repaired from a replica.
+  if (n->replicator_) recovered = n->reconcile(std::move(recovered), corrupt);
   // Recovered sessions start under session_sup with their records (already in the table); a
   // turn that was running resubmits itself with the tokens its log holds.
   for (auto& r : recovered)
@@ -175,6 +199,7 @@ void node::stop() {
   self->receive([](const caf::down_msg&) {}, caf::after(std::chrono::seconds(30)) >> [] {});
   root_ = caf::actor{};
   // The sessions (the table's only writers) are down: replication stops and the store closes.
+  peers_->on_down({});
   if (sessions_) {
     sessions_->on_stored({});
     sessions_->detach_store();
@@ -201,7 +226,8 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
   } else {
     r.number = ++next_session_;
   }
-  r.id = "s-" + std::to_string(r.number);
+  r.id = "s-" + std::to_string(r.number) + "@" + cfg_.name;
+  r.owner = cfg_.name;
   r.params = params;
   r.priority = priority;
   // Durable (with a store) before the id is returned.

@@ -44,6 +44,9 @@ struct node_config {
   std::string peer_address;  // HOST:PORT of this node's own peer endpoint, likewise
   std::chrono::milliseconds heartbeat_interval{100};
   std::chrono::milliseconds down_after{500};
+  /// Replicas per session (with a data dir and peers): placed by rendezvous hashing over the
+  /// live peers, at least one in another region when one is live (replicator.hpp).
+  int32_t replicas = 1;
   supervisor_flags links_flags{restart_strategy::one_for_one, 10, std::chrono::seconds(10), {}};
 };
 
@@ -82,8 +85,9 @@ class node {
   supervision_log& log() { return *ctx_->log; }
   const node_config& config() const { return cfg_; }
 
-  /// Opens a conversation and returns its id ("s-1", "s-2", ...). With a data dir, the session
-  /// record is in a synced write before the id is returned.
+  /// Opens a conversation and returns its id ("s-1@NAME", "s-2@NAME", ...: unique in the
+  /// cluster). With a data dir, the session record is in a synced write (and with peers, on a
+  /// replica) before the id is returned.
   caf::expected<std::string> open_session(const sampling_params& params, int32_t priority = 0);
   /// The session's current actor (invalid when unknown or between restarts).
   caf::actor session(const std::string& id);
@@ -97,6 +101,12 @@ class node {
   /// The batcher's figures.
   caf::expected<batcher_stats> stats();
 
+  /// Where a session this node does not hold is served: the client address of the live node
+  /// that owns it. `disconnected` while only replicas are found (its owner is down and a
+  /// replica is taking it over: retry), `not_found` when no live node has a copy. Blocks for a
+  /// round of `locate` calls; not on a CAF or KJ thread.
+  caf::expected<std::string> owner_address(const std::string& id);
+
   /// The session store (null without a data dir).
   storage::session_store* store() { return store_.get(); }
   /// Replication of this node's session writes (null without a data dir or peers).
@@ -109,6 +119,20 @@ class node {
   node(caf::actor_system& sys) : sys_(sys) {}
   /// Starts the session `r` (already in the table) under session_sup.
   caf::error start_session(const session_record& r);
+
+  // Failover (actors/failover.cpp, docs/actors.md "Takeover").
+  /// A restarted node's reconciliation with its peers: drops its copies of sessions that
+  /// another node took over meanwhile, and repairs corrupt records from a replica. Returns the
+  /// sessions to start.
+  std::vector<session_record> reconcile(std::vector<session_record> recovered,
+                                        const std::vector<std::string>& corrupt);
+  /// Takes over the sessions whose owner is no longer live and of which this node holds the
+  /// newest copy. On the replicator's thread.
+  void take_over();
+  /// Takes the lease of the replica `id` with `epoch` and starts it. On the replicator's thread.
+  void adopt(const std::string& id, uint64_t epoch, const std::string& from);
+  /// Another node owns `id` at `epoch`: stop serving it and forget the local copy.
+  void lose(const std::string& id, uint64_t epoch);
 
   caf::actor_system& sys_;
   node_config cfg_;

@@ -9,18 +9,21 @@
 
 #include "base/error.hpp"
 #include "storage/session_store.hpp"
+#include "wire/checkpoint.hpp"
 #include "wire/peer.capnp.h"
 
 namespace keel {
 
-std::string replica_key(const std::string& from_node, const std::string& session) {
-  return std::string(replica_prefix) + (from_node.empty() ? "unknown" : from_node) + "/" + session;
+std::string replica_key(const std::string& session) {
+  return std::string(replica_prefix) + session;
 }
 
 /// The store `replicate` writes to; the mutex is held across each write and each attach.
 struct peer_server::replica_store {
   std::mutex mu;
   storage::session_store* store = nullptr;
+  std::function<void(const std::string&, uint64_t)> on_lost;
+  std::string client_address;
 };
 
 namespace {
@@ -42,6 +45,10 @@ class peer_impl final : public wire::Peer::Server {
     me.setName(cfg_.name);
     me.setRegion(cfg_.region);
     me.setAddress(address_);
+    {
+      std::lock_guard<std::mutex> guard(rs_.mu);
+      me.setClientAddress(rs_.client_address);
+    }
     res.setSentNs(ctx.getParams().getSentNs());
     res.setReceivedNs(steady_ns());
     return kj::READY_NOW;
@@ -52,35 +59,135 @@ class peer_impl final : public wire::Peer::Server {
   kj::Promise<void> replicate(ReplicateContext ctx) override {
     auto p = ctx.getParams();
     auto out = ctx.getResults().initError();
-    auto err = store(p);
+    std::string session = p.getSession().cStr();
+    bool lost = false;
+    auto err = store(p, lost);
     if (err) {
       out.setCode(static_cast<uint8_t>(code_of(err)));
       out.setMessage(message_of(err));
-      if (cfg_.log)
+      if (cfg_.log && code_of(err) != errc::bad_request)
         cfg_.log("peer server: replicate from " + std::string(p.getFrom().getName().cStr()) +
                  " refused: " + message_of(err));
+    }
+    if (lost) {
+      std::function<void(const std::string&, uint64_t)> f;
+      {
+        std::lock_guard<std::mutex> guard(rs_.mu);
+        f = rs_.on_lost;
+      }
+      if (f) f(session, p.getEpoch());
+    }
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> locate(LocateContext ctx) override {
+    auto ids = ctx.getParams().getSessions();
+    auto out = ctx.getResults().initCopies(ids.size());
+    std::lock_guard<std::mutex> guard(rs_.mu);
+    for (unsigned i = 0; i < ids.size(); ++i) {
+      std::string id = ids[i].cStr();
+      auto c = out[i];
+      c.setSession(id);
+      c.setRole(wire::SessionCopy::Role::NONE);
+      if (rs_.store == nullptr) continue;
+      auto own = rs_.store->get_session(id);
+      auto role = wire::SessionCopy::Role::OWNER;
+      std::string key = id;
+      auto rep = rs_.store->get_session(replica_key(id));
+      // The newer of the two copies (an own copy the node lost stays until it drops it).
+      if (!own || (rep && rep->epoch > own->epoch)) {
+        own = std::move(rep);
+        role = wire::SessionCopy::Role::REPLICA;
+        key = replica_key(id);
+      }
+      if (!own) continue;
+      auto rec = wire::decode(own->payload);
+      auto logs = rs_.store->read_turns(key);
+      if (!rec || !logs) continue;  // unreadable: as good as none (the node reports it itself)
+      c.setRole(role);
+      c.setEpoch(own->epoch);
+      c.setOwner(rec->owner);
+      c.setTurns(static_cast<uint32_t>(rec->turns.size()));
+      uint64_t tokens = 0;
+      for (auto& [turn, t] : *logs) tokens += t.size();
+      c.setTokens(tokens);
+      c.setLastDone(rec->turns.empty() || rec->turns.back().done);
+    }
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> fetch(FetchContext ctx) override {
+    std::string id = ctx.getParams().getSession().cStr();
+    auto res = ctx.getResults();
+    std::lock_guard<std::mutex> guard(rs_.mu);
+    auto fail = [&](const caf::error& e) {
+      auto out = res.initError();
+      out.setCode(static_cast<uint8_t>(code_of(e)));
+      out.setMessage(message_of(e));
+      return kj::READY_NOW;
+    };
+    if (rs_.store == nullptr)
+      return fail(make_error(errc::unimplemented, "fetch: node " + cfg_.name + " has no data dir"));
+    std::string key = id;
+    auto own = rs_.store->get_session(id);
+    auto rep = rs_.store->get_session(replica_key(id));
+    if (!own || (rep && rep->epoch > own->epoch)) {
+      own = std::move(rep);
+      key = replica_key(id);
+    }
+    if (!own) return fail(make_error(errc::not_found, "node " + cfg_.name + " has no copy of session " + id));
+    auto logs = rs_.store->read_turns(key);
+    if (!logs) return fail(logs.error());
+    res.setEpoch(own->epoch);
+    res.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(own->payload.data()),
+                               own->payload.size()));
+    auto out = res.initLogs(static_cast<unsigned>(logs->size()));
+    unsigned i = 0;
+    for (auto& [turn, tokens] : *logs) {
+      auto l = out[i++];
+      l.setTurn(turn);
+      auto tl = l.initTokens(static_cast<unsigned>(tokens.size()));
+      for (unsigned k = 0; k < tokens.size(); ++k) tl.set(k, tokens[k]);
     }
     return kj::READY_NOW;
   }
 
  private:
-  caf::error store(wire::Peer::ReplicateParams::Reader p) {
+  caf::error store(wire::Peer::ReplicateParams::Reader p, bool& lost) {
     std::lock_guard<std::mutex> guard(rs_.mu);
     if (rs_.store == nullptr)
       return make_error(errc::unimplemented, "replicate: node " + cfg_.name + " has no data dir");
-    std::string id = replica_key(p.getFrom().getName().cStr(), p.getSession().cStr());
+    std::string session = p.getSession().cStr();
     auto epoch = p.getEpoch();
+    // A session this node owns: an epoch not above its own comes from a node that lost it
+    // (fencing, ARCHITECTURE.md guarantee 3); a higher one means this node lost it.
+    if (auto own = rs_.store->get_session(session)) {
+      if (own->epoch >= epoch) {
+        return make_error(errc::stale_epoch, "session " + session + ": write with epoch " +
+                                                 std::to_string(epoch) + ", node " + cfg_.name +
+                                                 " owns it at epoch " + std::to_string(own->epoch));
+      }
+      lost = true;
+    }
+    std::string id = replica_key(session);
     auto rec = p.getRecord();
-    auto tl = p.getTokens();
-    std::vector<int32_t> tokens;
-    tokens.reserve(tl.size());
-    for (auto t : tl) tokens.push_back(t);
     storage::write_batch b;
     if (rec.size() > 0)
       b.put_session(id, epoch, std::string(reinterpret_cast<const char*>(rec.begin()), rec.size()));
-    if (!tokens.empty())
+    for (auto l : p.getLogs()) {
+      std::vector<int32_t> tokens;
+      for (auto t : l.getTokens()) tokens.push_back(t);
+      b.append_turn_tokens(id, epoch, l.getTurn(), 0, std::move(tokens));
+    }
+    auto tl = p.getTokens();
+    if (tl.size() > 0) {
+      std::vector<int32_t> tokens;
+      for (auto t : tl) tokens.push_back(t);
       b.append_turn_tokens(id, epoch, p.getTurn(), p.getFromIndex(), std::move(tokens));
-    return rs_.store->write(b, storage::durability::sync);
+    }
+    auto err = rs_.store->write(b, storage::durability::sync);
+    if (err) lost = false;
+    return err;
   }
 
   const peer_server_config& cfg_;  // owned by the peer_server, which outlives the thread
@@ -188,6 +295,16 @@ std::string peer_server::address() const {
 void peer_server::attach_store(storage::session_store* store) {
   std::lock_guard<std::mutex> guard(store_->mu);
   store_->store = store;
+}
+
+void peer_server::on_lost(std::function<void(const std::string&, uint64_t)> f) {
+  std::lock_guard<std::mutex> guard(store_->mu);
+  store_->on_lost = std::move(f);
+}
+
+void peer_server::set_client_address(const std::string& address) {
+  std::lock_guard<std::mutex> guard(store_->mu);
+  store_->client_address = address;
 }
 
 void peer_server::stop() {

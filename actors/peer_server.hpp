@@ -15,11 +15,12 @@ class session_store;
 
 namespace keel {
 
-/// Where this node's store keeps a peer's replica of `session`: under "replica/NODE/SESSION",
-/// apart from the node's own sessions, so that session ids (unique per node only) never collide
-/// and recovery does not take a peer's sessions for its own. Takeover will read them from here.
+/// Where this node's store keeps a replica of `session` (whichever node owns it): under
+/// "replica/SESSION", apart from the node's own sessions, so that recovery does not take a
+/// replica for its own and one key holds the newest epoch (a copy from an old owner is fenced
+/// by the new owner's). Takeover reads them from here.
 inline constexpr std::string_view replica_prefix = "replica/";
-std::string replica_key(const std::string& from_node, const std::string& session);
+std::string replica_key(const std::string& session);
 
 struct peer_server_config {
   std::string host = "127.0.0.1";
@@ -54,6 +55,12 @@ class peer_server {
   /// links name the endpoint). Waits for a `replicate` in progress.
   void attach_store(storage::session_store* store);
   void detach_store() { attach_store(nullptr); }
+
+  /// Called (on the server's thread, no lock held) when a `replicate` arrives with a newer
+  /// epoch for a session this node owns: another node took it over; the node drops its own.
+  void on_lost(std::function<void(const std::string& session, uint64_t epoch)> f);
+  /// The node's client Gateway address, as heartbeats report it (set once the gateway is up).
+  void set_client_address(const std::string& address);
 
   /// Closes the listener and every connection and joins the thread. Also done by the destructor.
   void stop();

@@ -1,13 +1,83 @@
 #include "actors/replicator.hpp"
 
-#include <map>
+#include <algorithm>
 
 #include <capnp/ez-rpc.h>
 #include <kj/async-io.h>
 
+#include "base/error.hpp"
+#include "storage/session_store.hpp"
 #include "wire/peer.capnp.h"
 
 namespace keel {
+
+namespace {
+
+/// FNV-1a: a rendezvous weight that is the same in every process and build.
+uint64_t weight(const std::string& session, const std::string& node) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](const std::string& s) {
+    for (unsigned char c : s) {
+      h ^= c;
+      h *= 1099511628211ull;
+    }
+  };
+  mix(session);
+  mix("/");
+  mix(node);
+  // FNV's low bits mix poorly for short keys: finish like splitmix64.
+  h ^= h >> 31;
+  h *= 0x9e3779b97f4a7c15ull;
+  h ^= h >> 29;
+  return h;
+}
+
+void set_logs(capnp::List<wire::TurnLog>::Builder out,
+              const std::map<uint64_t, std::vector<int32_t>>& logs) {
+  unsigned i = 0;
+  for (auto& [turn, tokens] : logs) {
+    auto l = out[i++];
+    l.setTurn(turn);
+    auto tl = l.initTokens(static_cast<unsigned>(tokens.size()));
+    for (unsigned k = 0; k < tokens.size(); ++k) tl.set(k, tokens[k]);
+  }
+}
+
+caf::error peer_error(wire::PeerError::Reader e) {
+  if (e.getCode() == 0) return {};
+  return make_error(static_cast<errc>(e.getCode()), e.getMessage().cStr());
+}
+
+}  // namespace
+
+/// The replicator thread's connections, one per peer address.
+struct replicator::rpc {
+  std::map<std::string, std::unique_ptr<capnp::EzRpcClient>> clients;
+  capnp::EzRpcClient* any = nullptr;  // for the wait scope and timer, once one exists
+
+  wire::Peer::Client peer(const std::string& address) {
+    auto& c = clients[address];
+    if (!c) c = std::make_unique<capnp::EzRpcClient>(address);
+    any = c.get();
+    return c->getMain<wire::Peer>();
+  }
+
+  /// Waits for `p` up to `limit` on this thread's event loop.
+  template <class T>
+  T wait(kj::Promise<T> p, std::chrono::milliseconds limit) {
+    return any->getIoProvider()
+        .getTimer()
+        .timeoutAfter(limit.count() * kj::MILLISECONDS, kj::mv(p))
+        .wait(any->getWaitScope());
+  }
+
+  void drop(const std::string& address) {
+    auto i = clients.find(address);
+    if (i == clients.end()) return;
+    if (any == i->second.get()) any = nullptr;
+    clients.erase(i);
+  }
+};
 
 replicator::replicator(replicator_config cfg, std::shared_ptr<peer_table> peers)
     : cfg_(std::move(cfg)), peers_(std::move(peers)) {
@@ -23,13 +93,54 @@ replicator::~replicator() {
   thread_.join();
 }
 
-void replicator::enqueue(replica_update u) {
+void replicator::post(std::function<void()> task) {
   {
     std::lock_guard<std::mutex> guard(mu_);
     if (stopping_) return;
-    queue_.push_back(std::move(u));
+    queue_.push_back(std::move(task));
   }
   cv_.notify_one();
+}
+
+std::future<caf::error> replicator::enqueue(replica_update u) {
+  std::future<caf::error> out;
+  std::shared_ptr<std::promise<caf::error>> answer;
+  if (u.acknowledged) {
+    answer = std::make_shared<std::promise<caf::error>>();
+    out = answer->get_future();
+  }
+  {
+    std::lock_guard<std::mutex> guard(mu_);
+    if (stopping_) {
+      if (answer) answer->set_value(make_error(errc::disconnected, "replication stopped"));
+      return out;
+    }
+    queue_.push_back([this, u = std::move(u), answer] {
+      auto err = replicate(u);
+      bool stale = err && code_of(err) == errc::stale_epoch;
+      if (answer) answer->set_value(stale ? err : caf::error{});
+      if (stale && cfg_.on_stale) cfg_.on_stale(u.session, u.epoch);
+    });
+  }
+  cv_.notify_one();
+  return out;
+}
+
+std::vector<session_copy> replicator::locate(const std::vector<std::string>& sessions) {
+  auto p = std::make_shared<std::promise<std::vector<session_copy>>>();
+  auto f = p->get_future();
+  post([this, sessions, p] { p->set_value(locate_now(sessions)); });
+  if (f.wait_for(cfg_.call_timeout * 4) != std::future_status::ready) return {};
+  return f.get();
+}
+
+caf::expected<fetched_session> replicator::fetch(const std::string& session) {
+  auto p = std::make_shared<std::promise<caf::expected<fetched_session>>>();
+  auto f = p->get_future();
+  post([this, session, p] { p->set_value(fetch_now(session)); });
+  if (f.wait_for(cfg_.call_timeout * 4) != std::future_status::ready)
+    return make_error(errc::disconnected, "fetch of session " + session + ": no answer");
+  return f.get();
 }
 
 uint64_t replicator::sent() const {
@@ -42,66 +153,191 @@ uint64_t replicator::failed() const {
   return failed_;
 }
 
+void replicator::report(bool ok, const std::string& why) {
+  std::lock_guard<std::mutex> guard(mu_);
+  (ok ? sent_ : failed_)++;
+  if (!ok && cfg_.log) cfg_.log("replicator: " + why);
+}
+
+std::vector<peer_info> replicator::placement(const std::string& session,
+                                             const std::string& self_region, int32_t replicas,
+                                             std::vector<peer_info> live) {
+  std::sort(live.begin(), live.end(), [&](const peer_info& a, const peer_info& b) {
+    auto wa = weight(session, a.name), wb = weight(session, b.name);
+    return wa != wb ? wa > wb : a.name < b.name;
+  });
+  auto r = static_cast<size_t>(std::max(replicas, 0));
+  if (r == 0 || live.empty()) return live;
+  r = std::min(r, live.size());
+  auto other = [&](const peer_info& p) { return p.region != self_region; };
+  if (std::none_of(live.begin(), live.begin() + static_cast<ptrdiff_t>(r), other)) {
+    auto far = std::find_if(live.begin() + static_cast<ptrdiff_t>(r), live.end(), other);
+    if (far != live.end()) std::rotate(live.begin() + static_cast<ptrdiff_t>(r - 1), far, far + 1);
+  }
+  return live;
+}
+
+std::vector<peer_info> replicator::live_peers() {
+  std::vector<peer_info> out;
+  for (auto& p : peers_->snapshot())
+    if (p.accepts_work() && !p.name.empty() && p.name != cfg_.self_name) out.push_back(p);
+  return out;
+}
+
+caf::error replicator::replicate(const replica_update& u) {
+  auto live = live_peers();
+  if (live.empty()) {
+    if (u.acknowledged) report(false, "session " + u.session + ": no live peer; kept on this node only");
+    return {};
+  }
+  auto order = placement(u.session, cfg_.self_region, cfg_.replicas, std::move(live));
+  size_t wanted = u.fence_all ? order.size() : std::min<size_t>(cfg_.replicas, order.size());
+  size_t stored = 0;
+  caf::error stale;
+  for (auto& target : order) {
+    if (stored >= wanted) break;
+    auto& seen = seeded_[target.address];
+    if (seen.status_changes != target.status_changes) {
+      seen.status_changes = target.status_changes;
+      seen.sessions.clear();
+    }
+    bool full = u.fence_all || seen.sessions.count(u.session) == 0;
+    caf::error err;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      try {
+        auto req = rpc_->peer(target.address).replicateRequest();
+        auto from = req.initFrom();
+        from.setName(cfg_.self_name);
+        from.setRegion(cfg_.self_region);
+        from.setAddress(cfg_.self_address);
+        req.setSession(u.session);
+        if (full) {
+          // The whole session as this node's store has it now (maybe newer than `u`).
+          auto entry = cfg_.store->get_session(u.session);
+          if (!entry) return {};  // dropped meanwhile: nothing to copy
+          auto logs = cfg_.store->read_turns(u.session);
+          if (!logs) return logs.error();
+          req.setEpoch(entry->epoch);
+          req.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(entry->payload.data()),
+                                     entry->payload.size()));
+          set_logs(req.initLogs(static_cast<unsigned>(logs->size())), *logs);
+        } else {
+          req.setEpoch(u.epoch);
+          req.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(u.record.data()),
+                                     u.record.size()));
+          req.setTurn(u.turn);
+          req.setFromIndex(u.from_index);
+          auto tl = req.initTokens(static_cast<unsigned>(u.tokens.size()));
+          for (unsigned i = 0; i < u.tokens.size(); ++i) tl.set(i, u.tokens[i]);
+        }
+        auto res = rpc_->wait(req.send(), cfg_.call_timeout);
+        err = peer_error(res.getError());
+      } catch (const kj::Exception& e) {
+        rpc_->drop(target.address);
+        err = make_error(errc::disconnected, e.getDescription().cStr());
+      }
+      // A replica without the earlier updates (a gap, no record): send it everything.
+      auto code = err ? code_of(err) : errc::none;
+      if (!full && (code == errc::bad_request || code == errc::not_found)) {
+        full = true;
+        continue;
+      }
+      break;
+    }
+    if (!err) {
+      seen.sessions.insert(u.session);
+      ++stored;
+      report(true, {});
+      continue;
+    }
+    seen.sessions.erase(u.session);
+    report(false, "session " + u.session + " to " + target.name + " (" + target.address +
+                      "): " + describe(err));
+    if (code_of(err) == errc::stale_epoch) stale = err;
+  }
+  if (stale) return stale;
+  if (stored == 0 && u.acknowledged)
+    report(false, "session " + u.session + ": no replica stored it; kept on this node only");
+  return {};
+}
+
+std::vector<session_copy> replicator::locate_now(const std::vector<std::string>& sessions) {
+  std::vector<session_copy> out;
+  if (sessions.empty()) return out;
+  for (auto& p : live_peers()) {
+    try {
+      auto req = rpc_->peer(p.address).locateRequest();
+      auto ids = req.initSessions(static_cast<unsigned>(sessions.size()));
+      for (unsigned i = 0; i < sessions.size(); ++i) ids.set(i, sessions[i]);
+      auto res = rpc_->wait(req.send(), cfg_.call_timeout);
+      for (auto c : res.getCopies()) {
+        if (c.getRole() == wire::SessionCopy::Role::NONE) continue;
+        session_copy x;
+        x.session = c.getSession().cStr();
+        x.node = p.name;
+        x.client_address = p.client_address;
+        x.owner = c.getRole() == wire::SessionCopy::Role::OWNER;
+        x.epoch = c.getEpoch();
+        x.record_owner = c.getOwner().cStr();
+        x.turns = c.getTurns();
+        x.tokens = c.getTokens();
+        x.last_done = c.getLastDone();
+        out.push_back(std::move(x));
+      }
+    } catch (const kj::Exception& e) {
+      rpc_->drop(p.address);
+      report(false, "locate at " + p.name + " (" + p.address + "): " + e.getDescription().cStr());
+    }
+  }
+  return out;
+}
+
+caf::expected<fetched_session> replicator::fetch_now(const std::string& session) {
+  caf::expected<fetched_session> best =
+      make_error(errc::not_found, "no live peer has a copy of session " + session);
+  for (auto& p : live_peers()) {
+    try {
+      auto req = rpc_->peer(p.address).fetchRequest();
+      req.setSession(session);
+      auto res = rpc_->wait(req.send(), cfg_.call_timeout);
+      if (peer_error(res.getError())) continue;
+      if (best && best->epoch >= res.getEpoch()) continue;
+      fetched_session f;
+      f.node = p.name;
+      f.epoch = res.getEpoch();
+      auto rec = res.getRecord();
+      f.record.assign(reinterpret_cast<const char*>(rec.begin()), rec.size());
+      for (auto l : res.getLogs()) {
+        auto& out = f.logs[l.getTurn()];
+        for (auto t : l.getTokens()) out.push_back(t);
+      }
+      best = std::move(f);
+    } catch (const kj::Exception& e) {
+      rpc_->drop(p.address);
+      report(false, "fetch at " + p.name + " (" + p.address + "): " + e.getDescription().cStr());
+    }
+  }
+  return best;
+}
+
 void replicator::run() {
-  // One client per peer address, created on this thread (EzRpcClient sets up this thread's KJ
-  // event loop with the first one; all of them share it).
-  std::map<std::string, std::unique_ptr<capnp::EzRpcClient>> clients;
-  auto report = [this](bool ok, const std::string& why) {
-    std::lock_guard<std::mutex> guard(mu_);
-    (ok ? sent_ : failed_)++;
-    if (!ok && cfg_.log) cfg_.log("replicator: " + why);
-  };
+  rpc state;
+  rpc_ = &state;
   for (;;) {
-    replica_update u;
+    std::function<void()> task;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (stopping_) return;
-      u = std::move(queue_.front());
+      if (stopping_) break;
+      task = std::move(queue_.front());
       queue_.pop_front();
     }
-    std::string target;
-    for (auto& p : peers_->snapshot())
-      if (p.accepts_work()) {
-        target = p.address;
-        break;
-      }
-    if (target.empty()) {
-      report(false, "session " + u.session + ": no peer accepts work, update dropped");
-      continue;
-    }
-    try {
-      auto& c = clients[target];
-      if (!c) c = std::make_unique<capnp::EzRpcClient>(target);
-      auto req = c->getMain<wire::Peer>().replicateRequest();
-      auto from = req.initFrom();
-      from.setName(cfg_.self_name);
-      from.setRegion(cfg_.self_region);
-      from.setAddress(cfg_.self_address);
-      req.setSession(u.session);
-      req.setEpoch(u.epoch);
-      req.setRecord(
-          kj::arrayPtr(reinterpret_cast<const capnp::byte*>(u.record.data()), u.record.size()));
-      req.setTurn(u.turn);
-      req.setFromIndex(u.from_index);
-      auto tl = req.initTokens(static_cast<unsigned>(u.tokens.size()));
-      for (unsigned i = 0; i < u.tokens.size(); ++i) tl.set(i, u.tokens[i]);
-      // Bounded, so that a hung replica delays the queue (and the node's stop) by at most this.
-      kj::Promise<capnp::Response<wire::Peer::ReplicateResults>> call = req.send();
-      auto res = c->getIoProvider()
-                     .getTimer()
-                     .timeoutAfter(cfg_.call_timeout.count() * kj::MILLISECONDS, kj::mv(call))
-                     .wait(c->getWaitScope());
-      auto e = res.getError();
-      if (e.getCode() != 0)
-        report(false, "session " + u.session + " to " + target + ": " + e.getMessage().cStr());
-      else
-        report(true, {});
-    } catch (const kj::Exception& e) {
-      clients.erase(target);  // reconnect on the next update
-      report(false, "session " + u.session + " to " + target + ": " + e.getDescription().cStr());
-    }
+    task();
   }
+  // Answer whatever still waits, so that no writer blocks on a stopped replicator.
+  std::lock_guard<std::mutex> guard(mu_);
+  queue_.clear();
+  rpc_ = nullptr;
 }
 
 }  // namespace keel

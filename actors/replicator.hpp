@@ -5,17 +5,27 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <future>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <caf/error.hpp>
+#include <caf/expected.hpp>
+
 #include "actors/region_link.hpp"
+
+namespace keel::storage {
+class session_store;
+}
 
 namespace keel {
 
-/// One write of a session to copy to a replica (the arguments of wire/peer.capnp `replicate`).
+/// One write of a session to copy to its replicas (wire/peer.capnp `replicate`).
 struct replica_update {
   std::string session;
   uint64_t epoch = 0;
@@ -23,27 +33,65 @@ struct replica_update {
   uint64_t turn = 0;
   uint64_t from_index = 0;
   std::vector<int32_t> tokens;
+  /// The writer waits for the answer (`replicator::enqueue` returns a future of it).
+  bool acknowledged = false;
+  /// A full copy to every live peer, not only the replicas: after a takeover, so that every
+  /// copy of the session elsewhere is fenced at the new epoch.
+  bool fence_all = false;
+};
+
+/// What one peer holds of one session (wire/peer.capnp `SessionCopy`).
+struct session_copy {
+  std::string session;
+  std::string node;            // the holder's name
+  std::string client_address;  // the holder's client Gateway
+  bool owner = false;          // its own session (else a replica)
+  uint64_t epoch = 0;
+  std::string record_owner;  // the owner named in the copy's record
+  uint32_t turns = 0;
+  uint64_t tokens = 0;
+  bool last_done = true;
+};
+
+/// A whole copy of a session, as `fetch` returns it.
+struct fetched_session {
+  std::string node;  // where it came from
+  uint64_t epoch = 0;
+  std::string record;
+  std::map<uint64_t, std::vector<int32_t>> logs;
 };
 
 struct replicator_config {
   std::string self_name;
   std::string self_region;
   std::string self_address;
+  /// Replicas per session (R), placed by rendezvous hashing over the live peers, at least one in
+  /// another region when a live peer there exists.
+  int32_t replicas = 1;
   /// A call unanswered for this long fails (and its connection is dropped).
-  std::chrono::milliseconds call_timeout{2000};
+  std::chrono::milliseconds call_timeout{1000};
+  /// The node's store, not owned, read for full copies of a session (outlives the replicator).
+  storage::session_store* store = nullptr;
+  /// A replica refused an update with `stale_epoch`: another node owns the session now. Called
+  /// on the replicator's thread after the update's future (if any) is set.
+  std::function<void(const std::string& session, uint64_t epoch)> on_stale;
   /// Failed sends (one line each); empty: silent. Called on the replicator's thread.
   std::function<void(const std::string&)> log;
 };
 
-/// Sends session writes to a replica, asynchronously: `enqueue` only queues, and one thread of
-/// the replicator's own (with a KJ event loop and one Cap'n Proto connection per peer) sends
-/// them in order. The replica is the first peer, by address, whose region link reports
-/// `accepts_work()` (R = 1; placement by rendezvous hashing comes later). An update that finds
-/// no such peer, or whose call fails or times out, is dropped and logged: replication is best
-/// effort until acknowledgements wait for replicas (ARCHITECTURE.md guarantee 1 is not yet kept
-/// across nodes).
+/// The node's calls to its peers, on one thread of its own (a KJ event loop with one Cap'n
+/// Proto connection per peer), in the order they were queued:
+/// - replication: `enqueue` queues a session write; it goes to the session's replicas, the first
+///   R live peers in rendezvous order (`placement`). A peer that has not had the session since
+///   it (re)joined first gets a full copy read from the store, and so does one that refuses an
+///   update for a gap; later updates are deltas. An acknowledged update's future is set once a
+///   replica stored it, or with `stale_epoch` when a replica refused it for an older epoch, or
+///   with success and a log line when no live peer could take it (degraded: this node's synced
+///   write is then the only copy).
+/// - `post`: any task (takeover runs here, calling `locate_now`/`fetch_now`).
+/// - `locate` and `fetch` from other threads: queued, waited for.
 ///
-/// Thread-safe. The destructor sends nothing more and joins the thread.
+/// Thread-safe. The destructor runs nothing more and joins the thread.
 class replicator {
  public:
   replicator(replicator_config cfg, std::shared_ptr<peer_table> peers);
@@ -51,23 +99,58 @@ class replicator {
   replicator(const replicator&) = delete;
   replicator& operator=(const replicator&) = delete;
 
-  void enqueue(replica_update u);
+  /// Queues `u`; returns a future of its answer when `u.acknowledged`, else an invalid one.
+  std::future<caf::error> enqueue(replica_update u);
+
+  /// Runs `task` on the replicator's thread, after everything queued before.
+  void post(std::function<void()> task);
+
+  /// Every copy of `sessions` that the live peers hold (queued; waits up to the call timeout
+  /// per peer). Any thread but the replicator's own.
+  std::vector<session_copy> locate(const std::vector<std::string>& sessions);
+  /// The newest copy of `session` among the live peers; `not_found` when none has one.
+  caf::expected<fetched_session> fetch(const std::string& session);
+
+  /// The same, on the replicator's thread (inside a posted task) only.
+  std::vector<session_copy> locate_now(const std::vector<std::string>& sessions);
+  caf::expected<fetched_session> fetch_now(const std::string& session);
+
+  /// The replicas of `session` among `live` (peers that accept work), best first: the top R by
+  /// rendezvous hash of (session, peer name), the last replaced by the best peer of another
+  /// region than `self_region` when none of the R is in one and such a peer exists; then the
+  /// remaining peers in rendezvous order (fallbacks when a replica fails).
+  static std::vector<peer_info> placement(const std::string& session,
+                                          const std::string& self_region, int32_t replicas,
+                                          std::vector<peer_info> live);
 
   /// Updates acknowledged by a replica, and refused or dropped ones.
   uint64_t sent() const;
   uint64_t failed() const;
 
+  struct rpc;  // detail: the thread's connections (replicator.cpp)
+
  private:
   void run();
+  caf::error replicate(const replica_update& u);
+  std::vector<peer_info> live_peers();
+  void report(bool ok, const std::string& why);
 
   replicator_config cfg_;
   std::shared_ptr<peer_table> peers_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<replica_update> queue_;
+  std::deque<std::function<void()>> queue_;
   bool stopping_ = false;
   uint64_t sent_ = 0;
   uint64_t failed_ = 0;
+  // Replicator thread only: which sessions each peer (by address) has had a full copy of since
+  // its status last changed (the peer's `status_changes` when the set was started).
+  struct seeded {
+    int32_t status_changes = -1;
+    std::set<std::string> sessions;
+  };
+  std::map<std::string, seeded> seeded_;
+  rpc* rpc_ = nullptr;        // replicator thread only
   std::thread thread_;  // last: started after the rest is ready
 };
 

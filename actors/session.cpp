@@ -19,13 +19,15 @@ void session_table::detach_store() {
   store_ = nullptr;
 }
 
-void session_table::on_stored(std::function<void(replica_update)> f) {
+void session_table::on_stored(replicate_fn f) {
   std::lock_guard<std::mutex> guard(mu_);
   on_stored_ = std::move(f);
 }
 
-caf::error session_table::write_store(const session_record& r, change c) {
+caf::error session_table::write_store(const session_record& r, change c,
+                                      std::future<caf::error>& ack) {
   if (store_ == nullptr || c == change::memory) return {};
+  const uint64_t epoch = r.epoch;
   size_t logged = 0;
   if (auto i = logged_.find(r.id); i != logged_.end()) logged = i->second;
   const turn_record* last = r.turns.empty() ? nullptr : &r.turns.back();
@@ -39,7 +41,7 @@ caf::error session_table::write_store(const session_record& r, change c) {
     if (auto err = store_->append_turn_tokens(r.id, epoch, last->turn, logged, tail,
                                               storage::durability::buffered))
       return err;
-    if (on_stored_) on_stored_({r.id, epoch, {}, last->turn, logged, std::move(tail)});
+    if (on_stored_) on_stored_({r.id, epoch, {}, last->turn, logged, std::move(tail), false});
   } else {
     storage::write_batch b;
     auto record = wire::encode(to_checkpoint(r));
@@ -50,27 +52,67 @@ caf::error session_table::write_store(const session_record& r, change c) {
       b.append_turn_tokens(r.id, epoch, last->turn, logged, tail);
     }
     if (auto err = store_->write(b, storage::durability::sync)) return err;
-    if (on_stored_)
-      on_stored_({r.id, epoch, std::move(record), last ? last->turn : 0, logged, std::move(tail)});
+    if (on_stored_) {
+      ack = on_stored_(
+          {r.id, epoch, std::move(record), last ? last->turn : 0, logged, std::move(tail), true});
+    }
   }
   logged_[r.id] = last ? last->generated.size() : 0;
   return {};
 }
 
 caf::error session_table::put(const session_record& r, change c) {
-  std::lock_guard<std::mutex> guard(mu_);
-  // A new turn's log starts empty.
-  if (auto i = records_.find(r.id); i != records_.end() && i->second.turns.size() != r.turns.size())
-    logged_[r.id] = 0;
-  auto err = write_store(r, c);
-  // A token checkpoint that failed is retried later; memory still takes the token.
-  if (err && c == change::structure) return err;
-  records_[r.id] = r;
+  std::future<caf::error> ack;
+  caf::error err;
+  {
+    std::lock_guard<std::mutex> guard(mu_);
+    if (auto d = dropped_.find(r.id); d != dropped_.end()) {
+      return make_error(errc::stale_epoch, "session " + r.id + ": write with epoch " +
+                                               std::to_string(r.epoch) + ", another node owns it at epoch " +
+                                               std::to_string(d->second));
+    }
+    // A new turn's log starts empty.
+    if (auto i = records_.find(r.id);
+        i != records_.end() && i->second.turns.size() != r.turns.size())
+      logged_[r.id] = 0;
+    err = write_store(r, c, ack);
+    // A token checkpoint that failed is retried later; memory still takes the token.
+    if (err && c == change::structure) return err;
+    records_[r.id] = r;
+  }
+  // Acknowledged means durable on this node and on a replica (ARCHITECTURE.md, guarantee 1).
+  if (ack.valid()) {
+    caf::error refused;
+    try {
+      refused = ack.get();
+    } catch (const std::future_error&) {
+      // The replicator stopped (the node is stopping) before it answered: this node's synced
+      // write stands, as when no replica is live.
+    }
+    if (refused) return refused;
+  }
   return err;
+}
+
+std::optional<session_record> session_table::drop(const std::string& id, uint64_t epoch) {
+  std::lock_guard<std::mutex> guard(mu_);
+  dropped_[id] = epoch;
+  logged_.erase(id);
+  auto i = records_.find(id);
+  if (i == records_.end()) return std::nullopt;
+  auto out = std::move(i->second);
+  records_.erase(i);
+  return out;
+}
+
+bool session_table::dropped(const std::string& id) const {
+  std::lock_guard<std::mutex> guard(mu_);
+  return dropped_.count(id) > 0;
 }
 
 void session_table::recovered(const session_record& r) {
   std::lock_guard<std::mutex> guard(mu_);
+  dropped_.erase(r.id);  // taken (back) over
   records_[r.id] = r;
   logged_[r.id] = r.turns.empty() ? 0 : r.turns.back().generated.size();
 }
@@ -81,6 +123,7 @@ wire::session_checkpoint to_checkpoint(const session_record& r) {
   c.number = r.number;
   c.params = r.params;
   c.priority = r.priority;
+  c.owner = r.owner;
   for (auto& t : r.turns) c.turns.push_back({t.turn, t.user, t.max_tokens, t.done, t.reason});
   return c;
 }
@@ -92,6 +135,7 @@ session_record from_checkpoint(wire::session_checkpoint c,
   r.number = c.number;
   r.params = c.params;
   r.priority = c.priority;
+  r.owner = std::move(c.owner);
   for (auto& t : c.turns) {
     turn_record x;
     x.turn = t.turn;

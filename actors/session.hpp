@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -39,6 +40,10 @@ struct session_record {
   sampling_params params;
   int32_t priority = 0;
   std::vector<turn_record> turns;
+  /// The ownership lease: the epoch this node writes with (1 for a new session, the previous
+  /// owner's + 1 after a takeover), and this node's name as the owner.
+  uint64_t epoch = 1;
+  std::string owner;
 };
 
 /// How a change to a session is recorded (see `session_table::put`).
@@ -58,8 +63,11 @@ enum class change : uint8_t {
 ///   `checkpoint_every` of them have accumulated, buffered (in the OS page cache: it survives a
 ///   process crash; a power loss loses at most the tokens since the last synced write, and a
 ///   resumed turn regenerates exactly those, since sampling is deterministic).
-/// When a store write fails, memory is left unchanged and the error is returned. Epoch 1 for
-/// every write until failover assigns epochs. Thread-safe.
+/// When a store write fails, memory is left unchanged and the error is returned. Every write
+/// carries the record's epoch. With replication (`on_stored`), a structural change also waits
+/// for a replica's acknowledgement before `put` returns; a replica that refuses it with
+/// `stale_epoch` (another node took the session over) fails the `put`. A session dropped with
+/// `drop` (this node lost it) refuses every later `put` with `stale_epoch`. Thread-safe.
 class session_table {
  public:
   explicit session_table(int32_t checkpoint_every = 16) : checkpoint_every_(checkpoint_every) {}
@@ -70,8 +78,11 @@ class session_table {
   void detach_store();
 
   /// Called with every write to the store, after it succeeded and with the table's mutex held:
-  /// it must only queue (replicator::enqueue). Empty: no replication.
-  void on_stored(std::function<void(replica_update)> f);
+  /// it must only queue (replicator::enqueue). When the update asks for an acknowledgement it
+  /// returns a future of the replica's answer, which `put` waits for after releasing the mutex.
+  /// Empty: no replication.
+  using replicate_fn = std::function<std::future<caf::error>(replica_update)>;
+  void on_stored(replicate_fn f);
 
   /// Records `r`; writes it to the store as `c` says (see the class comment).
   caf::error put(const session_record& r, change c = change::memory);
@@ -80,17 +91,21 @@ class session_table {
   std::optional<session_record> get(const std::string& id) const;
   std::vector<std::string> ids() const;
   void erase(const std::string& id);
-
-  /// The store's epoch for this node's writes (fixed until failover raises it).
-  static constexpr uint64_t epoch = 1;
+  /// Forgets the session for good: another node owns it now (at `epoch`). Later `put`s of it
+  /// are refused with `stale_epoch`, even from an actor that has not stopped yet. Returns the
+  /// record it had, if any.
+  std::optional<session_record> drop(const std::string& id, uint64_t epoch);
+  /// Whether the session was dropped (moved to another node).
+  bool dropped(const std::string& id) const;
 
  private:
-  caf::error write_store(const session_record& r, change c);
+  caf::error write_store(const session_record& r, change c, std::future<caf::error>& ack);
 
   const int32_t checkpoint_every_;
   mutable std::mutex mu_;
   storage::session_store* store_ = nullptr;
-  std::function<void(replica_update)> on_stored_;
+  replicate_fn on_stored_;
+  std::map<std::string, uint64_t> dropped_;  // id -> the epoch of the node that has it now
   std::map<std::string, session_record> records_;
   // Per session: how many tokens of its last turn are in the store's turn log.
   std::map<std::string, size_t> logged_;

@@ -186,7 +186,7 @@ BOOST_AUTO_TEST_CASE(one_shard_node_streams_what_the_engine_generates) {
     req.max_tokens = 40;
     auto out = generate(eng, kv, {req}, 1);
     BOOST_REQUIRE(out);
-    auto key = std::make_pair("s-" + std::to_string(i + 1), uint64_t{0});
+    auto key = std::make_pair("s-" + std::to_string(i + 1) + "@node", uint64_t{0});
     BOOST_TEST(r.tokens[key] == (*out)[0]);
   }
 }
@@ -231,7 +231,7 @@ BOOST_AUTO_TEST_CASE(a_crashed_session_is_rebuilt_and_its_stream_continues) {
   auto clean = run_node(model_path, c, 3, 120);
   auto faulty = run_node(model_path, c, 3, 120, [](node& n) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    n.faults().crash_session("s-2");
+    n.faults().crash_session("s-2@node");
   });
   BOOST_TEST(faulty.violations == 0);
   BOOST_TEST(faulty.tokens == clean.tokens);

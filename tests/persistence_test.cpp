@@ -197,7 +197,7 @@ BOOST_FIXTURE_TEST_CASE(finished_sessions_survive_a_restart, fixture) {
   require_same(before, after);
   // The session actors run again with the recovered history.
   caf::scoped_actor self{*sys};
-  auto s = nd->session("s-2");
+  auto s = nd->session("s-2@node");
   BOOST_REQUIRE(s);
   self->request(s, std::chrono::seconds(10), history_atom::value)
       .receive(
@@ -210,7 +210,7 @@ BOOST_FIXTURE_TEST_CASE(finished_sessions_survive_a_restart, fixture) {
   // Numbers continue after the recovered ones.
   auto id = nd->open_session(sampled(9));
   BOOST_REQUIRE_MESSAGE(id, test::why(id));
-  BOOST_TEST(*id == "s-4");
+  BOOST_TEST(*id == "s-4@node");
   self->send_exit(snk, caf::exit_reason::user_shutdown);
 }
 
@@ -218,7 +218,7 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
   const std::string text = "Once upon a time";
   const int32_t max_tokens = 300;
   const uint64_t seed = 5;
-  const auto key = std::make_pair(std::string("s-1"), uint64_t{0});
+  const auto key = std::make_pair(std::string("s-1@node"), uint64_t{0});
   // Fault-free reference, on its own directory.
   std::vector<int32_t> reference;
   {
@@ -256,13 +256,13 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
   {
     auto store = storage::session_store::open(dir, {false, {}});
     BOOST_REQUIRE_MESSAGE(store, test::why(store));
-    auto e = (*store)->get_session("s-1");
+    auto e = (*store)->get_session("s-1@node");
     BOOST_REQUIRE(e);
     auto c = wire::decode(e->payload);
     BOOST_REQUIRE_MESSAGE(c, test::why(c));
     BOOST_REQUIRE_EQUAL(c->turns.size(), 1u);
     BOOST_TEST(!c->turns[0].done);
-    auto logged = (*store)->read_turn("s-1", 0);
+    auto logged = (*store)->read_turn("s-1@node", 0);
     BOOST_REQUIRE(logged);
     BOOST_TEST(logged->size() >= 32u);  // checkpoints every 16 tokens
     BOOST_TEST(logged->size() < reference.size());
@@ -272,7 +272,7 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
   auto t2 = std::make_shared<transcript>();
   auto snk2 = sys->spawn(sink, t2);
   auto nd = start(dir);
-  auto s = nd->session("s-1");
+  auto s = nd->session("s-1@node");
   BOOST_REQUIRE(s);
   caf::scoped_actor self{*sys};
   self->request(s, std::chrono::seconds(10), resume_atom::value, uint64_t{0},
@@ -334,31 +334,31 @@ BOOST_FIXTURE_TEST_CASE(a_corrupt_session_record_is_reported_and_skipped, fixtur
       if (h->GetName() == "sessions") sessions_cf = h;
     BOOST_REQUIRE(sessions_cf);
     std::string v;
-    BOOST_REQUIRE(db->Get({}, sessions_cf, "s-2", &v).ok());
+    BOOST_REQUIRE(db->Get({}, sessions_cf, "s-2@node", &v).ok());
     v[v.size() - 3] ^= 0x5A;
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    BOOST_REQUIRE(db->Put(wo, sessions_cf, "s-2", v).ok());
+    BOOST_REQUIRE(db->Put(wo, sessions_cf, "s-2@node", v).ok());
     for (auto* h : cfs) db->DestroyColumnFamilyHandle(h);
     db->Close();
     delete db;
   }
   auto nd = start(dir);
-  BOOST_TEST(logged->any_contains("s-2", "checksum mismatch"));
+  BOOST_TEST(logged->any_contains("s-2@node", "checksum mismatch"));
   auto after = nd->sessions();
   require_same({before[0], before[2]}, after);
-  BOOST_TEST(!nd->session("s-1") == false);
-  BOOST_TEST(!nd->session("s-2"));
+  BOOST_TEST(!nd->session("s-1@node") == false);
+  BOOST_TEST(!nd->session("s-2@node"));
   // The corrupt session's number is not handed out again.
   auto id = nd->open_session(sampled(7));
   BOOST_REQUIRE(id);
-  BOOST_TEST(*id == "s-4");
+  BOOST_TEST(*id == "s-4@node");
   caf::anon_send_exit(snk, caf::exit_reason::user_shutdown);
 }
 
 BOOST_AUTO_TEST_CASE(checkpoints_round_trip_and_refuse_bad_bytes) {
   wire::session_checkpoint c;
-  c.id = "s-7";
+  c.id = "s-7@node";
   c.number = 7;
   c.params = sampled(3);
   c.priority = 2;
@@ -367,7 +367,7 @@ BOOST_AUTO_TEST_CASE(checkpoints_round_trip_and_refuse_bad_bytes) {
   auto bytes = wire::encode(c);
   auto d = wire::decode(bytes);
   BOOST_REQUIRE_MESSAGE(d, test::why(d));
-  BOOST_TEST(d->id == "s-7");
+  BOOST_TEST(d->id == "s-7@node");
   BOOST_TEST(d->number == 7u);
   BOOST_TEST(d->params.seed == 3u);
   BOOST_TEST(d->params.temperature == 0.8f);

@@ -157,12 +157,12 @@ BOOST_FIXTURE_TEST_CASE(a_finished_turn_is_in_the_peers_store, fixture) {
   // Replication is asynchronous: wait (bounded) for the last update to arrive.
   BOOST_REQUIRE(wait_for(
       [&] {
-        auto theirs = b->store()->read_turn(replica_key("a", *id), 0);
+        auto theirs = b->store()->read_turn(replica_key(*id), 0);
         return theirs && *theirs == *mine;
       },
       5000ms));
   auto rec_a = a->store()->get_session(*id);
-  auto rec_b = b->store()->get_session(replica_key("a", *id));
+  auto rec_b = b->store()->get_session(replica_key(*id));
   BOOST_REQUIRE_MESSAGE(rec_b, test::why(rec_b));
   BOOST_REQUIRE(rec_a);
   BOOST_TEST(rec_b->epoch == rec_a->epoch);
@@ -179,7 +179,7 @@ BOOST_FIXTURE_TEST_CASE(a_finished_turn_is_in_the_peers_store, fixture) {
     std::lock_guard<std::mutex> guard(mu);
     for (auto& line : lines) BOOST_TEST(line.find("recovery: skipped") == std::string::npos, line);
   }
-  BOOST_TEST(static_cast<bool>(b2->store()->get_session(replica_key("a", *id))));
+  BOOST_TEST(static_cast<bool>(b2->store()->get_session(replica_key(*id))));
   sa->detach_store();
 }
 
@@ -201,7 +201,7 @@ BOOST_FIXTURE_TEST_CASE(an_older_epoch_is_refused_with_stale_epoch, fixture) {
   BOOST_TEST(msg2.find("a-1") != std::string::npos);
   BOOST_TEST(msg2.find("4") != std::string::npos);
   BOOST_TEST(msg2.find("5") != std::string::npos);
-  auto kept = (*store)->get_session(replica_key("test", "a-1"));
+  auto kept = (*store)->get_session(replica_key("a-1"));
   BOOST_REQUIRE(kept);
   BOOST_TEST(kept->epoch == 5u);
   BOOST_TEST(kept->payload == "r5");

@@ -16,6 +16,7 @@ struct SessionCheckpoint {
   params @3 :Sampling;
   priority @4 :Int32;
   turns @5 :List(Turn);
+  owner @6 :Text;  # the node that owned the session when it wrote this record ("" before failover)
 
   struct Sampling {
     temperature @0 :Float32;

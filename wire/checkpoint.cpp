@@ -53,6 +53,7 @@ std::string encode(const session_checkpoint& c) {
   p.setRepetitionWindow(c.params.repetition_window);
   p.setSeed(c.params.seed);
   root.setPriority(c.priority);
+  root.setOwner(c.owner);
   auto turns = root.initTurns(static_cast<unsigned>(c.turns.size()));
   for (size_t i = 0; i < c.turns.size(); ++i) {
     auto& t = c.turns[i];
@@ -99,6 +100,7 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
     if (auto err = validate(c.params))
       return corrupt(" " + c.id + ": sampling parameters: " + describe(err));
     c.priority = root.getPriority();
+    c.owner = root.getOwner();
     auto turns = root.getTurns();
     for (unsigned i = 0; i < turns.size(); ++i) {
       auto in = turns[i];

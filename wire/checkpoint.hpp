@@ -32,6 +32,9 @@ struct session_checkpoint {
   sampling_params params;
   int32_t priority = 0;
   std::vector<turn_checkpoint> turns;
+  /// The owner's node name when the record was written: a replica holder finds the sessions of
+  /// an owner declared down by it (docs/actors.md, "Takeover").
+  std::string owner;
 };
 
 /// The checkpoint format version this build writes and reads.

@@ -4,11 +4,12 @@
 # a listening port of its own, apart from the client `Gateway` (keel.capnp).
 #
 # `heartbeat`, which region links call every `heartbeat_interval` to measure the round trip and
-# to declare a silent peer down (docs/actors.md, "Region links"), and `replicate`, which copies a
-# session's checkpoints to a replica (docs/actors.md, "Replication").
-# TODO (issue 5): `takeover @2`
-# (a replica takes a dead owner's session lease with epoch + 1) and `forward @3` (a request for a
-# session that another node owns). Keep ordinals @2..@3 free for them.
+# to declare a silent peer down (docs/actors.md, "Region links"); `replicate`, which copies a
+# session's checkpoints to a replica (docs/actors.md, "Replication"); `locate`, which tells
+# what copies of sessions a node holds (for takeover, forwarding and a restarted node's
+# reconciliation); `fetch`, which hands out a copy (to repair a corrupt record).
+# Takeover needs no call of its own: the new owner's first `replicate` at epoch + 1 fences every
+# copy. Forwarding goes through the client API: a node passes on the owner's `Session`.
 
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("keel::wire");
@@ -17,6 +18,30 @@ struct NodeId {
   name @0 :Text;     # the node's name (`--name`)
   region @1 :Text;   # the node's region (`--region`)
   address @2 :Text;  # HOST:PORT of the node's peer endpoint
+  clientAddress @3 :Text;  # HOST:PORT of the node's client Gateway ("" when not serving yet)
+}
+
+# One turn's whole log of generated tokens.
+struct TurnLog {
+  turn @0 :UInt64;
+  tokens @1 :List(Int32);
+}
+
+# What a node holds of one session.
+struct SessionCopy {
+  session @0 :Text;
+  role @1 :Role;
+  epoch @2 :UInt64;
+  owner @3 :Text;       # the owner named in the copy's record
+  turns @4 :UInt32;     # turns in the record
+  tokens @5 :UInt64;    # generated tokens in the turn logs, all turns
+  lastDone @6 :Bool;    # the last turn has ended
+
+  enum Role {
+    none @0;     # no copy (or an unreadable one)
+    owner @1;    # the node's own session
+    replica @2;  # a copy kept for another node
+  }
 }
 
 # A refusal, classified as base/error.hpp's `errc` (its numeric value; 0: none, success).
@@ -37,6 +62,18 @@ interface Peer {
   # empty when only tokens advance; `tokens` are turn `turn`'s generated tokens from index
   # `fromIndex` on (may be empty). `error.code` 0: stored; `unimplemented` on a node without a
   # data directory.
+  # `logs`, when not empty, are whole turn logs (a full copy, sent to a replica that may lack
+  # earlier updates). A replica that does not hold the session's earlier tokens refuses a
+  # `tokens` update with a gap (`badRequest`), and the sender then sends a full copy. A node that
+  # owns the session itself refuses an epoch not above its own with `stale_epoch`; a higher one
+  # means it lost the session, which it then drops.
   replicate @1 (from :NodeId, session :Text, epoch :UInt64, record :Data, turn :UInt64,
-                fromIndex :UInt64, tokens :List(Int32)) -> (error :PeerError);
+                fromIndex :UInt64, tokens :List(Int32), logs :List(TurnLog)) -> (error :PeerError);
+
+  # The callee's copies of `sessions`, one entry each, in order (role `none` when it has none).
+  locate @2 (sessions :List(Text)) -> (copies :List(SessionCopy));
+
+  # The callee's copy of `session` (own or replica): its epoch, record and turn logs.
+  # `error.code` notFound when it has none.
+  fetch @3 (session :Text) -> (epoch :UInt64, record :Data, logs :List(TurnLog), error :PeerError);
 }

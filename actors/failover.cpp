@@ -1,0 +1,241 @@
+// A node's part in failover (docs/actors.md, "Takeover"): taking over the sessions of a peer
+// declared down, giving up sessions another node took over, a restarted node's reconciliation,
+// and finding a session's owner for forwarding.
+
+#include <algorithm>
+#include <set>
+#include <thread>
+
+#include <caf/scoped_actor.hpp>
+
+#include "actors/node.hpp"
+#include "actors/peer_server.hpp"
+#include "wire/checkpoint.hpp"
+
+namespace keel {
+
+namespace {
+
+/// Which of two copies of a session is newer: the higher epoch, then more turns, then more
+/// tokens; a tie goes to the holder whose name sorts first, so every node picks the same one.
+bool newer(const session_copy& a, const session_copy& b) {
+  if (a.epoch != b.epoch) return a.epoch > b.epoch;
+  if (a.turns != b.turns) return a.turns > b.turns;
+  if (a.tokens != b.tokens) return a.tokens > b.tokens;
+  return a.node < b.node;
+}
+
+uint64_t count_tokens(const std::map<uint64_t, std::vector<int32_t>>& logs) {
+  uint64_t n = 0;
+  for (auto& [turn, t] : logs) n += t.size();
+  return n;
+}
+
+}  // namespace
+
+std::vector<session_record> node::reconcile(std::vector<session_record> recovered,
+                                            const std::vector<std::string>& corrupt) {
+  std::vector<std::string> ids;
+  for (auto& r : recovered) ids.push_back(r.id);
+  ids.insert(ids.end(), corrupt.begin(), corrupt.end());
+  if (ids.empty()) return recovered;
+  // Wait until every link has heard from its peer or failed once (at most two detection
+  // times): a restarted node must not serve a session another node took over meanwhile.
+  auto deadline = std::chrono::steady_clock::now() + cfg_.down_after * 2;
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto all = peers_->snapshot();
+    bool settled = all.size() >= cfg_.peers.size() &&
+                   std::all_of(all.begin(), all.end(), [](const peer_info& p) {
+                     return p.heartbeats > 0 || p.failures > 0;
+                   });
+    if (settled) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  auto copies = replicator_->locate(ids);
+  auto& log = *ctx_->log;
+  std::vector<session_record> keep;
+  for (auto& r : recovered) {
+    const session_copy* newest = nullptr;
+    for (auto& c : copies)
+      if (c.session == r.id && c.epoch > r.epoch && (!newest || c.epoch > newest->epoch))
+        newest = &c;
+    if (newest == nullptr) {
+      keep.push_back(std::move(r));
+      continue;
+    }
+    sessions_->drop(r.id, newest->epoch);
+    if (auto err = store_->erase_session(r.id, r.epoch))
+      log.report(cfg_.name + ": reconcile: cannot erase session " + r.id + ": " + describe(err));
+    log.report(cfg_.name + ": reconcile: session " + r.id + " was taken over at epoch " +
+               std::to_string(newest->epoch) + " (now on " + newest->node +
+               "); dropped this node's copy at epoch " + std::to_string(r.epoch));
+  }
+  for (auto& id : corrupt) {
+    auto f = replicator_->fetch(id);
+    auto discarded = store_->discard_corrupt(id);
+    if (!f) {
+      log.report(cfg_.name + ": repair: session " + id + " has no intact copy on a live peer (" +
+                 describe(f.error()) + "); its corrupt records are " +
+                 (discarded ? "discarded" : "kept"));
+      continue;
+    }
+    auto c = wire::decode(f->record);
+    if (!c) {
+      log.report(cfg_.name + ": repair: the copy of session " + id + " from " + f->node +
+                 " is unreadable: " + describe(c.error()));
+      continue;
+    }
+    if (!c->owner.empty() && c->owner != cfg_.name) {
+      log.report(cfg_.name + ": repair: session " + id + " is owned by " + c->owner +
+                 " at epoch " + std::to_string(f->epoch) + "; dropped this node's corrupt copy");
+      sessions_->drop(id, f->epoch);
+      (void)store_->erase_session(id, f->epoch);
+      continue;
+    }
+    c->owner = cfg_.name;
+    storage::write_batch b;
+    b.put_session(id, f->epoch, wire::encode(*c));
+    for (auto& [turn, tokens] : f->logs) b.append_turn_tokens(id, f->epoch, turn, 0, tokens);
+    if (auto err = store_->write(b, storage::durability::sync)) {
+      log.report(cfg_.name + ": repair: cannot store session " + id + ": " + describe(err));
+      continue;
+    }
+    auto r = from_checkpoint(std::move(*c), f->logs);
+    r.epoch = f->epoch;
+    sessions_->recovered(r);
+    log.report(cfg_.name + ": repair: session " + id + " restored from the replica on " + f->node +
+               " (epoch " + std::to_string(f->epoch) + ", " + std::to_string(r.turns.size()) +
+               " turns, " + std::to_string(count_tokens(f->logs)) + " tokens)");
+    keep.push_back(std::move(r));
+  }
+  return keep;
+}
+
+void node::take_over() {
+  if (!store_ || !replicator_) return;
+  std::set<std::string> live;
+  for (auto& p : peers_->snapshot())
+    if (p.status != peer_status::down && !p.name.empty()) live.insert(p.name);
+  auto keys = store_->list_sessions();
+  if (!keys) return;
+  // This node's replicas whose owner is not live.
+  std::map<std::string, session_copy> mine;
+  for (auto& key : *keys) {
+    if (key.rfind(replica_prefix, 0) != 0) continue;
+    auto entry = store_->get_session(key);
+    if (!entry) continue;
+    auto c = wire::decode(entry->payload);
+    if (!c || c->owner.empty() || c->owner == cfg_.name || live.count(c->owner) > 0) continue;
+    auto logs = store_->read_turns(key);
+    if (!logs) continue;
+    session_copy x;
+    x.session = key.substr(replica_prefix.size());
+    x.node = cfg_.name;
+    x.epoch = entry->epoch;
+    x.record_owner = c->owner;
+    x.turns = static_cast<uint32_t>(c->turns.size());
+    x.tokens = count_tokens(*logs);
+    mine.emplace(x.session, std::move(x));
+  }
+  if (mine.empty()) return;
+  std::vector<std::string> ids;
+  for (auto& [id, c] : mine) ids.push_back(id);
+  auto copies = replicator_->locate_now(ids);
+  for (auto& [id, own] : mine) {
+    const session_copy* best = &own;
+    uint64_t top_epoch = own.epoch;
+    bool owned = false;
+    for (auto& c : copies) {
+      if (c.session != id) continue;
+      top_epoch = std::max(top_epoch, c.epoch);
+      if (c.owner && c.epoch >= own.epoch) owned = true;  // a live node serves it
+      if (newer(c, *best)) best = &c;
+    }
+    if (owned) continue;
+    if (best != &own) {
+      ctx_->log->report(cfg_.name + ": takeover: " + best->node + " has the newest copy of session " +
+                        id + " (owner " + own.record_owner + " is down); it takes over");
+      continue;
+    }
+    adopt(id, top_epoch + 1, own.record_owner);
+  }
+}
+
+void node::adopt(const std::string& id, uint64_t epoch, const std::string& from) {
+  auto& log = *ctx_->log;
+  auto key = replica_key(id);
+  auto entry = store_->get_session(key);
+  auto logs = store_->read_turns(key);
+  if (!entry || !logs) {
+    log.report(cfg_.name + ": takeover of session " + id + " failed: its copy is unreadable");
+    return;
+  }
+  auto c = wire::decode(entry->payload);
+  if (!c) return;
+  auto number = store_->take_session_number();
+  if (!number) return;
+  c->owner = cfg_.name;
+  c->number = *number;  // seq ids are per node: take a number of this node's
+  storage::write_batch b;
+  b.put_session(id, epoch, wire::encode(*c));
+  for (auto& [turn, tokens] : *logs) b.append_turn_tokens(id, epoch, turn, 0, tokens);
+  b.erase_session(key, epoch);
+  if (auto err = store_->write(b, storage::durability::sync)) {
+    log.report(cfg_.name + ": takeover of session " + id + " failed: " + describe(err));
+    return;
+  }
+  auto r = from_checkpoint(std::move(*c), *logs);
+  r.epoch = epoch;
+  sessions_->recovered(r);
+  bool running = !r.turns.empty() && !r.turns.back().done;
+  if (auto err = start_session(r)) {
+    log.report(cfg_.name + ": takeover of session " + id + ": cannot start it: " + describe(err));
+    return;
+  }
+  log.report(cfg_.name + ": took over session " + id + " from " + from + " at epoch " +
+             std::to_string(epoch) + " (" + std::to_string(r.turns.size()) + " turns, " +
+             std::to_string(count_tokens(*logs)) + " tokens" +
+             (running ? "; its running turn continues)" : ")"));
+  // Fence every other copy at the new epoch (queued after this task: not waited for here).
+  replica_update u;
+  u.session = id;
+  u.epoch = epoch;
+  u.fence_all = true;
+  replicator_->enqueue(std::move(u));
+}
+
+void node::lose(const std::string& id, uint64_t epoch) {
+  auto had = sessions_->drop(id, epoch);
+  if (!had) return;
+  if (auto sup = child("sessions")) caf::anon_send(sup, stop_atom::value, id);
+  if (store_) (void)store_->erase_session(id, had->epoch);
+  ctx_->log->report(cfg_.name + ": session " + id + " is owned by another node at epoch " +
+                    std::to_string(epoch) + "; this node (epoch " + std::to_string(had->epoch) +
+                    ") stopped serving it");
+}
+
+caf::expected<std::string> node::owner_address(const std::string& id) {
+  if (sessions_->get(id)) return std::string{};  // here
+  if (!replicator_)
+    return make_error(errc::not_found, "no session " + id + " on node " + cfg_.name);
+  auto copies = replicator_->locate({id});
+  const session_copy* owner = nullptr;
+  for (auto& c : copies)
+    if (c.owner && (!owner || c.epoch > owner->epoch)) owner = &c;
+  if (owner != nullptr) {
+    if (owner->client_address.empty())
+      return make_error(errc::disconnected,
+                        "session " + id + " is owned by " + owner->node + ", which serves no clients yet");
+    return owner->client_address;
+  }
+  bool replica_here = false;
+  if (store_) replica_here = static_cast<bool>(store_->get_session(replica_key(id)));
+  if (!copies.empty() || replica_here) {
+    return make_error(errc::disconnected, "session " + id +
+                                              ": its owner is down; a replica is taking it over "
+                                              "(retry)");
+  }
+  return make_error(errc::not_found, "no node has session " + id);
+}
+
+}  // namespace keel
