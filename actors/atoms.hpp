@@ -38,5 +38,7 @@ namespace keel {
 
 using open_atom = caf::atom_constant<caf::atom("k_open")>;
 using resume_atom = caf::atom_constant<caf::atom("k_resume")>;
+/// To a session: another node took it over; to a stream's sink: reconnect and resume there.
+using moved_atom = caf::atom_constant<caf::atom("k_moved")>;
 
 }  // namespace keel

@@ -67,7 +67,7 @@ std::vector<session_record> node::reconcile(std::vector<session_record> recovere
     if (auto err = store_->erase_session(r.id, r.epoch))
       log.report(cfg_.name + ": reconcile: cannot erase session " + r.id + ": " + describe(err));
     log.report(cfg_.name + ": reconcile: session " + r.id + " was taken over at epoch " +
-               std::to_string(newest->epoch) + " (now on " + newest->node +
+               std::to_string(newest->epoch) + " (owner " + newest->record_owner +
                "); dropped this node's copy at epoch " + std::to_string(r.epoch));
   }
   for (auto& id : corrupt) {
@@ -207,11 +207,13 @@ void node::adopt(const std::string& id, uint64_t epoch, const std::string& from)
 void node::lose(const std::string& id, uint64_t epoch) {
   auto had = sessions_->drop(id, epoch);
   if (!had) return;
-  if (auto sup = child("sessions")) caf::anon_send(sup, stop_atom::value, id);
+  auto detail = "session " + id + " was taken over by another node (this node's epoch " +
+                std::to_string(had->epoch) + " is stale); reconnect and resume there";
+  // The actor tells its running turn's stream to reconnect elsewhere, cancels the turn here
+  // and exits normally (transient: not restarted).
+  if (auto a = session(id)) caf::anon_send(a, moved_atom::value, detail);
   if (store_) (void)store_->erase_session(id, had->epoch);
-  ctx_->log->report(cfg_.name + ": session " + id + " is owned by another node at epoch " +
-                    std::to_string(epoch) + "; this node (epoch " + std::to_string(had->epoch) +
-                    ") stopped serving it");
+  ctx_->log->report(cfg_.name + ": " + detail);
 }
 
 caf::expected<std::string> node::owner_address(const std::string& id) {

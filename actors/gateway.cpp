@@ -40,6 +40,7 @@ struct stream_event {
   finish_reason reason = finish_reason::length;
   std::string detail;
   int64_t retry_after_ms = 0;
+  bool moved = false;  // the session moved to another node: the client reconnects and resumes
 };
 
 using event_channel = wire::stream_channel<stream_event>;
@@ -65,6 +66,17 @@ caf::behavior relay(caf::event_based_actor* self, std::shared_ptr<event_channel>
         e.reason = why;
         e.detail = detail;
         e.retry_after_ms = retry_after_ms;
+        ch->push(std::move(e));
+        ch->close();
+        self->quit();
+      },
+      [self, ch](moved_atom, const std::string&, uint64_t turn, const std::string& detail) {
+        stream_event e;
+        e.done = true;
+        e.moved = true;
+        e.turn = turn;
+        e.reason = finish_reason::failed;
+        e.detail = detail;
         ch->push(std::move(e));
         ch->close();
         self->quit();
@@ -140,8 +152,18 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
           rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
   };
 
-  impl(caf::actor_system& s, node& n, const gateway_config& c, kj::Timer& t)
-      : sys(s), nd(n), cfg(c), timer(t), blocking(64) {
+  /// A connection to another node's Gateway, for forwarding (one per address, reused).
+  struct upstream {
+    kj::Own<kj::AsyncIoStream> io;
+    capnp::TwoPartyClient rpc;
+    wire::Gateway::Client gateway;
+
+    explicit upstream(kj::Own<kj::AsyncIoStream>&& s)
+        : io(kj::mv(s)), rpc(*io), gateway(rpc.bootstrap().castAs<wire::Gateway>()) {}
+  };
+
+  impl(caf::actor_system& s, node& n, const gateway_config& c, kj::Timer& t, kj::Network& net)
+      : sys(s), nd(n), cfg(c), timer(t), network(net), blocking(64) {
     auto ctx_len = static_cast<size_t>(nd.context()->llm->config().ctx_len);
     buffer = cfg.stream_buffer > 0 ? cfg.stream_buffer : ctx_len + 2;
     reader_options.traversalLimitInWords = cfg.traversal_limit_words;
@@ -149,6 +171,58 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   }
 
   ~impl() { shutdown(); }
+
+  // -- forwarding ---------------------------------------------------------------------------
+
+  /// The Gateway of the node at `address` (another keel-node's client endpoint).
+  kj::Promise<wire::Gateway::Client> upstream_to(const std::string& address) {
+    if (auto i = upstreams.find(address); i != upstreams.end()) return i->second->gateway;
+    return network.parseAddress(address)
+        .then([](kj::Own<kj::NetworkAddress> a) { return a->connect(); })
+        .then([this, address](kj::Own<kj::AsyncIoStream> s) {
+          auto u = kj::heap<upstream>(kj::mv(s));
+          wire::Gateway::Client gw = u->gateway;
+          auto gone = u->rpc.onDisconnect();
+          tasks.add(gone.then([this, address] {
+            // Later: the disconnect callback runs inside the connection being dropped.
+            tasks.add(kj::evalLater([this, address] { upstreams.erase(address); }));
+          }));
+          upstreams[address] = kj::mv(u);
+          return gw;
+        });
+  }
+
+  /// Session `id`, which this node does not hold, from the node that owns it: its `Session`
+  /// capability, passed on (Cap'n Proto proxies every call and stream through this node).
+  kj::Promise<caf::expected<wire::Session::Client>> forward(const std::string& id) {
+    auto& n = nd;
+    return blocking.run<std::string>([&n, id] { return n.owner_address(id); })
+        .then([this, id](caf::expected<std::string> address)
+                  -> kj::Promise<caf::expected<wire::Session::Client>> {
+          if (!address) return caf::expected<wire::Session::Client>(std::move(address.error()));
+          if (address->empty())  // taken over by this node meanwhile
+            return caf::expected<wire::Session::Client>(make_error(errc::disconnected, "session " + id + " moved here; retry"));
+          auto where = *address;
+          return upstream_to(where)
+              .then([id](wire::Gateway::Client gw) {
+                auto req = gw.getSessionRequest();
+                req.setId(id);
+                return req.send();
+              })
+              .then(
+                  [id](capnp::Response<wire::Gateway::GetSessionResults> r)
+                      -> caf::expected<wire::Session::Client> {
+                    if (auto err = wire::from_wire(r.getError())) return err;
+                    return r.getSession();
+                  },
+                  [this, where, id](kj::Exception&& e) -> caf::expected<wire::Session::Client> {
+                    upstreams.erase(where);
+                    return make_error(errc::disconnected,
+                                      "session " + id + ": its owner at " + where +
+                                          " did not answer: " + e.getDescription().cStr());
+                  });
+        });
+  }
 
   void log(const std::string& line) {
     if (cfg.log) cfg.log(line);
@@ -269,6 +343,10 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
     req.setTurn(e.turn);
     req.setReason(wire::to_wire(e.reason));
     auto err = req.initError();
+    if (e.moved) {
+      wire::to_wire(make_error(errc::disconnected, e.detail), err);
+      return within_stall_timeout(req.send().ignoreResult(), "did not take the end of its turn");
+    }
     switch (e.reason) {
       case finish_reason::overloaded:
         wire::to_wire(make_error(errc::overloaded, e.detail), err,
@@ -366,6 +444,8 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
                })
         .then([this, id](caf::expected<caf::actor> a) -> caf::expected<caf::actor> {
           if (!a || *a) return a;
+          if (nd.moved(id))
+            return make_error(errc::disconnected, "session " + id + " moved to another node; reconnect");
           for (auto& r : nd.sessions())
             if (r.id == id) return make_error(errc::overloaded, "session " + id + " is restarting");
           return make_error(errc::not_found, "no session " + id);
@@ -380,6 +460,8 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   node& nd;
   const gateway_config& cfg;
   kj::Timer& timer;
+  kj::Network& network;
+  std::map<std::string, kj::Own<upstream>> upstreams;  // by address
   wire::blocking_worker blocking;  // node::open_session blocks (scoped_actor)
   capnp::ReaderOptions reader_options;
   size_t buffer = 0;
@@ -555,16 +637,18 @@ class session_server final : public wire::Session::Server {
     }
     auto turn = p.getTurn();
     auto from = static_cast<int64_t>(std::min<uint64_t>(p.getFromIndex(), INT64_MAX));
+    std::vector<int32_t> held;
+    for (auto t : p.getHeld()) held.push_back(t);
     auto& s = g_.open_stream(id_, p.getSink());
     s.next_index = from;
     auto sid = s.id;
     auto relay_actor = s.relay;
     return g_.find_session(id_)
-        .then([this, turn, from,
-               relay_actor](caf::expected<caf::actor> a) -> kj::Promise<caf::expected<bool>> {
+        .then([this, turn, from, relay_actor,
+               held](caf::expected<caf::actor> a) -> kj::Promise<caf::expected<bool>> {
           if (!a) return caf::expected<bool>(std::move(a.error()));
           return wire::ask<bool>(g_.sys, *a, g_.cfg.call_timeout, resume_atom::value, turn, from,
-                                 relay_actor);
+                                 relay_actor, held);
         })
         .then([this, ctx, sid, turn](caf::expected<bool> r) mutable {
           auto err = ctx.getResults().initError();
@@ -634,12 +718,26 @@ class gateway_server final : public wire::Gateway::Server {
     ctx.allowCancellation();
     auto text = ctx.getParams().getId();
     std::string id(text.cStr(), text.size());
-    return g_.find_session(id).then([this, ctx, id](caf::expected<caf::actor> a) mutable {
-      auto res = ctx.getResults();
-      if (!a) return set_error(a.error(), res.initError());
-      res.setSession(kj::heap<session_server>(g_, id));
-      res.initError().setKind(wire::Error::Kind::NONE);
-    });
+    return g_.find_session(id).then(
+        [this, ctx, id](caf::expected<caf::actor> a) mutable -> kj::Promise<void> {
+          auto res = ctx.getResults();
+          if (a) {
+            res.setSession(kj::heap<session_server>(g_, id));
+            res.initError().setKind(wire::Error::Kind::NONE);
+            return kj::READY_NOW;
+          }
+          if (code_of(a.error()) != errc::not_found && !g_.nd.moved(id)) {
+            set_error(a.error(), res.initError());
+            return kj::READY_NOW;
+          }
+          // Not here: any node accepts any session's requests and passes them on to its owner.
+          return g_.forward(id).then([ctx](caf::expected<wire::Session::Client> s) mutable {
+            auto res = ctx.getResults();
+            if (!s) return set_error(s.error(), res.initError());
+            res.setSession(kj::mv(*s));
+            res.initError().setKind(wire::Error::Kind::NONE);
+          });
+        });
   }
 
   kj::Promise<void> listSessions(ListSessionsContext ctx) override {
@@ -680,7 +778,7 @@ caf::expected<std::unique_ptr<gateway>> gateway::start(caf::actor_system& sys, n
     bool reported = false;
     try {
       auto io = kj::setupAsyncIo();
-      gw state(sys, n, gp->cfg_, io.provider->getTimer());
+      gw state(sys, n, gp->cfg_, io.provider->getTimer(), io.provider->getNetwork());
       auto addr =
           io.provider->getNetwork().parseAddress(gp->cfg_.host, gp->cfg_.port).wait(io.waitScope);
       auto listener = addr->listen();

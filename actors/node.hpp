@@ -106,6 +106,11 @@ class node {
   /// replica is taking it over: retry), `not_found` when no live node has a copy. Blocks for a
   /// round of `locate` calls; not on a CAF or KJ thread.
   caf::expected<std::string> owner_address(const std::string& id);
+  /// Another node owns `id` at `epoch`: stop serving it and forget the local copy (called when
+  /// a replica or a peer's `replicate` shows a newer epoch).
+  void lose(const std::string& id, uint64_t epoch);
+  /// Whether this node held `id` and another node took it over.
+  bool moved(const std::string& id) const { return sessions_->dropped(id); }
 
   /// The session store (null without a data dir).
   storage::session_store* store() { return store_.get(); }
@@ -131,8 +136,6 @@ class node {
   void take_over();
   /// Takes the lease of the replica `id` with `epoch` and starts it. On the replicator's thread.
   void adopt(const std::string& id, uint64_t epoch, const std::string& from);
-  /// Another node owns `id` at `epoch`: stop serving it and forget the local copy.
-  void lose(const std::string& id, uint64_t epoch);
 
   caf::actor_system& sys_;
   node_config cfg_;

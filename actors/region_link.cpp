@@ -1,5 +1,6 @@
 #include "actors/region_link.hpp"
 
+#include <atomic>
 #include <functional>
 #include <optional>
 #include <thread>
@@ -11,6 +12,7 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/send.hpp>
 
+#include "actors/fault.hpp"
 #include "base/error.hpp"
 #include "wire/peer.capnp.h"
 
@@ -41,8 +43,22 @@ const char* to_string(breaker_state x) {
 }
 
 void peer_table::put(const peer_info& p) {
+  std::function<void(const peer_info&)> f;
+  {
+    std::lock_guard<std::mutex> guard(mu_);
+    auto& slot = peers_[p.address];
+    // A link restarted from scratch starts as down without having seen anything: no news.
+    bool went_down = p.status == peer_status::down && slot.status != peer_status::down &&
+                     !slot.name.empty() && (p.heartbeats > 0 || p.failures > 0);
+    slot = p;
+    if (went_down) f = on_down_;
+  }
+  if (f) f(p);
+}
+
+void peer_table::on_down(std::function<void(const peer_info&)> f) {
   std::lock_guard<std::mutex> guard(mu_);
-  peers_[p.address] = p;
+  on_down_ = std::move(f);
 }
 
 std::vector<peer_info> peer_table::snapshot() const {
@@ -95,6 +111,13 @@ class link_io : public kj::TaskSet::ErrorHandler {
 
   void taskFailed(kj::Exception&& e) override {
     report("task failed: " + std::string(e.getDescription().cStr()));
+  }
+
+  /// Any thread: the link fails every heartbeat and reconnect for `d` from now (fault
+  /// injection: cut_atom).
+  void cut(std::chrono::milliseconds d) {
+    cut_until_ns_.store(ns_since_epoch(clock::now() + d));
+    report("cut for " + std::to_string(d.count()) + " ms (fault injection)");
   }
 
  private:
@@ -160,9 +183,22 @@ class link_io : public kj::TaskSet::ErrorHandler {
       set_breaker(breaker_state::half_open,
                   "probing after " + std::to_string(cfg_.breaker_open.count()) + " ms");
     }
+    if (auto left = cut_left(now); left > 0) {
+      // As a partition: the connection drops, and every attempt until the end fails.
+      if (conn_.get() != nullptr || connecting_ || now >= next_attempt_)
+        fail("cut by fault injection, " + std::to_string(left) + " ms left");
+      evaluate(now);
+      return;
+    }
     if (conn_.get() == nullptr && !connecting_ && now >= next_attempt_) connect();
     if (conn_.get() != nullptr && !in_flight_ && now - sent_ >= cfg_.heartbeat_interval) send();
     evaluate(now);
+  }
+
+  int64_t cut_left(clock::time_point now) const {
+    auto until = cut_until_ns_.load(std::memory_order_relaxed);
+    auto at = ns_since_epoch(now);
+    return until > at ? static_cast<int64_t>((until - at + 999999) / 1000000) : 0;
   }
 
   void evaluate(clock::time_point now) {
@@ -254,6 +290,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
           auto n = r.getNode();
           info_.name = n.getName().cStr();
           info_.region = n.getRegion().cStr();
+          info_.client_address = n.getClientAddress().cStr();
           if (info_.breaker != breaker_state::closed)
             set_breaker(breaker_state::closed, "answered");
           evaluate(now);
@@ -298,6 +335,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
   std::mutex mu_;  // guards stop_ and stopping_
   kj::Own<kj::CrossThreadPromiseFulfiller<void>> stop_;
   bool stopping_ = false;
+  std::atomic<uint64_t> cut_until_ns_{0};  // steady clock; 0: not cut
 
   // The link's thread only.
   kj::Timer* timer_ = nullptr;
@@ -320,6 +358,10 @@ caf::behavior link_actor(caf::event_based_actor* self, std::string address, link
   // stops within one turn of its event loop, so the join is short.
   self->attach_functor([io](const caf::error&) { io->stop(); });
   return {
+      [io](cut_atom, int64_t ms) -> bool {
+        io->cut(std::chrono::milliseconds(std::max<int64_t>(ms, 0)));
+        return true;
+      },
       [table, address](get_atom) -> std::string {
         for (auto& p : table->snapshot())
           if (p.address == address) return to_string(p.status);
@@ -334,6 +376,7 @@ child_spec link_spec(std::string address, link_config cfg, std::shared_ptr<peer_
                      std::shared_ptr<supervision_log> log) {
   child_spec spec;
   spec.id = "peer-" + address;
+  spec.kind = "region_link";
   spec.start = [address, cfg, table, log](caf::actor_system& sys, const std::string&,
                                           const caf::message&) -> caf::expected<caf::actor> {
     return sys.spawn(link_actor, address, cfg, table, log);

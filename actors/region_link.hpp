@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -53,6 +54,7 @@ struct peer_info {
   std::string address;  // HOST:PORT of the peer's endpoint, as configured
   std::string name;     // from its last heartbeat answer ("" until one)
   std::string region;
+  std::string client_address;  // of its client Gateway, from its last heartbeat answer
   peer_status status = peer_status::down;
   breaker_state breaker = breaker_state::closed;
   std::chrono::nanoseconds round_trip{0};  // of the last answered heartbeat
@@ -70,12 +72,17 @@ struct peer_info {
 /// Every link's view of its peer, written by the links' threads and read by anyone. Thread-safe.
 class peer_table {
  public:
+  /// Records `p`; when its status changes from up or suspect to down, calls the `on_down`
+  /// listener (on the caller's thread, no lock held).
   void put(const peer_info& p);
   std::vector<peer_info> snapshot() const;  // ordered by address
+  /// Called when a peer that had answered is declared down (takeover, docs/actors.md).
+  void on_down(std::function<void(const peer_info&)> f);
 
  private:
   mutable std::mutex mu_;
   std::map<std::string, peer_info> peers_;
+  std::function<void(const peer_info&)> on_down_;
 };
 
 /// The child spec of the link to the peer endpoint at `address` (HOST:PORT), id "peer-ADDRESS".

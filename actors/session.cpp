@@ -1,5 +1,6 @@
 #include "actors/session.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include <caf/event_based_actor.hpp>
@@ -227,6 +228,46 @@ void submit(self_ptr self) {
   self->send(b, submit_atom::value, std::move(job));
 }
 
+/// `resume_atom`: streams turn `turn` from `from_index` to `sink`. `held` are the turn's tokens
+/// the client already holds, from index 0: those beyond what this session has (a new owner's
+/// copy lags the old owner by up to `checkpoint_every` tokens) are adopted, not generated again.
+caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::actor sink,
+                         const std::vector<int32_t>& held) {
+  check_fault(self);
+  auto& st = self->state;
+  if (turn >= st.rec.turns.size()) {
+    return make_error(errc::not_found,
+                      "session " + st.rec.id + " has no turn " + std::to_string(turn));
+  }
+  auto& t = st.rec.turns[turn];
+  if (!t.done && held.size() > t.generated.size()) {
+    if (!std::equal(t.generated.begin(), t.generated.end(), held.begin())) {
+      return make_error(errc::bad_request, "session " + st.rec.id + " turn " +
+                                               std::to_string(turn) +
+                                               ": the tokens held by the client differ from "
+                                               "the session's");
+    }
+    auto limit = std::min(held.size(), static_cast<size_t>(std::max(t.max_tokens, 0)));
+    if (limit > t.generated.size()) {
+      t.generated.insert(t.generated.end(), held.begin() + static_cast<ptrdiff_t>(t.generated.size()),
+                         held.begin() + static_cast<ptrdiff_t>(limit));
+      (void)st.table->put(st.rec, change::tokens);
+      submit(self);  // the batcher's copy continues after the adopted tokens
+    }
+  }
+  for (auto k = std::max<int64_t>(from_index, 0); k < static_cast<int64_t>(t.generated.size());
+       ++k)
+    self->send(sink, token_atom::value, st.rec.id, t.turn, k, t.generated[k],
+               st.ctx->tok->token_text(t.generated[k]));
+  if (t.done) {
+    self->send(sink, done_atom::value, st.rec.id, t.turn, t.reason, std::string{}, int64_t{0});
+  } else {
+    t.sink = std::move(sink);
+    st.table->put(st.rec);
+  }
+  return true;
+}
+
 caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
                       std::shared_ptr<session_table> table, session_record initial) {
   exceptions_as_failures(self);
@@ -319,25 +360,21 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
       },
       [self](get_atom) { return self->state.rec; },
       [self](resume_atom, uint64_t turn, int64_t from_index, caf::actor sink) -> caf::result<bool> {
-        check_fault(self);
+        return resume(self, turn, from_index, std::move(sink), {});
+      },
+      [self](resume_atom, uint64_t turn, int64_t from_index, caf::actor sink,
+             const std::vector<int32_t>& held) -> caf::result<bool> {
+        return resume(self, turn, from_index, std::move(sink), held);
+      },
+      [self](moved_atom, const std::string& detail) {
+        // Another node owns the session now (node::lose): the running turn's client reconnects
+        // and resumes there. The table refuses this actor's writes from now on.
         auto& st = self->state;
-        if (turn >= st.rec.turns.size()) {
-          return make_error(errc::not_found,
-                            "session " + st.rec.id + " has no turn " + std::to_string(turn));
+        if (auto* t = running_turn(st)) {
+          self->send(t->sink, moved_atom::value, st.rec.id, t->turn, detail);
+          if (st.batcher) self->send(st.batcher, cancel_atom::value, seq_of(st.rec, t->turn));
         }
-        auto& t = st.rec.turns[turn];
-        for (auto k = std::max<int64_t>(from_index, 0);
-             k < static_cast<int64_t>(t.generated.size()); ++k)
-          self->send(sink, token_atom::value, st.rec.id, t.turn, k, t.generated[k],
-                     st.ctx->tok->token_text(t.generated[k]));
-        if (t.done) {
-          self->send(sink, done_atom::value, st.rec.id, t.turn, t.reason, std::string{},
-                     int64_t{0});
-        } else {
-          t.sink = std::move(sink);
-          st.table->put(st.rec);
-        }
-        return true;
+        self->quit();
       },
       [self](history_atom) {
         std::vector<std::vector<int32_t>> out;

@@ -294,7 +294,7 @@ class supervisor_actor final : public caf::event_based_actor {
           std::vector<child_info> out;
           for (auto& c : children_)
             out.push_back(child_info{c.spec.id, c.path, c.stopping ? caf::actor{} : c.handle,
-                                     c.restarts, c.last_failure});
+                                     c.restarts, c.last_failure, c.spec.kind});
           return out;
         },
         [this](subscribe_atom, caf::actor& observer) {
@@ -712,6 +712,7 @@ child_spec supervisor_child(std::string id, supervisor_flags flags,
   spec.id = std::move(id);
   spec.restart = restart_type::permanent;
   spec.shutdown.timeout = shutdown_policy::infinite;
+  spec.kind = "supervisor";
   spec.start = [flags, children = std::move(children), log = std::move(log)](
                    caf::actor_system& sys, const std::string& path,
                    const caf::message&) -> caf::expected<caf::actor> {

@@ -59,6 +59,9 @@ struct child_spec {
   child_factory start;
   restart_type restart = restart_type::permanent;
   shutdown_policy shutdown;
+  /// What the child is, for the admin shell: "supervisor" for nested supervisors (they answer
+  /// `list_atom`, so their children can be listed in turn); "" when the spec does not say.
+  std::string kind;
 };
 
 /// Delay before a restart: initial * multiplier^(n-1) for the n-th consecutive restart of a
@@ -139,6 +142,7 @@ struct child_info {
   caf::actor handle;  // invalid while not running
   int32_t restarts = 0;
   std::string last_failure;  // "" when it never failed
+  std::string kind;          // the spec's kind
 };
 
 /// Spawns a supervisor at `path` that starts `children` in order.

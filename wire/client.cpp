@@ -19,6 +19,10 @@ namespace keel::wire {
 
 namespace {
 
+void list_into(const std::vector<int32_t>& xs, capnp::List<int32_t>::Builder out) {
+  for (unsigned i = 0; i < xs.size(); ++i) out.set(i, xs[i]);
+}
+
 template <class T>
 std::vector<T> to_vector(typename capnp::List<T>::Reader xs) {
   std::vector<T> out;
@@ -460,6 +464,8 @@ caf::expected<generation> client::generate(const std::string& session, const std
         req.setTurn(out.turn);
         req.setFromIndex(st->next_index[out.turn]);
         req.setSink(kj::heap<sink_impl>(st));
+        // What this client holds: a new owner whose copy lags adopts it (keel.capnp).
+        list_into(st->generated, req.initHeld(static_cast<unsigned>(st->generated.size())));
         auto resp = d.call(req.send(), "resume");
         if (auto err = from_wire(resp.getError())) return err;
         st->last_event = std::chrono::steady_clock::now();
@@ -495,14 +501,33 @@ caf::expected<generation> client::generate(const std::string& session, const std
   };
 
   auto r = attempt(false, {});
+  std::optional<std::chrono::steady_clock::time_point> broke_at;  // of the stream being resumed
+  std::string broke_from;
+  auto pause = std::max(d.opts.resume_backoff, std::chrono::milliseconds(1));
   while (!r && accepted && !cancel_wanted && code_of(r.error()) == errc::disconnected &&
          d.opts.resume_for.count() > 0) {
-    auto broke = std::chrono::steady_clock::now();
+    // A resume refused at once (the session's owner is down and a replica is taking it over)
+    // is tried again after a pause, within the same `resume_for` as the first failure.
+    if (broke_at) {
+      if (std::chrono::steady_clock::now() + pause >= *broke_at + d.opts.resume_for) break;
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::milliseconds(100));
+    }
+    // A stream the node ended with `disconnected` (the session moved to another node) goes on
+    // from the new owner: that end was not the turn's.
+    if (st->done && st->done_error && code_of(st->done_error) == errc::disconnected) {
+      st->done = false;
+      st->done_error = caf::error{};
+    }
+    if (!broke_at) {
+      broke_at = std::chrono::steady_clock::now();
+      broke_from = d.endpoint;
+    }
     failover_event ev;
     ev.session = session;
     ev.turn = out.turn;
-    ev.from = d.endpoint;
-    if (auto err = d.reconnect(broke + d.opts.resume_for))
+    ev.from = broke_from;
+    if (auto err = d.reconnect(*broke_at + d.opts.resume_for))
       return make_error(errc::disconnected, "turn " + std::to_string(out.turn) + " of " + session +
                                                 " broke (" + describe(r.error()) +
                                                 ") and could not resume: " + describe(err));
@@ -511,8 +536,10 @@ caf::expected<generation> client::generate(const std::string& session, const std
     ev.from_index = st->next_index[out.turn];
     r = attempt(true, [&] {
       ev.duration = std::chrono::duration_cast<std::chrono::milliseconds>(
-          std::chrono::steady_clock::now() - broke);
+          std::chrono::steady_clock::now() - *broke_at);
       if (d.opts.on_failover) d.opts.on_failover(ev);
+      broke_at.reset();
+      pause = std::max(d.opts.resume_backoff, std::chrono::milliseconds(1));
     });
   }
   if (!r) return r.error();

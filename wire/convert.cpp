@@ -11,6 +11,7 @@ Error::Kind to_wire(errc code) {
     case errc::overloaded:
       return Error::Kind::OVERLOADED;
     case errc::disconnected:
+    case errc::stale_epoch:  // the session moved to another node: reconnect, retry there
       return Error::Kind::DISCONNECTED;
     case errc::unimplemented:
       return Error::Kind::UNIMPLEMENTED;
@@ -19,7 +20,6 @@ Error::Kind to_wire(errc code) {
     case errc::not_found:
       return Error::Kind::NOT_FOUND;
     case errc::failed:
-    case errc::stale_epoch:
     case errc::corrupt_record:
     case errc::bad_model:
       return Error::Kind::FAILED;

@@ -79,8 +79,10 @@ interface Session {
   cancel @2 (turn :UInt64) -> (error :Error);
   history @3 () -> (turns :List(Turn), error :Error);
   # Streams the turn's tokens from `fromIndex` on into `sink`: those already generated, then
-  # (when the turn still runs) the rest as they come, then `done`.
-  resume @4 (turn :UInt64, fromIndex :UInt64, sink :TokenSink) -> (error :Error);
+  # (when the turn still runs) the rest as they come, then `done`. `held`: the turn's tokens the
+  # client holds, from index 0 (optional); a node that took the session over with fewer adopts
+  # the rest instead of generating them again.
+  resume @4 (turn :UInt64, fromIndex :UInt64, sink :TokenSink, held :List(Int32)) -> (error :Error);
 }
 
 struct NodeInfo {
@@ -97,4 +99,111 @@ interface Gateway {
   openSession @1 (params :SamplingParams, priority :Int32) -> (session :Session, id :Text, error :Error);
   getSession @2 (id :Text) -> (session :Session, error :Error);
   listSessions @3 () -> (sessions :List(SessionInfo));
+}
+
+# -- The admin API: what keel-shell speaks (docs/shell.md) ----------------------------------------
+# Served on a port of its own (`keel-node --admin-listen HOST:PORT`), apart from clients and
+# peers, and only to a caller that knows the node's admin key (`--admin-key`).
+
+interface AdminGate {
+  # The node's Admin capability, for the right key. Refused (`error`, no `admin`) with
+  # `badRequest` "admin key refused" for a wrong key, and `unimplemented` "admin interface
+  # disabled: ..." on a node started without a key. `node` is the node's name.
+  login @0 (key :Text) -> (admin :Admin, node :Text, error :Error);
+}
+
+# One actor of the node's supervision tree.
+struct ActorInfo {
+  path @0 :Text;               # "node/engine/shard-0"; the root is the node's name
+  depth @1 :UInt32;            # 0 for the root
+  kind @2 :Text;               # supervisor, shard_worker, batcher, session, region_link, ...
+  state @3 :Text;              # running, restarting, stopped
+  restarts @4 :UInt32;
+  lastFailure @5 :Text;        # the exit reason of its last failure; "" when it never failed
+  lastFailureAgeMs @6 :UInt64; # how long ago, by the node's clock
+  lastFailureUnixMs @7 :Int64; # when (system clock); 0 when it never failed
+}
+
+# A peer as this node's region link sees it.
+struct PeerView {
+  address @0 :Text;  # its peer endpoint, as configured
+  name @1 :Text;     # from its heartbeats ("" until one was answered)
+  region @2 :Text;
+  status @3 :Text;   # up, suspect, down
+  breaker @4 :Text;  # closed, open, half-open
+  roundTripUs @5 :UInt64;
+  failures @6 :UInt64;
+  lastFailure @7 :Text;
+  clientAddress @8 :Text;  # its Gateway's HOST:PORT, from its heartbeats ("" until one)
+}
+
+struct NodeReport {
+  name @0 :Text;
+  region @1 :Text;
+  clientAddress @2 :Text;  # the Gateway's HOST:PORT
+  adminAddress @3 :Text;
+  peerAddress @4 :Text;    # "" without --peer-listen
+  model @5 :Text;
+  shards @6 :UInt32;
+  uptimeMs @7 :UInt64;
+  sessions @8 :UInt32;
+  runningTurns @9 :UInt32;
+  queueLength @10 :UInt32;    # turns waiting for admission
+  kvPagesUsed @11 :UInt32;    # of each shard (all shards hold the same pages)
+  kvPagesTotal @12 :UInt32;
+  tokensPerSecond @13 :Float64;  # generated tokens, over the last second
+  tokens @14 :UInt64;            # generated since the batcher last started
+  steps @15 :UInt64;
+  groupFailures @16 :UInt64;
+  preemptions @17 :UInt64;
+  shed @18 :UInt64;
+  lastRecoveryMs @19 :Float64;   # from the last group failure to the next token; 0: none yet
+  restarts @20 :UInt32;          # restarts by every supervisor of the node
+  faultsFired @21 :UInt64;
+  replicated @22 :UInt64;        # session writes a replica acknowledged
+  replicationFailures @23 :UInt64;
+  peers @24 :List(PeerView);
+}
+
+struct AdminSession {
+  id @0 :Text;
+  owner @1 :Text;              # the node that owns it
+  replicas @2 :List(Text);     # the nodes known to hold a copy (may be empty: not known)
+  epoch @3 :UInt64;
+  turns @4 :UInt32;
+  tokens @5 :UInt64;           # prompt and generated tokens of every turn
+  running @6 :Bool;
+  priority @7 :Int32;
+  durable @8 :Bool;            # the node has a session store (--data)
+  checkpointTurn @9 :UInt64;   # with `durable`: the last turn in the store ...
+  checkpointTokens @10 :UInt64;  # ... and how many of its generated tokens its log holds
+}
+
+struct Fault {
+  kind @0 :Kind;
+  afterSteps @1 :UInt32;  # crash, stall: at the (afterSteps + 1)-th step from now
+  durationMs @2 :UInt32;  # stall, cut
+  count @3 :UInt32;       # kvFail: how many allocations fail
+
+  enum Kind {
+    crash @0;   # a shard worker (at a step) or a session (at its next message)
+    stall @1;   # a shard worker sleeps durationMs before a step
+    kvFail @2;  # a shard worker's next `count` KV page allocations fail
+    cut @3;     # a region link fails every heartbeat for durationMs
+    clear @4;   # the node (its root path): disarm every armed fault
+  }
+}
+
+# Paths name actors of the node's tree, from its root ("node/engine/shard-0"). An unknown path is
+# `notFound`, naming the children that do exist.
+interface Admin {
+  tree @0 () -> (actors :List(ActorInfo), error :Error);
+  report @1 () -> (report :NodeReport, error :Error);
+  sessions @2 () -> (sessions :List(AdminSession), error :Error);
+  # Makes the actor exit with "killed by admin" (its supervisor restarts it as it would after a
+  # crash); `outcome` says what the supervisor did within a short wait.
+  kill @3 (path :Text) -> (outcome :Text, error :Error);
+  # The supervisor stops the actor and starts it again (a manual restart).
+  restart @4 (path :Text) -> (outcome :Text, error :Error);
+  fault @5 (path :Text, fault :Fault) -> (outcome :Text, error :Error);
 }
