@@ -113,6 +113,13 @@ std::vector<session_record> node::reconcile(std::vector<session_record> recovere
 
 void node::take_over() {
   if (!store_ || !replicator_) return;
+  // The peer that went down may have been a replica of this node's sessions: each of them is
+  // copied whole to its replicas among the live peers (a no-op where one already has it).
+  for (auto& id : sessions_->ids()) {
+    replica_update u;
+    u.session = id;
+    replicator_->enqueue(std::move(u));
+  }
   std::set<std::string> live;
   for (auto& p : peers_->snapshot())
     if (p.status != peer_status::down && !p.name.empty()) live.insert(p.name);

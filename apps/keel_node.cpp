@@ -14,6 +14,7 @@
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 
+#include "actors/admin.hpp"
 #include "actors/gateway.hpp"
 #include "actors/node.hpp"
 #include "actors/peer_server.hpp"
@@ -42,6 +43,11 @@ constexpr option spec[] = {
     {"peers", "HOST:PORT,...", "the other nodes' peer addresses; one region link each"},
     {"heartbeat-interval", "MS", "region link heartbeat interval (default 100)"},
     {"down-after", "MS", "declare a peer down after MS ms without a heartbeat (default 500)"},
+    {"replicas", "N",
+     "replicas of each session on other nodes, one in another region when there is one "
+     "(default 1; with --data and --peers)"},
+    {"admin-listen", "HOST:PORT", "the admin API's address (keel-shell); port 0 picks a free one"},
+    {"admin-key", "KEY", "the key keel-shell must give (default: none; the admin API refuses all)"},
     {"config", "FILE", "'key = value' lines with the names of these options; flags override"},
 };
 
@@ -149,6 +155,8 @@ int run(std::span<char*> args) {
   auto down_after = opts->get_int("down-after", 500, 2, 10 * 60 * 1000);
   if (!heartbeat) return fail(heartbeat.error());
   if (!down_after) return fail(down_after.error());
+  auto replicas = opts->get_int("replicas", 1, 1, 16);
+  if (!replicas) return fail(replicas.error());
   std::vector<std::string> peers;
   if (opts->has("peers")) {
     std::string list = opts->get("peers");
@@ -171,6 +179,23 @@ int run(std::span<char*> args) {
     peer_listen = *pl;
   }
 
+  // The admin endpoint (keel-shell, docs/shell.md): its own port, and only with a key.
+  std::optional<std::pair<std::string, uint16_t>> admin_listen;
+  if (opts->has("admin-listen")) {
+    auto al = parse_listen(opts->get("admin-listen"), "admin-listen");
+    if (!al) return fail(al.error());
+    admin_listen = *al;
+  }
+  if (opts->has("admin-key") && !admin_listen)
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "--admin-key needs --admin-listen HOST:PORT to serve the admin "
+                                 "API on"));
+  if (opts->has("admin-key") && opts->get("admin-key").size() < 8)
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "--admin-key: the key has " +
+                                     std::to_string(opts->get("admin-key").size()) +
+                                     " characters, at least 8 are needed"));
+
   keel::node_config ncfg;
   ncfg.name = opts->get("name", "node");
   ncfg.model_path = opts->get("model");
@@ -183,6 +208,7 @@ int run(std::span<char*> args) {
   ncfg.peers = std::move(peers);
   ncfg.heartbeat_interval = std::chrono::milliseconds(*heartbeat);
   ncfg.down_after = std::chrono::milliseconds(*down_after);
+  ncfg.replicas = static_cast<int32_t>(*replicas);
   keel::gateway_config gcfg;
   gcfg.host = listen->first;
   gcfg.port = listen->second;
@@ -224,17 +250,39 @@ int run(std::span<char*> args) {
   if (peer_srv) peer_srv->attach_store((*nd)->store());
   auto gw = keel::gateway::start(sys, **nd, gcfg);
   if (!gw) return fail(gw.error());
+  if (peer_srv) {
+    // Peers learn where this node serves clients (they forward requests here) and tell it when
+    // another node took one of its sessions over.
+    peer_srv->set_client_address((*gw)->address());
+    peer_srv->on_lost([n = nd->get()](const std::string& id, uint64_t epoch) { n->lose(id, epoch); });
+  }
   keel::cli::log_line(program, "listening on " + (*gw)->address());
   keel::cli::log_line(program, "node " + ncfg.name + ", model " + ncfg.model_path + ", " +
                                    std::to_string(ncfg.shards) + " shard(s) x " +
                                    std::to_string(ncfg.threads_per_shard) + " thread(s)" +
                                    (gcfg.region.empty() ? "" : ", region " + gcfg.region) +
                                    (opts->has("data") ? ", data " + opts->get("data") : ""));
+  std::unique_ptr<keel::admin> adm;
+  if (admin_listen) {
+    keel::admin_config acfg;
+    acfg.host = admin_listen->first;
+    acfg.port = admin_listen->second;
+    acfg.key = opts->get("admin-key");
+    acfg.client_address = (*gw)->address();
+    acfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
+    auto a = keel::admin::start(sys, **nd, std::move(acfg));
+    if (!a) return fail(a.error());
+    adm = std::move(*a);
+    keel::cli::log_line(program, "admin on " + adm->address() +
+                                     (opts->has("admin-key") ? "" : " (disabled: no --admin-key)"));
+  }
 
   int sig = 0;
   sigwait(&stop_signals, &sig);
   keel::cli::log_line(program, std::string(strsignal(sig)) + ", stopping");
+  if (adm) adm->stop();
   (*gw)->stop();
+  if (peer_srv) peer_srv->on_lost({});
   if (peer_srv) peer_srv->detach_store();
   (*nd)->stop();
   if (peer_srv) peer_srv->stop();

@@ -1,0 +1,310 @@
+#include "actors/admin_ops.hpp"
+
+#include <algorithm>
+#include <thread>
+
+#include <caf/actor_cast.hpp>
+#include <caf/monitorable_actor.hpp>
+#include <caf/scoped_actor.hpp>
+
+#include "actors/atoms.hpp"
+#include "actors/fault.hpp"
+#include "storage/session_store.hpp"
+
+namespace keel {
+
+namespace {
+
+using namespace std::chrono_literals;
+
+/// The answer of a request to `dest`, waited for on the calling (non-CAF, non-KJ) thread. A
+/// timeout says which actor did not answer.
+template <class T, class... Ts>
+caf::expected<T> call(caf::actor_system& sys, const caf::actor& dest, const std::string& what,
+                      std::chrono::milliseconds timeout, Ts... xs) {
+  if (!dest) return make_error(errc::disconnected, what + " is not running");
+  caf::scoped_actor self{sys};
+  caf::expected<T> out = make_error(errc::failed, what + ": no reply");
+  self->request(dest, timeout, xs...)
+      .receive([&](T& x) { out = std::move(x); },
+               [&](caf::error& e) {
+                 if (e == caf::sec::request_timeout)
+                   out = make_error(errc::overloaded, what + " did not answer within " +
+                                                          std::to_string(timeout.count()) + " ms");
+                 else
+                   out = std::move(e);
+               });
+  return out;
+}
+
+bool is_failure(const supervision_event& e) {
+  return e.kind == supervision_event_kind::exited && !e.reason.empty() &&
+         e.reason != "user_shutdown" && e.reason != "normal";
+}
+
+}  // namespace
+
+caf::expected<std::vector<actor_row>> admin_ops::tree() {
+  auto events = node_.log().events();
+  event_index last, failed;
+  for (auto& e : events) {
+    last[e.path] = &e;
+    if (is_failure(e)) failed[e.path] = &e;
+  }
+  std::vector<actor_row> out;
+  actor_row root;
+  root.path = name();
+  root.kind = "supervisor";
+  root.state = node_.root() ? "running" : "stopped";
+  out.push_back(root);
+  if (auto err = walk(node_.root(), root.path, 1, last, failed, out)) return err;
+  return out;
+}
+
+caf::expected<figures> admin_ops::report() {
+  figures f;
+  if (auto s = node_.stats()) f.stats = std::move(*s);
+  for (auto& r : node_.sessions()) {
+    ++f.sessions;
+    if (!r.turns.empty() && !r.turns.back().done) ++f.running;
+  }
+  for (auto& e : node_.log().events())
+    if (e.kind == supervision_event_kind::restarted) ++f.restarts;
+  f.faults_fired = static_cast<uint64_t>(node_.faults().fired());
+  if (auto* r = node_.replication()) {
+    f.replicated = r->sent();
+    f.replication_failures = r->failed();
+  }
+  f.peers = node_.peers();
+  return f;
+}
+
+caf::expected<std::vector<session_row>> admin_ops::sessions() {
+  std::vector<session_row> out;
+  auto* store = node_.store();
+  for (auto& r : node_.sessions()) {
+    session_row row;
+    row.durable = store != nullptr;
+    if (store != nullptr && !r.turns.empty()) {
+      row.checkpoint_turn = r.turns.back().turn;
+      if (auto logged = store->read_turn(r.id, row.checkpoint_turn)) {
+        row.checkpoint_tokens = logged->size();
+      } else if (code_of(logged.error()) != errc::not_found) {
+        return make_error(code_of(logged.error()),
+                          "session " + r.id + ": " + message_of(logged.error()));
+      }
+    }
+    row.r = std::move(r);
+    out.push_back(std::move(row));
+  }
+  return out;
+}
+
+caf::expected<std::string> admin_ops::kill(const std::string& path) {
+  auto at = resolve(path);
+  if (!at) return std::move(at.error());
+  if (!at->parent) return root_refused();
+  if (!at->child.handle)
+    return make_error(errc::overloaded, path + " is not running now (restarting); try again");
+  auto before = node_.log().events().size();
+  auto started = std::chrono::steady_clock::now();
+  {
+    caf::scoped_actor self{sys_};
+    self->send_exit(at->child.handle, make_error(errc::failed, "killed by admin"));
+  }
+  auto deadline = started + cfg_.reaction_wait;
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(2ms);
+    auto events = node_.log().events();
+    for (size_t i = before; i < events.size(); ++i) {
+      auto& e = events[i];
+      auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    std::chrono::steady_clock::now() - started)
+                    .count();
+      if (e.kind == supervision_event_kind::restarted && e.path == path) {
+        return "killed " + path + "; " + at->parent_path + " restarted it within " +
+               std::to_string(ms) + " ms (restarts: " + std::to_string(e.restarts) + ")";
+      }
+      if (e.kind == supervision_event_kind::escalated && path.rfind(e.path + "/", 0) == 0) {
+        return "killed " + path + "; " + e.path + " exceeded its restart intensity and " +
+               "failed to its own supervisor";
+      }
+    }
+  }
+  return "killed " + path + "; no restart seen within " +
+         std::to_string(cfg_.reaction_wait.count()) +
+         " ms (a shard worker finishes its step first; see `tree`)";
+}
+
+caf::expected<std::string> admin_ops::restart(const std::string& path) {
+  auto at = resolve(path);
+  if (!at) return std::move(at.error());
+  if (!at->parent) return root_refused();
+  auto started = std::chrono::steady_clock::now();
+  auto ok = call<bool>(sys_, at->parent, at->parent_path, cfg_.call_timeout, restart_atom::value,
+                       at->child.id);
+  if (!ok) return std::move(ok.error());
+  if (!*ok)
+    return make_error(errc::failed, at->parent_path + " did not restart " + at->child.id +
+                                        " (it is shutting down, or the child is gone)");
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                  started)
+                .count();
+  return "restarted " + path + " in " + std::to_string(ms) +
+         " ms (restarts: " + std::to_string(node_.log().restarts(path)) + ")";
+}
+
+caf::expected<std::string> admin_ops::fault(const std::string& path, const fault_request& f) {
+  auto at = resolve(path);
+  if (!at) return std::move(at.error());
+  auto& faults = node_.faults();
+  if (f.kind == fault_kind::clear) {
+    if (at->parent)
+      return make_error(errc::bad_request,
+                        "clear applies to the node, " + name() + ", not to " + path);
+    faults.clear();
+    return "disarmed every fault of node " + name();
+  }
+  auto kind = kind_of(path, at->child);
+  auto& id = at->child.id;
+  const bool shard = kind == "shard_worker" && id.rfind("shard-", 0) == 0;
+  if (shard && f.kind != fault_kind::cut) {
+    auto rank = static_cast<int32_t>(std::strtol(id.c_str() + 6, nullptr, 10));
+    auto after = static_cast<int32_t>(f.after_steps);
+    auto when = f.after_steps == 0 ? std::string("its next step")
+                                   : "step " + std::to_string(f.after_steps + 1) + " from now";
+    switch (f.kind) {
+      case fault_kind::crash:
+        faults.crash_shard(rank, after);
+        return "armed: " + path + " crashes at " + when;
+      case fault_kind::stall:
+        faults.stall_shard(rank, std::chrono::milliseconds(f.duration_ms), after);
+        return "armed: " + path + " stalls " + std::to_string(f.duration_ms) + " ms before " + when;
+      case fault_kind::kv_fail:
+        faults.fail_kv_allocations(rank, static_cast<int32_t>(std::max(f.count, 1u)));
+        return "armed: the next " + std::to_string(std::max(f.count, 1u)) +
+               " KV page allocation(s) of " + path + " fail";
+      default:
+        break;
+    }
+  }
+  if (kind == "session" && f.kind == fault_kind::crash) {
+    if (f.after_steps != 0)
+      return make_error(errc::bad_request, "a session crashes at its next message; " +
+                                               std::string("AFTER applies to shard workers"));
+    faults.crash_session(id);
+    return "armed: " + path + " crashes when it next handles a message";
+  }
+  if (kind == "region_link" && f.kind == fault_kind::cut) {
+    auto ok = call<bool>(sys_, at->child.handle, path, cfg_.call_timeout, cut_atom::value,
+                         static_cast<int64_t>(f.duration_ms));
+    if (!ok) return std::move(ok.error());
+    return "cut " + path + " for " + std::to_string(f.duration_ms) + " ms";
+  }
+  return make_error(errc::bad_request,
+                    path + " is a " + (kind.empty() ? "actor" : kind) +
+                        "; crash, stall and kv-fail apply to shard workers, crash to sessions, "
+                        "cut to region links, clear to the node (" +
+                        name() + ")");
+}
+
+caf::error admin_ops::root_refused() const {
+  return make_error(errc::bad_request, name() +
+                                           " is the node's root supervisor and nothing would " +
+                                           "restart it; give a path below it, e.g. " + name() +
+                                           "/engine/shard-0 (stop the node with SIGTERM instead)");
+}
+
+caf::expected<std::vector<child_info>> admin_ops::list(const caf::actor& sup,
+                                                       const std::string& path) {
+  return call<std::vector<child_info>>(sys_, sup, path, cfg_.call_timeout, list_atom::value);
+}
+
+// From its spec, else the actor's own name (stateful actors name themselves: shard_worker,
+// batcher, session), else the last kind seen at its path (an actor between restarts has no
+// handle).
+std::string admin_ops::kind_of(const std::string& path, const child_info& c) {
+  std::string kind = c.kind;
+  if (kind.empty() && c.handle) {
+    auto* a = caf::actor_cast<caf::abstract_actor*>(c.handle);
+    if (auto* m = dynamic_cast<caf::monitorable_actor*>(a)) {
+      std::string n = m->name();
+      if (n != "scheduled_actor" && n.find("actor") == std::string::npos) kind = n;
+    }
+  }
+  if (!kind.empty()) kinds_[path] = kind;
+  auto i = kinds_.find(path);
+  return i == kinds_.end() ? std::string() : i->second;
+}
+
+caf::error admin_ops::walk(const caf::actor& sup, const std::string& path, uint32_t depth,
+                           const event_index& last, const event_index& failed,
+                           std::vector<actor_row>& out) {
+  auto children = list(sup, path);
+  if (!children) return std::move(children.error());
+  for (auto& c : *children) {
+    actor_row row;
+    row.path = c.path;
+    row.depth = depth;
+    row.kind = kind_of(c.path, c);
+    row.restarts = c.restarts;
+    row.last_failure = c.last_failure;
+    if (auto f = failed.find(c.path); f != failed.end()) row.failed_at = f->second->when;
+    if (c.handle) {
+      row.state = "running";
+    } else {
+      auto l = last.find(c.path);
+      bool stopped = l != last.end() && l->second->kind == supervision_event_kind::stopped;
+      row.state = stopped ? "stopped" : "restarting";
+    }
+    out.push_back(row);
+    if (row.kind == "supervisor" && c.handle) {
+      if (auto err = walk(c.handle, c.path, depth + 1, last, failed, out)) return err;
+    }
+  }
+  return {};
+}
+
+caf::expected<located> admin_ops::resolve(const std::string& path) {
+  std::vector<std::string> parts;
+  for (size_t b = 0; b <= path.size();) {
+    auto e = std::min(path.find('/', b), path.size());
+    parts.push_back(path.substr(b, e - b));
+    b = e + 1;
+  }
+  if (parts.empty() || parts[0] != name() ||
+      std::any_of(parts.begin(), parts.end(), [](auto& p) { return p.empty(); })) {
+    return make_error(errc::not_found, "no actor " + path + " on node " + name() +
+                                           ": paths start with the node's name, e.g. " + name() +
+                                           "/engine/shard-0 (see `tree`)");
+  }
+  located at;
+  at.child.id = name();
+  at.child.path = name();
+  at.child.handle = node_.root();
+  at.child.kind = "supervisor";
+  for (size_t i = 1; i < parts.size(); ++i) {
+    auto& here = at.child;
+    if (kind_of(here.path, here) != "supervisor")
+      return make_error(errc::not_found, "no actor " + path + ": " + here.path + " is a " +
+                                             kind_of(here.path, here) + " and has no children");
+    if (!here.handle) return make_error(errc::overloaded, here.path + " is restarting; try again");
+    auto children = list(here.handle, here.path);
+    if (!children) return std::move(children.error());
+    auto c = std::find_if(children->begin(), children->end(),
+                          [&](const child_info& x) { return x.id == parts[i]; });
+    if (c == children->end()) {
+      std::string names;
+      for (auto& x : *children) names += (names.empty() ? "" : ", ") + x.id;
+      return make_error(errc::not_found, "no actor " + path + " on node " + name() + "; " +
+                                             here.path + " has " +
+                                             (names.empty() ? "no children" : names));
+    }
+    at.parent = here.handle;
+    at.parent_path = here.path;
+    at.child = *c;
+  }
+  return at;
+}
+
+}  // namespace keel

@@ -1,0 +1,103 @@
+#pragma once
+
+// What the admin endpoint (admin.hpp) does to its node: the synchronous half, apart from the
+// Cap'n Proto half. Only admin.cpp uses it.
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <caf/actor.hpp>
+#include <caf/actor_system.hpp>
+#include <caf/expected.hpp>
+
+#include "actors/admin.hpp"
+#include "actors/node.hpp"
+
+namespace keel {
+
+/// One actor of the tree, as `Admin.tree` reports it.
+struct actor_row {
+  std::string path;
+  uint32_t depth = 0;
+  std::string kind;
+  std::string state;  // running, restarting, stopped
+  int32_t restarts = 0;
+  std::string last_failure;
+  std::chrono::system_clock::time_point failed_at{};  // the epoch when it never failed
+};
+
+/// Where a path leads: the child and its supervisor (none for the root).
+struct located {
+  caf::actor parent;
+  std::string parent_path;
+  child_info child;
+};
+
+enum class fault_kind : uint8_t { crash, stall, kv_fail, cut, clear };
+
+/// A fault to inject (wire/keel.capnp `Fault`).
+struct fault_request {
+  fault_kind kind = fault_kind::crash;
+  uint32_t after_steps = 0, duration_ms = 0, count = 0;
+};
+
+/// What `report` needs from the actors; the rest comes from the configuration.
+struct figures {
+  std::optional<batcher_stats> stats;  // none while the batcher restarts
+  uint32_t sessions = 0, running = 0;
+  int32_t restarts = 0;
+  uint64_t faults_fired = 0, replicated = 0, replication_failures = 0;
+  std::vector<peer_info> peers;
+};
+
+/// A session, with what its node's store holds of it.
+struct session_row {
+  session_record r;
+  bool durable = false;  // the node has a store
+  uint64_t checkpoint_turn = 0, checkpoint_tokens = 0;
+};
+
+/// The admin's calls on one node. They wait for actors (requests from a scoped actor, bounded by
+/// `admin_config::call_timeout`), so the admin runs them on a thread of its own, one at a time:
+/// not thread-safe. `node` and `cfg` must outlive the object.
+class admin_ops {
+ public:
+  admin_ops(caf::actor_system& sys, node& n, const admin_config& cfg)
+      : sys_(sys), node_(n), cfg_(cfg) {}
+
+  /// The whole tree, depth first from the root, with the supervision log's failure times.
+  caf::expected<std::vector<actor_row>> tree();
+  caf::expected<figures> report();
+  caf::expected<std::vector<session_row>> sessions();
+  /// The actor at `path` exits with "killed by admin"; the answer says how its supervisor
+  /// reacted within `admin_config::reaction_wait`.
+  caf::expected<std::string> kill(const std::string& path);
+  /// The supervisor of the actor at `path` restarts it (restart_atom).
+  caf::expected<std::string> restart(const std::string& path);
+  /// Arms `f` on the actor at `path` (see wire/keel.capnp `Fault` for which applies where).
+  caf::expected<std::string> fault(const std::string& path, const fault_request& f);
+
+ private:
+  using event_index = std::map<std::string, const supervision_event*>;  // by path
+
+  const std::string& name() const { return node_.config().name; }
+  caf::error root_refused() const;
+  caf::expected<std::vector<child_info>> list(const caf::actor& sup, const std::string& path);
+  /// The child's kind, remembered by path.
+  std::string kind_of(const std::string& path, const child_info& c);
+  caf::error walk(const caf::actor& sup, const std::string& path, uint32_t depth,
+                  const event_index& last, const event_index& failed, std::vector<actor_row>& out);
+  /// The actor at `path` ("node/engine/shard-0"). `not_found` names what does exist.
+  caf::expected<located> resolve(const std::string& path);
+
+  caf::actor_system& sys_;
+  node& node_;
+  const admin_config& cfg_;
+  std::map<std::string, std::string> kinds_;  // path -> the last kind seen there
+};
+
+}  // namespace keel

@@ -1,0 +1,404 @@
+#define BOOST_TEST_MODULE shell_test
+#include <boost/test/unit_test.hpp>
+
+// keel-shell against real keel-node processes on 127.0.0.1 (ports 0, read from the nodes'
+// "listening on", "admin on" and "serving peers on" lines): one-shot (-c) and interactive
+// (scripted stdin) use, the admin key, kill / restart / fault, and every error path.
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <fstream>
+#include <memory>
+#include <thread>
+
+#include "tests/process.hpp"
+#include "tests/test_support.hpp"
+#include "wire/client.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using keel::test::process;
+
+const std::string key = "test-admin-key-1";
+
+std::string bin(const char* name) {
+  return std::string(KEEL_BINARY_DIR) + "/apps/" + name;
+}
+
+struct run_result {
+  int status = -1;
+  std::string out, err;
+};
+
+/// Runs a binary to its end (at most `timeout`), optionally feeding `input` to its stdin.
+run_result run(std::vector<std::string> argv, const std::string& input = "",
+               std::chrono::milliseconds timeout = 20s) {
+  process p(std::move(argv), !input.empty());
+  if (!input.empty()) {
+    p.write_stdin(input);
+    p.close_stdin();
+  }
+  auto st = p.wait(timeout);
+  BOOST_REQUIRE_MESSAGE(st.has_value(), "timed out: " + p.err());
+  p.wait_out([](const std::string&) { return false; }, 2s);  // until the output has ended
+  return run_result{*st, p.out(), p.err()};
+}
+
+std::string tiny_model() {
+  static keel::test::temp_dir dir{"shell_test-" + std::to_string(getpid())};
+  static std::string path = [] {
+    auto p = (dir.path / "tiny.gguf").string();
+    auto r = run({bin("keel-model"), "synth", "-o", p, "--dim", "64", "--layers", "2", "--heads",
+                  "4", "--kv-heads", "2", "--ffn", "128", "--ctx", "256"});
+    BOOST_REQUIRE_MESSAGE(r.status == 0, r.err);
+    return p;
+  }();
+  return path;
+}
+
+/// The first "127.0.0.1:PORT" after `tag` in `s`, or "".
+std::string address_after(const std::string& s, const std::string& tag) {
+  const std::string host = "127.0.0.1:";
+  auto at = s.find(tag);
+  if (at == std::string::npos) return {};
+  auto h = s.find(host, at + tag.size());
+  if (h == std::string::npos) return {};
+  auto end = s.find_first_not_of("0123456789", h + host.size());
+  if (end == std::string::npos || end == h + host.size()) return {};
+  return s.substr(h, end - h);
+}
+
+/// A keel-node with an admin endpoint, ended with the test.
+struct node {
+  std::unique_ptr<process> proc;
+  std::string client, admin, peer;
+
+  explicit node(std::vector<std::string> extra = {}, bool with_key = true) {
+    std::vector<std::string> argv = {bin("keel-node"), "--listen",  "127.0.0.1:0", "--model",
+                                     tiny_model(),     "--threads", "1",           "--admin-listen",
+                                     "127.0.0.1:0"};
+    if (with_key) argv.insert(argv.end(), {"--admin-key", key});
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    proc = std::make_unique<process>(argv);
+    bool up = proc->wait_err(
+        [](const std::string& s) { return !address_after(s, "keel-node: admin on ").empty(); },
+        15s);
+    BOOST_REQUIRE_MESSAGE(up, "keel-node did not start: " + proc->err());
+    client = address_after(proc->err(), "keel-node: listening on ");
+    admin = address_after(proc->err(), "keel-node: admin on ");
+    peer = address_after(proc->err(), "keel-node: serving peers on ");
+  }
+
+  /// keel-shell -c COMMANDS against this node (and `more` addresses).
+  run_result shell(const std::string& commands, std::vector<std::string> extra = {},
+                   const std::string& more = "") const {
+    std::vector<std::string> argv = {bin("keel-shell"), "--connect",
+                                     admin + (more.empty() ? "" : "," + more), "--key", key};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    argv.insert(argv.end(), {"-c", commands});
+    return run(argv);
+  }
+
+  std::unique_ptr<keel::wire::client> connect() const {
+    auto c = keel::wire::client::connect({client});
+    BOOST_REQUIRE_MESSAGE(c, keel::test::why(c));
+    return std::move(*c);
+  }
+};
+
+keel::sampling_params sampled(uint64_t seed) {
+  keel::sampling_params p;
+  p.temperature = 0.8f;
+  p.seed = seed;
+  return p;
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+std::string closed_address() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+}
+
+/// The line of `out` that contains `what` ("" when none).
+std::string line_with(const std::string& out, const std::string& what) {
+  auto at = out.find(what);
+  if (at == std::string::npos) return {};
+  auto b = out.rfind('\n', at);
+  b = b == std::string::npos ? 0 : b + 1;
+  return out.substr(b, out.find('\n', at) - b);
+}
+
+bool contains(const std::string& s, const std::string& what) {
+  return s.find(what) != std::string::npos;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(tree_shows_the_node_supervisors) {
+  node n;
+  auto r = n.shell("tree");
+  BOOST_REQUIRE_MESSAGE(r.status == 0, r.err);
+  for (auto* path :
+       {"node ", "node/engine ", "node/engine/shard-0 ", "node/batcher ", "node/sessions "})
+    BOOST_TEST(contains(r.out, path), path);
+  BOOST_TEST(contains(line_with(r.out, "node/engine "), "supervisor"));
+  BOOST_TEST(contains(line_with(r.out, "node/engine/shard-0"), "shard_worker"));
+  BOOST_TEST(contains(line_with(r.out, "node/engine/shard-0"), "running"));
+  for (auto& line : {line_with(r.out, "PATH"), line_with(r.out, "node/engine/shard-0")})
+    BOOST_TEST(line.size() <= 100u);
+
+  auto j = n.shell("tree", {"--json"});
+  BOOST_REQUIRE_MESSAGE(j.status == 0, j.err);
+  BOOST_TEST(j.out.rfind("{\"nodes\":[{\"node\":\"node\"", 0) == 0u);
+  BOOST_TEST(contains(j.out,
+                      "{\"path\":\"node/engine/shard-0\",\"depth\":2,"
+                      "\"kind\":\"shard_worker\",\"state\":\"running\",\"restarts\":0"));
+}
+
+BOOST_AUTO_TEST_CASE(kill_of_a_shard_worker_restarts_it_and_generation_continues) {
+  node n;
+  auto c = n.connect();
+  // A seed whose reply runs past the stall below; its tokens, fault-free, are the reference.
+  std::vector<int32_t> reference;
+  uint64_t seed = 0;
+  for (uint64_t s = 1; s <= 10 && reference.size() < 12; ++s) {
+    auto sid = c->open_session(sampled(s));
+    BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+    auto g = c->generate(*sid, "Hello there", 40);
+    BOOST_REQUIRE_MESSAGE(g, keel::test::why(g));
+    if (g->generated.size() > reference.size()) reference = g->generated, seed = s;
+  }
+  BOOST_REQUIRE(reference.size() >= 12u);
+
+  // The 4th step from now stalls 1.5 s: the kill lands while the turn is mid-way.
+  auto armed = n.shell("fault node/engine/shard-0 stall 1500ms 3");
+  BOOST_REQUIRE_MESSAGE(armed.status == 0, armed.err);
+  BOOST_TEST(contains(armed.out, "armed: node/engine/shard-0 stalls 1500 ms before step 4"));
+  auto sid = c->open_session(sampled(seed));
+  BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+  std::atomic<int> seen{0};
+  caf::expected<keel::wire::generation> result = keel::make_error(keel::errc::failed, "not run");
+  std::thread gen([&] {
+    // A client belongs to the thread that connected it.
+    auto mine = keel::wire::client::connect({n.client});
+    if (!mine) {
+      result = std::move(mine.error());
+      return;
+    }
+    result = (*mine)->generate(*sid, "Hello there", 40,
+                               [&](uint64_t, uint64_t, int32_t, std::string_view) { ++seen; });
+  });
+  for (int i = 0; i < 500 && seen.load() < 2; ++i) std::this_thread::sleep_for(10ms);
+  auto killed = n.shell("kill node/engine/shard-0");
+  gen.join();
+  BOOST_REQUIRE_MESSAGE(killed.status == 0, killed.err);
+  BOOST_TEST(contains(killed.out, "killed node/engine/shard-0"), killed.out);
+  BOOST_TEST(contains(killed.out, "node/engine restarted it"), killed.out);
+  BOOST_REQUIRE_MESSAGE(result, keel::test::why(result));
+  BOOST_TEST(result->generated == reference);  // no token lost, repeated or changed
+
+  auto tree = n.shell("tree");
+  BOOST_REQUIRE_MESSAGE(tree.status == 0, tree.err);
+  auto shard = line_with(tree.out, "node/engine/shard-0");
+  BOOST_TEST(contains(shard, "running  "), shard);
+  BOOST_TEST(contains(shard, " 1  "), shard);  // restarts
+  BOOST_TEST(contains(shard, "failed: killed by admin"), shard);
+  BOOST_TEST(contains(shard, " ago"), shard);
+}
+
+BOOST_AUTO_TEST_CASE(restart_fault_sessions_stats_and_watch) {
+  node n;
+  auto c = n.connect();
+  auto sid = c->open_session(sampled(3));
+  BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+  BOOST_REQUIRE(c->generate(*sid, "Hi", 8));
+
+  auto r = n.shell("restart node/batcher; sessions; fault node/sessions/" + *sid + " crash");
+  BOOST_REQUIRE_MESSAGE(r.status == 0, r.err);
+  BOOST_TEST(contains(r.out, "restarted node/batcher in "), r.out);
+  BOOST_TEST(contains(r.out, "(restarts: 1)"), r.out);
+  auto row = line_with(r.out, *sid + "  ");
+  BOOST_TEST(contains(row, "node"), row);   // owner
+  BOOST_TEST(contains(row, "  1  "), row);  // epoch 1, 1 turn
+  BOOST_TEST(contains(row, "idle"), row);
+  BOOST_TEST(contains(r.out, "armed: node/sessions/" + *sid + " crashes"), r.out);
+
+  // The session crashes at its next message (that call fails), and comes back.
+  BOOST_TEST(!c->generate(*sid, "again", 4));
+  auto again = c->generate(*sid, "again", 4);
+  for (int i = 0; i < 50 && !again; ++i) {
+    std::this_thread::sleep_for(20ms);
+    again = c->generate(*sid, "again", 4);
+  }
+  BOOST_REQUIRE_MESSAGE(again, keel::test::why(again));
+  auto tree = n.shell("tree");
+  BOOST_TEST(contains(line_with(tree.out, "node/batcher"), " 1  "), tree.out);
+  auto srow = line_with(tree.out, "node/sessions/" + *sid);
+  BOOST_TEST(contains(srow, "session"), srow);
+  BOOST_TEST(contains(srow, " 1  "), srow);
+  BOOST_TEST(contains(srow, "injected"), srow);
+
+  auto w = n.shell("watch --count 2 stats; fault node clear");
+  BOOST_REQUIRE_MESSAGE(w.status == 0, w.err);
+  size_t refreshes = 0;
+  for (size_t at = 0; (at = w.out.find("every 1 s: stats", at)) != std::string::npos; ++at)
+    ++refreshes;
+  BOOST_TEST(refreshes == 2u, w.out);
+  BOOST_TEST(contains(w.out, "RESTARTS"));
+  BOOST_TEST(contains(w.out, "disarmed every fault of node node"));
+}
+
+BOOST_AUTO_TEST_CASE(the_admin_key_is_enforced) {
+  node n;
+  auto wrong = run({bin("keel-shell"), "--connect", n.admin, "--key", "not-the-key", "-c", "tree"});
+  BOOST_TEST(wrong.status == 1);
+  BOOST_TEST(contains(wrong.err, "admin key refused"), wrong.err);
+  BOOST_TEST(wrong.out.empty());
+  auto none = run({bin("keel-shell"), "--connect", n.admin, "-c", "tree"});
+  BOOST_TEST(none.status == 2);
+  BOOST_TEST(contains(none.err, "no admin key"), none.err);
+
+  node open({}, false);  // --admin-listen without --admin-key
+  BOOST_TEST(contains(open.proc->err(), "(disabled: no --admin-key)"));
+  auto disabled = open.shell("tree");
+  BOOST_TEST(disabled.status == 1);
+  BOOST_TEST(contains(disabled.err,
+                      "admin interface disabled: keel-node node was started "
+                      "without --admin-key"),
+             disabled.err);
+
+  // The key may come from the config file instead of the command line (where ps shows it).
+  keel::test::temp_dir dir{"shell_test-config-" + std::to_string(getpid())};
+  auto config = (dir.path / "node.conf").string();
+  {
+    std::ofstream f(config);
+    f << "# keel-node\nadmin-key = from-the-config-file\n";
+  }
+  node configured({"--config", config}, false);
+  auto ok = run({bin("keel-shell"), "--connect", configured.admin, "--key", "from-the-config-file",
+                 "-c", "tree node"});
+  BOOST_TEST(ok.status == 0, ok.err);
+  BOOST_TEST(contains(ok.out, "node/engine/shard-0"));
+
+  auto short_key = run({bin("keel-node"), "--listen", "127.0.0.1:0", "--model", tiny_model(),
+                        "--admin-listen", "127.0.0.1:0", "--admin-key", "short"});
+  BOOST_TEST(short_key.status == 2);
+  BOOST_TEST(contains(short_key.err, "at least 8"), short_key.err);
+  auto no_listen = run(
+      {bin("keel-node"), "--listen", "127.0.0.1:0", "--model", tiny_model(), "--admin-key", key});
+  BOOST_TEST(no_listen.status == 2);
+  BOOST_TEST(contains(no_listen.err, "--admin-key needs --admin-listen"), no_listen.err);
+}
+
+BOOST_AUTO_TEST_CASE(every_error_is_one_line_and_the_shell_goes_on) {
+  node n;
+  struct expect {
+    std::string command;
+    int status;
+    std::string message;
+  };
+  const std::vector<expect> cases = {
+      {"nods", 2, "keel-shell: nods: unknown command; did you mean nodes?"},
+      {"kill", 2, "keel-shell: kill: PATH is missing; usage: kill PATH"},
+      {"tree a b", 2, "keel-shell: tree: give one node at most; usage: tree [NODE]"},
+      {"fault node/engine/shard-0", 2, "KIND is missing (crash, stall, kv-fail, cut or clear)"},
+      {"fault node/engine/shard-0 stall 5x", 2, "stall: '5x' is not a time"},
+      {"fault node/engine/shard-0 explode", 2, "unknown fault kind 'explode'"},
+      {"fault node/batcher crash", 2, "node/batcher is a batcher; crash, stall and kv-fail"},
+      {"kill node/engine/shard-9", 1,
+       "keel-shell: kill: no actor node/engine/shard-9 on node node; node/engine has shard-0"},
+      {"kill node/batcher/x", 1, "node/batcher is a batcher and has no children"},
+      {"kill node", 2, "node is the node's root supervisor"},
+      {"tree elsewhere", 1, "keel-shell: tree: no node elsewhere; nodes: node"},
+      {"sessions --node", 2, "--node needs a node's name"},
+      {"watch --count x nodes", 2, "--count x: expected a whole number from 1"},
+      {"help nothing", 2, "no command nothing"},
+  };
+  for (auto& e : cases) {
+    auto r = n.shell(e.command);
+    BOOST_TEST(r.status == e.status, e.command << ": " << r.status);
+    BOOST_TEST(contains(r.err, e.message), e.command << ": " << r.err);
+    BOOST_TEST(std::count(r.err.begin(), r.err.end(), '\n') == 1, e.command << ": " << r.err);
+  }
+
+  // A node that is down: `nodes` shows it and succeeds; commands for it fail, naming it.
+  auto gone = closed_address();
+  auto r = n.shell("nodes", {}, gone);
+  BOOST_REQUIRE_MESSAGE(r.status == 0, r.err);
+  BOOST_TEST(contains(line_with(r.out, "node  "), "up"), r.out);
+  BOOST_TEST(contains(line_with(r.out, gone), "down"), r.out);
+  auto t = n.shell("tree " + gone, {}, gone);
+  BOOST_TEST(t.status == 1);
+  BOOST_TEST(contains(t.err, "node at " + gone + " is down: "), t.err);
+  BOOST_TEST(contains(t.err, "nodes up: node"), t.err);
+
+  // Interactive, from a script on stdin: each error is reported and the next command runs.
+  auto s = run({bin("keel-shell"), "--connect", n.admin, "--key", key},
+               "nods\ntree\nkill node/nope\nfault node/engine/shard-0 crash 1000\nnodes\nquit\n"
+               "tree\n");
+  BOOST_TEST(s.status == 2);  // the first failure: a wrong command
+  BOOST_TEST(contains(s.err, "unknown command"), s.err);
+  BOOST_TEST(contains(s.err, "no actor node/nope"), s.err);
+  BOOST_TEST(contains(s.out, "node/engine/shard-0"), s.out);
+  BOOST_TEST(contains(s.out, "armed: node/engine/shard-0 crashes at step 1001"), s.out);
+  BOOST_TEST(contains(s.out, "KV PAGES"), s.out);
+  auto trees = 0;
+  for (size_t at = 0; (at = s.out.find("PATH ", at)) != std::string::npos; ++at) ++trees;
+  BOOST_TEST(trees == 1);  // nothing runs after quit
+
+  auto j = n.shell("kill node/nope", {"--json"});
+  BOOST_TEST(j.status == 1);
+  BOOST_TEST(contains(j.out,
+                      "{\"command\":\"kill\",\"error\":{\"kind\":\"not_found\",\"message\":"
+                      "\"no actor node/nope"),
+             j.out);
+}
+
+BOOST_AUTO_TEST_CASE(nodes_merges_peers_and_a_cut_link_shows_the_peer_down) {
+  node b({"--name", "b", "--region", "west", "--peer-listen", "127.0.0.1:0"});
+  BOOST_REQUIRE(!b.peer.empty());
+  node a({"--name", "a", "--region", "east", "--peer-listen", "127.0.0.1:0", "--peers", b.peer});
+  auto status_of_b = [&] {
+    auto r = a.shell("nodes");
+    BOOST_REQUIRE_MESSAGE(r.status == 0, r.err);
+    auto row = line_with(r.out, "b     west");
+    for (auto* s : {"  up  ", "  suspect  ", "  down  "})
+      if (contains(row, s)) return std::string(s).substr(2, std::string(s).size() - 4);
+    return "? " + r.out;
+  };
+  auto wait_for = [&](const std::string& want) {
+    std::string got;
+    for (int i = 0; i < 40 && (got = status_of_b()) != want; ++i)
+      std::this_thread::sleep_for(100ms);
+    return got;
+  };
+  BOOST_TEST(wait_for("up") == "up");
+  // Not connected to b, the shell shows it as a's link sees it, with its client address.
+  auto seen = a.shell("nodes");
+  BOOST_TEST(contains(line_with(seen.out, "b     west"), b.client), seen.out);
+
+  // Both connected: each is up, with its own figures.
+  auto both = a.shell("nodes", {}, b.admin);
+  BOOST_TEST(contains(line_with(both.out, "a     east"), a.client), both.out);
+  BOOST_TEST(contains(line_with(both.out, "b     west"), b.client), both.out);
+
+  auto link = "a/links/peer-" + b.peer;
+  auto tree = a.shell("tree");
+  BOOST_TEST(contains(line_with(tree.out, link), "region_link"), tree.out);
+  auto cut = a.shell("fault " + link + " cut 1500ms");
+  BOOST_REQUIRE_MESSAGE(cut.status == 0, cut.err);
+  BOOST_TEST(contains(cut.out, "cut " + link + " for 1500 ms"));
+  BOOST_TEST(wait_for("down") == "down");
+  BOOST_TEST(wait_for("up") == "up");  // the cut ends, heartbeats are answered again
+}
