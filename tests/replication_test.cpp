@@ -207,3 +207,80 @@ BOOST_FIXTURE_TEST_CASE(an_older_epoch_is_refused_with_stale_epoch, fixture) {
   BOOST_TEST(kept->payload == "r5");
   s->stop();
 }
+
+namespace {
+
+peer_info peer(const std::string& name, const std::string& region) {
+  peer_info p;
+  p.name = name;
+  p.region = region;
+  p.address = "127.0.0.1:" + std::to_string(7000 + name.size() * 10 + name[0]);
+  p.status = peer_status::up;
+  return p;
+}
+
+std::vector<std::string> names(const std::vector<peer_info>& ps, size_t n) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < std::min(n, ps.size()); ++i) out.push_back(ps[i].name);
+  return out;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(placement_is_the_same_whatever_order_the_peers_come_in) {
+  std::vector<peer_info> ps = {peer("b", "r1"), peer("c", "r1"), peer("d", "r1"), peer("e", "r1")};
+  for (int s = 0; s < 50; ++s) {
+    auto id = "s-" + std::to_string(s) + "@a";
+    auto one = replicator::placement(id, "r1", 2, ps);
+    auto rev = ps;
+    std::reverse(rev.begin(), rev.end());
+    auto two = replicator::placement(id, "r1", 2, rev);
+    BOOST_TEST(names(one, 4) == names(two, 4), id);
+    BOOST_TEST(one.size() == 4u);  // the rest follow as fallbacks
+  }
+}
+
+BOOST_AUTO_TEST_CASE(placement_moves_only_the_sessions_of_a_peer_that_leaves) {
+  // Rendezvous hashing: dropping peer d changes the replica of exactly the sessions whose
+  // replica was d; every other session keeps its replica.
+  std::vector<peer_info> all = {peer("b", "r1"), peer("c", "r1"), peer("d", "r1"), peer("e", "r1")};
+  std::vector<peer_info> without_d = {peer("b", "r1"), peer("c", "r1"), peer("e", "r1")};
+  int on_d = 0;
+  std::map<std::string, int> count;
+  for (int s = 0; s < 400; ++s) {
+    auto id = "s-" + std::to_string(s) + "@a";
+    auto before = replicator::placement(id, "r1", 1, all).front().name;
+    auto after = replicator::placement(id, "r1", 1, without_d).front().name;
+    ++count[before];
+    if (before == "d") {
+      ++on_d;
+      BOOST_TEST(after != "d");
+    } else {
+      BOOST_TEST(after == before, id);
+    }
+  }
+  BOOST_TEST(on_d > 0);
+  // Spread: every peer holds a fair share (400 sessions over 4 peers: 100 expected each).
+  for (auto& [name, n] : count) BOOST_TEST((n > 60 && n < 140), name << " holds " << n);
+}
+
+BOOST_AUTO_TEST_CASE(placement_keeps_a_replica_in_another_region_when_one_is_live) {
+  std::vector<peer_info> ps = {peer("b", "r1"), peer("c", "r2"), peer("d", "r1"), peer("e", "r1")};
+  for (int s = 0; s < 200; ++s) {
+    auto id = "s-" + std::to_string(s) + "@a";
+    auto r1 = replicator::placement(id, "r1", 1, ps);
+    BOOST_TEST(r1.front().name == "c", id);  // the only other region
+    auto r2 = replicator::placement(id, "r1", 2, ps);
+    BOOST_TEST((r2[0].region == "r2" || r2[1].region == "r2"), id);
+    BOOST_TEST(r2[0].name != r2[1].name);
+  }
+  // A node of region r2 places its R = 1 replica in r1.
+  std::vector<peer_info> from_c = {peer("a", "r1"), peer("b", "r1"), peer("d", "r2")};
+  for (int s = 0; s < 100; ++s) {
+    auto id = "s-" + std::to_string(s) + "@c";
+    BOOST_TEST(replicator::placement(id, "r2", 1, from_c).front().region == "r1", id);
+  }
+  // No other region is live: the rendezvous order alone.
+  std::vector<peer_info> same = {peer("b", "r1"), peer("d", "r1")};
+  BOOST_TEST(replicator::placement("s-1@a", "r1", 1, same).size() == 2u);
+}
