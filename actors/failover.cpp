@@ -3,6 +3,7 @@
 // and finding a session's owner for forwarding.
 
 #include <algorithm>
+#include <future>
 #include <set>
 #include <thread>
 
@@ -164,23 +165,23 @@ void node::take_over() {
                         id + " (owner " + own.record_owner + " is down); it takes over");
       continue;
     }
-    adopt(id, top_epoch + 1, own.record_owner);
+    (void)adopt(id, top_epoch + 1, own.record_owner);
   }
 }
 
-void node::adopt(const std::string& id, uint64_t epoch, const std::string& from) {
+caf::error node::adopt(const std::string& id, uint64_t epoch, const std::string& from) {
   auto& log = *ctx_->log;
   auto key = replica_key(id);
   auto entry = store_->get_session(key);
   auto logs = store_->read_turns(key);
   if (!entry || !logs) {
     log.report(cfg_.name + ": takeover of session " + id + " failed: its copy is unreadable");
-    return;
+    return make_error(errc::corrupt_record, "the copy of session " + id + " on " + cfg_.name + " is unreadable");
   }
   auto c = wire::decode(entry->payload);
-  if (!c) return;
+  if (!c) return c.error();
   auto number = store_->take_session_number();
-  if (!number) return;
+  if (!number) return number.error();
   c->owner = cfg_.name;
   c->number = *number;  // seq ids are per node: take a number of this node's
   storage::write_batch b;
@@ -189,7 +190,7 @@ void node::adopt(const std::string& id, uint64_t epoch, const std::string& from)
   b.erase_session(key, epoch);
   if (auto err = store_->write(b, storage::durability::sync)) {
     log.report(cfg_.name + ": takeover of session " + id + " failed: " + describe(err));
-    return;
+    return err;
   }
   auto r = from_checkpoint(std::move(*c), *logs);
   r.epoch = epoch;
@@ -197,7 +198,7 @@ void node::adopt(const std::string& id, uint64_t epoch, const std::string& from)
   bool running = !r.turns.empty() && !r.turns.back().done;
   if (auto err = start_session(r)) {
     log.report(cfg_.name + ": takeover of session " + id + ": cannot start it: " + describe(err));
-    return;
+    return err;
   }
   log.report(cfg_.name + ": took over session " + id + " from " + from + " at epoch " +
              std::to_string(epoch) + " (" + std::to_string(r.turns.size()) + " turns, " +
@@ -209,6 +210,7 @@ void node::adopt(const std::string& id, uint64_t epoch, const std::string& from)
   u.epoch = epoch;
   u.fence_all = true;
   replicator_->enqueue(std::move(u));
+  return {};
 }
 
 void node::lose(const std::string& id, uint64_t epoch) {
@@ -221,6 +223,86 @@ void node::lose(const std::string& id, uint64_t epoch) {
   if (auto a = session(id)) caf::anon_send(a, moved_atom::value, detail);
   if (store_) (void)store_->erase_session(id, had->epoch);
   ctx_->log->report(cfg_.name + ": " + detail);
+}
+
+caf::expected<uint64_t> node::accept_handoff(const std::string& id, const std::string& from) {
+  if (!store_ || !replicator_)
+    return make_error(errc::unimplemented, "node " + cfg_.name + " keeps no replicas");
+  auto p = std::make_shared<std::promise<caf::expected<uint64_t>>>();
+  auto f = p->get_future();
+  // On the replicator's thread, like every takeover: never two at once for one session.
+  replicator_->post([this, id, from, p] {
+    auto entry = store_->get_session(replica_key(id));
+    if (!entry) {
+      p->set_value(make_error(errc::not_found, "node " + cfg_.name + " has no copy of session " + id));
+      return;
+    }
+    auto epoch = entry->epoch + 1;
+    if (auto err = adopt(id, epoch, from))
+      p->set_value(std::move(err));
+    else
+      p->set_value(epoch);
+  });
+  if (f.wait_for(std::chrono::seconds(30)) != std::future_status::ready)
+    return make_error(errc::disconnected, "handoff of session " + id + ": the takeover did not finish");
+  return f.get();
+}
+
+caf::expected<std::vector<node::drained_session>> node::drain() {
+  if (!store_ || !replicator_) {
+    return make_error(errc::unimplemented,
+                      "node " + cfg_.name + " cannot drain: it needs --data and --peers");
+  }
+  draining_ = true;
+  ctx_->log->report(cfg_.name + ": draining: no new sessions; handing over " +
+                    std::to_string(sessions_->ids().size()) + " session(s)");
+  std::vector<drained_session> out;
+  for (auto& id : sessions_->ids()) {
+    drained_session d;
+    d.id = id;
+    std::vector<peer_info> live;
+    for (auto& p : peers_->snapshot())
+      if (p.accepts_work() && !p.name.empty()) live.push_back(p);
+    if (live.empty()) {
+      d.error = "no live peer to take it";
+      out.push_back(std::move(d));
+      continue;
+    }
+    auto target = replicator::placement(id, cfg_.region, cfg_.replicas, std::move(live)).front();
+    // Stop writing it here, and store every token it has (the table holds some not yet logged).
+    auto had = sessions_->drop(id, 0);
+    if (!had) continue;  // gone meanwhile
+    if (auto a = session(id)) {
+      caf::anon_send(a, moved_atom::value,
+                     "session " + id + " is handed over to " + target.name +
+                         " (node " + cfg_.name + " drains); reconnect and resume there");
+    }
+    caf::error err;
+    if (!had->turns.empty()) {
+      auto& last = had->turns.back();
+      err = store_->append_turn_tokens(id, had->epoch, last.turn, 0, last.generated);
+    }
+    auto epoch = err ? caf::expected<uint64_t>(err) : replicator_->handoff(id, target);
+    if (epoch) {
+      (void)store_->erase_session(id, had->epoch);
+      d.to = target.name;
+      d.epoch = *epoch;
+      ctx_->log->report(cfg_.name + ": drain: session " + id + " handed over to " + target.name +
+                        " at epoch " + std::to_string(*epoch));
+    } else {
+      // Take it back: it is served here again (its running turn resumes).
+      d.error = describe(epoch.error());
+      sessions_->recovered(*had);
+      (void)start_session(*had);
+      ctx_->log->report(cfg_.name + ": drain: session " + id + " stays: " + d.error);
+    }
+    out.push_back(std::move(d));
+  }
+  auto left = sessions_->ids().size();
+  ctx_->log->report(cfg_.name + ": drain: " +
+                    (left == 0 ? std::string("the node is empty and safe to stop")
+                               : std::to_string(left) + " session(s) remain"));
+  return out;
 }
 
 caf::expected<std::string> node::owner_address(const std::string& id) {

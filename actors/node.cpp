@@ -218,6 +218,10 @@ caf::actor node::child(const std::string& id) {
 
 caf::expected<std::string> node::open_session(const sampling_params& params, int32_t priority) {
   if (auto err = validate(params)) return err;
+  if (draining_) {
+    return make_error(errc::overloaded, "node " + cfg_.name +
+                                            " is draining and opens no sessions; use another node");
+  }
   session_record r;
   if (store_) {
     auto number = store_->take_session_number();

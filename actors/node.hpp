@@ -109,6 +109,24 @@ class node {
   /// Another node owns `id` at `epoch`: stop serving it and forget the local copy (called when
   /// a replica or a peer's `replicate` shows a newer epoch).
   void lose(const std::string& id, uint64_t epoch);
+  /// One session moved by `drain`.
+  struct drained_session {
+    std::string id;
+    std::string to;      // the node that took it ("" when it stayed)
+    uint64_t epoch = 0;  // the new owner's epoch
+    std::string error;   // why it stayed, "" when it moved
+  };
+  /// Drains the node: refuses new sessions from now on (`overloaded`, "draining"), then hands
+  /// every session over to its first replica among the live peers (a clean handoff: this node
+  /// stops writing it, sends a full copy, and the peer takes the lease with epoch + 1; a running
+  /// turn continues there and its client resumes). Returns what happened to each session; the
+  /// node is empty (safe to stop) when every one moved. `unimplemented` without a data dir and
+  /// peers. Blocks; not on a CAF or KJ thread.
+  caf::expected<std::vector<drained_session>> drain();
+  bool draining() const { return draining_.load(); }
+  /// `Peer.handoff` from `from`: takes over `id` from the full copy just received.
+  caf::expected<uint64_t> accept_handoff(const std::string& id, const std::string& from);
+
   /// Whether this node held `id` and another node took it over.
   bool moved(const std::string& id) const { return sessions_->dropped(id); }
 
@@ -135,7 +153,7 @@ class node {
   /// newest copy. On the replicator's thread.
   void take_over();
   /// Takes the lease of the replica `id` with `epoch` and starts it. On the replicator's thread.
-  void adopt(const std::string& id, uint64_t epoch, const std::string& from);
+  caf::error adopt(const std::string& id, uint64_t epoch, const std::string& from);
 
   caf::actor_system& sys_;
   node_config cfg_;
@@ -146,6 +164,7 @@ class node {
   std::unique_ptr<replicator> replicator_;  // with a data dir and peers
   caf::actor root_;
   std::atomic<uint64_t> next_session_{0};
+  std::atomic<bool> draining_{false};
 };
 
 }  // namespace keel

@@ -23,6 +23,7 @@ struct peer_server::replica_store {
   std::mutex mu;
   storage::session_store* store = nullptr;
   std::function<void(const std::string&, uint64_t)> on_lost;
+  std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> on_handoff;
   std::string client_address;
 };
 
@@ -112,6 +113,28 @@ class peer_impl final : public wire::Peer::Server {
       for (auto& [turn, t] : *logs) tokens += t.size();
       c.setTokens(tokens);
       c.setLastDone(rec->turns.empty() || rec->turns.back().done);
+    }
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> handoff(HandoffContext ctx) override {
+    auto p = ctx.getParams();
+    std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> f;
+    {
+      std::lock_guard<std::mutex> guard(rs_.mu);
+      f = rs_.on_handoff;
+    }
+    caf::expected<uint64_t> r =
+        f ? f(p.getSession().cStr(), p.getFrom().getName().cStr())
+          : caf::expected<uint64_t>(
+                make_error(errc::unimplemented, "handoff: node " + cfg_.name + " takes none"));
+    auto res = ctx.getResults();
+    if (r) {
+      res.setEpoch(*r);
+    } else {
+      auto out = res.initError();
+      out.setCode(static_cast<uint8_t>(code_of(r.error())));
+      out.setMessage(message_of(r.error()));
     }
     return kj::READY_NOW;
   }
@@ -300,6 +323,12 @@ void peer_server::attach_store(storage::session_store* store) {
 void peer_server::on_lost(std::function<void(const std::string&, uint64_t)> f) {
   std::lock_guard<std::mutex> guard(store_->mu);
   store_->on_lost = std::move(f);
+}
+
+void peer_server::on_handoff(
+    std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> f) {
+  std::lock_guard<std::mutex> guard(store_->mu);
+  store_->on_handoff = std::move(f);
 }
 
 void peer_server::set_client_address(const std::string& address) {

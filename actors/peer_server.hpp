@@ -59,6 +59,11 @@ class peer_server {
   /// Called (on the server's thread, no lock held) when a `replicate` arrives with a newer
   /// epoch for a session this node owns: another node took it over; the node drops its own.
   void on_lost(std::function<void(const std::string& session, uint64_t epoch)> f);
+  /// Called (on the server's thread, no lock held) for a `handoff` of `session` from `from`:
+  /// the node takes it over and returns the new epoch. Empty: `handoff` is `unimplemented`.
+  void on_handoff(
+      std::function<caf::expected<uint64_t>(const std::string& session, const std::string& from)>
+          f);
   /// The node's client Gateway address, as heartbeats report it (set once the gateway is up).
   void set_client_address(const std::string& address);
 

@@ -261,6 +261,59 @@ caf::error replicator::replicate(const replica_update& u) {
   return {};
 }
 
+caf::error replicator::send_full(const std::string& session, const peer_info& target) {
+  try {
+    auto entry = cfg_.store->get_session(session);
+    if (!entry) return entry.error();
+    auto logs = cfg_.store->read_turns(session);
+    if (!logs) return logs.error();
+    auto req = rpc_->peer(target.address).replicateRequest();
+    auto from = req.initFrom();
+    from.setName(cfg_.self_name);
+    from.setRegion(cfg_.self_region);
+    from.setAddress(cfg_.self_address);
+    req.setSession(session);
+    req.setEpoch(entry->epoch);
+    req.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(entry->payload.data()),
+                               entry->payload.size()));
+    set_logs(req.initLogs(static_cast<unsigned>(logs->size())), *logs);
+    return peer_error(rpc_->wait(req.send(), cfg_.call_timeout).getError());
+  } catch (const kj::Exception& e) {
+    rpc_->drop(target.address);
+    return make_error(errc::disconnected, target.name + ": " + e.getDescription().cStr());
+  }
+}
+
+caf::expected<uint64_t> replicator::handoff(const std::string& session, const peer_info& target) {
+  auto p = std::make_shared<std::promise<caf::expected<uint64_t>>>();
+  auto f = p->get_future();
+  post([this, session, target, p] {
+    if (auto err = send_full(session, target)) {
+      p->set_value(std::move(err));
+      return;
+    }
+    try {
+      auto req = rpc_->peer(target.address).handoffRequest();
+      auto from = req.initFrom();
+      from.setName(cfg_.self_name);
+      from.setRegion(cfg_.self_region);
+      from.setAddress(cfg_.self_address);
+      req.setSession(session);
+      auto res = rpc_->wait(req.send(), cfg_.call_timeout * 4);
+      if (auto err = peer_error(res.getError()))
+        p->set_value(std::move(err));
+      else
+        p->set_value(res.getEpoch());
+    } catch (const kj::Exception& e) {
+      rpc_->drop(target.address);
+      p->set_value(make_error(errc::disconnected, target.name + ": " + e.getDescription().cStr()));
+    }
+  });
+  if (f.wait_for(cfg_.call_timeout * 8) != std::future_status::ready)
+    return make_error(errc::disconnected, "handoff of session " + session + ": no answer");
+  return f.get();
+}
+
 std::vector<session_copy> replicator::locate_now(const std::vector<std::string>& sessions) {
   std::vector<session_copy> out;
   if (sessions.empty()) return out;

@@ -111,6 +111,10 @@ class replicator {
   /// The newest copy of `session` among the live peers; `not_found` when none has one.
   caf::expected<fetched_session> fetch(const std::string& session);
 
+  /// A clean handoff of `session` to the peer at `address`: a full copy from the store, then
+  /// `Peer.handoff`; returns the epoch the peer took the session with. Queued, waited for.
+  caf::expected<uint64_t> handoff(const std::string& session, const peer_info& target);
+
   /// The same, on the replicator's thread (inside a posted task) only.
   std::vector<session_copy> locate_now(const std::vector<std::string>& sessions);
   caf::expected<fetched_session> fetch_now(const std::string& session);
@@ -132,6 +136,8 @@ class replicator {
  private:
   void run();
   caf::error replicate(const replica_update& u);
+  /// Sends `target` the session's full copy from the store.
+  caf::error send_full(const std::string& session, const peer_info& target);
   std::vector<peer_info> live_peers();
   void report(bool ok, const std::string& why);
 

@@ -255,6 +255,9 @@ int run(std::span<char*> args) {
     // another node took one of its sessions over.
     peer_srv->set_client_address((*gw)->address());
     peer_srv->on_lost([n = nd->get()](const std::string& id, uint64_t epoch) { n->lose(id, epoch); });
+    peer_srv->on_handoff([n = nd->get()](const std::string& id, const std::string& from) {
+      return n->accept_handoff(id, from);
+    });
   }
   keel::cli::log_line(program, "listening on " + (*gw)->address());
   keel::cli::log_line(program, "node " + ncfg.name + ", model " + ncfg.model_path + ", " +
@@ -283,6 +286,7 @@ int run(std::span<char*> args) {
   if (adm) adm->stop();
   (*gw)->stop();
   if (peer_srv) peer_srv->on_lost({});
+  if (peer_srv) peer_srv->on_handoff({});
   if (peer_srv) peer_srv->detach_store();
   (*nd)->stop();
   if (peer_srv) peer_srv->stop();

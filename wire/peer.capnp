@@ -76,4 +76,9 @@ interface Peer {
   # The callee's copy of `session` (own or replica): its epoch, record and turn logs.
   # `error.code` notFound when it has none.
   fetch @3 (session :Text) -> (epoch :UInt64, record :Data, logs :List(TurnLog), error :PeerError);
+
+  # A clean handoff (drain): the caller, `session`'s owner, has stopped writing it and sent the
+  # callee a full copy; the callee takes the lease with the copy's epoch + 1 and serves the
+  # session from now on. `epoch` is the new one.
+  handoff @4 (from :NodeId, session :Text) -> (epoch :UInt64, error :PeerError);
 }
