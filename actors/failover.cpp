@@ -148,7 +148,7 @@ void node::take_over() {
   if (mine.empty()) return;
   std::vector<std::string> ids;
   for (auto& [id, c] : mine) ids.push_back(id);
-  auto copies = replicator_->locate_now(ids);
+  auto copies = replicator_->locate(ids);
   for (auto& [id, own] : mine) {
     const session_copy* best = &own;
     uint64_t top_epoch = own.epoch;
@@ -214,6 +214,13 @@ caf::error node::adopt(const std::string& id, uint64_t epoch, const std::string&
 }
 
 void node::lose(const std::string& id, uint64_t epoch) {
+  if (failover_)
+    failover_->post([this, id, epoch] { lose_now(id, epoch); });
+  else
+    lose_now(id, epoch);
+}
+
+void node::lose_now(const std::string& id, uint64_t epoch) {
   auto had = sessions_->drop(id, epoch);
   if (!had) return;
   auto detail = "session " + id + " was taken over by another node (this node's epoch " +
@@ -230,8 +237,8 @@ caf::expected<uint64_t> node::accept_handoff(const std::string& id, const std::s
     return make_error(errc::unimplemented, "node " + cfg_.name + " keeps no replicas");
   auto p = std::make_shared<std::promise<caf::expected<uint64_t>>>();
   auto f = p->get_future();
-  // On the replicator's thread, like every takeover: never two at once for one session.
-  replicator_->post([this, id, from, p] {
+  // On the failover executor, like every takeover: never two at once for one session.
+  failover_->post([this, id, from, p] {
     auto entry = store_->get_session(replica_key(id));
     if (!entry) {
       p->set_value(make_error(errc::not_found, "node " + cfg_.name + " has no copy of session " + id));

@@ -159,17 +159,19 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
       rc.self_region = cfg.region;
       rc.self_address = cfg.peer_address;
       rc.replicas = cfg.replicas;
-      rc.call_timeout = std::max(std::chrono::milliseconds(1000), cfg.down_after * 2);
+      // A replica that does not answer within a detection time is as good as down.
+      rc.call_timeout = std::max(std::chrono::milliseconds(200), cfg.down_after);
       rc.store = n->store_.get();
       rc.on_stale = [np = n.get()](const std::string& id, uint64_t epoch) { np->lose(id, epoch); };
       rc.log = [log = ctx->log](const std::string& line) { log->report(line); };
       n->replicator_ = std::make_unique<replicator>(std::move(rc), n->peers_);
+      n->failover_ = std::make_unique<serial_executor>();
       table->on_stored(
           [r = n->replicator_.get()](replica_update u) { return r->enqueue(std::move(u)); });
       // A peer declared down: take over the sessions it owned of which this node has the
       // newest copy (on the replicator's thread, after the updates queued before).
       n->peers_->on_down([np = n.get()](const peer_info&) {
-        np->replicator_->post([np] { np->take_over(); });
+        np->failover_->post([np] { np->take_over(); });
       });
     }
   }
@@ -204,6 +206,7 @@ void node::stop() {
     sessions_->on_stored({});
     sessions_->detach_store();
   }
+  failover_.reset();
   replicator_.reset();
   store_.reset();
 }

@@ -13,6 +13,7 @@
 #include "actors/node_context.hpp"
 #include "actors/region_link.hpp"
 #include "actors/replicator.hpp"
+#include "actors/serial_executor.hpp"
 #include "actors/session.hpp"
 #include "actors/supervisor.hpp"
 
@@ -107,7 +108,8 @@ class node {
   /// round of `locate` calls; not on a CAF or KJ thread.
   caf::expected<std::string> owner_address(const std::string& id);
   /// Another node owns `id` at `epoch`: stop serving it and forget the local copy (called when
-  /// a replica or a peer's `replicate` shows a newer epoch).
+  /// a replica or a peer's `replicate` shows a newer epoch). Queued on the failover executor;
+  /// returns at once.
   void lose(const std::string& id, uint64_t epoch);
   /// One session moved by `drain`.
   struct drained_session {
@@ -150,10 +152,11 @@ class node {
   std::vector<session_record> reconcile(std::vector<session_record> recovered,
                                         const std::vector<std::string>& corrupt);
   /// Takes over the sessions whose owner is no longer live and of which this node holds the
-  /// newest copy. On the replicator's thread.
+  /// newest copy. On the failover executor.
   void take_over();
-  /// Takes the lease of the replica `id` with `epoch` and starts it. On the replicator's thread.
+  /// Takes the lease of the replica `id` with `epoch` and starts it. On the failover executor.
   caf::error adopt(const std::string& id, uint64_t epoch, const std::string& from);
+  void lose_now(const std::string& id, uint64_t epoch);
 
   caf::actor_system& sys_;
   node_config cfg_;
@@ -162,6 +165,7 @@ class node {
   std::shared_ptr<session_table> sessions_;
   std::shared_ptr<peer_table> peers_ = std::make_shared<peer_table>();
   std::unique_ptr<replicator> replicator_;  // with a data dir and peers
+  std::unique_ptr<serial_executor> failover_;  // with a replicator: takeovers, losses, handoffs
   caf::actor root_;
   std::atomic<uint64_t> next_session_{0};
   std::atomic<bool> draining_{false};
