@@ -117,8 +117,11 @@ void node::take_over() {
   // The peer that went down may have been a replica of this node's sessions: each of them is
   // copied whole to its replicas among the live peers (a no-op where one already has it).
   for (auto& id : sessions_->ids()) {
+    auto r = sessions_->get(id);
+    if (!r) continue;
     replica_update u;
     u.session = id;
+    u.epoch = r->epoch;
     replicator_->enqueue(std::move(u));
   }
   std::set<std::string> live;
@@ -326,9 +329,13 @@ caf::expected<std::string> node::owner_address(const std::string& id) {
                         "session " + id + " is owned by " + owner->node + ", which serves no clients yet");
     return owner->client_address;
   }
-  bool replica_here = false;
-  if (store_) replica_here = static_cast<bool>(store_->get_session(replica_key(id)));
-  if (!copies.empty() || replica_here) {
+  // A copy here (as a replica, or as this node's own while a takeover of it is under way) or
+  // on a peer: the session exists and will be served; the client retries.
+  bool here = false;
+  if (store_)
+    here = static_cast<bool>(store_->get_session(replica_key(id))) ||
+           static_cast<bool>(store_->get_session(id));
+  if (!copies.empty() || here) {
     return make_error(errc::disconnected, "session " + id +
                                               ": its owner is down; a replica is taking it over "
                                               "(retry)");

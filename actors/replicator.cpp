@@ -52,14 +52,25 @@ caf::error peer_error(wire::PeerError::Reader e) {
 
 /// The replicator thread's connections, one per peer address.
 struct replicator::rpc {
-  std::map<std::string, std::unique_ptr<capnp::EzRpcClient>> clients;
+  struct peer_connection {
+    std::unique_ptr<capnp::EzRpcClient> client;
+    wire::Peer::Client main = nullptr;
+  };
+  std::map<std::string, peer_connection> clients;
   capnp::EzRpcClient* any = nullptr;  // for the wait scope and timer, once one exists
 
+  /// The peer's capability, on a connection made once per address: asking a connection whose
+  /// stream broke for its bootstrap again makes Cap'n Proto 0.9 throw from a destructor while
+  /// unwinding (std::terminate), so a connection's capability is taken once, when it is made,
+  /// and a broken connection is dropped (`drop`), never asked again.
   wire::Peer::Client peer(const std::string& address) {
     auto& c = clients[address];
-    if (!c) c = std::make_unique<capnp::EzRpcClient>(address);
-    any = c.get();
-    return c->getMain<wire::Peer>();
+    if (!c.client) {
+      c.client = std::make_unique<capnp::EzRpcClient>(address);
+      c.main = c.client->getMain<wire::Peer>();
+    }
+    any = c.client.get();
+    return c.main;
   }
 
   /// Waits for `p` up to `limit` on this thread's event loop.
@@ -74,8 +85,13 @@ struct replicator::rpc {
   void drop(const std::string& address) {
     auto i = clients.find(address);
     if (i == clients.end()) return;
-    if (any == i->second.get()) any = nullptr;
-    clients.erase(i);
+    if (any == i->second.client.get()) any = nullptr;
+    // Tearing down a broken connection can throw (a last message on a shut-down stream): it
+    // changes nothing for the rest.
+    try {
+      clients.erase(i);
+    } catch (...) {
+    }
   }
 };
 
@@ -202,6 +218,10 @@ caf::error replicator::replicate(const replica_update& u) {
       seen.sessions.clear();
     }
     bool full = u.fence_all || seen.sessions.count(u.session) == 0;
+    if (!full && u.record.empty() && u.tokens.empty()) {
+      ++stored;  // nothing new for a replica that has it all
+      continue;
+    }
     caf::error err;
     for (int attempt = 0; attempt < 2; ++attempt) {
       try {
@@ -385,7 +405,15 @@ void replicator::run() {
       task = std::move(queue_.front());
       queue_.pop_front();
     }
-    task();
+    // A task's own failures are values; anything thrown past it (KJ's teardown of a broken
+    // connection) must not end the node.
+    try {
+      task();
+    } catch (const kj::Exception& e) {
+      report(false, std::string("task failed: ") + e.getDescription().cStr());
+    } catch (const std::exception& e) {
+      report(false, std::string("task failed: ") + e.what());
+    }
   }
   // Answer whatever still waits, so that no writer blocks on a stopped replicator.
   std::lock_guard<std::mutex> guard(mu_);

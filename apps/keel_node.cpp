@@ -16,6 +16,12 @@
 
 #include "actors/admin.hpp"
 #include "actors/gateway.hpp"
+#include <execinfo.h>
+
+#include <exception>
+
+#include <kj/exception.h>
+
 #include "actors/node.hpp"
 #include "actors/peer_server.hpp"
 #include "apps/cli.hpp"
@@ -296,6 +302,27 @@ int run(std::span<char*> args) {
 
 }  // namespace
 
+/// A node that ends on an exception nobody caught says which, and where, before it aborts.
+[[noreturn]] void on_terminate() {
+  std::string what = "unknown";
+  if (auto e = std::current_exception()) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const kj::Exception& k) {
+      what = k.getDescription().cStr() + std::string(" at ") + k.getFile() + ":" +
+             std::to_string(k.getLine());
+    } catch (const std::exception& x) {
+      what = x.what();
+    } catch (...) {
+    }
+  }
+  std::fprintf(stderr, "keel-node: terminating on an uncaught exception: %s\n", what.c_str());
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), 2);
+  std::abort();
+}
+
 int main(int argc, char** argv) {
+  std::set_terminate(on_terminate);
   return run(std::span<char*>(argv + 1, static_cast<size_t>(argc - 1)));
 }

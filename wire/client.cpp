@@ -504,7 +504,16 @@ caf::expected<generation> client::generate(const std::string& session, const std
   std::optional<std::chrono::steady_clock::time_point> broke_at;  // of the stream being resumed
   std::string broke_from;
   auto pause = std::max(d.opts.resume_backoff, std::chrono::milliseconds(1));
-  while (!r && accepted && !cancel_wanted && code_of(r.error()) == errc::disconnected &&
+  // After the turn was accepted, a stream that broke goes on somewhere: a node that is
+  // restarting the session (`overloaded`) or has not seen it yet (`not_found`, a takeover under
+  // way) is asked again, within `resume_for`.
+  auto resumable = [&](const caf::error& e) {
+    auto c = code_of(e);
+    if (c == errc::disconnected) return true;
+    if (st->done) return false;  // the turn itself ended so (shed, failed): nothing to resume
+    return c == errc::overloaded || c == errc::not_found;
+  };
+  while (!r && accepted && !cancel_wanted && resumable(r.error()) &&
          d.opts.resume_for.count() > 0) {
     // A resume refused at once (the session's owner is down and a replica is taking it over)
     // is tried again after a pause, within the same `resume_for` as the first failure.
