@@ -112,11 +112,11 @@ std::vector<session_record> node::reconcile(std::vector<session_record> recovere
   return keep;
 }
 
-void node::take_over() {
+void node::take_over(int attempt) {
   if (!store_ || !replicator_) return;
   // The peer that went down may have been a replica of this node's sessions: each of them is
   // copied whole to its replicas among the live peers (a no-op where one already has it).
-  for (auto& id : sessions_->ids()) {
+  for (auto& id : attempt == 0 ? sessions_->ids() : std::vector<std::string>{}) {
     auto r = sessions_->get(id);
     if (!r) continue;
     replica_update u;
@@ -151,7 +151,22 @@ void node::take_over() {
   if (mine.empty()) return;
   std::vector<std::string> ids;
   for (auto& [id, c] : mine) ids.push_back(id);
-  auto copies = replicator_->locate(ids);
+  std::vector<std::string> missing;
+  auto copies = replicator_->locate(ids, &missing);
+  if (!missing.empty()) {
+    // A live peer that did not answer may hold a newer copy, or own the session already:
+    // deciding without it could make two owners. Ask again shortly (it is either answering
+    // again soon, or declared down, which runs this again anyway).
+    std::string who;
+    for (auto& m : missing) who += (who.empty() ? "" : ", ") + m;
+    ctx_->log->report(cfg_.name + ": takeover: no answer from " + who + "; deciding again in " +
+                      std::to_string(cfg_.heartbeat_interval.count() * 2) + " ms");
+    if (attempt < 20) {
+      std::this_thread::sleep_for(cfg_.heartbeat_interval * 2);
+      failover_->post([this, attempt] { take_over(attempt + 1); });
+    }
+    return;
+  }
   for (auto& [id, own] : mine) {
     const session_copy* best = &own;
     uint64_t top_epoch = own.epoch;

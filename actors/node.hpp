@@ -153,7 +153,7 @@ class node {
                                         const std::vector<std::string>& corrupt);
   /// Takes over the sessions whose owner is no longer live and of which this node holds the
   /// newest copy. On the failover executor.
-  void take_over();
+  void take_over(int attempt = 0);
   /// Takes the lease of the replica `id` with `epoch` and starts it. On the failover executor.
   caf::error adopt(const std::string& id, uint64_t epoch, const std::string& from);
   void lose_now(const std::string& id, uint64_t epoch);

@@ -185,7 +185,10 @@ class peer_impl final : public wire::Peer::Server {
     // A session this node owns: an epoch not above its own comes from a node that lost it
     // (fencing, ARCHITECTURE.md guarantee 3); a higher one means this node lost it.
     if (auto own = rs_.store->get_session(session)) {
-      if (own->epoch >= epoch) {
+      // Two nodes that took the session over at the same epoch (each missed the other): the
+      // owner whose name sorts first keeps it, on both sides, so exactly one remains.
+      std::string from = p.getFrom().getName().cStr();
+      if (own->epoch > epoch || (own->epoch == epoch && !(from < cfg_.name))) {
         return make_error(errc::stale_epoch, "session " + session + ": write with epoch " +
                                                  std::to_string(epoch) + ", node " + cfg_.name +
                                                  " owns it at epoch " + std::to_string(own->epoch));

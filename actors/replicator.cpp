@@ -142,12 +142,23 @@ std::future<caf::error> replicator::enqueue(replica_update u) {
   return out;
 }
 
-std::vector<session_copy> replicator::locate(const std::vector<std::string>& sessions) {
-  auto p = std::make_shared<std::promise<std::vector<session_copy>>>();
+std::vector<session_copy> replicator::locate(const std::vector<std::string>& sessions,
+                                             std::vector<std::string>* missing) {
+  using answer = std::pair<std::vector<session_copy>, std::vector<std::string>>;
+  auto p = std::make_shared<std::promise<answer>>();
   auto f = p->get_future();
-  post([this, sessions, p] { p->set_value(locate_now(sessions)); });
-  if (f.wait_for(cfg_.call_timeout * 4) != std::future_status::ready) return {};
-  return f.get();
+  post([this, sessions, p] {
+    answer a;
+    a.first = locate_now(sessions, &a.second);
+    p->set_value(std::move(a));
+  });
+  if (f.wait_for(cfg_.call_timeout * 4) != std::future_status::ready) {
+    if (missing) missing->push_back("(the replicator did not answer)");
+    return {};
+  }
+  auto a = f.get();
+  if (missing) *missing = std::move(a.second);
+  return std::move(a.first);
 }
 
 caf::expected<fetched_session> replicator::fetch(const std::string& session) {
@@ -334,7 +345,8 @@ caf::expected<uint64_t> replicator::handoff(const std::string& session, const pe
   return f.get();
 }
 
-std::vector<session_copy> replicator::locate_now(const std::vector<std::string>& sessions) {
+std::vector<session_copy> replicator::locate_now(const std::vector<std::string>& sessions,
+                                                 std::vector<std::string>* missing) {
   std::vector<session_copy> out;
   if (sessions.empty()) return out;
   for (auto& p : live_peers()) {
@@ -360,6 +372,7 @@ std::vector<session_copy> replicator::locate_now(const std::vector<std::string>&
     } catch (const kj::Exception& e) {
       rpc_->drop(p.address);
       report(false, "locate at " + p.name + " (" + p.address + "): " + e.getDescription().cStr());
+      if (missing) missing->push_back(p.name);
     }
   }
   return out;

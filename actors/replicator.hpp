@@ -107,7 +107,9 @@ class replicator {
 
   /// Every copy of `sessions` that the live peers hold (queued; waits up to the call timeout
   /// per peer). Any thread but the replicator's own.
-  std::vector<session_copy> locate(const std::vector<std::string>& sessions);
+  /// `missing`, when given, receives the names of live peers that did not answer.
+  std::vector<session_copy> locate(const std::vector<std::string>& sessions,
+                                   std::vector<std::string>* missing = nullptr);
   /// The newest copy of `session` among the live peers; `not_found` when none has one.
   caf::expected<fetched_session> fetch(const std::string& session);
 
@@ -116,7 +118,8 @@ class replicator {
   caf::expected<uint64_t> handoff(const std::string& session, const peer_info& target);
 
   /// The same, on the replicator's thread (inside a posted task) only.
-  std::vector<session_copy> locate_now(const std::vector<std::string>& sessions);
+  std::vector<session_copy> locate_now(const std::vector<std::string>& sessions,
+                                       std::vector<std::string>* missing = nullptr);
   caf::expected<fetched_session> fetch_now(const std::string& session);
 
   /// The replicas of `session` among `live` (peers that accept work), best first: the top R by

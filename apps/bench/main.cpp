@@ -1,8 +1,13 @@
 // keel-bench: benchmarks that report (never assert). `engine` measures the CPU engine; `batch`
 // measures the actor path (node, batcher, sessions) against it, and recovery from shard crashes;
-// `serve` measures clients over the wire (keel-node, Cap'n Proto) against the same node in process.
+// `serve` measures clients over the wire (keel-node, Cap'n Proto) against the same node in process;
+// `failover` kills the node serving a client in a real cluster and measures the client's recovery.
 
 #include "apps/bench/common.hpp"
+
+namespace keel::bench {
+int failover_command(std::span<char*> args);  // apps/bench/failover.cpp
+}  // namespace keel::bench
 
 namespace {
 
@@ -16,7 +21,10 @@ const char* top_help =
     "  serve [--connect HOST:PORT] --model FILE [--clients N]\n"
     "                                      clients over the wire: time to first token,\n"
     "                                      inter-token latency, tokens/s, against the same\n"
-    "                                      node in process\n\n"
+    "                                      node in process\n"
+    "  failover --model FILE [--kills N]   3-node cluster: kill the serving node mid-reply,\n"
+    "                                      time to the client's next token; cost of\n"
+    "                                      checkpointing and replication in tokens/s\n\n"
     "Run 'keel-bench COMMAND --help' for a command's options.\n";
 
 }  // namespace
@@ -24,6 +32,7 @@ const char* top_help =
 int main(int argc, char** argv) {
   constexpr keel::cli::command commands[] = {{"engine", keel::bench::engine_command},
                                              {"batch", keel::bench::batch_command},
-                                             {"serve", keel::bench::serve_command}};
+                                             {"serve", keel::bench::serve_command},
+                                             {"failover", keel::bench::failover_command}};
   return keel::cli::dispatch(argc, argv, "keel-bench", top_help, commands);
 }
