@@ -208,6 +208,7 @@ class admin_server final : public wire::Admin::Server {
           out.setFaultsFired(f->faults_fired);
           out.setReplicated(f->replicated);
           out.setReplicationFailures(f->replication_failures);
+          out.setDraining(a_.nd.draining());
           auto peers = out.initPeers(static_cast<unsigned>(f->peers.size()));
           for (size_t i = 0; i < f->peers.size(); ++i) {
             auto& p = f->peers[i];
@@ -284,6 +285,35 @@ class admin_server final : public wire::Admin::Server {
     auto& ops = a_.ops;
     return outcome(
         ctx, a_.blocking.run<std::string>([&ops, path, req] { return ops.fault(path, req); }));
+  }
+
+  kj::Promise<void> drain(DrainContext ctx) override {
+    auto& ops = a_.ops;
+    a_.log("admin: drain of node " + a_.nd.config().name + " asked");
+    return a_.blocking.run<drain_outcome>([&ops] { return ops.drain(); })
+        .then([this, ctx](caf::expected<drain_outcome> d) mutable {
+          auto res = ctx.getResults();
+          if (!d) {
+            a_.log("admin: drain: " + describe(d.error()));
+            return wire::to_wire(d.error(), res.initError());
+          }
+          auto out = res.initMoved(static_cast<unsigned>(d->sessions.size()));
+          size_t moved = 0;
+          for (size_t i = 0; i < d->sessions.size(); ++i) {
+            auto& s = d->sessions[i];
+            auto o = out[static_cast<unsigned>(i)];
+            o.setId(s.id);
+            o.setTo(s.to);
+            o.setEpoch(s.epoch);
+            o.setError(s.error);
+            if (s.error.empty()) ++moved;
+          }
+          res.setRemaining(d->remaining);
+          a_.log("admin: drain: moved " + std::to_string(moved) + " of " +
+                 std::to_string(d->sessions.size()) + " session(s); " +
+                 std::to_string(d->remaining) + " remain");
+          set_ok(res.initError());
+        });
   }
 
  private:

@@ -40,11 +40,13 @@ struct admin_config {
 /// What it offers: the live supervision tree (walked with the supervisors' `list_atom`, with the
 /// supervision log's times), the node's figures and its peers' status, the sessions, killing
 /// or restarting any actor of the tree but the root, and the fault injections of
-/// `fault_injector` (plus cutting a region link, `cut_atom`).
+/// `fault_injector` (plus cutting a region link, `cut_atom`), and draining the node
+/// (`node::drain`).
 ///
 /// Threads: one runs the KJ event loop (connections, and a once-a-second sample of the
 /// batcher's token count for tokens/s); the calls, which wait for actors, run one at a time on a
-/// `wire::blocking_worker` thread, so neither a CAF worker nor the KJ loop ever blocks.
+/// `wire::blocking_worker` thread, so neither a CAF worker nor the KJ loop ever blocks. (A
+/// drain holds that thread for all its handoffs: other admin calls wait behind it.)
 ///
 /// `node` must outlive the admin. Start and stop from any thread but the admin's own.
 class admin {

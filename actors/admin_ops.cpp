@@ -208,6 +208,15 @@ caf::expected<std::string> admin_ops::fault(const std::string& path, const fault
                         name() + ")");
 }
 
+caf::expected<drain_outcome> admin_ops::drain() {
+  auto moved = node_.drain();
+  if (!moved) return std::move(moved.error());
+  drain_outcome out;
+  out.sessions = std::move(*moved);
+  out.remaining = static_cast<uint32_t>(node_.sessions().size());
+  return out;
+}
+
 caf::error admin_ops::root_refused() const {
   return make_error(errc::bad_request, name() +
                                            " is the node's root supervisor and nothing would " +

@@ -61,6 +61,12 @@ struct session_row {
   uint64_t checkpoint_turn = 0, checkpoint_tokens = 0;
 };
 
+/// What `drain` did: each session's fate, and how many the node still holds afterwards.
+struct drain_outcome {
+  std::vector<node::drained_session> sessions;
+  uint32_t remaining = 0;  // 0: the node is empty and safe to stop
+};
+
 /// The admin's calls on one node. They wait for actors (requests from a scoped actor, bounded by
 /// `admin_config::call_timeout`), so the admin runs them on a thread of its own, one at a time:
 /// not thread-safe. `node` and `cfg` must outlive the object.
@@ -80,6 +86,9 @@ class admin_ops {
   caf::expected<std::string> restart(const std::string& path);
   /// Arms `f` on the actor at `path` (see wire/keel.capnp `Fault` for which applies where).
   caf::expected<std::string> fault(const std::string& path, const fault_request& f);
+  /// `node::drain`, then the sessions the node still holds. Takes as long as the handoffs (a few
+  /// seconds per session at worst, bounded by the replicator's timeouts).
+  caf::expected<drain_outcome> drain();
 
  private:
   using event_index = std::map<std::string, const supervision_event*>;  // by path

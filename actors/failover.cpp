@@ -253,6 +253,8 @@ void node::lose_now(const std::string& id, uint64_t epoch) {
 caf::expected<uint64_t> node::accept_handoff(const std::string& id, const std::string& from) {
   if (!store_ || !replicator_)
     return make_error(errc::unimplemented, "node " + cfg_.name + " keeps no replicas");
+  if (draining_)
+    return make_error(errc::overloaded, "node " + cfg_.name + " drains and takes no sessions");
   auto p = std::make_shared<std::promise<caf::expected<uint64_t>>>();
   auto f = p->get_future();
   // On the failover executor, like every takeover: never two at once for one session.
@@ -273,6 +275,61 @@ caf::expected<uint64_t> node::accept_handoff(const std::string& id, const std::s
   return f.get();
 }
 
+node::drained_session node::hand_over(const std::string& id) {
+  drained_session d;
+  d.id = id;
+  std::vector<peer_info> live;
+  for (auto& p : peers_->snapshot())
+    if (p.accepts_work() && !p.name.empty()) live.push_back(p);
+  if (live.empty()) {
+    d.error = "no live peer to take it";
+    return d;
+  }
+  auto order = replicator::placement(id, cfg_.region, cfg_.replicas, std::move(live));
+  // Stop writing it here, and store every token it has (the table holds some not yet logged).
+  auto had = sessions_->drop(id, 0);
+  if (!had) {
+    d.error = "no longer on this node";
+    return d;
+  }
+  if (auto a = session(id)) {
+    caf::anon_send(a, moved_atom::value,
+                   "session " + id + " is handed over to another node (node " + cfg_.name +
+                       " drains); reconnect and resume there");
+  }
+  caf::error err;
+  if (!had->turns.empty()) {
+    auto& last = had->turns.back();
+    err = store_->append_turn_tokens(id, had->epoch, last.turn, 0, last.generated);
+  }
+  // The first peer in placement order that takes it (one that drains too refuses).
+  caf::expected<uint64_t> epoch = err ? caf::expected<uint64_t>(err)
+                                      : make_error(errc::failed, "no peer took it");
+  std::string why;
+  for (auto& target : order) {
+    if (err) break;
+    epoch = replicator_->handoff(id, target);
+    if (epoch) {
+      d.to = target.name;
+      break;
+    }
+    why += (why.empty() ? "" : "; ") + target.name + ": " + describe(epoch.error());
+  }
+  if (epoch) {
+    (void)store_->erase_session(id, had->epoch);
+    d.epoch = *epoch;
+    ctx_->log->report(cfg_.name + ": drain: session " + id + " handed over to " + d.to +
+                      " at epoch " + std::to_string(*epoch));
+    return d;
+  }
+  // Take it back: it is served here again (its running turn resumes).
+  d.error = err ? describe(err) : why;
+  sessions_->recovered(*had);
+  (void)start_session(*had);
+  ctx_->log->report(cfg_.name + ": drain: session " + id + " stays: " + d.error);
+  return d;
+}
+
 caf::expected<std::vector<node::drained_session>> node::drain() {
   if (!store_ || !replicator_) {
     return make_error(errc::unimplemented,
@@ -283,45 +340,18 @@ caf::expected<std::vector<node::drained_session>> node::drain() {
                     std::to_string(sessions_->ids().size()) + " session(s)");
   std::vector<drained_session> out;
   for (auto& id : sessions_->ids()) {
-    drained_session d;
-    d.id = id;
-    std::vector<peer_info> live;
-    for (auto& p : peers_->snapshot())
-      if (p.accepts_work() && !p.name.empty()) live.push_back(p);
-    if (live.empty()) {
-      d.error = "no live peer to take it";
+    // On the failover executor, one at a time with takeovers, losses and accepted handoffs.
+    auto p = std::make_shared<std::promise<drained_session>>();
+    auto f = p->get_future();
+    failover_->post([this, id, p] { p->set_value(hand_over(id)); });
+    if (f.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+      drained_session d;
+      d.id = id;
+      d.error = "the handoff did not finish within 60 s";
       out.push_back(std::move(d));
       continue;
     }
-    auto target = replicator::placement(id, cfg_.region, cfg_.replicas, std::move(live)).front();
-    // Stop writing it here, and store every token it has (the table holds some not yet logged).
-    auto had = sessions_->drop(id, 0);
-    if (!had) continue;  // gone meanwhile
-    if (auto a = session(id)) {
-      caf::anon_send(a, moved_atom::value,
-                     "session " + id + " is handed over to " + target.name +
-                         " (node " + cfg_.name + " drains); reconnect and resume there");
-    }
-    caf::error err;
-    if (!had->turns.empty()) {
-      auto& last = had->turns.back();
-      err = store_->append_turn_tokens(id, had->epoch, last.turn, 0, last.generated);
-    }
-    auto epoch = err ? caf::expected<uint64_t>(err) : replicator_->handoff(id, target);
-    if (epoch) {
-      (void)store_->erase_session(id, had->epoch);
-      d.to = target.name;
-      d.epoch = *epoch;
-      ctx_->log->report(cfg_.name + ": drain: session " + id + " handed over to " + target.name +
-                        " at epoch " + std::to_string(*epoch));
-    } else {
-      // Take it back: it is served here again (its running turn resumes).
-      d.error = describe(epoch.error());
-      sessions_->recovered(*had);
-      (void)start_session(*had);
-      ctx_->log->report(cfg_.name + ": drain: session " + id + " stays: " + d.error);
-    }
-    out.push_back(std::move(d));
+    out.push_back(f.get());
   }
   auto left = sessions_->ids().size();
   ctx_->log->report(cfg_.name + ": drain: " +

@@ -157,6 +157,9 @@ class node {
   /// Takes the lease of the replica `id` with `epoch` and starts it. On the failover executor.
   caf::error adopt(const std::string& id, uint64_t epoch, const std::string& from);
   void lose_now(const std::string& id, uint64_t epoch);
+  /// One session of `drain`: its handoff to the first peer in placement order that takes it.
+  /// On the failover executor.
+  drained_session hand_over(const std::string& id);
 
   caf::actor_system& sys_;
   node_config cfg_;

@@ -4,6 +4,7 @@
 
 #include <capnp/ez-rpc.h>
 #include <kj/async-io.h>
+#include <kj/time.h>
 
 #include "base/error.hpp"
 #include "storage/session_store.hpp"
@@ -76,9 +77,12 @@ struct replicator::rpc {
   /// Waits for `p` up to `limit` on this thread's event loop.
   template <class T>
   T wait(kj::Promise<T> p, std::chrono::milliseconds limit) {
+    // From the real clock: the timer's own `now()` stands still while this thread waits for
+    // work outside the event loop, so a delay from it would end at once after an idle spell.
+    auto deadline = kj::systemPreciseMonotonicClock().now() + limit.count() * kj::MILLISECONDS;
     return any->getIoProvider()
         .getTimer()
-        .timeoutAfter(limit.count() * kj::MILLISECONDS, kj::mv(p))
+        .timeoutAt(deadline, kj::mv(p))
         .wait(any->getWaitScope());
   }
 

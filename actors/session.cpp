@@ -68,9 +68,11 @@ caf::error session_table::put(const session_record& r, change c) {
   {
     std::lock_guard<std::mutex> guard(mu_);
     if (auto d = dropped_.find(r.id); d != dropped_.end()) {
-      return make_error(errc::stale_epoch, "session " + r.id + ": write with epoch " +
-                                               std::to_string(r.epoch) + ", another node owns it at epoch " +
-                                               std::to_string(d->second));
+      return make_error(errc::stale_epoch,
+                        "session " + r.id + ": write with epoch " + std::to_string(r.epoch) +
+                            (d->second > 0 ? ", another node owns it at epoch " +
+                                                 std::to_string(d->second)
+                                           : ", it is being handed over to another node"));
     }
     // A new turn's log starts empty.
     if (auto i = records_.find(r.id);
@@ -274,6 +276,11 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
   auto& st = self->state;
   st.ctx = std::move(ctx);
   st.table = std::move(table);
+  if (st.table->dropped(initial.id)) {
+    // Moved to another node while this actor was being (re)started: nothing to serve here.
+    self->quit();
+    return {};
+  }
   if (auto saved = st.table->get(initial.id)) {
     st.rec = std::move(*saved);  // a restart: continue where the crashed incarnation was
   } else {
@@ -346,6 +353,12 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         t->done = true;
         t->reason = why;
         if (auto err = st.table->put(st.rec, change::structure)) {
+          if (code_of(err) == errc::stale_epoch) {
+            // Another node owns the session now and ends the turn there: so does this actor.
+            self->send(t->sink, moved_atom::value, st.rec.id, t->turn, describe(err));
+            self->quit();
+            return;
+          }
           // Let it crash: the restarted session has the turn still running in the table and
           // resubmits it, so the end is written again.
           throw std::runtime_error("session " + st.rec.id + ": cannot record the end of turn " +

@@ -1,5 +1,5 @@
 // keel-shell: the admin's console. Speaks the admin API (wire/keel.capnp `AdminGate`) to one or
-// more keel-nodes: their supervision trees, nodes, sessions, kills, restarts and faults
+// more keel-nodes: their supervision trees, nodes, sessions, kills, restarts, faults and drains
 // (docs/shell.md).
 
 #include <unistd.h>

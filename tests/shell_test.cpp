@@ -11,7 +11,9 @@
 
 #include <atomic>
 #include <fstream>
+#include <map>
 #include <memory>
+#include <sstream>
 #include <thread>
 
 #include "tests/process.hpp"
@@ -77,10 +79,11 @@ struct node {
   std::unique_ptr<process> proc;
   std::string client, admin, peer;
 
-  explicit node(std::vector<std::string> extra = {}, bool with_key = true) {
-    std::vector<std::string> argv = {bin("keel-node"), "--listen",  "127.0.0.1:0", "--model",
-                                     tiny_model(),     "--threads", "1",           "--admin-listen",
-                                     "127.0.0.1:0"};
+  explicit node(std::vector<std::string> extra = {}, bool with_key = true,
+                const std::string& model = tiny_model()) {
+    std::vector<std::string> argv = {
+        bin("keel-node"), "--listen", "127.0.0.1:0",    "--model",    model,
+        "--threads",      "1",        "--admin-listen", "127.0.0.1:0"};
     if (with_key) argv.insert(argv.end(), {"--admin-key", key});
     argv.insert(argv.end(), extra.begin(), extra.end());
     proc = std::make_unique<process>(argv);
@@ -142,6 +145,72 @@ std::string line_with(const std::string& out, const std::string& what) {
 bool contains(const std::string& s, const std::string& what) {
   return s.find(what) != std::string::npos;
 }
+
+/// A conversation's turns as text, one line each, for comparisons that show what differs.
+std::string transcript(const std::vector<keel::wire::turn_record>& turns) {
+  std::ostringstream out;
+  for (auto& t : turns) {
+    out << "turn " << t.turn << " [";
+    for (auto id : t.prompt) out << ' ' << id;
+    out << " ] ->";
+    for (auto id : t.generated) out << ' ' << id;
+    if (t.done)
+      out << " (" << t.reason << ")\n";
+    else
+      out << " (running)\n";
+  }
+  return out.str();
+}
+
+/// Three keel-nodes with session stores, linked to each other: a and b in region r1, c in r2,
+/// each session with two replicas. The admin key comes from a config file; the peer ports are
+/// chosen up front, since each node's --peers names the others'.
+struct trio {
+  keel::test::temp_dir dir;
+  std::unique_ptr<node> a, b, c;
+
+  explicit trio(const std::string& label, const std::string& model = tiny_model())
+      : dir("shell_test-" + label + "-" + std::to_string(getpid())) {
+    auto config = (dir.path / "admin.conf").string();
+    std::ofstream(config) << "admin-key = " << key << "\n";
+    std::map<std::string, std::string> peer = {
+        {"a", closed_address()}, {"b", closed_address()}, {"c", closed_address()}};
+    auto start = [&](const std::string& name, const std::string& region) {
+      std::string others;
+      for (auto& [n, address] : peer)
+        if (n != name) others += (others.empty() ? "" : ",") + address;
+      return std::make_unique<node>(
+          std::vector<std::string>{"--name", name, "--region", region, "--peer-listen", peer[name],
+                                   "--peers", others, "--data", (dir.path / name).string(),
+                                   "--replicas", "2", "--config", config},
+          false, model);
+    };
+    a = start("a", "r1");
+    b = start("b", "r1");
+    c = start("c", "r2");
+    // Until a's region links see b and c up (drain hands sessions to live peers only).
+    auto a_sees = [&] {
+      auto r = a->shell("nodes");
+      return contains(line_with(r.out, "b     r1"), "  up  ") &&
+             contains(line_with(r.out, "c     r2"), "  up  ");
+    };
+    bool linked = a_sees();
+    for (int i = 0; i < 50 && !linked; ++i) {
+      std::this_thread::sleep_for(100ms);
+      linked = a_sees();
+    }
+    BOOST_REQUIRE_MESSAGE(linked, "a's region links did not come up: " + a->proc->err());
+  }
+
+  /// keel-shell -c COMMANDS connected to all three.
+  run_result shell(const std::string& commands, std::vector<std::string> extra = {}) const {
+    return a->shell(commands, std::move(extra), b->admin + "," + c->admin);
+  }
+
+  const node& named(const std::string& name) const {
+    return name == "a" ? *a : name == "b" ? *b : *c;
+  }
+};
 
 }  // namespace
 
@@ -324,6 +393,12 @@ BOOST_AUTO_TEST_CASE(every_error_is_one_line_and_the_shell_goes_on) {
       {"sessions --node", 2, "--node needs a node's name"},
       {"watch --count x nodes", 2, "--count x: expected a whole number from 1"},
       {"help nothing", 2, "no command nothing"},
+      {"drain", 2, "keel-shell: drain: NODE is missing (nodes: node); usage: drain NODE"},
+      {"drain node node", 2, "keel-shell: drain: it takes one NODE, got 2 arguments"},
+      {"drain nosuch", 1, "keel-shell: drain: no node nosuch; nodes: node"},
+      // Without --data and --peers there is nowhere to hand sessions over to.
+      {"drain node", 1, "keel-shell: drain: node node cannot drain: it needs --data and --peers"},
+      {"watch drain node", 2, "cannot watch 'drain'"},
   };
   for (auto& e : cases) {
     auto r = n.shell(e.command);
@@ -342,6 +417,10 @@ BOOST_AUTO_TEST_CASE(every_error_is_one_line_and_the_shell_goes_on) {
   BOOST_TEST(t.status == 1);
   BOOST_TEST(contains(t.err, "node at " + gone + " is down: "), t.err);
   BOOST_TEST(contains(t.err, "nodes up: node"), t.err);
+  auto d = n.shell("drain " + gone, {}, gone);
+  BOOST_TEST(d.status == 1);
+  BOOST_TEST(contains(d.err, "keel-shell: drain: node at " + gone + " is down: "), d.err);
+  BOOST_TEST(std::count(d.err.begin(), d.err.end(), '\n') == 1, d.err);
 
   // Interactive, from a script on stdin: each error is reported and the next command runs.
   auto s = run({bin("keel-shell"), "--connect", n.admin, "--key", key},
@@ -356,6 +435,16 @@ BOOST_AUTO_TEST_CASE(every_error_is_one_line_and_the_shell_goes_on) {
   auto trees = 0;
   for (size_t at = 0; (at = s.out.find("PATH ", at)) != std::string::npos; ++at) ++trees;
   BOOST_TEST(trees == 1);  // nothing runs after quit
+
+  auto dj = n.shell("drain node", {"--json"});
+  BOOST_TEST(dj.status == 1);
+  BOOST_TEST(contains(dj.out,
+                      "{\"command\":\"drain\",\"error\":{\"kind\":\"unimplemented\","
+                      "\"message\":\"node node cannot drain"),
+             dj.out);
+  // The refused drain still marks nothing: the node reports itself up, not draining.
+  auto still = n.shell("nodes");
+  BOOST_TEST(contains(line_with(still.out, "node  "), "  up  "), still.out);
 
   auto j = n.shell("kill node/nope", {"--json"});
   BOOST_TEST(j.status == 1);
@@ -401,4 +490,165 @@ BOOST_AUTO_TEST_CASE(nodes_merges_peers_and_a_cut_link_shows_the_peer_down) {
   BOOST_TEST(contains(cut.out, "cut " + link + " for 1500 ms"));
   BOOST_TEST(wait_for("down") == "down");
   BOOST_TEST(wait_for("up") == "up");  // the cut ends, heartbeats are answered again
+}
+
+BOOST_AUTO_TEST_CASE(drain_hands_every_session_over_and_the_node_is_safe_to_stop) {
+  // The reference, on one fault-free node: a seed whose second reply runs past the stall below.
+  // Sampling is keyed by (seed, turn, index), so any node generates the same conversation.
+  const std::string first = "Hello there", second = "Tell me more";
+  std::vector<keel::wire::turn_record> reference;
+  uint64_t seed = 0;
+  {
+    node single;
+    auto rc = single.connect();
+    for (uint64_t s = 1; s <= 10 && (reference.empty() || reference[1].generated.size() < 12);
+         ++s) {
+      auto sid = rc->open_session(sampled(s));
+      BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+      BOOST_REQUIRE(rc->generate(*sid, first, 8));
+      BOOST_REQUIRE(rc->generate(*sid, second, 40));
+      auto h = rc->history(*sid);
+      BOOST_REQUIRE_MESSAGE(h, keel::test::why(h));
+      BOOST_REQUIRE(h->size() == 2u);
+      if (reference.empty() || (*h)[1].generated.size() > reference[1].generated.size())
+        reference = *h, seed = s;
+    }
+  }
+  BOOST_REQUIRE(reference[1].generated.size() >= 12u);
+
+  trio t("drain");
+  auto& a = t.a;
+  auto& b = t.b;
+  auto& c = t.c;
+
+  // Three conversations on a, each with a finished turn; the last one's second turn runs while
+  // a drains (a's shard stalls 1.5 s three steps into it).
+  auto ca = a->connect();
+  std::vector<std::string> ids;
+  for (uint64_t s : {seed + 100, seed + 200, seed}) {
+    auto sid = ca->open_session(sampled(s));
+    BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+    auto g = ca->generate(*sid, first, 8);
+    BOOST_REQUIRE_MESSAGE(g, keel::test::why(g));
+    ids.push_back(*sid);
+  }
+  const auto running = ids.back();
+  std::map<std::string, std::string> before;
+  for (auto& id : ids) {
+    auto h = ca->history(id);
+    BOOST_REQUIRE_MESSAGE(h, keel::test::why(h));
+    before[id] = transcript(*h);
+  }
+  BOOST_TEST(before[running] == transcript({reference[0]}));
+
+  auto armed = a->shell("fault a/engine/shard-0 stall 1500ms 3");
+  BOOST_REQUIRE_MESSAGE(armed.status == 0, armed.err);
+  std::atomic<int> seen{0};
+  std::vector<keel::wire::failover_event> failovers;
+  caf::expected<keel::wire::generation> result = keel::make_error(keel::errc::failed, "not run");
+  std::thread gen([&] {
+    keel::wire::client::options o;
+    o.on_failover = [&](const keel::wire::failover_event& e) { failovers.push_back(e); };
+    // A client belongs to the thread that connected it.
+    auto mine = keel::wire::client::connect({a->client, b->client, c->client}, o);
+    if (!mine) {
+      result = std::move(mine.error());
+      return;
+    }
+    result = (*mine)->generate(running, second, 40,
+                               [&](uint64_t, uint64_t, int32_t, std::string_view) { ++seen; });
+  });
+  for (int i = 0; i < 500 && seen.load() < 2; ++i) std::this_thread::sleep_for(10ms);
+  BOOST_TEST(seen.load() >= 2);
+  auto drained = t.shell("drain a");
+  gen.join();
+
+  BOOST_TEST_MESSAGE("drain a:\n" << drained.out << drained.err);
+  BOOST_REQUIRE_MESSAGE(drained.status == 0, drained.out + drained.err);
+  std::map<std::string, std::string> owner;
+  for (auto& id : ids) {
+    auto line = line_with(drained.out, id + " -> ");
+    BOOST_TEST_REQUIRE(!line.empty(), id << " did not move: " << drained.out);
+    BOOST_TEST(contains(line, " (epoch 2)"), line);
+    owner[id] = line.substr(id.size() + 4, 1);
+    BOOST_TEST((owner[id] == "b" || owner[id] == "c"), line);
+  }
+  BOOST_TEST(contains(drained.out, "node a is empty and safe to stop\n"), drained.out);
+
+  // The running turn continued on its new owner: the client got the whole reply, each token
+  // once, as the fault-free node generated it.
+  BOOST_REQUIRE_MESSAGE(result, keel::test::why(result));
+  BOOST_TEST(result->prompt == reference[1].prompt);
+  BOOST_TEST(result->generated == reference[1].generated);
+  BOOST_TEST(!failovers.empty(), "the stream did not move: it ended on a");
+  for (auto& e : failovers)
+    BOOST_TEST_MESSAGE("the running turn resumed from index " << e.from_index << " via " << e.to
+                                                              << " (" << e.to_node << ") after "
+                                                              << e.duration.count() << " ms");
+
+  // a holds nothing, reports itself draining, and opens no sessions.
+  auto left = a->shell("sessions --node a; nodes");
+  BOOST_REQUIRE_MESSAGE(left.status == 0, left.err);
+  BOOST_TEST(contains(left.out, "(no sessions)"), left.out);
+  BOOST_TEST(contains(line_with(left.out, "a     r1"), "  draining  "), left.out);
+  auto refused = ca->open_session(sampled(1));
+  BOOST_REQUIRE(!refused);
+  BOOST_TEST(keel::code_of(refused.error()) == keel::errc::overloaded);
+  BOOST_TEST(contains(keel::message_of(refused.error()), "draining"),
+             keel::describe(refused.error()));
+
+  // Each conversation is whole on its new owner, which lists it at epoch 2.
+  before[running] = transcript(reference);
+  auto listed = b->shell("sessions", {}, c->admin);
+  BOOST_REQUIRE_MESSAGE(listed.status == 0, listed.err);
+  for (auto& id : ids) {
+    auto cl = t.named(owner[id]).connect();
+    auto h = cl->history(id);
+    BOOST_REQUIRE_MESSAGE(h, id << " on " << owner[id] << ": " << keel::test::why(h));
+    BOOST_TEST(transcript(*h) == before[id], id << " on " << owner[id]);
+    auto row = line_with(listed.out, id + "  ");
+    BOOST_TEST(contains(row, "  " + owner[id] + "  "), row);
+    BOOST_TEST(contains(row, "  2  "), row);
+  }
+
+  // Draining again finds nothing to move.
+  auto again = a->shell("drain a", {"--json"});
+  BOOST_TEST(again.status == 0, again.err);
+  BOOST_TEST(again.out ==
+                 "{\"command\":\"drain\",\"node\":\"a\",\"sessions\":[],\"remaining\":0,"
+                 "\"safe_to_stop\":true}\n",
+             again.out);
+}
+
+BOOST_AUTO_TEST_CASE(a_drain_that_cannot_move_a_session_says_why_and_fails) {
+  // A node whose only peer is not there: its sessions have nowhere to go.
+  keel::test::temp_dir dir{"shell_test-stays-" + std::to_string(getpid())};
+  node n({"--name", "x", "--peer-listen", "127.0.0.1:0", "--peers", closed_address(), "--data",
+          (dir.path / "x").string()});
+  auto c = n.connect();
+  auto sid = c->open_session(sampled(5));
+  BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+  BOOST_REQUIRE(c->generate(*sid, "Hi", 4));
+
+  auto r = n.shell("drain x");
+  BOOST_TEST(r.status == 1);
+  BOOST_TEST(contains(r.out, *sid + " stays: no live peer to take it\n"), r.out);
+  BOOST_TEST(contains(r.out, "node x still holds 1 session(s); it is not safe to stop\n"), r.out);
+  BOOST_TEST(!contains(r.out, "safe to stop\nnode"), r.out);
+
+  auto j = n.shell("drain x", {"--json"});
+  BOOST_TEST(j.status == 1);
+  BOOST_TEST(j.out == "{\"command\":\"drain\",\"node\":\"x\",\"sessions\":[{\"id\":\"" + *sid +
+                          "\",\"moved\":false,\"to\":null,\"epoch\":null,\"error\":\"no live "
+                          "peer to take it\"}],\"remaining\":1,\"safe_to_stop\":false}\n",
+             j.out);
+
+  // The session is still served here; new ones are not.
+  auto again = c->generate(*sid, "still here?", 4);
+  BOOST_TEST(static_cast<bool>(again), keel::test::why(again));
+  auto refused = c->open_session(sampled(6));
+  BOOST_TEST(!refused);
+  auto nodes = n.shell("nodes; help drain");
+  BOOST_TEST(contains(line_with(nodes.out, "x     -"), "  draining  "), nodes.out);
+  BOOST_TEST(contains(nodes.out, "usage: drain NODE"), nodes.out);
 }

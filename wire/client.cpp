@@ -4,6 +4,7 @@
 #include <kj/async-io.h>
 #include <kj/async.h>
 #include <kj/exception.h>
+#include <kj/time.h>
 
 #include <cstdlib>
 #include <exception>
@@ -191,7 +192,10 @@ struct client::impl {
   template <class T>
   kj::Promise<T> bounded(kj::Promise<T> p, std::chrono::milliseconds limit, const char* what) {
     if (limit.count() <= 0) return p;
-    auto timeout = rpc->getIoProvider().getTimer().afterDelay(limit.count() * kj::MILLISECONDS);
+    // From the real clock: the timer's `now()` stands still while the caller's thread is away
+    // from the event loop (between calls), so a delay from it would end early after a pause.
+    auto timeout = rpc->getIoProvider().getTimer().atTime(
+        kj::systemPreciseMonotonicClock().now() + limit.count() * kj::MILLISECONDS);
     std::string msg =
         std::string(what) + ": no answer within " + std::to_string(limit.count()) + " ms";
     return p.exclusiveJoin(

@@ -163,6 +163,7 @@ struct NodeReport {
   replicated @22 :UInt64;        # session writes a replica acknowledged
   replicationFailures @23 :UInt64;
   peers @24 :List(PeerView);
+  draining @25 :Bool;            # `drain` ran: the node opens no new sessions
 }
 
 struct AdminSession {
@@ -194,6 +195,14 @@ struct Fault {
   }
 }
 
+# What `drain` did with one session.
+struct DrainedSession {
+  id @0 :Text;
+  to @1 :Text;       # the node that took it over; "" when it stayed
+  epoch @2 :UInt64;  # the new owner's epoch (the old one + 1); 0 when it stayed
+  error @3 :Text;    # why it stayed; "" when it moved
+}
+
 # Paths name actors of the node's tree, from its root ("node/engine/shard-0"). An unknown path is
 # `notFound`, naming the children that do exist.
 interface Admin {
@@ -206,4 +215,10 @@ interface Admin {
   # The supervisor stops the actor and starts it again (a manual restart).
   restart @4 (path :Text) -> (outcome :Text, error :Error);
   fault @5 (path :Text, fault :Fault) -> (outcome :Text, error :Error);
+  # Drains the node: it opens no new sessions from now on (clients get `overloaded`), and hands
+  # each session over to a live peer (a clean handoff: the peer takes it at epoch + 1; a running
+  # turn continues there and its client resumes). `moved` has one entry per session, moved or
+  # not; `remaining` is how many sessions the node still holds afterwards (0: safe to stop).
+  # `unimplemented` on a node without --data and --peers. Answers once every handoff ended.
+  drain @6 () -> (moved :List(DrainedSession), remaining :UInt32, error :Error);
 }

@@ -2,6 +2,7 @@
 
 #include <capnp/rpc-twoparty.h>
 #include <kj/async-io.h>
+#include <kj/time.h>
 #include <kj/timer.h>
 
 #include "base/error.hpp"
@@ -34,7 +35,11 @@ struct cluster::impl {
   /// `p`, failing with DISCONNECTED "WHAT: no answer within N ms" after `limit`.
   template <class T>
   kj::Promise<T> bounded(kj::Promise<T> p, std::chrono::milliseconds limit, std::string what) {
-    auto timeout = io.provider->getTimer().afterDelay(limit.count() * kj::MILLISECONDS);
+    // From the clock, not `Timer::now()`: that is the time the loop last waited, and between
+    // commands the loop does not run (the shell waits for input), so `afterDelay` would count
+    // from the previous command and time out at once after a pause longer than `limit`.
+    auto deadline = kj::systemPreciseMonotonicClock().now() + limit.count() * kj::MILLISECONDS;
+    auto timeout = io.provider->getTimer().atTime(deadline);
     auto msg = what + ": no answer within " + std::to_string(limit.count()) + " ms";
     return p.exclusiveJoin(
         timeout.then([msg]() -> kj::Promise<T> { return KJ_EXCEPTION(DISCONNECTED, msg); }));
@@ -178,6 +183,7 @@ caf::expected<node_report> cluster::report(size_t m) {
                                      p.getFailures(), text(p.getLastFailure()),
                                      text(p.getClientAddress())});
         }
+        o.draining = r.getDraining();
         return o;
       });
 }
@@ -265,6 +271,22 @@ caf::expected<std::string> cluster::fault(size_t m, const std::string& path, con
         auto res = im.bounded(req.send(), im.opts.call_timeout, "fault").wait(im.io.waitScope);
         if (auto err = wire::from_wire(res.getError())) return err;
         return text(res.getOutcome());
+      });
+}
+
+caf::expected<drain_result> cluster::drain(size_t m) {
+  auto& im = *impl_;
+  return with_admin<drain_result>(
+      im, members_, m, "drain", [&](wire::Admin::Client& a) -> caf::expected<drain_result> {
+        auto res = im.bounded(a.drainRequest().send(), im.opts.drain_timeout, "drain")
+                       .wait(im.io.waitScope);
+        if (auto err = wire::from_wire(res.getError())) return err;
+        drain_result out;
+        for (auto s : res.getMoved())
+          out.sessions.push_back(
+              drained_row{text(s.getId()), text(s.getTo()), s.getEpoch(), text(s.getError())});
+        out.remaining = res.getRemaining();
+        return out;
       });
 }
 

@@ -45,6 +45,7 @@ struct node_report {
   uint32_t restarts = 0;
   uint64_t faults_fired = 0, replicated = 0, replication_failures = 0;
   std::vector<peer_row> peers;
+  bool draining = false;  // the node was drained: it opens no new sessions
 };
 
 struct session_row {
@@ -57,6 +58,19 @@ struct session_row {
   int32_t priority = 0;
   bool durable = false;
   uint64_t checkpoint_turn = 0, checkpoint_tokens = 0;
+};
+
+/// What a drain did with one session.
+struct drained_row {
+  std::string id;
+  std::string to;      // the node that took it over; "" when it stayed
+  uint64_t epoch = 0;  // its epoch there
+  std::string error;   // why it stayed; "" when it moved
+};
+
+struct drain_result {
+  std::vector<drained_row> sessions;
+  uint32_t remaining = 0;  // sessions the node still holds: 0 when it is safe to stop
 };
 
 struct fault_spec {
@@ -83,6 +97,9 @@ class cluster {
     std::chrono::milliseconds connect_timeout{1500};
     /// Per call; above the admin's own waits (a restart waits for a shard's step).
     std::chrono::milliseconds call_timeout{20000};
+    /// For `drain`, which answers once every session was handed over (a few seconds each at
+    /// worst).
+    std::chrono::milliseconds drain_timeout{300000};
   };
 
   cluster(std::vector<std::string> addresses, std::string key, options opts);
@@ -102,6 +119,7 @@ class cluster {
   caf::expected<std::string> kill(size_t m, const std::string& path);
   caf::expected<std::string> restart(size_t m, const std::string& path);
   caf::expected<std::string> fault(size_t m, const std::string& path, const fault_spec& f);
+  caf::expected<drain_result> drain(size_t m);
 
   struct impl;
 

@@ -25,8 +25,9 @@ const std::vector<command_info>& commands() {
        "restart and fault take."},
       {"nodes", "nodes", "every node: region, address, status, sessions, KV pages, queue, tok/s",
        "Merges what every node of --connect reports about itself and about its peers. A node\n"
-       "the shell reaches is up; another is as its peers' region links see it (up, suspect,\n"
-       "down); one nobody reaches is down. KV pages are those of each shard, used/total."},
+       "the shell reaches is up (draining after `drain`); another is as its peers' region\n"
+       "links see it (up, suspect, down); one nobody reaches is down. KV pages are those of\n"
+       "each shard, used/total."},
       {"sessions", "sessions [--node NODE]", "every session: owner, replicas, epoch, turns, tokens",
        "The last checkpoint is the newest turn in the node's store and how many of its\n"
        "generated tokens its log holds (nodes without --data keep sessions in memory only)."},
@@ -45,6 +46,14 @@ const std::vector<command_info>& commands() {
        "  fault NODE clear               disarm every fault of the node\n"
        "TIME is milliseconds (500, 500ms) or seconds (2s). SHARD is e.g. node/engine/shard-0,\n"
        "SESSION node/sessions/s-1, LINK node/links/peer-HOST:PORT, NODE the node's name."},
+      {"drain", "drain NODE", "move NODE's sessions to other nodes; it opens no new ones",
+       "Drains NODE before it is stopped: from now on it refuses new sessions (its clients get\n"
+       "'overloaded': use another node), and it hands each session over to a live peer (a\n"
+       "clean handoff: the peer takes the session at epoch + 1; a running turn continues there\n"
+       "and its client resumes without losing a token). One line per session: where it went,\n"
+       "or why it stays. Then either 'node NODE is empty and safe to stop' or how many\n"
+       "sessions it still holds (the status is then 1; drain again once peers are up). NODE\n"
+       "needs --data and --peers. The node keeps refusing new sessions until it restarts."},
       {"stats", "stats", "every node's figures: steps, tokens, tok/s, restarts, faults, ...",
        "Uptime, batcher steps, generated tokens and tokens/s, restarts by every supervisor,\n"
        "faults fired, turns shed and preempted, the last recovery after a worker crash\n"
@@ -154,6 +163,7 @@ int shell::run(const std::vector<std::string>& args) {
   if (name == "nodes") return nodes(args);
   if (name == "sessions") return sessions(args);
   if (name == "stats") return stats(args);
+  if (name == "drain") return drain(args);
   return act(args);
 }
 
@@ -278,7 +288,8 @@ int shell::watch(const std::vector<std::string>& args) {
   if (at >= args.size()) return fail("watch", usage_error("watch", "COMMAND is missing"));
   std::vector<std::string> inner(args.begin() + static_cast<ptrdiff_t>(at), args.end());
   auto* c = find_command(inner[0]);
-  if (c == nullptr || inner[0] == "watch" || inner[0] == "quit" || inner[0] == "help")
+  if (c == nullptr || inner[0] == "watch" || inner[0] == "quit" || inner[0] == "help" ||
+      inner[0] == "drain")
     return fail("watch", usage_error("watch", "cannot watch '" + inner[0] +
                                                   "'; watch tree, nodes, sessions or stats"));
   std::string shown;
@@ -361,7 +372,7 @@ std::vector<std::string> shell::complete(const std::string& before, const std::s
     const size_t index = words.size();  // the position of the word being completed
     if (cmd == "help" && index == 1) {
       for (auto& c : commands()) options.push_back(c.name);
-    } else if (cmd == "tree" && index == 1) {
+    } else if ((cmd == "tree" || cmd == "drain") && index == 1) {
       node_names();
     } else if (cmd == "sessions") {
       if (index >= 2 && words[index - 1] == "--node")

@@ -61,6 +61,7 @@ class shell {
   int sessions(const std::vector<std::string>& args);
   int stats(const std::vector<std::string>& args);
   int act(const std::vector<std::string>& args);  // kill, restart, fault
+  int drain(const std::vector<std::string>& args);
   int help(const std::vector<std::string>& args);
   int watch(const std::vector<std::string>& args);
 

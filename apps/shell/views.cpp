@@ -1,4 +1,4 @@
-// The commands that ask nodes: tree, nodes, sessions, stats, kill, restart, fault.
+// The commands that ask nodes: tree, nodes, sessions, stats, kill, restart, fault, drain.
 
 #include <cstdio>
 #include <cstdlib>
@@ -140,7 +140,7 @@ int shell::nodes(const std::vector<std::string>& args) {
       e.region = r->region;
       e.address = r->client_address;
       e.peer = r->peer_address;
-      e.status = "up";
+      e.status = r->draining ? "draining" : "up";
       e.reached = true;
       e.r = *r;
       reports.push_back(*r);
@@ -208,6 +208,7 @@ int shell::nodes(const std::vector<std::string>& args) {
     j.field("reached", e.reached).field("address", e.address).field("admin_address", e.admin);
     j.field("peer_address", e.peer);
     if (e.r) {
+      j.field("draining", e.r->draining);
       j.field("sessions", e.r->sessions).field("running_turns", e.r->running_turns);
       j.field("kv_pages_used", e.r->kv_pages_used).field("kv_pages_total", e.r->kv_pages_total);
       j.field("queue_length", e.r->queue_length);
@@ -426,6 +427,47 @@ int shell::act(const std::vector<std::string>& args) {
     print(*out + "\n");
   }
   return 0;
+}
+
+int shell::drain(const std::vector<std::string>& args) {
+  if (args.size() < 2)
+    return fail("drain", usage_error("drain", "NODE is missing (nodes: " + known_nodes() + ")"));
+  if (args.size() > 2)
+    return fail("drain", usage_error("drain", "it takes one NODE, got " +
+                                                  std::to_string(args.size() - 1) + " arguments"));
+  auto m = member_named(args[1]);
+  if (!m) return fail("drain", m.error());
+  auto d = cluster_.drain(*m);
+  if (!d) return fail("drain", with_hint(d.error()));
+  const auto& name = cluster_.members()[*m].name;
+  const bool safe = d->remaining == 0;
+  if (json_) {
+    json j;
+    j.begin_object().field("command", "drain").field("node", name).key("sessions").begin_array();
+    for (auto& s : d->sessions) {
+      j.begin_object().field("id", s.id).field("moved", s.error.empty());
+      if (s.error.empty())
+        j.field("to", s.to).field("epoch", s.epoch).key("error").null();
+      else
+        j.key("to").null().key("epoch").null().field("error", s.error);
+      j.end_object();
+    }
+    j.end_array().field("remaining", d->remaining).field("safe_to_stop", safe).end_object();
+    print_json(j);
+  } else {
+    std::string out;
+    for (auto& s : d->sessions) {
+      if (s.error.empty())
+        out += s.id + " -> " + s.to + " (epoch " + std::to_string(s.epoch) + ")\n";
+      else
+        out += s.id + " stays: " + s.error + "\n";
+    }
+    out += safe ? "node " + name + " is empty and safe to stop\n"
+                : "node " + name + " still holds " + std::to_string(d->remaining) +
+                      " session(s); it is not safe to stop\n";
+    print(out);
+  }
+  return safe ? 0 : 1;
 }
 
 }  // namespace keel::shell
