@@ -243,7 +243,8 @@ class admin_server final : public wire::Admin::Server {
             for (auto& t : r.turns) tokens += t.user.size() + t.generated.size();
             o.setId(r.id);
             o.setOwner(r.owner.empty() ? a_.nd.config().name : r.owner);
-            o.initReplicas(0);  // placement is not recorded yet (docs/shell.md)
+            auto reps = o.initReplicas(static_cast<unsigned>(row.replicas.size()));
+            for (unsigned k = 0; k < row.replicas.size(); ++k) reps.set(k, row.replicas[k]);
             o.setEpoch(r.epoch);
             o.setTurns(static_cast<uint32_t>(r.turns.size()));
             o.setTokens(tokens);

@@ -94,6 +94,7 @@ caf::expected<std::vector<session_row>> admin_ops::sessions() {
                           "session " + r.id + ": " + message_of(logged.error()));
       }
     }
+    row.replicas = node_.replicas_of(r.id);
     row.r = std::move(r);
     out.push_back(std::move(row));
   }

@@ -57,6 +57,7 @@ struct figures {
 /// A session, with what its node's store holds of it.
 struct session_row {
   session_record r;
+  std::vector<std::string> replicas;  // where its writes go now (placement over live peers)
   bool durable = false;  // the node has a store
   uint64_t checkpoint_turn = 0, checkpoint_tokens = 0;
 };

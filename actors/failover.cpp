@@ -360,6 +360,18 @@ caf::expected<std::vector<node::drained_session>> node::drain() {
   return out;
 }
 
+std::vector<std::string> node::replicas_of(const std::string& id) const {
+  std::vector<std::string> out;
+  if (!replicator_) return out;
+  std::vector<peer_info> live;
+  for (auto& p : peers_->snapshot())
+    if (p.accepts_work() && !p.name.empty()) live.push_back(p);
+  auto order = replicator::placement(id, cfg_.region, cfg_.replicas, std::move(live));
+  for (size_t i = 0; i < order.size() && i < static_cast<size_t>(cfg_.replicas); ++i)
+    out.push_back(order[i].name);
+  return out;
+}
+
 caf::expected<std::string> node::owner_address(const std::string& id) {
   if (sessions_->get(id)) return std::string{};  // here
   if (!replicator_)

@@ -124,8 +124,16 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     return spawn_batcher(s, ctx, bcfg);
   };
   batcher = recording(std::move(batcher), [ctx](caf::actor a) { ctx->set_batcher(std::move(a)); });
-  auto sessions =
-      supervisor_child("sessions", cfg.session_flags, {session_spec(ctx, table)}, ctx->log);
+  // A restarted session supervisor starts empty: it starts again every session of the table
+  // (the first start has none yet; node::start starts the recovered ones itself).
+  auto sessions = recording(
+      supervisor_child("sessions", cfg.session_flags, {session_spec(ctx, table)}, ctx->log),
+      [table, starts = std::make_shared<int>(0)](caf::actor sup) {
+        if ((*starts)++ == 0) return;
+        for (auto& id : table->ids())
+          if (auto r = table->get(id))
+            caf::anon_send(sup, start_atom::value, id, caf::make_message(*r));
+      });
   std::vector<child_spec> top{std::move(engine_sup), std::move(batcher), std::move(sessions)};
   if (!cfg.peers.empty()) {
     if (cfg.heartbeat_interval.count() <= 0 || cfg.down_after <= cfg.heartbeat_interval) {

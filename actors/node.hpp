@@ -129,6 +129,9 @@ class node {
   /// `Peer.handoff` from `from`: takes over `id` from the full copy just received.
   caf::expected<uint64_t> accept_handoff(const std::string& id, const std::string& from);
 
+  /// The replicas `id`'s writes go to now: the first R live peers in placement order (empty
+  /// without replication or live peers).
+  std::vector<std::string> replicas_of(const std::string& id) const;
   /// Whether this node held `id` and another node took it over.
   bool moved(const std::string& id) const { return sessions_->dropped(id); }
 

@@ -237,6 +237,21 @@ BOOST_AUTO_TEST_CASE(a_crashed_session_is_rebuilt_and_its_stream_continues) {
   BOOST_TEST(faulty.tokens == clean.tokens);
 }
 
+BOOST_AUTO_TEST_CASE(a_restarted_session_supervisor_starts_every_session_again) {
+  // The whole `sessions` supervisor fails (as keel-shell's `kill node/sessions` makes it): the
+  // node's supervisor restarts it, and it starts every session of the table again; their
+  // running turns continue and the streams equal the fault-free ones.
+  node_config c = two_shards();
+  auto clean = run_node(model_path, c, 3, 120);
+  auto faulty = run_node(model_path, c, 3, 120, [](node& n) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    caf::scoped_actor self{n.root().home_system()};
+    self->send_exit(n.child("sessions"), make_error(errc::failed, "injected: sessions down"));
+  });
+  BOOST_TEST(faulty.violations == 0);
+  BOOST_TEST(faulty.tokens == clean.tokens);
+}
+
 BOOST_AUTO_TEST_CASE(more_work_than_the_kv_budget_is_queued_or_shed_by_priority) {
   node_config c;
   // Room for about two turns at once; a queue of four.
