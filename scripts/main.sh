@@ -168,7 +168,7 @@ if ! cmp -s "$demo/reply" "$demo/expected"; then
 fi
 
 echo
-echo "=== The reply finished on node $new_node; failover took $failover_ms ms ==="
+echo "=== The reply finished through node $new_node (which forwards to the session's new owner); failover took $failover_ms ms ==="
 echo "$(sed -n 's/^gen://p' "$demo/reply" | wc -w) tokens, the same as a fault-free run"
 # Where the session went, as the surviving nodes tell it.
 for i in 0 1 2; do
