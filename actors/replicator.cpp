@@ -44,6 +44,12 @@ void set_logs(capnp::List<wire::TurnLog>::Builder out,
   }
 }
 
+void set_from(wire::NodeId::Builder from, const replicator_config& c) {
+  from.setName(c.self_name);
+  from.setRegion(c.self_region);
+  from.setAddress(c.self_address);
+}
+
 caf::error peer_error(wire::PeerError::Reader e) {
   if (e.getCode() == 0) return {};
   return make_error(static_cast<errc>(e.getCode()), e.getMessage().cStr());
@@ -239,37 +245,12 @@ caf::error replicator::replicate(const replica_update& u) {
     }
     caf::error err;
     for (int attempt = 0; attempt < 2; ++attempt) {
-      try {
-        auto req = rpc_->peer(target.address).replicateRequest();
-        auto from = req.initFrom();
-        from.setName(cfg_.self_name);
-        from.setRegion(cfg_.self_region);
-        from.setAddress(cfg_.self_address);
-        req.setSession(u.session);
-        if (full) {
-          // The whole session as this node's store has it now (maybe newer than `u`).
-          auto entry = cfg_.store->get_session(u.session);
-          if (!entry) return {};  // dropped meanwhile: nothing to copy
-          auto logs = cfg_.store->read_turns(u.session);
-          if (!logs) return logs.error();
-          req.setEpoch(entry->epoch);
-          req.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(entry->payload.data()),
-                                     entry->payload.size()));
-          set_logs(req.initLogs(static_cast<unsigned>(logs->size())), *logs);
-        } else {
-          req.setEpoch(u.epoch);
-          req.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(u.record.data()),
-                                     u.record.size()));
-          req.setTurn(u.turn);
-          req.setFromIndex(u.from_index);
-          auto tl = req.initTokens(static_cast<unsigned>(u.tokens.size()));
-          for (unsigned i = 0; i < u.tokens.size(); ++i) tl.set(i, u.tokens[i]);
-        }
-        auto res = rpc_->wait(req.send(), cfg_.call_timeout);
-        err = peer_error(res.getError());
-      } catch (const kj::Exception& e) {
-        rpc_->drop(target.address);
-        err = make_error(errc::disconnected, e.getDescription().cStr());
+      if (full) {
+        // The whole session as this node's store has it now (maybe newer than `u`).
+        if (!cfg_.store->get_session(u.session)) return {};  // dropped meanwhile: nothing to copy
+        err = send_full(u.session, target);
+      } else {
+        err = send_delta(u, target);
       }
       // A replica without the earlier updates (a gap, no record): send it everything.
       auto code = err ? code_of(err) : errc::none;
@@ -296,6 +277,25 @@ caf::error replicator::replicate(const replica_update& u) {
   return {};
 }
 
+caf::error replicator::send_delta(const replica_update& u, const peer_info& target) {
+  try {
+    auto req = rpc_->peer(target.address).replicateRequest();
+    set_from(req.initFrom(), cfg_);
+    req.setSession(u.session);
+    req.setEpoch(u.epoch);
+    req.setRecord(
+        kj::arrayPtr(reinterpret_cast<const capnp::byte*>(u.record.data()), u.record.size()));
+    req.setTurn(u.turn);
+    req.setFromIndex(u.from_index);
+    auto tl = req.initTokens(static_cast<unsigned>(u.tokens.size()));
+    for (unsigned i = 0; i < u.tokens.size(); ++i) tl.set(i, u.tokens[i]);
+    return peer_error(rpc_->wait(req.send(), cfg_.call_timeout).getError());
+  } catch (const kj::Exception& e) {
+    rpc_->drop(target.address);
+    return make_error(errc::disconnected, target.name + ": " + e.getDescription().cStr());
+  }
+}
+
 caf::error replicator::send_full(const std::string& session, const peer_info& target) {
   try {
     auto entry = cfg_.store->get_session(session);
@@ -303,10 +303,7 @@ caf::error replicator::send_full(const std::string& session, const peer_info& ta
     auto logs = cfg_.store->read_turns(session);
     if (!logs) return logs.error();
     auto req = rpc_->peer(target.address).replicateRequest();
-    auto from = req.initFrom();
-    from.setName(cfg_.self_name);
-    from.setRegion(cfg_.self_region);
-    from.setAddress(cfg_.self_address);
+    set_from(req.initFrom(), cfg_);
     req.setSession(session);
     req.setEpoch(entry->epoch);
     req.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(entry->payload.data()),
@@ -329,10 +326,7 @@ caf::expected<uint64_t> replicator::handoff(const std::string& session, const pe
     }
     try {
       auto req = rpc_->peer(target.address).handoffRequest();
-      auto from = req.initFrom();
-      from.setName(cfg_.self_name);
-      from.setRegion(cfg_.self_region);
-      from.setAddress(cfg_.self_address);
+      set_from(req.initFrom(), cfg_);
       req.setSession(session);
       auto res = rpc_->wait(req.send(), cfg_.call_timeout * 4);
       if (auto err = peer_error(res.getError()))

@@ -141,6 +141,8 @@ class replicator {
   caf::error replicate(const replica_update& u);
   /// Sends `target` the session's full copy from the store.
   caf::error send_full(const std::string& session, const peer_info& target);
+  /// Sends `target` the update `u` as it is (a delta).
+  caf::error send_delta(const replica_update& u, const peer_info& target);
   std::vector<peer_info> live_peers();
   void report(bool ok, const std::string& why);
 
