@@ -246,7 +246,7 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
   r.params = params;
   r.priority = priority;
   // Durable (with a store) before the id is returned.
-  if (auto err = sessions_->put(r, change::structure)) return err;
+  if (auto err = sessions_->put(r, change::accept)) return err;
   if (auto err = start_session(r)) return err;
   return r.id;
 }

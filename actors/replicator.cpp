@@ -144,7 +144,7 @@ std::future<caf::error> replicator::enqueue(replica_update u) {
     queue_.push_back([this, u = std::move(u), answer] {
       auto err = replicate(u);
       bool stale = err && code_of(err) == errc::stale_epoch;
-      if (answer) answer->set_value(stale ? err : caf::error{});
+      if (answer) answer->set_value(stale || u.strict ? err : caf::error{});
       if (stale && cfg_.on_stale) cfg_.on_stale(u.session, u.epoch);
     });
   }
@@ -272,6 +272,11 @@ caf::error replicator::replicate(const replica_update& u) {
     if (code_of(err) == errc::stale_epoch) stale = err;
   }
   if (stale) return stale;
+  if (stored == 0 && u.strict) {
+    return make_error(errc::disconnected, "session " + u.session + ": no replica stored the write (" +
+                                              std::to_string(order.size()) +
+                                              " live peer(s) tried); retry");
+  }
   if (stored == 0 && u.acknowledged)
     report(false, "session " + u.session + ": no replica stored it; kept on this node only");
   return {};

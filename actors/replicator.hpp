@@ -35,6 +35,9 @@ struct replica_update {
   std::vector<int32_t> tokens;
   /// The writer waits for the answer (`replicator::enqueue` returns a future of it).
   bool acknowledged = false;
+  /// With `acknowledged`: the answer is an error (`disconnected`) when live peers exist but
+  /// none stored the update (a turn must not be acknowledged on this node alone).
+  bool strict = false;
   /// A full copy to every live peer, not only the replicas: after a takeover, so that every
   /// copy of the session elsewhere is fenced at the new epoch.
   bool fence_all = false;

@@ -54,8 +54,10 @@ caf::error session_table::write_store(const session_record& r, change c,
     }
     if (auto err = store_->write(b, storage::durability::sync)) return err;
     if (on_stored_) {
-      ack = on_stored_(
-          {r.id, epoch, std::move(record), last ? last->turn : 0, logged, std::move(tail), true});
+      replica_update u{r.id, epoch, std::move(record), last ? last->turn : 0, logged,
+                       std::move(tail), true};
+      u.strict = c == change::accept;
+      ack = on_stored_(std::move(u));
     }
   }
   logged_[r.id] = last ? last->generated.size() : 0;
@@ -65,6 +67,7 @@ caf::error session_table::write_store(const session_record& r, change c,
 caf::error session_table::put(const session_record& r, change c) {
   std::future<caf::error> ack;
   caf::error err;
+  std::optional<session_record> previous;  // with change::accept: what to go back to
   {
     std::lock_guard<std::mutex> guard(mu_);
     if (auto d = dropped_.find(r.id); d != dropped_.end()) {
@@ -78,9 +81,11 @@ caf::error session_table::put(const session_record& r, change c) {
     if (auto i = records_.find(r.id);
         i != records_.end() && i->second.turns.size() != r.turns.size())
       logged_[r.id] = 0;
+    if (c == change::accept)
+      if (auto i = records_.find(r.id); i != records_.end()) previous = i->second;
     err = write_store(r, c, ack);
     // A token checkpoint that failed is retried later; memory still takes the token.
-    if (err && c == change::structure) return err;
+    if (err && c != change::tokens && c != change::memory) return err;
     records_[r.id] = r;
   }
   // Acknowledged means durable on this node and on a replica (ARCHITECTURE.md, guarantee 1).
@@ -92,9 +97,27 @@ caf::error session_table::put(const session_record& r, change c) {
       // The replicator stopped (the node is stopping) before it answered: this node's synced
       // write stands, as when no replica is live.
     }
-    if (refused) return refused;
+    if (refused) {
+      if (c == change::accept && code_of(refused) != errc::stale_epoch) undo(r, previous);
+      return refused;
+    }
   }
   return err;
+}
+
+void session_table::undo(const session_record& r, const std::optional<session_record>& previous) {
+  std::lock_guard<std::mutex> guard(mu_);
+  if (dropped_.count(r.id) > 0) return;
+  if (previous) {
+    records_[r.id] = *previous;
+    logged_[r.id] = previous->turns.empty() ? 0 : previous->turns.back().generated.size();
+    if (store_ != nullptr)
+      (void)store_->put_session(r.id, r.epoch, wire::encode(to_checkpoint(*previous)));
+  } else {
+    records_.erase(r.id);
+    logged_.erase(r.id);
+    if (store_ != nullptr) (void)store_->erase_session(r.id, r.epoch);
+  }
 }
 
 std::optional<session_record> session_table::drop(const std::string& id, uint64_t epoch) {
@@ -322,8 +345,9 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         t.sink = std::move(sink);
         auto turn = t.turn;
         st.rec.turns.push_back(std::move(t));
-        // Acknowledged (the reply) only after the turn is in a synced write.
-        if (auto err = st.table->put(st.rec, change::structure)) {
+        // Acknowledged (the reply) only after the turn is in a synced write, and on a replica
+        // when a peer is live (ARCHITECTURE.md, guarantee 1); otherwise refused and undone.
+        if (auto err = st.table->put(st.rec, change::accept)) {
           st.rec.turns.pop_back();
           return err;
         }

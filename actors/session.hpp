@@ -49,7 +49,9 @@ struct session_record {
 /// How a change to a session is recorded (see `session_table::put`).
 enum class change : uint8_t {
   memory,     // in memory only (a new sink)
-  structure,  // a new session, an accepted user turn, a finished turn: synced to the store
+  structure,  // a finished turn: synced to the store (and sent to the replicas, waited for)
+  accept,     // a new session, an accepted user turn: as `structure`, and refused (undone) when
+              // live peers exist but none stored it
   tokens,     // a generated token: appended to the turn log every `checkpoint_every` tokens
 };
 
@@ -100,6 +102,8 @@ class session_table {
 
  private:
   caf::error write_store(const session_record& r, change c, std::future<caf::error>& ack);
+  /// Takes back an accepted change no replica stored: memory and store as before `r`.
+  void undo(const session_record& r, const std::optional<session_record>& previous);
 
   const int32_t checkpoint_every_;
   mutable std::mutex mu_;

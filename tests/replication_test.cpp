@@ -18,6 +18,7 @@
 #include "kernels/synth.hpp"
 #include "storage/session_store.hpp"
 #include "tests/test_support.hpp"
+#include "wire/checkpoint.hpp"
 #include "wire/peer.capnp.h"
 
 using namespace keel;
@@ -283,4 +284,68 @@ BOOST_AUTO_TEST_CASE(placement_keeps_a_replica_in_another_region_when_one_is_liv
   // No other region is live: the rendezvous order alone.
   std::vector<peer_info> same = {peer("b", "r1"), peer("d", "r1")};
   BOOST_TEST(replicator::placement("s-1@a", "r1", 1, same).size() == 2u);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_turn_no_live_replica_stored_is_refused_and_undone, fixture) {
+  // b answers heartbeats but stores nothing (no store attached: `unimplemented`): a's new
+  // session and new turn are refused and leave nothing behind, in memory or on disk. Once b
+  // stores again, the same turn is accepted with the same number.
+  auto sa = serve("a");
+  auto sb = serve("b");
+  auto a = start_node("a", sa->address(), {sb->address()});
+  auto b = start_node("b", sb->address(), {sa->address()});
+  sa->attach_store(a->store());
+  auto up = [](node& n) {
+    auto ps = n.peers();
+    return ps.size() == 1 && ps[0].accepts_work();
+  };
+  BOOST_REQUIRE(wait_for([&] { return up(*a) && up(*b); }, 5000ms));
+
+  sampling_params params;
+  auto refused = a->open_session(params);
+  BOOST_REQUIRE(!refused);
+  BOOST_TEST(code_of(refused.error()) == errc::disconnected);
+  BOOST_TEST_MESSAGE(describe(refused.error()));
+  BOOST_TEST(a->sessions().empty());
+  auto stored = a->store()->list_sessions();
+  BOOST_REQUIRE(stored);
+  BOOST_TEST(stored->empty());
+
+  sb->attach_store(b->store());
+  auto id = a->open_session(params);
+  BOOST_REQUIRE_MESSAGE(id, test::why(id));
+  BOOST_TEST(static_cast<bool>(b->store()->get_session(replica_key(*id))));
+
+  auto send = [&](int32_t max_tokens) -> caf::expected<uint64_t> {
+    auto flag = std::make_shared<done_flag>();
+    auto snk = sys->spawn(sink, flag);
+    caf::expected<uint64_t> out = make_error(errc::failed, "no reply");
+    caf::scoped_actor self{*sys};
+    self->request(a->session(*id), 10s, send_atom::value, std::string("hello there"), max_tokens,
+                  snk)
+        .receive([&](uint64_t t) { out = t; }, [&](caf::error& e) { out = std::move(e); });
+    if (out) {
+      std::unique_lock<std::mutex> lock(flag->mu);
+      flag->cv.wait_for(lock, 10s, [&] { return flag->done; });
+    }
+    return out;
+  };
+  sb->detach_store();
+  auto t0 = send(8);
+  BOOST_REQUIRE(!t0);
+  BOOST_TEST(code_of(t0.error()) == errc::disconnected);
+  BOOST_TEST(a->sessions().at(0).turns.empty());
+  auto rec = a->store()->get_session(*id);
+  BOOST_REQUIRE(rec);
+  auto decoded = wire::decode(rec->payload);
+  BOOST_REQUIRE(decoded);
+  BOOST_TEST(decoded->turns.empty());
+
+  sb->attach_store(b->store());
+  auto t1 = send(8);
+  BOOST_REQUIRE_MESSAGE(t1, test::why(t1));
+  BOOST_TEST(*t1 == 0u);
+  BOOST_TEST(a->sessions().at(0).turns.size() == 1u);
+  sa->detach_store();
+  sb->detach_store();
 }
