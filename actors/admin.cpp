@@ -368,63 +368,24 @@ class gate_server final : public wire::AdminGate::Server {
 
 }  // namespace
 
-struct admin::stopper {
-  std::mutex mu;
-  kj::Own<kj::CrossThreadPromiseFulfiller<void>> fulfiller;
-};
-
 caf::expected<std::unique_ptr<admin>> admin::start(caf::actor_system& sys, node& n,
                                                    admin_config cfg) {
   std::unique_ptr<admin> a(new admin());
   a->cfg_ = std::move(cfg);
-  a->stop_ = std::make_unique<stopper>();
-  std::promise<caf::expected<uint16_t>> bound;
-  auto ready = bound.get_future();
-  a->thread_ = std::thread([&sys, &n, ap = a.get(), &bound] {
-    bool reported = false;
-    try {
-      auto io = kj::setupAsyncIo();
-      auto addr =
-          io.provider->getNetwork().parseAddress(ap->cfg_.host, ap->cfg_.port).wait(io.waitScope);
-      auto listener = addr->listen();
-      auto port = static_cast<uint16_t>(listener->getPort());
-      auto stop = kj::newPromiseAndCrossThreadFulfiller<void>();
-      {
-        std::lock_guard<std::mutex> guard(ap->stop_->mu);
-        ap->stop_->fulfiller = kj::mv(stop.fulfiller);
-      }
-      state st(sys, n, ap->cfg_, io.provider->getTimer(),
-               ap->cfg_.host + ":" + std::to_string(port));
-      capnp::Capability::Client main = kj::heap<gate_server>(st);
-      auto accepting = st.accept_loop(*listener, main).eagerlyEvaluate([&st](kj::Exception&& e) {
-        st.log("admin: stopped accepting: " + std::string(e.getDescription().cStr()));
-      });
-      auto sampling = st.sample_loop().eagerlyEvaluate([&st](kj::Exception&& e) {
-        st.log("admin: stopped sampling tokens/s: " + std::string(e.getDescription().cStr()));
-      });
-      bound.set_value(port);
-      reported = true;
-      stop.promise.wait(io.waitScope);
-    } catch (const kj::Exception& e) {
-      auto what = std::string(e.getDescription().cStr());
-      if (!reported)
-        bound.set_value(make_error(errc::failed, what));
-      else if (ap->cfg_.log)
-        ap->cfg_.log("admin: stopped: " + what);
-    } catch (const std::exception& e) {
-      if (!reported)
-        bound.set_value(make_error(errc::failed, e.what()));
-      else if (ap->cfg_.log)
-        ap->cfg_.log(std::string("admin: stopped: ") + e.what());
-    }
-  });
-  auto port = ready.get();
-  if (!port) {
-    a->thread_.join();
-    return make_error(code_of(port.error()), "admin: cannot listen on " + a->cfg_.host + ":" +
-                                                 std::to_string(a->cfg_.port) + ": " +
-                                                 message_of(port.error()));
-  }
+  a->server_ = std::make_unique<wire::server_thread>();
+  auto serve = [&sys, &n, ap = a.get()](kj::AsyncIoContext& io,
+                                        kj::Own<kj::ConnectionReceiver> listener, uint16_t port) {
+    auto st = kj::heap<state>(sys, n, ap->cfg_, io.provider->getTimer(),
+                              ap->cfg_.host + ":" + std::to_string(port));
+    capnp::Capability::Client main = kj::heap<gate_server>(*st);
+    auto sampling = st->sample_loop().eagerlyEvaluate([s = st.get()](kj::Exception&& e) {
+      s->log("admin: stopped sampling tokens/s: " + std::string(e.getDescription().cStr()));
+    });
+    auto accepting = st->accept_loop(*listener, kj::mv(main));
+    return accepting.attach(kj::mv(sampling), kj::mv(listener), kj::mv(st));
+  };
+  auto port = a->server_->start("admin", a->cfg_.host, a->cfg_.port, std::move(serve), a->cfg_.log);
+  if (!port) return std::move(port.error());
   a->port_ = *port;
   return a;
 }
@@ -434,12 +395,7 @@ std::string admin::address() const {
 }
 
 void admin::stop() {
-  if (!thread_.joinable()) return;
-  {
-    std::lock_guard<std::mutex> guard(stop_->mu);
-    if (stop_->fulfiller.get() != nullptr) stop_->fulfiller->fulfill();
-  }
-  thread_.join();
+  if (server_) server_->stop();
 }
 
 admin::~admin() {

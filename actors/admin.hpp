@@ -11,6 +11,7 @@
 #include <caf/expected.hpp>
 
 #include "actors/node.hpp"
+#include "wire/server_thread.hpp"
 
 namespace keel {
 
@@ -73,9 +74,7 @@ class admin {
 
   admin_config cfg_;
   uint16_t port_ = 0;
-  std::thread thread_;
-  struct stopper;
-  std::unique_ptr<stopper> stop_;
+  std::unique_ptr<wire::server_thread> server_;
 };
 
 }  // namespace keel

@@ -753,11 +753,6 @@ class gateway_server final : public wire::Gateway::Server {
 
 }  // namespace
 
-struct gateway::stopper {
-  std::mutex mu;
-  kj::Own<kj::CrossThreadPromiseFulfiller<void>> fulfiller;
-};
-
 caf::expected<std::unique_ptr<gateway>> gateway::start(caf::actor_system& sys, node& n,
                                                        gateway_config cfg) {
   if (cfg.max_text_bytes / 8 + 1024 > cfg.traversal_limit_words) {
@@ -771,52 +766,16 @@ caf::expected<std::unique_ptr<gateway>> gateway::start(caf::actor_system& sys, n
   }
   std::unique_ptr<gateway> g(new gateway());
   g->cfg_ = std::move(cfg);
-  g->stop_ = std::make_unique<stopper>();
-  std::promise<caf::expected<uint16_t>> bound;
-  auto ready = bound.get_future();
-  g->thread_ = std::thread([&sys, &n, gp = g.get(), &bound] {
-    bool reported = false;
-    try {
-      auto io = kj::setupAsyncIo();
-      gw state(sys, n, gp->cfg_, io.provider->getTimer(), io.provider->getNetwork());
-      auto addr =
-          io.provider->getNetwork().parseAddress(gp->cfg_.host, gp->cfg_.port).wait(io.waitScope);
-      auto listener = addr->listen();
-      auto stop = kj::newPromiseAndCrossThreadFulfiller<void>();
-      {
-        std::lock_guard<std::mutex> guard(gp->stop_->mu);
-        gp->stop_->fulfiller = kj::mv(stop.fulfiller);
-      }
-      capnp::Capability::Client main = kj::heap<gateway_server>(state);
-      auto serving =
-          state.accept_loop(*listener, main).eagerlyEvaluate([&state](kj::Exception&& e) {
-            state.log("gateway: stopped accepting: " + std::string(e.getDescription().cStr()));
-          });
-      bound.set_value(static_cast<uint16_t>(listener->getPort()));
-      reported = true;
-      stop.promise.wait(io.waitScope);
-      state.shutdown();
-    } catch (const kj::Exception& e) {
-      auto what = std::string(e.getDescription().cStr());
-      if (!reported)
-        bound.set_value(make_error(errc::failed, what));
-      else if (gp->cfg_.log)
-        gp->cfg_.log("gateway: stopped: " + what);
-    } catch (const std::exception& e) {
-      if (!reported)
-        bound.set_value(make_error(errc::failed, e.what()));
-      else if (gp->cfg_.log)
-        gp->cfg_.log(std::string("gateway: stopped: ") + e.what());
-    }
-  });
-  auto port = ready.get();
-  if (!port) {
-    g->thread_.join();
-    auto& c = g->cfg_;
-    return make_error(code_of(port.error()), "gateway: cannot listen on " + c.host + ":" +
-                                                 std::to_string(c.port) + ": " +
-                                                 message_of(port.error()));
-  }
+  g->server_ = std::make_unique<wire::server_thread>();
+  auto serve = [&sys, &n, gp = g.get()](kj::AsyncIoContext& io,
+                                        kj::Own<kj::ConnectionReceiver> listener, uint16_t) {
+    auto state = kj::heap<gw>(sys, n, gp->cfg_, io.provider->getTimer(), io.provider->getNetwork());
+    capnp::Capability::Client main = kj::heap<gateway_server>(*state);
+    auto accepting = state->accept_loop(*listener, kj::mv(main));
+    return accepting.attach(kj::mv(listener), kj::mv(state));
+  };
+  auto port = g->server_->start("gateway", g->cfg_.host, g->cfg_.port, std::move(serve), g->cfg_.log);
+  if (!port) return std::move(port.error());
   g->port_ = *port;
   return g;
 }
@@ -826,12 +785,7 @@ std::string gateway::address() const {
 }
 
 void gateway::stop() {
-  if (!thread_.joinable()) return;
-  {
-    std::lock_guard<std::mutex> guard(stop_->mu);
-    if (stop_->fulfiller.get() != nullptr) stop_->fulfiller->fulfill();
-  }
-  thread_.join();
+  if (server_) server_->stop();
 }
 
 gateway::~gateway() {

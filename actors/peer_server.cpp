@@ -255,61 +255,22 @@ struct serving : kj::TaskSet::ErrorHandler {
 
 }  // namespace
 
-struct peer_server::stopper {
-  std::mutex mu;
-  kj::Own<kj::CrossThreadPromiseFulfiller<void>> fulfiller;
-};
-
 caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_config cfg) {
   std::unique_ptr<peer_server> s(new peer_server());
   s->cfg_ = std::move(cfg);
-  s->stop_ = std::make_unique<stopper>();
   s->store_ = std::make_unique<replica_store>();
-  std::promise<caf::expected<uint16_t>> bound;
-  auto ready = bound.get_future();
-  s->thread_ = std::thread([sp = s.get(), &bound] {
-    bool reported = false;
-    try {
-      auto io = kj::setupAsyncIo();
-      auto addr =
-          io.provider->getNetwork().parseAddress(sp->cfg_.host, sp->cfg_.port).wait(io.waitScope);
-      auto listener = addr->listen();
-      auto port = static_cast<uint16_t>(listener->getPort());
-      auto stop = kj::newPromiseAndCrossThreadFulfiller<void>();
-      {
-        std::lock_guard<std::mutex> guard(sp->stop_->mu);
-        sp->stop_->fulfiller = kj::mv(stop.fulfiller);
-      }
-      serving state(sp->cfg_);
-      capnp::Capability::Client main =
-          kj::heap<peer_impl>(sp->cfg_, sp->cfg_.host + ":" + std::to_string(port), *sp->store_);
-      auto accepting =
-          state.accept_loop(*listener, main).eagerlyEvaluate([&state](kj::Exception&& e) {
-            state.taskFailed(kj::mv(e));
-          });
-      bound.set_value(port);
-      reported = true;
-      stop.promise.wait(io.waitScope);
-    } catch (const kj::Exception& e) {
-      auto what = std::string(e.getDescription().cStr());
-      if (!reported)
-        bound.set_value(make_error(errc::failed, what));
-      else if (sp->cfg_.log)
-        sp->cfg_.log("peer server: stopped: " + what);
-    } catch (const std::exception& e) {
-      if (!reported)
-        bound.set_value(make_error(errc::failed, e.what()));
-      else if (sp->cfg_.log)
-        sp->cfg_.log(std::string("peer server: stopped: ") + e.what());
-    }
-  });
-  auto port = ready.get();
-  if (!port) {
-    s->thread_.join();
-    return make_error(code_of(port.error()), "peer server: cannot listen on " + s->cfg_.host + ":" +
-                                                 std::to_string(s->cfg_.port) + ": " +
-                                                 message_of(port.error()));
-  }
+  s->server_ = std::make_unique<wire::server_thread>();
+  auto serve = [sp = s.get()](kj::AsyncIoContext&, kj::Own<kj::ConnectionReceiver> listener,
+                              uint16_t port) {
+    auto state = kj::heap<serving>(sp->cfg_);
+    capnp::Capability::Client main =
+        kj::heap<peer_impl>(sp->cfg_, sp->cfg_.host + ":" + std::to_string(port), *sp->store_);
+    auto accepting = state->accept_loop(*listener, kj::mv(main));
+    return accepting.attach(kj::mv(listener), kj::mv(state));
+  };
+  auto port = s->server_->start("peer server", s->cfg_.host, s->cfg_.port, std::move(serve),
+                                s->cfg_.log);
+  if (!port) return std::move(port.error());
   s->port_ = *port;
   return s;
 }
@@ -340,12 +301,7 @@ void peer_server::set_client_address(const std::string& address) {
 }
 
 void peer_server::stop() {
-  if (!thread_.joinable()) return;
-  {
-    std::lock_guard<std::mutex> guard(stop_->mu);
-    if (stop_->fulfiller.get() != nullptr) stop_->fulfiller->fulfill();
-  }
-  thread_.join();
+  if (server_) server_->stop();
 }
 
 peer_server::~peer_server() {

@@ -9,6 +9,8 @@
 
 #include <caf/expected.hpp>
 
+#include "wire/server_thread.hpp"
+
 namespace keel::storage {
 class session_store;
 }
@@ -77,9 +79,7 @@ class peer_server {
 
   peer_server_config cfg_;
   uint16_t port_ = 0;
-  std::thread thread_;
-  struct stopper;
-  std::unique_ptr<stopper> stop_;
+  std::unique_ptr<wire::server_thread> server_;
   std::unique_ptr<replica_store> store_;
 };
 

@@ -1,0 +1,47 @@
+#pragma once
+
+// A listening Cap'n Proto server on a thread of its own, with its own KJ event loop: what the
+// gateway, the peer endpoint and the admin endpoint each are.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <caf/expected.hpp>
+#include <kj/async-io.h>
+
+namespace keel::wire {
+
+class server_thread {
+ public:
+  /// Runs on the new thread once HOST:PORT is bound: sets the server up and returns the promise
+  /// that serves (accept loops and the like), with everything it uses attached to it. The
+  /// promise is destroyed on that thread at `stop`, which ends every connection.
+  using serve_fn = std::function<kj::Promise<void>(
+      kj::AsyncIoContext& io, kj::Own<kj::ConnectionReceiver> listener, uint16_t port)>;
+  using log_fn = std::function<void(const std::string&)>;
+
+  server_thread() = default;
+  ~server_thread() { stop(); }
+  server_thread(const server_thread&) = delete;
+  server_thread& operator=(const server_thread&) = delete;
+
+  /// Binds HOST:PORT (port 0: an ephemeral one) and starts serving; returns the bound port, or
+  /// the error, "NAME: cannot listen on HOST:PORT: why". `log` (may be empty) hears why the
+  /// server stopped early, if it does. Once per object.
+  caf::expected<uint16_t> start(const std::string& name, const std::string& host, uint16_t port,
+                                serve_fn serve, log_fn log);
+
+  /// Ends the serving promise and joins the thread. From any thread but the server's own.
+  void stop();
+
+ private:
+  std::mutex mu_;
+  kj::Own<kj::CrossThreadPromiseFulfiller<void>> stop_;
+  std::thread thread_;
+};
+
+}  // namespace keel::wire
