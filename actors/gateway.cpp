@@ -111,6 +111,7 @@ void fill_info(const session_record& r, wire::SessionInfo::Builder out) {
   out.setTokens(tokens);
   out.setPriority(r.priority);
   out.setRunning(!r.turns.empty() && !r.turns.back().done);
+  out.setOwner(r.owner);
 }
 
 /// What `send` learns from the session: the new turn and its tokens.

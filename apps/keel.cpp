@@ -151,7 +151,7 @@ int generate_remote(const keel::cli::options& opts, const keel::generation_reque
   if (verbose)
     copts.on_failover = [](const keel::wire::failover_event& ev) {
       std::fprintf(stderr,
-                   "keel: failover of session %s turn %llu from %s to node %s at %s in %lld ms "
+                   "keel: failover of session %s turn %llu from %s to node %s (through %s) in %lld ms "
                    "(resuming at index %llu)\n",
                    ev.session.c_str(), static_cast<unsigned long long>(ev.turn), ev.from.c_str(),
                    ev.to_node.c_str(), ev.to.c_str(), static_cast<long long>(ev.duration.count()),

@@ -152,7 +152,7 @@ if [ "$status" -ne 0 ]; then
   exit 1
 fi
 failover_ms=$(sed -n 's/^keel: failover .* in \([0-9]*\) ms (resuming.*/\1/p' "$demo/client.log")
-new_node=$(sed -n 's/^keel: failover .* to node \([^ ]*\) at .*/\1/p' "$demo/client.log")
+new_node=$(sed -n 's/^keel: failover .* to node \([^ ]*\) (through .*/\1/p' "$demo/client.log")
 if [ -z "$failover_ms" ]; then
   cat "$demo/client.log"
   echo "the reply finished without a failover: the kill came too late" >&2
@@ -168,7 +168,7 @@ if ! cmp -s "$demo/reply" "$demo/expected"; then
 fi
 
 echo
-echo "=== The reply finished through node $new_node (which forwards to the session's new owner); failover took $failover_ms ms ==="
+echo "=== The reply finished on node $new_node, the session's new owner; failover took $failover_ms ms ==="
 echo "$(sed -n 's/^gen://p' "$demo/reply" | wc -w) tokens, the same as a fault-free run"
 # Where the session went, as the surviving nodes tell it.
 for i in 0 1 2; do

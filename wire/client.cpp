@@ -177,6 +177,7 @@ struct client::impl {
   std::string endpoint;
   std::vector<std::string> endpoints;  // every address given to connect(), in order
   std::string node_name;               // of the node at `endpoint`, when known
+  std::string serving_node;            // of the node serving the stream being resumed
   options opts;
   std::unique_ptr<capnp::EzRpcClient> rpc;
   Gateway::Client gateway = nullptr;
@@ -464,6 +465,15 @@ caf::expected<generation> client::generate(const std::string& session, const std
         if (on_accept) on_accept(out.turn, out.prompt);
         st->accept(out.turn);
       } else {
+        // Which node serves the session now (this node when it owns it, the owner when this
+        // node forwards), for the failover report only: a failure here changes nothing. Asked
+        // before `resume`, so that no resumed token comes before the failover is reported.
+        try {
+          auto info = d.call(sess->infoRequest().send(), "info");
+          std::string owner = info.getInfo().getOwner().cStr();
+          if (!owner.empty()) d.serving_node = owner;
+        } catch (const kj::Exception&) {
+        }
         auto req = sess->resumeRequest();
         req.setTurn(out.turn);
         req.setFromIndex(st->next_index[out.turn]);
@@ -545,11 +555,12 @@ caf::expected<generation> client::generate(const std::string& session, const std
                                                 " broke (" + describe(r.error()) +
                                                 ") and could not resume: " + describe(err));
     ev.to = d.endpoint;
-    ev.to_node = d.node_name;
+    d.serving_node = d.node_name;
     ev.from_index = st->next_index[out.turn];
     r = attempt(true, [&] {
       ev.duration = std::chrono::duration_cast<std::chrono::milliseconds>(
           std::chrono::steady_clock::now() - *broke_at);
+      ev.to_node = d.serving_node;
       if (d.opts.on_failover) d.opts.on_failover(ev);
       broke_at.reset();
       pause = std::max(d.opts.resume_backoff, std::chrono::milliseconds(1));

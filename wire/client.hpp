@@ -75,7 +75,8 @@ struct failover_event {
   uint64_t turn = 0;
   uint64_t from_index = 0;                // the first index asked of the new node
   std::string from, to;                   // endpoints
-  std::string to_node;                    // the new node's name
+  std::string to_node;                    // the name of the node that serves the turn now (the
+                                          // new owner, also when `to` forwards to it)
   std::chrono::milliseconds duration{0};  // from the failure seen to the resumed stream accepted
 };
 

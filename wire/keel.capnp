@@ -70,6 +70,7 @@ struct SessionInfo {
   tokens @2 :UInt64;  # prompt and generated tokens of every turn
   priority @3 :Int32;
   running @4 :Bool;   # a turn is being generated
+  owner @5 :Text;     # the node that serves it (the owner, when reached through another node)
 }
 
 interface Session {
