@@ -335,7 +335,7 @@ caf::expected<std::vector<node::drained_session>> node::drain() {
     return make_error(errc::unimplemented,
                       "node " + cfg_.name + " cannot drain: it needs --data and --peers");
   }
-  draining_ = true;
+  if (!draining_.exchange(true) && on_draining_) on_draining_();
   ctx_->log->report(cfg_.name + ": draining: no new sessions; handing over " +
                     std::to_string(sessions_->ids().size()) + " session(s)");
   std::vector<drained_session> out;

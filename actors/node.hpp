@@ -126,6 +126,8 @@ class node {
   /// peers. Blocks; not on a CAF or KJ thread.
   caf::expected<std::vector<drained_session>> drain();
   bool draining() const { return draining_.load(); }
+  /// Called once when `drain` starts (keel-node tells its peers through its heartbeats).
+  void on_draining(std::function<void()> f) { on_draining_ = std::move(f); }
   /// `Peer.handoff` from `from`: takes over `id` from the full copy just received.
   caf::expected<uint64_t> accept_handoff(const std::string& id, const std::string& from);
 
@@ -175,6 +177,7 @@ class node {
   caf::actor root_;
   std::atomic<uint64_t> next_session_{0};
   std::atomic<bool> draining_{false};
+  std::function<void()> on_draining_;
 };
 
 }  // namespace keel

@@ -25,6 +25,7 @@ struct peer_server::replica_store {
   std::function<void(const std::string&, uint64_t)> on_lost;
   std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> on_handoff;
   std::string client_address;
+  bool draining = false;
 };
 
 namespace {
@@ -49,6 +50,7 @@ class peer_impl final : public wire::Peer::Server {
     {
       std::lock_guard<std::mutex> guard(rs_.mu);
       me.setClientAddress(rs_.client_address);
+      me.setDraining(rs_.draining);
     }
     res.setSentNs(ctx.getParams().getSentNs());
     res.setReceivedNs(steady_ns());
@@ -293,6 +295,11 @@ void peer_server::on_handoff(
     std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> f) {
   std::lock_guard<std::mutex> guard(store_->mu);
   store_->on_handoff = std::move(f);
+}
+
+void peer_server::set_draining(bool draining) {
+  std::lock_guard<std::mutex> guard(store_->mu);
+  store_->draining = draining;
 }
 
 void peer_server::set_client_address(const std::string& address) {

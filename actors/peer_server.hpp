@@ -66,6 +66,8 @@ class peer_server {
   void on_handoff(
       std::function<caf::expected<uint64_t>(const std::string& session, const std::string& from)>
           f);
+  /// Whether the node drains, as heartbeats report it (peers then place no replicas here).
+  void set_draining(bool draining);
   /// The node's client Gateway address, as heartbeats report it (set once the gateway is up).
   void set_client_address(const std::string& address);
 

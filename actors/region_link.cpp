@@ -291,6 +291,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
           info_.name = n.getName().cStr();
           info_.region = n.getRegion().cStr();
           info_.client_address = n.getClientAddress().cStr();
+          info_.draining = n.getDraining();
           if (info_.breaker != breaker_state::closed)
             set_breaker(breaker_state::closed, "answered");
           evaluate(now);

@@ -55,6 +55,7 @@ struct peer_info {
   std::string name;     // from its last heartbeat answer ("" until one)
   std::string region;
   std::string client_address;  // of its client Gateway, from its last heartbeat answer
+  bool draining = false;       // it drains (from its last heartbeat answer)
   peer_status status = peer_status::down;
   breaker_state breaker = breaker_state::closed;
   std::chrono::nanoseconds round_trip{0};  // of the last answered heartbeat

@@ -199,10 +199,27 @@ void replicator::report(bool ok, const std::string& why) {
 std::vector<peer_info> replicator::placement(const std::string& session,
                                              const std::string& self_region, int32_t replicas,
                                              std::vector<peer_info> live) {
-  std::sort(live.begin(), live.end(), [&](const peer_info& a, const peer_info& b) {
+  // A draining peer is only a last resort.
+  std::vector<peer_info> draining;
+  for (auto i = live.begin(); i != live.end();) {
+    if (i->draining) {
+      draining.push_back(*i);
+      i = live.erase(i);
+    } else {
+      ++i;
+    }
+  }
+  auto by_weight = [&](const peer_info& a, const peer_info& b) {
     auto wa = weight(session, a.name), wb = weight(session, b.name);
     return wa != wb ? wa > wb : a.name < b.name;
-  });
+  };
+  if (!draining.empty()) {
+    auto out = placement(session, self_region, replicas, std::move(live));
+    std::sort(draining.begin(), draining.end(), by_weight);
+    out.insert(out.end(), draining.begin(), draining.end());
+    return out;
+  }
+  std::sort(live.begin(), live.end(), by_weight);
   auto r = static_cast<size_t>(std::max(replicas, 0));
   if (r == 0 || live.empty()) return live;
   r = std::min(r, live.size());

@@ -128,7 +128,7 @@ class replicator {
   /// The replicas of `session` among `live` (peers that accept work), best first: the top R by
   /// rendezvous hash of (session, peer name), the last replaced by the best peer of another
   /// region than `self_region` when none of the R is in one and such a peer exists; then the
-  /// remaining peers in rendezvous order (fallbacks when a replica fails).
+  /// remaining peers in rendezvous order (fallbacks when a replica fails); draining peers last.
   static std::vector<peer_info> placement(const std::string& session,
                                           const std::string& self_region, int32_t replicas,
                                           std::vector<peer_info> live);

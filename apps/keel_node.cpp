@@ -264,6 +264,7 @@ int run(std::span<char*> args) {
     peer_srv->on_handoff([n = nd->get()](const std::string& id, const std::string& from) {
       return n->accept_handoff(id, from);
     });
+    (*nd)->on_draining([ps = peer_srv.get()] { ps->set_draining(true); });
   }
   keel::cli::log_line(program, "listening on " + (*gw)->address());
   keel::cli::log_line(program, "node " + ncfg.name + ", model " + ncfg.model_path + ", " +

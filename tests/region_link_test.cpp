@@ -215,3 +215,20 @@ BOOST_FIXTURE_TEST_CASE(a_bad_peer_address_is_refused, fixture) {
   BOOST_REQUIRE(!n);
   BOOST_TEST(keel::describe(n.error()).find("nowhere") != std::string::npos);
 }
+
+BOOST_FIXTURE_TEST_CASE(heartbeats_carry_the_client_address_and_draining, fixture) {
+  // What a peer learns from the heartbeats: where the node serves clients (for forwarding) and
+  // whether it drains (placement then keeps replicas off it).
+  auto sb = serve("b");
+  auto a = start_node("a", "127.0.0.1:1", {sb->address()});
+  BOOST_REQUIRE(wait_peer(*a, is_up, 5000ms));
+  BOOST_TEST(a->peers().at(0).client_address.empty());
+  BOOST_TEST(!a->peers().at(0).draining);
+  sb->set_client_address("127.0.0.1:7777");
+  sb->set_draining(true);
+  auto seen = wait_peer(
+      *a, [](const peer_info& p) { return p.client_address == "127.0.0.1:7777" && p.draining; },
+      5000ms);
+  BOOST_TEST(seen.has_value());
+  BOOST_TEST(a->peers().at(0).name == "b");
+}

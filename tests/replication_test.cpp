@@ -349,3 +349,15 @@ BOOST_FIXTURE_TEST_CASE(a_turn_no_live_replica_stored_is_refused_and_undone, fix
   sa->detach_store();
   sb->detach_store();
 }
+
+BOOST_AUTO_TEST_CASE(placement_puts_a_draining_peer_last) {
+  std::vector<peer_info> ps = {peer("b", "r1"), peer("c", "r2"), peer("d", "r1")};
+  ps[1].draining = true;  // c, the only other region, drains: it is no replica any more
+  for (int s = 0; s < 100; ++s) {
+    auto id = "s-" + std::to_string(s) + "@a";
+    auto order = replicator::placement(id, "r1", 1, ps);
+    BOOST_REQUIRE(order.size() == 3u);
+    BOOST_TEST(order.front().name != "c", id);
+    BOOST_TEST(order.back().name == "c", id);
+  }
+}

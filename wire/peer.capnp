@@ -19,6 +19,7 @@ struct NodeId {
   region @1 :Text;   # the node's region (`--region`)
   address @2 :Text;  # HOST:PORT of the node's peer endpoint
   clientAddress @3 :Text;  # HOST:PORT of the node's client Gateway ("" when not serving yet)
+  draining @4 :Bool;       # the node drains: no new sessions, no replicas, no handoffs
 }
 
 # One turn's whole log of generated tokens.
