@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <string>
 
+#include <unistd.h>
+
 #include <boost/test/unit_test.hpp>
 
 #include "base/error.hpp"
@@ -55,8 +57,11 @@ inline std::string write_model(const std::filesystem::path& path, const keel::sy
 /// A fresh directory under the build tree, removed on destruction.
 struct temp_dir {
   std::filesystem::path path;
+  /// `name` made unique to this process: runs of one test executable may overlap.
   explicit temp_dir(const std::string& name) {
-    path = std::filesystem::path(KEEL_BINARY_DIR) / "test-tmp" / name;
+    auto pid = "-" + std::to_string(::getpid());
+    auto unique = name.find(pid) == std::string::npos ? name + pid : name;
+    path = std::filesystem::path(KEEL_BINARY_DIR) / "test-tmp" / unique;
     std::filesystem::remove_all(path);
     std::filesystem::create_directories(path);
   }
