@@ -362,7 +362,7 @@ caf::expected<std::vector<node::drained_session>> node::drain() {
 
 std::vector<std::string> node::replicas_of(const std::string& id) const {
   std::vector<std::string> out;
-  if (!replicator_) return out;
+  if (!replicator_ || !store_) return out;
   std::vector<peer_info> live;
   for (auto& p : peers_->snapshot())
     if (p.accepts_work() && !p.name.empty()) live.push_back(p);

@@ -159,25 +159,27 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     std::vector<child_spec> links;
     for (auto& p : cfg.peers) links.push_back(link_spec(p, lc, n->peers_, ctx->log));
     top.push_back(supervisor_child("links", cfg.links_flags, std::move(links), ctx->log));
+    // The node's calls to its peers: replication and takeover with a data dir; locating a
+    // session's owner (forwarding) in any case.
+    replicator_config rc;
+    rc.self_name = cfg.name;
+    rc.self_region = cfg.region;
+    rc.self_address = cfg.peer_address;
+    rc.replicas = cfg.replicas;
+    // A replica that does not answer within a detection time is as good as down.
+    rc.call_timeout = std::max(std::chrono::milliseconds(200), cfg.down_after);
+    rc.store = n->store_.get();
+    rc.on_stale = [np = n.get()](const std::string& id, uint64_t epoch) { np->lose(id, epoch); };
+    rc.log = [log = ctx->log](const std::string& line) { log->report(line); };
+    n->replicator_ = std::make_unique<replicator>(std::move(rc), n->peers_);
+    n->failover_ = std::make_unique<serial_executor>();
     if (n->store_) {
-      // Every write of the session table is copied to a peer (asynchronously; see
-      // replicator.hpp). The table only queues, under its own lock.
-      replicator_config rc;
-      rc.self_name = cfg.name;
-      rc.self_region = cfg.region;
-      rc.self_address = cfg.peer_address;
-      rc.replicas = cfg.replicas;
-      // A replica that does not answer within a detection time is as good as down.
-      rc.call_timeout = std::max(std::chrono::milliseconds(200), cfg.down_after);
-      rc.store = n->store_.get();
-      rc.on_stale = [np = n.get()](const std::string& id, uint64_t epoch) { np->lose(id, epoch); };
-      rc.log = [log = ctx->log](const std::string& line) { log->report(line); };
-      n->replicator_ = std::make_unique<replicator>(std::move(rc), n->peers_);
-      n->failover_ = std::make_unique<serial_executor>();
+      // Every write of the session table is copied to the session's replicas (replicator.hpp).
+      // The table only queues, under its own lock.
       table->on_stored(
           [r = n->replicator_.get()](replica_update u) { return r->enqueue(std::move(u)); });
       // A peer declared down: take over the sessions it owned of which this node has the
-      // newest copy (on the replicator's thread, after the updates queued before).
+      // newest copy (on the failover executor).
       n->peers_->on_down([np = n.get()](const peer_info&) {
         np->failover_->post([np] { np->take_over(); });
       });

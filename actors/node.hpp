@@ -139,7 +139,8 @@ class node {
 
   /// The session store (null without a data dir).
   storage::session_store* store() { return store_.get(); }
-  /// Replication of this node's session writes (null without a data dir or peers).
+  /// The node's calls to its peers: replication of its session writes (with a data dir) and
+  /// locating sessions (null without peers).
   const replicator* replication() const { return replicator_.get(); }
 
   /// Stops the tree (also done by the destructor) and closes the store.
@@ -172,7 +173,7 @@ class node {
   std::shared_ptr<node_context> ctx_;
   std::shared_ptr<session_table> sessions_;
   std::shared_ptr<peer_table> peers_ = std::make_shared<peer_table>();
-  std::unique_ptr<replicator> replicator_;  // with a data dir and peers
+  std::unique_ptr<replicator> replicator_;  // with peers (replication only with a data dir)
   std::unique_ptr<serial_executor> failover_;  // with a replicator: takeovers, losses, handoffs
   caf::actor root_;
   std::atomic<uint64_t> next_session_{0};

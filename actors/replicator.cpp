@@ -247,6 +247,7 @@ caf::error replicator::replicate(const replica_update& u) {
   auto order = placement(u.session, cfg_.self_region, cfg_.replicas, std::move(live));
   size_t wanted = u.fence_all ? order.size() : std::min<size_t>(cfg_.replicas, order.size());
   size_t stored = 0;
+  size_t incapable = 0;  // peers that keep no replicas at all
   caf::error stale;
   for (auto& target : order) {
     if (stored >= wanted) break;
@@ -287,9 +288,10 @@ caf::error replicator::replicate(const replica_update& u) {
     report(false, "session " + u.session + " to " + target.name + " (" + target.address +
                       "): " + describe(err));
     if (code_of(err) == errc::stale_epoch) stale = err;
+    if (code_of(err) == errc::unimplemented) ++incapable;  // a peer without a data dir
   }
   if (stale) return stale;
-  if (stored == 0 && u.strict) {
+  if (stored == 0 && u.strict && incapable < order.size()) {
     return make_error(errc::disconnected, "session " + u.session + ": no replica stored the write (" +
                                               std::to_string(order.size()) +
                                               " live peer(s) tried); retry");
