@@ -1,6 +1,7 @@
 #define BOOST_TEST_MODULE replication_test
 #include <boost/test/unit_test.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -287,14 +288,23 @@ BOOST_AUTO_TEST_CASE(placement_keeps_a_replica_in_another_region_when_one_is_liv
 }
 
 BOOST_FIXTURE_TEST_CASE(a_turn_no_live_replica_stored_is_refused_and_undone, fixture) {
-  // b answers heartbeats but stores nothing (no store attached: `unimplemented`): a's new
-  // session and new turn are refused and leave nothing behind, in memory or on disk. Once b
-  // stores again, the same turn is accepted with the same number.
+  // b answers heartbeats, but its replica store fails every write (an injected disk fault): a's
+  // new session and new turn are refused and leave nothing behind, in memory or on disk. Once
+  // b stores again, the same turn is accepted with the same number.
+  // Declared first: it outlives the servers and nodes that use it, on every path.
+  std::atomic<bool> failing{true};
+  storage::store_options faulty;
+  faulty.before_write = [&failing] {
+    if (failing) throw std::runtime_error("injected: the replica's disk fails");
+  };
+  auto replica = storage::session_store::open((dir.path / "replica-b").string(), faulty);
+  BOOST_REQUIRE_MESSAGE(replica, test::why(replica));
   auto sa = serve("a");
   auto sb = serve("b");
   auto a = start_node("a", sa->address(), {sb->address()});
   auto b = start_node("b", sb->address(), {sa->address()});
   sa->attach_store(a->store());
+  sb->attach_store(replica->get());
   auto up = [](node& n) {
     auto ps = n.peers();
     return ps.size() == 1 && ps[0].accepts_work();
@@ -311,10 +321,11 @@ BOOST_FIXTURE_TEST_CASE(a_turn_no_live_replica_stored_is_refused_and_undone, fix
   BOOST_REQUIRE(stored);
   BOOST_TEST(stored->empty());
 
-  sb->attach_store(b->store());
+  failing = false;
+  BOOST_REQUIRE(wait_for([&] { return up(*a); }, 5000ms));  // the failed call dropped the link's work
   auto id = a->open_session(params);
   BOOST_REQUIRE_MESSAGE(id, test::why(id));
-  BOOST_TEST(static_cast<bool>(b->store()->get_session(replica_key(*id))));
+  BOOST_TEST(static_cast<bool>((*replica)->get_session(replica_key(*id))));
 
   auto send = [&](int32_t max_tokens) -> caf::expected<uint64_t> {
     auto flag = std::make_shared<done_flag>();
@@ -330,7 +341,7 @@ BOOST_FIXTURE_TEST_CASE(a_turn_no_live_replica_stored_is_refused_and_undone, fix
     }
     return out;
   };
-  sb->detach_store();
+  failing = true;
   auto t0 = send(8);
   BOOST_REQUIRE(!t0);
   BOOST_TEST(code_of(t0.error()) == errc::disconnected);
@@ -341,7 +352,7 @@ BOOST_FIXTURE_TEST_CASE(a_turn_no_live_replica_stored_is_refused_and_undone, fix
   BOOST_REQUIRE(decoded);
   BOOST_TEST(decoded->turns.empty());
 
-  sb->attach_store(b->store());
+  failing = false;
   auto t1 = send(8);
   BOOST_REQUIRE_MESSAGE(t1, test::why(t1));
   BOOST_TEST(*t1 == 0u);
