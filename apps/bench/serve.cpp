@@ -1,10 +1,7 @@
 // keel-bench serve: clients over the wire (keel-node, Cap'n Proto) against the same node in
 // process.
 
-#include <fcntl.h>
 #include <signal.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -41,6 +38,7 @@
 #include "wire/client.hpp"
 
 #include "apps/bench/common.hpp"
+#include "apps/bench/process.hpp"
 
 namespace keel::bench {
 
@@ -67,144 +65,6 @@ constexpr option serve_spec[] = {
      "runs of each client count, the paths alternating; the best tokens/s counts, latencies "
      "pool every run (default 3)"},
     {"out", "FILE", "also write the report (Markdown) to FILE, e.g. bench/serve.md"},
-};
-
-/// A keel-node child process. Its stderr is drained by a thread of its own and kept for error
-/// messages. The destructor kills the child (SIGKILL) unless stop() ended it, reaps it and joins
-/// the reader, so no path of the benchmark leaves a node running. Start it from the main thread:
-/// PR_SET_PDEATHSIG follows the thread that forked.
-class child_node {
- public:
-  /// Starts `argv` (argv[0] is a path) and waits up to `timeout` for its line
-  /// "keel-node: listening on HOST:PORT". `failed`, with the child's stderr, when it exits first
-  /// or the time runs out.
-  static caf::expected<std::unique_ptr<child_node>> start(std::vector<std::string> argv,
-                                                          std::chrono::seconds timeout) {
-    int err[2];
-    if (pipe2(err, O_CLOEXEC) != 0)
-      return keel::make_error(keel::errc::failed, std::string("pipe2: ") + std::strerror(errno));
-    int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
-    std::vector<char*> args;
-    for (auto& a : argv) args.push_back(a.data());
-    args.push_back(nullptr);
-    pid_t parent = getpid();
-    pid_t pid = fork();
-    if (pid < 0) {
-      close(err[0]);
-      close(err[1]);
-      if (devnull >= 0) close(devnull);
-      return keel::make_error(keel::errc::failed, std::string("fork: ") + std::strerror(errno));
-    }
-    if (pid == 0) {
-      // Only async-signal-safe calls until exec: this process has threads. If the benchmark
-      // dies without cleaning up, the kernel kills the node.
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (getppid() != parent) _exit(127);
-      if (devnull >= 0) {
-        dup2(devnull, 0);
-        dup2(devnull, 1);
-      }
-      dup2(err[1], 2);
-      execv(args[0], args.data());
-      _exit(127);
-    }
-    if (devnull >= 0) close(devnull);
-    close(err[1]);
-    std::unique_ptr<child_node> c(new child_node);
-    c->pid_ = pid;
-    c->reader_ = std::thread([p = c.get(), fd = err[0]] { p->drain(fd); });
-    const std::string mark = "keel-node: listening on ";
-    std::string problem;
-    {
-      std::unique_lock<std::mutex> lock(c->mu_);
-      auto line_end = [&] {
-        auto at = c->err_.find(mark);
-        return at == std::string::npos ? std::string::npos : c->err_.find('\n', at);
-      };
-      c->cv_.wait_for(lock, timeout, [&] { return c->eof_ || line_end() != std::string::npos; });
-      if (auto nl = line_end(); nl != std::string::npos) {
-        auto at = c->err_.find(mark) + mark.size();
-        c->address_ = c->err_.substr(at, nl - at);
-      } else {
-        problem = argv[0] +
-                  (c->eof_ ? std::string(" exited before listening")
-                           : " did not listen within " + std::to_string(timeout.count()) + " s") +
-                  (c->err_.empty() ? std::string() : ": " + c->err_);
-      }
-    }
-    if (!problem.empty()) return keel::make_error(keel::errc::failed, problem);
-    return c;
-  }
-
-  ~child_node() {
-    if (!reaped_) {
-      ::kill(pid_, SIGKILL);
-      reap(true);
-    }
-    if (reader_.joinable()) reader_.join();
-  }
-  child_node(const child_node&) = delete;
-  child_node& operator=(const child_node&) = delete;
-
-  /// "HOST:PORT" as the node printed it.
-  const std::string& address() const { return address_; }
-
-  /// SIGTERM, then SIGKILL when the node has not ended after `grace`. How it ended: "exit N" or
-  /// "signal N".
-  std::string stop(std::chrono::milliseconds grace) {
-    if (!reaped_) {
-      ::kill(pid_, SIGTERM);
-      auto deadline = clock_type::now() + grace;
-      while (!reap(false) && clock_type::now() < deadline)
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      if (!reaped_) {
-        ::kill(pid_, SIGKILL);
-        reap(true);
-      }
-    }
-    return WIFEXITED(status_) ? "exit " + std::to_string(WEXITSTATUS(status_))
-                              : "signal " + std::to_string(WTERMSIG(status_));
-  }
-
- private:
-  child_node() = default;
-
-  bool reap(bool block) {
-    pid_t r;
-    do {
-      r = waitpid(pid_, &status_, block ? 0 : WNOHANG);
-    } while (r < 0 && errno == EINTR);
-    reaped_ = reaped_ || r == pid_;
-    return reaped_;
-  }
-
-  void drain(int fd) {
-    char buf[4096];
-    while (true) {
-      ssize_t n = ::read(fd, buf, sizeof buf);
-      if (n < 0 && errno == EINTR) continue;
-      std::lock_guard<std::mutex> guard(mu_);
-      if (n <= 0) {
-        eof_ = true;
-        cv_.notify_all();
-        break;
-      }
-      // Keep the start (the listening line) and a bounded tail.
-      if (err_.size() < (64u << 10)) err_.append(buf, static_cast<size_t>(n));
-      cv_.notify_all();
-    }
-    close(fd);
-  }
-
-  pid_t pid_ = -1;
-  int status_ = 0;
-  bool reaped_ = false;
-  std::string address_;
-  std::thread reader_;
-  std::mutex mu_;  // guards err_ and eof_
-  std::condition_variable cv_;
-  std::string err_;
-  bool eof_ = false;
 };
 
 /// One benchmark client's session. run_turn sends a turn and blocks until it ends, appending
@@ -533,7 +393,7 @@ int serve_command(std::span<char*> args) {
   }
 
   // The node over the wire: --connect, or a child keel-node with the in-process node's settings.
-  std::unique_ptr<child_node> child;
+  std::unique_ptr<keel::bench::process> child;
   std::string endpoint = opts->get("connect");
   std::string child_command;
   if (!opts->has("connect")) {
@@ -550,10 +410,12 @@ int serve_command(std::span<char*> args) {
     child_command = "keel-node";
     for (size_t k = 1; k < argv.size(); ++k) child_command += " " + argv[k];
     std::cerr << "keel-bench: starting " << exe.string() << child_command.substr(9) << "\n";
-    auto c = child_node::start(argv, std::chrono::seconds(120));
+    auto c = keel::bench::process::start(argv, nullptr);
     if (!c) return fail(c.error());
     child = std::move(*c);
-    endpoint = child->address();
+    auto address = child->wait_line("keel-node: listening on ", std::chrono::seconds(120));
+    if (!address) return fail(address.error());
+    endpoint = *address;
   }
   keel::wire::node_info info;
   {
