@@ -29,9 +29,7 @@ result sh(const std::string& cmd) {
   return r;
 }
 
-std::string bin(const char* name) {
-  return std::string(KEEL_BINARY_DIR) + "/apps/" + name;
-}
+using keel::test::bin;
 
 std::string slurp(const std::filesystem::path& p) {
   std::ifstream f(p, std::ios::binary);

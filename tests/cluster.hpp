@@ -38,43 +38,6 @@
 
 namespace keel::test {
 
-/// The path of an app built beside the tests (`keel-node`, `keel-model`, `keel`).
-inline std::string bin(const std::string& name) {
-  return std::string(KEEL_BINARY_DIR) + "/apps/" + name;
-}
-
-/// Binds a TCP socket to 127.0.0.1:`port` (0: any) and releases it; the port bound, or 0.
-inline uint16_t try_port(uint16_t port) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return 0;
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  socklen_t len = sizeof addr;
-  bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-            getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
-  close(fd);
-  return ok ? ntohs(addr.sin_port) : 0;
-}
-
-/// A free TCP port on 127.0.0.1 for a node to listen on, preferably below the kernel's ephemeral
-/// range: a node restarted on its port must not find it taken as the local port of some
-/// client's outgoing connection meanwhile.
-inline uint16_t free_port() {
-  int low = 32768;
-  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low;
-  if (low > 20000) {
-    static std::mt19937 rng(std::random_device{}());
-    std::uniform_int_distribution<int> pick(10000, low - 1);
-    for (int attempt = 0; attempt < 50; ++attempt)
-      if (auto p = try_port(static_cast<uint16_t>(pick(rng)))) return p;
-  }
-  auto p = try_port(0);
-  BOOST_REQUIRE_MESSAGE(p != 0, "no free port on 127.0.0.1");
-  return p;
-}
-
 /// Whether the Boost.Test case running now has failed so far.
 inline bool current_test_failed() {
   auto id = boost::unit_test::framework::current_test_case().p_id;

@@ -6,10 +6,6 @@
 // client reconnects, resumes the turn from the first index it lacks, and prints exactly what a
 // fault-free run prints. Real processes on 127.0.0.1, every one ended and reaped on every path.
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-
 #include <memory>
 #include <sstream>
 
@@ -21,9 +17,7 @@ namespace {
 using namespace std::chrono_literals;
 using keel::test::process;
 
-std::string bin(const char* name) {
-  return std::string(KEEL_BINARY_DIR) + "/apps/" + name;
-}
+using keel::test::bin;
 
 struct run_result {
   int status = -1;
@@ -49,21 +43,7 @@ std::vector<int32_t> gen_ids(const std::string& out) {
   return ids;
 }
 
-/// A free TCP port on 127.0.0.1, found by binding port 0 (and released for the node to take).
-uint16_t free_port() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  BOOST_REQUIRE(fd >= 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = 0;
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  socklen_t len = sizeof addr;
-  bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-            getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
-  close(fd);
-  BOOST_REQUIRE(ok);
-  return ntohs(addr.sin_port);
-}
+using keel::test::free_port;
 
 /// keel-node on `address` with `--data dir`, up once it printed its "listening on" line.
 std::unique_ptr<process> start_node(const std::string& model, const std::string& address,

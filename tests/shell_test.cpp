@@ -27,9 +27,7 @@ using keel::test::process;
 
 const std::string key = "test-admin-key-1";
 
-std::string bin(const char* name) {
-  return std::string(KEEL_BINARY_DIR) + "/apps/" + name;
-}
+using keel::test::bin;
 
 struct run_result {
   int status = -1;

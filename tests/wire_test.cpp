@@ -27,9 +27,7 @@ using keel::test::process;
 using keel::wire::client;
 using keel::wire::finish_reason;
 
-std::string bin(const char* name) {
-  return std::string(KEEL_BINARY_DIR) + "/apps/" + name;
-}
+using keel::test::bin;
 
 /// Runs a binary to its end (at most `timeout`): its status and output.
 struct run_result {
