@@ -64,17 +64,6 @@ void set_ok(wire::Error::Builder out) {
 
 /// The admin's state on its KJ thread (and the worker's `ops`).
 struct admin::impl : kj::TaskSet::ErrorHandler {
-  struct connection {
-    kj::Own<kj::AsyncIoStream> io;
-    capnp::TwoPartyVatNetwork network;
-    capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc;
-
-    connection(kj::Own<kj::AsyncIoStream>&& s, capnp::Capability::Client bootstrap)
-        : io(kj::mv(s)),
-          network(*io, capnp::rpc::twoparty::Side::SERVER),
-          rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
-  };
-
   impl(caf::actor_system& s, node& n, const admin_config& c, kj::Timer& t, std::string addr)
       : sys(s), nd(n), cfg(c), timer(t), address(std::move(addr)), ops(s, n, c), blocking(16) {}
 
@@ -84,16 +73,6 @@ struct admin::impl : kj::TaskSet::ErrorHandler {
 
   void taskFailed(kj::Exception&& e) override {
     log("admin: " + std::string(e.getDescription().cStr()));
-  }
-
-  kj::Promise<void> accept_loop(kj::ConnectionReceiver& listener, capnp::Capability::Client main) {
-    return listener.accept().then(
-        [this, &listener, main](kj::Own<kj::AsyncIoStream>&& s) mutable -> kj::Promise<void> {
-          auto c = kj::heap<connection>(kj::mv(s), main);
-          auto gone = c->network.onDisconnect();
-          tasks.add(gone.attach(kj::mv(c)));
-          return accept_loop(listener, kj::mv(main));
-        });
   }
 
   /// Every second: the batcher's token count, for tokens/s over the last second.
@@ -381,7 +360,7 @@ caf::expected<std::unique_ptr<admin>> admin::start(caf::actor_system& sys, node&
     auto sampling = st->sample_loop().eagerlyEvaluate([s = st.get()](kj::Exception&& e) {
       s->log("admin: stopped sampling tokens/s: " + std::string(e.getDescription().cStr()));
     });
-    auto accepting = st->accept_loop(*listener, kj::mv(main));
+    auto accepting = wire::accept_forever(*listener, kj::mv(main), st->tasks);
     return accepting.attach(kj::mv(sampling), kj::mv(listener), kj::mv(st));
   };
   auto port = a->server_->start("admin", a->cfg_.host, a->cfg_.port, std::move(serve), a->cfg_.log);

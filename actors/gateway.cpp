@@ -140,19 +140,6 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
     explicit stream(wire::TokenSink::Client s) : sink(kj::mv(s)) {}
   };
 
-  /// One client connection: a two-party RPC system with deliberate ReaderOptions.
-  struct connection {
-    kj::Own<kj::AsyncIoStream> io;
-    capnp::TwoPartyVatNetwork network;
-    capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc;
-
-    connection(kj::Own<kj::AsyncIoStream>&& s, capnp::Capability::Client bootstrap,
-               capnp::ReaderOptions opts)
-        : io(kj::mv(s)),
-          network(*io, capnp::rpc::twoparty::Side::SERVER, opts),
-          rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
-  };
-
   /// A connection to another node's Gateway, for forwarding (one per address, reused).
   struct upstream {
     kj::Own<kj::AsyncIoStream> io;
@@ -256,7 +243,7 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
         log("gateway: cannot set SO_SNDBUF: " + std::string(e->getDescription().cStr()));
       }
     }
-    auto c = kj::heap<connection>(kj::mv(s), kj::mv(main), reader_options);
+    auto c = kj::heap<wire::rpc_connection>(kj::mv(s), kj::mv(main), reader_options);
     ++open_connections;
     auto gone = c->network.onDisconnect();
     tasks.add(gone.attach(kj::mv(c), kj::defer([this] { --open_connections; })));

@@ -223,17 +223,6 @@ class peer_impl final : public wire::Peer::Server {
   peer_server::replica_store& rs_;  // owned by the peer_server, likewise
 };
 
-struct connection {
-  kj::Own<kj::AsyncIoStream> io;
-  capnp::TwoPartyVatNetwork network;
-  capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc;
-
-  connection(kj::Own<kj::AsyncIoStream>&& s, capnp::Capability::Client bootstrap)
-      : io(kj::mv(s)),
-        network(*io, capnp::rpc::twoparty::Side::SERVER),
-        rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
-};
-
 struct serving : kj::TaskSet::ErrorHandler {
   const peer_server_config& cfg;
   kj::TaskSet tasks{*this};
@@ -242,16 +231,6 @@ struct serving : kj::TaskSet::ErrorHandler {
 
   void taskFailed(kj::Exception&& e) override {
     if (cfg.log) cfg.log("peer server: " + std::string(e.getDescription().cStr()));
-  }
-
-  kj::Promise<void> accept_loop(kj::ConnectionReceiver& listener, capnp::Capability::Client main) {
-    return listener.accept().then(
-        [this, &listener, main](kj::Own<kj::AsyncIoStream>&& s) mutable -> kj::Promise<void> {
-          auto c = kj::heap<connection>(kj::mv(s), main);
-          auto gone = c->network.onDisconnect();
-          tasks.add(gone.attach(kj::mv(c)));
-          return accept_loop(listener, kj::mv(main));
-        });
   }
 };
 
@@ -267,7 +246,7 @@ caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_confi
     auto state = kj::heap<serving>(sp->cfg_);
     capnp::Capability::Client main =
         kj::heap<peer_impl>(sp->cfg_, sp->cfg_.host + ":" + std::to_string(port), *sp->store_);
-    auto accepting = state->accept_loop(*listener, kj::mv(main));
+    auto accepting = wire::accept_forever(*listener, kj::mv(main), state->tasks);
     return accepting.attach(kj::mv(listener), kj::mv(state));
   };
   auto port = s->server_->start("peer server", s->cfg_.host, s->cfg_.port, std::move(serve),

@@ -51,6 +51,17 @@ caf::expected<uint16_t> server_thread::start(const std::string& name, const std:
   return r;
 }
 
+kj::Promise<void> accept_forever(kj::ConnectionReceiver& listener,
+                                 capnp::Capability::Client bootstrap, kj::TaskSet& tasks) {
+  return listener.accept().then([&listener, bootstrap, &tasks](
+                                    kj::Own<kj::AsyncIoStream>&& s) mutable -> kj::Promise<void> {
+    auto c = kj::heap<rpc_connection>(kj::mv(s), bootstrap);
+    auto gone = c->network.onDisconnect();
+    tasks.add(gone.attach(kj::mv(c)));
+    return accept_forever(listener, kj::mv(bootstrap), tasks);
+  });
+}
+
 void server_thread::stop() {
   if (!thread_.joinable()) return;
   {

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include <caf/expected.hpp>
+#include <capnp/rpc-twoparty.h>
 #include <kj/async-io.h>
 
 namespace keel::wire {
@@ -43,5 +44,23 @@ class server_thread {
   kj::Own<kj::CrossThreadPromiseFulfiller<void>> stop_;
   std::thread thread_;
 };
+
+/// One accepted connection: a two-party RPC system serving `bootstrap` on it.
+struct rpc_connection {
+  kj::Own<kj::AsyncIoStream> io;
+  capnp::TwoPartyVatNetwork network;
+  capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc;
+
+  rpc_connection(kj::Own<kj::AsyncIoStream>&& s, capnp::Capability::Client bootstrap,
+                 capnp::ReaderOptions opts = {})
+      : io(kj::mv(s)),
+        network(*io, capnp::rpc::twoparty::Side::SERVER, opts),
+        rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
+};
+
+/// Accepts connections on `listener` for as long as the promise lives, each served with
+/// `bootstrap` and kept in `tasks` until it disconnects.
+kj::Promise<void> accept_forever(kj::ConnectionReceiver& listener,
+                                 capnp::Capability::Client bootstrap, kj::TaskSet& tasks);
 
 }  // namespace keel::wire
