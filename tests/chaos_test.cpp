@@ -69,6 +69,32 @@ model_file& model() {
 
 // -- conversations -----------------------------------------------------------------------------
 
+/// The chaos tests' cluster: a and b in region r1, c in r2, each node's data directory in a
+/// temporary directory of its own; started, and its region links given time to come up.
+struct three_nodes {
+  keel::test::temp_dir root;
+  cluster cl;
+
+  explicit three_nodes(const std::string& label, int down_after = down_after_ms)
+      : root("chaos_test-" + label), cl(config(label, root.path, down_after), specs()) {
+    cl.start_all();
+    BOOST_TEST_MESSAGE("region links up: " << (cl.wait_all_links_up(5s) ? "yes" : "not seen"));
+  }
+
+  static cluster_config config(const std::string& label, const std::filesystem::path& root,
+                               int down_after) {
+    cluster_config cfg;
+    cfg.model = model().path;
+    cfg.root = root;
+    cfg.replicas = 1;
+    cfg.heartbeat_ms = heartbeat_ms;
+    cfg.down_after_ms = down_after;
+    cfg.label = label;
+    return cfg;
+  }
+  static std::vector<keel::test::node_spec> specs() { return {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}}; }
+};
+
 /// What a conversation says: its sampling parameters and turns, and (under chaos) how long its
 /// user thinks before each turn.
 struct conversation {
@@ -646,17 +672,8 @@ BOOST_AUTO_TEST_CASE(conversations_survive_repeated_sigkill_of_random_nodes_with
 
   auto reference = fault_free(convs, "kill");
 
-  keel::test::temp_dir root{"chaos_test-" + std::to_string(getpid()) + "-kill"};
-  cluster_config cfg;
-  cfg.model = model().path;
-  cfg.root = root.path;
-  cfg.replicas = 1;
-  cfg.heartbeat_ms = heartbeat_ms;
-  cfg.down_after_ms = down_after_ms;
-  cfg.label = "kill";
-  cluster cl(cfg, {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
-  cl.start_all();
-  BOOST_TEST_MESSAGE("region links up: " << (cl.wait_all_links_up(5s) ? "yes" : "not seen"));
+  three_nodes net("kill");
+  auto& cl = net.cl;
 
   std::vector<conversation_run> runs;
   std::vector<std::unique_ptr<live_state>> live;
@@ -751,17 +768,8 @@ BOOST_AUTO_TEST_CASE(conversations_continue_in_the_other_region_when_a_whole_reg
   BOOST_REQUIRE_MESSAGE(long_ones >= conversations / 2,
                         "only " << long_ones << " second replies run long enough to be cut");
 
-  keel::test::temp_dir root{"chaos_test-" + std::to_string(getpid()) + "-region"};
-  cluster_config cfg;
-  cfg.model = model().path;
-  cfg.root = root.path;
-  cfg.replicas = 1;
-  cfg.heartbeat_ms = heartbeat_ms;
-  cfg.down_after_ms = down_after_ms;
-  cfg.label = "region";
-  cluster cl(cfg, {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
-  cl.start_all();
-  BOOST_TEST_MESSAGE("region links up: " << (cl.wait_all_links_up(5s) ? "yes" : "not seen"));
+  three_nodes net("region");
+  auto& cl = net.cl;
 
   // Every conversation starts its second turn together.
   std::atomic<size_t> at_gate{0};
@@ -849,17 +857,8 @@ BOOST_AUTO_TEST_CASE(a_paused_owner_is_taken_over_and_its_late_writes_are_refuse
   BOOST_REQUIRE_MESSAGE(long_reply >= 600,
                         "the longest candidate reply has only " << long_reply << " tokens");
 
-  keel::test::temp_dir root{"chaos_test-" + std::to_string(getpid()) + "-pause"};
-  cluster_config cfg;
-  cfg.model = model().path;
-  cfg.root = root.path;
-  cfg.replicas = 1;
-  cfg.heartbeat_ms = heartbeat_ms;
-  cfg.down_after_ms = down_after_ms;
-  cfg.label = "pause";
-  cluster cl(cfg, {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
-  cl.start_all();
-  BOOST_TEST_MESSAGE("region links up: " << (cl.wait_all_links_up(5s) ? "yes" : "not seen"));
+  three_nodes net("pause");
+  auto& cl = net.cl;
 
   const size_t a = 0;
   std::vector<conversation_run> runs;
@@ -944,17 +943,8 @@ BOOST_AUTO_TEST_CASE(a_corrupt_session_record_is_recovered_from_a_replica_after_
   c.max_tokens = {30, 30, 30};
   auto reference = fault_free({c}, "corrupt");
 
-  keel::test::temp_dir root{"chaos_test-" + std::to_string(getpid()) + "-corrupt"};
-  cluster_config cfg;
-  cfg.model = model().path;
-  cfg.root = root.path;
-  cfg.replicas = 1;
-  cfg.heartbeat_ms = heartbeat_ms;
-  cfg.down_after_ms = 5000;
-  cfg.label = "corrupt";
-  cluster cl(cfg, {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
-  cl.start_all();
-  BOOST_TEST_MESSAGE("region links up: " << (cl.wait_all_links_up(5s) ? "yes" : "not seen"));
+  three_nodes net("corrupt", 5000);
+  auto& cl = net.cl;
   const size_t a = 0;
 
   // The first two turns, on a.
