@@ -67,8 +67,6 @@ model_file& model() {
   return m;
 }
 
-// -- conversations -----------------------------------------------------------------------------
-
 /// The chaos tests' cluster: a and b in region r1, c in r2, each node's data directory in a
 /// temporary directory of its own; started, and its region links given time to come up.
 struct three_nodes {
@@ -94,6 +92,8 @@ struct three_nodes {
   }
   static std::vector<keel::test::node_spec> specs() { return {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}}; }
 };
+
+// -- conversations -----------------------------------------------------------------------------
 
 /// What a conversation says: its sampling parameters and turns, and (under chaos) how long its
 /// user thinks before each turn.
