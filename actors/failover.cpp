@@ -112,11 +112,10 @@ std::vector<session_record> node::reconcile(std::vector<session_record> recovere
   return keep;
 }
 
-void node::take_over(int attempt) {
-  if (!store_ || !replicator_) return;
-  // The peer that went down may have been a replica of this node's sessions: each of them is
+void node::replicate_again() {
+  // A peer that went down may have been a replica of this node's sessions: each of them is
   // copied whole to its replicas among the live peers (a no-op where one already has it).
-  for (auto& id : attempt == 0 ? sessions_->ids() : std::vector<std::string>{}) {
+  for (auto& id : sessions_->ids()) {
     auto r = sessions_->get(id);
     if (!r) continue;
     replica_update u;
@@ -124,6 +123,10 @@ void node::take_over(int attempt) {
     u.epoch = r->epoch;
     replicator_->enqueue(std::move(u));
   }
+}
+
+void node::take_over(int attempt) {
+  if (!store_ || !replicator_) return;
   std::set<std::string> live;
   for (auto& p : peers_->snapshot())
     if (p.status != peer_status::down && !p.name.empty()) live.insert(p.name);

@@ -181,7 +181,10 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
       // A peer declared down: take over the sessions it owned of which this node has the
       // newest copy (on the failover executor).
       n->peers_->on_down([np = n.get()](const peer_info&) {
-        np->failover_->post([np] { np->take_over(); });
+        np->failover_->post([np] {
+          np->replicate_again();
+          np->take_over();
+        });
       });
     }
   }

@@ -160,6 +160,9 @@ class node {
   /// Takes over the sessions whose owner is no longer live and of which this node holds the
   /// newest copy. On the failover executor.
   void take_over(int attempt = 0);
+  /// Copies each of this node's sessions to its replicas among the live peers again (after a
+  /// peer, maybe one of them, went down).
+  void replicate_again();
   /// Takes the lease of the replica `id` with `epoch` and starts it. On the failover executor.
   caf::error adopt(const std::string& id, uint64_t epoch, const std::string& from);
   void lose_now(const std::string& id, uint64_t epoch);

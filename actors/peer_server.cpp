@@ -93,17 +93,10 @@ class peer_impl final : public wire::Peer::Server {
       c.setSession(id);
       c.setRole(wire::SessionCopy::Role::NONE);
       if (rs_.store == nullptr) continue;
-      auto own = rs_.store->get_session(id);
-      auto role = wire::SessionCopy::Role::OWNER;
-      std::string key = id;
-      auto rep = rs_.store->get_session(replica_key(id));
-      // The newer of the two copies (an own copy the node lost stays until it drops it).
-      if (!own || (rep && rep->epoch > own->epoch)) {
-        own = std::move(rep);
-        role = wire::SessionCopy::Role::REPLICA;
-        key = replica_key(id);
-      }
+      std::string key;
+      auto own = newest_copy(id, key);
       if (!own) continue;
+      auto role = key == id ? wire::SessionCopy::Role::OWNER : wire::SessionCopy::Role::REPLICA;
       auto rec = wire::decode(own->payload);
       auto logs = rs_.store->read_turns(key);
       if (!rec || !logs) continue;  // unreadable: as good as none (the node reports it itself)
@@ -153,14 +146,12 @@ class peer_impl final : public wire::Peer::Server {
     };
     if (rs_.store == nullptr)
       return fail(make_error(errc::unimplemented, "fetch: node " + cfg_.name + " has no data dir"));
-    std::string key = id;
-    auto own = rs_.store->get_session(id);
-    auto rep = rs_.store->get_session(replica_key(id));
-    if (!own || (rep && rep->epoch > own->epoch)) {
-      own = std::move(rep);
-      key = replica_key(id);
+    std::string key;
+    auto own = newest_copy(id, key);
+    if (!own) {
+      return fail(
+          make_error(errc::not_found, "node " + cfg_.name + " has no copy of session " + id));
     }
-    if (!own) return fail(make_error(errc::not_found, "node " + cfg_.name + " has no copy of session " + id));
     auto logs = rs_.store->read_turns(key);
     if (!logs) return fail(logs.error());
     res.setEpoch(own->epoch);
@@ -178,6 +169,19 @@ class peer_impl final : public wire::Peer::Server {
   }
 
  private:
+  /// The newer of this node's own copy of `id` and its replica of it (an own copy the node lost
+  /// stays until it drops it), and its key; `not_found` when it has neither. Store mutex held.
+  caf::expected<storage::session_entry> newest_copy(const std::string& id, std::string& key) {
+    auto own = rs_.store->get_session(id);
+    auto rep = rs_.store->get_session(replica_key(id));
+    key = id;
+    if (!own || (rep && rep->epoch > own->epoch)) {
+      key = replica_key(id);
+      return rep;
+    }
+    return own;
+  }
+
   caf::error store(wire::Peer::ReplicateParams::Reader p, bool& lost) {
     std::lock_guard<std::mutex> guard(rs_.mu);
     if (rs_.store == nullptr)

@@ -88,11 +88,10 @@ struct replicator_config {
 ///   R live peers in rendezvous order (`placement`). A peer that has not had the session since
 ///   it (re)joined first gets a full copy read from the store, and so does one that refuses an
 ///   update for a gap; later updates are deltas. An acknowledged update's future is set once a
-///   replica stored it, or with `stale_epoch` when a replica refused it for an older epoch, or
-///   with success and a log line when no live peer could take it (degraded: this node's synced
-///   write is then the only copy).
-/// - `post`: any task (takeover runs here, calling `locate_now`/`fetch_now`).
-/// - `locate` and `fetch` from other threads: queued, waited for.
+///   replica stored it, or with `stale_epoch` when a replica refused it for an older epoch, or,
+///   when no live peer could store it, with `disconnected` for a `strict` update and with
+///   success and a log line otherwise (this node's synced write is then the only copy).
+/// - `locate`, `fetch` and `handoff`: queued, waited for by the caller.
 ///
 /// Thread-safe. The destructor runs nothing more and joins the thread.
 class replicator {
@@ -105,9 +104,6 @@ class replicator {
   /// Queues `u`; returns a future of its answer when `u.acknowledged`, else an invalid one.
   std::future<caf::error> enqueue(replica_update u);
 
-  /// Runs `task` on the replicator's thread, after everything queued before.
-  void post(std::function<void()> task);
-
   /// Every copy of `sessions` that the live peers hold (queued; waits up to the call timeout
   /// per peer). Any thread but the replicator's own.
   /// `missing`, when given, receives the names of live peers that did not answer.
@@ -119,11 +115,6 @@ class replicator {
   /// A clean handoff of `session` to the peer at `address`: a full copy from the store, then
   /// `Peer.handoff`; returns the epoch the peer took the session with. Queued, waited for.
   caf::expected<uint64_t> handoff(const std::string& session, const peer_info& target);
-
-  /// The same, on the replicator's thread (inside a posted task) only.
-  std::vector<session_copy> locate_now(const std::vector<std::string>& sessions,
-                                       std::vector<std::string>* missing = nullptr);
-  caf::expected<fetched_session> fetch_now(const std::string& session);
 
   /// The replicas of `session` among `live` (peers that accept work), best first: the top R by
   /// rendezvous hash of (session, peer name), the last replaced by the best peer of another
@@ -140,8 +131,14 @@ class replicator {
   struct rpc;  // detail: the thread's connections (replicator.cpp)
 
  private:
+  /// Runs `task` on the replicator's thread, after everything queued before.
+  void post(std::function<void()> task);
   void run();
   caf::error replicate(const replica_update& u);
+  /// `locate` and `fetch`, on the replicator's thread.
+  std::vector<session_copy> locate_now(const std::vector<std::string>& sessions,
+                                       std::vector<std::string>* missing);
+  caf::expected<fetched_session> fetch_now(const std::string& session);
   /// Sends `target` the session's full copy from the store.
   caf::error send_full(const std::string& session, const peer_info& target);
   /// Sends `target` the update `u` as it is (a delta).
