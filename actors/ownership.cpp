@@ -1,0 +1,674 @@
+#include "actors/ownership.hpp"
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+
+namespace keel {
+
+namespace {
+
+/// The rendezvous weight of (session, member): FNV-1a finished like splitmix64, the same in
+/// every process and build (replicator.cpp uses the same mix for its placement).
+uint64_t weight(const std::string& session, const std::string& member) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](const std::string& s) {
+    for (unsigned char c : s) {
+      h ^= c;
+      h *= 1099511628211ull;
+    }
+  };
+  mix(session);
+  mix("/");
+  mix(member);
+  h ^= h >> 31;
+  h *= 0x9e3779b97f4a7c15ull;
+  h ^= h >> 29;
+  return h;
+}
+
+/// The pending event of a takeover's first write (not a turn).
+constexpr uint64_t acquired_event = std::numeric_limits<uint64_t>::max();
+
+}  // namespace
+
+std::string to_string(const ballot& b) {
+  if (b.epoch == 0 && b.owner.empty()) return "-";
+  return std::to_string(b.epoch) + "/" + b.owner;
+}
+
+const char* to_string(refusal r) {
+  switch (r) {
+    case refusal::none: return "none";
+    case refusal::not_owner: return "not_owner";
+    case refusal::no_quorum: return "no_quorum";
+    case refusal::busy: return "busy";
+    case refusal::bad_turn: return "bad_turn";
+    case refusal::not_in_group: return "not_in_group";
+  }
+  return "?";
+}
+
+std::vector<std::string> replica_group(const std::string& session,
+                                       const std::vector<cluster_member>& members, size_t size) {
+  std::vector<const cluster_member*> order;
+  for (auto& m : members) order.push_back(&m);
+  std::sort(order.begin(), order.end(), [&](const cluster_member* a, const cluster_member* b) {
+    auto wa = weight(session, a->name), wb = weight(session, b->name);
+    return wa != wb ? wa > wb : a->name < b->name;
+  });
+  size = std::min(size, order.size());
+  std::vector<std::string> out;
+  std::set<std::string> regions;
+  std::vector<bool> taken(order.size(), false);
+  // One member of each region first, in rendezvous order; then the rest in that order.
+  for (size_t i = 0; i < order.size() && out.size() < size; ++i) {
+    if (regions.insert(order[i]->region).second) {
+      out.push_back(order[i]->name);
+      taken[i] = true;
+    }
+  }
+  for (size_t i = 0; i < order.size() && out.size() < size; ++i)
+    if (!taken[i]) out.push_back(order[i]->name);
+  return out;
+}
+
+bool extends(const session_data& a, const session_data& b) {
+  if (a.turns.size() != b.turns.size()) return a.turns.size() > b.turns.size();
+  if (a.turns.empty()) return true;
+  auto& x = a.turns.back();
+  auto& y = b.turns.back();
+  if (x.tokens.size() != y.tokens.size()) return x.tokens.size() > y.tokens.size();
+  return x.done || !y.done;
+}
+
+ownership::ownership(config cfg, ownership_env& env) : cfg_(std::move(cfg)), env_(env) {
+  started_at_ = env_.now();
+}
+
+void ownership::recover(std::map<std::string, stored_session> stored) {
+  stored_ = std::move(stored);
+  owned_.clear();
+  candidacies_.clear();
+  retry_after_.clear();
+  heard_.clear();
+  last_grant_.clear();
+  claims_sent_.clear();
+  claimed_.clear();
+  started_at_ = env_.now();
+  last_heartbeat_ = 0;
+}
+
+const std::vector<std::string>& ownership::group(const std::string& session) {
+  auto i = groups_.find(session);
+  if (i == groups_.end())
+    i = groups_.emplace(session, replica_group(session, cfg_.members, cfg_.group_size)).first;
+  return i->second;
+}
+
+stored_session& ownership::stored(const std::string& session) {
+  return stored_[session];
+}
+
+bool ownership::persist(const std::string& session, bool sync) {
+  return env_.store(session, stored_[session], sync);
+}
+
+const session_data* ownership::data(const std::string& session) const {
+  auto i = owned_.find(session);
+  return i == owned_.end() ? nullptr : &i->second.data;
+}
+
+const stored_session* ownership::copy(const std::string& session) const {
+  auto i = stored_.find(session);
+  return i == stored_.end() ? nullptr : &i->second;
+}
+
+std::string ownership::owner_hint(const std::string& session) const {
+  auto i = stored_.find(session);
+  if (i == stored_.end()) return {};
+  return i->second.promised.owner.empty() ? i->second.accepted.owner : i->second.promised.owner;
+}
+
+bool ownership::alive(const std::string& member) const {
+  if (member == cfg_.self) return true;
+  auto i = heard_.find(member);
+  return i != heard_.end() && env_.now() - i->second < cfg_.timing.suspect_after;
+}
+
+// ---- acceptor side -------------------------------------------------------------------------
+
+void ownership::promise_to(const std::string& session, const ballot& b) {
+  stored(session).promised = b;
+  if (b.owner != cfg_.self) {
+    auto c = candidacies_.find(session);
+    if (c != candidacies_.end() && c->second.b < b) candidacies_.erase(c);
+    auto o = owned_.find(session);
+    if (o != owned_.end() && o->second.b < b) lose(session);
+  }
+}
+
+void ownership::on_heartbeat(const std::string& from, const heartbeat_msg& m) {
+  heartbeat_reply r;
+  r.sent = m.sent;
+  for (auto& [s, b] : m.claims) {
+    auto i = stored_.find(s);
+    r.promised.push_back(i == stored_.end() ? ballot{} : i->second.promised);
+    if (r.promised.back() == b) last_grant_[from] = claimed_[s] = env_.now();
+  }
+  env_.send(from, std::move(r));
+}
+
+void ownership::on_prepare(const std::string& from, const prepare_msg& m) {
+  auto now = env_.now();
+  auto& st = stored(m.session);
+  promise_reply r;
+  r.session = m.session;
+  r.b = m.b;
+  r.sent = m.sent;
+  if (now - started_at_ < cfg_.timing.hold()) {
+    // Restarted: this node forgot whom it granted leases, so it cannot say how long to wait.
+    r.starting = true;
+    r.promised = st.promised;
+  } else if (m.b > st.promised || (m.b == st.promised && m.b.owner == from)) {
+    bool fresh = m.b != st.promised;
+    if (fresh) {
+      auto previous = st.promised.owner;
+      int64_t until = 0;
+      if (!previous.empty() && previous != m.b.owner) {
+        auto g = last_grant_.find(previous);
+        if (g != last_grant_.end()) until = g->second + cfg_.timing.hold();
+      }
+      auto saved = st;
+      promise_to(m.session, m.b);
+      if (!persist(m.session, true)) {
+        // Nothing promised: the old promise stands (in memory too, so it is not half kept).
+        stored(m.session) = saved;
+        r.promised = saved.promised;
+        env_.send(from, std::move(r));
+        return;
+      }
+      hold_until_[m.session] = until;
+    }
+    // A repeated prepare (a duplicate, or one sent again) gets the same wait as the first.
+    auto h = hold_until_.find(m.session);
+    r.ok = true;
+    claimed_[m.session] = now;
+    r.wait = h == hold_until_.end() ? 0 : std::max<int64_t>(0, h->second - now);
+    r.accepted = stored(m.session).accepted;
+    r.data = stored(m.session).data;
+    last_grant_[from] = now;
+  } else {
+    r.promised = st.promised;
+  }
+  if (from == cfg_.self)
+    on_promise(from, r);
+  else
+    env_.send(from, std::move(r));
+}
+
+void ownership::on_write(const std::string& from, const write_msg& m) {
+  auto& st = stored(m.session);
+  write_reply r;
+  r.session = m.session;
+  r.b = m.b;
+  r.seq = m.seq;
+  r.durable = m.durable;
+  r.sent = m.sent;
+  if (m.b < st.promised) {
+    r.promised = st.promised;
+    env_.send(from, std::move(r));
+    return;
+  }
+  bool moved = m.b > st.promised;
+  if (moved) promise_to(m.session, m.b);
+  auto& s = stored(m.session);
+  bool newer = m.b > s.accepted || (m.b == s.accepted && extends(m.data, s.data) && m.data != s.data);
+  if (newer) {
+    s.accepted = m.b;
+    s.data = m.data;
+  }
+  bool ok = true;
+  if (newer || moved || m.durable) ok = persist(m.session, m.durable || moved);
+  r.ok = ok;
+  r.disk_failed = !ok;
+  if (m.b.owner == from) last_grant_[from] = claimed_[m.session] = env_.now();
+  env_.send(from, std::move(r));
+}
+
+// ---- owner side ----------------------------------------------------------------------------
+
+void ownership::on_heartbeat_reply(const std::string& from, const heartbeat_reply& m) {
+  // The claims of the heartbeat answered (a recent one: older answers are of no use).
+  auto& sent = claims_sent_[from];
+  auto c = sent.find(m.sent);
+  if (c == sent.end() || c->second.size() != m.promised.size()) return;
+  auto claims = c->second;
+  for (size_t k = 0; k < claims.size(); ++k) {
+    auto& [s, b] = claims[k];
+    auto& p = m.promised[k];
+    seen_[s] = std::max(seen_[s], p.epoch);
+    auto o = owned_.find(s);
+    if (o == owned_.end() || o->second.b != b) continue;
+    if (p > b) {
+      lose(s);
+    } else if (p == b) {
+      auto& g = o->second.granted[from];
+      g = std::max(g, m.sent);
+    }
+  }
+}
+
+void ownership::acquire(const std::string& session, bool open, const std::string& meta) {
+  auto now = env_.now();
+  auto& st = stored(session);
+  owned_.erase(session);
+  ballot b{std::max({st.promised.epoch, st.accepted.epoch, seen_[session]}) + 1, cfg_.self};
+  if (cfg_.rule == ownership_rule::view) {
+    // The old rule: take it at once with this node's own copy.
+    promise_to(session, b);
+    auto& s = stored(session);
+    owned_session o;
+    o.b = b;
+    o.data = s.accepted.epoch > 0 ? s.data : session_data{meta, {}};
+    o.seq = o.durable_seq = 1;
+    o.ready = true;
+    s.accepted = b;
+    s.data = o.data;
+    if (persist(session, true)) o.acked[cfg_.self] = o.durable_acked[cfg_.self] = 1;
+    owned_[session] = std::move(o);
+    send_writes(session, true);
+    env_.acquired(session);
+    return;
+  }
+  candidacy c;
+  c.b = b;
+  c.open = open;
+  c.meta = meta;
+  c.started = now;
+  c.last_sent = now;
+  candidacies_[session] = std::move(c);
+  prepare_msg m{session, b, now};
+  for (auto& g : group(session))
+    if (g != cfg_.self) env_.send(g, m);
+  on_prepare(cfg_.self, m);  // this node is a member too
+}
+
+void ownership::on_promise(const std::string& from, const promise_reply& m) {
+  auto i = candidacies_.find(m.session);
+  if (i == candidacies_.end() || i->second.b != m.b) return;
+  auto& c = i->second;
+  if (!m.ok) {
+    seen_[m.session] = std::max(seen_[m.session], m.promised.epoch);
+    if (!m.starting && m.promised > c.b) {
+      // Another candidate (or owner) is ahead: let it finish before trying again.
+      candidacies_.erase(i);
+      retry_after_[m.session] = env_.now() + cfg_.timing.suspect_after;
+    }
+    return;
+  }
+  if (c.promises.count(from) == 0) {
+    c.promises[from] = m;
+    c.received[from] = env_.now();
+  }
+  try_complete(m.session);
+}
+
+void ownership::try_complete(const std::string& session) {
+  auto i = candidacies_.find(session);
+  if (i == candidacies_.end()) return;
+  auto& c = i->second;
+  if (c.promises.size() < majority(group(session).size())) return;
+  // Every promiser's last grant to the previous owner must have run out: any majority that
+  // could still back the old owner's lease contains one of them.
+  int64_t ready = 0;
+  for (auto& [g, p] : c.promises) ready = std::max(ready, c.received[g] + cfg_.timing.convert(p.wait));
+  if (env_.now() < ready) return;
+  become_owner(session, c);
+}
+
+void ownership::become_owner(const std::string& session, candidacy& c) {
+  // The newest copy among the promisers: the highest accepted ballot, then the longest (copies
+  // of one ballot are prefixes of its owner's history). Every acknowledged write is on a
+  // majority, which shares a member with the promisers, so the newest copy has it.
+  const promise_reply* newest = nullptr;
+  for (auto& [g, p] : c.promises) {
+    if (p.accepted.epoch == 0) continue;
+    if (!newest || p.accepted > newest->accepted ||
+        (p.accepted == newest->accepted && extends(p.data, newest->data)))
+      newest = &p;
+  }
+  if (!newest && !c.open) {
+    // Nothing to take over (no promiser has a copy): give up the candidacy.
+    candidacies_.erase(session);
+    retry_after_[session] = env_.now() + cfg_.timing.suspect_after;
+    return;
+  }
+  owned_session o;
+  o.b = c.b;
+  o.data = newest ? newest->data : session_data{c.meta, {}};
+  o.seq = o.durable_seq = 1;
+  for (auto& [g, p] : c.promises)
+    if (g != cfg_.self) o.granted[g] = p.sent;
+  o.pending.emplace_back(1, acquired_event, false);
+  for (size_t t = 0; t < o.data.turns.size(); ++t) o.turn_seq[t] = 1;
+  candidacies_.erase(session);
+  auto& mine = owned_[session] = std::move(o);
+  write_own(session, mine, true);
+  send_writes(session, true);
+  fire_pending(session);
+}
+
+void ownership::write_to(const std::string& session, owned_session& o, const std::string& member) {
+  write_msg m;
+  m.session = session;
+  m.b = o.b;
+  m.seq = o.seq;
+  m.durable = o.durable_acked[member] < o.durable_seq;
+  m.data = o.data;
+  m.sent = env_.now();
+  o.last_sent[member] = m.sent;
+  env_.send(member, std::move(m));
+}
+
+void ownership::send_writes(const std::string& session, bool force) {
+  auto i = owned_.find(session);
+  if (i == owned_.end()) return;
+  auto& o = i->second;
+  auto now = env_.now();
+  for (auto& g : group(session)) {
+    if (g == cfg_.self) continue;
+    bool behind = o.durable_acked[g] < o.durable_seq || o.acked[g] < o.seq;
+    if (force || (behind && now - o.last_sent[g] >= cfg_.timing.retry)) write_to(session, o, g);
+  }
+}
+
+void ownership::on_write_reply(const std::string& from, const write_reply& m) {
+  auto i = owned_.find(m.session);
+  if (i == owned_.end() || i->second.b != m.b) return;
+  auto& o = i->second;
+  if (!m.ok) {
+    if (m.promised > o.b) {
+      seen_[m.session] = std::max(seen_[m.session], m.promised.epoch);
+      lose(m.session);
+    }
+    return;
+  }
+  o.acked[from] = std::max(o.acked[from], m.seq);
+  if (m.durable) o.durable_acked[from] = std::max(o.durable_acked[from], m.seq);
+  o.granted[from] = std::max(o.granted[from], m.sent);
+  fire_pending(m.session);
+}
+
+bool ownership::may_serve(const std::string& session) {
+  auto i = owned_.find(session);
+  if (i == owned_.end() || !i->second.ready) return false;
+  return lease_valid(session, i->second);
+}
+
+bool ownership::lease_valid(const std::string& session, owned_session& o) {
+  if (cfg_.rule == ownership_rule::view) return true;
+  auto now = env_.now();
+  auto& g = group(session);
+  size_t n = stored(session).promised == o.b ? 1 : 0;
+  for (auto& m : g) {
+    if (m == cfg_.self) continue;
+    auto t = o.granted.find(m);
+    if (t != o.granted.end() && t->second + cfg_.timing.lease > now) ++n;
+  }
+  return n >= majority(g.size());
+}
+
+uint64_t ownership::durable_through(const std::string& session, owned_session& o) {
+  auto& g = group(session);
+  if (cfg_.rule == ownership_rule::view) {
+    // The old rule: this node's synced write and any one other member, or none when no other
+    // member looks live.
+    uint64_t mine = o.durable_acked[cfg_.self];
+    uint64_t other = 0;
+    bool anyone = false;
+    for (auto& m : g) {
+      if (m == cfg_.self) continue;
+      anyone = anyone || alive(m);
+      other = std::max(other, o.durable_acked[m]);
+    }
+    return anyone ? std::min(mine, other) : mine;
+  }
+  std::vector<uint64_t> seqs;
+  for (auto& m : g) seqs.push_back(o.durable_acked[m]);
+  std::sort(seqs.rbegin(), seqs.rend());
+  return seqs[majority(g.size()) - 1];
+}
+
+void ownership::fire_pending(const std::string& session) {
+  auto i = owned_.find(session);
+  if (i == owned_.end()) return;
+  auto& o = i->second;
+  if (o.pending.empty()) return;
+  auto through = durable_through(session, o);
+  // A turn is acknowledged only by an owner that still holds its lease; otherwise it waits
+  // (and is dropped with the session if another node takes it over).
+  bool acquiring = std::get<1>(o.pending.front()) == acquired_event;
+  if (!acquiring && !lease_valid(session, o)) return;
+  std::vector<std::tuple<uint64_t, uint64_t, bool>> due;
+  for (auto p = o.pending.begin(); p != o.pending.end();) {
+    if (std::get<0>(*p) <= through) {
+      due.push_back(*p);
+      p = o.pending.erase(p);
+    } else {
+      ++p;
+    }
+  }
+  // Callbacks may come back into this object (and change owned_): `o` is not used below.
+  for (auto& [seq, turn, finished] : due) {
+    auto j = owned_.find(session);
+    if (j == owned_.end()) return;
+    if (turn == acquired_event) {
+      j->second.ready = true;
+      env_.acquired(session);
+    } else {
+      env_.durable(session, turn, finished);
+    }
+  }
+}
+
+void ownership::lose(const std::string& session) {
+  if (owned_.erase(session) == 0) return;
+  if (cfg_.rule == ownership_rule::view) {
+    // The old rule dropped the loser's copy (and with it what it had acknowledged alone).
+    auto& st = stored(session);
+    st.accepted = {};
+    st.data = {};
+    persist(session, true);
+  }
+  env_.lost(session);
+}
+
+refusal ownership::open(const std::string& session, const std::string& meta) {
+  auto& g = group(session);
+  if (std::find(g.begin(), g.end(), cfg_.self) == g.end()) return refusal::not_in_group;
+  if (owned_.count(session) || candidacies_.count(session)) return refusal::none;
+  acquire(session, true, meta);
+  return refusal::none;
+}
+
+refusal ownership::submit_turn(const std::string& session, uint64_t turn, const std::string& user) {
+  auto i = owned_.find(session);
+  if (i == owned_.end() || !i->second.ready) return refusal::not_owner;
+  auto& o = i->second;
+  if (!lease_valid(session, o)) return refusal::no_quorum;
+  auto& turns = o.data.turns;
+  if (turn < turns.size()) {
+    if (turns[turn].user != user) return refusal::bad_turn;
+    // Already here (a retry): acknowledged once it is on a majority.
+    o.pending.emplace_back(o.turn_seq.count(turn) ? o.turn_seq[turn] : 1, turn, false);
+    fire_pending(session);
+    return refusal::none;
+  }
+  if (turn > turns.size()) return refusal::bad_turn;
+  if (!turns.empty() && !turns.back().done) return refusal::busy;
+  turns.push_back(turn_entry{user, {}, false});
+  o.seq++;
+  o.durable_seq = o.seq;
+  o.turn_seq[turn] = o.seq;
+  o.unsent_tokens = 0;
+  o.pending.emplace_back(o.seq, turn, false);
+  write_own(session, o, true);
+  send_writes(session, true);
+  fire_pending(session);
+  return refusal::none;
+}
+
+void ownership::write_own(const std::string& session, owned_session& o, bool sync) {
+  auto& st = stored(session);
+  if (st.promised > o.b) return;
+  // This node's own promise may have been refused while it restarted: its copy is a member's
+  // like any other, and accepts its owner's write.
+  if (st.promised < o.b) promise_to(session, o.b);
+  st.accepted = o.b;
+  st.data = o.data;
+  if (!persist(session, sync)) return;
+  o.acked[cfg_.self] = o.seq;
+  if (sync) o.durable_acked[cfg_.self] = o.seq;
+}
+
+void ownership::append_tokens(const std::string& session, uint64_t turn, size_t from,
+                              const std::vector<int32_t>& tokens) {
+  auto i = owned_.find(session);
+  if (i == owned_.end()) return;
+  auto& o = i->second;
+  if (turn + 1 != o.data.turns.size() || o.data.turns.back().done) return;
+  auto& have = o.data.turns.back().tokens;
+  if (from > have.size()) return;
+  size_t added = 0;
+  for (size_t k = have.size() - from; k < tokens.size(); ++k, ++added) have.push_back(tokens[k]);
+  if (added == 0) return;
+  o.seq++;
+  o.unsent_tokens += added;
+  if (o.unsent_tokens < cfg_.checkpoint_every) return;
+  o.unsent_tokens = 0;
+  write_own(session, o, false);
+  for (auto& g : group(session))
+    if (g != cfg_.self) write_to(session, o, g);
+}
+
+void ownership::finish_turn(const std::string& session, uint64_t turn) {
+  auto i = owned_.find(session);
+  if (i == owned_.end()) return;
+  auto& o = i->second;
+  if (turn + 1 != o.data.turns.size() || o.data.turns.back().done) return;
+  o.data.turns.back().done = true;
+  o.seq++;
+  o.durable_seq = o.seq;
+  o.unsent_tokens = 0;
+  o.pending.emplace_back(o.seq, turn, true);
+  write_own(session, o, true);
+  send_writes(session, true);
+  fire_pending(session);
+}
+
+// ---- time ----------------------------------------------------------------------------------
+
+void ownership::takeovers() {
+  auto now = env_.now();
+  auto& t = cfg_.timing;
+  if (now - started_at_ < t.suspect_after) return;  // not heard from everyone yet
+  for (auto& [s, st] : stored_) {
+    if (owned_.count(s) || candidacies_.count(s)) continue;
+    auto r = retry_after_.find(s);
+    if (r != retry_after_.end() && now < r->second) continue;
+    auto owner = st.promised.owner;
+    if (owner.empty()) continue;
+    auto& g = group(s);
+    if (std::find(g.begin(), g.end(), cfg_.self) == g.end()) continue;
+    if (owner == cfg_.self) {
+      // Ours before a restart (or a candidacy of ours that stopped halfway): take it back.
+      if (st.accepted.epoch > 0 || st.promised.epoch > 0) acquire(s, false, {});
+      continue;
+    }
+    // The owner has not claimed it here for a while (it died, is cut off, or is a candidate
+    // that gave up): the group's first live member (in group order) tries first, the next ones
+    // later, so that candidates rarely duel.
+    auto h = claimed_.find(s);
+    int64_t silent = now - std::max(started_at_, h == claimed_.end() ? 0 : h->second);
+    if (silent < t.suspect_after) continue;
+    size_t rank = 0;
+    for (auto& m : g) {
+      if (m == cfg_.self) break;
+      if (m != owner && alive(m)) ++rank;
+    }
+    if (silent >= t.suspect_after + static_cast<int64_t>(rank) * t.suspect_after / 2)
+      acquire(s, false, {});
+  }
+}
+
+void ownership::tick() {
+  auto now = env_.now();
+  auto& t = cfg_.timing;
+  if (now - last_heartbeat_ >= t.heartbeat) {
+    last_heartbeat_ = now;
+    for (auto& m : cfg_.members) {
+      if (m.name == cfg_.self) continue;
+      heartbeat_msg h{now, {}};
+      for (auto& [s, o] : owned_) {
+        auto& g = group(s);
+        if (std::find(g.begin(), g.end(), m.name) != g.end()) h.claims.emplace_back(s, o.b);
+      }
+      auto& sent = claims_sent_[m.name];
+      sent[now] = h.claims;
+      while (!sent.empty() && sent.begin()->first + cfg_.timing.lease < now) sent.erase(sent.begin());
+      env_.send(m.name, std::move(h));
+    }
+  }
+  std::vector<std::string> ids;
+  for (auto& [s, c] : candidacies_) ids.push_back(s);
+  for (auto& s : ids) {
+    auto i = candidacies_.find(s);
+    if (i == candidacies_.end()) continue;
+    auto& c = i->second;
+    if (now - c.started > 2 * t.suspect_after) {
+      candidacies_.erase(i);
+      retry_after_[s] = now + t.suspect_after / 2;
+      continue;
+    }
+    if (now - c.last_sent >= t.retry) {
+      c.last_sent = now;
+      prepare_msg m{s, c.b, now};
+      bool self = false;
+      for (auto& g : group(s)) {
+        if (c.promises.count(g)) continue;
+        if (g == cfg_.self)
+          self = true;
+        else
+          env_.send(g, m);
+      }
+      // Last: the answer may complete the candidacy (and end `c`).
+      if (self) on_prepare(cfg_.self, m);
+    }
+    try_complete(s);
+  }
+  ids.clear();
+  for (auto& [s, o] : owned_) ids.push_back(s);
+  for (auto& s : ids) {
+    send_writes(s, false);
+    fire_pending(s);
+  }
+  takeovers();
+}
+
+void ownership::receive(const std::string& from, const ownership_msg& m) {
+  heard_[from] = env_.now();
+  std::visit(
+      [&](const auto& x) {
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<T, heartbeat_msg>) on_heartbeat(from, x);
+        if constexpr (std::is_same_v<T, heartbeat_reply>) on_heartbeat_reply(from, x);
+        if constexpr (std::is_same_v<T, prepare_msg>) on_prepare(from, x);
+        if constexpr (std::is_same_v<T, promise_reply>) on_promise(from, x);
+        if constexpr (std::is_same_v<T, write_msg>) on_write(from, x);
+        if constexpr (std::is_same_v<T, write_reply>) on_write_reply(from, x);
+      },
+      m);
+}
+
+}  // namespace keel
