@@ -52,6 +52,8 @@ std::optional<fault_kind> to_kind(wire::Fault::Kind k) {
       return fault_kind::cut;
     case wire::Fault::Kind::CLEAR:
       return fault_kind::clear;
+    case wire::Fault::Kind::PARTITION:
+      return fault_kind::partition;
   }
   return std::nullopt;  // from a newer keel-shell
 }
@@ -261,7 +263,8 @@ class admin_server final : public wire::Admin::Server {
                     ctx.getResults().initError());
       return kj::READY_NOW;
     }
-    fault_request req{*kind, f.getAfterSteps(), f.getDurationMs(), f.getCount()};
+    fault_request req{*kind, f.getAfterSteps(), f.getDurationMs(), f.getCount(), {}};
+    for (auto peer : f.getPeers()) req.peers.emplace_back(peer.cStr(), peer.size());
     auto& ops = a_.ops;
     return outcome(
         ctx, a_.blocking.run<std::string>([&ops, path, req] { return ops.fault(path, req); }));

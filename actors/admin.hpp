@@ -41,8 +41,8 @@ struct admin_config {
 /// What it offers: the live supervision tree (walked with the supervisors' `list_atom`, with the
 /// supervision log's times), the node's figures and its peers' status, the sessions, killing
 /// or restarting any actor of the tree but the root, and the fault injections of
-/// `fault_injector` (plus cutting a region link, `cut_atom`), and draining the node
-/// (`node::drain`).
+/// `fault_injector` (plus cutting a region link, `cut_atom`, and partitioning the node from
+/// peers, `node::cut`), and draining the node (`node::drain`).
 ///
 /// Threads: one runs the KJ event loop (connections, and a once-a-second sample of the
 /// batcher's token count for tokens/s); the calls, which wait for actors, run one at a time on a

@@ -37,6 +37,13 @@ caf::expected<T> call(caf::actor_system& sys, const caf::actor& dest, const std:
   return out;
 }
 
+/// "a, b, c".
+std::string joined(const std::vector<std::string>& xs) {
+  std::string out;
+  for (auto& x : xs) out += (out.empty() ? "" : ", ") + x;
+  return out;
+}
+
 bool is_failure(const supervision_event& e) {
   return e.kind == supervision_event_kind::exited && !e.reason.empty() &&
          e.reason != "user_shutdown" && e.reason != "normal";
@@ -159,12 +166,17 @@ caf::expected<std::string> admin_ops::fault(const std::string& path, const fault
   auto at = resolve(path);
   if (!at) return std::move(at.error());
   auto& faults = node_.faults();
-  if (f.kind == fault_kind::clear) {
+  if (f.kind == fault_kind::clear || f.kind == fault_kind::partition) {
+    const char* what = f.kind == fault_kind::clear ? "clear" : "partition";
     if (at->parent)
       return make_error(errc::bad_request,
-                        "clear applies to the node, " + name() + ", not to " + path);
+                        std::string(what) + " applies to the node, " + name() + ", not to " + path);
+    if (f.kind == fault_kind::partition) return partition_from(f);
+    auto was_cut = node_.cut().cut_now();
     faults.clear();
-    return "disarmed every fault of node " + name();
+    node_.cut().heal();
+    return "disarmed every fault of node " + name() + " and healed its partition" +
+           (was_cut.empty() ? std::string(" (there was none)") : " from " + joined(was_cut));
   }
   auto kind = kind_of(path, at->child);
   auto& id = at->child.id;
@@ -205,8 +217,48 @@ caf::expected<std::string> admin_ops::fault(const std::string& path, const fault
   return make_error(errc::bad_request,
                     path + " is a " + (kind.empty() ? "actor" : kind) +
                         "; crash, stall and kv-fail apply to shard workers, crash to sessions, "
-                        "cut to region links, clear to the node (" +
+                        "cut to region links, clear and partition to the node (" +
                         name() + ")");
+}
+
+caf::expected<std::string> admin_ops::partition_from(const fault_request& f) {
+  if (f.peers.empty())
+    return make_error(errc::bad_request, "partition of " + name() +
+                                             " names no peer to cut it from; give --from NODE,...");
+  if (f.duration_ms > max_partition_ms)
+    return make_error(errc::bad_request, "partition of " + name() + " for " +
+                                             std::to_string(f.duration_ms) + " ms: at most " +
+                                             std::to_string(max_partition_ms) + " ms (24 h)");
+  // Peers are known by the names they answered heartbeats with; one never heard from has none.
+  std::vector<std::string> known;
+  size_t nameless = 0;
+  for (auto& p : node_.peers()) {
+    if (p.name.empty())
+      ++nameless;
+    else
+      known.push_back(p.name);
+  }
+  auto known_list = [&] {
+    if (known.empty() && nameless == 0) return std::string("no peers");
+    std::string out = known.empty() ? "no named peers" : "peers " + joined(known);
+    if (nameless > 0) out += " (" + std::to_string(nameless) + " not heard from yet)";
+    return out;
+  };
+  std::vector<std::string> peers;  // f.peers without repeats, in order
+  for (auto& p : f.peers)
+    if (std::find(peers.begin(), peers.end(), p) == peers.end()) peers.push_back(p);
+  for (auto& p : peers) {
+    if (p == name())
+      return make_error(errc::bad_request, "partition of " + name() +
+                                               ": a node cannot be cut from itself (" + p + ")");
+    if (std::find(known.begin(), known.end(), p) == known.end())
+      return make_error(errc::bad_request, "partition of " + name() + ": no peer named '" + p +
+                                               "'; " + name() + " has " + known_list());
+  }
+  node_.cut().cut(peers, std::chrono::milliseconds(f.duration_ms));
+  return "partitioned " + name() + " from " + joined(peers) +
+         (f.duration_ms > 0 ? " for " + std::to_string(f.duration_ms) + " ms"
+                            : std::string(" until cleared (fault ") + name() + " clear)");
 }
 
 caf::expected<drain_outcome> admin_ops::drain() {

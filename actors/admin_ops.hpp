@@ -37,13 +37,17 @@ struct located {
   child_info child;
 };
 
-enum class fault_kind : uint8_t { crash, stall, kv_fail, cut, clear };
+enum class fault_kind : uint8_t { crash, stall, kv_fail, cut, clear, partition };
 
 /// A fault to inject (wire/keel.capnp `Fault`).
 struct fault_request {
   fault_kind kind = fault_kind::crash;
   uint32_t after_steps = 0, duration_ms = 0, count = 0;
+  std::vector<std::string> peers;  // partition: the peers' node names
 };
+
+/// The longest partition `admin_ops::fault` accepts (24 h); 0 means until `clear`.
+inline constexpr uint32_t max_partition_ms = 86'400'000;
 
 /// What `report` needs from the actors; the rest comes from the configuration.
 struct figures {
@@ -86,6 +90,9 @@ class admin_ops {
   /// The supervisor of the actor at `path` restarts it (restart_atom).
   caf::expected<std::string> restart(const std::string& path);
   /// Arms `f` on the actor at `path` (see wire/keel.capnp `Fault` for which applies where).
+  /// `clear` and `partition` apply to the node's root path only; `clear` also heals the
+  /// node's partition. A partition names known peers other than the node itself, at most
+  /// `max_partition_ms`; anything else is `bad_request`.
   caf::expected<std::string> fault(const std::string& path, const fault_request& f);
   /// `node::drain`, then the sessions the node still holds. Takes as long as the handoffs (a few
   /// seconds per session at worst, bounded by the replicator's timeouts).
@@ -96,6 +103,8 @@ class admin_ops {
 
   const std::string& name() const { return node_.config().name; }
   caf::error root_refused() const;
+  /// The `partition` fault on this node (`f.kind` is partition; the path was the root).
+  caf::expected<std::string> partition_from(const fault_request& f);
   caf::expected<std::vector<child_info>> list(const caf::actor& sup, const std::string& path);
   /// The child's kind, remembered by path.
   std::string kind_of(const std::string& path, const child_info& c);

@@ -38,6 +38,7 @@ struct batcher_state {
   bool recovering = false;    // a failure happened and no token was sent since
   bool reset_caches = false;  // the next step tells the shards to drop their KV caches
   bool in_flight = false;
+  bool quorum_wait = false;  // a tick is due to look at the node's lease again
   uint64_t step_number = 0;
   caf::actor engine_sup;
   sampler_scratch scratch;
@@ -215,6 +216,15 @@ void schedule(self_ptr self) {
   if (st.running.empty()) return;
   for (auto& a : st.shards)
     if (!a) return;  // not all ranks are up
+  if (st.ctx->may_serve && !st.ctx->may_serve()) {
+    // Cut off from the majority: no token goes out until the lease is back (or another node
+    // takes the sessions over, and they leave this node).
+    if (!st.quorum_wait) {
+      st.quorum_wait = true;
+      self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);
+    }
+    return;
+  }
   auto batch = std::make_shared<step_batch>();
   batch->number = ++st.step_number;
   batch->released.swap(st.released);
@@ -371,6 +381,7 @@ caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_
         return out;
       },
       [self](tick_atom) {
+        self->state.quorum_wait = false;
         watch_engine(self);
         if (!self->state.engine_sup)
           self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);

@@ -129,7 +129,16 @@ void node::take_over(int attempt) {
   if (!store_ || !replicator_) return;
   std::set<std::string> live;
   for (auto& p : peers_->snapshot())
-    if (p.status != peer_status::down && !p.name.empty()) live.insert(p.name);
+    if (p.status != peer_status::down && !p.name.empty() && !cfg_.cut->blocked(p.name))
+      live.insert(p.name);
+  // Only a node that sees a majority of the cluster (itself included) takes sessions over: a
+  // minority side of a partition never does, so it cannot split a session in two.
+  const size_t members = cfg_.peers.size() + 1;
+  if (live.size() + 1 < members / 2 + 1) {
+    ctx_->log->report(cfg_.name + ": takeover: " + std::to_string(live.size() + 1) + " of " +
+                      std::to_string(members) + " nodes in view, no majority: not taking over");
+    return;
+  }
   auto keys = store_->list_sessions();
   if (!keys) return;
   // This node's replicas whose owner is not live.

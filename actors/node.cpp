@@ -40,6 +40,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
                                                  std::shared_ptr<supervision_log> log) {
   auto m = model::load(cfg.model_path, cfg.tokenizer_path);
   if (!m) return std::move(m.error());
+  if (!cfg.cut) cfg.cut = std::make_shared<partition>();
   shard_layout layout{0, cfg.shards};
   if (cfg.shards < 1) {
     return make_error(errc::bad_request,
@@ -156,6 +157,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     lc.self_address = cfg.peer_address;
     lc.heartbeat_interval = cfg.heartbeat_interval;
     lc.down_after = cfg.down_after;
+    lc.cut = cfg.cut;
     std::vector<child_spec> links;
     for (auto& p : cfg.peers) links.push_back(link_spec(p, lc, n->peers_, ctx->log));
     top.push_back(supervisor_child("links", cfg.links_flags, std::move(links), ctx->log));
@@ -166,12 +168,21 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     rc.self_region = cfg.region;
     rc.self_address = cfg.peer_address;
     rc.replicas = cfg.replicas;
+    rc.cut = cfg.cut;
     // A replica that does not answer within a detection time is as good as down.
     rc.call_timeout = std::max(std::chrono::milliseconds(200), cfg.down_after);
     rc.store = n->store_.get();
     rc.on_stale = [np = n.get()](const std::string& id, uint64_t epoch) { np->lose(id, epoch); };
     rc.log = [log = ctx->log](const std::string& line) { log->report(line); };
     n->replicator_ = std::make_unique<replicator>(std::move(rc), n->peers_);
+    if (n->store_) {
+      // The node's lease: a majority of the cluster answered its heartbeats within 4/5 of a
+      // detection time, so it stops streaming before a majority may declare it down.
+      ctx->may_serve = [peers = n->peers_, members = cfg.peers.size() + 1,
+                        lease = cfg.down_after * 4 / 5] {
+        return peers->quorum_within(members, lease);
+      };
+    }
     n->failover_ = std::make_unique<serial_executor>();
     if (n->store_) {
       // Every write of the session table is copied to the session's replicas (replicator.hpp).

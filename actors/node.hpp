@@ -11,6 +11,7 @@
 
 #include "actors/batcher.hpp"
 #include "actors/node_context.hpp"
+#include "actors/partition.hpp"
 #include "actors/region_link.hpp"
 #include "actors/replicator.hpp"
 #include "actors/serial_executor.hpp"
@@ -49,6 +50,9 @@ struct node_config {
   /// live peers, at least one in another region when one is live (replicator.hpp).
   int32_t replicas = 1;
   supervisor_flags links_flags{restart_strategy::one_for_one, 10, std::chrono::seconds(10), {}};
+  /// The peers this node is cut from (the `partition` fault), shared with its peer endpoint;
+  /// null: the node makes one of its own.
+  std::shared_ptr<partition> cut;
 };
 
 /// Settings for the actor system of a process that runs a node: CAF 0.17's idle scheduler
@@ -139,6 +143,8 @@ class node {
 
   /// The session store (null without a data dir).
   storage::session_store* store() { return store_.get(); }
+  /// The `partition` fault's state (keel-shell `fault NODE partition`).
+  partition& cut() { return *cfg_.cut; }
   /// The node's calls to its peers: replication of its session writes (with a data dir) and
   /// locating sessions (null without peers).
   const replicator* replication() const { return replicator_.get(); }

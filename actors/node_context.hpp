@@ -1,5 +1,6 @@
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -22,6 +23,11 @@ struct node_context {
   std::shared_ptr<const tokenizer> tok;
   std::shared_ptr<fault_injector> faults;
   std::shared_ptr<supervision_log> log;
+  /// Whether the node may stream tokens now (set once, before the tree starts; empty: always).
+  /// A node with peers may only while it holds a majority of the cluster (peer_table::
+  /// quorum_within): an owner cut off from the majority stops streaming before the majority
+  /// takes its sessions over.
+  std::function<bool()> may_serve;
 
   caf::actor engine_sup() const {
     std::lock_guard<std::mutex> guard(mu_);

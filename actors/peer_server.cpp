@@ -41,7 +41,16 @@ class peer_impl final : public wire::Peer::Server {
   peer_impl(const peer_server_config& cfg, std::string address, peer_server::replica_store& rs)
       : cfg_(cfg), address_(std::move(address)), rs_(rs) {}
 
+  /// A call from a peer this node is cut from fails as on a broken connection.
+  bool cut_off(capnp::Text::Reader from) const {
+    return cfg_.cut && cfg_.cut->blocked(from.cStr());
+  }
+  static kj::Promise<void> refuse() {
+    return KJ_EXCEPTION(DISCONNECTED, "partitioned (fault injection)");
+  }
+
   kj::Promise<void> heartbeat(HeartbeatContext ctx) override {
+    if (cut_off(ctx.getParams().getFrom().getName())) return refuse();
     auto res = ctx.getResults();
     auto me = res.initNode();
     me.setName(cfg_.name);
@@ -61,6 +70,7 @@ class peer_impl final : public wire::Peer::Server {
   // replicas arrive at most once per structural change or `checkpoint_every` tokens.
   kj::Promise<void> replicate(ReplicateContext ctx) override {
     auto p = ctx.getParams();
+    if (cut_off(p.getFrom().getName())) return refuse();
     auto out = ctx.getResults().initError();
     std::string session = p.getSession().cStr();
     bool lost = false;
@@ -84,6 +94,7 @@ class peer_impl final : public wire::Peer::Server {
   }
 
   kj::Promise<void> locate(LocateContext ctx) override {
+    if (cut_off(ctx.getParams().getFrom().getName())) return refuse();
     auto ids = ctx.getParams().getSessions();
     auto out = ctx.getResults().initCopies(ids.size());
     std::lock_guard<std::mutex> guard(rs_.mu);
@@ -114,6 +125,7 @@ class peer_impl final : public wire::Peer::Server {
 
   kj::Promise<void> handoff(HandoffContext ctx) override {
     auto p = ctx.getParams();
+    if (cut_off(p.getFrom().getName())) return refuse();
     std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> f;
     {
       std::lock_guard<std::mutex> guard(rs_.mu);
@@ -135,6 +147,7 @@ class peer_impl final : public wire::Peer::Server {
   }
 
   kj::Promise<void> fetch(FetchContext ctx) override {
+    if (cut_off(ctx.getParams().getFrom().getName())) return refuse();
     std::string id = ctx.getParams().getSession().cStr();
     auto res = ctx.getResults();
     std::lock_guard<std::mutex> guard(rs_.mu);

@@ -9,6 +9,7 @@
 
 #include <caf/expected.hpp>
 
+#include "actors/partition.hpp"
 #include "wire/server_thread.hpp"
 
 namespace keel::storage {
@@ -31,6 +32,9 @@ struct peer_server_config {
   std::string region;
   /// Failed connections and calls (one line each); empty: silent. Called on the server's thread.
   std::function<void(const std::string&)> log;
+  /// The `partition` fault: every call from a peer cut from this node fails with
+  /// `disconnected`. May be null.
+  std::shared_ptr<const partition> cut;
 };
 
 /// The node's peer endpoint: serves `Peer` (wire/peer.capnp) on HOST:PORT, a listener of its

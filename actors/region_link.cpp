@@ -56,6 +56,15 @@ void peer_table::put(const peer_info& p) {
   if (f) f(p);
 }
 
+bool peer_table::quorum_within(size_t members, std::chrono::nanoseconds lease) const {
+  auto now = std::chrono::steady_clock::now();
+  size_t with = 1;
+  std::lock_guard<std::mutex> guard(mu_);
+  for (auto& [address, p] : peers_)
+    if (p.heartbeats > 0 && now - p.answered_sent < lease) ++with;
+  return with >= members / 2 + 1;
+}
+
 void peer_table::on_down(std::function<void(const peer_info&)> f) {
   std::lock_guard<std::mutex> guard(mu_);
   on_down_ = std::move(f);
@@ -183,6 +192,12 @@ class link_io : public kj::TaskSet::ErrorHandler {
       set_breaker(breaker_state::half_open,
                   "probing after " + std::to_string(cfg_.breaker_open.count()) + " ms");
     }
+    if (cfg_.cut && cfg_.cut->blocked(info_.name)) {
+      if (conn_.get() != nullptr || connecting_ || now >= next_attempt_)
+        fail("partitioned from " + info_.name + " by fault injection");
+      evaluate(now);
+      return;
+    }
     if (auto left = cut_left(now); left > 0) {
       // As a partition: the connection drops, and every attempt until the end fails.
       if (conn_.get() != nullptr || connecting_ || now >= next_attempt_)
@@ -285,6 +300,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
           last_ok_ = now;
           ever_ok_ = true;
           info_.round_trip = now - sent_;
+          info_.answered_sent = sent_;
           ++info_.heartbeats;
           info_.consecutive_failures = 0;
           auto n = r.getNode();

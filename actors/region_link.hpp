@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "actors/partition.hpp"
 #include "actors/supervisor.hpp"
 
 namespace keel {
@@ -47,6 +48,9 @@ struct link_config {
   /// Delay before the n-th consecutive reconnect: 100 ms doubling to 2 s, +-20% jitter (the
   /// seed is mixed with the peer's address, so links do not reconnect in lockstep).
   backoff_policy reconnect{std::chrono::milliseconds(100), std::chrono::seconds(2), 2.0, 0.2, 0};
+  /// The `partition` fault: while the peer (by the name it answered with) is cut, every
+  /// heartbeat fails, as with `cut_atom`. May be null.
+  std::shared_ptr<const partition> cut;
 };
 
 /// One peer as its link sees it.
@@ -59,6 +63,8 @@ struct peer_info {
   peer_status status = peer_status::down;
   breaker_state breaker = breaker_state::closed;
   std::chrono::nanoseconds round_trip{0};  // of the last answered heartbeat
+  /// When (this node's steady clock) the newest answered heartbeat was sent.
+  std::chrono::steady_clock::time_point answered_sent{};
   uint64_t heartbeats = 0;                 // answered heartbeats
   uint64_t failures = 0;                   // failures in all
   int32_t consecutive_failures = 0;
@@ -79,6 +85,9 @@ class peer_table {
   std::vector<peer_info> snapshot() const;  // ordered by address
   /// Called when a peer that had answered is declared down (takeover, docs/actors.md).
   void on_down(std::function<void(const peer_info&)> f);
+  /// Whether this node and the peers that answered a heartbeat sent within the last `lease`
+  /// are a majority of `members` (this node included): the node's lease to serve.
+  bool quorum_within(size_t members, std::chrono::nanoseconds lease) const;
 
  private:
   mutable std::mutex mu_;

@@ -234,13 +234,27 @@ std::vector<peer_info> replicator::placement(const std::string& session,
 std::vector<peer_info> replicator::live_peers() {
   std::vector<peer_info> out;
   for (auto& p : peers_->snapshot())
-    if (p.accepts_work() && !p.name.empty() && p.name != cfg_.self_name) out.push_back(p);
+    if (p.accepts_work() && !p.name.empty() && p.name != cfg_.self_name &&
+        !(cfg_.cut && cfg_.cut->blocked(p.name)))
+      out.push_back(p);
   return out;
 }
 
 caf::error replicator::replicate(const replica_update& u) {
+  // A majority of the session's group (this node and R replicas) must store a new session or
+  // turn before it is acknowledged: this node's synced write and `needed` replicas.
+  const size_t group = static_cast<size_t>(std::max(cfg_.replicas, 1)) + 1;
+  const size_t needed = group / 2 + 1 - 1;
   auto live = live_peers();
   if (live.empty()) {
+    // Never acknowledged alone: a node cut off from its peers is a minority (single-node mode
+    // is a node without peers, which replicates nothing).
+    if (u.strict) {
+      report(false, "session " + u.session + ": no live peer to store it; refused");
+      return make_error(errc::disconnected, "session " + u.session +
+                                                ": no peer can store the write (this node is cut "
+                                                "off from the cluster); retry on another node");
+    }
     if (u.acknowledged) report(false, "session " + u.session + ": no live peer; kept on this node only");
     return {};
   }
@@ -291,10 +305,11 @@ caf::error replicator::replicate(const replica_update& u) {
     if (code_of(err) == errc::unimplemented) ++incapable;  // a peer without a data dir
   }
   if (stale) return stale;
-  if (stored == 0 && u.strict && incapable < order.size()) {
-    return make_error(errc::disconnected, "session " + u.session + ": no replica stored the write (" +
-                                              std::to_string(order.size()) +
-                                              " live peer(s) tried); retry");
+  if (stored < needed && u.strict && incapable < order.size()) {
+    return make_error(errc::disconnected,
+                      "session " + u.session + ": " + std::to_string(stored) + " replica(s) of " +
+                          std::to_string(needed) + " needed for a majority stored the write (" +
+                          std::to_string(order.size()) + " live peer(s) tried); retry");
   }
   if (stored == 0 && u.acknowledged)
     report(false, "session " + u.session + ": no replica stored it; kept on this node only");
@@ -344,6 +359,10 @@ caf::expected<uint64_t> replicator::handoff(const std::string& session, const pe
   auto p = std::make_shared<std::promise<caf::expected<uint64_t>>>();
   auto f = p->get_future();
   post([this, session, target, p] {
+    if (cfg_.cut && cfg_.cut->blocked(target.name)) {
+      p->set_value(make_error(errc::disconnected, target.name + ": partitioned (fault injection)"));
+      return;
+    }
     if (auto err = send_full(session, target)) {
       p->set_value(std::move(err));
       return;
@@ -374,6 +393,7 @@ std::vector<session_copy> replicator::locate_now(const std::vector<std::string>&
   for (auto& p : live_peers()) {
     try {
       auto req = rpc_->peer(p.address).locateRequest();
+      set_from(req.initFrom(), cfg_);
       auto ids = req.initSessions(static_cast<unsigned>(sessions.size()));
       for (unsigned i = 0; i < sessions.size(); ++i) ids.set(i, sessions[i]);
       auto res = rpc_->wait(req.send(), cfg_.call_timeout);
@@ -406,6 +426,7 @@ caf::expected<fetched_session> replicator::fetch_now(const std::string& session)
   for (auto& p : live_peers()) {
     try {
       auto req = rpc_->peer(p.address).fetchRequest();
+      set_from(req.initFrom(), cfg_);
       req.setSession(session);
       auto res = rpc_->wait(req.send(), cfg_.call_timeout);
       if (peer_error(res.getError())) continue;

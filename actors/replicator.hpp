@@ -17,6 +17,7 @@
 #include <caf/error.hpp>
 #include <caf/expected.hpp>
 
+#include "actors/partition.hpp"
 #include "actors/region_link.hpp"
 
 namespace keel::storage {
@@ -80,6 +81,8 @@ struct replicator_config {
   std::function<void(const std::string& session, uint64_t epoch)> on_stale;
   /// Failed sends (one line each); empty: silent. Called on the replicator's thread.
   std::function<void(const std::string&)> log;
+  /// The `partition` fault: peers cut from this node get nothing. May be null.
+  std::shared_ptr<const partition> cut;
 };
 
 /// The node's calls to its peers, on one thread of its own (a KJ event loop with one Cap'n

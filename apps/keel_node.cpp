@@ -51,7 +51,8 @@ constexpr option spec[] = {
     {"down-after", "MS", "declare a peer down after MS ms without a heartbeat (default 500)"},
     {"replicas", "N",
      "replicas of each session on other nodes, one in another region when there is one "
-     "(default 1; with --data and --peers)"},
+     "(default 2 with two peers or more, else 1; with --data and --peers); a new session or "
+     "turn is acknowledged once a majority of the group (this node and N replicas) stored it"},
     {"admin-listen", "HOST:PORT", "the admin API's address (keel-shell); port 0 picks a free one"},
     {"admin-key", "KEY", "the key keel-shell must give (default: none; the admin API refuses all)"},
     {"config", "FILE", "'key = value' lines with the names of these options; flags override"},
@@ -161,8 +162,6 @@ int run(std::span<char*> args) {
   auto down_after = opts->get_int("down-after", 500, 2, 10 * 60 * 1000);
   if (!heartbeat) return fail(heartbeat.error());
   if (!down_after) return fail(down_after.error());
-  auto replicas = opts->get_int("replicas", 1, 1, 16);
-  if (!replicas) return fail(replicas.error());
   std::vector<std::string> peers;
   if (opts->has("peers")) {
     std::string list = opts->get("peers");
@@ -211,6 +210,10 @@ int run(std::span<char*> args) {
   ncfg.kv_bytes = *kv_bytes;
   ncfg.data_dir = opts->get("data");
   ncfg.region = opts->get("region");
+  // Two replicas once there are three nodes: a group of three keeps acknowledging with one
+  // member lost (a group of two would stop at any loss).
+  auto replicas = opts->get_int("replicas", peers.size() >= 2 ? 2 : 1, 1, 16);
+  if (!replicas) return fail(replicas.error());
   ncfg.peers = std::move(peers);
   ncfg.heartbeat_interval = std::chrono::milliseconds(*heartbeat);
   ncfg.down_after = std::chrono::milliseconds(*down_after);
@@ -237,12 +240,14 @@ int run(std::span<char*> args) {
       [](const std::string& line) { keel::cli::log_line(program, line); });
   // The peer endpoint first: the node's links name it in their heartbeats.
   std::unique_ptr<keel::peer_server> peer_srv;
+  ncfg.cut = std::make_shared<keel::partition>();  // shared by the node and its peer endpoint
   if (peer_listen) {
     keel::peer_server_config pcfg;
     pcfg.host = peer_listen->first;
     pcfg.port = peer_listen->second;
     pcfg.name = ncfg.name;
     pcfg.region = ncfg.region;
+    pcfg.cut = ncfg.cut;
     pcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
     auto ps = keel::peer_server::start(pcfg);
     if (!ps) return fail(ps.error());

@@ -69,6 +69,9 @@ struct cluster_config {
   int down_after_ms = 500;     // --down-after
   std::chrono::milliseconds start_timeout{15000};
   std::string label = "cluster";  // names the log files written on failure
+  /// Each node also serves the admin API (keel-shell) on a port of its own, with a key kept in
+  /// root/admin.conf; `shell` runs keel-shell against a node.
+  bool admin = false;
 };
 
 /// The nodes of one cluster. With a single node it is a standalone keel-node: no peers, no peer
@@ -130,6 +133,19 @@ class cluster {
     for (size_t k = 0; k < nodes_.size(); ++k)
       out.push_back(nodes_[(first + k) % nodes_.size()].address);
     return out;
+  }
+
+  /// keel-shell -c `commands` against node `i`'s admin endpoint (needs `cluster_config::admin`);
+  /// its exit status and what it printed (stdout, then stderr).
+  std::pair<int, std::string> shell(size_t i, const std::string& commands) {
+    auto& m = running_member(i);
+    auto admin = m.admin_address;
+    BOOST_REQUIRE_MESSAGE(!admin.empty(), "node " + m.spec.name + " serves no admin API");
+    process p({bin("keel-shell"), "--connect", admin, "--key-file", admin_key_file().string(),
+               "-c", commands});
+    auto st = p.wait(std::chrono::seconds(20));
+    if (!st) p.stop(std::chrono::seconds(1));
+    return {st.value_or(-1), p.out() + p.err()};
   }
 
   /// Starts every node at once and waits until each is listening.
@@ -265,6 +281,7 @@ class cluster {
     std::string address, peer_address;
     std::filesystem::path data;
     std::unique_ptr<process> proc;
+    std::string admin_address;  // with cluster_config::admin, once listening
     bool paused = false;
     int starts = 0;
     std::string past_logs;  // the ended incarnations' stderr, with headers
@@ -300,8 +317,17 @@ class cluster {
                          std::to_string(cfg_.down_after_ms)});
       if (cfg_.replicas > 0) a.insert(a.end(), {"--replicas", std::to_string(cfg_.replicas)});
     }
+    if (cfg_.admin) {
+      auto conf = cfg_.root / "admin.conf";
+      if (!std::filesystem::exists(conf)) std::ofstream(conf) << "admin-key = chaos-admin-key\n";
+      if (!std::filesystem::exists(admin_key_file()))
+        std::ofstream(admin_key_file()) << "chaos-admin-key\n";
+      a.insert(a.end(), {"--admin-listen", "127.0.0.1:0", "--config", conf.string()});
+    }
     return a;
   }
+
+  std::filesystem::path admin_key_file() const { return cfg_.root / "admin.key"; }
 
   void launch(size_t i) {
     auto& m = nodes_.at(i);
@@ -321,6 +347,17 @@ class cluster {
       // Keep the log before the destructor reaps it, so that the failure shows why.
       std::string why = m.proc->exited() ? "it exited" : "timed out";
       BOOST_FAIL("keel-node " + m.spec.name + " did not start (" + why + "):\n" + m.proc->err());
+    }
+    if (cfg_.admin) {
+      const std::string tag = "keel-node: admin on ";
+      m.proc->wait_err([&](const std::string& s) { return s.find(tag) != std::string::npos; },
+                       cfg_.start_timeout);
+      auto err = m.proc->err();
+      auto at = err.find(tag);
+      m.admin_address = at == std::string::npos
+                            ? std::string()
+                            : err.substr(at + tag.size(), err.find_first_of(" \n", at + tag.size()) -
+                                                              at - tag.size());
     }
   }
 

@@ -15,6 +15,7 @@
 #include <memory>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "tests/process.hpp"
 #include "tests/test_support.hpp"
@@ -210,6 +211,40 @@ struct trio {
   }
 };
 
+/// The status of node `peer` as `from`'s region link sees it (up, suspect, down), from
+/// `nodes --json` through `from`'s admin endpoint alone; "?" and the output when not listed.
+std::string status_seen_by(const node& from, const std::string& peer) {
+  auto r = from.shell("nodes", {"--json"});
+  auto at = r.out.find("{\"name\":\"" + peer + "\",");
+  if (r.status != 0 || at == std::string::npos) return "? " + r.out + r.err;
+  const std::string tag = "\"status\":\"";
+  auto b = r.out.find(tag, at);
+  if (b == std::string::npos) return "? " + r.out;
+  b += tag.size();
+  return r.out.substr(b, r.out.find('"', b) - b);
+}
+
+/// (observer, peer, status): the peer's status as the observer's region link sees it.
+using sightings = std::vector<std::tuple<std::string, std::string, std::string>>;
+
+/// Whether every sighting holds, polled until `limit` has passed; `last` says what was seen.
+bool all_seen_within(const trio& t, const sightings& want, std::chrono::milliseconds limit,
+                     std::string& last) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    bool ok = true;
+    last.clear();
+    for (auto& [from, peer, status] : want) {
+      auto got = status_seen_by(t.named(from), peer);
+      last += from + " sees " + peer + " " + got + "; ";
+      ok = ok && got == status;
+    }
+    if (ok) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(50ms);
+  }
+}
+
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(tree_shows_the_node_supervisors) {
@@ -379,7 +414,8 @@ BOOST_AUTO_TEST_CASE(every_error_is_one_line_and_the_shell_goes_on) {
       {"nods", 2, "keel-shell: nods: unknown command; did you mean nodes?"},
       {"kill", 2, "keel-shell: kill: PATH is missing; usage: kill PATH"},
       {"tree a b", 2, "keel-shell: tree: give one node at most; usage: tree [NODE]"},
-      {"fault node/engine/shard-0", 2, "KIND is missing (crash, stall, kv-fail, cut or clear)"},
+      {"fault node/engine/shard-0", 2,
+       "KIND is missing (crash, stall, kv-fail, cut, partition or clear)"},
       {"fault node/engine/shard-0 stall 5x", 2, "stall: '5x' is not a time"},
       {"fault node/engine/shard-0 explode", 2, "unknown fault kind 'explode'"},
       {"fault node/batcher crash", 2, "node/batcher is a batcher; crash, stall and kv-fail"},
@@ -619,34 +655,144 @@ BOOST_AUTO_TEST_CASE(drain_hands_every_session_over_and_the_node_is_safe_to_stop
 }
 
 BOOST_AUTO_TEST_CASE(a_drain_that_cannot_move_a_session_says_why_and_fails) {
-  // A node whose only peer is not there: its sessions have nowhere to go.
-  keel::test::temp_dir dir{"shell_test-stays-" + std::to_string(getpid())};
-  node n({"--name", "x", "--peer-listen", "127.0.0.1:0", "--peers", closed_address(), "--data",
-          (dir.path / "x").string()});
-  auto c = n.connect();
+  // A node cut off from both its peers: its sessions have nowhere to go. (A node alone never
+  // acknowledges a turn, so the session is opened while the peers are there.)
+  trio t("stays");
+  auto c = t.a->connect();
   auto sid = c->open_session(sampled(5));
   BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
   BOOST_REQUIRE(c->generate(*sid, "Hi", 4));
+  auto cut = t.a->shell("fault a partition --from b,c");
+  BOOST_REQUIRE_MESSAGE(cut.status == 0, cut.out + cut.err);
+  bool alone = false;
+  for (int i = 0; i < 50 && !alone; ++i) {
+    std::this_thread::sleep_for(100ms);
+    auto r = t.a->shell("nodes");
+    alone = contains(line_with(r.out, "b     r1"), "  down  ") &&
+            contains(line_with(r.out, "c     r2"), "  down  ");
+  }
+  BOOST_REQUIRE_MESSAGE(alone, "a still sees a peer after the partition");
 
-  auto r = n.shell("drain x");
+  auto r = t.a->shell("drain a");
   BOOST_TEST(r.status == 1);
   BOOST_TEST(contains(r.out, *sid + " stays: no live peer to take it\n"), r.out);
-  BOOST_TEST(contains(r.out, "node x still holds 1 session(s); it is not safe to stop\n"), r.out);
+  BOOST_TEST(contains(r.out, "node a still holds 1 session(s); it is not safe to stop\n"), r.out);
   BOOST_TEST(!contains(r.out, "safe to stop\nnode"), r.out);
 
-  auto j = n.shell("drain x", {"--json"});
+  auto j = t.a->shell("drain a", {"--json"});
   BOOST_TEST(j.status == 1);
-  BOOST_TEST(j.out == "{\"command\":\"drain\",\"node\":\"x\",\"sessions\":[{\"id\":\"" + *sid +
+  BOOST_TEST(j.out == "{\"command\":\"drain\",\"node\":\"a\",\"sessions\":[{\"id\":\"" + *sid +
                           "\",\"moved\":false,\"to\":null,\"epoch\":null,\"error\":\"no live "
                           "peer to take it\"}],\"remaining\":1,\"safe_to_stop\":false}\n",
              j.out);
 
-  // The session is still served here; new ones are not.
-  auto again = c->generate(*sid, "still here?", 4);
-  BOOST_TEST(static_cast<bool>(again), keel::test::why(again));
+  // A minority acknowledges no new session (and a draining node takes none anyway).
   auto refused = c->open_session(sampled(6));
   BOOST_TEST(!refused);
-  auto nodes = n.shell("nodes; help drain");
-  BOOST_TEST(contains(line_with(nodes.out, "x     -"), "  draining  "), nodes.out);
+  auto nodes = t.a->shell("nodes; help drain");
+  BOOST_TEST(contains(line_with(nodes.out, "a     r1"), "  draining  "), nodes.out);
   BOOST_TEST(contains(nodes.out, "usage: drain NODE"), nodes.out);
+}
+
+BOOST_AUTO_TEST_CASE(a_partition_cuts_peer_traffic_both_ways_and_heals) {
+  trio t("partition");
+  std::string last;
+  const sightings all_up = {
+      {"c", "a", "up"}, {"c", "b", "up"}, {"a", "c", "up"}, {"b", "c", "up"}, {"a", "b", "up"}};
+  BOOST_REQUIRE_MESSAGE(all_seen_within(t, all_up, 5s, last),
+                        "the links did not come up: " << last);
+
+  // Applied at c only, through c's admin endpoint: a and b are told nothing.
+  auto cut = t.c->shell("fault c partition --from a,b --ms 3000");
+  auto cut_at = std::chrono::steady_clock::now();
+  BOOST_REQUIRE_MESSAGE(cut.status == 0, cut.err);
+  BOOST_TEST(cut.out == "partitioned c from a, b for 3000 ms\n", cut.out);
+
+  // While it lasts (down_after is 500 ms): c sees a and b down, and a and b see c down, since
+  // c refuses their heartbeats; a and b still see each other.
+  bool cut_seen = all_seen_within(t,
+                                  {{"c", "a", "down"},
+                                   {"c", "b", "down"},
+                                   {"a", "c", "down"},
+                                   {"b", "c", "down"},
+                                   {"a", "b", "up"}},
+                                  2500ms, last);
+  auto seen_after = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::now() - cut_at);
+  BOOST_TEST_MESSAGE("partition seen from both sides after " << seen_after.count() << " ms");
+  BOOST_TEST(cut_seen, "the partition was not seen both ways: " << last);
+  BOOST_TEST(seen_after < 3000ms, "seen only after the partition ended: " << last);
+  auto cut_links = t.c->proc->err();
+  BOOST_TEST(contains(cut_links, "partitioned from a by fault injection"), cut_links);
+  BOOST_TEST(contains(t.a->proc->err(), "partitioned (fault injection)"), t.a->proc->err());
+
+  // It ends by itself after 3 s: every link comes back up (after its reconnect backoff).
+  std::this_thread::sleep_until(cut_at + 3000ms);
+  bool healed = all_seen_within(t, all_up, 10s, last);
+  BOOST_TEST(healed, "the links did not come back: " << last);
+  auto cleared = t.c->shell("fault c clear");
+  BOOST_TEST(contains(cleared.out, "healed its partition (there was none)"), cleared.out);
+}
+
+BOOST_AUTO_TEST_CASE(partition_arguments_are_checked) {
+  trio t("partition-args");
+  struct expect {
+    std::string command;
+    std::string message;
+  };
+  const std::vector<expect> cases = {
+      {"fault c partition", "keel-shell: fault: partition: --from NODE,... is missing"},
+      {"fault c partition --ms 3000", "partition: --from NODE,... is missing"},
+      {"fault c partition --from", "partition: --from needs a value"},
+      {"fault c partition --from a,,b", "partition: --from 'a,,b' has an empty node name"},
+      {"fault c partition --from a --for 3s", "partition: unknown argument '--for'"},
+      {"fault c partition --from a --ms 0x", "partition: --ms '0x' is not a time"},
+      {"fault c partition --from a --ms 0", "partition: --ms '0' is not a time"},
+      {"fault c partition --from a --ms 2.5", "partition: --ms '2.5' is not a time"},
+      {"fault c partition --from a --ms 86400001", "from 1 ms to 24 hours"},
+      {"fault c partition --from a --ms 1s --ms 2s", "partition: --ms is given twice"},
+      {"fault c partition --from d", "keel-shell: fault: partition of c: no peer named 'd'; c has"},
+      {"fault c partition --from a,d --ms 5s", "partition of c: no peer named 'd'"},
+      {"fault c partition --from c", "partition of c: a node cannot be cut from itself (c)"},
+      {"fault c/engine partition --from a", "partition applies to the node, c, not to c/engine"},
+      {"fault c/engine/shard-0 partition --from a",
+       "partition applies to the node, c, not to c/engine/shard-0"},
+  };
+  for (auto& e : cases) {
+    auto r = t.c->shell(e.command);
+    BOOST_TEST(r.status == 2, e.command << ": " << r.status);
+    BOOST_TEST(contains(r.err, e.message), e.command << ": " << r.err);
+    BOOST_TEST(std::count(r.err.begin(), r.err.end(), '\n') == 1, e.command << ": " << r.err);
+    BOOST_TEST(r.out.empty(), e.command << ": " << r.out);
+  }
+  // The unknown name is answered with the peers c knows.
+  auto unknown = t.c->shell("fault c partition --from d").err;
+  BOOST_TEST((contains(unknown, "c has peers a, b\n") || contains(unknown, "c has peers b, a\n")),
+             unknown);
+  // The help and the list of kinds name it.
+  auto help = t.c->shell("help fault");
+  BOOST_TEST(contains(help.out, "fault NODE partition --from PEER,... [--ms TIME]"), help.out);
+  auto kinds = t.c->shell("fault c explode");
+  BOOST_TEST(contains(kinds.err, "kinds: crash, stall, kv-fail, cut, partition, clear"), kinds.err);
+
+  // Nothing refused was applied (not even a of "a,d"): there is no partition to heal.
+  auto none = t.c->shell("fault c clear");
+  BOOST_REQUIRE_MESSAGE(none.status == 0, none.err);
+  BOOST_TEST(
+      none.out == "disarmed every fault of node c and healed its partition (there was none)\n",
+      none.out);
+
+  // Without --ms the partition lasts until `clear`.
+  auto cut = t.c->shell("fault c partition --from a");
+  BOOST_REQUIRE_MESSAGE(cut.status == 0, cut.err);
+  BOOST_TEST(cut.out == "partitioned c from a until cleared (fault c clear)\n", cut.out);
+  std::string last;
+  BOOST_TEST(
+      all_seen_within(t, {{"c", "a", "down"}, {"a", "c", "down"}, {"c", "b", "up"}}, 3s, last),
+      last);
+  auto healed = t.c->shell("fault c clear");
+  BOOST_REQUIRE_MESSAGE(healed.status == 0, healed.err);
+  BOOST_TEST(healed.out == "disarmed every fault of node c and healed its partition from a\n",
+             healed.out);
+  BOOST_TEST(all_seen_within(t, {{"c", "a", "up"}, {"a", "c", "up"}}, 10s, last), last);
 }

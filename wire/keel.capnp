@@ -184,15 +184,18 @@ struct AdminSession {
 struct Fault {
   kind @0 :Kind;
   afterSteps @1 :UInt32;  # crash, stall: at the (afterSteps + 1)-th step from now
-  durationMs @2 :UInt32;  # stall, cut
+  durationMs @2 :UInt32;  # stall, cut, partition
   count @3 :UInt32;       # kvFail: how many allocations fail
+  peers @4 :List(Text);   # partition: the peers to cut from (node names)
 
   enum Kind {
     crash @0;   # a shard worker (at a step) or a session (at its next message)
     stall @1;   # a shard worker sleeps durationMs before a step
     kvFail @2;  # a shard worker's next `count` KV page allocations fail
     cut @3;     # a region link fails every heartbeat for durationMs
-    clear @4;   # the node (its root path): disarm every armed fault
+    clear @4;   # the node (its root path): disarm every armed fault and heal every partition
+    partition @5;  # the node (its root path): cut all traffic with `peers`, both ways, for
+                   # durationMs (0: until `clear`)
   }
 }
 

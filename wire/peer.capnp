@@ -72,11 +72,12 @@ interface Peer {
                 fromIndex :UInt64, tokens :List(Int32), logs :List(TurnLog)) -> (error :PeerError);
 
   # The callee's copies of `sessions`, one entry each, in order (role `none` when it has none).
-  locate @2 (sessions :List(Text)) -> (copies :List(SessionCopy));
+  # `from` names the caller (a node partitioned from the callee is refused).
+  locate @2 (sessions :List(Text), from :NodeId) -> (copies :List(SessionCopy));
 
   # The callee's copy of `session` (own or replica): its epoch, record and turn logs.
   # `error.code` notFound when it has none.
-  fetch @3 (session :Text) -> (epoch :UInt64, record :Data, logs :List(TurnLog), error :PeerError);
+  fetch @3 (session :Text, from :NodeId) -> (epoch :UInt64, record :Data, logs :List(TurnLog), error :PeerError);
 
   # A clean handoff (drain): the caller, `session`'s owner, has stopped writing it and sent the
   # callee a full copy; the callee takes the lease with the copy's epoch + 1 and serves the

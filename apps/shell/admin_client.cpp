@@ -264,10 +264,15 @@ caf::expected<std::string> cluster::fault(size_t m, const std::string& path, con
           case fault_spec::kind::clear:
             out.setKind(k::CLEAR);
             break;
+          case fault_spec::kind::partition:
+            out.setKind(k::PARTITION);
+            break;
         }
         out.setAfterSteps(f.after_steps);
         out.setDurationMs(f.duration_ms);
         out.setCount(f.count);
+        auto peers = out.initPeers(static_cast<unsigned>(f.peers.size()));
+        for (unsigned i = 0; i < f.peers.size(); ++i) peers.set(i, f.peers[i]);
         auto res = im.bounded(req.send(), im.opts.call_timeout, "fault").wait(im.io.waitScope);
         if (auto err = wire::from_wire(res.getError())) return err;
         return text(res.getOutcome());

@@ -74,11 +74,12 @@ struct drain_result {
 };
 
 struct fault_spec {
-  enum class kind : uint8_t { crash, stall, kv_fail, cut, clear };
+  enum class kind : uint8_t { crash, stall, kv_fail, cut, clear, partition };
   kind what = kind::crash;
   uint32_t after_steps = 0;
-  uint32_t duration_ms = 0;
+  uint32_t duration_ms = 0;  // partition: 0 until cleared
   uint32_t count = 0;
+  std::vector<std::string> peers;  // partition: the nodes to cut from, by name
 };
 
 /// One node the shell was given, by its admin address.

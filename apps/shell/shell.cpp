@@ -37,15 +37,21 @@ const std::vector<command_info>& commands() {
        "PATH is any actor of `tree` but a node's root, e.g. node/engine/shard-0."},
       {"restart", "restart PATH", "stop the actor at PATH and start it again",
        "A manual restart by the actor's supervisor: counted as a restart, not as a failure."},
-      {"fault", "fault PATH KIND [ARGS]", "inject a fault: crash, stall, kv-fail, cut, clear",
+      {"fault", "fault PATH KIND [ARGS]",
+       "inject a fault: crash, stall, kv-fail, cut, partition, clear",
        "  fault SHARD crash [AFTER]      the shard worker crashes at its (AFTER+1)-th step\n"
        "  fault SHARD stall TIME [AFTER] it sleeps TIME before that step\n"
        "  fault SHARD kv-fail [N]        its next N (default 1) KV page allocations fail\n"
        "  fault SESSION crash            the session crashes at its next message\n"
-       "  fault LINK cut TIME            the region link fails every heartbeat for TIME\n"
-       "  fault NODE clear               disarm every fault of the node\n"
-       "TIME is milliseconds (500, 500ms) or seconds (2s). SHARD is e.g. node/engine/shard-0,\n"
-       "SESSION node/sessions/s-1, LINK node/links/peer-HOST:PORT, NODE the node's name."},
+       "  fault LINK cut TIME            the region link fails every heartbeat for TIME (this\n"
+       "                                 node's side only; partition cuts both ways)\n"
+       "  fault NODE partition --from PEER,... [--ms TIME]\n"
+       "                                 cut all traffic between NODE and each PEER, both\n"
+       "                                 ways, for TIME (without --ms: until clear)\n"
+       "  fault NODE clear               disarm every fault of the node, heal its partition\n"
+       "TIME is milliseconds (500, 500ms) or seconds (2s), up to 1 hour (partition: 24 hours).\n"
+       "SHARD is e.g. node/engine/shard-0, SESSION node/sessions/s-1, LINK\n"
+       "node/links/peer-HOST:PORT, NODE and PEER nodes' names."},
       {"drain", "drain NODE", "move NODE's sessions to other nodes; it opens no new ones",
        "Drains NODE before it is stopped: from now on it refuses new sessions (its clients get\n"
        "'overloaded': use another node), and it hands each session over to a live peer (a\n"
@@ -385,7 +391,17 @@ std::vector<std::string> shell::complete(const std::string& before, const std::s
         for (auto& m : cluster_.members())
           if (!m.name.empty()) options.push_back(m.name);
     } else if (cmd == "fault" && index == 2) {
-      options = {"crash", "stall", "kv-fail", "cut", "clear"};
+      options = {"crash", "stall", "kv-fail", "cut", "partition", "clear"};
+    } else if (cmd == "fault" && index >= 3 && words[2] == "partition") {
+      if (words[index - 1] == "--from") {
+        // A list's next name: "a,b<TAB>" completes what follows the last comma.
+        auto comma = word.rfind(',');
+        auto prefix = comma == std::string::npos ? std::string() : word.substr(0, comma + 1);
+        node_names();
+        for (auto& o : options) o = prefix + o;
+      } else if (words[index - 1] != "--ms") {
+        options = {"--from", "--ms"};
+      }
     }
   }
   std::vector<std::string> out;

@@ -65,6 +65,10 @@ class shell {
   int help(const std::vector<std::string>& args);
   int watch(const std::vector<std::string>& args);
 
+  /// `fault PATH partition`'s arguments after the kind: `--from NODE,...` (required; may be
+  /// repeated) and `--ms TIME` (at most 24 h; none: until cleared), in any order.
+  caf::expected<fault_spec> partition_args(const std::vector<std::string>& rest) const;
+
   /// Prints the error (see the class comment); returns 2 for bad_request, else 1.
   int fail(const std::string& command, const caf::error& err);
   /// `bad_request` "COMMAND: WHAT; usage: USAGE".

@@ -1,5 +1,7 @@
 // The commands that ask nodes: tree, nodes, sessions, stats, kill, restart, fault, drain.
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -31,8 +33,11 @@ int status_rank(const std::string& s) {
   return s == "up" ? 2 : s == "suspect" ? 1 : 0;
 }
 
-/// "500", "500ms", "2s", "1.5s" as milliseconds, 1 ms to 1 hour.
-std::optional<uint32_t> parse_ms(const std::string& s) {
+constexpr uint32_t one_hour_ms = 3'600'000;
+constexpr uint32_t one_day_ms = 86'400'000;  // the longest partition (admin_ops.hpp)
+
+/// "500", "500ms", "2s", "1.5s" as whole milliseconds, 1 ms to `max_ms`.
+std::optional<uint32_t> parse_ms(const std::string& s, uint32_t max_ms = one_hour_ms) {
   std::string num = s;
   double scale = 1;
   if (num.size() > 2 && num.compare(num.size() - 2, 2, "ms") == 0) {
@@ -44,8 +49,10 @@ std::optional<uint32_t> parse_ms(const std::string& s) {
   if (num.empty() || num.find_first_not_of("0123456789.") != std::string::npos) return {};
   char* end = nullptr;
   double v = std::strtod(num.c_str(), &end) * scale;
-  if (*end != '\0' || v < 1 || v > 3'600'000) return {};
-  return static_cast<uint32_t>(v);
+  // A fraction of a millisecond ("2.5") is refused rather than cut off; the tolerance is for
+  // binary fractions ("1.1s" is 1100.0000000000002).
+  if (*end != '\0' || v < 1 || v > max_ms || std::abs(v - std::round(v)) > 1e-6) return {};
+  return static_cast<uint32_t>(std::llround(v));
 }
 
 std::optional<uint32_t> parse_count(const std::string& s, uint32_t min) {
@@ -355,7 +362,9 @@ int shell::act(const std::vector<std::string>& args) {
   if (cmd == "fault") {
     using k = fault_spec::kind;
     if (args.size() < 3)
-      return fail(cmd, usage_error(cmd, "KIND is missing (crash, stall, kv-fail, cut or clear)"));
+      return fail(cmd, usage_error(cmd,
+                                   "KIND is missing (crash, stall, kv-fail, cut, partition "
+                                   "or clear)"));
     const auto& kind = args[2];
     std::vector<std::string> rest(args.begin() + 3, args.end());
     auto too_many = [&](size_t most) { return rest.size() > most; };
@@ -403,12 +412,17 @@ int shell::act(const std::vector<std::string>& args) {
       auto ms = parse_ms(rest[0]);
       if (!ms) return fail(cmd, bad_time(rest[0]));
       f.duration_ms = *ms;
+    } else if (kind == "partition") {
+      auto p = partition_args(rest);
+      if (!p) return fail(cmd, p.error());
+      f = std::move(*p);
     } else if (kind == "clear") {
       f.what = k::clear;
       if (!rest.empty()) return fail(cmd, usage_error(cmd, "clear takes no arguments"));
     } else {
       return fail(cmd, usage_error(cmd, "unknown fault kind '" + kind +
-                                            "'; kinds: crash, stall, kv-fail, cut, clear"));
+                                            "'; kinds: crash, stall, kv-fail, cut, partition, "
+                                            "clear"));
     }
   }
   auto at = route(args[1]);
@@ -427,6 +441,44 @@ int shell::act(const std::vector<std::string>& args) {
     print(*out + "\n");
   }
   return 0;
+}
+
+caf::expected<fault_spec> shell::partition_args(const std::vector<std::string>& rest) const {
+  const std::string takes = "partition takes --from NODE,... [--ms TIME]";
+  fault_spec f;
+  f.what = fault_spec::kind::partition;
+  bool timed = false;
+  for (size_t i = 0; i < rest.size(); i += 2) {
+    const auto& opt = rest[i];
+    if (opt != "--from" && opt != "--ms")
+      return usage_error("fault", "partition: unknown argument '" + opt + "'; " + takes);
+    if (i + 1 >= rest.size())
+      return usage_error("fault", "partition: " + opt + " needs a value; " + takes);
+    const auto& value = rest[i + 1];
+    if (opt == "--ms") {
+      if (timed) return usage_error("fault", "partition: --ms is given twice");
+      auto ms = parse_ms(value, one_day_ms);
+      if (!ms)
+        return usage_error("fault", "partition: --ms '" + value +
+                                        "' is not a time; give whole milliseconds (6000, "
+                                        "6000ms) or seconds (6s), from 1 ms to 24 hours");
+      f.duration_ms = *ms;
+      timed = true;
+      continue;
+    }
+    for (size_t b = 0; b <= value.size();) {
+      auto e = std::min(value.find(',', b), value.size());
+      auto peer = value.substr(b, e - b);
+      if (peer.empty())
+        return usage_error("fault", "partition: --from '" + value +
+                                        "' has an empty node name; give NODE,NODE,...");
+      f.peers.push_back(std::move(peer));
+      b = e + 1;
+    }
+  }
+  if (f.peers.empty())
+    return usage_error("fault", "partition: --from NODE,... is missing (the nodes to cut from)");
+  return f;
 }
 
 int shell::drain(const std::vector<std::string>& args) {
