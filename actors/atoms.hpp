@@ -40,5 +40,8 @@ using open_atom = caf::atom_constant<caf::atom("k_open")>;
 using resume_atom = caf::atom_constant<caf::atom("k_resume")>;
 /// To a session: another node took it over; to a stream's sink: reconnect and resume there.
 using moved_atom = caf::atom_constant<caf::atom("k_moved")>;
+/// To a session: its node lost the majority; end the running turn's stream (the client resumes
+/// elsewhere) but keep the turn (the node may get the majority back before anyone takes over).
+using detach_atom = caf::atom_constant<caf::atom("k_detach")>;
 
 }  // namespace keel

@@ -112,6 +112,16 @@ std::vector<session_record> node::reconcile(std::vector<session_record> recovere
   return keep;
 }
 
+void node::drop_taken_over() {
+  auto ids = sessions_->ids();
+  if (ids.empty()) return;
+  auto copies = replicator_->locate(ids);
+  for (auto& c : copies) {
+    auto mine = sessions_->get(c.session);
+    if (mine && c.epoch > mine->epoch) lose_now(c.session, c.epoch);
+  }
+}
+
 void node::replicate_again() {
   // A peer that went down may have been a replica of this node's sessions: each of them is
   // copied whole to its replicas among the live peers (a no-op where one already has it).

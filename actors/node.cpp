@@ -62,6 +62,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   group->kv_bytes_per_shard = cfg.kv_bytes / static_cast<uint64_t>(cfg.shards);
   kv_pool probe(kv_layout_for(*ctx->llm, layout, cfg.batching.page_tokens), 0);
   cfg.batching.shards = cfg.shards;
+  cfg.batching.quorum_grace = cfg.down_after;
   cfg.batching.kv_pages = static_cast<int32_t>(group->kv_bytes_per_shard / probe.page_bytes());
   if (cfg.batching.kv_pages < 1) {
     return make_error(errc::bad_request, "kv_bytes " + std::to_string(cfg.kv_bytes) +
@@ -197,6 +198,10 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
           np->take_over();
         });
       });
+      // A peer back from a partition may have taken sessions over meanwhile: drop those.
+      n->peers_->on_up([np = n.get()](const peer_info&) {
+        np->failover_->post([np] { np->drop_taken_over(); });
+      });
     }
   }
   n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags, std::move(top), ctx->log);
@@ -226,6 +231,7 @@ void node::stop() {
   root_ = caf::actor{};
   // The sessions (the table's only writers) are down: replication stops and the store closes.
   peers_->on_down({});
+  peers_->on_up({});
   if (sessions_) {
     sessions_->on_stored({});
     sessions_->detach_store();

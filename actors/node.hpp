@@ -169,6 +169,9 @@ class node {
   /// Copies each of this node's sessions to its replicas among the live peers again (after a
   /// peer, maybe one of them, went down).
   void replicate_again();
+  /// Drops this node's sessions that a live peer holds at a higher epoch (taken over while this
+  /// node was cut off). On the failover executor.
+  void drop_taken_over();
   /// Takes the lease of the replica `id` with `epoch` and starts it. On the failover executor.
   caf::error adopt(const std::string& id, uint64_t epoch, const std::string& from);
   void lose_now(const std::string& id, uint64_t epoch);

@@ -50,8 +50,12 @@ void peer_table::put(const peer_info& p) {
     // A link restarted from scratch starts as down without having seen anything: no news.
     bool went_down = p.status == peer_status::down && slot.status != peer_status::down &&
                      !slot.name.empty() && (p.heartbeats > 0 || p.failures > 0);
+    // Back after having been declared down (a healed partition, a restart).
+    bool came_back = p.status == peer_status::up && slot.status == peer_status::down &&
+                     slot.status_changes > 0;
     slot = p;
     if (went_down) f = on_down_;
+    if (came_back) f = on_up_;
   }
   if (f) f(p);
 }
@@ -63,6 +67,11 @@ bool peer_table::quorum_within(size_t members, std::chrono::nanoseconds lease) c
   for (auto& [address, p] : peers_)
     if (p.heartbeats > 0 && now - p.answered_sent < lease) ++with;
   return with >= members / 2 + 1;
+}
+
+void peer_table::on_up(std::function<void(const peer_info&)> f) {
+  std::lock_guard<std::mutex> guard(mu_);
+  on_up_ = std::move(f);
 }
 
 void peer_table::on_down(std::function<void(const peer_info&)> f) {

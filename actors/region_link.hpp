@@ -85,6 +85,9 @@ class peer_table {
   std::vector<peer_info> snapshot() const;  // ordered by address
   /// Called when a peer that had answered is declared down (takeover, docs/actors.md).
   void on_down(std::function<void(const peer_info&)> f);
+  /// Called when a peer that had been declared down answers again (a healed partition, a
+  /// restarted peer): the node checks which of its sessions were taken over meanwhile.
+  void on_up(std::function<void(const peer_info&)> f);
   /// Whether this node and the peers that answered a heartbeat sent within the last `lease`
   /// are a majority of `members` (this node included): the node's lease to serve.
   bool quorum_within(size_t members, std::chrono::nanoseconds lease) const;
@@ -93,6 +96,7 @@ class peer_table {
   mutable std::mutex mu_;
   std::map<std::string, peer_info> peers_;
   std::function<void(const peer_info&)> on_down_;
+  std::function<void(const peer_info&)> on_up_;
 };
 
 /// The child spec of the link to the peer endpoint at `address` (HOST:PORT), id "peer-ADDRESS".

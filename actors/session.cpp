@@ -260,6 +260,12 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
                          const std::vector<int32_t>& held) {
   check_fault(self);
   auto& st = self->state;
+  if (st.ctx->may_serve && !st.ctx->may_serve()) {
+    // This node cannot prove it still holds the session: it streams nothing.
+    return make_error(errc::disconnected, "session " + st.rec.id + ": node " + st.ctx->name +
+                                              " has lost contact with the majority of the "
+                                              "cluster; resume on another node");
+  }
   if (turn >= st.rec.turns.size()) {
     return make_error(errc::not_found,
                       "session " + st.rec.id + " has no turn " + std::to_string(turn));
@@ -402,6 +408,19 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
       [self](resume_atom, uint64_t turn, int64_t from_index, caf::actor sink,
              const std::vector<int32_t>& held) -> caf::result<bool> {
         return resume(self, turn, from_index, std::move(sink), held);
+      },
+      [self](detach_atom) {
+        // The node lost the majority (batcher_config::quorum_grace): the client resumes on the
+        // majority side. The turn stays: if no one takes the session over, a later resume here
+        // attaches again.
+        auto& st = self->state;
+        if (auto* t = running_turn(st); t && t->sink) {
+          self->send(t->sink, moved_atom::value, st.rec.id, t->turn,
+                     "node " + st.ctx->name +
+                         " has lost contact with the majority of the cluster; resume on another "
+                         "node");
+          t->sink = caf::actor{};
+        }
       },
       [self](moved_atom, const std::string& detail) {
         // Another node owns the session now (node::lose): the running turn's client reconnects

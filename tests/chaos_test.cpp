@@ -958,7 +958,8 @@ BOOST_AUTO_TEST_CASE(an_isolated_owner_stops_and_the_majority_takes_its_sessions
     c.params.temperature = i % 2 ? 0.0f : 0.9f;
     c.params.seed = 4000 + i;
     c.texts = {phrases[i % phrases.size()], "Tell me more"};
-    c.max_tokens = {24, 400};
+    // Long enough to outlast the lease (400 ms) at about a millisecond per token.
+    c.max_tokens = {24, 1800};
     convs.push_back(std::move(c));
   }
   auto reference = fault_free(convs, "isolated");
@@ -991,6 +992,18 @@ BOOST_AUTO_TEST_CASE(an_isolated_owner_stops_and_the_majority_takes_its_sessions
     }
   }
   BOOST_TEST(moved >= 1u, "no stream moved off the isolated node: nothing tested");
+  // After the heal (and its links' reconnect backoff), a learns that the majority took its
+  // sessions over and drops its copies; only then may every node be asked for the history.
+  auto dropped = [&] {
+    auto log = cl.log(0);
+    for (auto& r : runs)
+      if (!r.session.empty() && !contains(log, "session " + r.session + " was taken over"))
+        return false;
+    return contains(log, "session " + probe + " was taken over");
+  };
+  auto until = clock_type::now() + 20s;
+  while (!dropped() && clock_type::now() < until) std::this_thread::sleep_for(50ms);
+  BOOST_TEST(dropped(), "a did not learn that its sessions were taken over:\n" << cl.log(0));
   BOOST_TEST((contains(cl.log(1), "took over session") || contains(cl.log(2), "took over session")));
   BOOST_TEST(!contains(cl.log(0), "took over session"), cl.log(0));
   check_no_crash(cl);

@@ -224,12 +224,18 @@ struct client::impl {
   }
 
   /// Replaces the connection by one to the first endpoint that answers, trying the list in
-  /// rounds with backoff until `deadline`. Capabilities of the old connection are dropped.
+  /// rounds with backoff until `deadline`, each round starting after the current endpoint (which
+  /// comes last: it just failed, or refused to serve, e.g. from the minority side of a
+  /// partition). Capabilities of the old connection are dropped.
   caf::error reconnect(std::chrono::steady_clock::time_point deadline) {
     auto backoff = std::max(opts.resume_backoff, std::chrono::milliseconds(1));
     std::string why;
+    size_t current = 0;
+    for (size_t k = 0; k < endpoints.size(); ++k)
+      if (endpoints[k] == endpoint) current = k;
     while (true) {
-      for (const auto& ep : endpoints) {
+      for (size_t k = 1; k <= endpoints.size(); ++k) {
+        const auto& ep = endpoints[(current + k) % endpoints.size()];
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
             deadline - std::chrono::steady_clock::now());
         if (left.count() <= 0) break;
