@@ -363,7 +363,8 @@ caf::expected<std::unique_ptr<admin>> admin::start(caf::actor_system& sys, node&
     auto sampling = st->sample_loop().eagerlyEvaluate([s = st.get()](kj::Exception&& e) {
       s->log("admin: stopped sampling tokens/s: " + std::string(e.getDescription().cStr()));
     });
-    auto accepting = wire::accept_forever(*listener, kj::mv(main), st->tasks);
+    auto accepting = wire::accept_forever(*listener, io.provider->getTimer(), kj::mv(main),
+                                          st->tasks, ap->cfg_.log, "admin");
     return accepting.attach(kj::mv(sampling), kj::mv(listener), kj::mv(st));
   };
   auto port = a->server_->start("admin", a->cfg_.host, a->cfg_.port, std::move(serve), a->cfg_.log);

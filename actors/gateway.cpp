@@ -223,16 +223,19 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   // -- connections --------------------------------------------------------------------------
 
   kj::Promise<void> accept_loop(kj::ConnectionReceiver& listener, capnp::Capability::Client main) {
-    return listener.accept().then(
-        [this, &listener, main](kj::Own<kj::AsyncIoStream>&& s) mutable -> kj::Promise<void> {
+    // Capability clients copy only from non-const references: std::function holds a pointer.
+    auto cap = std::make_shared<capnp::Capability::Client>(kj::mv(main));
+    return wire::accept_retrying(
+        listener, timer,
+        [this, cap](kj::Own<kj::AsyncIoStream>&& s) {
           if (open_connections >= cfg.max_connections) {
             log("gateway: refused a connection: " + std::to_string(open_connections) +
                 " are open, the limit is " + std::to_string(cfg.max_connections));
           } else {
-            serve(kj::mv(s), main);
+            serve(kj::mv(s), *cap);
           }
-          return accept_loop(listener, kj::mv(main));
-        });
+        },
+        [this](const std::string& line) { log(line); }, "gateway");
   }
 
   void serve(kj::Own<kj::AsyncIoStream>&& s, capnp::Capability::Client main) {

@@ -258,12 +258,13 @@ caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_confi
   s->cfg_ = std::move(cfg);
   s->store_ = std::make_unique<replica_store>();
   s->server_ = std::make_unique<wire::server_thread>();
-  auto serve = [sp = s.get()](kj::AsyncIoContext&, kj::Own<kj::ConnectionReceiver> listener,
+  auto serve = [sp = s.get()](kj::AsyncIoContext& io, kj::Own<kj::ConnectionReceiver> listener,
                               uint16_t port) {
     auto state = kj::heap<serving>(sp->cfg_);
     capnp::Capability::Client main =
         kj::heap<peer_impl>(sp->cfg_, sp->cfg_.host + ":" + std::to_string(port), *sp->store_);
-    auto accepting = wire::accept_forever(*listener, kj::mv(main), state->tasks);
+    auto accepting = wire::accept_forever(*listener, io.provider->getTimer(), kj::mv(main),
+                                          state->tasks, sp->cfg_.log, "peer server");
     return accepting.attach(kj::mv(listener), kj::mv(state));
   };
   auto port = s->server_->start("peer server", s->cfg_.host, s->cfg_.port, std::move(serve),

@@ -26,6 +26,8 @@
 #include "actors/peer_server.hpp"
 #include "apps/cli.hpp"
 
+#include <sys/resource.h>
+
 namespace {
 
 using keel::cli::option;
@@ -117,6 +119,21 @@ caf::expected<std::pair<std::string, uint16_t>> parse_listen(const std::string& 
   auto n = std::stoul(port);
   if (n > 65535) return bad();
   return std::make_pair(host, static_cast<uint16_t>(n));
+}
+
+/// Raises the soft limit on open files to the hard one, so that many clients (each a socket)
+/// do not run the node out of descriptors, and says what the limit is.
+void raise_open_file_limit() {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  auto was = rl.rlim_cur;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0) rl.rlim_cur = was;
+  }
+  keel::cli::log_line(program, "open files: limit " + std::to_string(rl.rlim_cur) +
+                                   (rl.rlim_cur != was ? " (raised from " + std::to_string(was) + ")"
+                                                       : ""));
 }
 
 int run(std::span<char*> args) {
@@ -227,6 +244,7 @@ int run(std::span<char*> args) {
 
   // Block the stop signals before any thread starts, so that every thread inherits the mask
   // and only sigwait below receives them.
+  raise_open_file_limit();
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);

@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 scripts/build.sh
 build=${KEEL_BUILD:-build}
 cd "$build"
-# Tests that start real processes can time out on a loaded 2-core machine; a test that fails
-# is run once more (a test that fails twice fails the run).
-ctest --output-on-failure -j "$(nproc)" --repeat until-pass:2
+# No retry: a test that fails is a race in the code or the test (the ownership protocol's races
+# are searched by keel-sim's seeded runs, tests/sim_test.cpp).
+ctest --output-on-failure -j "$(nproc)"

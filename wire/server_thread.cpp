@@ -51,15 +51,66 @@ caf::expected<uint16_t> server_thread::start(const std::string& name, const std:
   return r;
 }
 
-kj::Promise<void> accept_forever(kj::ConnectionReceiver& listener,
-                                 capnp::Capability::Client bootstrap, kj::TaskSet& tasks) {
-  return listener.accept().then([&listener, bootstrap, &tasks](
-                                    kj::Own<kj::AsyncIoStream>&& s) mutable -> kj::Promise<void> {
-    auto c = kj::heap<rpc_connection>(kj::mv(s), bootstrap);
-    auto gone = c->network.onDisconnect();
-    tasks.add(gone.attach(kj::mv(c)));
-    return accept_forever(listener, kj::mv(bootstrap), tasks);
-  });
+namespace {
+
+struct accept_state {
+  kj::ConnectionReceiver& listener;
+  kj::Timer& timer;
+  std::function<void(kj::Own<kj::AsyncIoStream>&&)> on_accept;
+  server_thread::log_fn log;
+  std::string name;
+  kj::Duration pause = 10 * kj::MILLISECONDS;
+  uint64_t failures = 0;  // in the current run of failures
+};
+
+kj::Promise<void> accept_next(accept_state& st) {
+  // evalNow: KJ's accept() throws at once when accept(2) fails (EMFILE), instead of rejecting.
+  return kj::evalNow([&st] { return st.listener.accept(); })
+      .then(
+          [&st](kj::Own<kj::AsyncIoStream>&& s) {
+            if (st.failures > 0 && st.log)
+              st.log(st.name + ": accepting again after " + std::to_string(st.failures) +
+                     " failed accept(s)");
+            st.failures = 0;
+            st.pause = 10 * kj::MILLISECONDS;
+            st.on_accept(kj::mv(s));
+            return kj::Promise<void>(kj::READY_NOW);
+          },
+          [&st](kj::Exception&& e) {
+            if (st.failures++ == 0 && st.log)
+              st.log(st.name + ": accept failed (" + e.getDescription().cStr() +
+                     "); retrying with backoff");
+            auto wait = st.pause;
+            st.pause = std::min(st.pause * 2, 1000 * kj::MILLISECONDS);
+            return st.timer.afterDelay(wait);
+          })
+      .then([&st] { return accept_next(st); });
+}
+
+}  // namespace
+
+kj::Promise<void> accept_retrying(kj::ConnectionReceiver& listener, kj::Timer& timer,
+                                  std::function<void(kj::Own<kj::AsyncIoStream>&&)> on_accept,
+                                  server_thread::log_fn log, const std::string& name) {
+  auto st = kj::heap<accept_state>(
+      accept_state{listener, timer, std::move(on_accept), std::move(log), name});
+  auto& ref = *st;
+  return accept_next(ref).attach(kj::mv(st));
+}
+
+kj::Promise<void> accept_forever(kj::ConnectionReceiver& listener, kj::Timer& timer,
+                                 capnp::Capability::Client bootstrap, kj::TaskSet& tasks,
+                                 server_thread::log_fn log, const std::string& name) {
+  // Capability clients copy only from non-const references: std::function holds a pointer.
+  auto main = std::make_shared<capnp::Capability::Client>(kj::mv(bootstrap));
+  return accept_retrying(
+      listener, timer,
+      [main, &tasks](kj::Own<kj::AsyncIoStream>&& s) {
+        auto c = kj::heap<rpc_connection>(kj::mv(s), *main);
+        auto gone = c->network.onDisconnect();
+        tasks.add(gone.attach(kj::mv(c)));
+      },
+      std::move(log), name);
 }
 
 void server_thread::stop() {

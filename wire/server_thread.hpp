@@ -58,9 +58,19 @@ struct rpc_connection {
         rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
 };
 
-/// Accepts connections on `listener` for as long as the promise lives, each served with
-/// `bootstrap` and kept in `tasks` until it disconnects.
-kj::Promise<void> accept_forever(kj::ConnectionReceiver& listener,
-                                 capnp::Capability::Client bootstrap, kj::TaskSet& tasks);
+/// Accepts connections on `listener` for as long as the promise lives, handing each to
+/// `on_accept`. A failed accept (out of file descriptors, a connection reset before it was
+/// accepted) never ends the loop: it is reported to `log` (when set) once per run of failures,
+/// and accepting resumes after a pause of 10 ms doubling to 1 s, so the port comes back by itself
+/// once descriptors are free again. `listener`, `timer` and `on_accept` must outlive the promise.
+kj::Promise<void> accept_retrying(kj::ConnectionReceiver& listener, kj::Timer& timer,
+                                  std::function<void(kj::Own<kj::AsyncIoStream>&&)> on_accept,
+                                  server_thread::log_fn log, const std::string& name);
+
+/// Accepts connections on `listener` for as long as the promise lives (as `accept_retrying`),
+/// each served with `bootstrap` and kept in `tasks` until it disconnects.
+kj::Promise<void> accept_forever(kj::ConnectionReceiver& listener, kj::Timer& timer,
+                                 capnp::Capability::Client bootstrap, kj::TaskSet& tasks,
+                                 server_thread::log_fn log, const std::string& name);
 
 }  // namespace keel::wire
