@@ -178,6 +178,24 @@ caf::expected<std::string> admin_ops::fault(const std::string& path, const fault
     return "disarmed every fault of node " + name() + " and healed its partition" +
            (was_cut.empty() ? std::string(" (there was none)") : " from " + joined(was_cut));
   }
+  // Range checks before anything is armed (issue #11: a 2^31 step count wrapped, and a stall of
+  // 2^32 - 1 ms hung a worker past clear, kill and SIGTERM).
+  if (f.after_steps > max_fault_steps)
+    return make_error(errc::bad_request, "fault " + path + ": after " +
+                                             std::to_string(f.after_steps) + " steps is beyond " +
+                                             std::to_string(max_fault_steps));
+  if (f.kind == fault_kind::stall && f.duration_ms > max_stall_ms)
+    return make_error(errc::bad_request, "fault " + path + ": a stall of " +
+                                             std::to_string(f.duration_ms) + " ms is beyond " +
+                                             std::to_string(max_stall_ms) + " ms");
+  if (f.kind == fault_kind::cut && f.duration_ms > max_partition_ms)
+    return make_error(errc::bad_request, "fault " + path + ": a cut of " +
+                                             std::to_string(f.duration_ms) + " ms is beyond " +
+                                             std::to_string(max_partition_ms) + " ms");
+  if (f.kind == fault_kind::kv_fail && f.count > max_kv_failures)
+    return make_error(errc::bad_request, "fault " + path + ": " + std::to_string(f.count) +
+                                             " KV allocation failures are beyond " +
+                                             std::to_string(max_kv_failures));
   auto kind = kind_of(path, at->child);
   auto& id = at->child.id;
   const bool shard = kind == "shard_worker" && id.rfind("shard-", 0) == 0;

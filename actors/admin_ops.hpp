@@ -46,8 +46,14 @@ struct fault_request {
   std::vector<std::string> peers;  // partition: the peers' node names
 };
 
-/// The longest partition `admin_ops::fault` accepts (24 h); 0 means until `clear`.
+/// The longest partition (and link cut) `admin_ops::fault` accepts (24 h); 0 means until
+/// `clear`.
 inline constexpr uint32_t max_partition_ms = 86'400'000;
+/// The other bounds of `admin_ops::fault`: a stall sleeps a worker's thread, which nothing can
+/// interrupt, so it is short; step counts and failure counts stay far from int32 wrap-around.
+inline constexpr uint32_t max_stall_ms = 60'000;
+inline constexpr uint32_t max_fault_steps = 1'000'000'000;
+inline constexpr uint32_t max_kv_failures = 1'000'000;
 
 /// What `report` needs from the actors; the rest comes from the configuration.
 struct figures {

@@ -271,6 +271,19 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
                       "session " + st.rec.id + " has no turn " + std::to_string(turn));
   }
   auto& t = st.rec.turns[turn];
+  // Held tokens are the client's word: every one must be a token of the model (issue #11: a
+  // held id outside the vocabulary reached the engine, which failed every step of the node).
+  const auto vocab = st.ctx->llm->config().vocab_size;
+  for (size_t k = 0; k < held.size(); ++k) {
+    if (held[k] < 0 || held[k] >= vocab) {
+      return make_error(errc::bad_request, "session " + st.rec.id + " turn " +
+                                               std::to_string(turn) + ": held token " +
+                                               std::to_string(k) + " is " +
+                                               std::to_string(held[k]) +
+                                               ", outside the vocabulary of " +
+                                               std::to_string(vocab));
+    }
+  }
   if (!t.done && held.size() > t.generated.size()) {
     if (!std::equal(t.generated.begin(), t.generated.end(), held.begin())) {
       return make_error(errc::bad_request, "session " + st.rec.id + " turn " +

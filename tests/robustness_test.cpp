@@ -14,7 +14,10 @@
 
 #include "tests/process.hpp"
 #include "tests/test_support.hpp"
+#include <capnp/ez-rpc.h>
+
 #include "wire/client.hpp"
+#include "wire/keel.capnp.h"
 
 using namespace std::chrono_literals;
 
@@ -99,6 +102,79 @@ BOOST_AUTO_TEST_CASE(the_client_port_accepts_again_after_running_out_of_file_des
                                             << keel::test::why(opened) << "\n"
                                             << node.err());
   BOOST_TEST(node.err().find("gateway: accepting again") != std::string::npos, node.err());
+  node.signal(SIGTERM);
+  BOOST_TEST(node.stop(10s) == 0);
+}
+
+namespace {
+
+/// A sink that takes every event and ignores it.
+class null_sink final : public keel::wire::TokenSink::Server {
+ protected:
+  kj::Promise<void> token(TokenContext) override { return kj::READY_NOW; }
+  kj::Promise<void> done(DoneContext) override { return kj::READY_NOW; }
+};
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(a_resume_with_held_tokens_outside_the_vocabulary_fails_alone) {
+  // Issue #11: a resume whose held tokens included 99999 reached the engine, every later request
+  // answered "the session supervisor is down", and the node broke again after a restart. Now the
+  // resume is refused with bad_request, naming the token, and the node serves on.
+  model_file m;
+  auto port = keel::test::free_port();
+  auto address = "127.0.0.1:" + std::to_string(port);
+  keel::test::process node({keel::test::bin("keel-node"), "--listen", address, "--model", m.path,
+                            "--threads", "1", "--admin-listen", "127.0.0.1:0", "--admin-key",
+                            "robustness"});
+  BOOST_REQUIRE_MESSAGE(
+      node.wait_err([](const std::string& s) { return s.find("admin on ") != std::string::npos; },
+                    15s),
+      "keel-node did not start: " << node.err());
+  auto err = node.err();
+  auto at = err.find("admin on ") + 9;
+  auto admin = err.substr(at, err.find('\n', at) - at);
+  // The shard stalls before its next step: the turn below stays at zero tokens while the
+  // resume arrives, so the held tokens pass the check against what the session has (none).
+  keel::test::process shell({keel::test::bin("keel-shell"), "--connect", admin, "--key",
+                             "robustness", "-c", "fault node/engine/shard-0 stall 3s"});
+  BOOST_REQUIRE_MESSAGE(shell.wait(20s).value_or(-1) == 0, shell.out() << shell.err());
+  {
+    capnp::EzRpcClient rpc(address);
+    auto& ws = rpc.getWaitScope();
+    auto gw = rpc.getMain<keel::wire::Gateway>();
+    auto opened = gw.openSessionRequest().send().wait(ws);
+    BOOST_REQUIRE(opened.getError().getKind() == keel::wire::Error::Kind::NONE);
+    auto session = opened.getSession();
+    auto send = session.sendRequest();
+    send.setText("Once upon a time");
+    send.setMaxTokens(500);
+    send.setSink(kj::heap<null_sink>());
+    auto sent = send.send().wait(ws);
+    BOOST_REQUIRE(sent.getError().getKind() == keel::wire::Error::Kind::NONE);
+
+    auto resume = session.resumeRequest();
+    resume.setTurn(sent.getTurn());
+    resume.setFromIndex(0);
+    resume.setSink(kj::heap<null_sink>());
+    auto held = resume.initHeld(3);
+    for (unsigned i = 0; i < held.size(); ++i) held.set(i, 99999);
+    auto answer = resume.send().wait(ws);
+    BOOST_TEST((answer.getError().getKind() == keel::wire::Error::Kind::BAD_REQUEST));
+    std::string why = answer.getError().getMessage().cStr();
+    BOOST_TEST(why.find("99999") != std::string::npos, why);
+    BOOST_TEST(why.find("outside the vocabulary") != std::string::npos, why);
+  }
+  // The node serves another client as before.
+  keel::wire::client::options co;
+  co.call_timeout = 20000ms;
+  auto c = keel::wire::client::connect({address}, co);
+  BOOST_REQUIRE_MESSAGE(c, keel::test::why(c));
+  auto s = (*c)->open_session({});
+  BOOST_REQUIRE_MESSAGE(s, keel::test::why(s));
+  auto g = (*c)->generate(*s, "Hello", 8);
+  BOOST_TEST(static_cast<bool>(g), keel::test::why(g));
+  BOOST_TEST(node.err().find("supervisor is down") == std::string::npos, node.err());
   node.signal(SIGTERM);
   BOOST_TEST(node.stop(10s) == 0);
 }
