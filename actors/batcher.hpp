@@ -24,8 +24,9 @@ struct batcher_config {
   std::chrono::milliseconds restart_grace{2000};
   /// Once the node has been without the majority's lease (node_context::may_serve) this long,
   /// every running turn's session is told to end its client's stream (`detach_atom`), so that
-  /// clients resume on the majority side instead of waiting here. The node's `down_after`.
-  std::chrono::milliseconds quorum_grace{500};
+  /// clients resume on the majority side instead of waiting here. The node's heartbeat
+  /// interval: the lease itself already tolerates a few lost heartbeats.
+  std::chrono::milliseconds quorum_grace{100};
 };
 
 /// Figures the batcher keeps (for the benchmark and, later, the admin shell).

@@ -62,7 +62,9 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   group->kv_bytes_per_shard = cfg.kv_bytes / static_cast<uint64_t>(cfg.shards);
   kv_pool probe(kv_layout_for(*ctx->llm, layout, cfg.batching.page_tokens), 0);
   cfg.batching.shards = cfg.shards;
-  cfg.batching.quorum_grace = cfg.down_after;
+  // Ended soon after the lease: the majority may already serve these sessions (it takes over
+  // from down_after on), and a client that comes back too early is told to retry.
+  cfg.batching.quorum_grace = cfg.heartbeat_interval;
   cfg.batching.kv_pages = static_cast<int32_t>(group->kv_bytes_per_shard / probe.page_bytes());
   if (cfg.batching.kv_pages < 1) {
     return make_error(errc::bad_request, "kv_bytes " + std::to_string(cfg.kv_bytes) +

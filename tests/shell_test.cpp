@@ -403,6 +403,26 @@ BOOST_AUTO_TEST_CASE(the_admin_key_is_enforced) {
   BOOST_TEST(contains(no_listen.err, "--admin-key needs --admin-listen"), no_listen.err);
 }
 
+BOOST_AUTO_TEST_CASE(fault_arguments_out_of_range_are_refused_by_the_node) {
+  // Issue #11: a 2^31 step count wrapped, and a stall of 2^32 - 1 ms hung a worker beyond clear,
+  // kill and SIGTERM. keel-shell refuses the worst of those itself; the node checks every bound
+  // too (a hostile client need not use keel-shell): these pass the shell and are refused by the
+  // node, and nothing is armed.
+  node n;
+  for (auto& [command, message] : std::vector<std::pair<std::string, std::string>>{
+           {"fault node/engine/shard-0 stall 120s", "a stall of 120000 ms is beyond 60000 ms"},
+           {"fault node/engine/shard-0 kv-fail 4000000", "KV allocation failures are beyond"}}) {
+    auto r = n.shell(command);
+    BOOST_TEST(r.status != 0, command);
+    BOOST_TEST(contains(r.err, message), command << ": " << r.err);
+  }
+  // Still serving, nothing armed: a turn streams to its end.
+  auto c = n.connect();
+  auto sid = c->open_session(sampled(3));
+  BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+  BOOST_TEST(static_cast<bool>(c->generate(*sid, "Hi", 4)));
+}
+
 BOOST_AUTO_TEST_CASE(every_error_is_one_line_and_the_shell_goes_on) {
   node n;
   struct expect {

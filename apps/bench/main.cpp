@@ -22,9 +22,10 @@ const char* top_help =
     "                                      clients over the wire: time to first token,\n"
     "                                      inter-token latency, tokens/s, against the same\n"
     "                                      node in process\n"
-    "  failover --model FILE [--kills N]   3-node cluster: kill the serving node mid-reply,\n"
-    "                                      time to the client's next token; cost of\n"
-    "                                      checkpointing and replication in tokens/s\n\n"
+    "  failover --model FILE [--kills N] [--partitions N]\n"
+    "                                      3-node cluster: kill or partition the serving node\n"
+    "                                      mid-reply, time to the client's next token; cost of\n"
+    "                                      majority acknowledgements in tokens/s and latency\n\n"
     "Run 'keel-bench COMMAND --help' for a command's options.\n";
 
 }  // namespace

@@ -89,7 +89,7 @@ void process_group::watch() {
 }
 
 caf::expected<std::unique_ptr<process>> process::start(std::vector<std::string> argv,
-                                                       process_group* group) {
+                                                       process_group* group, bool keep_stdout) {
   if (argv.empty()) return keel::make_error(keel::errc::bad_request, "process: no program");
   int err[2];
   if (pipe2(err, O_CLOEXEC) != 0)
@@ -117,10 +117,11 @@ caf::expected<std::unique_ptr<process>> process::start(std::vector<std::string> 
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != parent) _exit(127);
     sigprocmask(SIG_SETMASK, &none, nullptr);
-    if (devnull >= 0) {
-      dup2(devnull, 0);
+    if (devnull >= 0) dup2(devnull, 0);
+    if (keep_stdout)
+      dup2(err[1], 1);
+    else if (devnull >= 0)
       dup2(devnull, 1);
-    }
     dup2(err[1], 2);
     execv(args[0], args.data());
     _exit(127);
@@ -184,6 +185,17 @@ caf::expected<std::string> process::wait_line(const std::string& prefix,
 
 std::string process::state() {
   reap(false);
+  return how_it_ended();
+}
+
+std::string process::wait(std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  // The end of its output comes with its exit (a cv wakes us at once); then reaping is a poll.
+  wait_err([](const std::string&) { return false; }, timeout);
+  while (!reap(false)) {
+    if (std::chrono::steady_clock::now() >= deadline) return how_it_ended();
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
   return how_it_ended();
 }
 
@@ -275,9 +287,9 @@ caf::expected<std::vector<uint16_t>> free_ports(int n) {
 }
 
 void cluster::add(std::string name, std::string region, std::string listen, std::string peer_listen,
-                  std::string data) {
+                  std::string data, std::string admin_listen) {
   members_.push_back({std::move(name), std::move(region), std::move(listen), std::move(peer_listen),
-                      std::move(data), nullptr});
+                      std::move(data), std::move(admin_listen), nullptr});
 }
 
 size_t cluster::find(const std::string& endpoint) const {
@@ -301,6 +313,8 @@ std::vector<std::string> cluster::argv(size_t i) const {
   }
   if (!m.data.empty()) a.insert(a.end(), {"--data", m.data});
   a.insert(a.end(), {"--model", flags_.model, "--threads", std::to_string(flags_.threads)});
+  if (!m.admin_listen.empty())
+    a.insert(a.end(), {"--admin-listen", m.admin_listen, "--config", flags_.admin_config});
   return a;
 }
 
@@ -318,7 +332,40 @@ caf::error cluster::start(size_t i) {
   // A model load can take a while.
   auto addr = members_[i].proc->wait_line("keel-node: listening on ", std::chrono::minutes(2));
   if (!addr) return std::move(addr.error());
+  if (members_[i].admin_listen.empty()) return {};
+  // It binds the admin port after the client port; without a key it serves nothing.
+  auto admin = members_[i].proc->wait_line("keel-node: admin on ", std::chrono::seconds(30));
+  if (!admin) return std::move(admin.error());
+  if (admin->find("disabled") != std::string::npos)
+    return keel::make_error(keel::errc::failed, "node " + members_[i].name + ": admin on " +
+                                                    *admin + " (config " + flags_.admin_config +
+                                                    ": no admin-key line?)");
   return {};
+}
+
+caf::expected<cluster::admin_run> cluster::admin(size_t i, const std::string& commands,
+                                                 std::chrono::milliseconds timeout) {
+  const auto& m = members_[i];
+  if (m.admin_listen.empty() || flags_.shell.empty())
+    return keel::make_error(
+        keel::errc::bad_request,
+        "node " + m.name + " serves no admin API (keel-shell -c '" + commands + "' not run)");
+  admin_run run;
+  run.started = std::chrono::steady_clock::now();
+  auto p = process::start({flags_.shell, "--connect", m.admin_listen, "--key-file",
+                           flags_.admin_key_file, "-c", commands},
+                          &group_, true);
+  if (!p) return std::move(p.error());
+  auto how = (*p)->wait(timeout);
+  run.returned = std::chrono::steady_clock::now();
+  run.output = (*p)->err();
+  if (how == "running")
+    how = "killed after " + std::to_string(timeout.count()) + " ms: " + (*p)->kill();
+  if (how != "exit 0")
+    return keel::make_error(keel::errc::failed, "keel-shell --connect " + m.admin_listen +
+                                                    " (node " + m.name + ") -c '" + commands +
+                                                    "': " + how + "; its output:\n" + run.output);
+  return run;
 }
 
 size_t cluster::ups(size_t j, size_t i) const {
@@ -361,6 +408,45 @@ caf::error cluster::wait_joined(size_t i, const link_ups& before,
                               "node " + members_[i].name + " did not join within " +
                                   std::to_string(timeout.count()) + " ms: links not up:" + missing +
                                   "; its stderr:\n" + log);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+cluster::link_counts cluster::all_ups() const {
+  link_counts v;
+  v.ups.assign(members_.size(), std::vector<size_t>(members_.size(), 0));
+  for (size_t j = 0; j < members_.size(); ++j) {
+    v.pids.push_back(members_[j].proc ? members_[j].proc->pid() : -1);
+    for (size_t i = 0; i < members_.size(); ++i)
+      if (i != j) v.ups[j][i] = ups(j, i);
+  }
+  return v;
+}
+
+caf::error cluster::wait_relinked(size_t i, const link_counts& before,
+                                  std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  // Node j's count of ups of its link to node k at `before`, when it still runs as then.
+  auto was = [&](size_t j, size_t k) {
+    bool same = j < before.pids.size() && before.pids[j] == members_[j].proc->pid();
+    return same ? before.ups[j][k] : size_t{0};
+  };
+  while (true) {
+    std::string missing;
+    for (size_t j = 0; j < members_.size(); ++j) {
+      if (j == i || !members_[i].proc || !members_[j].proc || members_[j].peer_listen.empty())
+        continue;
+      if (ups(i, j) <= was(i, j)) missing += " " + members_[i].name + "->" + members_[j].name;
+      if (ups(j, i) <= was(j, i)) missing += " " + members_[j].name + "->" + members_[i].name;
+    }
+    if (missing.empty()) return {};
+    if (std::chrono::steady_clock::now() >= deadline) {
+      if (auto err = check()) return err;
+      return keel::make_error(keel::errc::failed,
+                              "the links of node " + members_[i].name + " were not up again " +
+                                  std::to_string(timeout.count()) + " ms after its partition: " +
+                                  "still down:" + missing + "; its stderr:\n" + log_tail(i));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }

@@ -2,7 +2,8 @@
 
 // Child processes for keel-bench's cluster benchmarks: a process started with fork/exec, its
 // stderr read by a thread, always ended and reaped; the group that ends them all when keel-bench
-// is interrupted; and a cluster of keel-node processes on loopback.
+// is interrupted; and a cluster of keel-node processes on loopback, optionally serving the admin
+// API, with keel-shell to inject faults through it.
 
 #include <sys/types.h>
 
@@ -51,19 +52,22 @@ class process_group {
   std::thread watcher_;
 };
 
-/// One child process: stdin and stdout on /dev/null, stderr kept in memory (the first 16 MiB).
+/// One child process: stdin on /dev/null, stdout on /dev/null or with stderr, stderr kept in
+/// memory (the first 16 MiB).
 /// The destructor SIGKILLs it when it still runs, reaps it and joins its reader, so no path of
 /// a benchmark leaves it behind.
 ///
-/// Threading: start, kill, stop and destroy it on one long-lived thread (the main thread):
-/// PR_SET_PDEATHSIG, which kills the child when keel-bench dies without cleaning up, follows the
-/// thread that forked. `err`, `wait_err` and `wait_line` may be called from any thread.
+/// Threading: start, wait for, kill, stop and destroy it on one long-lived thread (the main
+/// thread): PR_SET_PDEATHSIG, which kills the child when keel-bench dies without cleaning up,
+/// follows the thread that forked. `err`, `wait_err` and `wait_line` may be called from any thread.
 class process {
  public:
   /// Starts `argv[0]` (a path) with `argv`. `group`, when not null, must outlive the process.
+  /// With `keep_stdout`, stdout goes where stderr goes (`err()` holds both, interleaved).
   /// `failed` naming the call when a pipe or fork fails; an exec failure shows as exit 127.
   static caf::expected<std::unique_ptr<process>> start(std::vector<std::string> argv,
-                                                       process_group* group);
+                                                       process_group* group,
+                                                       bool keep_stdout = false);
 
   ~process();
   process(const process&) = delete;
@@ -86,6 +90,10 @@ class process {
 
   /// Whether it still runs; "exit N" or "signal N" when it has ended (then it is reaped).
   std::string state();
+
+  /// Waits up to `timeout` for it to end on its own, and reaps it. How it ended, as `stop` says
+  /// it, or "running" when the time ran out.
+  std::string wait(std::chrono::milliseconds timeout);
 
   /// SIGKILL, then reaps. How it ended, as `stop` says it.
   std::string kill();
@@ -123,6 +131,10 @@ struct node_flags {
   int64_t threads = 1;
   int64_t heartbeat = 100;   // --heartbeat-interval, ms
   int64_t down_after = 500;  // --down-after, ms
+  // The admin API, for members added with an admin address: a config file holding the line
+  // "admin-key = KEY" (--config), and for `cluster::admin` keel-shell's path and a file whose
+  // first line is KEY. Empty: no node serves it.
+  std::string admin_config, admin_key_file, shell;
 };
 
 /// keel-node processes on 127.0.0.1. A node keeps its addresses and data directory, so a killed
@@ -132,6 +144,7 @@ class cluster {
  public:
   struct member {
     std::string name, region, listen, peer_listen, data;  // peer_listen, data: empty for none
+    std::string admin_listen;                             // empty for none
     std::unique_ptr<process> proc;                        // null while not running
   };
 
@@ -139,9 +152,10 @@ class cluster {
   cluster(node_flags flags, process_group& group) : flags_(std::move(flags)), group_(group) {}
 
   /// Adds a node ("HOST:PORT" addresses); its --peers are the peer addresses of the other nodes
-  /// that have one.
+  /// that have one. With `admin_listen` it also serves the admin API there (with the key of
+  /// node_flags::admin_config).
   void add(std::string name, std::string region, std::string listen, std::string peer_listen,
-           std::string data);
+           std::string data, std::string admin_listen = {});
 
   size_t size() const { return members_.size(); }
   const member& at(size_t i) const { return members_[i]; }
@@ -152,8 +166,22 @@ class cluster {
   /// Node i's command line, the program by its name.
   std::string command(size_t i) const;
 
-  /// Starts node i and waits for its "listening on" line.
+  /// Starts node i and waits for its "listening on" line (and its "admin on" line when it
+  /// serves the admin API; `failed` when it says the admin API is disabled).
   caf::error start(size_t i);
+
+  /// One run of keel-shell: what it printed (stdout and stderr), and the steady_clock times
+  /// just before it was started and once it had ended.
+  struct admin_run {
+    std::string output;
+    std::chrono::steady_clock::time_point started, returned;
+  };
+
+  /// Runs `keel-shell -c commands` against node i's admin endpoint and waits for it. `failed`,
+  /// naming the commands and quoting the output, when keel-shell fails (non-zero exit) or runs
+  /// longer than `timeout` (then it is killed); `bad_request` when node i serves no admin API.
+  caf::expected<admin_run> admin(size_t i, const std::string& commands,
+                                 std::chrono::milliseconds timeout);
 
   /// How often node j has logged its region link to node i going up.
   size_t ups(size_t j, size_t i) const;
@@ -170,6 +198,19 @@ class cluster {
   /// counts from zero, and so does every node by default). `failed` naming the links still
   /// down after `timeout`.
   caf::error wait_joined(size_t i, const link_ups& before, std::chrono::milliseconds timeout);
+
+  /// ups(j, i) of every pair of nodes, [j][i], with the processes they count in.
+  struct link_counts {
+    std::vector<pid_t> pids;  // -1 for a node not running
+    std::vector<std::vector<size_t>> ups;
+  };
+  link_counts all_ups() const;
+
+  /// After a partition of node i that has ended: waits until every link between node i and
+  /// the other running nodes, both ways, has gone up again since `before` (all_ups() taken
+  /// before the cut; a link of a node restarted since counts from zero). `failed` naming the
+  /// links still down after `timeout`.
+  caf::error wait_relinked(size_t i, const link_counts& before, std::chrono::milliseconds timeout);
 
   /// The last lines (about 3000 bytes) of node i's stderr; empty when it is not running.
   std::string log_tail(size_t i) const;
