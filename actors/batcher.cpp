@@ -339,6 +339,18 @@ caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_
                 " tokens, the context length is " + std::to_string(c.ctx_len);
         else if (auto err = validate(job.params))
           bad = message_of(err);
+        // A token outside the vocabulary fails this turn only: the engine would refuse every step
+        // it is in, and a step's failure restarts the whole worker group (issue #11: a forged or
+        // poisoned session bricked the node that ran it).
+        auto out_of_vocab = [&](const std::vector<int32_t>& v, const char* what) {
+          for (size_t i = 0; i < v.size() && bad.empty(); ++i)
+            if (v[i] < 0 || v[i] >= c.vocab_size)
+              bad = std::string(what) + " token " + std::to_string(i) + " is " +
+                    std::to_string(v[i]) + ", outside the vocabulary of " +
+                    std::to_string(c.vocab_size);
+        };
+        if (bad.empty()) out_of_vocab(job.tokens, "conversation");
+        if (bad.empty()) out_of_vocab(job.generated, "generated");
         if (!bad.empty()) {
           self->send(job.session, done_atom::value, id, finish_reason::failed, bad, int64_t{0});
           return;

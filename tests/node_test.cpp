@@ -1,6 +1,8 @@
 #define BOOST_TEST_MODULE node_test
 #include <boost/test/unit_test.hpp>
 
+#include <thread>
+
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -276,6 +278,44 @@ BOOST_AUTO_TEST_CASE(more_work_than_the_kv_budget_is_queued_or_shed_by_priority)
   BOOST_TEST(finished > 0);
   BOOST_TEST(shed + finished == 12);
   BOOST_TEST(r.stats.shed == static_cast<uint64_t>(shed));
+}
+
+BOOST_AUTO_TEST_CASE(a_turn_with_a_token_outside_the_vocabulary_fails_alone) {
+  // Issue #11: a forged session with token 99999 reached the engine; every step failed, the
+  // worker group restarted forever. The batcher refuses that turn alone, and the node serves on.
+  caf::actor_system_config sys_cfg;
+  keel::tune_actor_system(sys_cfg);
+  caf::actor_system sys{sys_cfg};
+  node_config cfg;
+  cfg.model_path = model_path;
+  auto log = std::make_shared<supervision_log>([](const std::string&) {});
+  auto nd = node::start(sys, cfg, log);
+  BOOST_REQUIRE_MESSAGE(nd, test::why(nd));
+  caf::scoped_actor self{sys};
+  generation_job job;
+  job.seq = 12345;
+  job.session = caf::actor_cast<caf::actor>(self);
+  job.tokens = {1, 2, 3};
+  job.generated = {4, 99999};
+  job.params = sampled(1);
+  job.max_tokens = 8;
+  self->send((*nd)->child("batcher"), submit_atom::value, std::move(job));
+  bool refused = false;
+  self->receive(
+      [&](done_atom, seq_id seq, finish_reason why, const std::string& detail, int64_t) {
+        refused = seq == 12345 && why == finish_reason::failed &&
+                  detail.find("99999") != std::string::npos;
+        BOOST_TEST_MESSAGE("refused: " << detail);
+      },
+      caf::after(std::chrono::seconds(10)) >> [] { BOOST_FAIL("no answer from the batcher"); });
+  BOOST_TEST(refused);
+  // Nothing reached the workers: no step failed, no worker restarted.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto st = (*nd)->stats();
+  BOOST_REQUIRE(st);
+  BOOST_TEST(st->group_failures == 0u);
+  BOOST_TEST(log->restarts("node/engine/shard-0") == 0);
+  (*nd)->stop();
 }
 
 BOOST_AUTO_TEST_SUITE_END()
