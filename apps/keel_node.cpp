@@ -27,6 +27,7 @@
 #include "apps/cli.hpp"
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 namespace {
 
@@ -245,6 +246,9 @@ int run(std::span<char*> args) {
   // Block the stop signals before any thread starts, so that every thread inherits the mask
   // and only sigwait below receives them.
   raise_open_file_limit();
+  // Sessions are conversations: the store's files (and anything else the node creates) are
+  // for this user only (issue #11).
+  umask(077);
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);

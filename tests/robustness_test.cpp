@@ -178,3 +178,37 @@ BOOST_AUTO_TEST_CASE(a_resume_with_held_tokens_outside_the_vocabulary_fails_alon
   node.signal(SIGTERM);
   BOOST_TEST(node.stop(10s) == 0);
 }
+
+BOOST_AUTO_TEST_CASE(the_session_store_is_readable_by_its_owner_only) {
+  // Issue #11: data files are created readable by the owner only, whatever the umask.
+  model_file m;
+  keel::test::temp_dir data{"robustness_test-data-" + std::to_string(getpid())};
+  auto port = keel::test::free_port();
+  auto address = "127.0.0.1:" + std::to_string(port);
+  keel::test::process node({"/bin/sh", "-c",
+                            "umask 022 && exec " + keel::test::bin("keel-node") + " --listen " +
+                                address + " --model " + m.path + " --threads 1 --data " +
+                                (data.path / "store").string()});
+  BOOST_REQUIRE_MESSAGE(
+      node.wait_err([](const std::string& s) { return s.find("listening on") != std::string::npos; },
+                    15s),
+      "keel-node did not start: " << node.err());
+  {
+    auto c = keel::wire::client::connect({address});
+    BOOST_REQUIRE_MESSAGE(c, keel::test::why(c));
+    auto s = (*c)->open_session({});
+    BOOST_REQUIRE_MESSAGE(s, keel::test::why(s));
+    BOOST_REQUIRE(static_cast<bool>((*c)->generate(*s, "Hello", 4)));
+  }
+  node.signal(SIGTERM);
+  BOOST_TEST(node.stop(10s) == 0);
+  size_t files = 0;
+  for (auto& e : std::filesystem::recursive_directory_iterator(data.path / "store")) {
+    ++files;
+    auto p = e.status().permissions();
+    using std::filesystem::perms;
+    bool private_ = (p & (perms::group_all | perms::others_all)) == perms::none;
+    BOOST_TEST(private_, e.path().string() << " can be read or written by others");
+  }
+  BOOST_TEST(files > 3u);
+}
