@@ -1,4 +1,5 @@
 #include "actors/ownership.hpp"
+#include "actors/rendezvous.hpp"
 
 #include <algorithm>
 #include <functional>
@@ -7,25 +8,6 @@
 namespace keel {
 
 namespace {
-
-/// The rendezvous weight of (session, member): FNV-1a finished like splitmix64, the same in
-/// every process and build (replicator.cpp uses the same mix for its placement).
-uint64_t weight(const std::string& session, const std::string& member) {
-  uint64_t h = 1469598103934665603ull;
-  auto mix = [&h](const std::string& s) {
-    for (unsigned char c : s) {
-      h ^= c;
-      h *= 1099511628211ull;
-    }
-  };
-  mix(session);
-  mix("/");
-  mix(member);
-  h ^= h >> 31;
-  h *= 0x9e3779b97f4a7c15ull;
-  h ^= h >> 29;
-  return h;
-}
 
 /// The pending event of a takeover's first write (not a turn).
 constexpr uint64_t acquired_event = std::numeric_limits<uint64_t>::max();
@@ -54,7 +36,7 @@ std::vector<std::string> replica_group(const std::string& session,
   std::vector<const cluster_member*> order;
   for (auto& m : members) order.push_back(&m);
   std::sort(order.begin(), order.end(), [&](const cluster_member* a, const cluster_member* b) {
-    auto wa = weight(session, a->name), wb = weight(session, b->name);
+    auto wa = rendezvous_weight(session, a->name), wb = rendezvous_weight(session, b->name);
     return wa != wb ? wa > wb : a->name < b->name;
   });
   size = std::min(size, order.size());

@@ -1,4 +1,5 @@
 #include "actors/replicator.hpp"
+#include "actors/rendezvous.hpp"
 
 #include <algorithm>
 
@@ -13,25 +14,6 @@
 namespace keel {
 
 namespace {
-
-/// FNV-1a: a rendezvous weight that is the same in every process and build.
-uint64_t weight(const std::string& session, const std::string& node) {
-  uint64_t h = 1469598103934665603ull;
-  auto mix = [&h](const std::string& s) {
-    for (unsigned char c : s) {
-      h ^= c;
-      h *= 1099511628211ull;
-    }
-  };
-  mix(session);
-  mix("/");
-  mix(node);
-  // FNV's low bits mix poorly for short keys: finish like splitmix64.
-  h ^= h >> 31;
-  h *= 0x9e3779b97f4a7c15ull;
-  h ^= h >> 29;
-  return h;
-}
 
 void set_logs(capnp::List<wire::TurnLog>::Builder out,
               const std::map<uint64_t, std::vector<int32_t>>& logs) {
@@ -210,7 +192,7 @@ std::vector<peer_info> replicator::placement(const std::string& session,
     }
   }
   auto by_weight = [&](const peer_info& a, const peer_info& b) {
-    auto wa = weight(session, a.name), wb = weight(session, b.name);
+    auto wa = rendezvous_weight(session, a.name), wb = rendezvous_weight(session, b.name);
     return wa != wb ? wa > wb : a.name < b.name;
   };
   if (!draining.empty()) {

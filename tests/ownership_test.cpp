@@ -113,6 +113,16 @@ std::string session_led_by(const std::string& first) {
   }
 }
 
+/// A session owned by a in `c`, opened and with its lease granted by heartbeats.
+std::string open_at_a(cluster& c) {
+  auto s = session_led_by("a");
+  c["a"].open(s, "p");
+  c.deliver();
+  c.run(200 * ms);
+  BOOST_REQUIRE(c["a"].may_serve(s));
+  return s;
+}
+
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(replica_groups_are_stable_and_spread_over_regions) {
@@ -169,11 +179,7 @@ BOOST_AUTO_TEST_CASE(a_turn_is_durable_only_once_a_majority_stored_it) {
 
 BOOST_AUTO_TEST_CASE(a_minority_owner_loses_its_lease_and_acknowledges_nothing) {
   cluster c(three());
-  auto s = session_led_by("a");
-  c["a"].open(s, "p");
-  c.deliver();
-  c.run(200 * ms);
-  BOOST_REQUIRE(c["a"].may_serve(s));
+  auto s = open_at_a(c);
   // a is cut off from both others: its lease runs out within `lease` (400 ms).
   auto& a = c["a"];
   auto cut = [&] {
@@ -192,10 +198,7 @@ BOOST_AUTO_TEST_CASE(a_minority_owner_loses_its_lease_and_acknowledges_nothing) 
 
 BOOST_AUTO_TEST_CASE(a_member_refuses_the_old_owner_after_promising_a_new_one) {
   cluster c(three());
-  auto s = session_led_by("a");
-  c["a"].open(s, "p");
-  c.deliver();
-  c.run(200 * ms);
+  auto s = open_at_a(c);
   // b hears a prepare at epoch 2 from c (as after a's silence).
   c["b"].receive("c", keel::prepare_msg{s, ballot{2, "c"}, c.clock});
   auto reply = std::get<keel::promise_reply>(c.wire.back().m);
@@ -236,10 +239,7 @@ BOOST_AUTO_TEST_CASE(a_restarted_member_promises_nothing_until_its_hold_has_pass
 
 BOOST_AUTO_TEST_CASE(a_silent_owner_is_taken_over_with_every_acknowledged_turn) {
   cluster c(three());
-  auto s = session_led_by("a");
-  c["a"].open(s, "p");
-  c.deliver();
-  c.run(200 * ms);
+  auto s = open_at_a(c);
   c["a"].submit_turn(s, 0, "first");
   c.deliver();
   BOOST_REQUIRE(c.has("a", "durable " + s + " 0"));
@@ -260,10 +260,7 @@ BOOST_AUTO_TEST_CASE(a_silent_owner_is_taken_over_with_every_acknowledged_turn) 
 
 BOOST_AUTO_TEST_CASE(a_failing_disk_does_not_count_towards_the_majority) {
   cluster c(three());
-  auto s = session_led_by("a");
-  c["a"].open(s, "p");
-  c.deliver();
-  c.run(200 * ms);
+  auto s = open_at_a(c);
   c.env_of("b").disk_fails = true;
   c.down = {"c"};
   c["a"].submit_turn(s, 0, "t");
