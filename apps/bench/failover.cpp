@@ -742,16 +742,16 @@ void report_partitions(std::ostringstream& r, const node_flags& flags, const rou
       "and before its stream broke (X streams on while its lease holds)\n"
       "- What bounds it from below: X streams on until its lease runs out, at most %lld ms "
       "after the cut (less the age of its last answered heartbeat, up to --heartbeat-interval "
-      "%lld ms), and ends its clients' streams with `disconnected` only after %lld ms "
-      "(--down-after) more without it; meanwhile Y and Z declare X down %lld ms after the cut "
-      "and take its sessions over. So the client sees its stream end about %lld-%lld ms after "
-      "the cut, then resumes on Y or Z: a partition costs about %lld ms more than a kill, whose "
-      "broken connection the client sees at once\n\n",
+      "%lld ms), and ends its clients' streams with `disconnected` a heartbeat interval (%lld "
+      "ms) later; meanwhile Y and Z declare X down %lld ms (--down-after) after the cut and take "
+      "its sessions over, and a client that comes to them before that is told to retry. So the "
+      "client sees its stream end about %lld-%lld ms after the cut and resumes on Y or Z once "
+      "they have taken over; the new owner then prefills the history and the tokens the client "
+      "holds beyond its copy\n\n",
       static_cast<long long>(partition_ms), static_cast<long long>(partition_ms),
       static_cast<long long>(lease), static_cast<long long>(flags.heartbeat),
-      static_cast<long long>(flags.down_after), static_cast<long long>(flags.down_after),
-      static_cast<long long>(lease - flags.heartbeat + flags.down_after),
-      static_cast<long long>(lease + flags.down_after), static_cast<long long>(lease));
+      static_cast<long long>(flags.heartbeat), static_cast<long long>(flags.down_after),
+      static_cast<long long>(lease), static_cast<long long>(lease + flags.heartbeat));
   r << "### Results\n\n";
   r << format(
       "- Partitions: %zu; replies resumed: %zu, on the majority side: %zu of %zu; resumed "
