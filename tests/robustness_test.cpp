@@ -212,3 +212,47 @@ BOOST_AUTO_TEST_CASE(the_session_store_is_readable_by_its_owner_only) {
   }
   BOOST_TEST(files > 3u);
 }
+
+BOOST_AUTO_TEST_CASE(sigterm_stops_the_node_within_its_bound_even_with_a_stuck_worker) {
+  // Issue #11: SIGTERM hung in await_detached_threads behind a stuck worker. A shard stalled for
+  // 60 s holds the clean stop; --stop-timeout ends the process after 2 s anyway, saying so.
+  model_file m;
+  auto port = keel::test::free_port();
+  auto address = "127.0.0.1:" + std::to_string(port);
+  keel::test::process node({keel::test::bin("keel-node"), "--listen", address, "--model", m.path,
+                            "--threads", "1", "--admin-listen", "127.0.0.1:0", "--admin-key",
+                            "robustness", "--stop-timeout", "2000"});
+  BOOST_REQUIRE_MESSAGE(
+      node.wait_err([](const std::string& s) { return s.find("admin on ") != std::string::npos; },
+                    15s),
+      "keel-node did not start: " << node.err());
+  auto err = node.err();
+  auto at = err.find("admin on ") + 9;
+  auto admin = err.substr(at, err.find('\n', at) - at);
+  keel::test::process shell({keel::test::bin("keel-shell"), "--connect", admin, "--key",
+                             "robustness", "-c", "fault node/engine/shard-0 stall 60s"});
+  BOOST_REQUIRE_MESSAGE(shell.wait(20s).value_or(-1) == 0, shell.out() << shell.err());
+  {
+    // A turn whose first step stalls the worker.
+    capnp::EzRpcClient rpc(address);
+    auto& ws = rpc.getWaitScope();
+    auto gw = rpc.getMain<keel::wire::Gateway>();
+    auto opened = gw.openSessionRequest().send().wait(ws);
+    BOOST_REQUIRE(opened.getError().getKind() == keel::wire::Error::Kind::NONE);
+    auto send = opened.getSession().sendRequest();
+    send.setText("Once upon a time");
+    send.setMaxTokens(50);
+    send.setSink(kj::heap<null_sink>());
+    BOOST_REQUIRE(send.send().wait(ws).getError().getKind() == keel::wire::Error::Kind::NONE);
+  }
+  std::this_thread::sleep_for(300ms);  // the worker is in its stall now
+  auto t0 = std::chrono::steady_clock::now();
+  node.signal(SIGTERM);
+  auto st = node.wait(20s);
+  auto took = std::chrono::steady_clock::now() - t0;
+  BOOST_REQUIRE_MESSAGE(st.has_value(), "keel-node still runs 20 s after SIGTERM");
+  BOOST_TEST(took < 10s);
+  BOOST_TEST_MESSAGE("stopped " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                                << " ms after SIGTERM, status " << *st);
+  BOOST_TEST(node.err().find("did not stop within 2000 ms") != std::string::npos, node.err());
+}
