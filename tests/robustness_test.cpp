@@ -115,6 +115,41 @@ class null_sink final : public keel::wire::TokenSink::Server {
   kj::Promise<void> done(DoneContext) override { return kj::READY_NOW; }
 };
 
+/// A keel-node on `address` with an admin endpoint (key `key`), started and listening.
+struct admin_node {
+  keel::test::process proc;
+  std::string admin;  // the admin endpoint's HOST:PORT
+
+  admin_node(const std::string& model, const std::string& address, const std::string& key,
+             std::vector<std::string> extra = {})
+      : proc(argv(model, address, key, std::move(extra))) {
+    BOOST_REQUIRE_MESSAGE(
+        proc.wait_err([](const std::string& s) { return s.find("admin on ") != std::string::npos; },
+                      15s),
+        "keel-node did not start: " << proc.err());
+    auto err = proc.err();
+    auto at = err.find("admin on ") + 9;
+    admin = err.substr(at, err.find('\n', at) - at);
+  }
+
+  /// keel-shell -c `commands` with the key; requires it to succeed.
+  void shell(const std::string& key, const std::string& commands) {
+    keel::test::process sh(
+        {keel::test::bin("keel-shell"), "--connect", admin, "--key", key, "-c", commands});
+    BOOST_REQUIRE_MESSAGE(sh.wait(20s).value_or(-1) == 0, sh.out() << sh.err());
+  }
+
+ private:
+  static std::vector<std::string> argv(const std::string& model, const std::string& address,
+                                       const std::string& key, std::vector<std::string> extra) {
+    std::vector<std::string> a = {keel::test::bin("keel-node"), "--listen", address, "--model",
+                                  model, "--threads", "1", "--admin-listen", "127.0.0.1:0",
+                                  "--admin-key", key};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  }
+};
+
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(a_resume_with_held_tokens_outside_the_vocabulary_fails_alone) {
@@ -124,21 +159,11 @@ BOOST_AUTO_TEST_CASE(a_resume_with_held_tokens_outside_the_vocabulary_fails_alon
   model_file m;
   auto port = keel::test::free_port();
   auto address = "127.0.0.1:" + std::to_string(port);
-  keel::test::process node({keel::test::bin("keel-node"), "--listen", address, "--model", m.path,
-                            "--threads", "1", "--admin-listen", "127.0.0.1:0", "--admin-key",
-                            "robustness"});
-  BOOST_REQUIRE_MESSAGE(
-      node.wait_err([](const std::string& s) { return s.find("admin on ") != std::string::npos; },
-                    15s),
-      "keel-node did not start: " << node.err());
-  auto err = node.err();
-  auto at = err.find("admin on ") + 9;
-  auto admin = err.substr(at, err.find('\n', at) - at);
+  admin_node n(m.path, address, "robustness");
+  auto& node = n.proc;
   // The shard stalls before its next step: the turn below stays at zero tokens while the
   // resume arrives, so the held tokens pass the check against what the session has (none).
-  keel::test::process shell({keel::test::bin("keel-shell"), "--connect", admin, "--key",
-                             "robustness", "-c", "fault node/engine/shard-0 stall 3s"});
-  BOOST_REQUIRE_MESSAGE(shell.wait(20s).value_or(-1) == 0, shell.out() << shell.err());
+  n.shell("robustness", "fault node/engine/shard-0 stall 3s");
   {
     capnp::EzRpcClient rpc(address);
     auto& ws = rpc.getWaitScope();
@@ -219,19 +244,9 @@ BOOST_AUTO_TEST_CASE(sigterm_stops_the_node_within_its_bound_even_with_a_stuck_w
   model_file m;
   auto port = keel::test::free_port();
   auto address = "127.0.0.1:" + std::to_string(port);
-  keel::test::process node({keel::test::bin("keel-node"), "--listen", address, "--model", m.path,
-                            "--threads", "1", "--admin-listen", "127.0.0.1:0", "--admin-key",
-                            "robustness", "--stop-timeout", "2000"});
-  BOOST_REQUIRE_MESSAGE(
-      node.wait_err([](const std::string& s) { return s.find("admin on ") != std::string::npos; },
-                    15s),
-      "keel-node did not start: " << node.err());
-  auto err = node.err();
-  auto at = err.find("admin on ") + 9;
-  auto admin = err.substr(at, err.find('\n', at) - at);
-  keel::test::process shell({keel::test::bin("keel-shell"), "--connect", admin, "--key",
-                             "robustness", "-c", "fault node/engine/shard-0 stall 60s"});
-  BOOST_REQUIRE_MESSAGE(shell.wait(20s).value_or(-1) == 0, shell.out() << shell.err());
+  admin_node n(m.path, address, "robustness", {"--stop-timeout", "2000"});
+  auto& node = n.proc;
+  n.shell("robustness", "fault node/engine/shard-0 stall 60s");
   {
     // A turn whose first step stalls the worker.
     capnp::EzRpcClient rpc(address);
@@ -262,17 +277,8 @@ BOOST_AUTO_TEST_CASE(wrong_admin_keys_are_answered_one_at_a_time) {
   // are now answered 200 ms apart across the whole endpoint, and past 32 waiting, every login is
   // refused as overloaded without looking at the key.
   model_file m;
-  keel::test::process node({keel::test::bin("keel-node"), "--listen", "127.0.0.1:0", "--model",
-                            m.path, "--threads", "1", "--admin-listen", "127.0.0.1:0",
-                            "--admin-key", "the-right-key"});
-  BOOST_REQUIRE_MESSAGE(
-      node.wait_err([](const std::string& s) { return s.find("admin on ") != std::string::npos; },
-                    15s),
-      "keel-node did not start: " << node.err());
-  auto err = node.err();
-  auto at = err.find("admin on ") + 9;
-  auto admin = err.substr(at, err.find('\n', at) - at);
-  capnp::EzRpcClient rpc(admin);
+  admin_node n(m.path, "127.0.0.1:0", "the-right-key");
+  capnp::EzRpcClient rpc(n.admin);
   auto& ws = rpc.getWaitScope();
   auto gate = rpc.getMain<keel::wire::AdminGate>();
   auto t0 = std::chrono::steady_clock::now();
