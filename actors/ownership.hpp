@@ -275,7 +275,6 @@ class ownership {
     int64_t started = 0;
     std::map<std::string, promise_reply> promises;  // ok ones, by member
     std::map<std::string, int64_t> received;        // when each promise arrived
-    std::set<std::string> asked;
     int64_t last_sent = 0;
   };
 

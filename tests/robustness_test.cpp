@@ -115,6 +115,27 @@ class null_sink final : public keel::wire::TokenSink::Server {
   kj::Promise<void> done(DoneContext) override { return kj::READY_NOW; }
 };
 
+/// A raw Cap'n Proto client that opened a session and sent one turn (its tokens to a null sink).
+struct raw_turn {
+  capnp::EzRpcClient rpc;
+  keel::wire::Session::Client session = nullptr;
+  uint64_t turn = 0;
+
+  raw_turn(const std::string& address, uint32_t max_tokens) : rpc(address) {
+    auto& ws = rpc.getWaitScope();
+    auto opened = rpc.getMain<keel::wire::Gateway>().openSessionRequest().send().wait(ws);
+    BOOST_REQUIRE(opened.getError().getKind() == keel::wire::Error::Kind::NONE);
+    session = opened.getSession();
+    auto send = session.sendRequest();
+    send.setText("Once upon a time");
+    send.setMaxTokens(max_tokens);
+    send.setSink(kj::heap<null_sink>());
+    auto sent = send.send().wait(ws);
+    BOOST_REQUIRE(sent.getError().getKind() == keel::wire::Error::Kind::NONE);
+    turn = sent.getTurn();
+  }
+};
+
 /// A keel-node on `address` with an admin endpoint (key `key`), started and listening.
 struct admin_node {
   keel::test::process proc;
@@ -165,21 +186,10 @@ BOOST_AUTO_TEST_CASE(a_resume_with_held_tokens_outside_the_vocabulary_fails_alon
   // resume arrives, so the held tokens pass the check against what the session has (none).
   n.shell("robustness", "fault node/engine/shard-0 stall 3s");
   {
-    capnp::EzRpcClient rpc(address);
-    auto& ws = rpc.getWaitScope();
-    auto gw = rpc.getMain<keel::wire::Gateway>();
-    auto opened = gw.openSessionRequest().send().wait(ws);
-    BOOST_REQUIRE(opened.getError().getKind() == keel::wire::Error::Kind::NONE);
-    auto session = opened.getSession();
-    auto send = session.sendRequest();
-    send.setText("Once upon a time");
-    send.setMaxTokens(500);
-    send.setSink(kj::heap<null_sink>());
-    auto sent = send.send().wait(ws);
-    BOOST_REQUIRE(sent.getError().getKind() == keel::wire::Error::Kind::NONE);
-
-    auto resume = session.resumeRequest();
-    resume.setTurn(sent.getTurn());
+    raw_turn t(address, 500);
+    auto& ws = t.rpc.getWaitScope();
+    auto resume = t.session.resumeRequest();
+    resume.setTurn(t.turn);
     resume.setFromIndex(0);
     resume.setSink(kj::heap<null_sink>());
     auto held = resume.initHeld(3);
@@ -247,19 +257,7 @@ BOOST_AUTO_TEST_CASE(sigterm_stops_the_node_within_its_bound_even_with_a_stuck_w
   admin_node n(m.path, address, "robustness", {"--stop-timeout", "2000"});
   auto& node = n.proc;
   n.shell("robustness", "fault node/engine/shard-0 stall 60s");
-  {
-    // A turn whose first step stalls the worker.
-    capnp::EzRpcClient rpc(address);
-    auto& ws = rpc.getWaitScope();
-    auto gw = rpc.getMain<keel::wire::Gateway>();
-    auto opened = gw.openSessionRequest().send().wait(ws);
-    BOOST_REQUIRE(opened.getError().getKind() == keel::wire::Error::Kind::NONE);
-    auto send = opened.getSession().sendRequest();
-    send.setText("Once upon a time");
-    send.setMaxTokens(50);
-    send.setSink(kj::heap<null_sink>());
-    BOOST_REQUIRE(send.send().wait(ws).getError().getKind() == keel::wire::Error::Kind::NONE);
-  }
+  raw_turn stalled(address, 50);  // its first step stalls the worker
   std::this_thread::sleep_for(300ms);  // the worker is in its stall now
   auto t0 = std::chrono::steady_clock::now();
   node.signal(SIGTERM);
