@@ -114,7 +114,8 @@ struct admin::impl : kj::TaskSet::ErrorHandler {
   int waiting_refusals = 0;  // wrong keys not answered yet
   admin_ops ops;                   // used on the worker's thread only
   wire::blocking_worker blocking;  // after ops: joined before ops goes
-  kj::TaskSet tasks{*this};        // last: destroyed first, it references the rest
+  kj::Own<kj::TlsContext> tls = cfg.tls ? cfg.tls->context(false) : kj::Own<kj::TlsContext>();
+  kj::TaskSet tasks{*this};  // last: destroyed first, it references the rest
 };
 
 namespace {
@@ -381,12 +382,13 @@ caf::expected<std::unique_ptr<admin>> admin::start(caf::actor_system& sys, node&
                                         kj::Own<kj::ConnectionReceiver> listener, uint16_t port) {
     auto st = kj::heap<state>(sys, n, ap->cfg_, io.provider->getTimer(),
                               ap->cfg_.host + ":" + std::to_string(port));
-    capnp::Capability::Client main = kj::heap<gate_server>(*st);
+    auto main = std::make_shared<capnp::Capability::Client>(kj::heap<gate_server>(*st));
     auto sampling = st->sample_loop().eagerlyEvaluate([s = st.get()](kj::Exception&& e) {
       s->log("admin: stopped sampling tokens/s: " + std::string(e.getDescription().cStr()));
     });
-    auto accepting = wire::accept_forever(*listener, io.provider->getTimer(), kj::mv(main),
-                                          st->tasks, ap->cfg_.log, "admin");
+    auto accepting = wire::accept_forever(
+        *listener, io.provider->getTimer(), st->tls.get(),
+        [main](kj::Own<kj::PeerIdentity>) { return *main; }, st->tasks, ap->cfg_.log, "admin");
     return accepting.attach(kj::mv(sampling), kj::mv(listener), kj::mv(st));
   };
   auto port = a->server_->start("admin", a->cfg_.host, a->cfg_.port, std::move(serve), a->cfg_.log);

@@ -31,6 +31,8 @@ struct admin_config {
   /// Refused logins and failed calls (one line each); empty: silent. Called on the admin's
   /// threads.
   std::function<void(const std::string&)> log;
+  /// TLS (wire/tls.hpp): when set, the port speaks only TLS with this node's certificate.
+  std::shared_ptr<const wire::tls_config> tls;
 };
 
 /// The node's admin endpoint, what keel-shell speaks to: serves `AdminGate` and `Admin`

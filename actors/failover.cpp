@@ -394,8 +394,8 @@ std::vector<std::string> node::replicas_of(const std::string& id) const {
   return out;
 }
 
-caf::expected<std::string> node::owner_address(const std::string& id) {
-  if (sessions_->get(id)) return std::string{};  // here
+caf::expected<owner_endpoint> node::owner_address(const std::string& id) {
+  if (sessions_->get(id)) return owner_endpoint{};  // here
   if (!replicator_)
     return make_error(errc::not_found, "no session " + id + " on node " + cfg_.name);
   auto copies = replicator_->locate({id});
@@ -406,7 +406,7 @@ caf::expected<std::string> node::owner_address(const std::string& id) {
     if (owner->client_address.empty())
       return make_error(errc::disconnected,
                         "session " + id + " is owned by " + owner->node + ", which serves no clients yet");
-    return owner->client_address;
+    return owner_endpoint{owner->node, owner->client_address};
   }
   // A copy here (as a replica, or as this node's own while a takeover of it is under way) or
   // on a peer: the session exists and will be served; the client retries.

@@ -162,13 +162,14 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
 
   // -- forwarding ---------------------------------------------------------------------------
 
-  /// The Gateway of the node at `address` (another keel-node's client endpoint).
-  kj::Promise<wire::Gateway::Client> upstream_to(const std::string& address) {
+  /// The Gateway of node `name` at `address` (another keel-node's client endpoint; under TLS
+  /// its certificate must name it).
+  kj::Promise<wire::Gateway::Client> upstream_to(const std::string& address,
+                                                 const std::string& name) {
     if (auto i = upstreams.find(address); i != upstreams.end()) return i->second->gateway;
-    return network.parseAddress(address)
-        .then([](kj::Own<kj::NetworkAddress> a) { return a->connect(); })
-        .then([this, address](kj::Own<kj::AsyncIoStream> s) {
-          auto u = kj::heap<upstream>(kj::mv(s));
+    return wire::connect_to(network, timer, tls.get(), address, name, cfg.call_timeout)
+        .then([this, address](kj::AuthenticatedStream s) {
+          auto u = kj::heap<upstream>(kj::mv(s.stream));
           wire::Gateway::Client gw = u->gateway;
           auto gone = u->rpc.onDisconnect();
           tasks.add(gone.then([this, address] {
@@ -184,14 +185,14 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   /// capability, passed on (Cap'n Proto proxies every call and stream through this node).
   kj::Promise<caf::expected<wire::Session::Client>> forward(const std::string& id) {
     auto& n = nd;
-    return blocking.run<std::string>([&n, id] { return n.owner_address(id); })
-        .then([this, id](caf::expected<std::string> address)
+    return blocking.run<owner_endpoint>([&n, id] { return n.owner_address(id); })
+        .then([this, id](caf::expected<owner_endpoint> owner)
                   -> kj::Promise<caf::expected<wire::Session::Client>> {
-          if (!address) return caf::expected<wire::Session::Client>(std::move(address.error()));
-          if (address->empty())  // taken over by this node meanwhile
+          if (!owner) return caf::expected<wire::Session::Client>(std::move(owner.error()));
+          if (owner->client_address.empty())  // taken over by this node meanwhile
             return caf::expected<wire::Session::Client>(make_error(errc::disconnected, "session " + id + " moved here; retry"));
-          auto where = *address;
-          return upstream_to(where)
+          auto where = owner->client_address;
+          return upstream_to(where, owner->node)
               .then([id](wire::Gateway::Client gw) {
                 auto req = gw.getSessionRequest();
                 req.setId(id);
@@ -225,9 +226,10 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   kj::Promise<void> accept_loop(kj::ConnectionReceiver& listener, capnp::Capability::Client main) {
     // Capability clients copy only from non-const references: std::function holds a pointer.
     auto cap = std::make_shared<capnp::Capability::Client>(kj::mv(main));
-    return wire::accept_retrying(
-        listener, timer,
-        [this, cap](kj::Own<kj::AsyncIoStream>&& s) {
+    return wire::accept_secured(
+        listener, timer, tls.get(), tasks,
+        [this, cap](kj::AuthenticatedStream&& a) {
+          auto s = kj::mv(a.stream);
           if (open_connections >= cfg.max_connections) {
             log("gateway: refused a connection: " + std::to_string(open_connections) +
                 " are open, the limit is " + std::to_string(cfg.max_connections));
@@ -452,6 +454,8 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   const gateway_config& cfg;
   kj::Timer& timer;
   kj::Network& network;
+  // Before every connection that may use it: destroyed after them.
+  kj::Own<kj::TlsContext> tls = cfg.tls ? cfg.tls->context(false) : kj::Own<kj::TlsContext>();
   std::map<std::string, kj::Own<upstream>> upstreams;  // by address
   wire::blocking_worker blocking;  // node::open_session blocks (scoped_actor)
   capnp::ReaderOptions reader_options;

@@ -45,6 +45,9 @@ struct gateway_config {
   /// Where the gateway reports connections refused, streams cut off and calls that failed with an
   /// exception (one line each, no newline); empty: silent. Called on the gateway's thread.
   std::function<void(const std::string&)> log;
+  /// TLS (wire/tls.hpp): when set, the port speaks only TLS with this node's certificate, and
+  /// requests forwarded to another node go over TLS to a gateway whose certificate names it.
+  std::shared_ptr<const wire::tls_config> tls;
 };
 
 /// The Cap'n Proto server of one node: serves `Gateway` (wire/keel.capnp) on HOST:PORT for the

@@ -161,8 +161,12 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     lc.heartbeat_interval = cfg.heartbeat_interval;
     lc.down_after = cfg.down_after;
     lc.cut = cfg.cut;
+    lc.tls = cfg.tls;
     std::vector<child_spec> links;
-    for (auto& p : cfg.peers) links.push_back(link_spec(p, lc, n->peers_, ctx->log));
+    for (size_t i = 0; i < cfg.peers.size(); ++i) {
+      lc.peer_name = i < cfg.peer_names.size() ? cfg.peer_names[i] : std::string();
+      links.push_back(link_spec(cfg.peers[i], lc, n->peers_, ctx->log));
+    }
     top.push_back(supervisor_child("links", cfg.links_flags, std::move(links), ctx->log));
     // The node's calls to its peers: replication and takeover with a data dir; locating a
     // session's owner (forwarding) in any case.
@@ -172,6 +176,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     rc.self_address = cfg.peer_address;
     rc.replicas = cfg.replicas;
     rc.cut = cfg.cut;
+    rc.tls = cfg.tls;
     // A replica that does not answer within a detection time is as good as down.
     rc.call_timeout = std::max(std::chrono::milliseconds(200), cfg.down_after);
     rc.store = n->store_.get();

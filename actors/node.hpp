@@ -42,6 +42,12 @@ struct node_config {
   /// Region links: HOST:PORT of each peer's peer endpoint (peer_server); one link each, under
   /// `links`. Empty: no links (and no `links` supervisor).
   std::vector<std::string> peers;
+  /// The name of each of `peers`, in the same order (`--peers NAME=HOST:PORT`); empty, or an
+  /// empty entry: not given. A named peer must answer heartbeats with its name, and under TLS
+  /// its certificate must name it.
+  std::vector<std::string> peer_names;
+  /// TLS for every connection to a peer (wire/tls.hpp); null: plain TCP.
+  std::shared_ptr<const wire::tls_config> tls;
   std::string region;        // this node's region, as its heartbeats report it
   std::string peer_address;  // HOST:PORT of this node's own peer endpoint, likewise
   std::chrono::milliseconds heartbeat_interval{100};
@@ -53,6 +59,12 @@ struct node_config {
   /// The peers this node is cut from (the `partition` fault), shared with its peer endpoint;
   /// null: the node makes one of its own.
   std::shared_ptr<partition> cut;
+};
+
+/// Where a session is served: its owner's name and client address (empty: on this node).
+struct owner_endpoint {
+  std::string node;
+  std::string client_address;
 };
 
 /// Settings for the actor system of a process that runs a node: CAF 0.17's idle scheduler
@@ -110,7 +122,7 @@ class node {
   /// that owns it. `disconnected` while only replicas are found (its owner is down and a
   /// replica is taking it over: retry), `not_found` when no live node has a copy. Blocks for a
   /// round of `locate` calls; not on a CAF or KJ thread.
-  caf::expected<std::string> owner_address(const std::string& id);
+  caf::expected<owner_endpoint> owner_address(const std::string& id);
   /// Another node owns `id` at `epoch`: stop serving it and forget the local copy (called when
   /// a replica or a peer's `replicate` shows a newer epoch). Queued on the failover executor;
   /// returns at once.

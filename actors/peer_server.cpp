@@ -1,5 +1,6 @@
 #include "actors/peer_server.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <future>
 #include <mutex>
@@ -38,14 +39,34 @@ uint64_t steady_ns() {
 
 class peer_impl final : public wire::Peer::Server {
  public:
-  peer_impl(const peer_server_config& cfg, std::string address, peer_server::replica_store& rs)
-      : cfg_(cfg), address_(std::move(address)), rs_(rs) {}
+  /// `caller`: who is at the other end of this connection (a kj::TlsPeerIdentity under TLS).
+  peer_impl(const peer_server_config& cfg, std::string address, peer_server::replica_store& rs,
+            kj::Own<kj::PeerIdentity> caller)
+      : cfg_(cfg), address_(std::move(address)), rs_(rs), caller_(kj::mv(caller)) {}
 
-  /// A call from a peer this node is cut from fails as on a broken connection.
-  bool cut_off(capnp::Text::Reader from) const {
-    return cfg_.cut && cfg_.cut->blocked(from.cStr());
+  /// Whether a call naming `from` is refused: from a stranger under TLS (issue #11: anyone who
+  /// reached the port could read, overwrite and take over sessions), or from a peer this node
+  /// is cut from (the `partition` fault, failing as a broken connection would). `refuse()` then
+  /// makes the failure.
+  bool cut_off(capnp::Text::Reader from) {
+    std::string name = from.cStr();
+    stranger_ = false;
+    if (cfg_.tls) {
+      bool configured = std::find(cfg_.peers.begin(), cfg_.peers.end(), name) != cfg_.peers.end();
+      if (!configured || !wire::certified_as(*caller_, name)) {
+        if (cfg_.log)
+          cfg_.log("peer server: refused a call from '" + name + "' (" +
+                   caller_->toString().cStr() + "): " +
+                   (configured ? "its certificate does not name it" : "not a configured peer"));
+        stranger_ = true;
+        return true;
+      }
+    }
+    return cfg_.cut && cfg_.cut->blocked(name);
   }
-  static kj::Promise<void> refuse() {
+  kj::Promise<void> refuse() const {
+    if (stranger_)
+      return KJ_EXCEPTION(FAILED, "permission denied: the caller is not an authenticated peer");
     return KJ_EXCEPTION(DISCONNECTED, "partitioned (fault injection)");
   }
 
@@ -238,10 +259,13 @@ class peer_impl final : public wire::Peer::Server {
   const peer_server_config& cfg_;  // owned by the peer_server, which outlives the thread
   std::string address_;
   peer_server::replica_store& rs_;  // owned by the peer_server, likewise
+  kj::Own<kj::PeerIdentity> caller_;
+  bool stranger_ = false;  // the last refused call came from a stranger
 };
 
 struct serving : kj::TaskSet::ErrorHandler {
   const peer_server_config& cfg;
+  kj::Own<kj::TlsContext> tls;  // before `tasks`: connections end before their context
   kj::TaskSet tasks{*this};
 
   explicit serving(const peer_server_config& c) : cfg(c) {}
@@ -261,10 +285,15 @@ caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_confi
   auto serve = [sp = s.get()](kj::AsyncIoContext& io, kj::Own<kj::ConnectionReceiver> listener,
                               uint16_t port) {
     auto state = kj::heap<serving>(sp->cfg_);
-    capnp::Capability::Client main =
-        kj::heap<peer_impl>(sp->cfg_, sp->cfg_.host + ":" + std::to_string(port), *sp->store_);
-    auto accepting = wire::accept_forever(*listener, io.provider->getTimer(), kj::mv(main),
-                                          state->tasks, sp->cfg_.log, "peer server");
+    // Peers present certificates too: the handshake fails for one that has none from the CA.
+    if (sp->cfg_.tls) state->tls = sp->cfg_.tls->context(true);
+    auto address = sp->cfg_.host + ":" + std::to_string(port);
+    auto accepting = wire::accept_forever(
+        *listener, io.provider->getTimer(), state->tls.get(),
+        [sp, address](kj::Own<kj::PeerIdentity> caller) -> capnp::Capability::Client {
+          return kj::heap<peer_impl>(sp->cfg_, address, *sp->store_, kj::mv(caller));
+        },
+        state->tasks, sp->cfg_.log, "peer server");
     return accepting.attach(kj::mv(listener), kj::mv(state));
   };
   auto port = s->server_->start("peer server", s->cfg_.host, s->cfg_.port, std::move(serve),

@@ -6,6 +6,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 #include <caf/expected.hpp>
 
@@ -35,6 +36,14 @@ struct peer_server_config {
   /// The `partition` fault: every call from a peer cut from this node fails with
   /// `disconnected`. May be null.
   std::shared_ptr<const partition> cut;
+  /// TLS (wire/tls.hpp): when set, a caller must present a certificate signed by the cluster's
+  /// CA, and every call's `from` must be one of `peers` and named by that certificate; other
+  /// calls fail (and are logged) without touching anything. Null: plain TCP, every caller
+  /// trusted (the node then listens on loopback only, apps/keel_node.cpp).
+  std::shared_ptr<const wire::tls_config> tls;
+  /// The names of the configured peers (`--peers NAME=HOST:PORT`), the only callers served
+  /// under TLS.
+  std::vector<std::string> peers;
 };
 
 /// The node's peer endpoint: serves `Peer` (wire/peer.capnp) on HOST:PORT, a listener of its

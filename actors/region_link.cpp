@@ -152,6 +152,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
       auto io = kj::setupAsyncIo();
       timer_ = &io.provider->getTimer();
       network_ = &io.provider->getNetwork();
+      if (cfg_.tls) tls_ = cfg_.tls->context(false);
       auto stop = kj::newPromiseAndCrossThreadFulfiller<void>();
       {
         std::lock_guard<std::mutex> guard(mu_);
@@ -168,6 +169,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
       stop.promise.wait(io.waitScope);
       conn_ = nullptr;
       tasks_ = nullptr;
+      tls_ = nullptr;
     } catch (const kj::Exception& e) {
       report("stopped: " + std::string(e.getDescription().cStr()));
       caf::anon_send_exit(owner_, caf::exit_reason::unhandled_exception);
@@ -266,23 +268,16 @@ class link_io : public kj::TaskSet::ErrorHandler {
     connecting_ = true;
     connect_started_ = clock::now();
     auto gen = ++gen_;
-    auto colon = info_.address.rfind(':');
-    auto host = colon == std::string::npos ? info_.address : info_.address.substr(0, colon);
-    uint32_t port = 0;  // node::start checked the address; a bad one fails to connect
-    if (colon != std::string::npos) {
-      auto digits = info_.address.substr(colon + 1);
-      if (!digits.empty() && digits.size() <= 5 &&
-          digits.find_first_not_of("0123456789") == std::string::npos)
-        port = static_cast<uint32_t>(std::stoul(digits));
-    }
+    // The peer's certificate must name it; with no configured name, its host.
+    auto name = cfg_.peer_name.empty() ? wire::host_of(info_.address) : cfg_.peer_name;
     tasks_->add(
-        network_->parseAddress(host, port)
-            .then([](kj::Own<kj::NetworkAddress> a) { return a->connect().attach(kj::mv(a)); })
+        // `tick` gives up on an attempt after `down_after` too; this ends its promise.
+        wire::connect_to(*network_, *timer_, tls_.get(), info_.address, name, cfg_.down_after)
             .then(
-                [this, gen](kj::Own<kj::AsyncIoStream> s) {
+                [this, gen](kj::AuthenticatedStream s) {
                   if (gen != gen_) return;
                   connecting_ = false;
-                  conn_ = kj::heap<connection>(kj::mv(s));
+                  conn_ = kj::heap<connection>(kj::mv(s.stream));
                   send();
                 },
                 [this, gen](kj::Exception&& e) {
@@ -313,6 +308,11 @@ class link_io : public kj::TaskSet::ErrorHandler {
           ++info_.heartbeats;
           info_.consecutive_failures = 0;
           auto n = r.getNode();
+          if (!cfg_.peer_name.empty() && n.getName() != cfg_.peer_name.c_str()) {
+            fail("answered as '" + std::string(n.getName().cStr()) + "', configured as '" +
+                 cfg_.peer_name + "'");
+            return;
+          }
           info_.name = n.getName().cStr();
           info_.region = n.getRegion().cStr();
           info_.client_address = n.getClientAddress().cStr();
@@ -366,6 +366,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
   // The link's thread only.
   kj::Timer* timer_ = nullptr;
   kj::Network* network_ = nullptr;
+  kj::Own<kj::TlsContext> tls_;  // before conn_: a connection ends before its context
   kj::Own<connection> conn_;
   uint64_t gen_ = 0;
   bool connecting_ = false;

@@ -11,6 +11,7 @@
 
 #include "actors/partition.hpp"
 #include "actors/supervisor.hpp"
+#include "wire/tls.hpp"
 
 namespace keel {
 
@@ -51,6 +52,11 @@ struct link_config {
   /// The `partition` fault: while the peer (by the name it answered with) is cut, every
   /// heartbeat fails, as with `cut_atom`. May be null.
   std::shared_ptr<const partition> cut;
+  /// The peer's name as configured (`--peers NAME=HOST:PORT`; "" when not given): its
+  /// heartbeats must answer with it, and under TLS its certificate must name it.
+  std::string peer_name;
+  /// TLS (wire/tls.hpp): the link connects over TLS, presenting this node's certificate.
+  std::shared_ptr<const wire::tls_config> tls;
 };
 
 /// One peer as its link sees it.

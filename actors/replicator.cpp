@@ -3,13 +3,13 @@
 
 #include <algorithm>
 
-#include <capnp/ez-rpc.h>
 #include <kj/async-io.h>
 #include <kj/time.h>
 
 #include "base/error.hpp"
 #include "storage/session_store.hpp"
 #include "wire/peer.capnp.h"
+#include "wire/rpc_client.hpp"
 
 namespace keel {
 
@@ -42,20 +42,26 @@ caf::error peer_error(wire::PeerError::Reader e) {
 /// The replicator thread's connections, one per peer address.
 struct replicator::rpc {
   struct peer_connection {
-    std::unique_ptr<capnp::EzRpcClient> client;
+    std::unique_ptr<wire::rpc_client> client;
     wire::Peer::Client main = nullptr;
   };
-  std::map<std::string, peer_connection> clients;
-  capnp::EzRpcClient* any = nullptr;  // for the wait scope and timer, once one exists
+  explicit rpc(std::shared_ptr<const wire::tls_config> t, std::chrono::milliseconds timeout)
+      : tls(std::move(t)), connect_timeout(timeout) {}
 
-  /// The peer's capability, on a connection made once per address: asking a connection whose
-  /// stream broke for its bootstrap again makes Cap'n Proto 0.9 throw from a destructor while
-  /// unwinding (std::terminate), so a connection's capability is taken once, when it is made,
-  /// and a broken connection is dropped (`drop`), never asked again.
-  wire::Peer::Client peer(const std::string& address) {
-    auto& c = clients[address];
+  std::shared_ptr<const wire::tls_config> tls;
+  std::chrono::milliseconds connect_timeout;
+  std::map<std::string, peer_connection> clients;
+  wire::rpc_client* any = nullptr;  // for the wait scope and timer, once one exists
+
+  /// The peer's capability, on a connection made once per address (under TLS the peer's
+  /// certificate must name `p.name`, which its heartbeats answered with): asking a connection
+  /// whose stream broke for its bootstrap again makes Cap'n Proto 0.9 throw from a destructor
+  /// while unwinding (std::terminate), so a connection's capability is taken once, when it is
+  /// made, and a broken connection is dropped (`drop`), never asked again.
+  wire::Peer::Client peer(const peer_info& p) {
+    auto& c = clients[p.address];
     if (!c.client) {
-      c.client = std::make_unique<capnp::EzRpcClient>(address);
+      c.client = std::make_unique<wire::rpc_client>(p.address, tls, p.name, connect_timeout);
       c.main = c.client->getMain<wire::Peer>();
     }
     any = c.client.get();
@@ -300,7 +306,7 @@ caf::error replicator::replicate(const replica_update& u) {
 
 caf::error replicator::send_delta(const replica_update& u, const peer_info& target) {
   try {
-    auto req = rpc_->peer(target.address).replicateRequest();
+    auto req = rpc_->peer(target).replicateRequest();
     set_from(req.initFrom(), cfg_);
     req.setSession(u.session);
     req.setEpoch(u.epoch);
@@ -323,7 +329,7 @@ caf::error replicator::send_full(const std::string& session, const peer_info& ta
     if (!entry) return entry.error();
     auto logs = cfg_.store->read_turns(session);
     if (!logs) return logs.error();
-    auto req = rpc_->peer(target.address).replicateRequest();
+    auto req = rpc_->peer(target).replicateRequest();
     set_from(req.initFrom(), cfg_);
     req.setSession(session);
     req.setEpoch(entry->epoch);
@@ -350,7 +356,7 @@ caf::expected<uint64_t> replicator::handoff(const std::string& session, const pe
       return;
     }
     try {
-      auto req = rpc_->peer(target.address).handoffRequest();
+      auto req = rpc_->peer(target).handoffRequest();
       set_from(req.initFrom(), cfg_);
       req.setSession(session);
       auto res = rpc_->wait(req.send(), cfg_.call_timeout * 4);
@@ -374,7 +380,7 @@ std::vector<session_copy> replicator::locate_now(const std::vector<std::string>&
   if (sessions.empty()) return out;
   for (auto& p : live_peers()) {
     try {
-      auto req = rpc_->peer(p.address).locateRequest();
+      auto req = rpc_->peer(p).locateRequest();
       set_from(req.initFrom(), cfg_);
       auto ids = req.initSessions(static_cast<unsigned>(sessions.size()));
       for (unsigned i = 0; i < sessions.size(); ++i) ids.set(i, sessions[i]);
@@ -407,7 +413,7 @@ caf::expected<fetched_session> replicator::fetch_now(const std::string& session)
       make_error(errc::not_found, "no live peer has a copy of session " + session);
   for (auto& p : live_peers()) {
     try {
-      auto req = rpc_->peer(p.address).fetchRequest();
+      auto req = rpc_->peer(p).fetchRequest();
       set_from(req.initFrom(), cfg_);
       req.setSession(session);
       auto res = rpc_->wait(req.send(), cfg_.call_timeout);
@@ -432,7 +438,7 @@ caf::expected<fetched_session> replicator::fetch_now(const std::string& session)
 }
 
 void replicator::run() {
-  rpc state;
+  rpc state(cfg_.tls, cfg_.call_timeout);
   rpc_ = &state;
   for (;;) {
     std::function<void()> task;

@@ -18,6 +18,7 @@
 #include <caf/expected.hpp>
 
 #include "actors/partition.hpp"
+#include "wire/tls.hpp"
 #include "actors/region_link.hpp"
 
 namespace keel::storage {
@@ -83,6 +84,9 @@ struct replicator_config {
   std::function<void(const std::string&)> log;
   /// The `partition` fault: peers cut from this node get nothing. May be null.
   std::shared_ptr<const partition> cut;
+  /// TLS (wire/tls.hpp): calls go over TLS, presenting this node's certificate, to peers whose
+  /// certificates name them.
+  std::shared_ptr<const wire::tls_config> tls;
 };
 
 /// The node's calls to its peers, on one thread of its own (a KJ event loop with one Cap'n

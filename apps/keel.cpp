@@ -20,6 +20,7 @@
 #include "kernels/model.hpp"
 #include "kernels/tokenizer.hpp"
 #include "wire/client.hpp"
+#include "wire/tls.hpp"
 
 #ifdef KEEL_HAVE_LIBEDIT
 #include <editline/readline.h>
@@ -28,6 +29,13 @@
 namespace {
 
 using keel::cli::option;
+
+// TLS, for nodes started with --tls-cert (docs/operations.md, "Security model").
+constexpr option tls_ca_option = {"tls-ca", "FILE",
+                                  "with --connect: TLS, trusting only this CA certificate (PEM)"};
+constexpr option tls_name_option = {
+    "tls-name", "NAME",
+    "with --tls-ca: the name the node's certificate must carry (default: the address's host)"};
 
 constexpr option generate_spec[] = {
     {"model", "FILE", "GGUF model or llama2.c checkpoint (this or --connect)"},
@@ -46,6 +54,8 @@ constexpr option generate_spec[] = {
     {"priority", "N", "with --connect: the session's priority, higher first (default 0)"},
     {"ids", nullptr, "print token ids: 'prompt: ...' then 'gen: ...'"},
     {"verbose", nullptr, "with --connect: print the session, its node and each failover to stderr"},
+    tls_ca_option,
+    tls_name_option,
 };
 
 constexpr option chat_spec[] = {
@@ -59,10 +69,14 @@ constexpr option chat_spec[] = {
     {"repeat-penalty", "R", "repetition penalty, 1 = off (default 1)"},
     {"seed", "S", "sampling seed (default 0)"},
     {"priority", "N", "the session's priority, higher first (default 0)"},
+    tls_ca_option,
+    tls_name_option,
 };
 
 constexpr option connect_spec[] = {
     {"connect", "HOST:PORT,...", "the keel-nodes to try, in order (required)"},
+    tls_ca_option,
+    tls_name_option,
 };
 
 const char* top_help =
@@ -119,6 +133,14 @@ caf::expected<std::unique_ptr<keel::wire::client>> connect(
         std::string(command) + ": --connect HOST:PORT[,HOST:PORT...] is required");
   auto endpoints = keel::wire::parse_endpoints(opts.get("connect"));
   if (!endpoints) return endpoints.error();
+  if (opts.has("tls-ca")) {
+    auto tls = keel::wire::tls_config::load({"", "", opts.get("tls-ca")});
+    if (!tls) return tls.error();
+    copts.tls = std::move(*tls);
+    copts.tls_name = opts.get("tls-name");
+  } else if (opts.has("tls-name")) {
+    return keel::make_error(keel::errc::bad_request, "--tls-name needs --tls-ca FILE");
+  }
   return keel::wire::client::connect(*endpoints, std::move(copts));
 }
 

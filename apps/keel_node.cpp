@@ -52,7 +52,9 @@ constexpr option spec[] = {
     {"peer-listen", "HOST:PORT",
      "address to serve other nodes on (wire/peer.capnp); port 0 picks a free one (default: "
      "none)"},
-    {"peers", "HOST:PORT,...", "the other nodes' peer addresses; one region link each"},
+    {"peers", "[NAME=]HOST:PORT,...",
+     "the other nodes' peer addresses, each with its node name (required with TLS: its "
+     "certificate must name it); one region link each"},
     {"heartbeat-interval", "MS", "region link heartbeat interval (default 100)"},
     {"down-after", "MS", "declare a peer down after MS ms without a heartbeat (default 500)"},
     {"replicas", "N",
@@ -61,6 +63,11 @@ constexpr option spec[] = {
      "turn is acknowledged once a majority of the group (this node and N replicas) stored it"},
     {"admin-listen", "HOST:PORT", "the admin API's address (keel-shell); port 0 picks a free one"},
     {"admin-key", "KEY", "the key keel-shell must give (default: none; the admin API refuses all)"},
+    {"tls-cert", "FILE",
+     "this node's certificate (PEM, signed by --tls-ca, common name = --name): TLS on the "
+     "client, peer and admin ports; without it the peer and admin ports serve loopback only"},
+    {"tls-key", "FILE", "the private key of --tls-cert (PEM)"},
+    {"tls-ca", "FILE", "the cluster's CA certificate (PEM), the only one trusted"},
     {"stop-timeout", "MS",
      "on SIGTERM, exit anyway after MS milliseconds if the clean stop has not finished "
      "(default 20000; what was acknowledged is synced, so nothing acknowledged is lost)"},
@@ -128,6 +135,21 @@ caf::expected<std::pair<std::string, uint16_t>> parse_listen(const std::string& 
   return std::make_pair(host, static_cast<uint16_t>(n));
 }
 
+/// Whether `host` names this machine only: 127.0.0.0/8, ::1, localhost.
+bool loopback(const std::string& host) {
+  return host.rfind("127.", 0) == 0 || host == "::1" || host == "localhost";
+}
+
+/// A port that trusts its callers (peer, admin) is served beyond this host only over TLS.
+caf::error loopback_without_tls(const std::pair<std::string, uint16_t>& at, const std::string& flag,
+                                bool tls) {
+  if (tls || loopback(at.first)) return {};
+  return keel::make_error(keel::errc::bad_request,
+                          "--" + flag + " " + at.first + ":" + std::to_string(at.second) +
+                              ": without TLS this port serves loopback only (127.0.0.1, ::1); "
+                              "give --tls-cert, --tls-key and --tls-ca to serve other hosts");
+}
+
 /// Raises the soft limit on open files to the hard one, so that many clients (each a socket)
 /// do not run the node out of descriptors, and says what the limit is.
 void raise_open_file_limit() {
@@ -188,7 +210,7 @@ int run(std::span<char*> args) {
   if (!stop_timeout) return fail(stop_timeout.error());
   if (!heartbeat) return fail(heartbeat.error());
   if (!down_after) return fail(down_after.error());
-  std::vector<std::string> peers;
+  std::vector<std::string> peers, peer_names;
   if (opts->has("peers")) {
     std::string list = opts->get("peers");
     for (size_t b = 0; b <= list.size();) {
@@ -196,17 +218,45 @@ int run(std::span<char*> args) {
       if (e == std::string::npos) e = list.size();
       auto one = trim(list.substr(b, e - b));
       if (!one.empty()) {
+        std::string name;
+        if (auto eq = one.find('='); eq != std::string::npos) {
+          name = trim(one.substr(0, eq));
+          one = trim(one.substr(eq + 1));
+          if (name.empty())
+            return fail(keel::make_error(keel::errc::bad_request,
+                                         "--peers: '=" + one + "' has an empty node name"));
+        }
         auto hp = parse_listen(one, "peers");
         if (!hp) return fail(hp.error());
         peers.push_back(one);
+        peer_names.push_back(name);
       }
       b = e + 1;
     }
+  }
+  // TLS on every port, or none (issue #11): a node without it keeps its peer and admin ports to
+  // this host, where anyone who reaches them is already on the machine.
+  std::shared_ptr<const keel::wire::tls_config> tls;
+  if (opts->has("tls-cert") || opts->has("tls-key") || opts->has("tls-ca")) {
+    if (!opts->has("tls-cert") || !opts->has("tls-key") || !opts->has("tls-ca"))
+      return fail(keel::make_error(keel::errc::bad_request,
+                                   "TLS needs all of --tls-cert, --tls-key and --tls-ca"));
+    auto t = keel::wire::tls_config::load(
+        {opts->get("tls-cert"), opts->get("tls-key"), opts->get("tls-ca")});
+    if (!t) return fail(t.error());
+    tls = std::move(*t);
+    for (size_t i = 0; i < peers.size(); ++i)
+      if (peer_names[i].empty())
+        return fail(keel::make_error(keel::errc::bad_request,
+                                     "--peers " + peers[i] +
+                                         ": with TLS every peer needs its node name, "
+                                         "NAME=HOST:PORT (its certificate must name it)"));
   }
   std::optional<std::pair<std::string, uint16_t>> peer_listen;
   if (opts->has("peer-listen")) {
     auto pl = parse_listen(opts->get("peer-listen"), "peer-listen");
     if (!pl) return fail(pl.error());
+    if (auto err = loopback_without_tls(*pl, "peer-listen", tls != nullptr)) return fail(err);
     peer_listen = *pl;
   }
 
@@ -215,6 +265,7 @@ int run(std::span<char*> args) {
   if (opts->has("admin-listen")) {
     auto al = parse_listen(opts->get("admin-listen"), "admin-listen");
     if (!al) return fail(al.error());
+    if (auto err = loopback_without_tls(*al, "admin-listen", tls != nullptr)) return fail(err);
     admin_listen = *al;
   }
   if (opts->has("admin-key") && !admin_listen)
@@ -241,6 +292,8 @@ int run(std::span<char*> args) {
   auto replicas = opts->get_int("replicas", peers.size() >= 2 ? 2 : 1, 1, 16);
   if (!replicas) return fail(replicas.error());
   ncfg.peers = std::move(peers);
+  ncfg.peer_names = peer_names;
+  ncfg.tls = tls;
   ncfg.heartbeat_interval = std::chrono::milliseconds(*heartbeat);
   ncfg.down_after = std::chrono::milliseconds(*down_after);
   ncfg.replicas = static_cast<int32_t>(*replicas);
@@ -250,6 +303,7 @@ int run(std::span<char*> args) {
   gcfg.region = opts->get("region");
   gcfg.stall_timeout = std::chrono::milliseconds(*stall);
   gcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
+  gcfg.tls = tls;
 
   // Block the stop signals before any thread starts, so that every thread inherits the mask
   // and only sigwait below receives them.
@@ -278,6 +332,9 @@ int run(std::span<char*> args) {
     pcfg.name = ncfg.name;
     pcfg.region = ncfg.region;
     pcfg.cut = ncfg.cut;
+    pcfg.tls = tls;
+    for (auto& n : peer_names)
+      if (!n.empty()) pcfg.peers.push_back(n);
     pcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
     auto ps = keel::peer_server::start(pcfg);
     if (!ps) return fail(ps.error());
@@ -307,6 +364,12 @@ int run(std::span<char*> args) {
                                    std::to_string(ncfg.threads_per_shard) + " thread(s)" +
                                    (gcfg.region.empty() ? "" : ", region " + gcfg.region) +
                                    (opts->has("data") ? ", data " + opts->get("data") : ""));
+  keel::cli::log_line(
+      program, tls ? "TLS on the client, peer and admin ports: certificate " +
+                         opts->get("tls-cert") + ", CA " + opts->get("tls-ca") +
+                         (peer_listen ? "; peers must present certificates naming them" : "")
+                   : "no TLS (no --tls-cert): the peer and admin ports serve loopback only, and "
+                     "trust whoever reaches them there");
   std::unique_ptr<keel::admin> adm;
   if (admin_listen) {
     keel::admin_config acfg;
@@ -315,6 +378,7 @@ int run(std::span<char*> args) {
     acfg.key = opts->get("admin-key");
     acfg.client_address = (*gw)->address();
     acfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
+    acfg.tls = tls;
     auto a = keel::admin::start(sys, **nd, std::move(acfg));
     if (!a) return fail(a.error());
     adm = std::move(*a);

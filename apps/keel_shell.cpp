@@ -18,6 +18,7 @@
 #include "apps/shell/render.hpp"
 #include "apps/shell/shell.hpp"
 #include "wire/client.hpp"
+#include "wire/tls.hpp"
 
 namespace {
 
@@ -29,6 +30,9 @@ constexpr option spec[] = {
     {"key", "KEY", "the admin key (ps shows it: prefer --key-file or KEEL_ADMIN_KEY)"},
     {"command", "'CMD; ...'", "run these commands and exit (also -c)"},
     {"json", nullptr, "print each command's result as one line of JSON"},
+    {"tls-ca", "FILE", "TLS, trusting only this CA certificate (PEM): for nodes with --tls-cert"},
+    {"tls-name", "NAME",
+     "with --tls-ca: the name the nodes' certificates must carry (default: each address's host)"},
 };
 
 constexpr const char* program = "keel-shell";
@@ -99,7 +103,16 @@ int run(std::vector<std::string> args) {
   if (!key) return fail(key.error());
   const bool json = opts->has("json");
 
-  keel::shell::cluster nodes(*endpoints, *key, {});
+  keel::shell::cluster::options copts;
+  if (opts->has("tls-ca")) {
+    auto tls = keel::wire::tls_config::load({"", "", opts->get("tls-ca")});
+    if (!tls) return fail(tls.error());
+    copts.tls = std::move(*tls);
+    copts.tls_name = opts->get("tls-name");
+  } else if (opts->has("tls-name")) {
+    return fail(keel::make_error(keel::errc::bad_request, "--tls-name needs --tls-ca FILE"));
+  }
+  keel::shell::cluster nodes(*endpoints, *key, std::move(copts));
   // A node that refuses the key ends the shell; one that cannot be reached is shown as down.
   if (auto err = nodes.connect()) return fail(err);
   keel::shell::shell sh(nodes, json);

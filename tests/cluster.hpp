@@ -72,13 +72,28 @@ struct cluster_config {
   /// Each node also serves the admin API (keel-shell) on a port of its own, with a key kept in
   /// root/admin.conf; `shell` runs keel-shell against a node.
   bool admin = false;
+  /// A directory with scripts/make-certs.sh's files for every node (see `make_certs`): TLS on
+  /// every port, each node with its own certificate, the peers named. Empty: plain TCP.
+  std::filesystem::path tls;
 };
+
+/// Makes a CA and a certificate per name in `dir` with scripts/make-certs.sh (the operators'
+/// tool, so it is tested too).
+inline void make_certs(const std::filesystem::path& dir, const std::vector<std::string>& names) {
+  std::vector<std::string> argv = {"/bin/bash", std::string(KEEL_SOURCE_DIR) + "/scripts/make-certs.sh",
+                                   dir.string()};
+  argv.insert(argv.end(), names.begin(), names.end());
+  process p(argv);
+  auto st = p.wait(std::chrono::seconds(30));
+  BOOST_REQUIRE_MESSAGE(st && *st == 0, "make-certs.sh failed: " + p.out() + p.err());
+}
 
 /// The nodes of one cluster. With a single node it is a standalone keel-node: no peers, no peer
 /// port, no replication flags (the fault-free reference).
 class cluster {
  public:
   cluster(cluster_config cfg, std::vector<node_spec> specs) : cfg_(std::move(cfg)) {
+    std::filesystem::create_directories(cfg_.root);
     std::set<uint16_t> taken;
     auto port = [&taken] {
       uint16_t p = 0;
@@ -141,8 +156,11 @@ class cluster {
     auto& m = running_member(i);
     auto admin = m.admin_address;
     BOOST_REQUIRE_MESSAGE(!admin.empty(), "node " + m.spec.name + " serves no admin API");
-    process p({bin("keel-shell"), "--connect", admin, "--key-file", admin_key_file().string(),
-               "-c", commands});
+    std::vector<std::string> argv = {bin("keel-shell"), "--connect", admin, "--key-file",
+                                     admin_key_file().string(), "-c", commands};
+    if (!cfg_.tls.empty())
+      argv.insert(argv.end(), {"--tls-ca", (cfg_.tls / "ca.crt").string(), "--tls-name", "localhost"});
+    process p(argv);
     auto st = p.wait(std::chrono::seconds(20));
     if (!st) p.stop(std::chrono::seconds(1));
     return {st.value_or(-1), p.out() + p.err()};
@@ -310,12 +328,18 @@ class cluster {
       for (size_t j = 0; j < nodes_.size(); ++j) {
         if (j == i) continue;
         if (!peers.empty()) peers += ",";
+        if (!cfg_.tls.empty()) peers += nodes_[j].spec.name + "=";
         peers += nodes_[j].peer_address;
       }
       a.insert(a.end(), {"--peer-listen", m.peer_address, "--peers", peers, "--heartbeat-interval",
                          std::to_string(cfg_.heartbeat_ms), "--down-after",
                          std::to_string(cfg_.down_after_ms)});
       if (cfg_.replicas > 0) a.insert(a.end(), {"--replicas", std::to_string(cfg_.replicas)});
+    }
+    if (!cfg_.tls.empty()) {
+      a.insert(a.end(), {"--tls-cert", (cfg_.tls / (m.spec.name + ".crt")).string(), "--tls-key",
+                         (cfg_.tls / (m.spec.name + ".key")).string(), "--tls-ca",
+                         (cfg_.tls / "ca.crt").string()});
     }
     if (cfg_.admin) {
       auto conf = cfg_.root / "admin.conf";

@@ -1,6 +1,5 @@
 #include "wire/client.hpp"
 
-#include <capnp/ez-rpc.h>
 #include <kj/async-io.h>
 #include <kj/async.h>
 #include <kj/exception.h>
@@ -15,6 +14,7 @@
 
 #include "wire/convert.hpp"
 #include "wire/keel.capnp.h"
+#include "wire/rpc_client.hpp"
 
 namespace keel::wire {
 
@@ -179,7 +179,7 @@ struct client::impl {
   std::string node_name;               // of the node at `endpoint`, when known
   std::string serving_node;            // of the node serving the stream being resumed
   options opts;
-  std::unique_ptr<capnp::EzRpcClient> rpc;
+  std::unique_ptr<rpc_client> rpc;
   Gateway::Client gateway = nullptr;
   std::map<std::string, Session::Client> sessions;  // capabilities of sessions used before
 
@@ -242,7 +242,7 @@ struct client::impl {
         try {
           // The new client shares this thread's event loop with the old one, so the old one
           // can go once nothing of it is left.
-          auto next = std::make_unique<capnp::EzRpcClient>(ep.c_str());
+          auto next = std::make_unique<rpc_client>(ep, opts.tls, opts.tls_name, opts.connect_timeout);
           auto gw = next->getMain<Gateway>();
           auto resp = bounded(gw.infoRequest().send(), std::min(opts.connect_timeout, left), "info")
                           .wait(next->getWaitScope());
@@ -342,7 +342,7 @@ caf::expected<std::unique_ptr<client>> client::connect(const std::vector<std::st
     p->endpoints = endpoints;
     p->opts = opts;
     try {
-      p->rpc = std::make_unique<capnp::EzRpcClient>(ep.c_str());
+      p->rpc = std::make_unique<rpc_client>(ep, p->opts.tls, p->opts.tls_name, p->opts.connect_timeout);
       p->gateway = p->rpc->getMain<Gateway>();
       auto resp =
           p->bounded(p->gateway.infoRequest().send(), opts.connect_timeout, "info").wait(p->ws());

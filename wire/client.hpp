@@ -20,6 +20,10 @@
 #include "kernels/sampler.hpp"
 
 namespace keel::wire {
+class tls_config;
+}
+
+namespace keel::wire {
 
 using keel::finish_reason;
 
@@ -116,6 +120,10 @@ class client {
     std::chrono::milliseconds probe_interval{100};
     /// Called on the generating thread after each failover, before the resumed tokens.
     std::function<void(const failover_event&)> on_failover;
+    /// TLS (wire/tls.hpp): connect over TLS, trusting only this CA. Null: plain TCP.
+    std::shared_ptr<const tls_config> tls;
+    /// The name the nodes' certificates must carry; empty: each endpoint's host.
+    std::string tls_name;
   };
 
   /// Connects to the first endpoint ("HOST:PORT") of `endpoints` that answers `info()`, trying

@@ -56,7 +56,7 @@ namespace {
 struct accept_state {
   kj::ConnectionReceiver& listener;
   kj::Timer& timer;
-  std::function<void(kj::Own<kj::AsyncIoStream>&&)> on_accept;
+  on_connection on_accept;
   server_thread::log_fn log;
   std::string name;
   kj::Duration pause = 10 * kj::MILLISECONDS;
@@ -65,9 +65,9 @@ struct accept_state {
 
 kj::Promise<void> accept_next(accept_state& st) {
   // evalNow: KJ's accept() throws at once when accept(2) fails (EMFILE), instead of rejecting.
-  return kj::evalNow([&st] { return st.listener.accept(); })
+  return kj::evalNow([&st] { return st.listener.acceptAuthenticated(); })
       .then(
-          [&st](kj::Own<kj::AsyncIoStream>&& s) {
+          [&st](kj::AuthenticatedStream&& s) {
             if (st.failures > 0 && st.log)
               st.log(st.name + ": accepting again after " + std::to_string(st.failures) +
                      " failed accept(s)");
@@ -90,23 +90,59 @@ kj::Promise<void> accept_next(accept_state& st) {
 }  // namespace
 
 kj::Promise<void> accept_retrying(kj::ConnectionReceiver& listener, kj::Timer& timer,
-                                  std::function<void(kj::Own<kj::AsyncIoStream>&&)> on_accept,
-                                  server_thread::log_fn log, const std::string& name) {
+                                  on_connection on_accept, server_thread::log_fn log,
+                                  const std::string& name) {
   auto st = kj::heap<accept_state>(
       accept_state{listener, timer, std::move(on_accept), std::move(log), name});
   auto& ref = *st;
   return accept_next(ref).attach(kj::mv(st));
 }
 
-kj::Promise<void> accept_forever(kj::ConnectionReceiver& listener, kj::Timer& timer,
-                                 capnp::Capability::Client bootstrap, kj::TaskSet& tasks,
+namespace {
+
+/// Failed handshakes since the last line about them (one line a second at most: a flood of
+/// bad handshakes does not flood the log).
+struct handshake_failures {
+  uint64_t count = 0;
+  kj::TimePoint last_line = kj::origin<kj::TimePoint>();
+  std::string last_why;
+};
+
+}  // namespace
+
+kj::Promise<void> accept_secured(kj::ConnectionReceiver& listener, kj::Timer& timer,
+                                 kj::TlsContext* tls, kj::TaskSet& tasks, on_connection on_ready,
                                  server_thread::log_fn log, const std::string& name) {
-  // Capability clients copy only from non-const references: std::function holds a pointer.
-  auto main = std::make_shared<capnp::Capability::Client>(kj::mv(bootstrap));
+  if (tls == nullptr) return accept_retrying(listener, timer, std::move(on_ready), log, name);
+  auto failures = std::make_shared<handshake_failures>();
+  auto ready = std::make_shared<on_connection>(std::move(on_ready));
   return accept_retrying(
       listener, timer,
-      [main, &tasks](kj::Own<kj::AsyncIoStream>&& s) {
-        auto c = kj::heap<rpc_connection>(kj::mv(s), *main);
+      [tls, &timer, &tasks, failures, ready, log, name](kj::AuthenticatedStream&& s) {
+        tasks.add(secure_accepted(tls, timer, kj::mv(s))
+                      .then([ready](kj::AuthenticatedStream&& done) { (*ready)(kj::mv(done)); },
+                            [&timer, failures, log, name](kj::Exception&& e) {
+                              ++failures->count;
+                              failures->last_why = e.getDescription().cStr();
+                              auto now = timer.now();
+                              if (!log || now - failures->last_line < 1 * kj::SECONDS) return;
+                              log(name + ": " + std::to_string(failures->count) +
+                                  " TLS handshake(s) failed, the last: " + failures->last_why);
+                              failures->count = 0;
+                              failures->last_line = now;
+                            }));
+      },
+      log, name);
+}
+
+kj::Promise<void> accept_forever(
+    kj::ConnectionReceiver& listener, kj::Timer& timer, kj::TlsContext* tls,
+    std::function<capnp::Capability::Client(kj::Own<kj::PeerIdentity>)> bootstrap,
+    kj::TaskSet& tasks, server_thread::log_fn log, const std::string& name) {
+  return accept_secured(
+      listener, timer, tls, tasks,
+      [bootstrap = std::move(bootstrap), &tasks](kj::AuthenticatedStream&& s) {
+        auto c = kj::heap<rpc_connection>(kj::mv(s.stream), bootstrap(kj::mv(s.peerIdentity)));
         auto gone = c->network.onDisconnect();
         tasks.add(gone.attach(kj::mv(c)));
       },

@@ -14,6 +14,8 @@
 #include <capnp/rpc-twoparty.h>
 #include <kj/async-io.h>
 
+#include "wire/tls.hpp"
+
 namespace keel::wire {
 
 class server_thread {
@@ -58,19 +60,32 @@ struct rpc_connection {
         rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
 };
 
+/// What a server does with a connection once it is accepted (and, with TLS, its handshake is
+/// done): the stream and who is at the other end (a `kj::TlsPeerIdentity` under TLS).
+using on_connection = std::function<void(kj::AuthenticatedStream&&)>;
+
 /// Accepts connections on `listener` for as long as the promise lives, handing each to
 /// `on_accept`. A failed accept (out of file descriptors, a connection reset before it was
 /// accepted) never ends the loop: it is reported to `log` (when set) once per run of failures,
 /// and accepting resumes after a pause of 10 ms doubling to 1 s, so the port comes back by itself
 /// once descriptors are free again. `listener`, `timer` and `on_accept` must outlive the promise.
 kj::Promise<void> accept_retrying(kj::ConnectionReceiver& listener, kj::Timer& timer,
-                                  std::function<void(kj::Own<kj::AsyncIoStream>&&)> on_accept,
-                                  server_thread::log_fn log, const std::string& name);
+                                  on_connection on_accept, server_thread::log_fn log,
+                                  const std::string& name);
 
-/// Accepts connections on `listener` for as long as the promise lives (as `accept_retrying`),
-/// each served with `bootstrap` and kept in `tasks` until it disconnects.
-kj::Promise<void> accept_forever(kj::ConnectionReceiver& listener, kj::Timer& timer,
-                                 capnp::Capability::Client bootstrap, kj::TaskSet& tasks,
+/// As `accept_retrying`; with `tls`, each accepted connection first runs its TLS handshake, on its
+/// own in `tasks` (a client that never finishes it is dropped after `handshake_timeout` and holds
+/// up nobody), and reaches `on_ready` only once it succeeded. Failed handshakes are logged at
+/// most once a second, with their count. `tls`, `timer` and `tasks` must outlive the promise.
+kj::Promise<void> accept_secured(kj::ConnectionReceiver& listener, kj::Timer& timer,
+                                 kj::TlsContext* tls, kj::TaskSet& tasks, on_connection on_ready,
                                  server_thread::log_fn log, const std::string& name);
+
+/// Serves every connection `accept_secured` hands over with the capability `bootstrap` makes for
+/// it (from who is at the other end), each kept in `tasks` until it disconnects.
+kj::Promise<void> accept_forever(
+    kj::ConnectionReceiver& listener, kj::Timer& timer, kj::TlsContext* tls,
+    std::function<capnp::Capability::Client(kj::Own<kj::PeerIdentity>)> bootstrap,
+    kj::TaskSet& tasks, server_thread::log_fn log, const std::string& name);
 
 }  // namespace keel::wire

@@ -8,6 +8,7 @@
 #include "base/error.hpp"
 #include "wire/convert.hpp"
 #include "wire/keel.capnp.h"
+#include "wire/tls.hpp"
 
 namespace keel::shell {
 
@@ -30,6 +31,7 @@ struct cluster::impl {
   kj::AsyncIoContext io = kj::setupAsyncIo();
   std::string key;
   options opts;
+  kj::Own<kj::TlsContext> tls;       // with opts.tls; before `links`, which may use it
   std::vector<kj::Own<link>> links;  // by member; null while down
 
   /// `p`, failing with DISCONNECTED "WHAT: no answer within N ms" after `limit`.
@@ -50,6 +52,7 @@ cluster::cluster(std::vector<std::string> addresses, std::string key, options op
     : impl_(std::make_unique<impl>()) {
   impl_->key = std::move(key);
   impl_->opts = opts;
+  if (opts.tls) impl_->tls = opts.tls->context(false);
   for (auto& a : addresses) {
     members_.push_back(member{a, "", false, "not connected yet"});
     impl_->links.emplace_back();
@@ -65,15 +68,13 @@ caf::error cluster::connect() {
     if (m.up) continue;
     caf::error refused;
     KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
-                   auto& net = impl_->io.provider->getNetwork();
-                   auto connecting =
-                       net.parseAddress(m.address).then([](kj::Own<kj::NetworkAddress> a) {
-                         return a->connect().attach(kj::mv(a));
-                       });
+                   auto& io = *impl_->io.provider;
                    auto l = kj::heap<link>();
-                   l->stream =
-                       impl_->bounded(kj::mv(connecting), impl_->opts.connect_timeout, "connect")
-                           .wait(ws);
+                   l->stream = wire::connect_to(io.getNetwork(), io.getTimer(), impl_->tls.get(),
+                                                m.address, impl_->opts.tls_name,
+                                                impl_->opts.connect_timeout)
+                                   .wait(ws)
+                                   .stream;
                    l->rpc = kj::heap<capnp::TwoPartyClient>(*l->stream);
                    auto gate = l->rpc->bootstrap().castAs<wire::AdminGate>();
                    auto req = gate.loginRequest();

@@ -13,6 +13,10 @@
 
 #include <caf/expected.hpp>
 
+namespace keel::wire {
+class tls_config;
+}
+
 namespace keel::shell {
 
 struct actor_row {
@@ -101,6 +105,10 @@ class cluster {
     /// For `drain`, which answers once every session was handed over (a few seconds each at
     /// worst).
     std::chrono::milliseconds drain_timeout{300000};
+    /// TLS (wire/tls.hpp), for nodes started with --tls-cert: trust only this CA. Null: plain.
+    std::shared_ptr<const wire::tls_config> tls;
+    /// The name the nodes' certificates must carry; empty: each address's host.
+    std::string tls_name;
   };
 
   cluster(std::vector<std::string> addresses, std::string key, options opts);

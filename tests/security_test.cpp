@@ -1,0 +1,324 @@
+// Trust boundaries (issue #11): peers authenticate each other with the cluster's certificates,
+// and every port speaks TLS when the node has a certificate. Real keel-node processes on
+// loopback; the attacker is a raw Cap'n Proto client with whatever certificate it could get.
+
+#define BOOST_TEST_MODULE security
+#include <boost/test/unit_test.hpp>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/cluster.hpp"
+#include "tests/process.hpp"
+#include "tests/test_support.hpp"
+#include "wire/client.hpp"
+#include "wire/peer.capnp.h"
+#include "wire/rpc_client.hpp"
+#include "wire/tls.hpp"
+
+using namespace std::chrono_literals;
+using keel::test::cluster;
+using keel::test::cluster_config;
+
+namespace {
+
+/// A synthetic model and a CA with certificates for a, b, c (the cluster) and mallory (signed by
+/// the same CA, but no node of the cluster), plus a second CA's "b" (an impostor).
+struct fixture {
+  keel::test::temp_dir dir{"security_test-" + std::to_string(getpid())};
+  std::filesystem::path certs = dir.path / "certs";
+  std::filesystem::path evil = dir.path / "evil";
+  std::string model = (dir.path / "model.gguf").string();
+
+  fixture() {
+    keel::synth_options o;
+    o.dim = 64;
+    o.layers = 1;
+    o.heads = 4;
+    o.kv_heads = 2;
+    o.ffn = 128;
+    keel::test::write_model(model, o);
+    keel::test::make_certs(certs, {"a", "b", "c", "mallory"});
+    keel::test::make_certs(evil, {"b"});
+  }
+
+  std::shared_ptr<const keel::wire::tls_config> tls(const std::filesystem::path& d,
+                                                    const std::string& name) const {
+    keel::wire::tls_files f;
+    f.ca = (certs / "ca.crt").string();
+    if (!name.empty()) {
+      f.cert = (d / (name + ".crt")).string();
+      f.key = (d / (name + ".key")).string();
+    }
+    auto t = keel::wire::tls_config::load(f);
+    BOOST_REQUIRE_MESSAGE(static_cast<bool>(t), keel::test::why(t));
+    return *t;
+  }
+
+  /// A client of the cluster's client ports, over TLS.
+  keel::wire::client::options client_options() const {
+    keel::wire::client::options co;
+    co.tls = tls(certs, "");
+    co.tls_name = "localhost";
+    co.connect_timeout = 2000ms;
+    co.call_timeout = 10000ms;
+    return co;
+  }
+};
+
+/// What a call to a peer port came to: "" when it was served, else why it failed.
+struct peer_call {
+  std::string refused;
+  std::string record;  // fetch: the record's bytes as text (the prompt's ids are in it)
+};
+
+/// `Peer.fetch(session)` from `from` on `address`, over `tls` (null: plain TCP) as `tls_name`.
+peer_call fetch_as(const std::string& address, std::shared_ptr<const keel::wire::tls_config> tls,
+                   const std::string& from, const std::string& session) {
+  peer_call out;
+  try {
+    keel::wire::rpc_client rpc(address, tls, "a", 3000ms);
+    auto req = rpc.getMain<keel::wire::Peer>().fetchRequest();
+    req.setSession(session);
+    req.initFrom().setName(from);
+    auto res = req.send().wait(rpc.getWaitScope());
+    if (res.getError().getCode() != 0) return {res.getError().getMessage().cStr(), ""};
+    auto r = res.getRecord();
+    out.record.assign(reinterpret_cast<const char*>(r.begin()), r.size());
+  } catch (const kj::Exception& e) {
+    out.refused = e.getDescription().cStr();
+    if (out.refused.empty()) out.refused = "failed";
+  }
+  return out;
+}
+
+/// `Peer.replicate` of an empty record for `session` at `epoch` from `from`, then
+/// `Peer.handoff` of it: what an attacker sends to erase or steal a session. The first failure.
+std::string replicate_and_handoff_as(const std::string& address,
+                                     std::shared_ptr<const keel::wire::tls_config> tls,
+                                     const std::string& from, const std::string& session) {
+  try {
+    keel::wire::rpc_client rpc(address, tls, "a", 3000ms);
+    auto peer = rpc.getMain<keel::wire::Peer>();
+    auto rep = peer.replicateRequest();
+    rep.initFrom().setName(from);
+    rep.setSession(session);
+    rep.setEpoch(1000);
+    auto r = rep.send().wait(rpc.getWaitScope());
+    if (r.getError().getCode() != 0) return r.getError().getMessage().cStr();
+    auto ho = peer.handoffRequest();
+    ho.initFrom().setName(from);
+    ho.setSession(session);
+    auto h = ho.send().wait(rpc.getWaitScope());
+    if (h.getError().getCode() != 0) return h.getError().getMessage().cStr();
+    return "";
+  } catch (const kj::Exception& e) {
+    return e.getDescription().cStr();
+  }
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(tls_files_are_checked_and_errors_name_the_flag_and_file) {
+  fixture f;
+  auto load = [](keel::wire::tls_files x) { return keel::wire::tls_config::load(x); };
+  auto ca = (f.certs / "ca.crt").string();
+  auto a_crt = (f.certs / "a.crt").string();
+  auto a_key = (f.certs / "a.key").string();
+
+  BOOST_TEST(static_cast<bool>(load({a_crt, a_key, ca})));
+  BOOST_TEST(static_cast<bool>(load({"", "", ca})));  // a client: the CA only
+
+  auto missing = load({a_crt, a_key, (f.dir.path / "nope.crt").string()});
+  BOOST_REQUIRE(!missing);
+  BOOST_TEST(keel::test::why(missing).find("--tls-ca") != std::string::npos);
+  BOOST_TEST(keel::test::why(missing).find("nope.crt") != std::string::npos);
+
+  auto mismatch = load({a_crt, (f.certs / "b.key").string(), ca});
+  BOOST_REQUIRE(!mismatch);
+  BOOST_TEST(keel::test::why(mismatch).find("does not match") != std::string::npos,
+             keel::test::why(mismatch));
+
+  auto foreign = load({(f.evil / "b.crt").string(), (f.evil / "b.key").string(), ca});
+  BOOST_REQUIRE(!foreign);
+  BOOST_TEST(keel::test::why(foreign).find("not valid under --tls-ca") != std::string::npos,
+             keel::test::why(foreign));
+
+  auto half = load({a_crt, "", ca});
+  BOOST_REQUIRE(!half);
+  BOOST_TEST(keel::test::why(half).find("--tls-key") != std::string::npos);
+
+  auto not_pem = load({a_crt, a_key, f.model});
+  BOOST_REQUIRE(!not_pem);
+  BOOST_TEST(keel::test::why(not_pem).find("not a PEM file") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(peers_serve_only_the_configured_nodes_their_certificates_name) {
+  // Issue #11: with no credential, anyone who reached a peer port could read any session
+  // (`fetch`), erase it at its owner (`replicate` with a higher epoch) and steal it (`handoff`).
+  fixture f;
+  cluster_config cfg;
+  cfg.model = f.model;
+  cfg.root = f.dir.path / "cluster";
+  cfg.replicas = 2;
+  cfg.tls = f.certs;
+  cfg.label = "security";
+  cluster cl(cfg, {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
+  cl.start_all();
+  BOOST_REQUIRE(cl.wait_all_links_up(15s));
+
+  auto c = keel::wire::client::connect({cl.address(0)}, f.client_options());
+  BOOST_REQUIRE_MESSAGE(static_cast<bool>(c), keel::test::why(c));
+  auto session = (*c)->open_session({});
+  BOOST_REQUIRE_MESSAGE(static_cast<bool>(session), keel::test::why(session));
+  auto g = (*c)->generate(*session, "my password is hunter2", 8);
+  BOOST_REQUIRE_MESSAGE(static_cast<bool>(g), keel::test::why(g));
+  auto before = (*c)->history(*session);
+  BOOST_REQUIRE(before && before->size() == 1);
+
+  const auto peer = cl.peer_address(0);
+  // The control: b, with b's certificate, is served (so what follows is refused for who asks).
+  auto as_b = fetch_as(peer, f.tls(f.certs, "b"), "b", *session);
+  BOOST_TEST(as_b.refused.empty(), as_b.refused);
+  BOOST_TEST(!as_b.record.empty());
+
+  // Plain TCP, and TLS with no certificate of one's own: the handshake fails.
+  BOOST_TEST(!fetch_as(peer, nullptr, "b", *session).refused.empty());
+  BOOST_TEST(!fetch_as(peer, f.tls(f.certs, ""), "b", *session).refused.empty());
+  // A certificate from another CA naming b.
+  auto evil = f.tls(f.certs, "");
+  {
+    keel::wire::tls_files x{(f.evil / "b.crt").string(), (f.evil / "b.key").string(),
+                            (f.evil / "ca.crt").string()};
+    auto t = keel::wire::tls_config::load(x);
+    BOOST_REQUIRE(static_cast<bool>(t));
+    evil = *t;
+  }
+  BOOST_TEST(!fetch_as(peer, evil, "b", *session).refused.empty());
+  // The cluster's CA signed mallory's certificate, but mallory is no configured peer; and b
+  // cannot speak as c.
+  auto as_mallory = fetch_as(peer, f.tls(f.certs, "mallory"), "mallory", *session);
+  BOOST_TEST(as_mallory.refused.find("permission denied") != std::string::npos,
+             as_mallory.refused);
+  BOOST_TEST(!fetch_as(peer, f.tls(f.certs, "mallory"), "b", *session).refused.empty());
+  BOOST_TEST(!fetch_as(peer, f.tls(f.certs, "b"), "c", *session).refused.empty());
+  BOOST_TEST(!replicate_and_handoff_as(peer, f.tls(f.certs, "mallory"), "mallory", *session)
+                  .empty());
+  BOOST_TEST(!replicate_and_handoff_as(peer, f.tls(f.certs, "b"), "c", *session).empty());
+
+  // Nothing changed: a still owns the session, with its turn, and says whom it refused.
+  auto after = (*c)->history(*session);
+  BOOST_REQUIRE_MESSAGE(static_cast<bool>(after), keel::test::why(after));
+  BOOST_REQUIRE_EQUAL(after->size(), 1u);
+  BOOST_TEST(after->at(0).generated == before->at(0).generated);
+  auto g2 = (*c)->generate(*session, "and again", 4);
+  BOOST_TEST(static_cast<bool>(g2), keel::test::why(g2));
+  BOOST_TEST(cl.current_log(0).find("refused a call from 'mallory'") != std::string::npos);
+  BOOST_TEST(cl.current_log(0).find("refused a call from 'c'") != std::string::npos);
+  BOOST_TEST(cl.current_log(0).find("took over") == std::string::npos);
+
+  // The client port speaks TLS only, and a client checks the node's name.
+  keel::wire::client::options plain;
+  plain.connect_timeout = 2000ms;
+  BOOST_TEST(!keel::wire::client::connect({cl.address(0)}, plain));
+  auto wrong_name = f.client_options();
+  wrong_name.tls_name = "b";
+  auto w = keel::wire::client::connect({cl.address(0)}, wrong_name);
+  BOOST_REQUIRE(!w);
+  BOOST_TEST(keel::test::why(w).find("hostname mismatch") != std::string::npos,
+             keel::test::why(w));
+  auto named = f.client_options();
+  named.tls_name = "a";
+  BOOST_TEST(static_cast<bool>(keel::wire::client::connect({cl.address(0)}, named)));
+}
+
+BOOST_AUTO_TEST_CASE(a_tls_cluster_replicates_and_fails_over_with_no_turn_lost) {
+  fixture f;
+  cluster_config cfg;
+  cfg.model = f.model;
+  cfg.root = f.dir.path / "cluster";
+  cfg.replicas = 2;
+  cfg.tls = f.certs;
+  cfg.admin = true;
+  cfg.label = "security-failover";
+  cluster cl(cfg, {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
+  cl.start_all();
+  BOOST_REQUIRE(cl.wait_all_links_up(15s));
+
+  auto co = f.client_options();
+  auto c = keel::wire::client::connect({cl.address(0)}, co);
+  BOOST_REQUIRE_MESSAGE(static_cast<bool>(c), keel::test::why(c));
+  auto session = (*c)->open_session({});
+  BOOST_REQUIRE(static_cast<bool>(session));
+  auto g = (*c)->generate(*session, "Once upon a time", 12);
+  BOOST_REQUIRE_MESSAGE(static_cast<bool>(g), keel::test::why(g));
+  auto before = (*c)->history(*session);
+  BOOST_REQUIRE(before && before->size() == 1);
+
+  // keel-shell over TLS sees the session and its replicas.
+  auto [rc, out] = cl.shell(0, "sessions");
+  BOOST_TEST(rc == 0, out);
+  BOOST_TEST(out.find(*session) != std::string::npos, out);
+
+  // The owner dies; a replica takes the session over (its replication ran over TLS), and the
+  // history read through b, which forwards over TLS when c took it, is the same.
+  c->reset();
+  cl.kill(0);
+  std::vector<keel::wire::turn_record> after;
+  auto until = std::chrono::steady_clock::now() + 20s;
+  std::string last;
+  while (std::chrono::steady_clock::now() < until) {
+    auto b = keel::wire::client::connect({cl.address(1)}, co);
+    if (b) {
+      auto h = (*b)->history(*session);
+      if (h) {
+        after = *h;
+        break;
+      }
+      last = keel::test::why(h);
+    } else {
+      last = keel::test::why(b);
+    }
+    std::this_thread::sleep_for(200ms);
+  }
+  BOOST_REQUIRE_MESSAGE(after.size() == 1, "history after the failover: " << last);
+  BOOST_TEST(after[0].generated == before->at(0).generated);
+  BOOST_TEST(cl.logs().find("took over session " + *session) != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(without_tls_the_peer_and_admin_ports_serve_loopback_only) {
+  fixture f;
+  auto refused = [&](std::vector<std::string> extra, const std::string& expect) {
+    std::vector<std::string> argv = {keel::test::bin("keel-node"), "--listen", "127.0.0.1:0",
+                                     "--model", f.model};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    keel::test::process p(argv);
+    auto st = p.wait(15s);
+    BOOST_REQUIRE(st.has_value());
+    BOOST_TEST(*st != 0);
+    BOOST_TEST(p.err().find(expect) != std::string::npos, p.err());
+  };
+  refused({"--peer-listen", "0.0.0.0:0"}, "--peer-listen 0.0.0.0:0: without TLS");
+  refused({"--admin-listen", "0.0.0.0:0", "--admin-key", "0123456789"},
+          "--admin-listen 0.0.0.0:0: without TLS");
+  auto ca = (f.certs / "ca.crt").string();
+  auto crt = (f.certs / "a.crt").string();
+  auto key = (f.certs / "a.key").string();
+  refused({"--name", "a", "--tls-cert", crt, "--tls-key", key, "--tls-ca", ca, "--peer-listen",
+           "127.0.0.1:0", "--peers", "127.0.0.1:9"},
+          "--peers 127.0.0.1:9: with TLS every peer needs its node name");
+  refused({"--tls-cert", crt, "--tls-ca", ca}, "TLS needs all of");
+
+  // And a node that has no TLS says so when it starts.
+  keel::test::process p({keel::test::bin("keel-node"), "--listen", "127.0.0.1:0", "--model",
+                         f.model, "--peer-listen", "127.0.0.1:0"});
+  BOOST_TEST(p.wait_err(
+      [](const std::string& s) { return s.find("no TLS (no --tls-cert)") != std::string::npos; },
+      15s));
+  p.signal(SIGTERM);
+  p.stop(10s);
+}

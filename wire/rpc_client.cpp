@@ -1,0 +1,73 @@
+#include "wire/rpc_client.hpp"
+
+namespace keel::wire {
+
+struct rpc_client::loop {
+  kj::AsyncIoContext io = kj::setupAsyncIo();
+};
+
+namespace {
+// The event loop of this thread's rpc_clients, alive while one of them is.
+thread_local std::weak_ptr<void> this_thread_loop;
+}  // namespace
+
+struct rpc_client::connection {
+  kj::AuthenticatedStream stream;
+  capnp::TwoPartyVatNetwork network;
+  capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc;
+
+  connection(kj::AuthenticatedStream&& s, capnp::ReaderOptions reader)
+      : stream(kj::mv(s)),
+        network(*stream.stream, capnp::rpc::twoparty::Side::CLIENT, reader),
+        rpc(capnp::makeRpcClient(network)) {}
+
+  capnp::Capability::Client bootstrap() {
+    capnp::word scratch[4] = {};
+    capnp::MallocMessageBuilder message(scratch);
+    auto server = message.getRoot<capnp::rpc::twoparty::VatId>();
+    server.setSide(capnp::rpc::twoparty::Side::SERVER);
+    return rpc.bootstrap(server);
+  }
+};
+
+rpc_client::rpc_client(const std::string& address, std::shared_ptr<const tls_config> tls,
+                       const std::string& server_name, std::chrono::milliseconds connect_timeout,
+                       capnp::ReaderOptions reader)
+    : tls_(std::move(tls)), setup_(nullptr) {
+  if (auto l = this_thread_loop.lock()) {
+    loop_ = std::static_pointer_cast<loop>(l);
+  } else {
+    loop_ = std::make_shared<loop>();
+    this_thread_loop = loop_;
+  }
+  if (tls_) context_ = tls_->context(false);
+  auto& io = *loop_->io.provider;
+  setup_ = connect_to(io.getNetwork(), io.getTimer(), context_.get(), address, server_name,
+                      connect_timeout)
+               .then([this, reader](kj::AuthenticatedStream s) {
+                 conn_ = kj::heap<connection>(kj::mv(s), reader);
+               })
+               .fork();
+}
+
+rpc_client::~rpc_client() noexcept(false) {
+  // The connection goes before the TLS context it may use, and both before the loop.
+  conn_ = nullptr;
+  setup_ = kj::Promise<void>(kj::READY_NOW).fork();
+  context_ = nullptr;
+}
+
+capnp::Capability::Client rpc_client::getMain() {
+  if (conn_.get() != nullptr) return conn_->bootstrap();
+  return setup_.addBranch().then([this] { return conn_->bootstrap(); });
+}
+
+kj::WaitScope& rpc_client::getWaitScope() {
+  return loop_->io.waitScope;
+}
+
+kj::AsyncIoProvider& rpc_client::getIoProvider() {
+  return *loop_->io.provider;
+}
+
+}  // namespace keel::wire
