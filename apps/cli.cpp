@@ -1,9 +1,11 @@
 #include "apps/cli.hpp"
 
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 
 namespace keel::cli {
@@ -107,6 +109,33 @@ caf::expected<uint64_t> options::get_bytes(const std::string& name, uint64_t fal
                       "--" + name + " " + i->second + ": expected a byte count such as 512M");
   }
   return v * mult;
+}
+
+caf::expected<std::string> read_secret_file(const std::string& flag, const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (!in || !std::getline(in, line))
+    return make_error(errc::bad_request, "--" + flag + " " + path + ": cannot read it");
+  auto b = line.find_first_not_of(" \t\r\n");
+  line = b == std::string::npos ? std::string() : line.substr(b, line.find_last_not_of(" \t\r\n") - b + 1);
+  if (line.empty())
+    return make_error(errc::bad_request, "--" + flag + " " + path + ": its first line is empty");
+  return line;
+}
+
+std::string readable_by_others(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0 || (st.st_mode & (S_IRGRP | S_IROTH)) == 0) return {};
+  char mode[8];
+  std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+  return path + " is readable by other users (mode " + mode + "): chmod go-rwx " + path;
+}
+
+caf::error secret_on_command_line(const std::string& flag, const std::string& instead) {
+  return make_error(errc::bad_request, "--" + flag +
+                                           ": a secret on the command line is visible to every "
+                                           "user of this host (ps); " +
+                                           instead);
 }
 
 void log_line(const char* program, const std::string& line) {

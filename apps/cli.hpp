@@ -46,6 +46,18 @@ class options {
 /// never interleave (tests read some of them, e.g. keel-node's "listening on").
 void log_line(const char* program, const std::string& line);
 
+/// A secret kept in a file: its first line, trimmed. An error names `flag` and the path when the
+/// file cannot be read or the line is empty.
+caf::expected<std::string> read_secret_file(const std::string& flag, const std::string& path);
+
+/// "PATH is readable by other users (mode 0644)..." when users other than the owner can read
+/// `path`; "" when they cannot (or it does not exist).
+std::string readable_by_others(const std::string& path);
+
+/// The refusal of a secret given on the command line (issue #11: `ps` shows it to every user),
+/// naming `flag` and where to put it instead.
+caf::error secret_on_command_line(const std::string& flag, const std::string& instead);
+
 /// Whether `args` ask for help (`--help` or `-h`).
 bool wants_help(std::span<char*> args);
 

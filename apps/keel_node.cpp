@@ -3,6 +3,7 @@
 
 #include <signal.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -62,7 +63,12 @@ constexpr option spec[] = {
      "(default 2 with two peers or more, else 1; with --data and --peers); a new session or "
      "turn is acknowledged once a majority of the group (this node and N replicas) stored it"},
     {"admin-listen", "HOST:PORT", "the admin API's address (keel-shell); port 0 picks a free one"},
-    {"admin-key", "KEY", "the key keel-shell must give (default: none; the admin API refuses all)"},
+    {"admin-key", "KEY",
+     "the key keel-shell must give, in the --config file only (default: none; the admin API "
+     "refuses all)"},
+    {"admin-key-file", "FILE",
+     "read the admin key from FILE's first line (or set KEEL_ADMIN_KEY; never on the command "
+     "line)"},
     {"tls-cert", "FILE",
      "this node's certificate (PEM, signed by --tls-ca, common name = --name): TLS on the "
      "client, peer and admin ports; without it the peer and admin ports serve loopback only"},
@@ -268,14 +274,35 @@ int run(std::span<char*> args) {
     if (auto err = loopback_without_tls(*al, "admin-listen", tls != nullptr)) return fail(err);
     admin_listen = *al;
   }
-  if (opts->has("admin-key") && !admin_listen)
+  // The admin key: from the config file, a key file or the environment; never the command line,
+  // where ps shows it to every user of the host.
+  for (auto* a : args)
+    if (std::string(a) == "--admin-key")
+      return fail(keel::cli::secret_on_command_line(
+          "admin-key", "put 'admin-key = KEY' in the --config file, give --admin-key-file FILE, "
+                       "or set KEEL_ADMIN_KEY"));
+  std::string admin_key;
+  if (opts->has("admin-key")) {
+    admin_key = opts->get("admin-key");
+    if (auto warn = keel::cli::readable_by_others(opts->get("config")); !warn.empty())
+      keel::cli::log_line(program, "warning: the config file holds the admin key, and " + warn);
+  } else if (opts->has("admin-key-file")) {
+    if (auto warn = keel::cli::readable_by_others(opts->get("admin-key-file")); !warn.empty())
+      keel::cli::log_line(program, "warning: " + warn);
+    auto k = keel::cli::read_secret_file("admin-key-file", opts->get("admin-key-file"));
+    if (!k) return fail(k.error());
+    admin_key = *k;
+  } else if (const char* env = std::getenv("KEEL_ADMIN_KEY"); env != nullptr && *env != '\0') {
+    admin_key = env;
+  }
+  if (!admin_key.empty() && !admin_listen)
     return fail(keel::make_error(keel::errc::bad_request,
                                  "--admin-key needs --admin-listen HOST:PORT to serve the admin "
                                  "API on"));
-  if (opts->has("admin-key") && opts->get("admin-key").size() < 8)
+  if (!admin_key.empty() && admin_key.size() < 8)
     return fail(keel::make_error(keel::errc::bad_request,
                                  "--admin-key: the key has " +
-                                     std::to_string(opts->get("admin-key").size()) +
+                                     std::to_string(admin_key.size()) +
                                      " characters, at least 8 are needed"));
 
   keel::node_config ncfg;
@@ -286,6 +313,9 @@ int run(std::span<char*> args) {
   ncfg.threads_per_shard = static_cast<int32_t>(*threads);
   ncfg.kv_bytes = *kv_bytes;
   ncfg.data_dir = opts->get("data");
+  // The store holds every conversation in clear (new files are the owner's only: umask below).
+  if (auto warn = keel::cli::readable_by_others(ncfg.data_dir); !ncfg.data_dir.empty() && !warn.empty())
+    keel::cli::log_line(program, "warning: the session store " + warn);
   ncfg.region = opts->get("region");
   // Two replicas once there are three nodes: a group of three keeps acknowledging with one
   // member lost (a group of two would stop at any loss).
@@ -375,7 +405,7 @@ int run(std::span<char*> args) {
     keel::admin_config acfg;
     acfg.host = admin_listen->first;
     acfg.port = admin_listen->second;
-    acfg.key = opts->get("admin-key");
+    acfg.key = admin_key;
     acfg.client_address = (*gw)->address();
     acfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
     acfg.tls = tls;
@@ -383,7 +413,7 @@ int run(std::span<char*> args) {
     if (!a) return fail(a.error());
     adm = std::move(*a);
     keel::cli::log_line(program, "admin on " + adm->address() +
-                                     (opts->has("admin-key") ? "" : " (disabled: no --admin-key)"));
+                                     (admin_key.empty() ? " (disabled: no --admin-key)" : ""));
   }
 
   int sig = 0;

@@ -27,7 +27,7 @@ using keel::cli::option;
 constexpr option spec[] = {
     {"connect", "HOST:PORT,...", "the nodes' admin addresses (keel-node --admin-listen; required)"},
     {"key-file", "FILE", "read the admin key from FILE's first line"},
-    {"key", "KEY", "the admin key (ps shows it: prefer --key-file or KEEL_ADMIN_KEY)"},
+    {"key", "KEY", "refused: ps shows it to every user (use --key-file or KEEL_ADMIN_KEY)"},
     {"command", "'CMD; ...'", "run these commands and exit (also -c)"},
     {"json", nullptr, "print each command's result as one line of JSON"},
     {"tls-ca", "FILE", "TLS, trusting only this CA certificate (PEM): for nodes with --tls-cert"},
@@ -47,26 +47,21 @@ std::string trim(const std::string& s) {
   return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
 }
 
-/// The admin key: --key, else --key-file, else $KEEL_ADMIN_KEY.
+/// The admin key: --key-file, else $KEEL_ADMIN_KEY; never the command line.
 caf::expected<std::string> read_key(const keel::cli::options& opts) {
-  if (opts.has("key")) return opts.get("key");
+  if (opts.has("key"))
+    return keel::cli::secret_on_command_line("key", "give --key-file FILE or set KEEL_ADMIN_KEY");
   if (opts.has("key-file")) {
     auto path = opts.get("key-file");
-    std::ifstream in(path);
-    std::string line;
-    if (!in || !std::getline(in, line))
-      return keel::make_error(keel::errc::bad_request, "--key-file " + path + ": cannot read it");
-    line = trim(line);
-    if (line.empty())
-      return keel::make_error(keel::errc::bad_request,
-                              "--key-file " + path + ": its first line is empty");
-    return line;
+    if (auto warn = keel::cli::readable_by_others(path); !warn.empty())
+      keel::cli::log_line(program, "warning: " + warn);
+    return keel::cli::read_secret_file("key-file", path);
   }
   if (const char* env = std::getenv("KEEL_ADMIN_KEY"); env != nullptr && *env != '\0')
     return std::string(env);
   return keel::make_error(keel::errc::bad_request,
-                          "no admin key: give --key-file FILE, set KEEL_ADMIN_KEY, or --key KEY "
-                          "(the key keel-node was started with, --admin-key)");
+                          "no admin key: give --key-file FILE or set KEEL_ADMIN_KEY (the key "
+                          "keel-node was started with)");
 }
 
 std::string help_text() {

@@ -156,7 +156,8 @@ struct admin_node {
   /// keel-shell -c `commands` with the key; requires it to succeed.
   void shell(const std::string& key, const std::string& commands) {
     keel::test::process sh(
-        {keel::test::bin("keel-shell"), "--connect", admin, "--key", key, "-c", commands});
+        {keel::test::bin("keel-shell"), "--connect", admin, "--key-file",
+         keel::test::secret_file(key), "-c", commands});
     BOOST_REQUIRE_MESSAGE(sh.wait(20s).value_or(-1) == 0, sh.out() << sh.err());
   }
 
@@ -165,7 +166,7 @@ struct admin_node {
                                        const std::string& key, std::vector<std::string> extra) {
     std::vector<std::string> a = {keel::test::bin("keel-node"), "--listen", address, "--model",
                                   model, "--threads", "1", "--admin-listen", "127.0.0.1:0",
-                                  "--admin-key", key};
+                                  "--admin-key-file", keel::test::secret_file(key)};
     a.insert(a.end(), extra.begin(), extra.end());
     return a;
   }

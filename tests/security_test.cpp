@@ -303,7 +303,7 @@ BOOST_AUTO_TEST_CASE(without_tls_the_peer_and_admin_ports_serve_loopback_only) {
     BOOST_TEST(p.err().find(expect) != std::string::npos, p.err());
   };
   refused({"--peer-listen", "0.0.0.0:0"}, "--peer-listen 0.0.0.0:0: without TLS");
-  refused({"--admin-listen", "0.0.0.0:0", "--admin-key", "0123456789"},
+  refused({"--admin-listen", "0.0.0.0:0", "--admin-key-file", keel::test::secret_file("0123456789")},
           "--admin-listen 0.0.0.0:0: without TLS");
   auto ca = (f.certs / "ca.crt").string();
   auto crt = (f.certs / "a.crt").string();

@@ -83,7 +83,7 @@ struct node {
     std::vector<std::string> argv = {
         bin("keel-node"), "--listen", "127.0.0.1:0",    "--model",    model,
         "--threads",      "1",        "--admin-listen", "127.0.0.1:0"};
-    if (with_key) argv.insert(argv.end(), {"--admin-key", key});
+    if (with_key) argv.insert(argv.end(), {"--admin-key-file", keel::test::secret_file(key)});
     argv.insert(argv.end(), extra.begin(), extra.end());
     proc = std::make_unique<process>(argv);
     bool up = proc->wait_err(
@@ -99,7 +99,8 @@ struct node {
   run_result shell(const std::string& commands, std::vector<std::string> extra = {},
                    const std::string& more = "") const {
     std::vector<std::string> argv = {bin("keel-shell"), "--connect",
-                                     admin + (more.empty() ? "" : "," + more), "--key", key};
+                                     admin + (more.empty() ? "" : "," + more), "--key-file",
+                                     keel::test::secret_file(key)};
     argv.insert(argv.end(), extra.begin(), extra.end());
     argv.insert(argv.end(), {"-c", commands});
     return run(argv);
@@ -363,7 +364,8 @@ BOOST_AUTO_TEST_CASE(restart_fault_sessions_stats_and_watch) {
 
 BOOST_AUTO_TEST_CASE(the_admin_key_is_enforced) {
   node n;
-  auto wrong = run({bin("keel-shell"), "--connect", n.admin, "--key", "not-the-key", "-c", "tree"});
+  auto wrong = run({bin("keel-shell"), "--connect", n.admin, "--key-file",
+                    keel::test::secret_file("not-the-key"), "-c", "tree"});
   BOOST_TEST(wrong.status == 1);
   BOOST_TEST(contains(wrong.err, "admin key refused"), wrong.err);
   BOOST_TEST(wrong.out.empty());
@@ -388,19 +390,37 @@ BOOST_AUTO_TEST_CASE(the_admin_key_is_enforced) {
     f << "# keel-node\nadmin-key = from-the-config-file\n";
   }
   node configured({"--config", config}, false);
-  auto ok = run({bin("keel-shell"), "--connect", configured.admin, "--key", "from-the-config-file",
-                 "-c", "tree node"});
+  auto ok = run({bin("keel-shell"), "--connect", configured.admin, "--key-file",
+                 keel::test::secret_file("from-the-config-file"), "-c", "tree node"});
   BOOST_TEST(ok.status == 0, ok.err);
   BOOST_TEST(contains(ok.out, "node/engine/shard-0"));
 
   auto short_key = run({bin("keel-node"), "--listen", "127.0.0.1:0", "--model", tiny_model(),
-                        "--admin-listen", "127.0.0.1:0", "--admin-key", "short"});
+                        "--admin-listen", "127.0.0.1:0", "--admin-key-file",
+                        keel::test::secret_file("short")});
   BOOST_TEST(short_key.status == 2);
   BOOST_TEST(contains(short_key.err, "at least 8"), short_key.err);
-  auto no_listen = run(
-      {bin("keel-node"), "--listen", "127.0.0.1:0", "--model", tiny_model(), "--admin-key", key});
+  auto no_listen = run({bin("keel-node"), "--listen", "127.0.0.1:0", "--model", tiny_model(),
+                        "--admin-key-file", keel::test::secret_file(key)});
   BOOST_TEST(no_listen.status == 2);
   BOOST_TEST(contains(no_listen.err, "--admin-key needs --admin-listen"), no_listen.err);
+
+  // Issue #11: a key on the command line is refused (ps shows it to every user of the host).
+  auto on_line = run({bin("keel-node"), "--listen", "127.0.0.1:0", "--model", tiny_model(),
+                      "--admin-listen", "127.0.0.1:0", "--admin-key", key});
+  BOOST_TEST(on_line.status == 2);
+  BOOST_TEST(contains(on_line.err, "a secret on the command line is visible"), on_line.err);
+  auto shell_line = run({bin("keel-shell"), "--connect", n.admin, "--key", key, "-c", "tree"});
+  BOOST_TEST(shell_line.status == 2);
+  BOOST_TEST(contains(shell_line.err, "--key: a secret on the command line"), shell_line.err);
+  // A key file others can read is warned about.
+  auto loose = (dir.path / "loose.key").string();
+  { std::ofstream(loose) << key << "\n"; }
+  std::filesystem::permissions(loose, std::filesystem::perms::others_read,
+                               std::filesystem::perm_options::add);
+  auto warned = run({bin("keel-shell"), "--connect", n.admin, "--key-file", loose, "-c", "tree"});
+  BOOST_TEST(warned.status == 0, warned.err);
+  BOOST_TEST(contains(warned.err, "is readable by other users"), warned.err);
 }
 
 BOOST_AUTO_TEST_CASE(fault_arguments_out_of_range_are_refused_by_the_node) {
@@ -477,7 +497,7 @@ BOOST_AUTO_TEST_CASE(every_error_is_one_line_and_the_shell_goes_on) {
   BOOST_TEST(std::count(d.err.begin(), d.err.end(), '\n') == 1, d.err);
 
   // Interactive, from a script on stdin: each error is reported and the next command runs.
-  auto s = run({bin("keel-shell"), "--connect", n.admin, "--key", key},
+  auto s = run({bin("keel-shell"), "--connect", n.admin, "--key-file", keel::test::secret_file(key)},
                "nods\ntree\nkill node/nope\nfault node/engine/shard-0 crash 1000\nnodes\nquit\n"
                "tree\n");
   BOOST_TEST(s.status == 2);  // the first failure: a wrong command

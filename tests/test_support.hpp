@@ -76,6 +76,20 @@ struct temp_dir {
   }
 };
 
+/// A file holding `secret` on its first line, readable by its owner only, for `--key-file`
+/// and `--admin-key-file` (a secret on the command line is refused). Lives as long as the
+/// process's test-tmp directory.
+inline std::string secret_file(const std::string& secret) {
+  auto dir = std::filesystem::path(KEEL_BINARY_DIR) / "test-tmp" /
+             ("secrets-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  auto path = dir / std::to_string(std::hash<std::string>{}(secret));
+  { std::ofstream(path) << secret << "\n"; }
+  std::filesystem::permissions(path, std::filesystem::perms::owner_read |
+                                         std::filesystem::perms::owner_write);
+  return path.string();
+}
+
 /// The path of an app built beside the tests (`keel-node`, `keel-model`, `keel`).
 inline std::string bin(const std::string& name) {
   return std::string(KEEL_BINARY_DIR) + "/apps/" + name;
