@@ -2,7 +2,7 @@
 // and every port speaks TLS when the node has a certificate. Real keel-node processes on
 // loopback; the attacker is a raw Cap'n Proto client with whatever certificate it could get.
 
-#define BOOST_TEST_MODULE security
+#define BOOST_TEST_MODULE tls
 #include <boost/test/unit_test.hpp>
 
 #include <unistd.h>
@@ -29,7 +29,7 @@ namespace {
 /// A synthetic model and a CA with certificates for a, b, c (the cluster) and mallory (signed by
 /// the same CA, but no node of the cluster), plus a second CA's "b" (an impostor).
 struct fixture {
-  keel::test::temp_dir dir{"security_test-" + std::to_string(getpid())};
+  keel::test::temp_dir dir{"tls_test-" + std::to_string(getpid())};
   std::filesystem::path certs = dir.path / "certs";
   std::filesystem::path evil = dir.path / "evil";
   std::string model = (dir.path / "model.gguf").string();
