@@ -388,7 +388,9 @@ caf::expected<std::unique_ptr<admin>> admin::start(caf::actor_system& sys, node&
     });
     auto accepting = wire::accept_forever(
         *listener, io.provider->getTimer(), st->tls.get(),
-        [main](kj::Own<kj::PeerIdentity>) { return *main; }, st->tasks, ap->cfg_.log, "admin");
+        [main](kj::Own<kj::PeerIdentity>) { return *main; }, st->tasks, ap->cfg_.log, "admin",
+        // The admin's requests are a key, a path and a fault's numbers: 1 MiB is plenty.
+        capnp::ReaderOptions{128 * 1024, 16});
     return accepting.attach(kj::mv(sampling), kj::mv(listener), kj::mv(st));
   };
   auto port = a->server_->start("admin", a->cfg_.host, a->cfg_.port, std::move(serve), a->cfg_.log);

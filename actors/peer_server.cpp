@@ -293,7 +293,7 @@ caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_confi
         [sp, address](kj::Own<kj::PeerIdentity> caller) -> capnp::Capability::Client {
           return kj::heap<peer_impl>(sp->cfg_, address, *sp->store_, kj::mv(caller));
         },
-        state->tasks, sp->cfg_.log, "peer server");
+        state->tasks, sp->cfg_.log, "peer server", sp->cfg_.reader);
     return accepting.attach(kj::mv(listener), kj::mv(state));
   };
   auto port = s->server_->start("peer server", s->cfg_.host, s->cfg_.port, std::move(serve),

@@ -44,6 +44,9 @@ struct peer_server_config {
   /// The names of the configured peers (`--peers NAME=HOST:PORT`), the only callers served
   /// under TLS.
   std::vector<std::string> peers;
+  /// Bounds one incoming message: 16 MiB (a full copy of a session is its record and its turns'
+  /// token ids, well under it), nesting 16.
+  capnp::ReaderOptions reader{2 * 1024 * 1024, 16};
 };
 
 /// The node's peer endpoint: serves `Peer` (wire/peer.capnp) on HOST:PORT, a listener of its

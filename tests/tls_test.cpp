@@ -322,3 +322,40 @@ BOOST_AUTO_TEST_CASE(without_tls_the_peer_and_admin_ports_serve_loopback_only) {
   p.signal(SIGTERM);
   p.stop(10s);
 }
+
+BOOST_AUTO_TEST_CASE(a_message_over_the_peer_ports_limit_ends_only_its_connection) {
+  // Issue #11: the peer and admin ports took Cap'n Proto's default of 64 MiB per message, which a
+  // caller can make a node hold per connection. The peer port now reads at most 16 MiB.
+  fixture f;
+  keel::test::process node({keel::test::bin("keel-node"), "--listen", "127.0.0.1:0", "--model",
+                            f.model, "--peer-listen", "127.0.0.1:0"});
+  BOOST_REQUIRE(node.wait_err(
+      [](const std::string& s) { return s.find("listening on") != std::string::npos; }, 15s));
+  auto err = node.err();
+  auto at = err.find("serving peers on ") + 17;
+  auto peer = err.substr(at, err.find('\n', at) - at);
+
+  auto replicate = [&](size_t bytes) -> std::string {
+    try {
+      keel::wire::rpc_client rpc(peer, nullptr, "", 3000ms);
+      auto req = rpc.getMain<keel::wire::Peer>().replicateRequest();
+      req.initFrom().setName("b");
+      req.setSession("s-x@b");
+      req.initRecord(static_cast<unsigned>(bytes));
+      auto r = req.send().wait(rpc.getWaitScope());
+      return "answered: " + std::string(r.getError().getMessage().cStr());
+    } catch (const kj::Exception& e) {
+      return std::string("failed: ") + e.getDescription().cStr();
+    }
+  };
+  // Under the limit the call is answered (this node has no store: `unimplemented`)...
+  auto small = replicate(1 << 20);
+  BOOST_TEST(small.rfind("answered:", 0) == 0, small);
+  // ...over it the connection ends, and the node serves the next caller.
+  auto big = replicate(20 << 20);
+  BOOST_TEST(big.rfind("failed:", 0) == 0, big);
+  auto again = replicate(1 << 10);
+  BOOST_TEST(again.rfind("answered:", 0) == 0, again);
+  node.signal(SIGTERM);
+  BOOST_TEST(node.stop(10s) == 0);
+}

@@ -138,11 +138,13 @@ kj::Promise<void> accept_secured(kj::ConnectionReceiver& listener, kj::Timer& ti
 kj::Promise<void> accept_forever(
     kj::ConnectionReceiver& listener, kj::Timer& timer, kj::TlsContext* tls,
     std::function<capnp::Capability::Client(kj::Own<kj::PeerIdentity>)> bootstrap,
-    kj::TaskSet& tasks, server_thread::log_fn log, const std::string& name) {
+    kj::TaskSet& tasks, server_thread::log_fn log, const std::string& name,
+    capnp::ReaderOptions reader) {
   return accept_secured(
       listener, timer, tls, tasks,
-      [bootstrap = std::move(bootstrap), &tasks](kj::AuthenticatedStream&& s) {
-        auto c = kj::heap<rpc_connection>(kj::mv(s.stream), bootstrap(kj::mv(s.peerIdentity)));
+      [bootstrap = std::move(bootstrap), &tasks, reader](kj::AuthenticatedStream&& s) {
+        auto c = kj::heap<rpc_connection>(kj::mv(s.stream), bootstrap(kj::mv(s.peerIdentity)),
+                                          reader);
         auto gone = c->network.onDisconnect();
         tasks.add(gone.attach(kj::mv(c)));
       },

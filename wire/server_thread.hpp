@@ -82,10 +82,13 @@ kj::Promise<void> accept_secured(kj::ConnectionReceiver& listener, kj::Timer& ti
                                  server_thread::log_fn log, const std::string& name);
 
 /// Serves every connection `accept_secured` hands over with the capability `bootstrap` makes for
-/// it (from who is at the other end), each kept in `tasks` until it disconnects.
+/// it (from who is at the other end), each kept in `tasks` until it disconnects. `reader` bounds
+/// what one message may hold (a message over its traversal limit ends the connection; Cap'n
+/// Proto's default is 64 MiB, which a hostile caller can make a node hold per connection).
 kj::Promise<void> accept_forever(
     kj::ConnectionReceiver& listener, kj::Timer& timer, kj::TlsContext* tls,
     std::function<capnp::Capability::Client(kj::Own<kj::PeerIdentity>)> bootstrap,
-    kj::TaskSet& tasks, server_thread::log_fn log, const std::string& name);
+    kj::TaskSet& tasks, server_thread::log_fn log, const std::string& name,
+    capnp::ReaderOptions reader);
 
 }  // namespace keel::wire
