@@ -226,32 +226,16 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   kj::Promise<void> accept_loop(kj::ConnectionReceiver& listener, capnp::Capability::Client main) {
     // Capability clients copy only from non-const references: std::function holds a pointer.
     auto cap = std::make_shared<capnp::Capability::Client>(kj::mv(main));
+    auto limits = cfg.limits;
+    limits.send_buffer = cfg.socket_send_buffer;
     return wire::accept_secured(
         listener, timer, tls.get(), tasks,
         [this, cap](kj::AuthenticatedStream&& a) {
-          auto s = kj::mv(a.stream);
-          if (open_connections >= cfg.max_connections) {
-            log("gateway: refused a connection: " + std::to_string(open_connections) +
-                " are open, the limit is " + std::to_string(cfg.max_connections));
-          } else {
-            serve(kj::mv(s), *cap);
-          }
+          auto c = kj::heap<wire::rpc_connection>(kj::mv(a.stream), *cap, reader_options);
+          auto gone = wire::until_gone(*c, timer, cfg.limits.max_unread);
+          tasks.add(gone.attach(kj::mv(c)));
         },
-        [this](const std::string& line) { log(line); }, "gateway");
-  }
-
-  void serve(kj::Own<kj::AsyncIoStream>&& s, capnp::Capability::Client main) {
-    if (cfg.socket_send_buffer > 0) {
-      int size = cfg.socket_send_buffer;
-      KJ_IF_MAYBE (e, kj::runCatchingExceptions(
-                          [&] { s->setsockopt(SOL_SOCKET, SO_SNDBUF, &size, sizeof size); })) {
-        log("gateway: cannot set SO_SNDBUF: " + std::string(e->getDescription().cStr()));
-      }
-    }
-    auto c = kj::heap<wire::rpc_connection>(kj::mv(s), kj::mv(main), reader_options);
-    ++open_connections;
-    auto gone = c->network.onDisconnect();
-    tasks.add(gone.attach(kj::mv(c), kj::defer([this] { --open_connections; })));
+        [this](const std::string& line) { log(line); }, "gateway", limits);
   }
 
   // -- streams ------------------------------------------------------------------------------
@@ -460,7 +444,6 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   wire::blocking_worker blocking;  // node::open_session blocks (scoped_actor)
   capnp::ReaderOptions reader_options;
   size_t buffer = 0;
-  size_t open_connections = 0;
   uint64_t next_stream = 0;
   std::map<uint64_t, kj::Own<stream>> streams;
   std::map<std::pair<std::string, uint64_t>, uint64_t> by_turn;

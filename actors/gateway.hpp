@@ -38,8 +38,9 @@ struct gateway_config {
   /// size of one request) and pointer nesting depth (keel.capnp nests three deep).
   uint64_t traversal_limit_words = 1 << 19;  // 4 MiB
   int nesting_limit = 16;
-  /// Connections served at once; further ones are closed at accept.
-  size_t max_connections = 1024;
+  /// Connections at once (all, and per remote address) and answers left unread, past which a
+  /// connection is closed (wire/server_thread.hpp).
+  wire::port_limits limits;
   /// Timeout of each request the gateway makes to the node's actors.
   std::chrono::milliseconds call_timeout{10000};
   /// Where the gateway reports connections refused, streams cut off and calls that failed with an

@@ -74,6 +74,12 @@ constexpr option spec[] = {
      "client, peer and admin ports; without it the peer and admin ports serve loopback only"},
     {"tls-key", "FILE", "the private key of --tls-cert (PEM)"},
     {"tls-ca", "FILE", "the cluster's CA certificate (PEM), the only one trusted"},
+    {"max-connections", "N", "client connections open at once (default 1024)"},
+    {"max-connections-per-address", "N",
+     "client connections open at once from one IP address (default 256)"},
+    {"max-unread", "BYTES",
+     "answers queued for a client that does not read them, e.g. 16M, before it is cut off "
+     "(default 16M)"},
     {"stop-timeout", "MS",
      "on SIGTERM, exit anyway after MS milliseconds if the clean stop has not finished "
      "(default 20000; what was acknowledged is synced, so nothing acknowledged is lost)"},
@@ -334,6 +340,15 @@ int run(std::span<char*> args) {
   gcfg.stall_timeout = std::chrono::milliseconds(*stall);
   gcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
   gcfg.tls = tls;
+  auto max_conn = opts->get_int("max-connections", 1024, 1, 1 << 20);
+  auto per_address = opts->get_int("max-connections-per-address", 256, 1, 1 << 20);
+  auto max_unread = opts->get_bytes("max-unread", 16ull << 20);
+  if (!max_conn) return fail(max_conn.error());
+  if (!per_address) return fail(per_address.error());
+  if (!max_unread) return fail(max_unread.error());
+  gcfg.limits.connections = static_cast<size_t>(*max_conn);
+  gcfg.limits.per_address = static_cast<size_t>(*per_address);
+  gcfg.limits.max_unread = static_cast<size_t>(*max_unread);
 
   // Block the stop signals before any thread starts, so that every thread inherits the mask
   // and only sigwait below receives them.

@@ -1,6 +1,11 @@
 #include "wire/server_thread.hpp"
 
+#include <sys/socket.h>
+
 #include <future>
+#include <map>
+
+#include <kj/debug.h>
 
 #include "base/error.hpp"
 
@@ -100,55 +105,124 @@ kj::Promise<void> accept_retrying(kj::ConnectionReceiver& listener, kj::Timer& t
 
 namespace {
 
-/// Failed handshakes since the last line about them (one line a second at most: a flood of
-/// bad handshakes does not flood the log).
-struct handshake_failures {
+/// Lines about one kind of refusal, at most one a second, each with the count since the last
+/// (a flood of bad handshakes or connections does not flood the log).
+struct throttled_log {
+  server_thread::log_fn log;
   uint64_t count = 0;
   kj::TimePoint last_line = kj::origin<kj::TimePoint>();
-  std::string last_why;
+
+  void operator()(kj::Timer& timer, const std::string& what) {
+    ++count;
+    auto now = timer.now();
+    if (!log || now - last_line < 1 * kj::SECONDS) return;
+    log(what + (count > 1 ? " (" + std::to_string(count) + " such since the last line)" : ""));
+    count = 0;
+    last_line = now;
+  }
 };
+
+/// The connections open on one port, by remote address.
+struct connection_count {
+  port_limits limits;
+  size_t open = 0;
+  std::map<std::string, size_t> by_address;
+  throttled_log refused;
+};
+
+/// The remote IP of a connection ("" when unknown): its network identity without the port.
+std::string remote_host(kj::PeerIdentity& id) {
+  auto* net = dynamic_cast<kj::NetworkPeerIdentity*>(&id);
+  if (net == nullptr) return {};
+  std::string a = net->getAddress().toString().cStr();
+  auto colon = a.rfind(':');
+  return colon == std::string::npos ? a : a.substr(0, colon);
+}
 
 }  // namespace
 
 kj::Promise<void> accept_secured(kj::ConnectionReceiver& listener, kj::Timer& timer,
                                  kj::TlsContext* tls, kj::TaskSet& tasks, on_connection on_ready,
-                                 server_thread::log_fn log, const std::string& name) {
-  if (tls == nullptr) return accept_retrying(listener, timer, std::move(on_ready), log, name);
-  auto failures = std::make_shared<handshake_failures>();
+                                 server_thread::log_fn log, const std::string& name,
+                                 port_limits limits) {
+  auto count = std::make_shared<connection_count>();
+  count->limits = limits;
+  count->refused.log = log;
+  auto failures = std::make_shared<throttled_log>();
+  failures->log = log;
   auto ready = std::make_shared<on_connection>(std::move(on_ready));
   return accept_retrying(
       listener, timer,
-      [tls, &timer, &tasks, failures, ready, log, name](kj::AuthenticatedStream&& s) {
+      [tls, &timer, &tasks, count, failures, ready, name](kj::AuthenticatedStream&& s) {
+        auto host = remote_host(*s.peerIdentity);
+        auto& mine = count->by_address[host];
+        if (count->open >= count->limits.connections || mine >= count->limits.per_address) {
+          bool total = count->open >= count->limits.connections;
+          count->refused(timer, name + ": refused a connection from " + host + ": " +
+                                    std::to_string(total ? count->open : mine) + " are open" +
+                                    (total ? "" : " from it") + ", the limit is " +
+                                    std::to_string(total ? count->limits.connections
+                                                         : count->limits.per_address));
+          if (mine == 0) count->by_address.erase(host);
+          return;  // the stream goes: closed
+        }
+        ++count->open;
+        ++mine;
+        if (int size = count->limits.send_buffer; size > 0) {
+          KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
+                         s.stream->setsockopt(SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+                       })) {
+            count->refused(timer, name + ": cannot set SO_SNDBUF: " + e->getDescription().cStr());
+          }
+        }
+        // Counted until the stream goes, whoever holds it then.
+        s.stream = s.stream.attach(kj::defer([count, host] {
+          --count->open;
+          if (--count->by_address[host] == 0) count->by_address.erase(host);
+        }));
+        if (tls == nullptr) {
+          (*ready)(kj::mv(s));
+          return;
+        }
         tasks.add(secure_accepted(tls, timer, kj::mv(s))
                       .then([ready](kj::AuthenticatedStream&& done) { (*ready)(kj::mv(done)); },
-                            [&timer, failures, log, name](kj::Exception&& e) {
-                              ++failures->count;
-                              failures->last_why = e.getDescription().cStr();
-                              auto now = timer.now();
-                              if (!log || now - failures->last_line < 1 * kj::SECONDS) return;
-                              log(name + ": " + std::to_string(failures->count) +
-                                  " TLS handshake(s) failed, the last: " + failures->last_why);
-                              failures->count = 0;
-                              failures->last_line = now;
+                            [&timer, failures, name](kj::Exception&& e) {
+                              (*failures)(timer, name + ": a TLS handshake failed: " +
+                                                     e.getDescription().cStr());
                             }));
       },
       log, name);
+}
+
+kj::Promise<void> until_gone(rpc_connection& c, kj::Timer& timer, size_t max_unread) {
+  auto watch = [&c, &timer, max_unread](auto& self) -> kj::Promise<void> {
+    return timer.afterDelay(100 * kj::MILLISECONDS).then([&c, &timer, max_unread, self]() mutable
+                                                         -> kj::Promise<void> {
+      auto queued = c.network.getCurrentQueueSize();
+      if (queued > max_unread)
+        return KJ_EXCEPTION(OVERLOADED, "closed a connection that does not read its answers: " +
+                                            std::to_string(queued) + " bytes unread, the limit is " +
+                                            std::to_string(max_unread));
+      return self(self);
+    });
+  };
+  return c.network.onDisconnect().exclusiveJoin(watch(watch));
 }
 
 kj::Promise<void> accept_forever(
     kj::ConnectionReceiver& listener, kj::Timer& timer, kj::TlsContext* tls,
     std::function<capnp::Capability::Client(kj::Own<kj::PeerIdentity>)> bootstrap,
     kj::TaskSet& tasks, server_thread::log_fn log, const std::string& name,
-    capnp::ReaderOptions reader) {
+    capnp::ReaderOptions reader, port_limits limits) {
   return accept_secured(
       listener, timer, tls, tasks,
-      [bootstrap = std::move(bootstrap), &tasks, reader](kj::AuthenticatedStream&& s) {
+      [bootstrap = std::move(bootstrap), &tasks, &timer, reader, limits](kj::AuthenticatedStream&& s) {
         auto c = kj::heap<rpc_connection>(kj::mv(s.stream), bootstrap(kj::mv(s.peerIdentity)),
                                           reader);
-        auto gone = c->network.onDisconnect();
+        auto gone = until_gone(*c, timer, limits.max_unread);
         tasks.add(gone.attach(kj::mv(c)));
       },
-      std::move(log), name);
+      std::move(log), name, limits);
 }
 
 void server_thread::stop() {

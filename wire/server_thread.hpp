@@ -60,6 +60,21 @@ struct rpc_connection {
         rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
 };
 
+/// What one listening port lets its callers hold (issue #11: idle connections, and answers
+/// piled up for a client that never reads them, each took a node's memory without bound).
+struct port_limits {
+  /// Connections open at once, TLS handshakes under way included; past it a new one is closed
+  /// at once (and logged, at most once a second).
+  size_t connections = 1024;
+  /// Connections open at once from one remote address (the IP, whatever the port).
+  size_t per_address = 256;
+  /// Bytes of answers queued for a connection that does not read them; past it the connection
+  /// is closed (checked every 100 ms).
+  size_t max_unread = 16u << 20;
+  /// SO_SNDBUF of each accepted socket (before any TLS); 0: the system's.
+  int send_buffer = 0;
+};
+
 /// What a server does with a connection once it is accepted (and, with TLS, its handshake is
 /// done): the stream and who is at the other end (a `kj::TlsPeerIdentity` under TLS).
 using on_connection = std::function<void(kj::AuthenticatedStream&&)>;
@@ -79,7 +94,13 @@ kj::Promise<void> accept_retrying(kj::ConnectionReceiver& listener, kj::Timer& t
 /// most once a second, with their count. `tls`, `timer` and `tasks` must outlive the promise.
 kj::Promise<void> accept_secured(kj::ConnectionReceiver& listener, kj::Timer& timer,
                                  kj::TlsContext* tls, kj::TaskSet& tasks, on_connection on_ready,
-                                 server_thread::log_fn log, const std::string& name);
+                                 server_thread::log_fn log, const std::string& name,
+                                 port_limits limits = {});
+
+/// Resolves when `c` disconnects; fails ("N bytes of answers unread") once more than
+/// `max_unread` bytes of its outgoing messages are queued, so that the task holding `c` ends
+/// and closes it. `c` and `timer` must outlive the promise.
+kj::Promise<void> until_gone(rpc_connection& c, kj::Timer& timer, size_t max_unread);
 
 /// Serves every connection `accept_secured` hands over with the capability `bootstrap` makes for
 /// it (from who is at the other end), each kept in `tasks` until it disconnects. `reader` bounds
@@ -89,6 +110,6 @@ kj::Promise<void> accept_forever(
     kj::ConnectionReceiver& listener, kj::Timer& timer, kj::TlsContext* tls,
     std::function<capnp::Capability::Client(kj::Own<kj::PeerIdentity>)> bootstrap,
     kj::TaskSet& tasks, server_thread::log_fn log, const std::string& name,
-    capnp::ReaderOptions reader);
+    capnp::ReaderOptions reader, port_limits limits = {});
 
 }  // namespace keel::wire
