@@ -244,21 +244,41 @@ class admin_server final : public wire::Admin::Server {
         });
   }
 
+  /// An actor path from the wire, refused when it holds a NUL byte (read up to the NUL it would
+  /// name another actor) or is longer than any path of a node's tree can be.
+  static caf::expected<std::string> actor_path(capnp::Text::Reader t) {
+    std::string path(t.begin(), t.size());
+    if (path.size() > 4096)
+      return make_error(errc::bad_request,
+                        "actor path of " + std::to_string(path.size()) + " bytes: at most 4096");
+    if (auto nul = path.find('\0'); nul != std::string::npos)
+      return make_error(errc::bad_request, "actor path '" + path.substr(0, nul) +
+                                               "\\0...' holds a NUL byte at " +
+                                               std::to_string(nul));
+    return path;
+  }
+
   kj::Promise<void> kill(KillContext ctx) override {
-    std::string path = ctx.getParams().getPath().cStr();
+    auto path = actor_path(ctx.getParams().getPath());
+    if (!path) return outcome(ctx, kj::Promise<caf::expected<std::string>>(std::move(path)));
     auto& ops = a_.ops;
-    return outcome(ctx, a_.blocking.run<std::string>([&ops, path] { return ops.kill(path); }));
+    return outcome(ctx,
+                   a_.blocking.run<std::string>([&ops, p = *path] { return ops.kill(p); }));
   }
 
   kj::Promise<void> restart(RestartContext ctx) override {
-    std::string path = ctx.getParams().getPath().cStr();
+    auto path = actor_path(ctx.getParams().getPath());
+    if (!path) return outcome(ctx, kj::Promise<caf::expected<std::string>>(std::move(path)));
     auto& ops = a_.ops;
-    return outcome(ctx, a_.blocking.run<std::string>([&ops, path] { return ops.restart(path); }));
+    return outcome(ctx,
+                   a_.blocking.run<std::string>([&ops, p = *path] { return ops.restart(p); }));
   }
 
   kj::Promise<void> fault(FaultContext ctx) override {
     auto p = ctx.getParams();
-    std::string path = p.getPath().cStr();
+    auto checked = actor_path(p.getPath());
+    if (!checked) return outcome(ctx, kj::Promise<caf::expected<std::string>>(std::move(checked)));
+    auto path = *checked;
     auto f = p.getFault();
     auto kind = to_kind(f.getKind());
     if (!kind) {

@@ -310,3 +310,25 @@ BOOST_AUTO_TEST_CASE(wrong_admin_keys_are_answered_one_at_a_time) {
   BOOST_TEST(r.hasAdmin());
   BOOST_TEST((std::chrono::steady_clock::now() - t1 < 1s));
 }
+
+BOOST_AUTO_TEST_CASE(an_actor_path_with_a_nul_byte_is_refused) {
+  // Issue #11: a path read up to its NUL byte names another actor: "node/engine/shard-0\0x"
+  // would have killed shard-0.
+  model_file m;
+  admin_node n(m.path, "127.0.0.1:0", "the-right-key");
+  capnp::EzRpcClient rpc(n.admin);
+  auto& ws = rpc.getWaitScope();
+  auto login = rpc.getMain<keel::wire::AdminGate>().loginRequest();
+  login.setKey("the-right-key");
+  auto admin = login.send().wait(ws).getAdmin();
+  auto kill = admin.killRequest();
+  const std::string path("node/engine/shard-0\0x", 21);
+  kill.setPath(capnp::Text::Reader(path.data(), path.size()));
+  auto r = kill.send().wait(ws);
+  BOOST_TEST((r.getError().getKind() == keel::wire::Error::Kind::BAD_REQUEST));
+  BOOST_TEST(std::string(r.getError().getMessage().cStr()).find("NUL byte at 19") !=
+                 std::string::npos,
+             r.getError().getMessage().cStr());
+  BOOST_TEST(n.proc.err().find("shard-0 failed") == std::string::npos, n.proc.err());
+  BOOST_TEST(n.proc.err().find("shard-0 restarted") == std::string::npos, n.proc.err());
+}
