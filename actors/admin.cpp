@@ -239,6 +239,7 @@ class admin_server final : public wire::Admin::Server {
             o.setDurable(row.durable);
             o.setCheckpointTurn(row.checkpoint_turn);
             o.setCheckpointTokens(row.checkpoint_tokens);
+            o.setParked(row.parked);
           }
           set_ok(res.initError());
         });

@@ -102,6 +102,7 @@ caf::expected<std::vector<session_row>> admin_ops::sessions() {
       }
     }
     row.replicas = node_.replicas_of(r.id);
+    row.parked = node_.parked(r.id).value_or("");
     row.r = std::move(r);
     out.push_back(std::move(row));
   }
@@ -223,8 +224,13 @@ caf::expected<std::string> admin_ops::fault(const std::string& path, const fault
     if (f.after_steps != 0)
       return make_error(errc::bad_request, "a session crashes at its next message; " +
                                                std::string("AFTER applies to shard workers"));
-    faults.crash_session(id);
-    return "armed: " + path + " crashes when it next handles a message";
+    if (f.count > 1000000)
+      return make_error(errc::bad_request, "fault " + path + ": " + std::to_string(f.count) +
+                                               " crashes are beyond 1000000");
+    auto times = static_cast<int32_t>(std::max(f.count, 1u));
+    faults.crash_session(id, times);
+    return "armed: " + path + " crashes when it next handles a message" +
+           (times > 1 ? ", " + std::to_string(times) + " times" : std::string());
   }
   if (kind == "region_link" && f.kind == fault_kind::cut) {
     auto ok = call<bool>(sys_, at->child.handle, path, cfg_.call_timeout, cut_atom::value,

@@ -70,6 +70,7 @@ struct session_row {
   std::vector<std::string> replicas;  // where its writes go now (placement over live peers)
   bool durable = false;  // the node has a store
   uint64_t checkpoint_turn = 0, checkpoint_tokens = 0;
+  std::string parked;  // why it is parked; "" when it is not
 };
 
 /// What `drain` did: each session's fate, and how many the node still holds afterwards.

@@ -1,5 +1,7 @@
 #include "actors/fault.hpp"
 
+#include <algorithm>
+
 namespace keel {
 
 void fault_injector::touch() {
@@ -29,9 +31,9 @@ void fault_injector::fail_kv_allocations(int32_t rank, int32_t n) {
   touch();
 }
 
-void fault_injector::crash_session(const std::string& session) {
+void fault_injector::crash_session(const std::string& session, int32_t times) {
   std::lock_guard<std::mutex> guard(mu_);
-  sessions_.insert(session);
+  sessions_[session] = std::max(times, 1);
   touch();
 }
 
@@ -78,7 +80,9 @@ int32_t fault_injector::take_kv_failures(int32_t rank) {
 bool fault_injector::take_session_crash(const std::string& session) {
   if (!armed_.load(std::memory_order_relaxed)) return false;
   std::lock_guard<std::mutex> guard(mu_);
-  if (sessions_.erase(session) == 0) return false;
+  auto i = sessions_.find(session);
+  if (i == sessions_.end()) return false;
+  if (--i->second <= 0) sessions_.erase(i);
   ++fired_;
   touch();
   return true;

@@ -36,8 +36,8 @@ class fault_injector {
   void stall_shard(int32_t rank, std::chrono::milliseconds d, int32_t after_steps = 0);
   /// The shard's next `n` KV page allocations fail (`overloaded`).
   void fail_kv_allocations(int32_t rank, int32_t n);
-  /// The session crashes when it next handles a message.
-  void crash_session(const std::string& session);
+  /// The session crashes when it next handles a message, and so `times` times in all.
+  void crash_session(const std::string& session, int32_t times = 1);
   /// Disarms everything.
   void clear();
 
@@ -62,7 +62,7 @@ class fault_injector {
   std::atomic<int64_t> fired_{0};
   std::mutex mu_;
   std::map<int32_t, shard_plan> shards_;
-  std::set<std::string> sessions_;
+  std::map<std::string, int32_t> sessions_;  // crashes left, by session
 };
 
 }  // namespace keel

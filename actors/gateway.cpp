@@ -423,6 +423,8 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
           if (!a || *a) return a;
           if (nd.moved(id))
             return make_error(errc::disconnected, "session " + id + " moved to another node; reconnect");
+          if (auto why = nd.parked(id))
+            return make_error(errc::failed, "session " + id + " is parked: " + *why);
           for (auto& r : nd.sessions())
             if (r.id == id) return make_error(errc::overloaded, "session " + id + " is restarting");
           return make_error(errc::not_found, "no session " + id);

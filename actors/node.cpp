@@ -130,12 +130,17 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   batcher = recording(std::move(batcher), [ctx](caf::actor a) { ctx->set_batcher(std::move(a)); });
   // A restarted session supervisor starts empty: it starts again every session of the table
   // (the first start has none yet; node::start starts the recovered ones itself).
+  auto session_flags = cfg.session_flags;
+  session_flags.on_parked = [table, log = ctx->log](const std::string& id, const std::string& why) {
+    table->park(id, why);
+    log->report("session " + id + " parked (not restarted until the node restarts): " + why);
+  };
   auto sessions = recording(
-      supervisor_child("sessions", cfg.session_flags, {session_spec(ctx, table)}, ctx->log),
+      supervisor_child("sessions", session_flags, {session_spec(ctx, table)}, ctx->log),
       [table, starts = std::make_shared<int>(0)](caf::actor sup) {
         if ((*starts)++ == 0) return;
         for (auto& id : table->ids())
-          if (auto r = table->get(id))
+          if (auto r = table->get(id); r && !table->parked(id))
             caf::anon_send(sup, start_atom::value, id, caf::make_message(*r));
       });
   std::vector<child_spec> top{std::move(engine_sup), std::move(batcher), std::move(sessions)};

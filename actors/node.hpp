@@ -30,8 +30,10 @@ struct node_config {
   batcher_config batching;           // shards and kv_pages are filled in by the node
   supervisor_flags engine_flags{restart_strategy::one_for_all, 10, std::chrono::seconds(10), {}};
   supervisor_flags node_flags{restart_strategy::one_for_one, 5, std::chrono::seconds(10), {}};
+  /// A session whose actor fails 5 times within 10 s is parked (issue #11: one poison session
+  /// must not take the session supervisor, and every other session, down).
   supervisor_flags session_flags{
-      restart_strategy::simple_one_for_one, 20, std::chrono::seconds(10), {}};
+      restart_strategy::simple_one_for_one, 20, std::chrono::seconds(10), {}, 5, {}};
   /// The session store's directory; empty: sessions live in memory only and die with the node.
   std::string data_dir;
   /// A running turn's generated tokens are appended to its turn log every this many tokens
@@ -152,6 +154,8 @@ class node {
   std::vector<std::string> replicas_of(const std::string& id) const;
   /// Whether this node held `id` and another node took it over.
   bool moved(const std::string& id) const { return sessions_->dropped(id); }
+  /// Why session `id` is parked (its actor failed again and again); nullopt when it is not.
+  std::optional<std::string> parked(const std::string& id) const { return sessions_->parked(id); }
 
   /// The session store (null without a data dir).
   storage::session_store* store() { return store_.get(); }

@@ -136,6 +136,18 @@ bool session_table::dropped(const std::string& id) const {
   return dropped_.count(id) > 0;
 }
 
+void session_table::park(const std::string& id, const std::string& why) {
+  std::lock_guard<std::mutex> guard(mu_);
+  parked_[id] = why;
+}
+
+std::optional<std::string> session_table::parked(const std::string& id) const {
+  std::lock_guard<std::mutex> guard(mu_);
+  auto i = parked_.find(id);
+  if (i == parked_.end()) return std::nullopt;
+  return i->second;
+}
+
 void session_table::recovered(const session_record& r) {
   std::lock_guard<std::mutex> guard(mu_);
   dropped_.erase(r.id);  // taken (back) over

@@ -99,6 +99,11 @@ class session_table {
   std::optional<session_record> drop(const std::string& id, uint64_t epoch);
   /// Whether the session was dropped (moved to another node).
   bool dropped(const std::string& id) const;
+  /// Parks the session: its actor failed again and again (supervisor_flags::park_after), so it
+  /// is not started again until the node restarts; `why` says how it failed. Its record stays.
+  void park(const std::string& id, const std::string& why);
+  /// Why the session is parked; nullopt when it is not.
+  std::optional<std::string> parked(const std::string& id) const;
 
  private:
   caf::error write_store(const session_record& r, change c, std::future<caf::error>& ack);
@@ -110,6 +115,7 @@ class session_table {
   storage::session_store* store_ = nullptr;
   replicate_fn on_stored_;
   std::map<std::string, uint64_t> dropped_;  // id -> the epoch of the node that has it now
+  std::map<std::string, std::string> parked_;  // id -> why
   std::map<std::string, session_record> records_;
   // Per session: how many tokens of its last turn are in the store's turn log.
   std::map<std::string, size_t> logged_;

@@ -62,6 +62,8 @@ const char* to_string(supervision_event_kind x) {
       return "escalated";
     case supervision_event_kind::stopped:
       return "stopped";
+    case supervision_event_kind::parked:
+      return "parked";
   }
   return "?";
 }
@@ -201,6 +203,7 @@ struct child {
   uint64_t backoff_token = 0;  // != 0 while a one_for_one restart waits for its backoff
   bool stopping = false;       // we sent it an exit: its exit is not a failure
   bool remove_on_stop = false;
+  std::deque<caf::actor_clock::time_point> failures;  // within the period (parking)
 };
 
 enum class op_kind : uint8_t { start, stop, wait, call };
@@ -540,10 +543,27 @@ class supervisor_actor final : public caf::event_based_actor {
       if (dynamic) erase(id);
       return;
     }
-    // Intensity: more than `intensity` restarts within `period` escalate.
     auto now = clock().now();
-    restart_times_.push_back(now);
-    while (!restart_times_.empty() && now - restart_times_.front() > flags_.period)
+    // A dynamic child that keeps failing is parked, not restarted: it alone is the problem.
+    if (dynamic && flags_.park_after > 0) {
+      c->failures.push_back(now);
+      while (!c->failures.empty() && now - c->failures.front() > flags_.period)
+        c->failures.pop_front();
+      if (static_cast<int32_t>(c->failures.size()) >= flags_.park_after) {
+        auto why = std::to_string(c->failures.size()) + " failures within " +
+                   std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(flags_.period).count()) +
+                   " ms, the last: " + reason_text(reason);
+        record(supervision_event_kind::parked, c->path, why, c->restarts);
+        auto parked = id;
+        std::erase_if(restart_times_, [&](const auto& r) { return r.second == parked; });
+        erase(id);
+        if (flags_.on_parked) flags_.on_parked(parked, why);
+        return;
+      }
+    }
+    // Intensity: more than `intensity` restarts within `period` escalate.
+    restart_times_.emplace_back(now, id);
+    while (!restart_times_.empty() && now - restart_times_.front().first > flags_.period)
       restart_times_.pop_front();
     if (static_cast<int64_t>(restart_times_.size()) > flags_.intensity) {
       record(supervision_event_kind::escalated, path_, reason_text(reason),
@@ -685,7 +705,8 @@ class supervisor_actor final : public caf::event_based_actor {
   std::vector<child> children_;  // in start order
   std::vector<caf::actor> observers_;
   std::unordered_set<caf::actor_addr> linked_;  // children whose link exit_msg is still due
-  std::deque<caf::actor_clock::time_point> restart_times_;
+  // Restarts within the period, and whose (a parked child's no longer count).
+  std::deque<std::pair<caf::actor_clock::time_point, std::string>> restart_times_;
   std::deque<op> ops_;
   std::string waiting_stop_;  // the child whose exit a stop op waits for
   uint64_t stop_token_ = 0;

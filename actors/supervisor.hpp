@@ -88,6 +88,13 @@ struct supervisor_flags {
   int32_t intensity = 3;
   caf::timespan period = std::chrono::seconds(5);
   backoff_policy backoff;
+  /// simple_one_for_one only: a child that failed `park_after` times within `period` is parked
+  /// instead of restarted (removed, recorded as `parked`, and `on_parked` told), and its failures
+  /// do not count toward `intensity`: one poison child (a session whose data crashes it) never
+  /// takes its supervisor, and every other child, down. 0: off.
+  int32_t park_after = 0;
+  /// Called in the supervisor with the child's id and its last failure when it is parked.
+  std::function<void(const std::string& id, const std::string& reason)> on_parked;
 };
 
 enum class supervision_event_kind : uint8_t {
@@ -96,6 +103,7 @@ enum class supervision_event_kind : uint8_t {
   restarted,  // a child was started again after an exit
   escalated,  // the supervisor exceeded its intensity and exits to its parent
   stopped,    // a child was stopped on request or during shutdown
+  parked,     // a child failed `park_after` times within `period` and is not restarted
 };
 
 const char* to_string(supervision_event_kind x);

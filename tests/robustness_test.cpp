@@ -332,3 +332,38 @@ BOOST_AUTO_TEST_CASE(an_actor_path_with_a_nul_byte_is_refused) {
   BOOST_TEST(n.proc.err().find("shard-0 failed") == std::string::npos, n.proc.err());
   BOOST_TEST(n.proc.err().find("shard-0 restarted") == std::string::npos, n.proc.err());
 }
+
+BOOST_AUTO_TEST_CASE(a_session_that_keeps_crashing_is_parked_and_the_others_are_served) {
+  // Issue #11: a session crashed again and again was restarted forever, and enough of that
+  // escalated to the session supervisor and took every session down. After 5 failures within
+  // 10 s it is parked: its requests fail, saying so, keel-shell shows it, the rest go on.
+  model_file m;
+  auto port = keel::test::free_port();
+  auto address = "127.0.0.1:" + std::to_string(port);
+  admin_node n(m.path, address, "the-right-key");
+  keel::wire::client::options co;
+  co.resume_for = 0ms;  // every failure shows
+  auto c = keel::wire::client::connect({address}, co);
+  BOOST_REQUIRE(static_cast<bool>(c));
+  auto poison = (*c)->open_session({});
+  auto good = (*c)->open_session({});
+  BOOST_REQUIRE(poison && good);
+  n.shell("the-right-key", "fault node/sessions/" + *poison + " crash --times 100");
+  std::string last;
+  for (int i = 0; i < 10 && last.find("parked") == std::string::npos; ++i) {
+    auto h = (*c)->generate(*poison, "hello", 2);  // a crash at each turn it is sent
+    if (!h) last = keel::test::why(h);
+    std::this_thread::sleep_for(50ms);
+  }
+  BOOST_TEST(last.find("is parked: 5 failures within 10000 ms") != std::string::npos, last);
+  BOOST_TEST(n.proc.err().find("session " + *poison + " parked") != std::string::npos,
+             n.proc.err());
+  BOOST_TEST(n.proc.err().find("escalated") == std::string::npos, n.proc.err());
+  // The other session is served; the shell lists the parked one as such.
+  auto g = (*c)->generate(*good, "Once upon a time", 4);
+  BOOST_TEST(static_cast<bool>(g), keel::test::why(g));
+  keel::test::process sh({keel::test::bin("keel-shell"), "--connect", n.admin, "--key-file",
+                          keel::test::secret_file("the-right-key"), "-c", "sessions"});
+  BOOST_REQUIRE(sh.wait(20s).value_or(-1) == 0);
+  BOOST_TEST(sh.out().find("parked") != std::string::npos, sh.out());
+}

@@ -605,6 +605,49 @@ BOOST_AUTO_TEST_CASE(simple_one_for_one_starts_stops_and_restarts_dynamic_childr
   BOOST_TEST(join(t->take()) == join({"exit s4 user_shutdown", "exit s1 user_shutdown"}));
 }
 
+BOOST_AUTO_TEST_CASE(a_dynamic_child_that_keeps_failing_is_parked_and_the_rest_go_on) {
+  // Issue #11: one session whose data crashes it must not take its supervisor (and so every
+  // other session) down. With park_after 3, its third failure within the period parks it; the
+  // failures do not count toward the intensity of 2, which would have escalated.
+  auto flags = flags_of(restart_strategy::simple_one_for_one, 2, 5s);
+  flags.park_after = 3;
+  std::vector<std::string> parked;
+  flags.on_parked = [&parked](const std::string& id, const std::string& why) {
+    parked.push_back(id + ": " + why);
+  };
+  auto sup = spawn_sup(flags, {make_child(t, "session", {restart_type::transient})},
+                       "node/sessions");
+  watch(sup, "sessions");
+  ask<caf::actor>(sup, start_atom::value, std::string("poison"), caf::make_message(1));
+  ask<caf::actor>(sup, start_atom::value, std::string("good"), caf::make_message(2));
+  t->take();
+  fail(sup, "poison", "one");
+  sched.advance_time(1s);
+  fail(sup, "poison", "two");
+  BOOST_TEST(join(t->take()) == join({"exit poison runtime_error", "start poison 2 arg=1",
+                                      "exit poison runtime_error", "start poison 3 arg=1"}));
+  sched.advance_time(1s);
+  fail(sup, "poison", "three");
+  BOOST_TEST(join(t->take()) == join({"exit poison runtime_error"}));  // no restart, no escalation
+  BOOST_REQUIRE_EQUAL(parked.size(), 1u);
+  BOOST_TEST(parked[0] == "poison: 3 failures within 5000 ms, the last: runtime_error: three");
+  BOOST_TEST(log->count(supervision_event_kind::parked, "node/sessions/poison") == 1);
+  BOOST_TEST(log->count(supervision_event_kind::escalated, "node/sessions") == 0);
+  BOOST_TEST(!get(sup, "poison"));
+  BOOST_TEST(static_cast<bool>(get(sup, "good")));
+  // The other child still fails and restarts as before.
+  fail(sup, "good");
+  BOOST_TEST(join(t->take()) == join({"exit good runtime_error", "start good 2 arg=2"}));
+  // Failures spread beyond the period do not park.
+  ask<caf::actor>(sup, start_atom::value, std::string("flaky"), caf::make_message(3));
+  for (int i = 0; i < 4; ++i) {
+    sched.advance_time(3s);
+    fail(sup, "flaky");
+  }
+  BOOST_TEST(parked.size() == 1u);
+  BOOST_TEST(static_cast<bool>(get(sup, "flaky")));
+}
+
 BOOST_AUTO_TEST_CASE(start_request_to_a_static_supervisor_is_refused) {
   auto sup = spawn_sup(flags_of(restart_strategy::one_for_one), abc(t, 1));
   caf::error err;

@@ -179,6 +179,7 @@ struct AdminSession {
   durable @8 :Bool;            # the node has a session store (--data)
   checkpointTurn @9 :UInt64;   # with `durable`: the last turn in the store ...
   checkpointTokens @10 :UInt64;  # ... and how many of its generated tokens its log holds
+  parked @11 :Text;   # why its actor is parked (failed again and again); "" when it is not
 }
 
 struct Fault {

@@ -211,6 +211,7 @@ caf::expected<std::vector<session_row>> cluster::sessions(size_t m) {
           o.durable = s.getDurable();
           o.checkpoint_turn = s.getCheckpointTurn();
           o.checkpoint_tokens = s.getCheckpointTokens();
+          o.parked = text(s.getParked());
           out.push_back(std::move(o));
         }
         return out;

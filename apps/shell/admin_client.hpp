@@ -62,6 +62,7 @@ struct session_row {
   int32_t priority = 0;
   bool durable = false;
   uint64_t checkpoint_turn = 0, checkpoint_tokens = 0;
+  std::string parked;  // why it is parked; "" when it is not
 };
 
 /// What a drain did with one session.

@@ -275,12 +275,13 @@ int shell::sessions(const std::vector<std::string>& args) {
                                               : "turn " + std::to_string(s.checkpoint_turn) + ": " +
                                                     std::to_string(s.checkpoint_tokens) + " tokens";
       t.add({s.id, s.owner, replicas.empty() ? "-" : replicas, std::to_string(s.epoch),
-             std::to_string(s.turns), std::to_string(s.tokens), s.running ? "running" : "idle",
+             std::to_string(s.turns), std::to_string(s.tokens), !s.parked.empty() ? "parked" : s.running ? "running" : "idle",
              checkpoint});
       j.begin_object().field("id", s.id).field("owner", s.owner).key("replicas").begin_array();
       for (auto& r : s.replicas) j.value(r);
       j.end_array().field("epoch", s.epoch).field("turns", s.turns).field("tokens", s.tokens);
       j.field("running", s.running).field("priority", s.priority).field("durable", s.durable);
+      j.field("parked", s.parked);
       j.field("checkpoint_turn", s.checkpoint_turn);
       j.field("checkpoint_tokens", s.checkpoint_tokens).end_object();
     }
@@ -379,7 +380,14 @@ int shell::act(const std::vector<std::string>& args) {
     };
     if (kind == "crash") {
       f.what = k::crash;
-      if (too_many(1)) return fail(cmd, usage_error(cmd, "crash takes at most AFTER (steps)"));
+      if (rest.size() == 2 && rest[0] == "--times") {  // a session: its next N messages
+        auto n = parse_count(rest[1], 1);
+        if (!n) return fail(cmd, bad_count("--times", rest[1], 1));
+        f.count = *n;
+        rest.clear();
+      }
+      if (too_many(1))
+        return fail(cmd, usage_error(cmd, "crash takes at most AFTER (steps), or --times N"));
       if (!rest.empty()) {
         auto n = parse_count(rest[0], 0);
         if (!n) return fail(cmd, bad_count("AFTER", rest[0], 0));
