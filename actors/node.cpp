@@ -217,6 +217,14 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     }
   }
   n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags, std::move(top), ctx->log);
+  n->root_->attach_functor([r = n->readiness_, log = ctx->log](const caf::error& reason) {
+    std::lock_guard<std::mutex> guard(r->mu);
+    if (r->stopping) return;
+    r->down = "its root supervisor exited (" + (reason ? describe(reason) : std::string("normal")) +
+              ")";
+    log->report("node not ready: " + r->down + "; it serves nothing until restarted, and its "
+                "heartbeats tell its peers so");
+  });
   n->cfg_ = std::move(cfg);
   n->ctx_ = std::move(ctx);
   n->sessions_ = std::move(table);
@@ -234,8 +242,17 @@ node::~node() {
   stop();
 }
 
+std::string node::not_ready() const {
+  std::lock_guard<std::mutex> guard(readiness_->mu);
+  return readiness_->down;
+}
+
 void node::stop() {
   if (!root_) return;
+  {
+    std::lock_guard<std::mutex> guard(readiness_->mu);
+    readiness_->stopping = true;
+  }
   caf::scoped_actor self{sys_};
   self->monitor(root_);
   self->send_exit(root_, caf::exit_reason::user_shutdown);

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include <caf/actor.hpp>
@@ -99,6 +100,10 @@ class node {
   node& operator=(const node&) = delete;
 
   caf::actor root() const { return root_; }
+  /// Why the node cannot serve: its root supervisor gave up (escalated past its intensity), so
+  /// it has no sessions, batcher or engine; "" while it can. Its heartbeats say so, and its peers
+  /// treat it as down (issue #11: such a node answered "up" and held its sessions hostage).
+  std::string not_ready() const;
   const std::shared_ptr<node_context>& context() const { return ctx_; }
   fault_injector& faults() { return *ctx_->faults; }
   supervision_log& log() { return *ctx_->log; }
@@ -204,6 +209,13 @@ class node {
   std::unique_ptr<replicator> replicator_;  // with peers (replication only with a data dir)
   std::unique_ptr<serial_executor> failover_;  // with a replicator: takeovers, losses, handoffs
   caf::actor root_;
+  /// Set when the root exits other than by `stop`; shared with the exit hook on the root.
+  struct readiness {
+    std::mutex mu;
+    bool stopping = false;
+    std::string down;  // why the root exited; "" while it runs
+  };
+  std::shared_ptr<readiness> readiness_ = std::make_shared<readiness>();
   std::atomic<uint64_t> next_session_{0};
   std::atomic<bool> draining_{false};
   std::function<void()> on_draining_;

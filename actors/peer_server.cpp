@@ -27,6 +27,7 @@ struct peer_server::replica_store {
   std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> on_handoff;
   std::string client_address;
   bool draining = false;
+  std::function<std::string()> not_ready;
 };
 
 namespace {
@@ -81,6 +82,7 @@ class peer_impl final : public wire::Peer::Server {
       std::lock_guard<std::mutex> guard(rs_.mu);
       me.setClientAddress(rs_.client_address);
       me.setDraining(rs_.draining);
+      if (rs_.not_ready) me.setNotReady(rs_.not_ready());
     }
     res.setSentNs(ctx.getParams().getSentNs());
     res.setReceivedNs(steady_ns());
@@ -326,6 +328,11 @@ void peer_server::on_handoff(
 void peer_server::set_draining(bool draining) {
   std::lock_guard<std::mutex> guard(store_->mu);
   store_->draining = draining;
+}
+
+void peer_server::set_readiness(std::function<std::string()> not_ready) {
+  std::lock_guard<std::mutex> guard(store_->mu);
+  store_->not_ready = std::move(not_ready);
 }
 
 void peer_server::set_client_address(const std::string& address) {

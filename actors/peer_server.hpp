@@ -84,6 +84,9 @@ class peer_server {
           f);
   /// Whether the node drains, as heartbeats report it (peers then place no replicas here).
   void set_draining(bool draining);
+  /// Asked at each heartbeat: why the node cannot serve ("" when it can), as heartbeats report
+  /// it (peers then treat it as down). Called on the server's thread; empty: always ready.
+  void set_readiness(std::function<std::string()> not_ready);
   /// The node's client Gateway address, as heartbeats report it (set once the gateway is up).
   void set_client_address(const std::string& address);
 

@@ -299,6 +299,18 @@ class link_io : public kj::TaskSet::ErrorHandler {
     tasks_->add(req.send().then(
         [this, gen](capnp::Response<wire::Peer::HeartbeatResults>&& r) {
           if (gen != gen_) return;
+          auto n = r.getNode();
+          // An answer that does not count as one: the peer is alive but cannot serve (as good
+          // as down: its sessions are taken over), or it is not the node configured here.
+          if (n.hasNotReady() && n.getNotReady().size() > 0) {
+            fail("not ready: " + std::string(n.getNotReady().cStr()));
+            return;
+          }
+          if (!cfg_.peer_name.empty() && n.getName() != cfg_.peer_name.c_str()) {
+            fail("answered as '" + std::string(n.getName().cStr()) + "', configured as '" +
+                 cfg_.peer_name + "'");
+            return;
+          }
           auto now = clock::now();
           in_flight_ = false;
           last_ok_ = now;
@@ -307,12 +319,6 @@ class link_io : public kj::TaskSet::ErrorHandler {
           info_.answered_sent = sent_;
           ++info_.heartbeats;
           info_.consecutive_failures = 0;
-          auto n = r.getNode();
-          if (!cfg_.peer_name.empty() && n.getName() != cfg_.peer_name.c_str()) {
-            fail("answered as '" + std::string(n.getName().cStr()) + "', configured as '" +
-                 cfg_.peer_name + "'");
-            return;
-          }
           info_.name = n.getName().cStr();
           info_.region = n.getRegion().cStr();
           info_.client_address = n.getClientAddress().cStr();

@@ -402,6 +402,7 @@ int run(std::span<char*> args) {
       return n->accept_handoff(id, from);
     });
     (*nd)->on_draining([ps = peer_srv.get()] { ps->set_draining(true); });
+    peer_srv->set_readiness([n = nd->get()] { return n->not_ready(); });
   }
   keel::cli::log_line(program, "listening on " + (*gw)->address());
   keel::cli::log_line(program, "node " + ncfg.name + ", model " + ncfg.model_path + ", " +
@@ -447,6 +448,7 @@ int run(std::span<char*> args) {
   (*gw)->stop();
   if (peer_srv) peer_srv->on_lost({});
   if (peer_srv) peer_srv->on_handoff({});
+  if (peer_srv) peer_srv->set_readiness({});
   if (peer_srv) peer_srv->detach_store();
   (*nd)->stop();
   if (peer_srv) peer_srv->stop();

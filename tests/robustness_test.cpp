@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/cluster.hpp"
 #include "tests/process.hpp"
 #include "tests/test_support.hpp"
 #include <capnp/ez-rpc.h>
@@ -366,4 +367,59 @@ BOOST_AUTO_TEST_CASE(a_session_that_keeps_crashing_is_parked_and_the_others_are_
                           keel::test::secret_file("the-right-key"), "-c", "sessions"});
   BOOST_REQUIRE(sh.wait(20s).value_or(-1) == 0);
   BOOST_TEST(sh.out().find("parked") != std::string::npos, sh.out());
+}
+
+BOOST_AUTO_TEST_CASE(a_node_whose_root_supervisor_gave_up_is_not_ready_and_its_sessions_move) {
+  // Issue #11: a node whose supervisor was down answered every request with "the session
+  // supervisor is down" while its heartbeats said "up", so nobody took its sessions over. Now it
+  // says it is not ready, its peers declare it down, and a replica takes its sessions.
+  model_file m;
+  keel::test::cluster_config cfg;
+  cfg.model = m.path;
+  cfg.root = m.dir.path / "cluster";
+  cfg.replicas = 2;
+  cfg.admin = true;
+  cfg.label = "readiness";
+  keel::test::cluster cl(cfg, {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
+  cl.start_all();
+  BOOST_REQUIRE(cl.wait_all_links_up(15s));
+  auto c = keel::wire::client::connect({cl.address(0)});
+  BOOST_REQUIRE(static_cast<bool>(c));
+  auto session = (*c)->open_session({});
+  BOOST_REQUIRE(static_cast<bool>(session));
+  auto g = (*c)->generate(*session, "Once upon a time", 6);
+  BOOST_REQUIRE_MESSAGE(static_cast<bool>(g), keel::test::why(g));
+  c->reset();
+
+  // Six failures of the engine within 10 s: more than the root's intensity (5), so it gives up.
+  std::string kills;
+  for (int i = 0; i < 6; ++i) kills += "kill a/engine; ";
+  cl.shell(0, kills);
+  auto until = std::chrono::steady_clock::now() + 20s;
+  while (std::chrono::steady_clock::now() < until &&
+         cl.current_log(0).find("node not ready") == std::string::npos)
+    std::this_thread::sleep_for(100ms);
+  BOOST_REQUIRE_MESSAGE(cl.current_log(0).find("node not ready") != std::string::npos,
+                        cl.current_log(0));
+  // b declares it down for that reason, and the session is served elsewhere with its turn.
+  std::vector<keel::wire::turn_record> h;
+  std::string last;
+  until = std::chrono::steady_clock::now() + 20s;
+  while (std::chrono::steady_clock::now() < until) {
+    auto b = keel::wire::client::connect({cl.address(1)});
+    if (b) {
+      auto r = (*b)->history(*session);
+      if (r) {
+        h = *r;
+        break;
+      }
+      last = keel::test::why(r);
+    }
+    std::this_thread::sleep_for(200ms);
+  }
+  BOOST_REQUIRE_MESSAGE(h.size() == 1, "history through b: " << last << "\n" << cl.logs());
+  BOOST_TEST(h[0].generated == g->generated);
+  BOOST_TEST(cl.current_log(1).find("not ready: its root supervisor exited") != std::string::npos,
+             cl.current_log(1));
+  BOOST_TEST(cl.logs().find("took over session " + *session) != std::string::npos);
 }

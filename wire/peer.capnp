@@ -20,6 +20,7 @@ struct NodeId {
   address @2 :Text;  # HOST:PORT of the node's peer endpoint
   clientAddress @3 :Text;  # HOST:PORT of the node's client Gateway ("" when not serving yet)
   draining @4 :Bool;       # the node drains: no new sessions, no replicas, no handoffs
+  notReady @5 :Text;       # why the node cannot serve (its root supervisor is down); "": it can
 }
 
 # One turn's whole log of generated tokens.
