@@ -231,8 +231,8 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
     return wire::accept_secured(
         listener, timer, tls.get(), tasks,
         [this, cap](kj::AuthenticatedStream&& a) {
-          auto c = kj::heap<wire::rpc_connection>(kj::mv(a.stream), *cap, reader_options);
-          auto gone = wire::until_gone(*c, timer, cfg.limits.max_unread);
+          auto c = kj::heap<wire::rpc_connection>(kj::mv(a.stream), timer, *cap, reader_options);
+          auto gone = wire::until_gone(*c, timer, cfg.limits);
           tasks.add(gone.attach(kj::mv(c)));
         },
         [this](const std::string& line) { log(line); }, "gateway", limits);

@@ -80,6 +80,8 @@ constexpr option spec[] = {
     {"max-unread", "BYTES",
      "answers queued for a client that does not read them, e.g. 16M, before it is cut off "
      "(default 16M)"},
+    {"frame-timeout", "MS",
+     "close a client connection whose message stays unfinished for MS ms (default 30000)"},
     {"stop-timeout", "MS",
      "on SIGTERM, exit anyway after MS milliseconds if the clean stop has not finished "
      "(default 20000; what was acknowledged is synced, so nothing acknowledged is lost)"},
@@ -349,6 +351,9 @@ int run(std::span<char*> args) {
   gcfg.limits.connections = static_cast<size_t>(*max_conn);
   gcfg.limits.per_address = static_cast<size_t>(*per_address);
   gcfg.limits.max_unread = static_cast<size_t>(*max_unread);
+  auto frame_timeout = opts->get_int("frame-timeout", 30000, 10, 3600 * 1000);
+  if (!frame_timeout) return fail(frame_timeout.error());
+  gcfg.limits.frame_timeout = *frame_timeout * kj::MILLISECONDS;
 
   // Block the stop signals before any thread starts, so that every thread inherits the mask
   // and only sigwait below receives them.

@@ -188,3 +188,38 @@ BOOST_AUTO_TEST_CASE(a_client_that_does_not_read_its_answers_is_cut_off) {
   BOOST_REQUIRE_MESSAGE(static_cast<bool>(list), keel::test::why(list));
   BOOST_TEST(list->size() == 200u);
 }
+
+BOOST_AUTO_TEST_CASE(a_message_begun_and_never_finished_ends_its_connection_an_idle_one_stays) {
+  // Issue #11: a truncated frame held a connection forever. A message begun and left unfinished
+  // for --frame-timeout is closed; a connection idle between messages is not.
+  model_file m;
+  node n(m.path, {"--frame-timeout", "500"});
+  int idle = raw_connection(n.port);
+  int header_only = raw_connection(n.port);
+  int half_body = raw_connection(n.port);
+  BOOST_REQUIRE((idle >= 0 && header_only >= 0 && half_body >= 0));
+  // Two segments announced, the header cut after its first word.
+  const uint32_t first[2] = {1, 4};
+  BOOST_REQUIRE(write(header_only, first, sizeof first) == sizeof first);
+  // One segment of 64 words announced in a whole header, and 100 of its 512 bytes sent.
+  const uint32_t header[2] = {0, 64};
+  std::vector<char> some(100, 0);
+  BOOST_REQUIRE(write(half_body, header, sizeof header) == sizeof header);
+  BOOST_REQUIRE(write(half_body, some.data(), some.size()) == static_cast<ssize_t>(some.size()));
+  BOOST_TEST(closed_by_peer(header_only, 5s));
+  BOOST_TEST(closed_by_peer(half_body, 5s));
+  BOOST_TEST(n.proc.err().find("message stayed unfinished for 500 ms") != std::string::npos,
+             n.proc.err());
+  BOOST_TEST(!closed_by_peer(idle, 1500ms));
+  // The idle one is a real connection still: a whole bootstrap message is answered.
+  {
+    capnp::MallocMessageBuilder msg;
+    msg.initRoot<capnp::rpc::Message>().initBootstrap().setQuestionId(0);
+    send_rpc(idle, msg);
+  }
+  pollfd p{idle, POLLIN, 0};
+  BOOST_TEST(poll(&p, 1, 5000) == 1);
+  char buf[256];
+  BOOST_TEST(read(idle, buf, sizeof buf) > 0);
+  for (int fd : {idle, header_only, half_body}) close(fd);
+}

@@ -194,15 +194,19 @@ kj::Promise<void> accept_secured(kj::ConnectionReceiver& listener, kj::Timer& ti
       log, name);
 }
 
-kj::Promise<void> until_gone(rpc_connection& c, kj::Timer& timer, size_t max_unread) {
-  auto watch = [&c, &timer, max_unread](auto& self) -> kj::Promise<void> {
-    return timer.afterDelay(100 * kj::MILLISECONDS).then([&c, &timer, max_unread, self]() mutable
+kj::Promise<void> until_gone(rpc_connection& c, kj::Timer& timer, const port_limits& limits) {
+  auto watch = [&c, &timer, limits](auto& self) -> kj::Promise<void> {
+    return timer.afterDelay(100 * kj::MILLISECONDS).then([&c, &timer, limits, self]() mutable
                                                          -> kj::Promise<void> {
       auto queued = c.network.getCurrentQueueSize();
-      if (queued > max_unread)
+      if (queued > limits.max_unread)
         return KJ_EXCEPTION(OVERLOADED, "closed a connection that does not read its answers: " +
                                             std::to_string(queued) + " bytes unread, the limit is " +
-                                            std::to_string(max_unread));
+                                            std::to_string(limits.max_unread));
+      if (auto since = c.io->partial_since(); since && timer.now() - *since > limits.frame_timeout)
+        return KJ_EXCEPTION(DISCONNECTED,
+                            "closed a connection whose message stayed unfinished for " +
+                                std::to_string(limits.frame_timeout / kj::MILLISECONDS) + " ms");
       return self(self);
     });
   };
@@ -217,9 +221,9 @@ kj::Promise<void> accept_forever(
   return accept_secured(
       listener, timer, tls, tasks,
       [bootstrap = std::move(bootstrap), &tasks, &timer, reader, limits](kj::AuthenticatedStream&& s) {
-        auto c = kj::heap<rpc_connection>(kj::mv(s.stream), bootstrap(kj::mv(s.peerIdentity)),
-                                          reader);
-        auto gone = until_gone(*c, timer, limits.max_unread);
+        auto c = kj::heap<rpc_connection>(kj::mv(s.stream), timer,
+                                          bootstrap(kj::mv(s.peerIdentity)), reader);
+        auto gone = until_gone(*c, timer, limits);
         tasks.add(gone.attach(kj::mv(c)));
       },
       std::move(log), name, limits);

@@ -14,6 +14,7 @@
 #include <capnp/rpc-twoparty.h>
 #include <kj/async-io.h>
 
+#include "wire/frame_watch.hpp"
 #include "wire/tls.hpp"
 
 namespace keel::wire {
@@ -47,15 +48,16 @@ class server_thread {
   std::thread thread_;
 };
 
-/// One accepted connection: a two-party RPC system serving `bootstrap` on it.
+/// One accepted connection: a two-party RPC system serving `bootstrap` on it, its stream
+/// followed by a `frame_watch`. `timer` must outlive it.
 struct rpc_connection {
-  kj::Own<kj::AsyncIoStream> io;
+  kj::Own<frame_watch> io;
   capnp::TwoPartyVatNetwork network;
   capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc;
 
-  rpc_connection(kj::Own<kj::AsyncIoStream>&& s, capnp::Capability::Client bootstrap,
-                 capnp::ReaderOptions opts = {})
-      : io(kj::mv(s)),
+  rpc_connection(kj::Own<kj::AsyncIoStream>&& s, kj::Timer& timer,
+                 capnp::Capability::Client bootstrap, capnp::ReaderOptions opts = {})
+      : io(kj::heap<frame_watch>(kj::mv(s), timer)),
         network(*io, capnp::rpc::twoparty::Side::SERVER, opts),
         rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
 };
@@ -73,6 +75,9 @@ struct port_limits {
   size_t max_unread = 16u << 20;
   /// SO_SNDBUF of each accepted socket (before any TLS); 0: the system's.
   int send_buffer = 0;
+  /// How long a message may stay begun and unfinished (a truncated frame) before the connection
+  /// is closed. A connection idle between messages is not affected.
+  kj::Duration frame_timeout = 30 * kj::SECONDS;
 };
 
 /// What a server does with a connection once it is accepted (and, with TLS, its handshake is
@@ -97,10 +102,11 @@ kj::Promise<void> accept_secured(kj::ConnectionReceiver& listener, kj::Timer& ti
                                  server_thread::log_fn log, const std::string& name,
                                  port_limits limits = {});
 
-/// Resolves when `c` disconnects; fails ("N bytes of answers unread") once more than
-/// `max_unread` bytes of its outgoing messages are queued, so that the task holding `c` ends
-/// and closes it. `c` and `timer` must outlive the promise.
-kj::Promise<void> until_gone(rpc_connection& c, kj::Timer& timer, size_t max_unread);
+/// Resolves when `c` disconnects; fails once more than `limits.max_unread` bytes of its outgoing
+/// messages are queued, or once a message has been begun and not finished for
+/// `limits.frame_timeout`, so that the task holding `c` ends and closes it. `c` and `timer` must
+/// outlive the promise.
+kj::Promise<void> until_gone(rpc_connection& c, kj::Timer& timer, const port_limits& limits);
 
 /// Serves every connection `accept_secured` hands over with the capability `bootstrap` makes for
 /// it (from who is at the other end), each kept in `tasks` until it disconnects. `reader` bounds
