@@ -165,11 +165,16 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
 
   // -- forwarding ---------------------------------------------------------------------------
 
+  /// The key of `upstreams`: one connection per node and tenant.
+  static std::string upstream_name(const std::string& address, const api_key* key) {
+    return key ? address + " as " + key->tenant : address;
+  }
+
   /// The Gateway of the node at `address` (another keel-node's client endpoint): `key`'s
   /// tenant's, logged in with the key (the nodes of a cluster share their keys file), so that
   /// the owner checks the tenant too; its bootstrap for the open port (`key` null).
   kj::Promise<wire::Gateway::Client> upstream_to(const std::string& address, const api_key* key) {
-    auto name = key ? address + " as " + key->tenant : address;
+    auto name = upstream_name(address, key);
     if (auto i = upstreams.find(name); i != upstreams.end()) return i->second->gateway;
     return network.parseAddress(address)
         .then([](kj::Own<kj::NetworkAddress> a) { return a->connect(); })
@@ -210,7 +215,7 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
           if (address->empty())  // taken over by this node meanwhile
             return caf::expected<wire::Session::Client>(make_error(errc::disconnected, "session " + id + " moved here; retry"));
           auto where = *address;
-          auto name = key ? where + " as " + key->tenant : where;
+          auto name = upstream_name(where, key);
           return upstream_to(where, key)
               .then([id](wire::Gateway::Client gw) {
                 auto req = gw.getSessionRequest();

@@ -33,13 +33,7 @@ struct fixture {
   std::string keys = (dir.path / "keys").string();
 
   fixture() {
-    keel::synth_options o;
-    o.dim = 64;
-    o.layers = 1;
-    o.heads = 4;
-    o.kv_heads = 2;
-    o.ffn = 128;
-    keel::test::write_model(model, o);
+    keel::test::write_model(model, keel::test::tiny_model());
     write_keys("alice-key-0123456789 tenant=alice class=interactive rpm=6000 tpm=1000000 "
                "sessions=100\n"
                "bob-key-0123456789ab tenant=bob class=batch rpm=6000 tpm=1000000 sessions=100\n");
