@@ -21,8 +21,8 @@
 #include "actors/atoms.hpp"
 #include "wire/bridge.hpp"
 #include "wire/convert.hpp"
-#include "wire/key_gate.hpp"
 #include "wire/keel.capnp.h"
+#include "wire/key_gate.hpp"
 
 namespace keel {
 
@@ -228,6 +228,7 @@ class admin_server final : public wire::Admin::Server {
             o.setDurable(row.durable);
             o.setCheckpointTurn(row.checkpoint_turn);
             o.setCheckpointTokens(row.checkpoint_tokens);
+            o.setTenant(r.tenant);
           }
           set_ok(res.initError());
         });

@@ -25,8 +25,8 @@
 #include "actors/atoms.hpp"
 #include "wire/bridge.hpp"
 #include "wire/convert.hpp"
-#include "wire/key_gate.hpp"
 #include "wire/keel.capnp.h"
+#include "wire/key_gate.hpp"
 
 namespace keel {
 
@@ -228,7 +228,8 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
                     if (auto err = wire::from_wire(r.getError())) return err;
                     return r.getSession();
                   },
-                  [this, where, name, id](kj::Exception&& e) -> caf::expected<wire::Session::Client> {
+                  [this, where, name,
+                   id](kj::Exception&& e) -> caf::expected<wire::Session::Client> {
                     upstreams.erase(name);
                     return make_error(errc::disconnected,
                                       "session " + id + ": its owner at " + where +
@@ -493,8 +494,8 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   kj::Timer& timer;
   kj::Network& network;
   std::map<std::string, kj::Own<upstream>> upstreams;  // by address (and tenant)
-  tenant_usage usage;                                   // each tenant's limits on this node
-  wire::refusal_pacer refusals{timer};                  // wrong API keys
+  tenant_usage usage;                                  // each tenant's limits on this node
+  wire::refusal_pacer refusals{timer};                 // wrong API keys
   wire::blocking_worker blocking;  // node::open_session blocks (scoped_actor)
   capnp::ReaderOptions reader_options;
   size_t buffer = 0;
@@ -759,10 +760,9 @@ class gateway_server final : public wire::Gateway::Server {
     return g_.blocking
         .run<std::string>([&nd, params, priority, key]() -> caf::expected<std::string> {
           if (key && nd.sessions_of(key->tenant) >= key->max_sessions) {
-            return make_error(errc::overloaded, "tenant " + key->tenant +
-                                                    ": over its limit sessions=" +
-                                                    std::to_string(key->max_sessions) +
-                                                    " on this node");
+            return make_error(errc::overloaded,
+                              "tenant " + key->tenant + ": over its limit sessions=" +
+                                  std::to_string(key->max_sessions) + " on this node");
           }
           return nd.open_session(params, priority, key ? key->tenant : std::string());
         })

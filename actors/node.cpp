@@ -41,8 +41,8 @@ caf::expected<std::string> random_session_id(const std::string& node) {
     auto n = ::getrandom(bytes + got, sizeof bytes - got, 0);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0)
-      return make_error(errc::failed, std::string("getrandom for a session id: ") +
-                                          std::strerror(errno));
+      return make_error(errc::failed,
+                        std::string("getrandom for a session id: ") + std::strerror(errno));
     got += static_cast<size_t>(n);
   }
   static constexpr char alphabet[] = "abcdefghijklmnopqrstuvwxyz234567";
@@ -278,7 +278,8 @@ caf::actor node::child(const std::string& id) {
 }
 
 caf::error node::unknown_session(const std::string& id) const {
-  if (!replicator_) return make_error(errc::not_found, "no session " + id + " on node " + cfg_.name);
+  if (!replicator_)
+    return make_error(errc::not_found, "no session " + id + " on node " + cfg_.name);
   return make_error(errc::not_found, "no node has session " + id);
 }
 

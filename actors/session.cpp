@@ -305,8 +305,7 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
   auto common = std::min(held.size(), t.generated.size());
   if (!std::equal(held.begin(), held.begin() + static_cast<ptrdiff_t>(common),
                   t.generated.begin())) {
-    return make_error(errc::bad_request, "session " + st.rec.id + " turn " +
-                                             std::to_string(turn) +
+    return make_error(errc::bad_request, "session " + st.rec.id + " turn " + std::to_string(turn) +
                                              ": the tokens held by the client differ from "
                                              "the session's");
   }
@@ -316,9 +315,9 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
     // turn, and once. A session that generated every token itself has all a client can hold.
     if (t.done || !st.rec.from_copy || turn + 1 != st.rec.turns.size()) {
       return make_error(errc::bad_request,
-                        "session " + st.rec.id + " turn " + std::to_string(turn) + ": the client holds " +
-                            std::to_string(held.size()) + " tokens, the session produced " +
-                            std::to_string(t.generated.size()));
+                        "session " + st.rec.id + " turn " + std::to_string(turn) +
+                            ": the client holds " + std::to_string(held.size()) +
+                            " tokens, the session produced " + std::to_string(t.generated.size()));
     }
     st.rec.from_copy = false;
     auto limit = std::min(held.size(), static_cast<size_t>(std::max(t.max_tokens, 0)));

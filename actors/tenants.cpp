@@ -34,8 +34,7 @@ caf::expected<api_key> parse_line(const std::string& line, const std::string& wh
   std::istringstream in(line);
   api_key k;
   in >> k.key;
-  if (k.key.size() < min_key_length ||
-      !std::all_of(k.key.begin(), k.key.end(), key_char)) {
+  if (k.key.size() < min_key_length || !std::all_of(k.key.begin(), k.key.end(), key_char)) {
     // The key itself is not repeated in the message: it may be a real key with a typo.
     return make_error(errc::bad_request, where + ": a key is at least " +
                                              std::to_string(min_key_length) +
@@ -60,9 +59,10 @@ caf::expected<api_key> parse_line(const std::string& line, const std::string& wh
   k.tenant = fields["tenant"];
   if (k.tenant.empty() || k.tenant.size() > 64 ||
       !std::all_of(k.tenant.begin(), k.tenant.end(), key_char))
-    return make_error(errc::bad_request, where + ": tenant must be 1 to 64 characters of "
-                                                 "A-Z a-z 0-9 . _ ~ + / = -, got '" +
-                                                 k.tenant + "'");
+    return make_error(errc::bad_request, where +
+                                             ": tenant must be 1 to 64 characters of "
+                                             "A-Z a-z 0-9 . _ ~ + / = -, got '" +
+                                             k.tenant + "'");
   k.priority_class = fields["class"];
   auto cap = class_priority(k.priority_class);
   if (!cap) return make_error(errc::bad_request, where + ": " + message_of(cap.error()));
@@ -107,8 +107,9 @@ caf::expected<key_table> key_table::parse(std::string_view text, const std::stri
     out.keys_.push_back(std::move(*k));
   }
   if (out.keys_.empty())
-    return make_error(errc::bad_request, file + ": no keys (a node with --keys serves only "
-                                                "clients that log in with one)");
+    return make_error(errc::bad_request, file +
+                                             ": no keys (a node with --keys serves only "
+                                             "clients that log in with one)");
   return out;
 }
 
@@ -121,7 +122,8 @@ caf::expected<key_table> key_table::load(const std::string& file) {
     mode << std::oct << (st.st_mode & 0777);
     return make_error(errc::bad_request, "--keys " + file + ": mode " + mode.str() +
                                              " lets its group or others use it; keys are "
-                                             "secrets: chmod 600 " + file);
+                                             "secrets: chmod 600 " +
+                                             file);
   }
   std::ifstream in(file);
   if (!in) return make_error(errc::bad_request, "--keys " + file + ": cannot read it");

@@ -331,11 +331,11 @@ int run(std::span<char*> args) {
     for (auto& k : keys->keys()) tenants.insert(k.tenant);
     keel::cli::log_line(program, "client port: " + std::to_string(keys->keys().size()) +
                                      " API key(s) of " + std::to_string(tenants.size()) +
-                                     " tenant(s) from " + opts->get("keys") +
-                                     "; clients log in");
+                                     " tenant(s) from " + opts->get("keys") + "; clients log in");
   } else {
-    keel::cli::log_line(program, "client port open to anyone on this host (no --keys): every "
-                                 "local user can read and write every session");
+    keel::cli::log_line(program,
+                        "client port open to anyone on this host (no --keys): every "
+                        "local user can read and write every session");
   }
   keel::cli::log_line(program, "node " + ncfg.name + ", model " + ncfg.model_path + ", " +
                                    std::to_string(ncfg.shards) + " shard(s) x " +

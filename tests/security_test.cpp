@@ -34,9 +34,10 @@ struct fixture {
 
   fixture() {
     keel::test::write_model(model, keel::test::tiny_model());
-    write_keys("alice-key-0123456789 tenant=alice class=interactive rpm=6000 tpm=1000000 "
-               "sessions=100\n"
-               "bob-key-0123456789ab tenant=bob class=batch rpm=6000 tpm=1000000 sessions=100\n");
+    write_keys(
+        "alice-key-0123456789 tenant=alice class=interactive rpm=6000 tpm=1000000 "
+        "sessions=100\n"
+        "bob-key-0123456789ab tenant=bob class=batch rpm=6000 tpm=1000000 sessions=100\n");
   }
 
   void write_keys(const std::string& text) {
@@ -59,13 +60,14 @@ struct node {
   std::unique_ptr<process> proc;
 
   node(const std::string& model, std::vector<std::string> extra) {
-    std::vector<std::string> a = {keel::test::bin("keel-node"), "--listen", address, "--model",
-                                  model, "--threads", "1"};
+    std::vector<std::string> a = {
+        keel::test::bin("keel-node"), "--listen", address, "--model", model, "--threads", "1"};
     a.insert(a.end(), extra.begin(), extra.end());
     proc = std::make_unique<process>(a);
-    BOOST_REQUIRE_MESSAGE(proc->wait_err([](const std::string& s) {
-      return s.find("listening on") != std::string::npos;
-    }, 15s), "keel-node did not start: " << proc->err());
+    BOOST_REQUIRE_MESSAGE(
+        proc->wait_err(
+            [](const std::string& s) { return s.find("listening on") != std::string::npos; }, 15s),
+        "keel-node did not start: " << proc->err());
   }
 };
 
@@ -141,17 +143,20 @@ BOOST_FIXTURE_TEST_CASE(another_tenant_gets_the_answer_of_an_unknown_session, fi
 
 BOOST_FIXTURE_TEST_CASE(with_keys_the_bootstrap_answers_only_login, fixture) {
   node n(model, {"--keys", keys});
-  BOOST_TEST(n.proc->wait_err([](const std::string& s) {
-    return s.find("client port: 2 API key(s) of 2 tenant(s)") != std::string::npos;
-  }, 5s), n.proc->err());
+  BOOST_TEST(n.proc->wait_err(
+                 [](const std::string& s) {
+                   return s.find("client port: 2 API key(s) of 2 tenant(s)") != std::string::npos;
+                 },
+                 5s),
+             n.proc->err());
   capnp::EzRpcClient rpc(n.address);
   auto& ws = rpc.getWaitScope();
   auto boot = rpc.getMain<keel::wire::Gateway>();
   BOOST_TEST((boot.infoRequest().send().wait(ws).getError().getKind() == kind::UNAUTHENTICATED));
-  BOOST_TEST((boot.listSessionsRequest().send().wait(ws).getError().getKind() ==
-              kind::UNAUTHENTICATED));
-  BOOST_TEST((boot.openSessionRequest().send().wait(ws).getError().getKind() ==
-              kind::UNAUTHENTICATED));
+  BOOST_TEST(
+      (boot.listSessionsRequest().send().wait(ws).getError().getKind() == kind::UNAUTHENTICATED));
+  BOOST_TEST(
+      (boot.openSessionRequest().send().wait(ws).getError().getKind() == kind::UNAUTHENTICATED));
   auto get = boot.getSessionRequest();
   get.setId("s-1@node");
   BOOST_TEST((get.send().wait(ws).getError().getKind() == kind::UNAUTHENTICATED));
@@ -200,9 +205,8 @@ BOOST_FIXTURE_TEST_CASE(held_tokens_are_refused_unless_the_session_lost_them, fi
   // reply ("PWNED PWNED", stored). The shard stalls, so the victim's turn has no token yet when
   // the attacker resumes it with held tokens of its own.
   node n(model, {"--admin-listen", "127.0.0.1:0", "--admin-key", "security-admin"});
-  BOOST_REQUIRE(n.proc->wait_err([](const std::string& s) {
-    return s.find("admin on ") != std::string::npos;
-  }, 5s));
+  BOOST_REQUIRE(n.proc->wait_err(
+      [](const std::string& s) { return s.find("admin on ") != std::string::npos; }, 5s));
   auto err = n.proc->err();
   auto at = err.find("admin on ") + 9;
   auto admin = err.substr(at, err.find_first_of(" \n", at) - at);
@@ -211,8 +215,8 @@ BOOST_FIXTURE_TEST_CASE(held_tokens_are_refused_unless_the_session_lost_them, fi
   auto id = victim->open_session({});
   auto control_id = control->open_session({});
   BOOST_REQUIRE(id && control_id);
-  process shell({keel::test::bin("keel-shell"), "--connect", admin, "--key", "security-admin",
-                 "-c", "fault node/engine/shard-0 stall 2s"});
+  process shell({keel::test::bin("keel-shell"), "--connect", admin, "--key", "security-admin", "-c",
+                 "fault node/engine/shard-0 stall 2s"});
   BOOST_REQUIRE_MESSAGE(shell.wait(20s).value_or(-1) == 0, shell.out() << shell.err());
 
   std::vector<int32_t> generated;
@@ -253,9 +257,10 @@ BOOST_FIXTURE_TEST_CASE(held_tokens_are_refused_unless_the_session_lost_them, fi
 }
 
 BOOST_FIXTURE_TEST_CASE(a_tenant_is_held_to_its_limits_and_class_alone, fixture) {
-  write_keys("alice-key-0123456789 tenant=alice class=interactive rpm=6000 tpm=1000000 "
-             "sessions=100\n"
-             "bob-key-0123456789ab tenant=bob class=batch rpm=4 tpm=1000000 sessions=1\n");
+  write_keys(
+      "alice-key-0123456789 tenant=alice class=interactive rpm=6000 tpm=1000000 "
+      "sessions=100\n"
+      "bob-key-0123456789ab tenant=bob class=batch rpm=4 tpm=1000000 sessions=1\n");
   node n(model, {"--keys", keys});
   auto bob = client_of(n.address, bob_key);  // login and info: no request counted
   auto id = bob->open_session({}, 50);       // 1
@@ -267,7 +272,7 @@ BOOST_FIXTURE_TEST_CASE(a_tenant_is_held_to_its_limits_and_class_alone, fixture)
              std::string::npos);
   auto listed = bob->sessions();  // 3
   BOOST_REQUIRE(listed);
-  BOOST_TEST((*listed)[0].priority == 0);  // asked 50, capped by the batch class
+  BOOST_TEST((*listed)[0].priority == 0);            // asked 50, capped by the batch class
   BOOST_TEST(static_cast<bool>(bob->history(*id)));  // 4 (the session from openSession)
   auto over = bob->history(*id);                     // 5
   BOOST_REQUIRE(!over);
@@ -289,14 +294,18 @@ BOOST_FIXTURE_TEST_CASE(without_keys_the_client_port_serves_loopback_only_and_sa
   BOOST_TEST(open.second.find("--listen 0.0.0.0:0: without --keys FILE") != std::string::npos,
              open.second);
   ::chmod(keys.c_str(), 0640);
-  auto readable = run({keel::test::bin("keel-node"), "--listen", "127.0.0.1:0", "--model", model,
-                       "--keys", keys});
+  auto readable = run(
+      {keel::test::bin("keel-node"), "--listen", "127.0.0.1:0", "--model", model, "--keys", keys});
   BOOST_TEST(readable.first != 0);
   BOOST_TEST(readable.second.find("mode 640") != std::string::npos, readable.second);
   node n(model, {});
-  BOOST_TEST(n.proc->wait_err([](const std::string& s) {
-    return s.find("client port open to anyone on this host (no --keys)") != std::string::npos;
-  }, 5s), n.proc->err());
+  BOOST_TEST(n.proc->wait_err(
+                 [](const std::string& s) {
+                   return s.find("client port open to anyone on this host (no --keys)") !=
+                          std::string::npos;
+                 },
+                 5s),
+             n.proc->err());
 }
 
 /// `f()` until it succeeds or `limit` passed: its last answer.

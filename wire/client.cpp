@@ -187,7 +187,8 @@ caf::expected<std::string> key_from(const std::string& file) {
   if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
     return make_error(errc::bad_request, "--key-file " + file +
                                              ": readable by its group or others; a key is a "
-                                             "secret: chmod 600 " + file);
+                                             "secret: chmod 600 " +
+                                             file);
   std::ifstream in(file);
   std::string key;
   std::getline(in, key);
@@ -671,21 +672,22 @@ caf::expected<std::vector<turn_record>> client::history(const std::string& sessi
 }
 
 caf::expected<std::vector<session_info>> client::sessions() {
-  return at_edge<std::vector<session_info>>(impl_->endpoint, [&]() -> caf::expected<std::vector<session_info>> {
-    auto resp = impl_->call(impl_->gateway.listSessionsRequest().send(), "listSessions");
-    if (auto err = from_wire(resp.getError())) return err;
-    std::vector<session_info> out;
-    for (auto s : resp.getSessions()) {
-      session_info i;
-      i.id = s.getId().cStr();
-      i.turns = s.getTurns();
-      i.tokens = s.getTokens();
-      i.priority = s.getPriority();
-      i.running = s.getRunning();
-      out.push_back(std::move(i));
-    }
-    return out;
-  });
+  return at_edge<std::vector<session_info>>(
+      impl_->endpoint, [&]() -> caf::expected<std::vector<session_info>> {
+        auto resp = impl_->call(impl_->gateway.listSessionsRequest().send(), "listSessions");
+        if (auto err = from_wire(resp.getError())) return err;
+        std::vector<session_info> out;
+        for (auto s : resp.getSessions()) {
+          session_info i;
+          i.id = s.getId().cStr();
+          i.turns = s.getTurns();
+          i.tokens = s.getTokens();
+          i.priority = s.getPriority();
+          i.running = s.getRunning();
+          out.push_back(std::move(i));
+        }
+        return out;
+      });
 }
 
 }  // namespace keel::wire

@@ -194,6 +194,7 @@ struct AdminSession {
   durable @8 :Bool;            # the node has a session store (--data)
   checkpointTurn @9 :UInt64;   # with `durable`: the last turn in the store ...
   checkpointTokens @10 :UInt64;  # ... and how many of its generated tokens its log holds
+  tenant @11 :Text;            # the tenant whose API key opened it ("" without --keys)
 }
 
 struct Fault {

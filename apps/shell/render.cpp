@@ -4,9 +4,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <limits>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 
 namespace keel::shell {
 
