@@ -22,6 +22,7 @@
 #include "wire/bridge.hpp"
 #include "wire/convert.hpp"
 #include "wire/keel.capnp.h"
+#include "wire/key_gate.hpp"
 
 namespace keel {
 
@@ -30,15 +31,6 @@ namespace {
 using namespace std::chrono_literals;
 using sys_clock = std::chrono::system_clock;
 using wire_kind = wire::Error::Kind;
-
-bool same_key(const std::string& given, const std::string& expected) {
-  // Constant time in the key's content: a wrong guess reveals no prefix.
-  unsigned char diff = given.size() == expected.size() ? 0 : 1;
-  for (size_t i = 0; i < given.size(); ++i)
-    diff |=
-        static_cast<unsigned char>(given[i] ^ expected[i % std::max<size_t>(expected.size(), 1)]);
-  return diff == 0 && !expected.empty();
-}
 
 std::optional<fault_kind> to_kind(wire::Fault::Kind k) {
   switch (k) {
@@ -108,10 +100,8 @@ struct admin::impl : kj::TaskSet::ErrorHandler {
   std::atomic<double> tokens_per_second{0.0};
   uint64_t last_tokens = 0;
   std::chrono::steady_clock::time_point last_sample = std::chrono::steady_clock::now();
-  // Wrong keys are answered one at a time, 200 ms apart, across every connection: pipelined
-  // guesses gain nothing (issue #11: 20,000 wrong keys on one connection were answered in 1.2 s).
-  kj::TimePoint next_refusal = timer.now();
-  int waiting_refusals = 0;  // wrong keys not answered yet
+  // Issue #11: 20,000 wrong keys on one connection were answered in 1.2 s.
+  wire::refusal_pacer refusals{timer};
   admin_ops ops;                   // used on the worker's thread only
   wire::blocking_worker blocking;  // after ops: joined before ops goes
   kj::Own<kj::TlsContext> tls = cfg.tls ? cfg.tls->context(false) : kj::Own<kj::TlsContext>();
@@ -240,6 +230,7 @@ class admin_server final : public wire::Admin::Server {
             o.setCheckpointTurn(row.checkpoint_turn);
             o.setCheckpointTokens(row.checkpoint_tokens);
             o.setParked(row.parked);
+            o.setTenant(r.tenant);
           }
           set_ok(res.initError());
         });
@@ -360,9 +351,8 @@ class gate_server final : public wire::AdminGate::Server {
     }
     // Checked before the key, so that a fast answer tells nothing about it: while this many
     // wrong keys wait, every login is refused (the right key too: a brief lockout, logged).
-    constexpr int max_waiting_refusals = 32;
-    if (a_.waiting_refusals >= max_waiting_refusals) {
-      a_.log("admin: refused a login: " + std::to_string(a_.waiting_refusals) +
+    if (a_.refusals.saturated()) {
+      a_.log("admin: refused a login: " + std::to_string(a_.refusals.waiting()) +
              " wrong keys are waiting for their answer");
       wire::to_wire(make_error(errc::overloaded,
                                "too many wrong admin keys lately on keel-node " + name +
@@ -370,18 +360,11 @@ class gate_server final : public wire::AdminGate::Server {
                     res.initError());
       return kj::READY_NOW;
     }
-    if (!same_key(key, a_.cfg.key)) {
+    if (!wire::same_key(key, a_.cfg.key)) {
       a_.log("admin: refused a login with a wrong key");
-      auto at = std::max(a_.timer.now(), a_.next_refusal) + 200 * kj::MILLISECONDS;
-      a_.next_refusal = at;
-      ++a_.waiting_refusals;
-      auto* st = &a_;
-      return a_.timer.atTime(at)
-          .then([ctx]() mutable {
-            wire::to_wire(make_error(errc::failed, "admin key refused"),
-                          ctx.getResults().initError());
-          })
-          .attach(kj::defer([st] { --st->waiting_refusals; }));
+      return a_.refusals.delay().then([ctx]() mutable {
+        wire::to_wire(make_error(errc::failed, "admin key refused"), ctx.getResults().initError());
+      });
     }
     res.setAdmin(kj::heap<admin_server>(a_));
     set_ok(res.initError());

@@ -396,8 +396,7 @@ std::vector<std::string> node::replicas_of(const std::string& id) const {
 
 caf::expected<owner_endpoint> node::owner_address(const std::string& id) {
   if (sessions_->get(id)) return owner_endpoint{};  // here
-  if (!replicator_)
-    return make_error(errc::not_found, "no session " + id + " on node " + cfg_.name);
+  if (!replicator_) return unknown_session(id);
   auto copies = replicator_->locate({id});
   const session_copy* owner = nullptr;
   for (auto& c : copies)
@@ -419,7 +418,7 @@ caf::expected<owner_endpoint> node::owner_address(const std::string& id) {
                                               ": its owner is down; a replica is taking it over "
                                               "(retry)");
   }
-  return make_error(errc::not_found, "no node has session " + id);
+  return unknown_session(id);
 }
 
 }  // namespace keel

@@ -8,6 +8,7 @@
 
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <future>
 #include <map>
 #include <optional>
@@ -25,6 +26,7 @@
 #include "wire/bridge.hpp"
 #include "wire/convert.hpp"
 #include "wire/keel.capnp.h"
+#include "wire/key_gate.hpp"
 
 namespace keel {
 
@@ -133,6 +135,7 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
     std::shared_ptr<event_channel> ch;
     caf::actor relay;
     wire::TokenSink::Client sink;
+    const api_key* key = nullptr;  // the tenant charged for its tokens (null: the open port)
     int64_t next_index = 0;  // the first index the client has not been sent
     bool quiet = false;      // cut without telling the client (its call failed instead)
     kj::Own<kj::PromiseFulfiller<void>> cut;
@@ -162,37 +165,59 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
 
   // -- forwarding ---------------------------------------------------------------------------
 
-  /// The Gateway of node `name` at `address` (another keel-node's client endpoint; under TLS
-  /// its certificate must name it).
+  /// The key of `upstreams`: one connection per node and tenant.
+  static std::string upstream_name(const std::string& address, const api_key* key) {
+    return key ? address + " as " + key->tenant : address;
+  }
+
+  /// The Gateway of node `node` at `address` (another keel-node's client endpoint; under TLS
+  /// its certificate must name the node): `key`'s tenant's, logged in with the key (the nodes of
+  /// a cluster share their keys file), so that the owner checks the tenant too; its bootstrap
+  /// for the open port (`key` null).
   kj::Promise<wire::Gateway::Client> upstream_to(const std::string& address,
-                                                 const std::string& name) {
-    if (auto i = upstreams.find(address); i != upstreams.end()) return i->second->gateway;
-    return wire::connect_to(network, timer, tls.get(), address, name, cfg.call_timeout)
-        .then([this, address](kj::AuthenticatedStream s) {
+                                                 const std::string& node, const api_key* key) {
+    auto name = upstream_name(address, key);
+    if (auto i = upstreams.find(name); i != upstreams.end()) return i->second->gateway;
+    return wire::connect_to(network, timer, tls.get(), address, node, cfg.call_timeout)
+        .then([this, name, key](kj::AuthenticatedStream s) {
           auto u = kj::heap<upstream>(kj::mv(s.stream));
-          wire::Gateway::Client gw = u->gateway;
-          auto gone = u->rpc.onDisconnect();
-          tasks.add(gone.then([this, address] {
-            // Later: the disconnect callback runs inside the connection being dropped.
-            tasks.add(kj::evalLater([this, address] { upstreams.erase(address); }));
-          }));
-          upstreams[address] = kj::mv(u);
-          return gw;
+          kj::Promise<wire::Gateway::Client> gw = u->gateway;
+          if (key) {
+            auto req = u->gateway.loginRequest();
+            req.setKey(key->key);
+            gw = req.send().then([](capnp::Response<wire::Gateway::LoginResults> r) {
+              if (auto err = wire::from_wire(r.getError()))
+                kj::throwFatalException(KJ_EXCEPTION(FAILED, "login", describe(err).c_str()));
+              return r.getGateway();
+            });
+          }
+          return gw.then([this, name, u = kj::mv(u)](wire::Gateway::Client g) mutable {
+            u->gateway = g;
+            tasks.add(u->rpc.onDisconnect().then([this, name] {
+              // Later: the disconnect callback runs inside the connection being dropped.
+              tasks.add(kj::evalLater([this, name] { upstreams.erase(name); }));
+            }));
+            upstreams[name] = kj::mv(u);
+            return g;
+          });
         });
   }
 
   /// Session `id`, which this node does not hold, from the node that owns it: its `Session`
-  /// capability, passed on (Cap'n Proto proxies every call and stream through this node).
-  kj::Promise<caf::expected<wire::Session::Client>> forward(const std::string& id) {
+  /// capability, passed on (Cap'n Proto proxies every call and stream through this node),
+  /// asked for as `key`'s tenant.
+  kj::Promise<caf::expected<wire::Session::Client>> forward(const std::string& id,
+                                                            const api_key* key) {
     auto& n = nd;
     return blocking.run<owner_endpoint>([&n, id] { return n.owner_address(id); })
-        .then([this, id](caf::expected<owner_endpoint> owner)
+        .then([this, id, key](caf::expected<owner_endpoint> owner)
                   -> kj::Promise<caf::expected<wire::Session::Client>> {
           if (!owner) return caf::expected<wire::Session::Client>(std::move(owner.error()));
           if (owner->client_address.empty())  // taken over by this node meanwhile
             return caf::expected<wire::Session::Client>(make_error(errc::disconnected, "session " + id + " moved here; retry"));
           auto where = owner->client_address;
-          return upstream_to(where, owner->node)
+          auto name = upstream_name(where, key);
+          return upstream_to(where, owner->node, key)
               .then([id](wire::Gateway::Client gw) {
                 auto req = gw.getSessionRequest();
                 req.setId(id);
@@ -204,8 +229,9 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
                     if (auto err = wire::from_wire(r.getError())) return err;
                     return r.getSession();
                   },
-                  [this, where, id](kj::Exception&& e) -> caf::expected<wire::Session::Client> {
-                    upstreams.erase(where);
+                  [this, where, name,
+                   id](kj::Exception&& e) -> caf::expected<wire::Session::Client> {
+                    upstreams.erase(name);
                     return make_error(errc::disconnected,
                                       "session " + id + ": its owner at " + where +
                                           " did not answer: " + e.getDescription().cStr());
@@ -215,6 +241,18 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
 
   void log(const std::string& line) {
     if (cfg.log) cfg.log(line);
+  }
+
+  // -- tenants ------------------------------------------------------------------------------
+
+  /// Counts a request of `key`'s tenant (nothing on the open port): the refusal when it is
+  /// over its requests per minute.
+  caf::error admit(const api_key* key) { return key ? usage.request(*key) : caf::error{}; }
+
+  /// Answers `err` (a tenant's limit) with its retry-after.
+  kj::Promise<void> refuse(const caf::error& err, wire::Error::Builder out) {
+    wire::to_wire(err, out, usage.retry_after_ms());
+    return kj::READY_NOW;
   }
 
   void taskFailed(kj::Exception&& e) override {
@@ -242,8 +280,10 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
 
   /// Makes a stream into `sink` and starts pumping it; the session is told of its relay by the
   /// caller. The stream lives until its turn is done, it is cut off, or the gateway stops.
-  stream& open_stream(const std::string& session, wire::TokenSink::Client sink) {
+  stream& open_stream(const std::string& session, wire::TokenSink::Client sink,
+                      const api_key* key) {
     auto s = kj::heap<stream>(kj::mv(sink));
+    s->key = key;
     s->id = ++next_stream;
     s->session = session;
     s->ch = std::make_shared<event_channel>(buffer);
@@ -310,6 +350,7 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
     ev.setId(e.token);
     ev.setPiece(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(e.piece.data()), e.piece.size()));
     s.next_index = e.index + 1;
+    if (s.key) usage.charge(*s.key, 1);
     // A `-> stream` call resolves when the flow-control window has room: a client that does
     // not drain its stream holds this promise, and the deadline cuts it off.
     return within_stall_timeout(req.send(), "did not drain its stream");
@@ -442,7 +483,9 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   kj::Network& network;
   // Before every connection that may use it: destroyed after them.
   kj::Own<kj::TlsContext> tls = cfg.tls ? cfg.tls->context(false) : kj::Own<kj::TlsContext>();
-  std::map<std::string, kj::Own<upstream>> upstreams;  // by address
+  std::map<std::string, kj::Own<upstream>> upstreams;  // by address (and tenant)
+  tenant_usage usage;                                  // each tenant's limits on this node
+  wire::refusal_pacer refusals{timer};                 // wrong API keys
   wire::blocking_worker blocking;  // node::open_session blocks (scoped_actor)
   capnp::ReaderOptions reader_options;
   size_t buffer = 0;
@@ -456,11 +499,13 @@ namespace {
 
 using gw = gateway::impl;
 
-/// One session, as seen by one client. Holds the id only; every call finds the session's
-/// current actor, so a capability survives the actor's restarts.
+/// One session, as seen by one client of its tenant (`key`, null on the open port: given only
+/// after the tenant was checked). Holds the id only; every call finds the session's current
+/// actor, so a capability survives the actor's restarts.
 class session_server final : public wire::Session::Server {
  public:
-  session_server(gw& g, std::string id) : g_(g), id_(std::move(id)) {}
+  session_server(gw& g, std::string id, const api_key* key)
+      : g_(g), id_(std::move(id)), key_(key) {}
 
   kj::Promise<void> info(InfoContext ctx) override {
     ctx.allowCancellation();
@@ -475,6 +520,10 @@ class session_server final : public wire::Session::Server {
   // `send` and `resume` answer as soon as the session has accepted the stream, so they do not
   // allow cancellation: their continuation must always run to bind or drop the stream.
   kj::Promise<void> send(SendContext ctx) override {
+    if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
+    if (key_)
+      if (auto err = g_.usage.may_generate(*key_))
+        return g_.refuse(err, ctx.getResults().initError());
     auto p = ctx.getParams();
     auto text = p.getText();
     if (text.size() > g_.cfg.max_text_bytes) {
@@ -496,7 +545,7 @@ class session_server final : public wire::Session::Server {
     }
     std::string txt(text.cStr(), text.size());
     auto max_tokens = static_cast<int32_t>(p.getMaxTokens());
-    auto& s = g_.open_stream(id_, p.getSink());
+    auto& s = g_.open_stream(id_, p.getSink(), key_);
     auto sid = s.id;
     auto relay_actor = s.relay;
     auto& sys = g_.sys;
@@ -558,6 +607,7 @@ class session_server final : public wire::Session::Server {
             return;
           }
           g_.bind(sid, r->turn);
+          if (key_) g_.usage.charge(*key_, r->prompt.size());
           res.setTurn(r->turn);
           list_of<int32_t>(r->prompt, res.initPrompt(static_cast<unsigned>(r->prompt.size())));
           res.initError().setKind(wire::Error::Kind::NONE);
@@ -566,6 +616,7 @@ class session_server final : public wire::Session::Server {
 
   kj::Promise<void> cancel(CancelContext ctx) override {
     ctx.allowCancellation();
+    if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
     auto turn = ctx.getParams().getTurn();
     return g_.find_session(id_).then(
         [this, ctx, turn](caf::expected<caf::actor> a) mutable -> kj::Promise<void> {
@@ -592,6 +643,7 @@ class session_server final : public wire::Session::Server {
 
   kj::Promise<void> history(HistoryContext ctx) override {
     ctx.allowCancellation();
+    if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
     return record().then([ctx](caf::expected<session_record> r) mutable {
       auto res = ctx.getResults();
       if (!r) return set_error(r.error(), res.initError());
@@ -610,6 +662,7 @@ class session_server final : public wire::Session::Server {
   }
 
   kj::Promise<void> resume(ResumeContext ctx) override {
+    if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
     auto p = ctx.getParams();
     if (!p.hasSink()) {
       set_error(make_error(errc::bad_request, "resume needs a sink"), ctx.getResults().initError());
@@ -619,7 +672,7 @@ class session_server final : public wire::Session::Server {
     auto from = static_cast<int64_t>(std::min<uint64_t>(p.getFromIndex(), INT64_MAX));
     std::vector<int32_t> held;
     for (auto t : p.getHeld()) held.push_back(t);
-    auto& s = g_.open_stream(id_, p.getSink());
+    auto& s = g_.open_stream(id_, p.getSink(), key_);
     s.next_index = from;
     auto sid = s.id;
     auto relay_actor = s.relay;
@@ -654,13 +707,17 @@ class session_server final : public wire::Session::Server {
 
   gw& g_;
   std::string id_;
+  const api_key* key_;
 };
 
+/// The client port's Gateway: the bootstrap (`locked` with API keys: only `login` answers), or
+/// one tenant's (`key`; null on the open port, which serves the tenant "").
 class gateway_server final : public wire::Gateway::Server {
  public:
-  explicit gateway_server(gw& g) : g_(g) {}
+  gateway_server(gw& g, const api_key* key, bool locked) : g_(g), key_(key), locked_(locked) {}
 
   kj::Promise<void> info(InfoContext ctx) override {
+    if (locked_) return unauthenticated(ctx.getResults().initError());
     auto out = ctx.getResults().initInfo();
     const auto& ncfg = g_.nd.config();
     const auto& m = *g_.nd.context()->llm;
@@ -670,39 +727,60 @@ class gateway_server final : public wire::Gateway::Server {
     out.setVocabSize(static_cast<uint32_t>(m.config().vocab_size));
     out.setContextLength(static_cast<uint32_t>(m.config().ctx_len));
     out.setShards(static_cast<uint32_t>(ncfg.shards));
+    ctx.getResults().initError().setKind(wire::Error::Kind::NONE);
     return kj::READY_NOW;
   }
 
   kj::Promise<void> openSession(OpenSessionContext ctx) override {
     ctx.allowCancellation();
+    if (locked_) return unauthenticated(ctx.getResults().initError());
+    if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
     auto p = ctx.getParams();
     auto params = wire::from_wire(p.getParams());
-    auto priority = p.getPriority();
+    // Capped, not refused: a client asks for the best it may have.
+    auto priority = key_ ? std::min(p.getPriority(), key_->max_priority) : p.getPriority();
     if (auto err = validate(params)) {
       set_error(err, ctx.getResults().initError());
       return kj::READY_NOW;
     }
     auto& nd = g_.nd;
+    auto key = key_;
+    // Counted and opened on the one worker thread, so that two opens cannot both pass the limit.
     return g_.blocking
-        .run<std::string>([&nd, params, priority] { return nd.open_session(params, priority); })
+        .run<std::string>([&nd, params, priority, key]() -> caf::expected<std::string> {
+          if (key && nd.sessions_of(key->tenant) >= key->max_sessions) {
+            return make_error(errc::overloaded,
+                              "tenant " + key->tenant + ": over its limit sessions=" +
+                                  std::to_string(key->max_sessions) + " on this node");
+          }
+          return nd.open_session(params, priority, key ? key->tenant : std::string());
+        })
         .then([this, ctx](caf::expected<std::string> id) mutable {
           auto res = ctx.getResults();
           if (!id) return set_error(id.error(), res.initError());
           res.setId(*id);
-          res.setSession(kj::heap<session_server>(g_, *id));
+          res.setSession(kj::heap<session_server>(g_, *id, key_));
           res.initError().setKind(wire::Error::Kind::NONE);
         });
   }
 
   kj::Promise<void> getSession(GetSessionContext ctx) override {
     ctx.allowCancellation();
+    if (locked_) return unauthenticated(ctx.getResults().initError());
+    if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
     auto text = ctx.getParams().getId();
     std::string id(text.cStr(), text.size());
+    // Another tenant's session gets the answer of an id no node has.
+    auto tenant = g_.nd.tenant_of(id);
+    if (tenant && *tenant != tenant_name()) {
+      set_error(g_.nd.unknown_session(id), ctx.getResults().initError());
+      return kj::READY_NOW;
+    }
     return g_.find_session(id).then(
         [this, ctx, id](caf::expected<caf::actor> a) mutable -> kj::Promise<void> {
           auto res = ctx.getResults();
           if (a) {
-            res.setSession(kj::heap<session_server>(g_, id));
+            res.setSession(kj::heap<session_server>(g_, id, key_));
             res.initError().setKind(wire::Error::Kind::NONE);
             return kj::READY_NOW;
           }
@@ -710,8 +788,9 @@ class gateway_server final : public wire::Gateway::Server {
             set_error(a.error(), res.initError());
             return kj::READY_NOW;
           }
-          // Not here: any node accepts any session's requests and passes them on to its owner.
-          return g_.forward(id).then([ctx](caf::expected<wire::Session::Client> s) mutable {
+          // Not here: any node accepts any session's requests and passes them on to its owner,
+          // as this tenant, so that the owner checks the tenant too.
+          return g_.forward(id, key_).then([ctx](caf::expected<wire::Session::Client> s) mutable {
             auto res = ctx.getResults();
             if (!s) return set_error(s.error(), res.initError());
             res.setSession(kj::mv(*s));
@@ -721,14 +800,66 @@ class gateway_server final : public wire::Gateway::Server {
   }
 
   kj::Promise<void> listSessions(ListSessionsContext ctx) override {
+    if (locked_) return unauthenticated(ctx.getResults().initError());
+    if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
     auto all = g_.nd.sessions();  // reads the session table: a mutex, never an actor
+    auto mine = tenant_name();
+    all.erase(std::remove_if(all.begin(), all.end(),
+                             [&](const session_record& r) { return r.tenant != mine; }),
+              all.end());
     auto out = ctx.getResults().initSessions(static_cast<unsigned>(all.size()));
     for (size_t i = 0; i < all.size(); ++i) fill_info(all[i], out[static_cast<unsigned>(i)]);
+    ctx.getResults().initError().setKind(wire::Error::Kind::NONE);
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> login(LoginContext ctx) override {
+    auto res = ctx.getResults();
+    if (!g_.cfg.keys) {  // the open port: everyone is its one tenant
+      res.setGateway(kj::heap<gateway_server>(g_, nullptr, false));
+      res.setTenant("");
+      res.initError().setKind(wire::Error::Kind::NONE);
+      return kj::READY_NOW;
+    }
+    const auto& name = g_.nd.config().name;
+    if (g_.refusals.saturated()) {
+      g_.log("gateway: refused a login: " + std::to_string(g_.refusals.waiting()) +
+             " wrong API keys are waiting for their answer");
+      wire::to_wire(make_error(errc::overloaded, "too many wrong API keys lately on keel-node " +
+                                                     name + "; try again in a few seconds"),
+                    res.initError(), 1000);
+      return kj::READY_NOW;
+    }
+    auto given = ctx.getParams().getKey();
+    const api_key* key = g_.cfg.keys->find(std::string_view(given.cStr(), given.size()));
+    if (key == nullptr) {
+      g_.log("gateway: refused a login with a wrong API key");
+      return g_.refusals.delay().then([ctx]() mutable {
+        wire::to_wire(make_error(errc::unauthenticated, "API key refused"),
+                      ctx.getResults().initError());
+      });
+    }
+    res.setGateway(kj::heap<gateway_server>(g_, key, false));
+    res.setTenant(key->tenant);
+    res.initError().setKind(wire::Error::Kind::NONE);
     return kj::READY_NOW;
   }
 
  private:
+  std::string tenant_name() const { return key_ ? key_->tenant : std::string(); }
+
+  kj::Promise<void> unauthenticated(wire::Error::Builder out) {
+    wire::to_wire(make_error(errc::unauthenticated,
+                             "keel-node " + g_.nd.config().name +
+                                 " serves only clients that log in with an API key "
+                                 "(Gateway.login; keel --key-file FILE or KEEL_API_KEY)"),
+                  out);
+    return kj::READY_NOW;
+  }
+
   gw& g_;
+  const api_key* key_;
+  bool locked_;
 };
 
 }  // namespace
@@ -750,7 +881,8 @@ caf::expected<std::unique_ptr<gateway>> gateway::start(caf::actor_system& sys, n
   auto serve = [&sys, &n, gp = g.get()](kj::AsyncIoContext& io,
                                         kj::Own<kj::ConnectionReceiver> listener, uint16_t) {
     auto state = kj::heap<gw>(sys, n, gp->cfg_, io.provider->getTimer(), io.provider->getNetwork());
-    capnp::Capability::Client main = kj::heap<gateway_server>(*state);
+    capnp::Capability::Client main =
+        kj::heap<gateway_server>(*state, nullptr, gp->cfg_.keys != nullptr);
     auto accepting = state->accept_loop(*listener, kj::mv(main));
     return accepting.attach(kj::mv(listener), kj::mv(state));
   };

@@ -12,6 +12,7 @@
 #include <caf/expected.hpp>
 
 #include "actors/node.hpp"
+#include "actors/tenants.hpp"
 #include "wire/server_thread.hpp"
 
 namespace keel {
@@ -43,6 +44,11 @@ struct gateway_config {
   wire::port_limits limits;
   /// Timeout of each request the gateway makes to the node's actors.
   std::chrono::milliseconds call_timeout{10000};
+  /// The API keys (keel-node --keys). Null: the port serves anyone as one tenant ("") and
+  /// `login` is not needed. Otherwise every bootstrap call but `login` is refused with
+  /// `unauthenticated`, and a key's Gateway sees and opens only its tenant's sessions, within
+  /// its limits (docs/operations.md, "Security model").
+  std::shared_ptr<const key_table> keys;
   /// Where the gateway reports connections refused, streams cut off and calls that failed with an
   /// exception (one line each, no newline); empty: silent. Called on the gateway's thread.
   std::function<void(const std::string&)> log;

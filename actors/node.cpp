@@ -1,6 +1,10 @@
 #include "actors/node.hpp"
 
+#include <sys/random.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 
 #include "actors/peer_server.hpp"
 
@@ -28,6 +32,28 @@ child_spec recording(child_spec spec, std::function<void(caf::actor)> record) {
 }
 
 constexpr auto call_timeout = std::chrono::seconds(10);
+
+/// "s-<24 base32 characters>@NAME": 120 random bits from the kernel's generator.
+caf::expected<std::string> random_session_id(const std::string& node) {
+  unsigned char bytes[15];
+  size_t got = 0;
+  while (got < sizeof bytes) {
+    auto n = ::getrandom(bytes + got, sizeof bytes - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0)
+      return make_error(errc::failed,
+                        std::string("getrandom for a session id: ") + std::strerror(errno));
+    got += static_cast<size_t>(n);
+  }
+  static constexpr char alphabet[] = "abcdefghijklmnopqrstuvwxyz234567";
+  std::string out = "s-";
+  for (size_t i = 0; i < sizeof bytes; i += 5) {  // 5 bytes: 8 characters
+    uint64_t v = 0;
+    for (size_t k = 0; k < 5; ++k) v = (v << 8) | bytes[i + k];
+    for (int k = 7; k >= 0; --k) out += alphabet[(v >> (5 * k)) & 31];
+  }
+  return out + "@" + node;
+}
 
 }  // namespace
 
@@ -278,7 +304,14 @@ caf::actor node::child(const std::string& id) {
   return out;
 }
 
-caf::expected<std::string> node::open_session(const sampling_params& params, int32_t priority) {
+caf::error node::unknown_session(const std::string& id) const {
+  if (!replicator_)
+    return make_error(errc::not_found, "no session " + id + " on node " + cfg_.name);
+  return make_error(errc::not_found, "no node has session " + id);
+}
+
+caf::expected<std::string> node::open_session(const sampling_params& params, int32_t priority,
+                                              const std::string& tenant) {
   if (auto err = validate(params)) return err;
   if (draining_) {
     return make_error(errc::overloaded, "node " + cfg_.name +
@@ -292,8 +325,21 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
   } else {
     r.number = ++next_session_;
   }
-  r.id = "s-" + std::to_string(r.number) + "@" + cfg_.name;
+  // Never an id that exists: not one this node holds, held (moved away) or stores, its own or
+  // a replica (issue #11: a node whose log lost sessions gave their ids again).
+  for (int attempt = 0;; ++attempt) {
+    auto id = random_session_id(cfg_.name);
+    if (!id) return std::move(id.error());
+    bool taken = sessions_->get(*id) || moved(*id) ||
+                 (store_ && (store_->get_session(*id) || store_->get_session(replica_key(*id))));
+    if (!taken) {
+      r.id = std::move(*id);
+      break;
+    }
+    if (attempt == 3) return make_error(errc::failed, "no unused session id after 4 draws");
+  }
   r.owner = cfg_.name;
+  r.tenant = tenant;
   r.params = params;
   r.priority = priority;
   // Durable (with a store) before the id is returned.

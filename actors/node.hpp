@@ -109,10 +109,22 @@ class node {
   supervision_log& log() { return *ctx_->log; }
   const node_config& config() const { return cfg_; }
 
-  /// Opens a conversation and returns its id ("s-1@NAME", "s-2@NAME", ...: unique in the
-  /// cluster). With a data dir, the session record is in a synced write (and with peers, on a
-  /// replica) before the id is returned.
-  caf::expected<std::string> open_session(const sampling_params& params, int32_t priority = 0);
+  /// Opens a conversation of `tenant` ("" without API keys) and returns its id:
+  /// "s-<24 base32 characters>@NAME", 120 bits from getrandom(), so ids are unguessable; an id
+  /// this node holds, held or stored is never given again (even when its store lost sessions).
+  /// With a data dir, the session record is in a synced write (and with peers, on a replica)
+  /// before the id is returned.
+  caf::expected<std::string> open_session(const sampling_params& params, int32_t priority = 0,
+                                          const std::string& tenant = {});
+  /// The tenant of session `id` when this node holds it (nullopt otherwise).
+  std::optional<std::string> tenant_of(const std::string& id) const {
+    return sessions_->tenant_of(id);
+  }
+  /// How many sessions of `tenant` this node holds.
+  size_t sessions_of(const std::string& tenant) const { return sessions_->count_of(tenant); }
+  /// The answer for a session id no node holds: also the answer another tenant gets for a
+  /// session it does not own, so that the two cannot be told apart.
+  caf::error unknown_session(const std::string& id) const;
   /// The session's current actor (invalid when unknown or between restarts).
   caf::actor session(const std::string& id);
   /// The current handle of a direct child of the root: "engine", "batcher" or "sessions".

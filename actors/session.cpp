@@ -162,6 +162,7 @@ wire::session_checkpoint to_checkpoint(const session_record& r) {
   c.params = r.params;
   c.priority = r.priority;
   c.owner = r.owner;
+  c.tenant = r.tenant;
   for (auto& t : r.turns) c.turns.push_back({t.turn, t.user, t.max_tokens, t.done, t.reason});
   return c;
 }
@@ -174,6 +175,8 @@ session_record from_checkpoint(wire::session_checkpoint c,
   r.params = c.params;
   r.priority = c.priority;
   r.owner = std::move(c.owner);
+  r.tenant = std::move(c.tenant);
+  r.from_copy = true;
   for (auto& t : c.turns) {
     turn_record x;
     x.turn = t.turn;
@@ -192,6 +195,19 @@ std::optional<session_record> session_table::get(const std::string& id) const {
   auto i = records_.find(id);
   if (i == records_.end()) return std::nullopt;
   return i->second;
+}
+
+std::optional<std::string> session_table::tenant_of(const std::string& id) const {
+  std::lock_guard<std::mutex> guard(mu_);
+  auto i = records_.find(id);
+  if (i == records_.end()) return std::nullopt;
+  return i->second.tenant;
+}
+
+size_t session_table::count_of(const std::string& tenant) const {
+  std::lock_guard<std::mutex> guard(mu_);
+  return static_cast<size_t>(std::count_if(records_.begin(), records_.end(),
+                                           [&](auto& e) { return e.second.tenant == tenant; }));
 }
 
 std::vector<std::string> session_table::ids() const {
@@ -296,13 +312,26 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
                                                std::to_string(vocab));
     }
   }
-  if (!t.done && held.size() > t.generated.size()) {
-    if (!std::equal(t.generated.begin(), t.generated.end(), held.begin())) {
-      return make_error(errc::bad_request, "session " + st.rec.id + " turn " +
-                                               std::to_string(turn) +
-                                               ": the tokens held by the client differ from "
-                                               "the session's");
+  // Where the session has the tokens, the client's must be the same (issue #11: a resume with
+  // forged held tokens wrote them into another client's live reply).
+  auto common = std::min(held.size(), t.generated.size());
+  if (!std::equal(held.begin(), held.begin() + static_cast<ptrdiff_t>(common),
+                  t.generated.begin())) {
+    return make_error(errc::bad_request, "session " + st.rec.id + " turn " + std::to_string(turn) +
+                                             ": the tokens held by the client differ from "
+                                             "the session's");
+  }
+  if (held.size() > t.generated.size()) {
+    // More than the session has: legitimate only when this node rebuilt the session from a
+    // copy that lags the stream the client received (recovery, takeover), for the running
+    // turn, and once. A session that generated every token itself has all a client can hold.
+    if (t.done || !st.rec.from_copy || turn + 1 != st.rec.turns.size()) {
+      return make_error(errc::bad_request,
+                        "session " + st.rec.id + " turn " + std::to_string(turn) +
+                            ": the client holds " + std::to_string(held.size()) +
+                            " tokens, the session produced " + std::to_string(t.generated.size()));
     }
+    st.rec.from_copy = false;
     auto limit = std::min(held.size(), static_cast<size_t>(std::max(t.max_tokens, 0)));
     if (limit > t.generated.size()) {
       t.generated.insert(t.generated.end(), held.begin() + static_cast<ptrdiff_t>(t.generated.size()),
@@ -375,6 +404,8 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         t.max_tokens = max_tokens;
         t.sink = std::move(sink);
         auto turn = t.turn;
+        // This turn's tokens come from this node only: none for `resume` to adopt.
+        st.rec.from_copy = false;
         st.rec.turns.push_back(std::move(t));
         // Acknowledged (the reply) only after the turn is in a synced write, and on a replica
         // when a peer is live (ARCHITECTURE.md, guarantee 1); otherwise refused and undone.

@@ -44,6 +44,13 @@ struct session_record {
   /// owner's + 1 after a takeover), and this node's name as the owner.
   uint64_t epoch = 1;
   std::string owner;
+  /// The tenant whose API key opened it ("" on a node without --keys); stored and replicated,
+  /// so that every node that serves it lets only that tenant use it.
+  std::string tenant;
+  /// Not stored: the record was rebuilt from a stored or replicated copy (recovery, takeover,
+  /// handoff), which may lag the tokens its client already received; `resume` adopts a
+  /// running turn's held tokens beyond the record's only then, and once.
+  bool from_copy = false;
 };
 
 /// How a change to a session is recorded (see `session_table::put`).
@@ -92,6 +99,10 @@ class session_table {
   void recovered(const session_record& r);
   std::optional<session_record> get(const std::string& id) const;
   std::vector<std::string> ids() const;
+  /// The tenant of session `id` (nullopt when the table does not hold it).
+  std::optional<std::string> tenant_of(const std::string& id) const;
+  /// How many sessions of `tenant` the table holds.
+  size_t count_of(const std::string& tenant) const;
   void erase(const std::string& id);
   /// Forgets the session for good: another node owns it now (at `epoch`). Later `put`s of it
   /// are refused with `stale_epoch`, even from an actor that has not stopped yet. Returns the

@@ -40,6 +40,7 @@ constexpr option tls_name_option = {
 constexpr option generate_spec[] = {
     {"model", "FILE", "GGUF model or llama2.c checkpoint (this or --connect)"},
     {"connect", "HOST:PORT,...", "generate on the first keel-node that answers"},
+    {"key-file", "FILE", "with --connect: the API key (first line; default: $KEEL_API_KEY)"},
     {"tokenizer", "FILE", "llama2.c tokenizer.bin (default: beside the model)"},
     {"prompt", "TEXT", "the prompt (required)"},
     {"max-tokens", "N", "most tokens to generate (default 64)"},
@@ -60,6 +61,7 @@ constexpr option generate_spec[] = {
 
 constexpr option chat_spec[] = {
     {"connect", "HOST:PORT,...", "the keel-nodes to try, in order (required)"},
+    {"key-file", "FILE", "the API key (first line; default: $KEEL_API_KEY)"},
     {"session", "ID", "continue this session instead of opening a new one"},
     {"max-tokens", "N", "most tokens per reply (default 256)"},
     {"temperature", "T", "0 for greedy (default 0)"},
@@ -77,6 +79,7 @@ constexpr option connect_spec[] = {
     {"connect", "HOST:PORT,...", "the keel-nodes to try, in order (required)"},
     tls_ca_option,
     tls_name_option,
+    {"key-file", "FILE", "the API key (first line; default: $KEEL_API_KEY)"},
 };
 
 const char* top_help =
@@ -141,6 +144,10 @@ caf::expected<std::unique_ptr<keel::wire::client>> connect(
   } else if (opts.has("tls-name")) {
     return keel::make_error(keel::errc::bad_request, "--tls-name needs --tls-ca FILE");
   }
+  // Never a key on the command line: other users see it in the process list.
+  auto key = keel::wire::key_from(opts.get("key-file"));
+  if (!key) return key.error();
+  copts.api_key = std::move(*key);
   return keel::wire::client::connect(*endpoints, std::move(copts));
 }
 

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iostream>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <thread>
@@ -62,6 +63,9 @@ constexpr option spec[] = {
      "replicas of each session on other nodes, one in another region when there is one "
      "(default 2 with two peers or more, else 1; with --data and --peers); a new session or "
      "turn is acknowledged once a majority of the group (this node and N replicas) stored it"},
+    {"keys", "FILE",
+     "API keys of the client port, one a line: KEY tenant=NAME class=batch|standard|interactive "
+     "rpm=N tpm=N sessions=N (mode 600). Without it the port serves anyone, on loopback only"},
     {"admin-listen", "HOST:PORT", "the admin API's address (keel-shell); port 0 picks a free one"},
     {"admin-key", "KEY",
      "the key keel-shell must give, in the --config file only (default: none; the admin API "
@@ -129,6 +133,11 @@ caf::expected<std::vector<std::string>> read_config(const std::string& path) {
   return out;
 }
 
+/// Whether `host` names this machine only: 127.0.0.0/8, ::1, localhost.
+bool loopback(const std::string& host) {
+  return host == "localhost" || host == "::1" || host == "[::1]" || host.rfind("127.", 0) == 0;
+}
+
 /// "HOST:PORT" (the host may be bracketed: "[::1]:7000").
 caf::expected<std::pair<std::string, uint16_t>> parse_listen(const std::string& s,
                                                              const std::string& flag = "listen") {
@@ -147,11 +156,6 @@ caf::expected<std::pair<std::string, uint16_t>> parse_listen(const std::string& 
   auto n = std::stoul(port);
   if (n > 65535) return bad();
   return std::make_pair(host, static_cast<uint16_t>(n));
-}
-
-/// Whether `host` names this machine only: 127.0.0.0/8, ::1, localhost.
-bool loopback(const std::string& host) {
-  return host.rfind("127.", 0) == 0 || host == "::1" || host == "localhost";
 }
 
 /// A port that trusts its callers (peer, admin) is served beyond this host only over TLS.
@@ -210,6 +214,20 @@ int run(std::span<char*> args) {
     return fail(keel::make_error(keel::errc::bad_request, "--model FILE is required"));
   auto listen = parse_listen(opts->get("listen"));
   if (!listen) return fail(listen.error());
+  // Who may use the client port (docs/operations.md, "Security model").
+  std::shared_ptr<const keel::key_table> keys;
+  if (opts->has("keys")) {
+    auto k = keel::key_table::load(opts->get("keys"));
+    if (!k) return fail(k.error());
+    keys = std::make_shared<const keel::key_table>(std::move(*k));
+  } else if (!loopback(listen->first)) {
+    return fail(keel::make_error(
+        keel::errc::bad_request,
+        "--listen " + opts->get("listen") +
+            ": without --keys FILE the client port serves anyone, so it listens only on a "
+            "loopback address (127.0.0.1, ::1, localhost); give --keys FILE to serve " +
+            listen->first));
+  }
   auto shards = opts->get_int("shards", 1, 1, 64);
   auto threads = opts->get_int("threads", 1, 1, 1024);
   auto kv_bytes = opts->get_bytes("kv-bytes", 256ull << 20);
@@ -340,6 +358,7 @@ int run(std::span<char*> args) {
   gcfg.port = listen->second;
   gcfg.region = opts->get("region");
   gcfg.stall_timeout = std::chrono::milliseconds(*stall);
+  gcfg.keys = keys;
   gcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
   gcfg.tls = tls;
   auto max_conn = opts->get_int("max-connections", 1024, 1, 1 << 20);
@@ -410,6 +429,17 @@ int run(std::span<char*> args) {
     peer_srv->set_readiness([n = nd->get()] { return n->not_ready(); });
   }
   keel::cli::log_line(program, "listening on " + (*gw)->address());
+  if (keys) {
+    std::set<std::string> tenants;
+    for (auto& k : keys->keys()) tenants.insert(k.tenant);
+    keel::cli::log_line(program, "client port: " + std::to_string(keys->keys().size()) +
+                                     " API key(s) of " + std::to_string(tenants.size()) +
+                                     " tenant(s) from " + opts->get("keys") + "; clients log in");
+  } else {
+    keel::cli::log_line(program,
+                        "client port open to anyone on this host (no --keys): every "
+                        "local user can read and write every session");
+  }
   keel::cli::log_line(program, "node " + ncfg.name + ", model " + ncfg.model_path + ", " +
                                    std::to_string(ncfg.shards) + " shard(s) x " +
                                    std::to_string(ncfg.threads_per_shard) + " thread(s)" +

@@ -27,6 +27,8 @@ const char* to_string(errc x) {
       return "bad_request";
     case errc::not_found:
       return "not_found";
+    case errc::unauthenticated:
+      return "unauthenticated";
   }
   return "unknown";
 }

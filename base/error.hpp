@@ -22,6 +22,7 @@ enum class errc : uint8_t {
   bad_model,
   bad_request,
   not_found,
+  unauthenticated,  // no API key, or a wrong one: log in (again) with a valid key
 };
 
 /// The CAF error category of `errc` values.

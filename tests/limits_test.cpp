@@ -208,7 +208,11 @@ BOOST_AUTO_TEST_CASE(a_message_begun_and_never_finished_ends_its_connection_an_i
   BOOST_REQUIRE(write(half_body, some.data(), some.size()) == static_cast<ssize_t>(some.size()));
   BOOST_TEST(closed_by_peer(header_only, 5s));
   BOOST_TEST(closed_by_peer(half_body, 5s));
-  BOOST_TEST(n.proc.err().find("message stayed unfinished for 500 ms") != std::string::npos,
+  BOOST_TEST(n.proc.wait_err(
+                 [](const std::string& s) {
+                   return s.find("message stayed unfinished for 500 ms") != std::string::npos;
+                 },
+                 5s),
              n.proc.err());
   BOOST_TEST(!closed_by_peer(idle, 1500ms));
   // The idle one is a real connection still: a whole bootstrap message is answered.

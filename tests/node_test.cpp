@@ -118,9 +118,11 @@ run_result run_node(const std::string& model, node_config cfg, int n, int32_t ma
   auto t = std::make_shared<transcript>();
   auto snk = sys.spawn(sink, t);
   caf::scoped_actor self{sys};
+  std::map<std::string, std::string> names;  // random session id -> "s-<i>@node", by opening
   for (int i = 0; i < n; ++i) {
     auto id = (*nd)->open_session(sampled(static_cast<uint64_t>(i)), priority ? priority(i) : 0);
     BOOST_REQUIRE_MESSAGE(id, test::why(id));
+    names[*id] = "s-" + std::to_string(i + 1) + "@node";
     auto s = (*nd)->session(*id);
     BOOST_REQUIRE(s);
     self->request(s, std::chrono::seconds(10), send_atom::value, std::string(prompts[i % 8]),
@@ -140,9 +142,13 @@ run_result run_node(const std::string& model, node_config cfg, int n, int32_t ma
   run_result r;
   {
     std::lock_guard<std::mutex> guard(t->mu);
-    r.tokens = t->tokens;
-    r.done = t->done;
-    r.retry_after = t->retry_after;
+    // Keyed by opening order, so that runs compare (session ids are random).
+    auto rename = [&names](auto& from, auto& to) {
+      for (auto& [key, v] : from) to[{names.at(key.first), key.second}] = v;
+    };
+    rename(t->tokens, r.tokens);
+    rename(t->done, r.done);
+    rename(t->retry_after, r.retry_after);
     r.violations = t->violations;
   }
   auto st = (*nd)->stats();
@@ -233,7 +239,8 @@ BOOST_AUTO_TEST_CASE(a_crashed_session_is_rebuilt_and_its_stream_continues) {
   auto clean = run_node(model_path, c, 3, 120);
   auto faulty = run_node(model_path, c, 3, 120, [](node& n) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    n.faults().crash_session("s-2@node");
+    for (auto& r : n.sessions())
+      if (r.number == 2) n.faults().crash_session(r.id);  // the second one opened
   });
   BOOST_TEST(faulty.violations == 0);
   BOOST_TEST(faulty.tokens == clean.tokens);

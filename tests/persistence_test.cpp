@@ -197,7 +197,7 @@ BOOST_FIXTURE_TEST_CASE(finished_sessions_survive_a_restart, fixture) {
   require_same(before, after);
   // The session actors run again with the recovered history.
   caf::scoped_actor self{*sys};
-  auto s = nd->session("s-2@node");
+  auto s = nd->session(before[1].id);
   BOOST_REQUIRE(s);
   self->request(s, std::chrono::seconds(10), history_atom::value)
       .receive(
@@ -207,10 +207,12 @@ BOOST_FIXTURE_TEST_CASE(finished_sessions_survive_a_restart, fixture) {
             BOOST_TEST(h[1] == before[1].turns[1].generated, boost::test_tools::per_element());
           },
           [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
-  // Numbers continue after the recovered ones.
+  // Numbers continue after the recovered ones; the id is a new one.
   auto id = nd->open_session(sampled(9));
   BOOST_REQUIRE_MESSAGE(id, test::why(id));
-  BOOST_TEST(*id == "s-4@node");
+  for (auto& r : nd->sessions())
+    if (r.id == *id) BOOST_TEST(r.number == 4u);
+  for (auto& r : before) BOOST_TEST(r.id != *id);
   self->send_exit(snk, caf::exit_reason::user_shutdown);
 }
 
@@ -218,7 +220,7 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
   const std::string text = "Once upon a time";
   const int32_t max_tokens = 300;
   const uint64_t seed = 5;
-  const auto key = std::make_pair(std::string("s-1@node"), uint64_t{0});
+  auto key = std::make_pair(std::string(), uint64_t{0});  // the interrupted session's turn
   // Fault-free reference, on its own directory.
   std::vector<int32_t> reference;
   {
@@ -239,6 +241,7 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
     auto nd = start(dir);
     auto id = nd->open_session(sampled(seed));
     BOOST_REQUIRE(id);
+    key.first = *id;
     // The shard stalls after about 50 tokens, so that the stop surely lands mid-turn.
     nd->faults().stall_shard(0, std::chrono::milliseconds(1500), 50);
     send(*nd, *id, text, max_tokens, snk1);
@@ -256,13 +259,13 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
   {
     auto store = storage::session_store::open(dir, {false, {}});
     BOOST_REQUIRE_MESSAGE(store, test::why(store));
-    auto e = (*store)->get_session("s-1@node");
+    auto e = (*store)->get_session(key.first);
     BOOST_REQUIRE(e);
     auto c = wire::decode(e->payload);
     BOOST_REQUIRE_MESSAGE(c, test::why(c));
     BOOST_REQUIRE_EQUAL(c->turns.size(), 1u);
     BOOST_TEST(!c->turns[0].done);
-    auto logged = (*store)->read_turn("s-1@node", 0);
+    auto logged = (*store)->read_turn(key.first, 0);
     BOOST_REQUIRE(logged);
     BOOST_TEST(logged->size() >= 32u);  // checkpoints every 16 tokens
     BOOST_TEST(logged->size() < reference.size());
@@ -272,7 +275,7 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
   auto t2 = std::make_shared<transcript>();
   auto snk2 = sys->spawn(sink, t2);
   auto nd = start(dir);
-  auto s = nd->session("s-1@node");
+  auto s = nd->session(key.first);
   BOOST_REQUIRE(s);
   caf::scoped_actor self{*sys};
   self->request(s, std::chrono::seconds(10), resume_atom::value, uint64_t{0},
@@ -318,7 +321,7 @@ BOOST_FIXTURE_TEST_CASE(a_corrupt_session_record_is_reported_and_skipped, fixtur
     before = nd->sessions();
   }
   {
-    // Flip a payload byte of s-2's record behind the store's back.
+    // Flip a payload byte of the second session's record behind the store's back.
     rocksdb::DBOptions o;
     std::vector<std::string> names;
     auto st = rocksdb::DB::ListColumnFamilies(o, dir, &names);
@@ -334,25 +337,27 @@ BOOST_FIXTURE_TEST_CASE(a_corrupt_session_record_is_reported_and_skipped, fixtur
       if (h->GetName() == "sessions") sessions_cf = h;
     BOOST_REQUIRE(sessions_cf);
     std::string v;
-    BOOST_REQUIRE(db->Get({}, sessions_cf, "s-2@node", &v).ok());
+    BOOST_REQUIRE(db->Get({}, sessions_cf, before[1].id, &v).ok());
     v[v.size() - 3] ^= 0x5A;
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    BOOST_REQUIRE(db->Put(wo, sessions_cf, "s-2@node", v).ok());
+    BOOST_REQUIRE(db->Put(wo, sessions_cf, before[1].id, v).ok());
     for (auto* h : cfs) db->DestroyColumnFamilyHandle(h);
     db->Close();
     delete db;
   }
   auto nd = start(dir);
-  BOOST_TEST(logged->any_contains("s-2@node", "checksum mismatch"));
+  BOOST_TEST(logged->any_contains(before[1].id, "checksum mismatch"));
   auto after = nd->sessions();
   require_same({before[0], before[2]}, after);
-  BOOST_TEST(!nd->session("s-1@node") == false);
-  BOOST_TEST(!nd->session("s-2@node"));
-  // The corrupt session's number is not handed out again.
+  BOOST_TEST(!nd->session(before[0].id) == false);
+  BOOST_TEST(!nd->session(before[1].id));
+  // The corrupt session's number and id are not handed out again.
   auto id = nd->open_session(sampled(7));
   BOOST_REQUIRE(id);
-  BOOST_TEST(*id == "s-4@node");
+  BOOST_TEST(*id != before[1].id);
+  for (auto& r : nd->sessions())
+    if (r.id == *id) BOOST_TEST(r.number == 4u);
   caf::anon_send_exit(snk, caf::exit_reason::user_shutdown);
 }
 

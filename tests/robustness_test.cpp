@@ -27,15 +27,7 @@ namespace {
 struct model_file {
   keel::test::temp_dir dir{"robustness_test-" + std::to_string(getpid())};
   std::string path = (dir.path / "model.gguf").string();
-  model_file() {
-    keel::synth_options o;
-    o.dim = 64;
-    o.layers = 1;
-    o.heads = 4;
-    o.kv_heads = 2;
-    o.ffn = 128;
-    keel::test::write_model(path, o);
-  }
+  model_file() { keel::test::write_model(path, keel::test::tiny_model()); }
 };
 
 /// A raw TCP connection to 127.0.0.1:`port` that says nothing (-1 when it cannot connect).

@@ -59,6 +59,17 @@ inline std::string write_model(const std::filesystem::path& path, const keel::sy
   return path.string();
 }
 
+/// A model small enough for tests of real keel-node processes: one layer, 64 wide.
+inline keel::synth_options tiny_model() {
+  keel::synth_options o;
+  o.dim = 64;
+  o.layers = 1;
+  o.heads = 4;
+  o.kv_heads = 2;
+  o.ffn = 128;
+  return o;
+}
+
 /// A fresh directory under the build tree, removed on destruction.
 struct temp_dir {
   std::filesystem::path path;

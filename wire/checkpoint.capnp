@@ -17,6 +17,8 @@ struct SessionCheckpoint {
   priority @4 :Int32;
   turns @5 :List(Turn);
   owner @6 :Text;  # the node that owned the session when it wrote this record ("" before failover)
+  tenant @7 :Text;  # the tenant whose key opened it ("" on a node without --keys); only that
+                    # tenant may use it, on any node that holds it
 
   struct Sampling {
     temperature @0 :Float32;

@@ -54,6 +54,7 @@ std::string encode(const session_checkpoint& c) {
   p.setSeed(c.params.seed);
   root.setPriority(c.priority);
   root.setOwner(c.owner);
+  root.setTenant(c.tenant);
   auto turns = root.initTurns(static_cast<unsigned>(c.turns.size()));
   for (size_t i = 0; i < c.turns.size(); ++i) {
     auto& t = c.turns[i];
@@ -101,6 +102,7 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
       return corrupt(" " + c.id + ": sampling parameters: " + describe(err));
     c.priority = root.getPriority();
     c.owner = root.getOwner();
+    c.tenant = root.getTenant();
     auto turns = root.getTurns();
     for (unsigned i = 0; i < turns.size(); ++i) {
       auto in = turns[i];

@@ -35,6 +35,8 @@ struct session_checkpoint {
   /// The owner's node name when the record was written: a replica holder finds the sessions of
   /// an owner declared down by it (docs/actors.md, "Takeover").
   std::string owner;
+  /// The tenant that opened the session ("" without --keys): every owner enforces it.
+  std::string tenant;
 };
 
 /// The checkpoint format version this build writes and reads.

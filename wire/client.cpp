@@ -1,5 +1,7 @@
 #include "wire/client.hpp"
 
+#include <sys/stat.h>
+
 #include <kj/async-io.h>
 #include <kj/async.h>
 #include <kj/exception.h>
@@ -7,6 +9,7 @@
 
 #include <cstdlib>
 #include <exception>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -173,6 +176,27 @@ caf::expected<std::vector<std::string>> parse_endpoints(const std::string& list)
   return out;
 }
 
+caf::expected<std::string> key_from(const std::string& file) {
+  if (file.empty()) {
+    const char* env = std::getenv("KEEL_API_KEY");
+    return std::string(env ? env : "");
+  }
+  struct stat st {};
+  if (::stat(file.c_str(), &st) != 0)
+    return make_error(errc::bad_request, "--key-file " + file + ": cannot read it");
+  if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
+    return make_error(errc::bad_request, "--key-file " + file +
+                                             ": readable by its group or others; a key is a "
+                                             "secret: chmod 600 " +
+                                             file);
+  std::ifstream in(file);
+  std::string key;
+  std::getline(in, key);
+  while (!key.empty() && (key.back() == '\r' || key.back() == ' ')) key.pop_back();
+  if (key.empty()) return make_error(errc::bad_request, "--key-file " + file + ": no key in it");
+  return key;
+}
+
 struct client::impl {
   std::string endpoint;
   std::vector<std::string> endpoints;  // every address given to connect(), in order
@@ -210,6 +234,25 @@ struct client::impl {
 
   caf::error edge(const kj::Exception& e) { return from_kj(e, endpoint); }
 
+  /// The Gateway to use on a new connection whose bootstrap is `boot`, once it answered
+  /// `info`: the key's, after `login`, or the bootstrap without a key. The node's refusal as
+  /// an error; KJ exceptions are thrown.
+  caf::expected<Gateway::Client> logged_in(Gateway::Client boot, kj::WaitScope& ws,
+                                           std::chrono::milliseconds limit) {
+    auto gw = kj::mv(boot);
+    if (!opts.api_key.empty()) {
+      auto req = gw.loginRequest();
+      req.setKey(opts.api_key);
+      auto resp = bounded(req.send(), limit, "login").wait(ws);
+      if (auto err = from_wire(resp.getError())) return err;
+      gw = resp.getGateway();
+    }
+    auto resp = bounded(gw.infoRequest().send(), limit, "info").wait(ws);
+    if (auto err = from_wire(resp.getError())) return err;
+    node_name = resp.getInfo().getName().cStr();
+    return gw;
+  }
+
   /// Never resolves; fails with DISCONNECTED once an `info()` probe does: a dead connection
   /// noticed within about `probe_interval`.
   kj::Promise<void> probe() {
@@ -242,13 +285,16 @@ struct client::impl {
         try {
           // The new client shares this thread's event loop with the old one, so the old one
           // can go once nothing of it is left.
-          auto next = std::make_unique<rpc_client>(ep, opts.tls, opts.tls_name, opts.connect_timeout);
-          auto gw = next->getMain<Gateway>();
-          auto resp = bounded(gw.infoRequest().send(), std::min(opts.connect_timeout, left), "info")
-                          .wait(next->getWaitScope());
-          node_name = resp.getInfo().getName().cStr();
+          auto next =
+              std::make_unique<rpc_client>(ep, opts.tls, opts.tls_name, opts.connect_timeout);
+          auto gw = logged_in(next->getMain<Gateway>(), next->getWaitScope(),
+                              std::min(opts.connect_timeout, left));
+          if (!gw) {
+            why = ep + ": " + describe(gw.error());
+            continue;
+          }
           sessions.clear();
-          gateway = kj::mv(gw);
+          gateway = kj::mv(*gw);
           std::swap(rpc, next);
           try {
             next.reset();
@@ -342,11 +388,12 @@ caf::expected<std::unique_ptr<client>> client::connect(const std::vector<std::st
     p->endpoints = endpoints;
     p->opts = opts;
     try {
-      p->rpc = std::make_unique<rpc_client>(ep, p->opts.tls, p->opts.tls_name, p->opts.connect_timeout);
-      p->gateway = p->rpc->getMain<Gateway>();
-      auto resp =
-          p->bounded(p->gateway.infoRequest().send(), opts.connect_timeout, "info").wait(p->ws());
-      p->node_name = resp.getInfo().getName().cStr();
+      p->rpc = std::make_unique<rpc_client>(ep, p->opts.tls, p->opts.tls_name,
+                                            p->opts.connect_timeout);
+      auto gw = p->logged_in(p->rpc->getMain<Gateway>(), p->ws(), opts.connect_timeout);
+      // A node that refuses the key (or serves only with one) says so: no other will differ.
+      if (!gw) return make_error(code_of(gw.error()), ep + ": " + message_of(gw.error()));
+      p->gateway = kj::mv(*gw);
       return std::unique_ptr<client>(new client(std::move(p)));
     } catch (const kj::Exception& e) {
       why += (why.empty() ? "" : "; ") + ep + ": " + e.getDescription().cStr();
@@ -367,8 +414,9 @@ const std::string& client::endpoint() const {
 }
 
 caf::expected<node_info> client::info() {
-  return at_edge<node_info>(impl_->endpoint, [&] {
+  return at_edge<node_info>(impl_->endpoint, [&]() -> caf::expected<node_info> {
     auto resp = impl_->call(impl_->gateway.infoRequest().send(), "info");
+    if (auto err = from_wire(resp.getError())) return caf::expected<node_info>(std::move(err));
     auto i = resp.getInfo();
     node_info out;
     out.name = i.getName().cStr();
@@ -626,20 +674,22 @@ caf::expected<std::vector<turn_record>> client::history(const std::string& sessi
 }
 
 caf::expected<std::vector<session_info>> client::sessions() {
-  return at_edge<std::vector<session_info>>(impl_->endpoint, [&] {
-    auto resp = impl_->call(impl_->gateway.listSessionsRequest().send(), "listSessions");
-    std::vector<session_info> out;
-    for (auto s : resp.getSessions()) {
-      session_info i;
-      i.id = s.getId().cStr();
-      i.turns = s.getTurns();
-      i.tokens = s.getTokens();
-      i.priority = s.getPriority();
-      i.running = s.getRunning();
-      out.push_back(std::move(i));
-    }
-    return out;
-  });
+  return at_edge<std::vector<session_info>>(
+      impl_->endpoint, [&]() -> caf::expected<std::vector<session_info>> {
+        auto resp = impl_->call(impl_->gateway.listSessionsRequest().send(), "listSessions");
+        if (auto err = from_wire(resp.getError())) return err;
+        std::vector<session_info> out;
+        for (auto s : resp.getSessions()) {
+          session_info i;
+          i.id = s.getId().cStr();
+          i.turns = s.getTurns();
+          i.tokens = s.getTokens();
+          i.priority = s.getPriority();
+          i.running = s.getRunning();
+          out.push_back(std::move(i));
+        }
+        return out;
+      });
 }
 
 }  // namespace keel::wire

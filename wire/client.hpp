@@ -88,6 +88,11 @@ struct failover_event {
 /// there is none. The hint travels in the message as "(retry after N ms)".
 uint32_t retry_after_ms(const caf::error& err);
 
+/// The API key of a client: the first line of `file` when given (refused, naming the file, when
+/// it is missing, empty, or readable by its group or others), else the environment variable
+/// KEEL_API_KEY, else "" (no key).
+caf::expected<std::string> key_from(const std::string& file);
+
 /// Splits "HOST:PORT,HOST:PORT" into endpoints. `bad_request` naming the item for an empty
 /// item or one without a port.
 caf::expected<std::vector<std::string>> parse_endpoints(const std::string& list);
@@ -118,6 +123,10 @@ class client {
     /// While streaming, the node is asked `info()` this often, so that a dead connection is
     /// noticed without waiting for `call_timeout`.
     std::chrono::milliseconds probe_interval{100};
+    /// The API key to log in with (`Gateway.login`) on every node connected to; empty: none
+    /// (a node started with --keys then refuses every call with `unauthenticated`). Read it
+    /// from a file or the environment (`key_from`), never from a command line.
+    std::string api_key;
     /// Called on the generating thread after each failover, before the resumed tokens.
     std::function<void(const failover_event&)> on_failover;
     /// TLS (wire/tls.hpp): connect over TLS, trusting only this CA. Null: plain TCP.

@@ -19,6 +19,8 @@ Error::Kind to_wire(errc code) {
       return Error::Kind::BAD_REQUEST;
     case errc::not_found:
       return Error::Kind::NOT_FOUND;
+    case errc::unauthenticated:
+      return Error::Kind::UNAUTHENTICATED;
     case errc::failed:
     case errc::corrupt_record:
     case errc::bad_model:
@@ -43,6 +45,8 @@ errc from_wire(Error::Kind kind) {
       return errc::not_found;
     case Error::Kind::UNIMPLEMENTED:
       return errc::unimplemented;
+    case Error::Kind::UNAUTHENTICATED:
+      return errc::unauthenticated;
   }
   // A kind added by a newer peer: treat it as a failure we cannot mend.
   return errc::failed;

@@ -21,6 +21,7 @@ struct Error {
     badRequest @4;    # the request is wrong; the message says how
     notFound @5;      # no such session or turn
     unimplemented @6;
+    unauthenticated @7;  # no API key or a wrong one (a node started with --keys): log in
   }
 }
 
@@ -95,11 +96,25 @@ struct NodeInfo {
   shards @5 :UInt32;
 }
 
+# The bootstrap capability of the client port. On a node started with --keys, every call of the
+# bootstrap but `login` is refused with `unauthenticated`: a client logs in first and uses the
+# Gateway it gets, which is its tenant's. Without --keys the bootstrap serves anyone (one tenant,
+# "") and `login` returns it for any key.
+#
+# A tenant's Gateway sees and opens only that tenant's sessions: another tenant's session id
+# gets exactly the answer of an unknown one (`notFound`). Its calls count against the key's
+# limits on that node (requests and tokens per minute, sessions held): over one, `overloaded`
+# naming the limit and its value, with a retry-after. A priority above the key's class is
+# capped to the class's highest (batch 0, standard 10, interactive 20).
 interface Gateway {
-  info @0 () -> (info :NodeInfo);
+  info @0 () -> (info :NodeInfo, error :Error);
   openSession @1 (params :SamplingParams, priority :Int32) -> (session :Session, id :Text, error :Error);
   getSession @2 (id :Text) -> (session :Session, error :Error);
-  listSessions @3 () -> (sessions :List(SessionInfo));
+  listSessions @3 () -> (sessions :List(SessionInfo), error :Error);
+  # The Gateway of the key's tenant. A wrong key is answered `unauthenticated` "API key
+  # refused" after a pause (wrong keys are answered one at a time, 200 ms apart, across every
+  # connection; while 32 wait, every login is refused as `overloaded`).
+  login @4 (key :Text) -> (gateway :Gateway, tenant :Text, error :Error);
 }
 
 # -- The admin API: what keel-shell speaks (docs/shell.md) ----------------------------------------
@@ -179,7 +194,8 @@ struct AdminSession {
   durable @8 :Bool;            # the node has a session store (--data)
   checkpointTurn @9 :UInt64;   # with `durable`: the last turn in the store ...
   checkpointTokens @10 :UInt64;  # ... and how many of its generated tokens its log holds
-  parked @11 :Text;   # why its actor is parked (failed again and again); "" when it is not
+  tenant @11 :Text;            # the tenant whose API key opened it ("" without --keys)
+  parked @12 :Text;            # why its actor is parked (failed again and again); "" when it is not
 }
 
 struct Fault {

@@ -1,9 +1,31 @@
 #include "wire/rpc_client.hpp"
 
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <capnp/ez-rpc.h>
+#include <kj/debug.h>
+
 namespace keel::wire {
 
+/// The thread's event loop, taken from Cap'n Proto's EzRpc context (one per thread, shared with
+/// every capnp::EzRpcClient of the thread, so that both kinds of client can live on one thread):
+/// an EzRpcClient on one end of a socket pair that nobody writes to holds it.
 struct rpc_client::loop {
-  kj::AsyncIoContext io = kj::setupAsyncIo();
+  int fds[2] = {-1, -1};
+  std::unique_ptr<capnp::EzRpcClient> anchor;
+
+  loop() {
+    KJ_SYSCALL(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds));
+    anchor = std::make_unique<capnp::EzRpcClient>(fds[0]);
+  }
+  ~loop() noexcept(false) {
+    anchor.reset();
+    close(fds[0]);
+    close(fds[1]);
+  }
+  kj::AsyncIoProvider& provider() { return anchor->getIoProvider(); }
+  kj::WaitScope& wait_scope() { return anchor->getWaitScope(); }
 };
 
 namespace {
@@ -41,7 +63,7 @@ rpc_client::rpc_client(const std::string& address, std::shared_ptr<const tls_con
     this_thread_loop = loop_;
   }
   if (tls_) context_ = tls_->context(false);
-  auto& io = *loop_->io.provider;
+  auto& io = loop_->provider();
   setup_ = connect_to(io.getNetwork(), io.getTimer(), context_.get(), address, server_name,
                       connect_timeout)
                .then([this, reader](kj::AuthenticatedStream s) {
@@ -63,11 +85,11 @@ capnp::Capability::Client rpc_client::getMain() {
 }
 
 kj::WaitScope& rpc_client::getWaitScope() {
-  return loop_->io.waitScope;
+  return loop_->wait_scope();
 }
 
 kj::AsyncIoProvider& rpc_client::getIoProvider() {
-  return *loop_->io.provider;
+  return loop_->provider();
 }
 
 }  // namespace keel::wire

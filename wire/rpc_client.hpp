@@ -23,7 +23,8 @@ class rpc_client {
   /// `server_name` (the HOST when empty), and this side presents its own when it has one. A
   /// connection not made within `connect_timeout` fails every call with DISCONNECTED. Every
   /// rpc_client of one thread shares that thread's event loop, made by the first and ended with
-  /// the last; an rpc_client is used and destroyed on the thread that made it.
+  /// the last (the loop of Cap'n Proto's EzRpc, shared with any capnp::EzRpcClient of the
+  /// thread); an rpc_client is used and destroyed on the thread that made it.
   explicit rpc_client(const std::string& address, std::shared_ptr<const tls_config> tls = nullptr,
                       const std::string& server_name = {},
                       std::chrono::milliseconds connect_timeout = std::chrono::seconds(10),

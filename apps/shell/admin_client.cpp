@@ -202,6 +202,7 @@ caf::expected<std::vector<session_row>> cluster::sessions(size_t m) {
           session_row o;
           o.id = text(s.getId());
           o.owner = text(s.getOwner());
+          o.tenant = text(s.getTenant());
           for (auto r : s.getReplicas()) o.replicas.push_back(text(r));
           o.epoch = s.getEpoch();
           o.turns = s.getTurns();

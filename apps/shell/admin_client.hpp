@@ -54,6 +54,7 @@ struct node_report {
 
 struct session_row {
   std::string id, owner;
+  std::string tenant;  // "" without --keys
   std::vector<std::string> replicas;
   uint64_t epoch = 0;
   uint32_t turns = 0;

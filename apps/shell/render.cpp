@@ -1,10 +1,21 @@
 #include "apps/shell/render.hpp"
 
+#include <sys/ioctl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 
 namespace keel::shell {
+
+size_t output_width() {
+  if (isatty(STDOUT_FILENO) != 1) return std::numeric_limits<size_t>::max();
+  winsize ws{};
+  if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
+  return 100;
+}
 
 std::string fit(const std::string& s, size_t width) {
   if (s.size() <= width) return s;

@@ -8,6 +8,11 @@
 
 namespace keel::shell {
 
+/// The width tables fit by default: the terminal's on a terminal (100 when it does not say),
+/// unlimited when stdout is a pipe or a file, so that scripts get whole values (session ids are
+/// 34 characters and more, which pushed the last column of `tree` out of 100).
+size_t output_width();
+
 /// A text table: a header line and rows, columns separated by two spaces. `render(width)`
 /// fits the width by shrinking the one flexible column (its cells are cut with "..."), so the
 /// table fits as long as the fixed columns do.
@@ -24,7 +29,7 @@ class table {
   void add(std::vector<std::string> row) { rows_.push_back(std::move(row)); }
   bool empty() const { return rows_.empty(); }
 
-  std::string render(size_t width = 100) const;
+  std::string render(size_t width = output_width()) const;
 
  private:
   std::vector<column> columns_;

@@ -248,6 +248,7 @@ int shell::sessions(const std::vector<std::string>& args) {
   }
   table t({{"ID"},
            {"OWNER"},
+           {"TENANT"},
            {"REPLICAS"},
            {"EPOCH", true},
            {"TURNS", true},
@@ -274,10 +275,12 @@ int shell::sessions(const std::vector<std::string>& args) {
                                : s.turns == 0 ? "-"
                                               : "turn " + std::to_string(s.checkpoint_turn) + ": " +
                                                     std::to_string(s.checkpoint_tokens) + " tokens";
-      t.add({s.id, s.owner, replicas.empty() ? "-" : replicas, std::to_string(s.epoch),
-             std::to_string(s.turns), std::to_string(s.tokens), !s.parked.empty() ? "parked" : s.running ? "running" : "idle",
+      t.add({s.id, s.owner, s.tenant.empty() ? "-" : s.tenant, replicas.empty() ? "-" : replicas,
+             std::to_string(s.epoch), std::to_string(s.turns), std::to_string(s.tokens),
+             !s.parked.empty() ? "parked" : s.running ? "running" : "idle",
              checkpoint});
-      j.begin_object().field("id", s.id).field("owner", s.owner).key("replicas").begin_array();
+      j.begin_object().field("id", s.id).field("owner", s.owner).field("tenant", s.tenant);
+      j.key("replicas").begin_array();
       for (auto& r : s.replicas) j.value(r);
       j.end_array().field("epoch", s.epoch).field("turns", s.turns).field("tokens", s.tokens);
       j.field("running", s.running).field("priority", s.priority).field("durable", s.durable);
