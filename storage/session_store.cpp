@@ -8,11 +8,13 @@
 #include <utility>
 
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
 #include <rocksdb/iterator.h>
 #include <rocksdb/options.h>
 #include <rocksdb/snapshot.h>
 #include <rocksdb/write_batch.h>
 
+#include "storage/disk_fault.hpp"
 #include "storage/envelope.hpp"
 
 namespace keel::storage {
@@ -39,6 +41,11 @@ caf::error status_error(const rocksdb::Status& s, const std::string& what) {
                                         ": database is in use by another process (or already "
                                         "open in this one): " +
                                         text);
+  // A full disk refuses the write, not the store: retry once space is freed (write_raw resumes
+  // RocksDB, which stops writing after a failed write).
+  if (s.IsNoSpace())
+    return make_error(errc::overloaded, what + ": disk full (no space left on device); refused, "
+                                               "writes resume once space is freed: " + text);
   errc code = errc::failed;
   if (s.IsCorruption())
     code = errc::corrupt_record;
@@ -133,6 +140,14 @@ struct turn_log {
   std::vector<int32_t> tokens;
 };
 
+/// Whether an `open` failure means damaged files (a salvage may help), not a held or missing
+/// store.
+bool damaged(const rocksdb::Status& s) {
+  auto text = s.ToString();
+  if (text.find("/LOCK") != std::string::npos) return false;
+  return s.IsCorruption() || (s.IsIOError() && text.find("No such file") != std::string::npos);
+}
+
 /// Releases a snapshot on scope exit.
 struct snapshot_guard {
   rocksdb::DB* db;
@@ -181,6 +196,9 @@ write_batch& write_batch::erase_session(std::string id, uint64_t epoch) {
 struct session_store::impl {
   std::string dir;
   store_options opts;
+  std::unique_ptr<rocksdb::Env> env;  // with opts.disk: the disk-full seam; outlives db
+  damage_report damage;               // what open found damaged and salvaged
+  bool resume_needed = false;         // a write failed: RocksDB stopped writing (write_mu)
   rocksdb::DB* db = nullptr;
   std::vector<rocksdb::ColumnFamilyHandle*> handles;  // every CF of the directory
   rocksdb::ColumnFamilyHandle* sessions = nullptr;
@@ -190,11 +208,40 @@ struct session_store::impl {
   // take it (RocksDB reads are thread-safe and see whole batches or none).
   std::mutex write_mu;
 
-  ~impl() {
+  ~impl() { close(); }
+
+  void close() {
     if (db == nullptr) return;
     for (auto* h : handles) db->DestroyColumnFamilyHandle(h);  // before closing the DB
+    handles.clear();
     db->Close();
     delete db;
+    db = nullptr;
+  }
+
+  /// Opens the directory with every column family it holds (known to this build or not).
+  rocksdb::Status open_db(const rocksdb::DBOptions& dbo, bool exists) {
+    std::vector<std::string> names;
+    if (exists) {
+      auto s = rocksdb::DB::ListColumnFamilies(dbo, dir, &names);
+      if (!s.ok()) return s;
+    }
+    for (const char* n : {rocksdb::kDefaultColumnFamilyName.c_str(), sessions_cf_name,
+                          turns_cf_name, meta_cf_name})
+      if (std::find(names.begin(), names.end(), n) == names.end()) names.emplace_back(n);
+    std::vector<rocksdb::ColumnFamilyDescriptor> descs;
+    for (auto& n : names) descs.emplace_back(n, rocksdb::ColumnFamilyOptions{});
+    auto s = rocksdb::DB::Open(dbo, dir, descs, &handles, &db);
+    if (!s.ok()) {
+      db = nullptr;
+      return s;
+    }
+    for (auto* h : handles) {
+      if (h->GetName() == sessions_cf_name) sessions = h;
+      if (h->GetName() == turns_cf_name) turns = h;
+      if (h->GetName() == meta_cf_name) meta = h;
+    }
+    return s;
   }
 
   std::string where(std::string_view cf, std::string_view key) const {
@@ -206,10 +253,19 @@ struct session_store::impl {
                       where(cf, key) + ": corrupt record: " + message_of(why));
   }
 
+  /// Writes `wb`; write_mu held (or the store not yet shared). After a failed write RocksDB
+  /// refuses every write until it recovers: by itself in the background (every
+  /// `bgerror_resume_retry_interval`, `Resume` then answers busy), or by `Resume`, once the disk
+  /// has space again. Until then the write fails with the error that stopped it.
   caf::error write_raw(rocksdb::WriteBatch& wb, durability d, const std::string& what) {
+    if (resume_needed) {
+      auto r = db->Resume();
+      if (!r.ok() && !r.IsBusy()) return status_error(r, dir + ": " + what + " (after a failed write)");
+    }
     rocksdb::WriteOptions wo;
     wo.sync = d == durability::sync;
     auto s = db->Write(wo, &wb);
+    resume_needed = s.IsIOError() || s.IsNoSpace();
     if (!s.ok()) return status_error(s, dir + ": " + what);
     return {};
   }
@@ -298,6 +354,10 @@ const std::string& session_store::dir() const {
   return impl_->dir;
 }
 
+const damage_report& session_store::damage() const {
+  return impl_->damage;
+}
+
 caf::expected<std::unique_ptr<session_store>> session_store::open(const std::string& dir,
                                                                   store_options opts) {
   namespace fs = std::filesystem;
@@ -306,6 +366,11 @@ caf::expected<std::unique_ptr<session_store>> session_store::open(const std::str
   p->opts = opts;
   std::error_code ec;
   bool exists = fs::exists(fs::path(dir) / "CURRENT", ec);
+  if (fs::exists(dir, ec)) {
+    // A salvage that a crash interrupted is completed first.
+    if (auto err = finish_salvage(dir)) return err;
+    exists = fs::exists(fs::path(dir) / "CURRENT", ec);
+  }
   if (!exists && !opts.create_if_missing)
     return make_error(errc::not_found, dir + ": no session store there (no CURRENT file)");
   if (!exists) {
@@ -316,28 +381,41 @@ caf::expected<std::unique_ptr<session_store>> session_store::open(const std::str
   rocksdb::DBOptions dbo;
   dbo.create_if_missing = opts.create_if_missing;
   dbo.create_missing_column_families = true;
-
-  // Reopening must list every column family the directory holds, known to this build or not.
-  std::vector<std::string> names;
+  // Damage is detected, never skipped silently (docs/storage.md, "Damage"): RocksDB checks
+  // every file it opens and every block it reads (paranoid checks, block checksums on reads);
+  // the WAL is checked record by record before RocksDB replays it (point-in-time recovery
+  // would end the replay at a damaged record without saying what it dropped); after the open
+  // every SST block's checksum is verified. Damage found: the store is rebuilt from what is
+  // readable (damage.hpp) and `damage()` says what was lost.
+  dbo.paranoid_checks = true;
+  dbo.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
+  // After a failed write (a full disk) RocksDB retries its recovery in the background; writes
+  // resume within this long of space returning (default 1 s).
+  dbo.bgerror_resume_retry_interval = 100'000;  // us
+  if (opts.disk) {
+    p->env = faulty_env(opts.disk);
+    dbo.env = p->env.get();
+  }
+  auto rebuild = [&](const std::string& finding) -> caf::error {
+    p->close();
+    p->damage.findings.push_back(finding);
+    if (auto err = salvage(dir, p->damage)) return err;
+    auto s = p->open_db(dbo, true);
+    return s.ok() ? caf::error{} : status_error(s, dir + ": the rebuilt store");
+  };
   if (exists) {
-    auto s = rocksdb::DB::ListColumnFamilies(dbo, dir, &names);
-    if (!s.ok()) return status_error(s, dir + ": listing column families");
+    p->damage = inspect_wal(dir);
+    if (p->damage.damaged())
+      if (auto err = salvage(dir, p->damage)) return err;
   }
-  for (const char* n :
-       {rocksdb::kDefaultColumnFamilyName.c_str(), sessions_cf_name, turns_cf_name, meta_cf_name})
-    if (std::find(names.begin(), names.end(), n) == names.end()) names.emplace_back(n);
-  std::vector<rocksdb::ColumnFamilyDescriptor> descs;
-  for (auto& n : names) descs.emplace_back(n, rocksdb::ColumnFamilyOptions{});
-
-  auto s = rocksdb::DB::Open(dbo, dir, descs, &p->handles, &p->db);
+  auto s = p->open_db(dbo, exists);
+  if (!s.ok() && !(exists && damaged(s))) return status_error(s, dir);
   if (!s.ok()) {
-    p->db = nullptr;
-    return status_error(s, dir);
-  }
-  for (auto* h : p->handles) {
-    if (h->GetName() == sessions_cf_name) p->sessions = h;
-    if (h->GetName() == turns_cf_name) p->turns = h;
-    if (h->GetName() == meta_cf_name) p->meta = h;
+    if (auto err = rebuild(dir + ": RocksDB refuses to open it: " + s.ToString())) return err;
+  } else if (exists) {
+    auto v = p->db->VerifyChecksum();
+    if (!v.ok() && damaged(v))
+      if (auto err = rebuild(dir + ": an SST file is damaged: " + v.ToString())) return err;
   }
 
   auto version = p->read_meta(format_version_key);
