@@ -3,6 +3,8 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <set>
 #include <string>
 
 #include <caf/actor.hpp>
@@ -53,6 +55,9 @@ struct node_config {
   /// The peers this node is cut from (the `partition` fault), shared with its peer endpoint;
   /// null: the node makes one of its own.
   std::shared_ptr<partition> cut;
+  /// The simulated full disk under the session store (keel-shell `fault NODE disk-full`); null:
+  /// the node makes one of its own.
+  std::shared_ptr<storage::disk_fault> disk;
 };
 
 /// Settings for the actor system of a process that runs a node: CAF 0.17's idle scheduler
@@ -145,6 +150,8 @@ class node {
   storage::session_store* store() { return store_.get(); }
   /// The `partition` fault's state (keel-shell `fault NODE partition`).
   partition& cut() { return *cfg_.cut; }
+  /// The `disk-full` fault's state (keel-shell `fault NODE disk-full`).
+  storage::disk_fault& disk() { return *cfg_.disk; }
   /// The node's calls to its peers: replication of its session writes (with a data dir) and
   /// locating sessions (null without peers).
   const replicator* replication() const { return replicator_.get(); }
@@ -159,10 +166,15 @@ class node {
 
   // Failover (actors/failover.cpp, docs/actors.md "Takeover").
   /// A restarted node's reconciliation with its peers: drops its copies of sessions that
-  /// another node took over meanwhile, and repairs corrupt records from a replica. Returns the
-  /// sessions to start.
+  /// another node took over meanwhile, and restores from a replica every session of its own
+  /// whose records are corrupt, missing from its store, or behind the replica's (a damaged
+  /// store, `damaged` naming the sessions in the damaged part). Returns the sessions to start.
   std::vector<session_record> reconcile(std::vector<session_record> recovered,
-                                        const std::vector<std::string>& corrupt);
+                                        const std::vector<std::string>& corrupt,
+                                        const std::set<std::string>& damaged);
+  /// Replaces this node's copy of `id` with the newest copy among the live peers, when it is
+  /// still this node's; logs why (`why`) and what happened. The restored record, or nullopt.
+  std::optional<session_record> restore(const std::string& id, const std::string& why);
   /// Takes over the sessions whose owner is no longer live and of which this node holds the
   /// newest copy. On the failover executor.
   void take_over(int attempt = 0);

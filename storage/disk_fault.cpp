@@ -60,6 +60,16 @@ class full_fs final : public rocksdb::FileSystemWrapper {
 
   const char* Name() const override { return "KeelDiskFault"; }
 
+  // RocksDB's SstFileManager resumes writing after a full disk once it sees free space again.
+  rocksdb::IOStatus GetFreeSpace(const std::string& path, const rocksdb::IOOptions& o,
+                                 uint64_t* free, rocksdb::IODebugContext* dbg) override {
+    if (fault_->full()) {
+      *free = 0;
+      return rocksdb::IOStatus::OK();
+    }
+    return target()->GetFreeSpace(path, o, free, dbg);
+  }
+
   rocksdb::IOStatus NewWritableFile(const std::string& f, const rocksdb::FileOptions& o,
                                     std::unique_ptr<rocksdb::FSWritableFile>* r,
                                     rocksdb::IODebugContext* dbg) override {

@@ -31,6 +31,7 @@ constexpr std::string_view next_session_key = "next_session_number";
 
 constexpr size_t max_id_size = 1024;
 
+
 /// A rocksdb::Status as a classified keel error naming `what` (path, column family, key).
 caf::error status_error(const rocksdb::Status& s, const std::string& what) {
   auto text = s.ToString();
@@ -253,14 +254,18 @@ struct session_store::impl {
                       where(cf, key) + ": corrupt record: " + message_of(why));
   }
 
-  /// Writes `wb`; write_mu held (or the store not yet shared). After a failed write RocksDB
-  /// refuses every write until it recovers: by itself in the background (every
-  /// `bgerror_resume_retry_interval`, `Resume` then answers busy), or by `Resume`, once the disk
-  /// has space again. Until then the write fails with the error that stopped it.
+  /// Writes `wb`; write_mu held (or the store not yet shared). After a write failed for lack
+  /// of space RocksDB refuses every write until it recovers: its SstFileManager polls the free
+  /// space (every 5 s) and resumes once there is room (`Resume` answers busy meanwhile). Any
+  /// other failed write is resumed by the next write's `Resume`.
   caf::error write_raw(rocksdb::WriteBatch& wb, durability d, const std::string& what) {
     if (resume_needed) {
       auto r = db->Resume();
-      if (!r.ok() && !r.IsBusy()) return status_error(r, dir + ": " + what + " (after a failed write)");
+      if (r.IsBusy())
+        return make_error(errc::overloaded,
+                          dir + ": " + what + ": disk full (no space left on device); refused, " +
+                              "writes resume within about 5 s of space being freed");
+      if (!r.ok()) return status_error(r, dir + ": " + what + " (resuming after a failed write)");
     }
     rocksdb::WriteOptions wo;
     wo.sync = d == durability::sync;
@@ -389,9 +394,6 @@ caf::expected<std::unique_ptr<session_store>> session_store::open(const std::str
   // readable (damage.hpp) and `damage()` says what was lost.
   dbo.paranoid_checks = true;
   dbo.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
-  // After a failed write (a full disk) RocksDB retries its recovery in the background; writes
-  // resume within this long of space returning (default 1 s).
-  dbo.bgerror_resume_retry_interval = 100'000;  // us
   if (opts.disk) {
     p->env = faulty_env(opts.disk);
     dbo.env = p->env.get();
