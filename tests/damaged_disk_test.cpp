@@ -62,7 +62,7 @@ struct nodes {
 std::unique_ptr<client> connect_to(cluster& cl, size_t i) {
   client::options o;
   o.connect_timeout = 2000ms;
-  o.call_timeout = 10000ms;
+  o.call_timeout = 30000ms;  // a turn's end may wait for the disk (a_turn_running_when_...)
   o.resume_for = 0ms;
   auto c = client::connect({cl.address(i)}, o);
   BOOST_REQUIRE_MESSAGE(c, "connect to " << cl.name(i) << ": " << keel::test::why(c));
@@ -115,18 +115,6 @@ void check_served(cluster& cl, size_t i, const acknowledged& ack, const std::set
 
 enum class damage { wal_cut, wal_flip, sst_flip };
 
-fs::path largest(const fs::path& dir, const std::string& ext) {
-  fs::path best;
-  uintmax_t size = 0;
-  for (auto& e : fs::directory_iterator(dir))
-    if (e.path().extension() == ext && e.file_size() > size) {
-      size = e.file_size();
-      best = e.path();
-    }
-  BOOST_REQUIRE_MESSAGE(!best.empty(), "no " << ext << " file in " << dir);
-  return best;
-}
-
 /// Damages the store of a stopped node.
 void damage_store(const fs::path& dir, damage d) {
   if (d == damage::sst_flip) {
@@ -134,19 +122,13 @@ void damage_store(const fs::path& dir, damage d) {
     auto s = keel::storage::session_store::open(dir.string());
     BOOST_REQUIRE_MESSAGE(s, keel::test::why(s));
   }
-  auto file = largest(dir, d == damage::sst_flip ? ".sst" : ".log");
+  auto file = keel::test::largest_file(dir, d == damage::sst_flip ? ".sst" : ".log");
   auto size = fs::file_size(file);
   if (d == damage::wal_cut) {
     fs::resize_file(file, size / 2);
     return;
   }
-  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
-  auto at = static_cast<std::streamoff>(d == damage::sst_flip ? size / 3 : size / 2);
-  f.seekg(at);
-  char c = 0;
-  f.get(c);
-  f.seekp(at);
-  f.put(static_cast<char>(c ^ 0x5A));
+  keel::test::flip_byte(file, d == damage::sst_flip ? size / 3 : size / 2);
 }
 
 /// The sessions of `ack` that the damaged store in `dir` no longer holds as acknowledged, found
@@ -290,4 +272,37 @@ BOOST_AUTO_TEST_CASE(a_full_disk_refuses_turns_and_the_node_stays_up_and_serves_
   BOOST_REQUIRE_MESSAGE(h, keel::test::why(h));
   BOOST_TEST(h->size() == 2u);
   BOOST_TEST(cl.unexpected_exits().empty(), cl.unexpected_exits());
+}
+
+BOOST_AUTO_TEST_CASE(a_turn_running_when_the_disk_fills_ends_once_space_returns) {
+  // The turn has happened when the disk fills under it: its end is written once there is space
+  // again, and its client gets the whole reply then (before, the failed write crashed the
+  // session over and over, and its supervisor gave up).
+  nodes net("running", {{"a", ""}});
+  auto& cl = net.cl;
+  auto c = connect_to(cl, 0);
+  auto id = c->open_session({});
+  BOOST_REQUIRE_MESSAGE(id, keel::test::why(id));
+  bool filled = false;
+  auto g = c->generate(*id, "Hello there", 48, [&](uint64_t, uint64_t index, int32_t, std::string_view) {
+    if (index != 0 || filled) return;
+    filled = true;
+    auto [st, out] = cl.shell(0, "fault a disk-full --ms 3000");
+    BOOST_TEST(st == 0, out);
+  });
+  BOOST_REQUIRE_MESSAGE(g, "the running turn failed on a full disk: " << keel::test::why(g));
+  BOOST_TEST(g->generated.size() == 48u);
+  auto log = cl.current_log(0);
+  BOOST_TEST(log.find("waits for the disk") != std::string::npos,
+             "the turn's end was not refused by the full disk (it ended too late?):\n" << log);
+  auto h = c->history(*id);
+  BOOST_REQUIRE_MESSAGE(h, keel::test::why(h));
+  BOOST_REQUIRE_EQUAL(h->size(), 1u);
+  BOOST_TEST((*h)[0].done);
+  BOOST_TEST((*h)[0].generated == g->generated);
+  BOOST_TEST(cl.alive(0), "the node died on a full disk:\n" << log);
+  // It is durable: the node restarted serves it as it was.
+  BOOST_TEST(cl.terminate(0) == 0);
+  cl.start(0);
+  check_served(cl, 0, {{*id, {g->generated}}}, {});
 }

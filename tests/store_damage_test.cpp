@@ -62,27 +62,6 @@ std::vector<std::string> differing(session_store& store, const written& w) {
   return out;
 }
 
-fs::path largest(const fs::path& dir, const std::string& ext) {
-  fs::path best;
-  uintmax_t size = 0;
-  for (auto& e : fs::directory_iterator(dir))
-    if (e.path().extension() == ext && e.file_size() > size) {
-      size = e.file_size();
-      best = e.path();
-    }
-  BOOST_REQUIRE_MESSAGE(!best.empty(), "no " << ext << " file in " << dir);
-  return best;
-}
-
-void flip_byte(const fs::path& file, uintmax_t at) {
-  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(static_cast<std::streamoff>(at));
-  char c = 0;
-  f.get(c);
-  f.seekp(static_cast<std::streamoff>(at));
-  f.put(static_cast<char>(c ^ 0x5A));
-}
-
 std::string joined(const std::vector<std::string>& v) {
   std::string out;
   for (auto& s : v) out += (out.empty() ? "" : ", ") + s;
@@ -121,8 +100,8 @@ void check_reported(const std::string& dir, const written& w, const std::string&
 BOOST_AUTO_TEST_CASE(a_flipped_byte_in_the_wal_is_detected_and_every_dropped_session_named) {
   temp_dir dir{"store_damage_test-flip"};
   auto w = write_sessions(dir.path.string(), 3, 64);
-  auto wal = largest(dir.path, ".log");
-  flip_byte(wal, fs::file_size(wal) / 2);
+  auto wal = keel::test::largest_file(dir.path, ".log");
+  keel::test::flip_byte(wal, fs::file_size(wal) / 2);
   check_reported(dir.path.string(), w, "WAL " + wal.filename().string());
   // The damaged WAL is kept as it was found.
   bool kept = false;
@@ -137,7 +116,7 @@ BOOST_AUTO_TEST_CASE(a_wal_cut_in_half_is_detected_and_its_torn_record_named) {
   // are gone); the one torn at the cut can. A node with peers learns the rest from them.
   temp_dir dir{"store_damage_test-cut"};
   auto w = write_sessions(dir.path.string(), 3, 64);
-  auto wal = largest(dir.path, ".log");
+  auto wal = keel::test::largest_file(dir.path, ".log");
   fs::resize_file(wal, fs::file_size(wal) / 2);
   auto store = session_store::open(dir.path.string());
   BOOST_REQUIRE_MESSAGE(store, why(store));
@@ -158,8 +137,8 @@ BOOST_AUTO_TEST_CASE(a_damaged_sst_file_is_rebuilt_and_the_sessions_around_it_na
     auto reopened = session_store::open(dir.path.string());  // replays the WAL into SST files
     BOOST_REQUIRE_MESSAGE(reopened, why(reopened));
   }
-  auto sst = largest(dir.path, ".sst");
-  flip_byte(sst, fs::file_size(sst) / 3);
+  auto sst = keel::test::largest_file(dir.path, ".sst");
+  keel::test::flip_byte(sst, fs::file_size(sst) / 3);
   check_reported(dir.path.string(), w, "SST");
 }
 
