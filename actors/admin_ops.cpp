@@ -250,7 +250,8 @@ caf::expected<std::string> admin_ops::disk_full(const fault_request& f) {
                                              std::to_string(f.duration_ms) + " ms: at most " +
                                              std::to_string(max_partition_ms) + " ms (24 h)");
   if (!node_.store())
-    return make_error(errc::bad_request, "disk-full: node " + name() + " has no session store (--data)");
+    return make_error(errc::bad_request,
+                      "disk-full: node " + name() + " has no session store (--data)");
   node_.disk().fill(std::chrono::milliseconds(f.duration_ms));
   return "the disk of " + name() + " is full (every session store write fails with ENOSPC)" +
          (f.duration_ms > 0 ? " for " + std::to_string(f.duration_ms) + " ms"

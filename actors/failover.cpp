@@ -144,8 +144,8 @@ std::optional<session_record> node::restore(const std::string& id, const std::st
     return std::nullopt;
   }
   if (!c->owner.empty() && c->owner != cfg_.name) {
-    log.report(cfg_.name + ": repair: session " + id + " is owned by " + c->owner +
-               " at epoch " + std::to_string(f->epoch) + "; dropped this node's copy");
+    log.report(cfg_.name + ": repair: session " + id + " is owned by " + c->owner + " at epoch " +
+               std::to_string(f->epoch) + "; dropped this node's copy");
     sessions_->drop(id, f->epoch);
     (void)store_->erase_session(id, f->epoch);
     return std::nullopt;

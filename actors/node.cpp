@@ -243,8 +243,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   n->sessions_ = std::move(table);
   // With peers: sessions another node took over while this one was down are dropped, corrupt
   // ones are repaired from a replica.
-  if (n->replicator_ && n->store_)
-    recovered = n->reconcile(std::move(recovered), corrupt, damaged);
+  if (n->replicator_ && n->store_) recovered = n->reconcile(std::move(recovered), corrupt, damaged);
   // Recovered sessions start under session_sup with their records (already in the table); a
   // turn that was running resubmits itself with the tokens its log holds.
   for (auto& r : recovered)

@@ -113,7 +113,8 @@ class peer_impl final : public wire::Peer::Server {
     for (auto& key : *keys) {
       if (key.rfind(replica_prefix, 0) != 0) continue;
       auto entry = rs_.store->get_session(key);
-      auto rec = entry ? wire::decode(entry->payload) : caf::expected<wire::session_checkpoint>(entry.error());
+      auto rec = entry ? wire::decode(entry->payload)
+                       : caf::expected<wire::session_checkpoint>(entry.error());
       if (rec && rec->owner == owner) ids.push_back(key.substr(replica_prefix.size()));
     }
     auto out = ctx.getResults().initCopies(static_cast<unsigned>(ids.size()));

@@ -416,7 +416,8 @@ std::vector<session_copy> replicator::locate_now(const std::vector<std::string>&
       }
     } catch (const kj::Exception& e) {
       rpc_->drop(p.address);
-      report(false, std::string(owner.empty() ? "locate" : "owned") + " at " + p.name + " (" + p.address + "): " + e.getDescription().cStr());
+      report(false, std::string(owner.empty() ? "locate" : "owned") + " at " + p.name + " (" +
+                        p.address + "): " + e.getDescription().cStr());
       if (missing) missing->push_back(p.name);
     }
   }

@@ -147,8 +147,7 @@ class replicator {
                                 std::vector<std::string>* missing);
   /// `locate` (`owner` empty), `owned_by` and `fetch`, on the replicator's thread.
   std::vector<session_copy> locate_now(const std::vector<std::string>& sessions,
-                                       const std::string& owner,
-                                       std::vector<std::string>* missing);
+                                       const std::string& owner, std::vector<std::string>* missing);
   caf::expected<fetched_session> fetch_now(const std::string& session);
   /// Sends `target` the session's full copy from the store.
   caf::error send_full(const std::string& session, const peer_info& target);

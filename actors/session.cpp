@@ -406,8 +406,7 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
           t->done = false;
           if (st.end_retries++ == 0)
             st.ctx->log->report("session " + st.rec.id + ": the end of turn " +
-                                std::to_string(t->turn) + " waits for the disk: " +
-                                describe(err));
+                                std::to_string(t->turn) + " waits for the disk: " + describe(err));
           self->delayed_send(self, end_retry_interval, done_atom::value, seq, why, detail,
                              retry_after_ms);
           return;

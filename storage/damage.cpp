@@ -38,7 +38,7 @@ enum : uint8_t { zero_type = 0, full = 1, first = 2, middle = 3, last = 4, set_c
 constexpr const char* rebuilt_name = "rebuilt";
 constexpr const char* scratch_name = "salvage";
 constexpr const char* aside_prefix = "damaged-";
-constexpr const char* whole_marker = "SALVAGED";     // the new store is whole
+constexpr const char* whole_marker = "SALVAGED";    // the new store is whole
 constexpr const char* aside_marker = "ASIDE_DONE";  // the damaged files are aside
 
 uint32_t unmask(uint32_t masked) {
@@ -84,8 +84,8 @@ void name_sessions(std::string_view rep, std::set<std::string>& out) {
     rep.remove_prefix(1);
     const bool cf = tag == 0x4 || tag == 0x5 || tag == 0x6 || tag == 0x8 || tag == 0xE;
     const bool keyed = cf || tag <= 0x2 || tag == 0x7 || tag == 0xF;
-    const bool valued = tag == 0x1 || tag == 0x2 || tag == 0x5 || tag == 0x6 || tag == 0xE ||
-                        tag == 0xF;
+    const bool valued =
+        tag == 0x1 || tag == 0x2 || tag == 0x5 || tag == 0x6 || tag == 0xE || tag == 0xF;
     if (!keyed) return;  // a tag this store never writes: stop rather than guess
     uint32_t n = 0;
     if (cf && !varint32(rep, n)) return;
@@ -121,29 +121,32 @@ wal_check check_wal(const std::string& name, const std::string& b) {
       continue;
     }
     size_t left = b.size() - pos;
-    bool zeros = std::all_of(b.begin() + static_cast<long>(pos), b.end(), [](char c) { return c == 0; });
+    bool zeros =
+        std::all_of(b.begin() + static_cast<long>(pos), b.end(), [](char c) { return c == 0; });
     if (left < header_size) {
-      if (!zeros) fail(pos, "incomplete record header (the file ends " + std::to_string(left) +
-                                " bytes into it)");
+      if (!zeros)
+        fail(pos,
+             "incomplete record header (the file ends " + std::to_string(left) + " bytes into it)");
       break;
     }
     auto type = static_cast<uint8_t>(b[pos + 6]);
     size_t length = static_cast<unsigned char>(b[pos + 4]) |
                     static_cast<size_t>(static_cast<unsigned char>(b[pos + 5])) << 8;
     if (type == zero_type && length == 0) {
-      if (zeros) break;  // preallocated space, never written
+      if (zeros) break;      // preallocated space, never written
       pos += left_in_block;  // RocksDB skips the rest of such a block
       continue;
     }
     size_t head = type >= 5 && type <= 8 ? recyclable_header_size : header_size;
     bool whole = head + length <= left;
     bool fits = head + length <= left_in_block;
-    bool crc_ok = whole && fits &&
-                  unmask(fixed32(b, pos)) == crc32c(std::string_view(b).substr(pos + 6, head - 6 + length));
+    bool crc_ok =
+        whole && fits &&
+        unmask(fixed32(b, pos)) == crc32c(std::string_view(b).substr(pos + 6, head - 6 + length));
     if (!whole || !fits || !crc_ok) {
-      fail(pos, !whole   ? "incomplete record (header says " + std::to_string(length) +
-                             " bytes, the file ends " + std::to_string(left - std::min(left, head)) +
-                             " bytes into it)"
+      fail(pos, !whole ? "incomplete record (header says " + std::to_string(length) +
+                             " bytes, the file ends " +
+                             std::to_string(left - std::min(left, head)) + " bytes into it)"
                 : !fits ? "record of " + std::to_string(length) + " bytes crosses its block"
                         : "checksum mismatch in the record");
       // Name what can be named from here on: this record's bytes, then every later one.
@@ -165,8 +168,10 @@ wal_check check_wal(const std::string& name, const std::string& b) {
     const uint8_t kind = type >= 5 && type <= 8 ? static_cast<uint8_t>(type - 4) : type;
     switch (kind) {
       case full:
-        if (fragmented) bad_fragment("a record starts inside an unfinished one");
-        else if (!out.finding.empty()) name_sessions(payload, out.dropped);
+        if (fragmented)
+          bad_fragment("a record starts inside an unfinished one");
+        else if (!out.finding.empty())
+          name_sessions(payload, out.dropped);
         break;
       case first:
         if (fragmented) bad_fragment("a record starts inside an unfinished one");
@@ -281,7 +286,8 @@ std::map<std::string, std::string> read_cf(rocksdb::DB* db, rocksdb::ColumnFamil
   if (it->status().ok()) return out;
   hole h{cf->GetName(), after, "", it->status().ToString()};
   it.reset(db->NewIterator(ro, cf));
-  for (it->SeekToLast(); it->Valid() && (after.empty() || it->key().ToString() > after); it->Prev()) {
+  for (it->SeekToLast(); it->Valid() && (after.empty() || it->key().ToString() > after);
+       it->Prev()) {
     h.to = it->key().ToString();
     out[h.to] = it->value().ToString();
   }
@@ -298,11 +304,13 @@ caf::error write_store(const std::string& dir,
   std::vector<rocksdb::ColumnFamilyDescriptor> descs{
       {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions{}}};
   for (auto& [name, kv] : data)
-    if (name != rocksdb::kDefaultColumnFamilyName) descs.emplace_back(name, rocksdb::ColumnFamilyOptions{});
+    if (name != rocksdb::kDefaultColumnFamilyName)
+      descs.emplace_back(name, rocksdb::ColumnFamilyOptions{});
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* db = nullptr;
   auto s = rocksdb::DB::Open(o, dir, descs, &handles, &db);
-  if (!s.ok()) return make_error(errc::failed, dir + ": cannot create the rebuilt store: " + s.ToString());
+  if (!s.ok())
+    return make_error(errc::failed, dir + ": cannot create the rebuilt store: " + s.ToString());
   for (size_t i = 0; i < descs.size() && s.ok(); ++i) {
     auto d = data.find(descs[i].name);
     if (d == data.end()) continue;
@@ -316,7 +324,8 @@ caf::error write_store(const std::string& dir,
   for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
   db->Close();
   delete db;
-  if (!s.ok()) return make_error(errc::failed, dir + ": writing the rebuilt store: " + s.ToString());
+  if (!s.ok())
+    return make_error(errc::failed, dir + ": writing the rebuilt store: " + s.ToString());
   return {};
 }
 

@@ -94,9 +94,9 @@ class full_fs final : public rocksdb::FileSystemWrapper {
 }  // namespace
 
 void disk_fault::fill(std::chrono::milliseconds d) {
-  until_ns_.store(d.count() <= 0 ? std::numeric_limits<int64_t>::max()
-                                 : now_ns() + d.count() * 1'000'000,
-                  std::memory_order_relaxed);
+  until_ns_.store(
+      d.count() <= 0 ? std::numeric_limits<int64_t>::max() : now_ns() + d.count() * 1'000'000,
+      std::memory_order_relaxed);
 }
 
 bool disk_fault::full() const {

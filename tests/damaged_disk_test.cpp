@@ -103,13 +103,14 @@ void check_served(cluster& cl, size_t i, const acknowledged& ack, const std::set
       } else {
         ok = h->size() == turns.size();
         for (size_t t = 0; ok && t < turns.size(); ++t) ok = (*h)[t].generated == turns[t];
-        why = std::to_string(h->size()) + " turns, " + std::to_string(turns.size()) + " acknowledged";
+        why =
+            std::to_string(h->size()) + " turns, " + std::to_string(turns.size()) + " acknowledged";
       }
       if (ok || std::chrono::steady_clock::now() >= until) break;
       std::this_thread::sleep_for(200ms);
     }
-    BOOST_TEST(ok, "node " << cl.name(i) << " does not serve session " << id << " as acknowledged: "
-                           << why);
+    BOOST_TEST(ok, "node " << cl.name(i) << " does not serve session " << id
+                           << " as acknowledged: " << why);
   }
 }
 
@@ -181,8 +182,9 @@ void damaged_node_restores_from_replicas(damage d, const std::string& label) {
 
   cl.start(0);
   auto log = cl.current_log(0);
-  BOOST_TEST(log.find("session store damaged") != std::string::npos, "a does not report the damage:\n"
-                                                                          << log);
+  BOOST_TEST(log.find("session store damaged") != std::string::npos,
+             "a does not report the damage:\n"
+                 << log);
   for (auto& id : lost) {
     auto named = lines_naming(log, id, "restored from the replica");
     BOOST_TEST(!named.empty(), "a does not say it restored " << id << ":\n" << log);
@@ -194,6 +196,12 @@ void damaged_node_restores_from_replicas(damage d, const std::string& label) {
   for (auto& e : fs::directory_iterator(cl.data_dir(0)))
     aside = aside || e.path().filename().string().rfind("damaged-", 0) == 0;
   BOOST_TEST(aside, "no damaged-* directory in " << cl.data_dir(0));
+  // The rebuilt store and the damaged files are the node's user's only (umask 077 in keel-node).
+  for (auto& e : fs::recursive_directory_iterator(cl.data_dir(0))) {
+    auto p = e.status().permissions();
+    BOOST_TEST((p & (fs::perms::group_all | fs::perms::others_all)) == fs::perms::none,
+               e.path().string() << " can be read or written by others");
+  }
   // The next turn continues on the restored session.
   auto c = connect_to(cl, 0);
   auto g = c->generate(*lost.begin(), "And at last?", 8);
@@ -211,7 +219,8 @@ BOOST_AUTO_TEST_CASE(a_flipped_byte_in_the_wal_is_restored_from_the_replicas) {
   damaged_node_restores_from_replicas(damage::wal_flip, "flip");
 }
 
-BOOST_AUTO_TEST_CASE(a_damaged_sst_file_is_restored_from_the_replicas_instead_of_refusing_to_start) {
+BOOST_AUTO_TEST_CASE(
+    a_damaged_sst_file_is_restored_from_the_replicas_instead_of_refusing_to_start) {
   damaged_node_restores_from_replicas(damage::sst_flip, "sst");
 }
 
@@ -226,8 +235,9 @@ BOOST_AUTO_TEST_CASE(a_single_node_names_the_sessions_a_damaged_wal_lost_and_sta
   cl.start(0);
   auto log = cl.current_log(0);
   for (auto& id : lost)
-    BOOST_TEST(!lines_naming(log, id, "may be lost").empty(),
-               "a lost session " << id << " silently:\n" << log);
+    BOOST_TEST(!lines_naming(log, id, "may be lost").empty(), "a lost session " << id
+                                                                                << " silently:\n"
+                                                                                << log);
   check_served(cl, 0, ack, lost);
 }
 
@@ -284,17 +294,19 @@ BOOST_AUTO_TEST_CASE(a_turn_running_when_the_disk_fills_ends_once_space_returns)
   auto id = c->open_session({});
   BOOST_REQUIRE_MESSAGE(id, keel::test::why(id));
   bool filled = false;
-  auto g = c->generate(*id, "Hello there", 48, [&](uint64_t, uint64_t index, int32_t, std::string_view) {
-    if (index != 0 || filled) return;
-    filled = true;
-    auto [st, out] = cl.shell(0, "fault a disk-full --ms 3000");
-    BOOST_TEST(st == 0, out);
-  });
+  auto g =
+      c->generate(*id, "Hello there", 48, [&](uint64_t, uint64_t index, int32_t, std::string_view) {
+        if (index != 0 || filled) return;
+        filled = true;
+        auto [st, out] = cl.shell(0, "fault a disk-full --ms 3000");
+        BOOST_TEST(st == 0, out);
+      });
   BOOST_REQUIRE_MESSAGE(g, "the running turn failed on a full disk: " << keel::test::why(g));
   BOOST_TEST(g->generated.size() == 48u);
   auto log = cl.current_log(0);
   BOOST_TEST(log.find("waits for the disk") != std::string::npos,
-             "the turn's end was not refused by the full disk (it ended too late?):\n" << log);
+             "the turn's end was not refused by the full disk (it ended too late?):\n"
+                 << log);
   auto h = c->history(*id);
   BOOST_REQUIRE_MESSAGE(h, keel::test::why(h));
   BOOST_REQUIRE_EQUAL(h->size(), 1u);

@@ -76,9 +76,10 @@ void check_reported(const std::string& dir, const written& w, const std::string&
   auto& d = (*store)->damage();
   BOOST_REQUIRE_MESSAGE(d.damaged(), "the damage was not detected");
   BOOST_TEST_MESSAGE("findings: " << joined(d.findings));
-  BOOST_TEST(std::any_of(d.findings.begin(), d.findings.end(),
-                         [&](const std::string& f) { return f.find(finding) != std::string::npos; }),
-             "no finding says '" << finding << "': " << joined(d.findings));
+  BOOST_TEST(
+      std::any_of(d.findings.begin(), d.findings.end(),
+                  [&](const std::string& f) { return f.find(finding) != std::string::npos; }),
+      "no finding says '" << finding << "': " << joined(d.findings));
   BOOST_TEST(fs::is_directory(d.aside), "the damaged files are not kept: " << d.aside);
   BOOST_TEST(fs::path(d.aside).parent_path() == fs::path(dir));
   auto lost = differing(**store, w);
