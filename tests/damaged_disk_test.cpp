@@ -8,6 +8,8 @@
 #define BOOST_TEST_MODULE damaged_disk_test
 #include <boost/test/unit_test.hpp>
 
+#include <sys/stat.h>
+
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -119,8 +121,10 @@ enum class damage { wal_cut, wal_flip, sst_flip };
 /// Damages the store of a stopped node.
 void damage_store(const fs::path& dir, damage d) {
   if (d == damage::sst_flip) {
-    // A clean reopen replays the WAL into SST files.
+    // A clean reopen replays the WAL into SST files (private, as keel-node makes its files).
+    auto mask = ::umask(077);
     auto s = keel::storage::session_store::open(dir.string());
+    ::umask(mask);
     BOOST_REQUIRE_MESSAGE(s, keel::test::why(s));
   }
   auto file = keel::test::largest_file(dir, d == damage::sst_flip ? ".sst" : ".log");
@@ -199,8 +203,8 @@ void damaged_node_restores_from_replicas(damage d, const std::string& label) {
   // The rebuilt store and the damaged files are the node's user's only (umask 077 in keel-node).
   for (auto& e : fs::recursive_directory_iterator(cl.data_dir(0))) {
     auto p = e.status().permissions();
-    BOOST_TEST((p & (fs::perms::group_all | fs::perms::others_all)) == fs::perms::none,
-               e.path().string() << " can be read or written by others");
+    bool private_ = (p & (fs::perms::group_all | fs::perms::others_all)) == fs::perms::none;
+    BOOST_TEST(private_, e.path().string() << " can be read or written by others");
   }
   // The next turn continues on the restored session.
   auto c = connect_to(cl, 0);
@@ -293,12 +297,15 @@ BOOST_AUTO_TEST_CASE(a_turn_running_when_the_disk_fills_ends_once_space_returns)
   auto c = connect_to(cl, 0);
   auto id = c->open_session({});
   BOOST_REQUIRE_MESSAGE(id, keel::test::why(id));
+  // The worker pauses a few tokens in, so that the disk is full before the turn ends.
+  auto [stalled, why] = cl.shell(0, "fault a/engine/shard-0 stall 2000 4");
+  BOOST_REQUIRE_MESSAGE(stalled == 0, why);
   bool filled = false;
   auto g =
       c->generate(*id, "Hello there", 48, [&](uint64_t, uint64_t index, int32_t, std::string_view) {
         if (index != 0 || filled) return;
         filled = true;
-        auto [st, out] = cl.shell(0, "fault a disk-full --ms 3000");
+        auto [st, out] = cl.shell(0, "fault a disk-full --ms 4000");
         BOOST_TEST(st == 0, out);
       });
   BOOST_REQUIRE_MESSAGE(g, "the running turn failed on a full disk: " << keel::test::why(g));
