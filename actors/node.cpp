@@ -43,7 +43,8 @@ std::set<std::string> report_damage(const storage::session_store& store, const s
   for (auto& id : d.sessions) {
     if (id.rfind(replica_prefix, 0) == 0) {
       log.report(name + ": damage: the replica " + id +
-                 " may be older than its owner's; the owner sends a full copy again");
+                 " may be older than its owner's copy; the owner's next write of it sends a "
+                 "full copy (a replica behind refuses the delta)");
       continue;
     }
     own.insert(id);
