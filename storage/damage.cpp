@@ -121,10 +121,12 @@ wal_check check_wal(const std::string& name, const std::string& b) {
       continue;
     }
     size_t left = b.size() - pos;
-    bool zeros =
-        std::all_of(b.begin() + static_cast<long>(pos), b.end(), [](char c) { return c == 0; });
+    // Read only where a record is missing: scanning to the end at every record is quadratic.
+    auto zeros = [&] {
+      return std::all_of(b.begin() + static_cast<long>(pos), b.end(), [](char c) { return c == 0; });
+    };
     if (left < header_size) {
-      if (!zeros)
+      if (!zeros())
         fail(pos,
              "incomplete record header (the file ends " + std::to_string(left) + " bytes into it)");
       break;
@@ -133,7 +135,7 @@ wal_check check_wal(const std::string& name, const std::string& b) {
     size_t length = static_cast<unsigned char>(b[pos + 4]) |
                     static_cast<size_t>(static_cast<unsigned char>(b[pos + 5])) << 8;
     if (type == zero_type && length == 0) {
-      if (zeros) break;      // preallocated space, never written
+      if (zeros()) break;    // preallocated space, never written
       pos += left_in_block;  // RocksDB skips the rest of such a block
       continue;
     }
