@@ -368,28 +368,50 @@ damage_report inspect_wal(const std::string& dir) {
   return out;
 }
 
-caf::error finish_salvage(const std::string& dir) {
-  fs::path root(dir), rebuilt = root / rebuilt_name;
+namespace {
+
+/// Completes the salvage of `root` whose new store is whole (`rebuilt/SALVAGED` names the
+/// aside directory): the damaged files aside (unless done), the new store's files in. Returns
+/// the aside directory, or "" when there was nothing to complete.
+caf::expected<std::string> complete(const fs::path& root) {
+  auto rebuilt = root / rebuilt_name;
   std::error_code ec;
-  if (!fs::exists(rebuilt, ec)) return {};
+  if (!fs::exists(rebuilt, ec)) return std::string();
   if (!fs::exists(rebuilt / whole_marker, ec)) {
     fs::remove_all(rebuilt, ec);  // not whole: the salvage starts again
-    return {};
+    return std::string();
   }
+  std::string name;
+  std::getline(std::ifstream(rebuilt / whole_marker), name);
+  if (name.rfind(aside_prefix, 0) != 0) name = aside_prefix + utc_stamp();
+  auto aside = root / name;
   if (!fs::exists(rebuilt / aside_marker, ec)) {
-    if (auto err = move_aside(root, root / (aside_prefix + utc_stamp()))) return err;
+    if (auto err = move_aside(root, aside)) return err;
     std::ofstream(rebuilt / aside_marker) << "aside\n";
     sync_path(rebuilt / aside_marker);
   }
   for (auto& e : fs::directory_iterator(rebuilt, ec)) {
-    auto name = e.path().filename().string();
-    if (name == whole_marker || name == aside_marker) continue;
-    fs::rename(e.path(), root / name, ec);
+    auto file = e.path().filename().string();
+    if (file == whole_marker || file == aside_marker) continue;
+    fs::rename(e.path(), root / file, ec);
     if (ec) return fs_error("moving " + e.path().string() + " into the store", ec);
   }
   sync_path(root);
   fs::remove_all(rebuilt, ec);
   fs::remove_all(root / scratch_name, ec);
+  return aside.string();
+}
+
+}  // namespace
+
+caf::error finish_salvage(const std::string& dir, damage_report& report) {
+  auto aside = complete(dir);
+  if (!aside) return aside.error();
+  if (aside->empty()) return {};
+  report.aside = *aside;
+  report.findings.push_back(dir + ": completed a salvage that a crash interrupted (its " +
+                            "findings were logged before the crash, or lost with it); the " +
+                            "damaged files are in " + *aside);
   return {};
 }
 
@@ -446,17 +468,16 @@ caf::error salvage(const std::string& dir, damage_report& report) {
   for (auto& [cf, kv] : data) report.records_kept += kv.size();
 
   if (auto err = write_store(rebuilt.string(), data)) return err;
-  std::ofstream(rebuilt / whole_marker) << "whole\n";
+  auto aside = aside_prefix + utc_stamp();
+  for (int n = 2; fs::exists(root / aside, ec); ++n)
+    aside = aside_prefix + utc_stamp() + "-" + std::to_string(n);
+  std::ofstream(rebuilt / whole_marker) << aside << "\n";
   sync_path(rebuilt / whole_marker);
   sync_path(rebuilt);
-  auto aside = root / (aside_prefix + utc_stamp());
-  for (int n = 2; fs::exists(aside, ec); ++n)
-    aside = root / (aside_prefix + utc_stamp() + "-" + std::to_string(n));
-  if (auto err = move_aside(root, aside)) return err;
-  std::ofstream(rebuilt / aside_marker) << "aside\n";
-  sync_path(rebuilt / aside_marker);
-  report.aside = aside.string();
-  return finish_salvage(dir);
+  auto done = complete(root);
+  if (!done) return done.error();
+  report.aside = *done;
+  return {};
 }
 
 }  // namespace keel::storage

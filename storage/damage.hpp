@@ -48,8 +48,9 @@ damage_report inspect_wal(const std::string& dir);
 /// the file system does (the error names the path).
 caf::error salvage(const std::string& dir, damage_report& report);
 
-/// Completes a salvage of `dir` that a crash interrupted after its new store was whole; a
-/// no-op otherwise (a new store that was not whole is removed, and the damage is found again).
-caf::error finish_salvage(const std::string& dir);
+/// Completes a salvage of `dir` that a crash interrupted after its new store was whole, and
+/// says so in `report` (the sessions that salvage named are not known again); a no-op
+/// otherwise (a new store that was not whole is removed, and the damage is found again).
+caf::error finish_salvage(const std::string& dir, damage_report& report);
 
 }  // namespace keel::storage

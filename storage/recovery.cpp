@@ -20,7 +20,7 @@ caf::expected<std::unique_ptr<session_store>> session_store::open(const std::str
   bool exists = fs::exists(fs::path(dir) / "CURRENT", ec);
   if (fs::exists(dir, ec)) {
     // A salvage that a crash interrupted is completed first.
-    if (auto err = finish_salvage(dir)) return err;
+    if (auto err = finish_salvage(dir, p->damage)) return err;
     exists = fs::exists(fs::path(dir) / "CURRENT", ec);
   }
   if (!exists && !opts.create_if_missing)
@@ -53,9 +53,12 @@ caf::expected<std::unique_ptr<session_store>> session_store::open(const std::str
     return s.ok() ? caf::error{} : status_error(s, dir + ": the rebuilt store");
   };
   if (exists) {
-    p->damage = inspect_wal(dir);
-    if (p->damage.damaged())
-      if (auto err = salvage(dir, p->damage)) return err;
+    auto wal = inspect_wal(dir);
+    auto& d = p->damage;
+    d.findings.insert(d.findings.end(), wal.findings.begin(), wal.findings.end());
+    d.sessions.insert(wal.sessions.begin(), wal.sessions.end());
+    if (wal.damaged())
+      if (auto err = salvage(dir, d)) return err;
   }
   auto s = p->open_db(dbo, exists);
   if (!s.ok() && !(exists && damaged(s))) return status_error(s, dir);

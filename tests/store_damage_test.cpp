@@ -179,3 +179,31 @@ BOOST_AUTO_TEST_CASE(a_full_disk_refuses_writes_keeps_reads_and_recovers) {
   BOOST_TEST((*again)->get_session("s-2@a")->payload == "after");
   BOOST_TEST(!(*again)->damage().damaged(), joined((*again)->damage().findings));
 }
+
+BOOST_AUTO_TEST_CASE(a_salvage_interrupted_by_a_crash_is_completed_at_the_next_open) {
+  // A crash after the new store was whole and before the damaged files were moved aside: the
+  // directory holds the damaged store and DIR/rebuilt with its SALVAGED marker.
+  temp_dir dir{"store_damage_test-interrupted"};
+  auto root = dir.path / "store";
+  auto good = write_sessions((dir.path / "good").string(), 2, 16);
+  write_sessions(root.string(), 3, 16);
+  auto wal = keel::test::largest_file(root, ".log");
+  keel::test::flip_byte(wal, fs::file_size(wal) / 2);
+  fs::rename(dir.path / "good", root / "rebuilt");
+  std::ofstream(root / "rebuilt" / "SALVAGED") << "damaged-19700101T000000Z\n";
+
+  auto store = session_store::open(root.string());
+  BOOST_REQUIRE_MESSAGE(store, why(store));
+  auto& d = (*store)->damage();
+  BOOST_REQUIRE(d.damaged());
+  BOOST_TEST(d.findings.front().find("interrupted") != std::string::npos, joined(d.findings));
+  BOOST_TEST(d.aside == (root / "damaged-19700101T000000Z").string());
+  BOOST_TEST(fs::exists(root / "damaged-19700101T000000Z" / wal.filename()));
+  BOOST_TEST(!fs::exists(root / "rebuilt"));
+  // The store is the rebuilt one, and whole.
+  BOOST_TEST(differing(**store, good).empty());
+  auto ids = (*store)->list_sessions();
+  BOOST_REQUIRE(ids);
+  BOOST_TEST(ids->size() == good.size());
+  BOOST_TEST(d.findings.size() == 1u, joined(d.findings));
+}
