@@ -160,10 +160,11 @@ wal_check check_wal(const std::string& name, const std::string& b) {
       pos += whole && fits ? head + length : left_in_block;
       continue;
     }
-    auto payload = b.substr(pos + head, length);
+    auto payload = std::string_view(b).substr(pos + head, length);
     auto bad_fragment = [&](const char* why) {
       fail(pos, why);
-      name_sessions(record + payload, out.dropped);
+      name_sessions(record, out.dropped);  // the unfinished record, as far as it goes
+      name_sessions(payload, out.dropped);
       record.clear();
       fragmented = false;
     };
@@ -177,7 +178,7 @@ wal_check check_wal(const std::string& name, const std::string& b) {
         break;
       case first:
         if (fragmented) bad_fragment("a record starts inside an unfinished one");
-        record = payload;
+        record.assign(payload);
         record_at = pos;
         fragmented = true;
         break;
@@ -187,7 +188,7 @@ wal_check check_wal(const std::string& name, const std::string& b) {
           bad_fragment("a record continues one that never started");
           break;
         }
-        record += payload;
+        record.append(payload);
         if (kind == last) {
           if (!out.finding.empty()) name_sessions(record, out.dropped);
           record.clear();
@@ -359,7 +360,9 @@ damage_report inspect_wal(const std::string& dir) {
   std::sort(wals.begin(), wals.end());
   for (auto& p : wals) {
     std::ifstream in(p, std::ios::binary);
-    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::string bytes(fs::file_size(p, ec), '\0');
+    in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    bytes.resize(static_cast<size_t>(in.gcount()));
     auto c = check_wal(p.filename().string(), bytes);
     if (c.finding.empty()) continue;
     out.findings.push_back(dir + ": " + c.finding);
