@@ -80,7 +80,9 @@ void tune_actor_system(caf::actor_system_config& cfg);
 /// With `node_config::data_dir` the node owns a storage::session_store there. `start` recovers
 /// every intact session from it (a running turn resumes where its log ends), reports each
 /// corrupt record on the supervision log's sink and skips it, and continues session numbers
-/// after the highest one stored.
+/// after the highest one stored. A damaged store is rebuilt by `session_store::open`; the node
+/// logs each finding and each session in the damaged part, and with peers restores from their
+/// replicas every session of its own that it lacks or holds behind (`reconcile`).
 class node {
  public:
   static caf::expected<std::unique_ptr<node>> start(caf::actor_system& sys, node_config cfg,
