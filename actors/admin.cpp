@@ -46,6 +46,8 @@ std::optional<fault_kind> to_kind(wire::Fault::Kind k) {
       return fault_kind::clear;
     case wire::Fault::Kind::PARTITION:
       return fault_kind::partition;
+    case wire::Fault::Kind::DISK_FULL:
+      return fault_kind::disk_full;
   }
   return std::nullopt;  // from a newer keel-shell
 }

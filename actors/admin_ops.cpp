@@ -167,15 +167,20 @@ caf::expected<std::string> admin_ops::fault(const std::string& path, const fault
   auto at = resolve(path);
   if (!at) return std::move(at.error());
   auto& faults = node_.faults();
-  if (f.kind == fault_kind::clear || f.kind == fault_kind::partition) {
-    const char* what = f.kind == fault_kind::clear ? "clear" : "partition";
+  if (f.kind == fault_kind::clear || f.kind == fault_kind::partition ||
+      f.kind == fault_kind::disk_full) {
+    const char* what = f.kind == fault_kind::clear       ? "clear"
+                       : f.kind == fault_kind::partition ? "partition"
+                                                         : "disk-full";
     if (at->parent)
       return make_error(errc::bad_request,
                         std::string(what) + " applies to the node, " + name() + ", not to " + path);
     if (f.kind == fault_kind::partition) return partition_from(f);
+    if (f.kind == fault_kind::disk_full) return disk_full(f);
     auto was_cut = node_.cut().cut_now();
     faults.clear();
     node_.cut().heal();
+    node_.disk().clear();
     return "disarmed every fault of node " + name() + " and healed its partition" +
            (was_cut.empty() ? std::string(" (there was none)") : " from " + joined(was_cut));
   }
@@ -243,6 +248,20 @@ caf::expected<std::string> admin_ops::fault(const std::string& path, const fault
                         "; crash, stall and kv-fail apply to shard workers, crash to sessions, "
                         "cut to region links, clear and partition to the node (" +
                         name() + ")");
+}
+
+caf::expected<std::string> admin_ops::disk_full(const fault_request& f) {
+  if (f.duration_ms > max_partition_ms)
+    return make_error(errc::bad_request, "disk-full of " + name() + " for " +
+                                             std::to_string(f.duration_ms) + " ms: at most " +
+                                             std::to_string(max_partition_ms) + " ms (24 h)");
+  if (!node_.store())
+    return make_error(errc::bad_request,
+                      "disk-full: node " + name() + " has no session store (--data)");
+  node_.disk().fill(std::chrono::milliseconds(f.duration_ms));
+  return "the disk of " + name() + " is full (every session store write fails with ENOSPC)" +
+         (f.duration_ms > 0 ? " for " + std::to_string(f.duration_ms) + " ms"
+                            : std::string(" until cleared (fault ") + name() + " clear)");
 }
 
 caf::expected<std::string> admin_ops::partition_from(const fault_request& f) {

@@ -37,7 +37,7 @@ struct located {
   child_info child;
 };
 
-enum class fault_kind : uint8_t { crash, stall, kv_fail, cut, clear, partition };
+enum class fault_kind : uint8_t { crash, stall, kv_fail, cut, clear, partition, disk_full };
 
 /// A fault to inject (wire/keel.capnp `Fault`).
 struct fault_request {
@@ -112,6 +112,8 @@ class admin_ops {
   caf::error root_refused() const;
   /// The `partition` fault on this node (`f.kind` is partition; the path was the root).
   caf::expected<std::string> partition_from(const fault_request& f);
+  /// The `disk-full` fault on this node (`f.kind` is disk_full; the path was the root).
+  caf::expected<std::string> disk_full(const fault_request& f);
   caf::expected<std::vector<child_info>> list(const caf::actor& sup, const std::string& path);
   /// The child's kind, remembered by path.
   std::string kind_of(const std::string& path, const child_info& c);

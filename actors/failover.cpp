@@ -35,13 +35,11 @@ uint64_t count_tokens(const std::map<uint64_t, std::vector<int32_t>>& logs) {
 }  // namespace
 
 std::vector<session_record> node::reconcile(std::vector<session_record> recovered,
-                                            const std::vector<std::string>& corrupt) {
-  std::vector<std::string> ids;
-  for (auto& r : recovered) ids.push_back(r.id);
-  ids.insert(ids.end(), corrupt.begin(), corrupt.end());
-  if (ids.empty()) return recovered;
+                                            const std::vector<std::string>& corrupt,
+                                            const std::set<std::string>& damaged) {
   // Wait until every link has heard from its peer or failed once (at most two detection
-  // times): a restarted node must not serve a session another node took over meanwhile.
+  // times): a restarted node must not serve a session another node took over meanwhile, and
+  // must hear from its peers which sessions it owned (its store may have lost some).
   auto deadline = std::chrono::steady_clock::now() + cfg_.down_after * 2;
   while (std::chrono::steady_clock::now() < deadline) {
     auto all = peers_->snapshot();
@@ -52,64 +50,122 @@ std::vector<session_record> node::reconcile(std::vector<session_record> recovere
     if (settled) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+  std::vector<std::string> ids;
+  for (auto& r : recovered) ids.push_back(r.id);
+  ids.insert(ids.end(), corrupt.begin(), corrupt.end());
   auto copies = replicator_->locate(ids);
+  // The peers' replicas of this node's sessions: every session it owned, whatever its store
+  // still holds.
+  auto theirs = replicator_->owned_by(cfg_.name);
   auto& log = *ctx_->log;
   std::vector<session_record> keep;
+  struct to_repair {
+    std::string id, why;
+    std::optional<session_record> fallback;  // this node's own copy, served if none is restored
+  };
+  std::vector<to_repair> repair;
+  for (auto& id : corrupt) repair.push_back({id, "its records here are corrupt", std::nullopt});
   for (auto& r : recovered) {
     const session_copy* newest = nullptr;
     for (auto& c : copies)
       if (c.session == r.id && c.epoch > r.epoch && (!newest || c.epoch > newest->epoch))
         newest = &c;
-    if (newest == nullptr) {
+    if (newest != nullptr) {
+      sessions_->drop(r.id, newest->epoch);
+      if (auto err = store_->erase_session(r.id, r.epoch))
+        log.report(cfg_.name + ": reconcile: cannot erase session " + r.id + ": " + describe(err));
+      log.report(cfg_.name + ": reconcile: session " + r.id + " was taken over at epoch " +
+                 std::to_string(newest->epoch) + " (owner " + newest->record_owner +
+                 "); dropped this node's copy at epoch " + std::to_string(r.epoch));
+      continue;
+    }
+    // A replica ahead of this node's own copy at the same epoch: the store lost writes.
+    uint64_t tokens = 0;
+    for (auto& t : r.turns) tokens += t.generated.size();
+    const bool done = r.turns.empty() || r.turns.back().done;
+    const session_copy* ahead = nullptr;
+    for (auto& c : theirs)
+      if (c.session == r.id && c.epoch == r.epoch &&
+          (c.turns > r.turns.size() ||
+           (c.turns == r.turns.size() && (c.tokens > tokens || (c.last_done && !done)))))
+        ahead = &c;
+    if (ahead == nullptr) {
       keep.push_back(std::move(r));
       continue;
     }
-    sessions_->drop(r.id, newest->epoch);
-    if (auto err = store_->erase_session(r.id, r.epoch))
-      log.report(cfg_.name + ": reconcile: cannot erase session " + r.id + ": " + describe(err));
-    log.report(cfg_.name + ": reconcile: session " + r.id + " was taken over at epoch " +
-               std::to_string(newest->epoch) + " (owner " + newest->record_owner +
-               "); dropped this node's copy at epoch " + std::to_string(r.epoch));
+    auto why = "this node's copy (" + std::to_string(r.turns.size()) + " turns, " +
+               std::to_string(tokens) + " tokens" + (done ? "" : ", the last running") +
+               ") is behind the one on " + ahead->node + " (" + std::to_string(ahead->turns) +
+               " turns, " + std::to_string(ahead->tokens) + " tokens" +
+               (ahead->last_done ? "" : ", the last running") + ")";
+    repair.push_back({r.id, std::move(why), std::move(r)});
   }
-  for (auto& id : corrupt) {
-    auto f = replicator_->fetch(id);
-    auto discarded = store_->discard_corrupt(id);
-    if (!f) {
-      log.report(cfg_.name + ": repair: session " + id + " has no intact copy on a live peer (" +
-                 describe(f.error()) + "); its corrupt records are " +
-                 (discarded ? "discarded" : "kept"));
-      continue;
-    }
-    auto c = wire::decode(f->record);
-    if (!c) {
-      log.report(cfg_.name + ": repair: the copy of session " + id + " from " + f->node +
-                 " is unreadable: " + describe(c.error()));
-      continue;
-    }
-    if (!c->owner.empty() && c->owner != cfg_.name) {
-      log.report(cfg_.name + ": repair: session " + id + " is owned by " + c->owner +
-                 " at epoch " + std::to_string(f->epoch) + "; dropped this node's corrupt copy");
-      sessions_->drop(id, f->epoch);
-      (void)store_->erase_session(id, f->epoch);
-      continue;
-    }
-    c->owner = cfg_.name;
-    storage::write_batch b;
-    b.put_session(id, f->epoch, wire::encode(*c));
-    for (auto& [turn, tokens] : f->logs) b.append_turn_tokens(id, f->epoch, turn, 0, tokens);
-    if (auto err = store_->write(b, storage::durability::sync)) {
-      log.report(cfg_.name + ": repair: cannot store session " + id + ": " + describe(err));
-      continue;
-    }
-    auto r = from_checkpoint(std::move(*c), f->logs);
-    r.epoch = f->epoch;
-    sessions_->recovered(r);
-    log.report(cfg_.name + ": repair: session " + id + " restored from the replica on " + f->node +
-               " (epoch " + std::to_string(f->epoch) + ", " + std::to_string(r.turns.size()) +
-               " turns, " + std::to_string(count_tokens(f->logs)) + " tokens)");
-    keep.push_back(std::move(r));
+  auto repaired = [&](const std::string& id) {
+    return std::any_of(repair.begin(), repair.end(), [&](auto& x) { return x.id == id; });
+  };
+  auto listed = [&](const std::string& id) {
+    return repaired(id) ||
+           std::any_of(keep.begin(), keep.end(), [&](auto& r) { return r.id == id; }) ||
+           sessions_->dropped(id);
+  };
+  for (auto& c : theirs)
+    if (!listed(c.session))
+      repair.push_back({c.session, "it is missing from this node's store", std::nullopt});
+  for (auto& x : repair) {
+    if (auto r = restore(x.id, x.why))
+      keep.push_back(std::move(*r));
+    else if (x.fallback)
+      keep.push_back(std::move(*x.fallback));
+  }
+  for (auto& id : damaged) {
+    if (repaired(id)) continue;
+    bool here = std::any_of(keep.begin(), keep.end(), [&](auto& r) { return r.id == id; });
+    log.report(cfg_.name + ": damage: session " + id + " was in the damaged part of the store; " +
+               (here ? "no peer holds a newer copy, so it is served as recovered"
+                     : "no peer holds a copy: acknowledged turns of it may be lost"));
   }
   return keep;
+}
+
+std::optional<session_record> node::restore(const std::string& id, const std::string& why) {
+  auto& log = *ctx_->log;
+  auto f = replicator_->fetch(id);
+  auto discarded = store_->discard_corrupt(id);
+  if (!f) {
+    log.report(cfg_.name + ": repair: session " + id + " (" + why +
+               ") has no intact copy on a live peer (" + describe(f.error()) +
+               "); its corrupt records are " + (discarded ? "discarded" : "kept"));
+    return std::nullopt;
+  }
+  auto c = wire::decode(f->record);
+  if (!c) {
+    log.report(cfg_.name + ": repair: the copy of session " + id + " from " + f->node +
+               " is unreadable: " + describe(c.error()));
+    return std::nullopt;
+  }
+  if (!c->owner.empty() && c->owner != cfg_.name) {
+    log.report(cfg_.name + ": repair: session " + id + " is owned by " + c->owner + " at epoch " +
+               std::to_string(f->epoch) + "; dropped this node's copy");
+    sessions_->drop(id, f->epoch);
+    (void)store_->erase_session(id, f->epoch);
+    return std::nullopt;
+  }
+  c->owner = cfg_.name;
+  storage::write_batch b;
+  b.erase_session(id, f->epoch);  // an older copy here is replaced whole
+  b.put_session(id, f->epoch, wire::encode(*c));
+  for (auto& [turn, tokens] : f->logs) b.append_turn_tokens(id, f->epoch, turn, 0, tokens);
+  if (auto err = store_->write(b, storage::durability::sync)) {
+    log.report(cfg_.name + ": repair: cannot store session " + id + ": " + describe(err));
+    return std::nullopt;
+  }
+  auto r = from_checkpoint(std::move(*c), f->logs);
+  r.epoch = f->epoch;
+  sessions_->recovered(r);
+  log.report(cfg_.name + ": repair: session " + id + " restored from the replica on " + f->node +
+             " (epoch " + std::to_string(f->epoch) + ", " + std::to_string(r.turns.size()) +
+             " turns, " + std::to_string(count_tokens(f->logs)) + " tokens): " + why);
+  return r;
 }
 
 void node::drop_taken_over() {

@@ -55,6 +55,33 @@ caf::expected<std::string> random_session_id(const std::string& node) {
   return out + "@" + node;
 }
 
+/// Logs what the store found damaged and salvaged, and returns this node's own sessions in the
+/// damaged part. Without peers nothing can restore them: each is reported as possibly lost.
+std::set<std::string> report_damage(const storage::session_store& store, const std::string& name,
+                                    bool peers, supervision_log& log) {
+  std::set<std::string> own;
+  auto& d = store.damage();
+  if (!d.damaged()) return own;
+  for (auto& f : d.findings) log.report(name + ": session store damaged: " + f);
+  log.report(name + ": session store " + store.dir() + " rebuilt from " +
+             std::to_string(d.records_kept) + " readable records; the damaged files are kept in " +
+             d.aside);
+  for (auto& id : d.sessions) {
+    if (id.rfind(replica_prefix, 0) == 0) {
+      log.report(name + ": damage: the replica " + id +
+                 " may be older than its owner's copy; the owner's next write of it sends a "
+                 "full copy (a replica behind refuses the delta)");
+      continue;
+    }
+    own.insert(id);
+    if (!peers)
+      log.report(name + ": damage: session " + id +
+                 " was in the damaged part of the store and this node has no peers to restore "
+                 "it from: acknowledged turns of it may be lost");
+  }
+  return own;
+}
+
 }  // namespace
 
 void tune_actor_system(caf::actor_system_config& cfg) {
@@ -67,6 +94,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   auto m = model::load(cfg.model_path, cfg.tokenizer_path);
   if (!m) return std::move(m.error());
   if (!cfg.cut) cfg.cut = std::make_shared<partition>();
+  if (!cfg.disk) cfg.disk = std::make_shared<storage::disk_fault>();
   shard_layout layout{0, cfg.shards};
   if (cfg.shards < 1) {
     return make_error(errc::bad_request,
@@ -101,9 +129,13 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   auto table = std::make_shared<session_table>(cfg.checkpoint_every);
   std::vector<session_record> recovered;
   std::vector<std::string> corrupt;  // own sessions with a corrupt record, to repair
+  std::set<std::string> damaged;     // own sessions in the damaged part of a rebuilt store
   if (!cfg.data_dir.empty()) {
-    auto store = storage::session_store::open(cfg.data_dir);
+    storage::store_options so;
+    so.disk = cfg.disk;
+    auto store = storage::session_store::open(cfg.data_dir, so);
     if (!store) return std::move(store.error());
+    damaged = report_damage(**store, cfg.name, !cfg.peers.empty(), *ctx->log);
     auto found = (*store)->scan();
     if (!found) return std::move(found.error());
     for (auto& c : found->corrupt) {
@@ -256,7 +288,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   n->sessions_ = std::move(table);
   // With peers: sessions another node took over while this one was down are dropped, corrupt
   // ones are repaired from a replica.
-  if (n->replicator_) recovered = n->reconcile(std::move(recovered), corrupt);
+  if (n->replicator_ && n->store_) recovered = n->reconcile(std::move(recovered), corrupt, damaged);
   // Recovered sessions start under session_sup with their records (already in the table); a
   // turn that was running resubmits itself with the tokens its log holds.
   for (auto& r : recovered)

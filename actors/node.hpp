@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <string>
 
 #include <caf/actor.hpp>
@@ -62,6 +64,9 @@ struct node_config {
   /// The peers this node is cut from (the `partition` fault), shared with its peer endpoint;
   /// null: the node makes one of its own.
   std::shared_ptr<partition> cut;
+  /// The simulated full disk under the session store (keel-shell `fault NODE disk-full`); null:
+  /// the node makes one of its own.
+  std::shared_ptr<storage::disk_fault> disk;
 };
 
 /// Where a session is served: its owner's name and client address (empty: on this node).
@@ -90,7 +95,9 @@ void tune_actor_system(caf::actor_system_config& cfg);
 /// With `node_config::data_dir` the node owns a storage::session_store there. `start` recovers
 /// every intact session from it (a running turn resumes where its log ends), reports each
 /// corrupt record on the supervision log's sink and skips it, and continues session numbers
-/// after the highest one stored.
+/// after the highest one stored. A damaged store is rebuilt by `session_store::open`; the node
+/// logs each finding and each session in the damaged part, and with peers restores from their
+/// replicas every session of its own that it lacks or holds behind (`reconcile`).
 class node {
  public:
   static caf::expected<std::unique_ptr<node>> start(caf::actor_system& sys, node_config cfg,
@@ -178,6 +185,8 @@ class node {
   storage::session_store* store() { return store_.get(); }
   /// The `partition` fault's state (keel-shell `fault NODE partition`).
   partition& cut() { return *cfg_.cut; }
+  /// The `disk-full` fault's state (keel-shell `fault NODE disk-full`).
+  storage::disk_fault& disk() { return *cfg_.disk; }
   /// The node's calls to its peers: replication of its session writes (with a data dir) and
   /// locating sessions (null without peers).
   const replicator* replication() const { return replicator_.get(); }
@@ -192,10 +201,15 @@ class node {
 
   // Failover (actors/failover.cpp, docs/actors.md "Takeover").
   /// A restarted node's reconciliation with its peers: drops its copies of sessions that
-  /// another node took over meanwhile, and repairs corrupt records from a replica. Returns the
-  /// sessions to start.
+  /// another node took over meanwhile, and restores from a replica every session of its own
+  /// whose records are corrupt, missing from its store, or behind the replica's (a damaged
+  /// store, `damaged` naming the sessions in the damaged part). Returns the sessions to start.
   std::vector<session_record> reconcile(std::vector<session_record> recovered,
-                                        const std::vector<std::string>& corrupt);
+                                        const std::vector<std::string>& corrupt,
+                                        const std::set<std::string>& damaged);
+  /// Replaces this node's copy of `id` with the newest copy among the live peers, when it is
+  /// still this node's; logs why (`why`) and what happened. The restored record, or nullopt.
+  std::optional<session_record> restore(const std::string& id, const std::string& why);
   /// Takes over the sessions whose owner is no longer live and of which this node holds the
   /// newest copy. On the failover executor.
   void take_over(int attempt = 0);

@@ -121,28 +121,30 @@ class peer_impl final : public wire::Peer::Server {
     auto ids = ctx.getParams().getSessions();
     auto out = ctx.getResults().initCopies(ids.size());
     std::lock_guard<std::mutex> guard(rs_.mu);
-    for (unsigned i = 0; i < ids.size(); ++i) {
-      std::string id = ids[i].cStr();
-      auto c = out[i];
-      c.setSession(id);
-      c.setRole(wire::SessionCopy::Role::NONE);
-      if (rs_.store == nullptr) continue;
-      std::string key;
-      auto own = newest_copy(id, key);
-      if (!own) continue;
-      auto role = key == id ? wire::SessionCopy::Role::OWNER : wire::SessionCopy::Role::REPLICA;
-      auto rec = wire::decode(own->payload);
-      auto logs = rs_.store->read_turns(key);
-      if (!rec || !logs) continue;  // unreadable: as good as none (the node reports it itself)
-      c.setRole(role);
-      c.setEpoch(own->epoch);
-      c.setOwner(rec->owner);
-      c.setTurns(static_cast<uint32_t>(rec->turns.size()));
-      uint64_t tokens = 0;
-      for (auto& [turn, t] : *logs) tokens += t.size();
-      c.setTokens(tokens);
-      c.setLastDone(rec->turns.empty() || rec->turns.back().done);
+    for (unsigned i = 0; i < ids.size(); ++i) describe_copy(ids[i].cStr(), out[i]);
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> owned(OwnedContext ctx) override {
+    if (cut_off(ctx.getParams().getFrom().getName())) return refuse();
+    std::string owner = ctx.getParams().getOwner().cStr();
+    // A node asks for its own sessions only (under TLS, the caller is who `from` names).
+    if (owner != ctx.getParams().getFrom().getName().cStr())
+      return KJ_EXCEPTION(FAILED, "permission denied: owned(" + owner + ") asked by another node");
+    std::lock_guard<std::mutex> guard(rs_.mu);
+    std::vector<std::string> ids;
+    auto keys = rs_.store ? rs_.store->list_sessions()
+                          : caf::expected<std::vector<std::string>>(std::vector<std::string>{});
+    if (!keys) return KJ_EXCEPTION(FAILED, "owned: " + message_of(keys.error()));
+    for (auto& key : *keys) {
+      if (key.rfind(replica_prefix, 0) != 0) continue;
+      auto entry = rs_.store->get_session(key);
+      auto rec = entry ? wire::decode(entry->payload)
+                       : caf::expected<wire::session_checkpoint>(entry.error());
+      if (rec && rec->owner == owner) ids.push_back(key.substr(replica_prefix.size()));
     }
+    auto out = ctx.getResults().initCopies(static_cast<unsigned>(ids.size()));
+    for (unsigned i = 0; i < ids.size(); ++i) describe_copy(ids[i], out[i]);
     return kj::READY_NOW;
   }
 
@@ -205,6 +207,29 @@ class peer_impl final : public wire::Peer::Server {
   }
 
  private:
+  /// Fills `c` with this node's newest copy of `id` (role `none` when it has none or cannot
+  /// read it). Store mutex held.
+  void describe_copy(const std::string& id, wire::SessionCopy::Builder c) {
+    c.setSession(id);
+    c.setRole(wire::SessionCopy::Role::NONE);
+    if (rs_.store == nullptr) return;
+    std::string key;
+    auto own = newest_copy(id, key);
+    if (!own) return;
+    auto role = key == id ? wire::SessionCopy::Role::OWNER : wire::SessionCopy::Role::REPLICA;
+    auto rec = wire::decode(own->payload);
+    auto logs = rs_.store->read_turns(key);
+    if (!rec || !logs) return;  // unreadable: as good as none (the node reports it itself)
+    c.setRole(role);
+    c.setEpoch(own->epoch);
+    c.setOwner(rec->owner);
+    c.setTurns(static_cast<uint32_t>(rec->turns.size()));
+    uint64_t tokens = 0;
+    for (auto& [turn, t] : *logs) tokens += t.size();
+    c.setTokens(tokens);
+    c.setLastDone(rec->turns.empty() || rec->turns.back().done);
+  }
+
   /// The newer of this node's own copy of `id` and its replica of it (an own copy the node lost
   /// stays until it drops it), and its key; `not_found` when it has neither. Store mutex held.
   caf::expected<storage::session_entry> newest_copy(const std::string& id, std::string& key) {

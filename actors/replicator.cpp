@@ -142,12 +142,23 @@ std::future<caf::error> replicator::enqueue(replica_update u) {
 
 std::vector<session_copy> replicator::locate(const std::vector<std::string>& sessions,
                                              std::vector<std::string>* missing) {
+  return ask(sessions, {}, missing);
+}
+
+std::vector<session_copy> replicator::owned_by(const std::string& owner,
+                                               std::vector<std::string>* missing) {
+  return ask({}, owner, missing);
+}
+
+std::vector<session_copy> replicator::ask(const std::vector<std::string>& sessions,
+                                          const std::string& owner,
+                                          std::vector<std::string>* missing) {
   using answer = std::pair<std::vector<session_copy>, std::vector<std::string>>;
   auto p = std::make_shared<std::promise<answer>>();
   auto f = p->get_future();
-  post([this, sessions, p] {
+  post([this, sessions, owner, p] {
     answer a;
-    a.first = locate_now(sessions, &a.second);
+    a.first = locate_now(sessions, owner, &a.second);
     p->set_value(std::move(a));
   });
   if (f.wait_for(cfg_.call_timeout * 4) != std::future_status::ready) {
@@ -375,33 +386,44 @@ caf::expected<uint64_t> replicator::handoff(const std::string& session, const pe
 }
 
 std::vector<session_copy> replicator::locate_now(const std::vector<std::string>& sessions,
+                                                 const std::string& owner,
                                                  std::vector<std::string>* missing) {
   std::vector<session_copy> out;
-  if (sessions.empty()) return out;
+  if (sessions.empty() && owner.empty()) return out;
   for (auto& p : live_peers()) {
     try {
-      auto req = rpc_->peer(p).locateRequest();
-      set_from(req.initFrom(), cfg_);
-      auto ids = req.initSessions(static_cast<unsigned>(sessions.size()));
-      for (unsigned i = 0; i < sessions.size(); ++i) ids.set(i, sessions[i]);
-      auto res = rpc_->wait(req.send(), cfg_.call_timeout);
-      for (auto c : res.getCopies()) {
-        if (c.getRole() == wire::SessionCopy::Role::NONE) continue;
-        session_copy x;
-        x.session = c.getSession().cStr();
-        x.node = p.name;
-        x.client_address = p.client_address;
-        x.owner = c.getRole() == wire::SessionCopy::Role::OWNER;
-        x.epoch = c.getEpoch();
-        x.record_owner = c.getOwner().cStr();
-        x.turns = c.getTurns();
-        x.tokens = c.getTokens();
-        x.last_done = c.getLastDone();
-        out.push_back(std::move(x));
+      auto collect = [&](capnp::List<wire::SessionCopy>::Reader copies) {
+        for (auto c : copies) {
+          if (c.getRole() == wire::SessionCopy::Role::NONE) continue;
+          session_copy x;
+          x.session = c.getSession().cStr();
+          x.node = p.name;
+          x.client_address = p.client_address;
+          x.owner = c.getRole() == wire::SessionCopy::Role::OWNER;
+          x.epoch = c.getEpoch();
+          x.record_owner = c.getOwner().cStr();
+          x.turns = c.getTurns();
+          x.tokens = c.getTokens();
+          x.last_done = c.getLastDone();
+          out.push_back(std::move(x));
+        }
+      };
+      if (!owner.empty()) {
+        auto req = rpc_->peer(p).ownedRequest();
+        set_from(req.initFrom(), cfg_);
+        req.setOwner(owner);
+        collect(rpc_->wait(req.send(), cfg_.call_timeout).getCopies());
+      } else {
+        auto req = rpc_->peer(p).locateRequest();
+        set_from(req.initFrom(), cfg_);
+        auto ids = req.initSessions(static_cast<unsigned>(sessions.size()));
+        for (unsigned i = 0; i < sessions.size(); ++i) ids.set(i, sessions[i]);
+        collect(rpc_->wait(req.send(), cfg_.call_timeout).getCopies());
       }
     } catch (const kj::Exception& e) {
       rpc_->drop(p.address);
-      report(false, "locate at " + p.name + " (" + p.address + "): " + e.getDescription().cStr());
+      report(false, std::string(owner.empty() ? "locate" : "owned") + " at " + p.name + " (" +
+                        p.address + "): " + e.getDescription().cStr());
       if (missing) missing->push_back(p.name);
     }
   }

@@ -116,6 +116,10 @@ class replicator {
   /// `missing`, when given, receives the names of live peers that did not answer.
   std::vector<session_copy> locate(const std::vector<std::string>& sessions,
                                    std::vector<std::string>* missing = nullptr);
+  /// Every copy the live peers hold of a session whose record names `owner` (their replicas of
+  /// that node's sessions); waits like `locate`.
+  std::vector<session_copy> owned_by(const std::string& owner,
+                                     std::vector<std::string>* missing = nullptr);
   /// The newest copy of `session` among the live peers; `not_found` when none has one.
   caf::expected<fetched_session> fetch(const std::string& session);
 
@@ -142,9 +146,12 @@ class replicator {
   void post(std::function<void()> task);
   void run();
   caf::error replicate(const replica_update& u);
-  /// `locate` and `fetch`, on the replicator's thread.
+  /// `locate` (`owner` empty) or `owned_by`, queued and waited for.
+  std::vector<session_copy> ask(const std::vector<std::string>& sessions, const std::string& owner,
+                                std::vector<std::string>* missing);
+  /// `locate` (`owner` empty), `owned_by` and `fetch`, on the replicator's thread.
   std::vector<session_copy> locate_now(const std::vector<std::string>& sessions,
-                                       std::vector<std::string>* missing);
+                                       const std::string& owner, std::vector<std::string>* missing);
   caf::expected<fetched_session> fetch_now(const std::string& session);
   /// Sends `target` the session's full copy from the store.
   caf::error send_full(const std::string& session, const peer_info& target);

@@ -230,10 +230,14 @@ struct session_state {
   std::shared_ptr<session_table> table;
   session_record rec;
   caf::actor batcher;  // the one the running turn was submitted to
+  int end_retries = 0;  // writes of the running turn's end refused by a full disk
   static inline const char* name = "session";
 };
 
 using self_ptr = caf::stateful_actor<session_state>*;
+
+/// How often a session retries writing a turn's end that a full disk refused.
+constexpr auto end_retry_interval = std::chrono::milliseconds(200);
 
 seq_id seq_of(const session_record& r, uint64_t turn) {
   return (r.number << 24) | turn;
@@ -438,7 +442,18 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
         t->done = true;
         t->reason = why;
-        if (auto err = st.table->put(st.rec, change::structure)) {
+        if (auto err = st.table->put(st.rec, change::structure);
+            err && code_of(err) == errc::overloaded) {
+          // A full disk: the turn has happened and stays running until its end is durable.
+          // Its client waits; new turns are refused meanwhile (the same error), reads go on.
+          t->done = false;
+          if (st.end_retries++ == 0)
+            st.ctx->log->report("session " + st.rec.id + ": the end of turn " +
+                                std::to_string(t->turn) + " waits for the disk: " + describe(err));
+          self->delayed_send(self, end_retry_interval, done_atom::value, seq, why, detail,
+                             retry_after_ms);
+          return;
+        } else if (err) {
           if (code_of(err) == errc::stale_epoch) {
             // Another node owns the session now and ends the turn there: so does this actor.
             self->send(t->sink, moved_atom::value, st.rec.id, t->turn, describe(err));
@@ -450,6 +465,7 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
           throw std::runtime_error("session " + st.rec.id + ": cannot record the end of turn " +
                                    std::to_string(t->turn) + ": " + describe(err));
         }
+        st.end_retries = 0;
         self->send(t->sink, done_atom::value, st.rec.id, t->turn, why, detail, retry_after_ms);
       },
       [self](cancel_atom) {

@@ -14,6 +14,8 @@
 #include <caf/expected.hpp>
 
 #include "base/error.hpp"
+#include "storage/damage.hpp"
+#include "storage/disk_fault.hpp"
 
 namespace keel::storage {
 
@@ -31,6 +33,10 @@ struct store_options {
   /// passed and before the RocksDB write, with the store's write mutex held. Empty in
   /// production.
   std::function<void()> before_write;
+
+  /// The disk-full seam (disk_fault.hpp): while it is full, every file write of the store
+  /// fails with ENOSPC. Null: the plain file system.
+  std::shared_ptr<disk_fault> disk;
 };
 
 /// A session record as stored: the owner's epoch and the opaque payload (a checkpoint.capnp
@@ -114,6 +120,11 @@ class session_store {
   /// including ones this build does not know, and refuses a store whose format version it does
   /// not read. A directory held by another process or another open store fails with `failed`
   /// "DIR: database is in use by another process (...)".
+  ///
+  /// A damaged store (a WAL record that fails its checks, a file RocksDB refuses, an SST block
+  /// whose checksum fails) is not refused and not skipped silently: its files are moved to
+  /// DIR/damaged-<UTC time>, the store is rebuilt from every record still readable, and
+  /// `damage()` names the findings and the sessions whose records may be lost or older.
   static caf::expected<std::unique_ptr<session_store>> open(const std::string& dir,
                                                             store_options opts = {});
 
@@ -125,10 +136,17 @@ class session_store {
 
   const std::string& dir() const;
 
+  /// What `open` found damaged and salvaged; `damaged()` false when the store was whole.
+  const damage_report& damage() const;
+
   /// The store layout version this build writes and reads.
   static constexpr uint16_t format_version = 1;
 
   // -- sessions ---------------------------------------------------------------------------------
+
+  /// Every write fails with `overloaded` ("DIR: ...: disk full (no space left on device); ...")
+  /// while the disk is full, and the store stays readable; the first write after space returns
+  /// resumes RocksDB (which stops writing after a failed write) and goes through.
 
   /// Stores the session record. `stale_epoch` ("session s-3: write with epoch 4, stored epoch 5")
   /// when the stored record's epoch is newer; an equal epoch overwrites. `corrupt_record` when

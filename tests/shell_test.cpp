@@ -813,7 +813,8 @@ BOOST_AUTO_TEST_CASE(partition_arguments_are_checked) {
   auto help = t.c->shell("help fault");
   BOOST_TEST(contains(help.out, "fault NODE partition --from PEER,... [--ms TIME]"), help.out);
   auto kinds = t.c->shell("fault c explode");
-  BOOST_TEST(contains(kinds.err, "kinds: crash, stall, kv-fail, cut, partition, clear"), kinds.err);
+  BOOST_TEST(contains(kinds.err, "kinds: crash, stall, kv-fail, cut, partition, disk-full, clear"),
+             kinds.err);
 
   // Nothing refused was applied (not even a of "a,d"): there is no partition to heal.
   auto none = t.c->shell("fault c clear");

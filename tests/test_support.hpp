@@ -101,6 +101,32 @@ inline std::string secret_file(const std::string& secret) {
   return path.string();
 }
 
+/// The largest file of `dir` whose extension is `ext` (".log": a RocksDB WAL, ".sst"); fails the
+/// test when there is none.
+inline std::filesystem::path largest_file(const std::filesystem::path& dir,
+                                          const std::string& ext) {
+  std::filesystem::path best;
+  uintmax_t size = 0;
+  for (auto& e : std::filesystem::directory_iterator(dir))
+    if (e.path().extension() == ext && e.file_size() > size) {
+      size = e.file_size();
+      best = e.path();
+    }
+  BOOST_REQUIRE_MESSAGE(!best.empty(), "no " << ext << " file in " << dir);
+  return best;
+}
+
+/// Damages `file` as a bad disk would: the byte at offset `at` is flipped (XOR 0x5A).
+inline void flip_byte(const std::filesystem::path& file, uintmax_t at) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(static_cast<std::streamoff>(at));
+  char c = 0;
+  f.get(c);
+  f.seekp(static_cast<std::streamoff>(at));
+  f.put(static_cast<char>(c ^ 0x5A));
+  BOOST_REQUIRE_MESSAGE(f.good(), "cannot flip byte " << at << " of " << file);
+}
+
 /// The path of an app built beside the tests (`keel-node`, `keel-model`, `keel`).
 inline std::string bin(const std::string& name) {
   return std::string(KEEL_BINARY_DIR) + "/apps/" + name;

@@ -210,6 +210,22 @@ BOOST_AUTO_TEST_CASE(peers_serve_only_the_configured_nodes_their_certificates_na
                   .empty());
   BOOST_TEST(!replicate_and_handoff_as(peer, f.tls(f.certs, "b"), "c", *session).empty());
 
+  // `owned` (what a restarted node asks its peers for) answers a node about itself only.
+  auto owned_as = [&](const std::string& from, const std::string& owner) -> std::string {
+    try {
+      keel::wire::rpc_client rpc(peer, f.tls(f.certs, from), "a", 3000ms);
+      auto req = rpc.getMain<keel::wire::Peer>().ownedRequest();
+      req.initFrom().setName(from);
+      req.setOwner(owner);
+      req.send().wait(rpc.getWaitScope());
+      return "";
+    } catch (const kj::Exception& e) {
+      return e.getDescription().cStr();
+    }
+  };
+  BOOST_TEST(owned_as("b", "b").empty());
+  BOOST_TEST(owned_as("b", "a").find("permission denied") != std::string::npos);
+
   // Nothing changed: a still owns the session, with its turn, and says whom it refused.
   auto after = (*c)->history(*session);
   BOOST_REQUIRE_MESSAGE(static_cast<bool>(after), keel::test::why(after));

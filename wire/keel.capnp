@@ -201,7 +201,7 @@ struct AdminSession {
 struct Fault {
   kind @0 :Kind;
   afterSteps @1 :UInt32;  # crash, stall: at the (afterSteps + 1)-th step from now
-  durationMs @2 :UInt32;  # stall, cut, partition
+  durationMs @2 :UInt32;  # stall, cut, partition, diskFull
   count @3 :UInt32;       # kvFail: how many allocations fail
   peers @4 :List(Text);   # partition: the peers to cut from (node names)
 
@@ -213,6 +213,8 @@ struct Fault {
     clear @4;   # the node (its root path): disarm every armed fault and heal every partition
     partition @5;  # the node (its root path): cut all traffic with `peers`, both ways, for
                    # durationMs (0: until `clear`)
+    diskFull @6;   # the node (its root path): every write to its session store fails with
+                   # ENOSPC for durationMs (0: until `clear`), as on a full disk
   }
 }
 

@@ -7,7 +7,8 @@
 # to declare a silent peer down (docs/actors.md, "Region links"); `replicate`, which copies a
 # session's checkpoints to a replica (docs/actors.md, "Replication"); `locate`, which tells
 # what copies of sessions a node holds (for takeover, forwarding and a restarted node's
-# reconciliation); `fetch`, which hands out a copy (to repair a corrupt record).
+# reconciliation); `fetch`, which hands out a copy (to repair a corrupt record); `owned`, which
+# tells a restarted node which sessions it owned (those its own store may have lost).
 # Takeover needs no call of its own: the new owner's first `replicate` at epoch + 1 fences every
 # copy. Forwarding goes through the client API: a node passes on the owner's `Session`.
 
@@ -84,4 +85,10 @@ interface Peer {
   # callee a full copy; the callee takes the lease with the copy's epoch + 1 and serves the
   # session from now on. `epoch` is the new one.
   handoff @4 (from :NodeId, session :Text) -> (epoch :UInt64, error :PeerError);
+
+  # Every copy the callee holds of a session whose record names `owner` as its owner (its
+  # replicas of that node's sessions), as `locate` describes them. A restarted node asks it of
+  # every peer, so that it restores the sessions its damaged store lost, not only the ones it
+  # still has. `from` names the caller (a node partitioned from the callee is refused).
+  owned @5 (owner :Text, from :NodeId) -> (copies :List(SessionCopy));
 }

@@ -270,6 +270,9 @@ caf::expected<std::string> cluster::fault(size_t m, const std::string& path, con
           case fault_spec::kind::partition:
             out.setKind(k::PARTITION);
             break;
+          case fault_spec::kind::disk_full:
+            out.setKind(k::DISK_FULL);
+            break;
         }
         out.setAfterSteps(f.after_steps);
         out.setDurationMs(f.duration_ms);

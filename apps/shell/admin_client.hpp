@@ -80,7 +80,7 @@ struct drain_result {
 };
 
 struct fault_spec {
-  enum class kind : uint8_t { crash, stall, kv_fail, cut, clear, partition };
+  enum class kind : uint8_t { crash, stall, kv_fail, cut, clear, partition, disk_full };
   kind what = kind::crash;
   uint32_t after_steps = 0;
   uint32_t duration_ms = 0;  // partition: 0 until cleared

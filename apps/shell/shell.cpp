@@ -38,7 +38,7 @@ const std::vector<command_info>& commands() {
       {"restart", "restart PATH", "stop the actor at PATH and start it again",
        "A manual restart by the actor's supervisor: counted as a restart, not as a failure."},
       {"fault", "fault PATH KIND [ARGS]",
-       "inject a fault: crash, stall, kv-fail, cut, partition, clear",
+       "inject a fault: crash, stall, kv-fail, cut, partition, disk-full, clear",
        "  fault SHARD crash [AFTER]      the shard worker crashes at its (AFTER+1)-th step\n"
        "  fault SHARD stall TIME [AFTER] it sleeps TIME before that step\n"
        "  fault SHARD kv-fail [N]        its next N (default 1) KV page allocations fail\n"
@@ -49,8 +49,12 @@ const std::vector<command_info>& commands() {
        "  fault NODE partition --from PEER,... [--ms TIME]\n"
        "                                 cut all traffic between NODE and each PEER, both\n"
        "                                 ways, for TIME (without --ms: until clear)\n"
+       "  fault NODE disk-full [--ms TIME]\n"
+       "                                 every write to NODE's session store fails as on a\n"
+       "                                 full disk, for TIME (without --ms: until clear)\n"
        "  fault NODE clear               disarm every fault of the node, heal its partition\n"
-       "TIME is milliseconds (500, 500ms) or seconds (2s), up to 1 hour (partition: 24 hours).\n"
+       "TIME is milliseconds (500, 500ms) or seconds (2s), up to 1 hour (partition, disk-full:\n"
+       "24 hours).\n"
        "SHARD is e.g. node/engine/shard-0, SESSION node/sessions/s-1, LINK\n"
        "node/links/peer-HOST:PORT, NODE and PEER nodes' names."},
       {"drain", "drain NODE", "move NODE's sessions to other nodes; it opens no new ones",
@@ -392,7 +396,7 @@ std::vector<std::string> shell::complete(const std::string& before, const std::s
         for (auto& m : cluster_.members())
           if (!m.name.empty()) options.push_back(m.name);
     } else if (cmd == "fault" && index == 2) {
-      options = {"crash", "stall", "kv-fail", "cut", "partition", "clear"};
+      options = {"crash", "stall", "kv-fail", "cut", "partition", "disk-full", "clear"};
     } else if (cmd == "fault" && index >= 3 && words[2] == "partition") {
       if (words[index - 1] == "--from") {
         // A list's next name: "a,b<TAB>" completes what follows the last comma.

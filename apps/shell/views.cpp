@@ -427,13 +427,22 @@ int shell::act(const std::vector<std::string>& args) {
       auto p = partition_args(rest);
       if (!p) return fail(cmd, p.error());
       f = std::move(*p);
+    } else if (kind == "disk-full") {
+      f.what = k::disk_full;
+      if (rest.size() == 2 && rest[0] == "--ms") {
+        auto ms = parse_ms(rest[1], one_day_ms);
+        if (!ms) return fail(cmd, bad_time(rest[1]));
+        f.duration_ms = *ms;
+      } else if (!rest.empty()) {
+        return fail(cmd, usage_error(cmd, "disk-full takes at most --ms TIME"));
+      }
     } else if (kind == "clear") {
       f.what = k::clear;
       if (!rest.empty()) return fail(cmd, usage_error(cmd, "clear takes no arguments"));
     } else {
       return fail(cmd, usage_error(cmd, "unknown fault kind '" + kind +
                                             "'; kinds: crash, stall, kv-fail, cut, partition, "
-                                            "clear"));
+                                            "disk-full, clear"));
     }
   }
   auto at = route(args[1]);
