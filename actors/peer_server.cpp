@@ -55,9 +55,9 @@ class peer_impl final : public wire::Peer::Server {
       bool configured = std::find(cfg_.peers.begin(), cfg_.peers.end(), name) != cfg_.peers.end();
       if (!configured || !wire::certified_as(*caller_, name)) {
         if (cfg_.log)
-          cfg_.log("peer server: refused a call from '" + name + "' (" +
-                   caller_->toString().cStr() + "): " +
-                   (configured ? "its certificate does not name it" : "not a configured peer"));
+          cfg_.log(
+              "peer server: refused a call from '" + name + "' (" + caller_->toString().cStr() +
+              "): " + (configured ? "its certificate does not name it" : "not a configured peer"));
         stranger_ = true;
         return true;
       }
@@ -296,8 +296,8 @@ caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_confi
         state->tasks, sp->cfg_.log, "peer server", sp->cfg_.reader);
     return accepting.attach(kj::mv(listener), kj::mv(state));
   };
-  auto port = s->server_->start("peer server", s->cfg_.host, s->cfg_.port, std::move(serve),
-                                s->cfg_.log);
+  auto port =
+      s->server_->start("peer server", s->cfg_.host, s->cfg_.port, std::move(serve), s->cfg_.log);
   if (!port) return std::move(port.error());
   s->port_ = *port;
   return s;
@@ -305,6 +305,10 @@ caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_confi
 
 std::string peer_server::address() const {
   return cfg_.host + ":" + std::to_string(port_);
+}
+
+capnp::Capability::Client peer_server::bootstrap(kj::Own<kj::PeerIdentity> caller) {
+  return kj::heap<peer_impl>(cfg_, address(), *store_, kj::mv(caller));
 }
 
 void peer_server::attach_store(storage::session_store* store) {

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets of tests/fuzz with clang (a tree of its own, ${KEEL_FUZZ_BUILD:-
+# build-fuzz}) and runs each for a bounded time (docs/wire.md, "Fuzzing").
+#
+#   scripts/fuzz.sh [--seconds N] [--target NAME]...
+#
+# --seconds N: each target runs N seconds (default 60). --target: only the named targets
+# (checkpoint, peer; default all). The corpus each run grows is kept in BUILD/corpus/NAME and
+# seeded from tests/fuzz/corpus/NAME and the seeds the target writes itself; an input that breaks
+# a target is saved as BUILD/artifacts/NAME-crash-... and the script fails. Without clang++ and
+# libFuzzer it says so and exits 0 (nothing is fuzzed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=60
+targets=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds="$2"; shift 2 ;;
+    --target) targets+=("$2"); shift 2 ;;
+    *) echo "fuzz.sh: unknown argument $1 (--seconds N, --target NAME)" >&2; exit 2 ;;
+  esac
+done
+[ ${#targets[@]} -gt 0 ] || targets=(checkpoint peer)
+
+cxx=${KEEL_FUZZ_CXX:-clang++}
+cc=${KEEL_FUZZ_CC:-clang}
+probe=$(mktemp -d)
+trap 'rm -rf "$probe"' EXIT
+echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' \
+  > "$probe/p.cpp"
+if ! command -v "$cxx" >/dev/null || ! command -v "$cc" >/dev/null ||
+   ! "$cxx" -fsanitize=fuzzer,address,undefined "$probe/p.cpp" -o "$probe/p" 2>/dev/null; then
+  echo "fuzz.sh: skipped: $cxx with libFuzzer (-fsanitize=fuzzer) is not available"
+  exit 0
+fi
+
+build=${KEEL_FUZZ_BUILD:-build-fuzz}
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+if [ ! -f "$build/CMakeCache.txt" ]; then
+  cmake -S . -B "$build" "${generator[@]}" -DKEEL_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_C_COMPILER="$cc" >/dev/null
+fi
+cmake --build "$build" -j "$(nproc)" --target "${targets[@]/%/_fuzz}"
+
+failed=()
+mkdir -p "$build/artifacts"
+for t in "${targets[@]}"; do
+  exe="$build/tests/fuzz/${t}_fuzz"
+  corpus="$build/corpus/$t"
+  seeds=tests/fuzz/corpus/$t
+  mkdir -p "$corpus" "$seeds"
+  "$exe" --write-corpus="$corpus"
+  echo "fuzz.sh: $t for ${seconds}s"
+  # -timeout: one input may take 10 s (a connection that never ends is a finding);
+  # -rss_limit_mb: the process may hold 2 GiB; UBSan and ASan reports abort.
+  if ! UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+       "$exe" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+         -artifact_prefix="$build/artifacts/$t-" "$corpus" "$seeds" \
+         > "$build/fuzz-$t.log" 2>&1; then
+    failed+=("$t")
+    tail -n 60 "$build/fuzz-$t.log"
+  fi
+  grep -E '^#[0-9]+ +DONE|stat::number_of_executed_units|stat::average_exec_per_sec|stat::new_units_added|stat::peak_rss_mb' \
+    "$build/fuzz-$t.log" | sed "s/^/fuzz.sh: $t: /" || true
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "fuzz.sh: FAILED: ${failed[*]} (inputs in $build/artifacts, logs in $build/fuzz-*.log)" >&2
+  exit 1
+fi
+echo "fuzz.sh: ok: ${targets[*]}, ${seconds}s each"
