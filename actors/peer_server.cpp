@@ -222,6 +222,20 @@ class peer_impl final : public wire::Peer::Server {
       return make_error(errc::unimplemented, "replicate: node " + cfg_.name + " has no data dir");
     std::string session = p.getSession().cStr();
     auto epoch = p.getEpoch();
+    // Whole logs come one per turn, in turn order (the replicator sends a store's map). Checked
+    // before anything is built: a list of zero-sized TurnLogs costs its sender one tag word for
+    // any number of elements (up to the traversal limit, 2M), and each element was a batch
+    // operation: a 500-byte message held 300 MB for a million of them (found with
+    // tests/fuzz/peer_fuzz.cpp).
+    auto logs = p.getLogs();
+    for (unsigned i = 1; i < logs.size(); ++i) {
+      if (logs[i].getTurn() <= logs[i - 1].getTurn()) {
+        return make_error(errc::bad_request,
+                          "replicate: session " + session + ": turn log " + std::to_string(i) +
+                              " is for turn " + std::to_string(logs[i].getTurn()) +
+                              ", not after turn " + std::to_string(logs[i - 1].getTurn()));
+      }
+    }
     // A session this node owns: an epoch not above its own comes from a node that lost it
     // (fencing, ARCHITECTURE.md guarantee 3); a higher one means this node lost it.
     if (auto own = rs_.store->get_session(session)) {
@@ -240,7 +254,7 @@ class peer_impl final : public wire::Peer::Server {
     storage::write_batch b;
     if (rec.size() > 0)
       b.put_session(id, epoch, std::string(reinterpret_cast<const char*>(rec.begin()), rec.size()));
-    for (auto l : p.getLogs()) {
+    for (auto l : logs) {
       std::vector<int32_t> tokens;
       for (auto t : l.getTokens()) tokens.push_back(t);
       b.append_turn_tokens(id, epoch, l.getTurn(), 0, std::move(tokens));

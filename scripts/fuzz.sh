@@ -53,9 +53,10 @@ for t in "${targets[@]}"; do
   "$exe" --write-corpus="$corpus"
   echo "fuzz.sh: $t for ${seconds}s"
   # -timeout: one input may take 10 s (a connection that never ends is a finding);
-  # -rss_limit_mb: the process may hold 2 GiB; UBSan and ASan reports abort.
+  # -rss_limit_mb: the process may hold 2 GiB; -malloc_limit_mb: one allocation over 64 MiB
+  # (4 times the largest message a port takes) is a finding; UBSan and ASan reports abort.
   if ! UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-       "$exe" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+       "$exe" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=64 -print_final_stats=1 \
          -artifact_prefix="$build/artifacts/$t-" "$corpus" "$seeds" \
          > "$build/fuzz-$t.log" 2>&1; then
     failed+=("$t")

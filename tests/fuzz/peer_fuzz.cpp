@@ -13,11 +13,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <string>
 
 #include <capnp/rpc-twoparty.h>
+#include <capnp/serialize.h>
 #include <kj/async-io.h>
 
 #include "actors/peer_server.hpp"
@@ -166,6 +168,23 @@ std::string record(const std::string& id, size_t turns) {
   return wire::encode(c);
 }
 
+/// A list of `n` TurnLogs of zero size (no data, no pointers: each reads as turn 0 with no
+/// tokens), which a message carries in two words whatever `n` (Cap'n Proto charges each element
+/// one word of the reader's traversal limit).
+capnp::List<wire::TurnLog>::Reader zero_size_logs(uint32_t n) {
+  static kj::Array<capnp::word> words;
+  static kj::Own<capnp::FlatArrayMessageReader> msg;
+  words = kj::heapArray<capnp::word>(3);
+  uint64_t segment_table = uint64_t{2} << 32;       // one segment of 2 words
+  uint64_t list_pointer = 1 | (uint64_t{7} << 32);  // list, inline composite, 0 words
+  uint64_t tag = uint64_t{n} << 2;                  // n elements of 0 data, 0 pointers
+  uint64_t raw[3] = {segment_table, list_pointer, tag};
+  std::memcpy(words.begin(), raw, sizeof raw);
+  capnp::ReaderOptions unbounded{~uint64_t{0} / 2, 64};
+  msg = kj::heap<capnp::FlatArrayMessageReader>(words, unbounded);
+  return msg->getRoot<capnp::AnyPointer>().getAs<capnp::List<wire::TurnLog>>();
+}
+
 /// Runs `calls` as a client of the fixture's server over an in-memory pipe and returns the bytes
 /// the client sent (bootstrap, calls, finishes, releases), the server answering as it would.
 template <class Calls>
@@ -257,6 +276,15 @@ fuzz::seeds peer_seeds() {
                      set_from(h.initFrom(), "peer-a");
                      h.setSession("s-1");
                      h.send().wait(ws);
+                   }));
+  out.emplace_back("replicate-zero-size-logs",
+                   record_client(f, [](wire::Peer::Client& p, kj::WaitScope& ws) {
+                     auto r = p.replicateRequest();
+                     set_from(r.initFrom(), "peer-a");
+                     r.setSession("s-3");
+                     r.setEpoch(1);
+                     r.setLogs(zero_size_logs(1u << 20));
+                     r.send().wait(ws);
                    }));
   return out;
 }
