@@ -25,7 +25,10 @@ done
 cxx=${KEEL_FUZZ_CXX:-clang++}
 cc=${KEEL_FUZZ_CC:-clang}
 probe=$(mktemp -d)
-trap 'rm -rf "$probe"' EXIT
+# Where peer_fuzz keeps its store (tmpfs when there is one), removed even after a crash.
+KEEL_FUZZ_TMP=$(mktemp -d -p "$( [ -d /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")" keel-fuzz-XXXXXX)
+export KEEL_FUZZ_TMP
+trap 'rm -rf "$probe" "$KEEL_FUZZ_TMP"' EXIT
 echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' \
   > "$probe/p.cpp"
 if ! command -v "$cxx" >/dev/null || ! command -v "$cc" >/dev/null ||

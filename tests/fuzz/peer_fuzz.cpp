@@ -49,10 +49,13 @@ struct fixture {
   kj::AsyncIoContext io = kj::setupAsyncIo();
 
   fixture() {
-    // tmpfs when there is one: `replicate` writes are synced.
-    auto base = std::filesystem::exists("/dev/shm")
-                    ? std::string("/dev/shm")
-                    : std::filesystem::temp_directory_path().string();
+    // $KEEL_FUZZ_TMP (scripts/fuzz.sh removes it, even after a crash), else tmpfs when there is
+    // one: `replicate` writes are synced.
+    const char* env = std::getenv("KEEL_FUZZ_TMP");
+    std::string base = env != nullptr && *env != 0 ? env
+                       : std::filesystem::exists("/dev/shm")
+                           ? "/dev/shm"
+                           : std::filesystem::temp_directory_path().string();
     std::string templ = base + "/keel-peer-fuzz-XXXXXX";
     if (mkdtemp(templ.data()) == nullptr) fuzz::broken("mkdtemp " + templ + " failed");
     dir = templ;
