@@ -44,28 +44,45 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
   cmake -S . -B "$build" "${generator[@]}" -DKEEL_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_C_COMPILER="$cc" >/dev/null
 fi
-cmake --build "$build" -j "$(nproc)" --target "${targets[@]/%/_fuzz}"
+# The build's output only when it fails (clang warns about capnp headers and our code alike).
+if ! cmake --build "$build" -j "$(nproc)" --target "${targets[@]/%/_fuzz}" > "$build/build.log" 2>&1
+then
+  tail -n 80 "$build/build.log"
+  echo "fuzz.sh: the build failed (log: $build/build.log)" >&2
+  exit 1
+fi
 
-failed=()
-mkdir -p "$build/artifacts"
-for t in "${targets[@]}"; do
-  exe="$build/tests/fuzz/${t}_fuzz"
-  corpus="$build/corpus/$t"
-  seeds=tests/fuzz/corpus/$t
+# The targets run side by side (one process each, as many as there are targets).
+run() {
+  local t=$1
+  local exe="$build/tests/fuzz/${t}_fuzz"
+  local corpus="$build/corpus/$t"
+  local seeds=tests/fuzz/corpus/$t
   mkdir -p "$corpus" "$seeds"
-  "$exe" --write-corpus="$corpus"
-  echo "fuzz.sh: $t for ${seconds}s"
+  "$exe" --write-corpus="$corpus" 2>/dev/null
   # -timeout: one input may take 10 s (a connection that never ends is a finding);
   # -rss_limit_mb: the process may hold 2 GiB; -malloc_limit_mb: one allocation over 64 MiB
   # (4 times the largest message a port takes) is a finding; UBSan and ASan reports abort.
-  if ! UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-       "$exe" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=64 -print_final_stats=1 \
-         -artifact_prefix="$build/artifacts/$t-" "$corpus" "$seeds" \
-         > "$build/fuzz-$t.log" 2>&1; then
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    "$exe" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=64 \
+      -print_final_stats=1 -artifact_prefix="$build/artifacts/$t-" "$corpus" "$seeds" \
+      > "$build/fuzz-$t.log" 2>&1
+}
+mkdir -p "$build/artifacts"
+echo "fuzz.sh: ${targets[*]} for ${seconds}s each, side by side"
+pids=()
+for t in "${targets[@]}"; do
+  run "$t" &
+  pids+=($!)
+done
+failed=()
+for i in "${!targets[@]}"; do
+  t=${targets[$i]}
+  if ! wait "${pids[$i]}"; then
     failed+=("$t")
     tail -n 60 "$build/fuzz-$t.log"
   fi
-  grep -E '^#[0-9]+ +DONE|stat::number_of_executed_units|stat::average_exec_per_sec|stat::new_units_added|stat::peak_rss_mb' \
+  grep -E 'stat::number_of_executed_units|stat::average_exec_per_sec|stat::new_units_added|stat::peak_rss_mb' \
     "$build/fuzz-$t.log" | sed "s/^/fuzz.sh: $t: /" || true
 done
 if [ ${#failed[@]} -gt 0 ]; then
