@@ -56,9 +56,9 @@ class peer_impl final : public wire::Peer::Server {
       bool configured = std::find(cfg_.peers.begin(), cfg_.peers.end(), name) != cfg_.peers.end();
       if (!configured || !wire::certified_as(*caller_, name)) {
         if (cfg_.log)
-          cfg_.log("peer server: refused a call from '" + name + "' (" +
-                   caller_->toString().cStr() + "): " +
-                   (configured ? "its certificate does not name it" : "not a configured peer"));
+          cfg_.log(
+              "peer server: refused a call from '" + name + "' (" + caller_->toString().cStr() +
+              "): " + (configured ? "its certificate does not name it" : "not a configured peer"));
         stranger_ = true;
         return true;
       }
@@ -249,6 +249,20 @@ class peer_impl final : public wire::Peer::Server {
       return make_error(errc::unimplemented, "replicate: node " + cfg_.name + " has no data dir");
     std::string session = p.getSession().cStr();
     auto epoch = p.getEpoch();
+    // Whole logs come one per turn, in turn order (the replicator sends a store's map). Checked
+    // before anything is built: a list of zero-sized TurnLogs costs its sender one tag word for
+    // any number of elements (up to the traversal limit, 2M), and each element was a batch
+    // operation: a 500-byte message held 300 MB for a million of them (found with
+    // tests/fuzz/peer_fuzz.cpp).
+    auto logs = p.getLogs();
+    for (unsigned i = 1; i < logs.size(); ++i) {
+      if (logs[i].getTurn() <= logs[i - 1].getTurn()) {
+        return make_error(errc::bad_request,
+                          "replicate: session " + session + ": turn log " + std::to_string(i) +
+                              " is for turn " + std::to_string(logs[i].getTurn()) +
+                              ", not after turn " + std::to_string(logs[i - 1].getTurn()));
+      }
+    }
     // A session this node owns: an epoch not above its own comes from a node that lost it
     // (fencing, ARCHITECTURE.md guarantee 3); a higher one means this node lost it.
     if (auto own = rs_.store->get_session(session)) {
@@ -267,7 +281,7 @@ class peer_impl final : public wire::Peer::Server {
     storage::write_batch b;
     if (rec.size() > 0)
       b.put_session(id, epoch, std::string(reinterpret_cast<const char*>(rec.begin()), rec.size()));
-    for (auto l : p.getLogs()) {
+    for (auto l : logs) {
       std::vector<int32_t> tokens;
       for (auto t : l.getTokens()) tokens.push_back(t);
       b.append_turn_tokens(id, epoch, l.getTurn(), 0, std::move(tokens));
@@ -323,8 +337,8 @@ caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_confi
         state->tasks, sp->cfg_.log, "peer server", sp->cfg_.reader);
     return accepting.attach(kj::mv(listener), kj::mv(state));
   };
-  auto port = s->server_->start("peer server", s->cfg_.host, s->cfg_.port, std::move(serve),
-                                s->cfg_.log);
+  auto port =
+      s->server_->start("peer server", s->cfg_.host, s->cfg_.port, std::move(serve), s->cfg_.log);
   if (!port) return std::move(port.error());
   s->port_ = *port;
   return s;
@@ -332,6 +346,10 @@ caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_confi
 
 std::string peer_server::address() const {
   return cfg_.host + ":" + std::to_string(port_);
+}
+
+capnp::Capability::Client peer_server::bootstrap(kj::Own<kj::PeerIdentity> caller) {
+  return kj::heap<peer_impl>(cfg_, address(), *store_, kj::mv(caller));
 }
 
 void peer_server::attach_store(storage::session_store* store) {

@@ -90,6 +90,12 @@ class peer_server {
   /// The node's client Gateway address, as heartbeats report it (set once the gateway is up).
   void set_client_address(const std::string& address);
 
+  /// The `Peer` capability the server hands one connection whose other end is `caller` (what
+  /// the accept loop serves each connection; tests/fuzz/peer_fuzz.cpp serves it over an
+  /// in-memory stream). It belongs to the calling thread's KJ event loop and is used on that
+  /// thread only; it shares the server's configuration and store, so the server must outlive it.
+  capnp::Capability::Client bootstrap(kj::Own<kj::PeerIdentity> caller);
+
   /// Closes the listener and every connection and joins the thread. Also done by the destructor.
   void stop();
 

@@ -8,7 +8,12 @@
 #include <mutex>
 #include <thread>
 
+#include <sys/resource.h>
+
+#include <cstring>
+
 #include <capnp/ez-rpc.h>
+#include <capnp/serialize.h>
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/event_based_actor.hpp>
@@ -212,6 +217,79 @@ BOOST_FIXTURE_TEST_CASE(an_older_epoch_is_refused_with_stale_epoch, fixture) {
 
 namespace {
 
+/// `n` TurnLogs of zero size (each reads as turn 0 with no tokens), in a message of three words
+/// whatever `n`: what a hostile peer sends to make the callee do `n` things for two words.
+struct zero_size_logs {
+  kj::Array<capnp::word> words = kj::heapArray<capnp::word>(3);
+  kj::Own<capnp::FlatArrayMessageReader> msg;
+
+  explicit zero_size_logs(uint32_t n) {
+    uint64_t raw[3] = {uint64_t{2} << 32,        // one segment of 2 words
+                       1 | (uint64_t{7} << 32),  // a list pointer, inline composite, 0 words
+                       uint64_t{n} << 2};        // tag: n elements, 0 data, 0 pointers
+    std::memcpy(words.begin(), raw, sizeof raw);
+    msg =
+        kj::heap<capnp::FlatArrayMessageReader>(words, capnp::ReaderOptions{~uint64_t{0} / 2, 64});
+  }
+  capnp::List<wire::TurnLog>::Reader list() {
+    return msg->getRoot<capnp::AnyPointer>().getAs<capnp::List<wire::TurnLog>>();
+  }
+};
+
+long peak_rss_kb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss;
+}
+
+}  // namespace
+
+// Found with tests/fuzz/peer_fuzz.cpp: a million zero-sized turn logs (a 500-byte message)
+// became a million batch operations, 300 MB held by the peer server for one call.
+BOOST_FIXTURE_TEST_CASE(turn_logs_not_in_turn_order_are_refused_before_anything_is_built, fixture) {
+  auto store = storage::session_store::open((dir.path / "replica").string());
+  BOOST_REQUIRE_MESSAGE(store, test::why(store));
+  auto s = serve("b");
+  s->attach_store(store->get());
+  capnp::EzRpcClient client(s->address());
+  auto peer_cap = client.getMain<wire::Peer>();
+
+  zero_size_logs hostile(1u << 20);
+  auto before = peak_rss_kb();
+  auto req = peer_cap.replicateRequest();
+  req.initFrom().setName("test");
+  req.setSession("z-1");
+  req.setEpoch(1);
+  req.setLogs(hostile.list());
+  auto res = req.send().wait(client.getWaitScope());
+  BOOST_TEST(res.getError().getCode() == static_cast<uint8_t>(errc::bad_request));
+  std::string msg = res.getError().getMessage().cStr();
+  BOOST_TEST(msg.find("z-1: turn log 1 is for turn 0, not after turn 0") != std::string::npos, msg);
+  BOOST_TEST(peak_rss_kb() - before < 64 * 1024, peak_rss_kb() - before << " KiB more at peak");
+  BOOST_TEST(!(*store)->read_turn(replica_key("z-1"), 0));  // nothing written
+
+  // Logs in turn order are stored, as a full copy from the replicator sends them.
+  auto ok = peer_cap.replicateRequest();
+  ok.initFrom().setName("test");
+  ok.setSession("z-1");
+  ok.setEpoch(1);
+  std::string record = "r1";
+  ok.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(record.data()), record.size()));
+  auto logs = ok.initLogs(2);
+  logs[0].setTurn(0);
+  logs[0].initTokens(1).set(0, 5);
+  logs[1].setTurn(3);
+  logs[1].initTokens(2).set(1, 6);
+  auto r2 = ok.send().wait(client.getWaitScope());
+  BOOST_TEST(r2.getError().getCode() == 0u, r2.getError().getMessage().cStr());
+  auto turn3 = (*store)->read_turn(replica_key("z-1"), 3);
+  BOOST_REQUIRE_MESSAGE(turn3, test::why(turn3));
+  BOOST_TEST((*turn3 == std::vector<int32_t>{0, 6}));
+  s->stop();
+}
+
+namespace {
+
 peer_info peer(const std::string& name, const std::string& region) {
   peer_info p;
   p.name = name;
@@ -322,7 +400,8 @@ BOOST_FIXTURE_TEST_CASE(a_turn_no_live_replica_stored_is_refused_and_undone, fix
   BOOST_TEST(stored->empty());
 
   failing = false;
-  BOOST_REQUIRE(wait_for([&] { return up(*a); }, 5000ms));  // the failed call dropped the link's work
+  BOOST_REQUIRE(
+      wait_for([&] { return up(*a); }, 5000ms));  // the failed call dropped the link's work
   auto id = a->open_session(params);
   BOOST_REQUIRE_MESSAGE(id, test::why(id));
   BOOST_TEST(static_cast<bool>((*replica)->get_session(replica_key(*id))));

@@ -547,6 +547,9 @@ BOOST_AUTO_TEST_CASE(acknowledged_writes_survive_sigkill) {
   kill(pid, SIGKILL);  // mid-way: no flush, no Close(), no destructors
   int status = 0;
   waitpid(pid, &status, 0);
+  // Acknowledgements the child wrote before the kill that were not read yet (many on a loaded
+  // machine, where the child runs ahead of this loop): they count as acknowledged too.
+  while (std::fscanf(in, "%d", &v) == 1) last_acked = v;
   std::fclose(in);
   BOOST_TEST_MESSAGE("child killed after " << last_acked + 1 << " acknowledged batches");
   BOOST_REQUIRE_MESSAGE(last_acked >= 10, "the child acknowledged only " << last_acked + 1);

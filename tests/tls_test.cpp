@@ -316,7 +316,10 @@ BOOST_AUTO_TEST_CASE(without_tls_the_peer_and_admin_ports_serve_loopback_only) {
     auto st = p.wait(15s);
     BOOST_REQUIRE(st.has_value());
     BOOST_TEST(*st != 0);
-    BOOST_TEST(p.err().find(expect) != std::string::npos, p.err());
+    // The child is reaped before its stderr is necessarily read to the end: wait for the text.
+    bool said =
+        p.wait_err([&](const std::string& e) { return e.find(expect) != std::string::npos; }, 5s);
+    BOOST_TEST(said, p.err());
   };
   refused({"--peer-listen", "0.0.0.0:0"}, "--peer-listen 0.0.0.0:0: without TLS");
   refused({"--admin-listen", "0.0.0.0:0", "--admin-key-file", keel::test::secret_file("0123456789")},
