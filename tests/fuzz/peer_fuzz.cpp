@@ -101,8 +101,9 @@ void serve(fixture& f, kj::ArrayPtr<const kj::byte> bytes) {
   auto& ws = f.io.waitScope;
   auto pipe = kj::newTwoWayPipe();
   auto input = kj::mv(pipe.ends[1]);
+  auto& timer = f.io.provider->getTimer();
   auto conn = kj::heap<wire::rpc_connection>(
-      kj::mv(pipe.ends[0]), f.server->bootstrap(kj::heap<fuzz_caller>()), f.reader);
+      kj::mv(pipe.ends[0]), timer, f.server->bootstrap(kj::heap<fuzz_caller>()), f.reader);
   auto buf = kj::heapArray<kj::byte>(4096);
   {
     auto feed = input->write(bytes.begin(), bytes.size())
@@ -110,7 +111,7 @@ void serve(fixture& f, kj::ArrayPtr<const kj::byte> bytes) {
                     .eagerlyEvaluate([](kj::Exception&&) {});  // the server stopped reading
     auto answers = drain(*input, buf).eagerlyEvaluate([](kj::Exception&&) {});
     wire::port_limits limits;
-    wire::until_gone(*conn, f.io.provider->getTimer(), limits.max_unread)
+    wire::until_gone(*conn, timer, limits)
         .catch_([](kj::Exception&&) {})
         .wait(ws);
   }
@@ -195,8 +196,9 @@ std::string record_client(fixture& f, Calls calls) {
   std::string sent;
   auto& ws = f.io.waitScope;
   auto pipe = kj::newTwoWayPipe();
-  auto server = kj::heap<wire::rpc_connection>(
-      kj::mv(pipe.ends[0]), f.server->bootstrap(kj::heap<fuzz_caller>()), f.reader);
+  auto server = kj::heap<wire::rpc_connection>(kj::mv(pipe.ends[0]), f.io.provider->getTimer(),
+                                               f.server->bootstrap(kj::heap<fuzz_caller>()),
+                                               f.reader);
   {
     recording_stream stream(kj::mv(pipe.ends[1]), sent);
     capnp::TwoPartyVatNetwork network(stream, capnp::rpc::twoparty::Side::CLIENT);
