@@ -31,12 +31,14 @@ struct node_config {
   int32_t threads_per_shard = 1;
   uint64_t kv_bytes = 256ull << 20;  // KV budget of the whole node, split across shards
   batcher_config batching;           // shards and kv_pages are filled in by the node
-  supervisor_flags engine_flags{restart_strategy::one_for_all, 10, std::chrono::seconds(10), {}};
-  supervisor_flags node_flags{restart_strategy::one_for_one, 5, std::chrono::seconds(10), {}};
+  supervisor_flags engine_flags =
+      make_flags(restart_strategy::one_for_all, 10, std::chrono::seconds(10));
+  supervisor_flags node_flags =
+      make_flags(restart_strategy::one_for_one, 5, std::chrono::seconds(10));
   /// A session whose actor fails 5 times within 10 s is parked (issue #11: one poison session
   /// must not take the session supervisor, and every other session, down).
-  supervisor_flags session_flags{
-      restart_strategy::simple_one_for_one, 20, std::chrono::seconds(10), {}, 5, {}};
+  supervisor_flags session_flags =
+      make_flags(restart_strategy::simple_one_for_one, 20, std::chrono::seconds(10), 5);
   /// The session store's directory; empty: sessions live in memory only and die with the node.
   std::string data_dir;
   /// A running turn's generated tokens are appended to its turn log every this many tokens
@@ -60,7 +62,8 @@ struct node_config {
   /// Replicas per session (with a data dir and peers): placed by rendezvous hashing over the
   /// live peers, at least one in another region when one is live (replicator.hpp).
   int32_t replicas = 1;
-  supervisor_flags links_flags{restart_strategy::one_for_one, 10, std::chrono::seconds(10), {}};
+  supervisor_flags links_flags =
+      make_flags(restart_strategy::one_for_one, 10, std::chrono::seconds(10));
   /// The peers this node is cut from (the `partition` fault), shared with its peer endpoint;
   /// null: the node makes one of its own.
   std::shared_ptr<partition> cut;

@@ -97,6 +97,18 @@ struct supervisor_flags {
   std::function<void(const std::string& id, const std::string& reason)> on_parked;
 };
 
+/// Flags with `strategy`, more than `intensity` restarts within `period` escalating, children
+/// parked after `park_after` failures (0: never); the rest as by default.
+inline supervisor_flags make_flags(restart_strategy strategy, int32_t intensity,
+                                   caf::timespan period, int32_t park_after = 0) {
+  supervisor_flags f;
+  f.strategy = strategy;
+  f.intensity = intensity;
+  f.period = period;
+  f.park_after = park_after;
+  return f;
+}
+
 enum class supervision_event_kind : uint8_t {
   started,    // a child started (first time)
   exited,     // a child exited (normally or not)

@@ -257,7 +257,9 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
   BOOST_TEST_MESSAGE("stopped after " << seen << " of " << reference.size() << " tokens");
   // The store holds the turn as running, with a prefix of the tokens.
   {
-    auto store = storage::session_store::open(dir, {false, {}});
+    storage::store_options existing;
+    existing.create_if_missing = false;
+    auto store = storage::session_store::open(dir, existing);
     BOOST_REQUIRE_MESSAGE(store, test::why(store));
     auto e = (*store)->get_session(key.first);
     BOOST_REQUIRE(e);
