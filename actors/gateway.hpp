@@ -87,7 +87,7 @@ class gateway {
   /// on), and joins the thread. Also done by the destructor.
   void stop();
 
-  struct impl;  // the state of the KJ thread (gateway.cpp)
+  struct impl;  // the state of the KJ thread (actors/detail/gateway_impl.hpp)
 
  private:
   gateway() = default;
