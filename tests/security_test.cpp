@@ -229,7 +229,16 @@ BOOST_FIXTURE_TEST_CASE(held_tokens_are_refused_unless_the_session_lost_them, fi
     auto r = c->generate(*id, "Once upon a time", 32);
     if (r) generated = r->generated;
   });
-  std::this_thread::sleep_for(300ms);  // the turn is accepted, its first step stalls
+  // Until the turn is accepted (its first step stalls): a sleep was too short under ASan.
+  {
+    auto watcher = client_of(n.address, "");
+    auto until = std::chrono::steady_clock::now() + 20s;
+    while (std::chrono::steady_clock::now() < until) {
+      auto h = watcher->history(*id);
+      if (h && !h->empty()) break;
+      std::this_thread::sleep_for(20ms);
+    }
+  }
   {
     capnp::EzRpcClient rpc(n.address);
     auto& ws = rpc.getWaitScope();
