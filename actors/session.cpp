@@ -260,6 +260,21 @@ void submit(self_ptr self) {
   auto& st = self->state;
   auto* t = running_turn(st);
   if (t == nullptr) return;
+  // A turn that already has all its tokens (a copy taken over between its last token and the
+  // write of its end) ends here: the batcher checks the limit after each token it makes, so it
+  // would make one more (chaos_test saw a 33rd token of a 32-token turn, which then changed
+  // every later turn).
+  const auto eos = st.ctx->llm->vocabulary().eos;
+  if (!t->generated.empty() && t->generated.back() == eos) {
+    self->send(self, done_atom::value, seq_of(st.rec, t->turn), finish_reason::eos,
+               std::string(), int64_t{0});
+    return;
+  }
+  if (static_cast<int64_t>(t->generated.size()) >= t->max_tokens) {
+    self->send(self, done_atom::value, seq_of(st.rec, t->turn), finish_reason::length,
+               std::string(), int64_t{0});
+    return;
+  }
   auto b = st.ctx->batcher();
   if (!b) {
     self->delayed_send(self, std::chrono::milliseconds(10), submit_atom::value);
