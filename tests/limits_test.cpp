@@ -32,13 +32,7 @@ struct model_file {
   keel::test::temp_dir dir{"limits_test-" + std::to_string(getpid())};
   std::string path = (dir.path / "model.gguf").string();
   model_file() {
-    keel::synth_options o;
-    o.dim = 64;
-    o.layers = 1;
-    o.heads = 4;
-    o.kv_heads = 2;
-    o.ffn = 128;
-    keel::test::write_model(path, o);
+    keel::test::write_model(path, keel::test::tiny_model());
   }
 };
 

@@ -35,13 +35,7 @@ struct fixture {
   std::string model = (dir.path / "model.gguf").string();
 
   fixture() {
-    keel::synth_options o;
-    o.dim = 64;
-    o.layers = 1;
-    o.heads = 4;
-    o.kv_heads = 2;
-    o.ffn = 128;
-    keel::test::write_model(model, o);
+    keel::test::write_model(model, keel::test::tiny_model());
     keel::test::make_certs(certs, {"a", "b", "c", "mallory"});
     keel::test::make_certs(evil, {"b"});
   }
@@ -57,6 +51,18 @@ struct fixture {
     auto t = keel::wire::tls_config::load(f);
     BOOST_REQUIRE_MESSAGE(static_cast<bool>(t), keel::test::why(t));
     return *t;
+  }
+
+  /// A three-node TLS cluster's settings (two replicas), with the admin port when `admin`.
+  cluster_config cluster_cfg(const std::string& label, bool admin) const {
+    cluster_config cfg;
+    cfg.model = model;
+    cfg.root = dir.path / "cluster";
+    cfg.replicas = 2;
+    cfg.tls = certs;
+    cfg.admin = admin;
+    cfg.label = label;
+    return cfg;
   }
 
   /// A client of the cluster's client ports, over TLS.
@@ -161,13 +167,7 @@ BOOST_AUTO_TEST_CASE(peers_serve_only_the_configured_nodes_their_certificates_na
   // Issue #11: with no credential, anyone who reached a peer port could read any session
   // (`fetch`), erase it at its owner (`replicate` with a higher epoch) and steal it (`handoff`).
   fixture f;
-  cluster_config cfg;
-  cfg.model = f.model;
-  cfg.root = f.dir.path / "cluster";
-  cfg.replicas = 2;
-  cfg.tls = f.certs;
-  cfg.label = "security";
-  cluster cl(cfg, {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
+  cluster cl(f.cluster_cfg("security", false), {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
   cl.start_all();
   BOOST_REQUIRE(cl.wait_all_links_up(15s));
 
@@ -254,14 +254,7 @@ BOOST_AUTO_TEST_CASE(peers_serve_only_the_configured_nodes_their_certificates_na
 
 BOOST_AUTO_TEST_CASE(a_tls_cluster_replicates_and_fails_over_with_no_turn_lost) {
   fixture f;
-  cluster_config cfg;
-  cfg.model = f.model;
-  cfg.root = f.dir.path / "cluster";
-  cfg.replicas = 2;
-  cfg.tls = f.certs;
-  cfg.admin = true;
-  cfg.label = "security-failover";
-  cluster cl(cfg, {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
+  cluster cl(f.cluster_cfg("security-failover", true), {{"a", "r1"}, {"b", "r1"}, {"c", "r2"}});
   cl.start_all();
   BOOST_REQUIRE(cl.wait_all_links_up(15s));
 
