@@ -4,11 +4,12 @@
 #
 #   scripts/fuzz.sh [--seconds N] [--target NAME]...
 #
-# --seconds N: each target runs N seconds (default 60). --target: only the named targets
-# (checkpoint, peer; default all). The corpus each run grows is kept in BUILD/corpus/NAME and
-# seeded from tests/fuzz/corpus/NAME and the seeds the target writes itself; an input that breaks
-# a target is saved as BUILD/artifacts/NAME-crash-... and the script fails. Without clang++ and
-# libFuzzer it says so and exits 0 (nothing is fuzzed).
+# --seconds N: each target runs N seconds (default 60), all side by side, so the whole run takes
+# N seconds however many targets there are. --target: only the named targets (checkpoint, peer,
+# ownership; default all). The corpus each run grows is kept in BUILD/corpus/NAME and seeded from
+# tests/fuzz/corpus/NAME and the seeds the target writes itself; an input that breaks a target is
+# saved as BUILD/artifacts/NAME-crash-... and the script fails. Without clang++ and libFuzzer it
+# says so and exits 0 (nothing is fuzzed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=60
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
     *) echo "fuzz.sh: unknown argument $1 (--seconds N, --target NAME)" >&2; exit 2 ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(checkpoint peer)
+[ ${#targets[@]} -gt 0 ] || targets=(checkpoint peer ownership)
 
 cxx=${KEEL_FUZZ_CXX:-clang++}
 cc=${KEEL_FUZZ_CC:-clang}
