@@ -20,10 +20,10 @@ struct damage_report {
   /// Where the damaged files were moved, untouched: DIR/damaged-<UTC time>. Empty when the
   /// store was not rebuilt.
   std::string aside;
-  /// Session ids (keys of the `sessions` CF, replica keys included) whose writes lie in the
-  /// damaged or dropped part: their records may be missing or older than acknowledged. Other
-  /// sessions may be affected too when a whole stretch of keys is unreadable; the findings say
-  /// which stretch.
+  /// Session ids (keys of the `sessions` and `ownership` CFs, replica keys included, and the
+  /// session of each turn-log key) whose writes lie in the damaged or dropped part: their
+  /// records may be missing or older than acknowledged. Other sessions may be affected too when
+  /// a whole stretch of keys is unreadable; the findings say which stretch.
   std::set<std::string> sessions;
   /// Records copied from the damaged store into the rebuilt one.
   size_t records_kept = 0;

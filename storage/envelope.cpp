@@ -47,6 +47,8 @@ const char* to_string(record_kind k) {
       return "turn log";
     case record_kind::meta:
       return "meta";
+    case record_kind::ownership:
+      return "ownership";
   }
   return "unknown";
 }

@@ -4,10 +4,10 @@
 //
 //   offset  size  field
 //        0     2  format: 0x4B01 ('K' magic in the high byte, envelope version 1), little endian
-//        2     1  kind: record_kind (session, turn log, meta)
+//        2     1  kind: record_kind (session, turn log, meta, ownership)
 //        3     1  flags: 0 (reserved; a non-zero value is corrupt)
 //        4     4  payload length in bytes, little endian
-//        8     8  epoch, little endian (0 for meta records)
+//        8     8  epoch, little endian (0 for meta and ownership records)
 //       16     4  CRC-32C, little endian, over: key length (4 bytes LE), key, bytes 0..15, payload
 //       20     n  payload
 //
@@ -26,7 +26,7 @@ namespace keel::storage {
 inline constexpr uint16_t envelope_format = 0x4B01;
 inline constexpr size_t envelope_header_size = 20;
 
-enum class record_kind : uint8_t { session = 1, turn_log = 2, meta = 3 };
+enum class record_kind : uint8_t { session = 1, turn_log = 2, meta = 3, ownership = 4 };
 
 const char* to_string(record_kind k);
 

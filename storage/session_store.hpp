@@ -56,7 +56,7 @@ struct recovered_session {
 
 /// A record `scan` could not use.
 struct corrupt_entry {
-  std::string cf;       // "sessions", "turns" or "meta"
+  std::string cf;       // "sessions", "turns", "meta" or "ownership"
   std::string key;      // printable: "s-3", "s-3/2" (session/turn) or a meta key
   std::string session;  // the session it belongs to ("" for meta or an unparsable key)
   std::string reason;   // "checksum mismatch: stored 0x..., computed 0x..."
@@ -66,6 +66,13 @@ struct corrupt_entry {
 /// reported separately so that the rest can be repaired from a replica.
 struct scan_result {
   std::vector<recovered_session> sessions;
+  std::vector<corrupt_entry> corrupt;
+};
+
+/// What `scan_ownership` finds: every intact value of the `ownership` column family, by session,
+/// and every value that fails its checks (cf "ownership", key and session: the session id).
+struct ownership_scan {
+  std::map<std::string, std::string> entries;  // session id -> the opaque value
   std::vector<corrupt_entry> corrupt;
 };
 
@@ -102,10 +109,11 @@ class write_batch {
   std::vector<op> ops_;
 };
 
-/// Sessions, their turn logs and the node's metadata in one RocksDB directory, with column
-/// families `sessions`, `turns`, `meta` (and RocksDB's `default`, unused). Every value is
-/// wrapped in a checksummed, versioned envelope (storage/envelope.hpp); a record that fails its
-/// checks is reported as `corrupt_record` naming the column family and key, never returned.
+/// Sessions, their turn logs, the ownership protocol's state of each session and the node's
+/// metadata in one RocksDB directory, with column families `sessions`, `turns`, `ownership`,
+/// `meta` (and RocksDB's `default`, unused). Every value is wrapped in a checksummed, versioned
+/// envelope (storage/envelope.hpp); a record that fails its checks is reported as
+/// `corrupt_record` naming the column family and key, never returned.
 ///
 /// Fencing: every session write carries the writer's ownership epoch and is refused with
 /// `stale_epoch` when the stored record has a newer one. Check and write happen under one mutex
@@ -117,9 +125,10 @@ class write_batch {
 class session_store {
  public:
   /// Opens (or creates) the store in `dir`. Opens every column family the directory holds,
-  /// including ones this build does not know, and refuses a store whose format version it does
-  /// not read. A directory held by another process or another open store fails with `failed`
-  /// "DIR: database is in use by another process (...)".
+  /// including ones this build does not know, creates the ones it knows that are missing (a
+  /// store made by an older build gets an empty `ownership`), and refuses a store whose format
+  /// version it does not read. A directory held by another process or another open store fails
+  /// with `failed` "DIR: database is in use by another process (...)".
   ///
   /// A damaged store (a WAL record that fails its checks, a file RocksDB refuses, an SST block
   /// whose checksum fails) is not refused and not skipped silently: its files are moved to
@@ -180,6 +189,24 @@ class session_store {
 
   /// All turn logs of the session, by turn; `corrupt_record` when any of them is corrupt.
   caf::expected<std::map<uint64_t, std::vector<int32_t>>> read_turns(const std::string& id) const;
+
+  // -- ownership protocol state ------------------------------------------------------------------
+  // One opaque value per session: what the ownership protocol (actors/ownership.hpp) stores of
+  // it, an encoded `stored_session` (actors/ownership_codec.hpp), always written whole. Not
+  // fenced by the store (the protocol's ballots fence it) and independent of the session's
+  // record and turn logs: `erase_session` leaves it, `erase_ownership` leaves them.
+
+  /// Stores `blob` as `session`'s ownership state, replacing any value (a corrupt one too).
+  /// Session ids as for `put_session` (`bad_request`); a full disk as for every write.
+  caf::error put_ownership(const std::string& session, std::string_view blob,
+                           durability d = durability::sync);
+
+  /// Removes `session`'s ownership state; removing a missing one succeeds.
+  caf::error erase_ownership(const std::string& session, durability d = durability::sync);
+
+  /// Every intact ownership value, read from one snapshot, and every corrupt one (listed in
+  /// `corrupt`, never returned as data). Fails as a whole only when RocksDB itself fails.
+  caf::expected<ownership_scan> scan_ownership() const;
 
   // -- batches and recovery ---------------------------------------------------------------------
 

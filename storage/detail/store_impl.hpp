@@ -31,6 +31,7 @@ namespace detail {
 constexpr const char* sessions_cf_name = "sessions";
 constexpr const char* turns_cf_name = "turns";
 constexpr const char* meta_cf_name = "meta";
+constexpr const char* ownership_cf_name = "ownership";
 
 constexpr std::string_view format_version_key = "format_version";
 constexpr std::string_view node_id_key = "node_id";
@@ -105,6 +106,7 @@ struct session_store::impl {
   rocksdb::ColumnFamilyHandle* sessions = nullptr;
   rocksdb::ColumnFamilyHandle* turns = nullptr;
   rocksdb::ColumnFamilyHandle* meta = nullptr;
+  rocksdb::ColumnFamilyHandle* ownership = nullptr;
   // Serializes check-and-write: fencing reads the stored epoch, then writes. Readers do not
   // take it (RocksDB reads are thread-safe and see whole batches or none).
   std::mutex write_mu;
@@ -120,15 +122,16 @@ struct session_store::impl {
     db = nullptr;
   }
 
-  /// Opens the directory with every column family it holds (known to this build or not).
+  /// Opens the directory with every column family it holds (known to this build or not), and
+  /// creates the ones this build knows that it lacks (a store made by an older build).
   rocksdb::Status open_db(const rocksdb::DBOptions& dbo, bool exists) {
     std::vector<std::string> names;
     if (exists) {
       auto s = rocksdb::DB::ListColumnFamilies(dbo, dir, &names);
       if (!s.ok()) return s;
     }
-    for (const char* n :
-         {rocksdb::kDefaultColumnFamilyName.c_str(), sessions_cf_name, turns_cf_name, meta_cf_name})
+    for (const char* n : {rocksdb::kDefaultColumnFamilyName.c_str(), sessions_cf_name,
+                          turns_cf_name, meta_cf_name, ownership_cf_name})
       if (std::find(names.begin(), names.end(), n) == names.end()) names.emplace_back(n);
     std::vector<rocksdb::ColumnFamilyDescriptor> descs;
     for (auto& n : names) descs.emplace_back(n, rocksdb::ColumnFamilyOptions{});
@@ -141,6 +144,7 @@ struct session_store::impl {
       if (h->GetName() == sessions_cf_name) sessions = h;
       if (h->GetName() == turns_cf_name) turns = h;
       if (h->GetName() == meta_cf_name) meta = h;
+      if (h->GetName() == ownership_cf_name) ownership = h;
     }
     return s;
   }
@@ -237,9 +241,9 @@ struct session_store::impl {
     return write_raw(wb, durability::sync, "write of meta key " + std::string(key));
   }
 
-  /// True when neither `sessions` nor `turns` holds a key.
+  /// True when none of `sessions`, `turns` and `ownership` holds a key.
   caf::expected<bool> data_cfs_empty() const {
-    for (auto* cf : {sessions, turns}) {
+    for (auto* cf : {sessions, turns, ownership}) {
       std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions{}, cf));
       it->SeekToFirst();
       if (!it->status().ok()) return status_error(it->status(), dir + ": " + cf->GetName());
