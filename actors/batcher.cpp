@@ -18,6 +18,10 @@ struct sequence {
   generation_job job;
   std::vector<int32_t> tokens;  // job.tokens followed by every generated token
   int64_t kv_length = 0;        // tokens the shards hold in their caches
+  /// With per-session leases (node_context::may_serve_session): since when its session's lease
+  /// is missing (it takes no step meanwhile), and whether its client was sent elsewhere.
+  std::optional<std::chrono::steady_clock::time_point> lease_lost;
+  bool detached = false;
   int32_t pages = 0;            // pages reserved for it while admitted
   uint64_t arrival = 0;
   bool admitted = false;
@@ -175,6 +179,14 @@ void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
       continue;  // cancelled while the step ran
     }
     auto& s = i->second;
+    if (e.want_logits && st.ctx->may_serve_session &&
+        !st.ctx->may_serve_session(s.job.session_id)) {
+      // The lease ran out while the step ran (a slow step can outlast the margin the lease
+      // leaves): no token goes out. The step is done again, from the same cache length, once
+      // the lease is back; if another node takes the session over, this one is cancelled.
+      ++li;
+      continue;
+    }
     s.kv_length = e.kv_length + static_cast<int64_t>(e.tokens.size());
     if (!e.want_logits) continue;
     auto& l = logits[li++];
@@ -236,13 +248,40 @@ void schedule(self_ptr self) {
   }
   st.quorum_lost.reset();
   st.detached = false;
+  // Per session (the ownership protocol): a sequence whose session's lease is missing takes no
+  // step; the others go on. After `quorum_grace` its client is sent elsewhere.
+  std::vector<seq_id> serving;
+  if (st.ctx->may_serve_session) {
+    auto now = clock_type::now();
+    for (auto id : st.running) {
+      auto& s = st.seqs.at(id);
+      if (st.ctx->may_serve_session(s.job.session_id)) {
+        s.lease_lost.reset();
+        s.detached = false;
+        serving.push_back(id);
+        continue;
+      }
+      if (!s.lease_lost) s.lease_lost = now;
+      if (!s.detached && now - *s.lease_lost >= st.cfg.quorum_grace) {
+        s.detached = true;
+        self->send(s.job.session, detach_atom::value);
+      }
+    }
+    if (serving.size() < st.running.size() && !st.quorum_wait) {
+      st.quorum_wait = true;
+      self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);
+    }
+    if (serving.empty()) return;
+  } else {
+    serving = st.running;
+  }
   auto batch = std::make_shared<step_batch>();
   batch->number = ++st.step_number;
   batch->released.swap(st.released);
   // Sequences of a previous batcher incarnation are stale, and so are distrusted caches.
   batch->reset = batch->number == 1 || st.reset_caches;
   st.reset_caches = false;
-  for (auto id : st.running) {
+  for (auto id : serving) {
     auto& s = st.seqs.at(id);
     auto pending = static_cast<int64_t>(s.tokens.size()) - s.kv_length;
     auto n = std::min<int64_t>(pending, st.cfg.prefill_chunk);

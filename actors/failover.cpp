@@ -409,6 +409,10 @@ node::drained_session node::hand_over(const std::string& id) {
 }
 
 caf::expected<std::vector<node::drained_session>> node::drain() {
+  if (own_) {
+    return make_error(errc::unimplemented,
+                      "node " + cfg_.name + " cannot drain under the ownership protocol yet");
+  }
   if (!store_ || !replicator_) {
     return make_error(errc::unimplemented,
                       "node " + cfg_.name + " cannot drain: it needs --data and --peers");
@@ -451,6 +455,7 @@ std::vector<std::string> node::replicas_of(const std::string& id) const {
 }
 
 caf::expected<owner_endpoint> node::owner_address(const std::string& id) {
+  if (own_) return protocol_owner(id);
   if (sessions_->get(id)) return owner_endpoint{};  // here
   if (!replicator_) return unknown_session(id);
   auto copies = replicator_->locate({id});

@@ -51,6 +51,7 @@ struct step_result {
 struct generation_job {
   seq_id seq = 0;
   caf::actor session;  // receives (token_atom, seq, index, token) and (done_atom, seq, reason)
+  std::string session_id;  // whose lease gates its steps (node_context::may_serve_session)
   std::vector<int32_t> tokens;
   std::vector<int32_t> generated;
   sampling_params params;

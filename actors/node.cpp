@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "actors/detail/ownership_part.hpp"
 #include "actors/peer_server.hpp"
 
 #include <caf/scoped_actor.hpp>
@@ -127,6 +128,21 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   }
 
   auto table = std::make_shared<session_table>(cfg.checkpoint_every);
+  if (cfg.ownership_protocol) {
+    // The protocol keeps the sessions (in the store's `ownership` column family and on the
+    // group's members): the table is memory only and hands every change to the host, and the
+    // batcher asks each session's lease.
+    caf::error err;
+    n->own_ = make_ownership_part(cfg, err);
+    if (!n->own_) return err;
+    ctx->may_serve_session = [board = n->own_->board](const std::string& id) {
+      return board->may_serve(id);
+    };
+    table->on_change([np = n.get()](const session_record& r, change c,
+                                    const std::optional<session_record>& previous) {
+      return np->protocol_change(r, c, previous);
+    });
+  }
   std::vector<session_record> recovered;
   std::vector<std::string> corrupt;  // own sessions with a corrupt record, to repair
   std::set<std::string> damaged;     // own sessions in the damaged part of a rebuilt store
@@ -138,6 +154,16 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     damaged = report_damage(**store, cfg.name, !cfg.peers.empty(), *ctx->log);
     auto found = (*store)->scan();
     if (!found) return std::move(found.error());
+    if (n->own_) {
+      // The interim rules' records are not the protocol's: a store that has some was written
+      // without --ownership protocol, and they are left as they are.
+      if (!found->sessions.empty())
+        ctx->log->report(cfg.name + ": " + std::to_string(found->sessions.size()) +
+                         " session record(s) of the interim rules in " + cfg.data_dir +
+                         " are not served under the ownership protocol");
+      found->sessions.clear();
+      found->corrupt.clear();
+    }
     for (auto& c : found->corrupt) {
       ctx->log->report(cfg.name + ": recovery: skipped corrupt record " + c.cf + " key " + c.key +
                        " in " + cfg.data_dir + ": " + c.reason);
@@ -173,7 +199,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     if (*next <= highest) {
       if (auto err = (*store)->set_next_session_number(highest + 1)) return err;
     }
-    table->attach_store(store->get());
+    if (!n->own_) table->attach_store(store->get());
     n->store_ = std::move(*store);
   }
   auto engine_sup =
@@ -245,8 +271,8 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     rc.store = n->store_.get();
     rc.on_stale = [np = n.get()](const std::string& id, uint64_t epoch) { np->lose(id, epoch); };
     rc.log = [log = ctx->log](const std::string& line) { log->report(line); };
-    n->replicator_ = std::make_unique<replicator>(std::move(rc), n->peers_);
-    if (n->store_) {
+    if (!n->own_) n->replicator_ = std::make_unique<replicator>(std::move(rc), n->peers_);
+    if (n->store_ && !n->own_) {
       // The node's lease: a majority of the cluster answered its heartbeats within 4/5 of a
       // detection time, so it stops streaming before a majority may declare it down.
       ctx->may_serve = [peers = n->peers_, members = cfg.peers.size() + 1,
@@ -255,7 +281,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
       };
     }
     n->failover_ = std::make_unique<serial_executor>();
-    if (n->store_) {
+    if (n->store_ && !n->own_) {
       // Every write of the session table is copied to the session's replicas (replicator.hpp).
       // The table only queues, under its own lock.
       table->on_stored(
@@ -289,6 +315,11 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   // With peers: sessions another node took over while this one was down are dropped, corrupt
   // ones are repaired from a replica.
   if (n->replicator_ && n->store_) recovered = n->reconcile(std::move(recovered), corrupt, damaged);
+  if (n->own_) {
+    // Acquisitions and losses run on the failover executor (a node without peers has none).
+    if (!n->failover_) n->failover_ = std::make_unique<serial_executor>();
+    if (auto err = n->start_ownership()) return err;
+  }
   // Recovered sessions start under session_sup with their records (already in the table); a
   // turn that was running resubmits itself with the tokens its log holds.
   for (auto& r : recovered)
@@ -323,8 +354,23 @@ void node::stop() {
     sessions_->on_stored({});
     sessions_->detach_store();
   }
+  if (own_) {
+    // The host goes before the store it writes to; nothing reaches it afterwards.
+    ownership_actor host;
+    {
+      std::lock_guard<std::mutex> guard(own_->mu);
+      host = std::move(own_->host);
+      own_->host = nullptr;
+    }
+    if (host) {
+      self->send_exit(host, caf::exit_reason::user_shutdown);
+      self->wait_for(host);
+    }
+    own_->transport.reset();
+  }
   failover_.reset();
   replicator_.reset();
+  if (own_) own_->storage.reset();
   store_.reset();
 }
 
@@ -364,19 +410,34 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
     if (!id) return std::move(id.error());
     bool taken = sessions_->get(*id) || moved(*id) ||
                  (store_ && (store_->get_session(*id) || store_->get_session(replica_key(*id))));
+    // Under the protocol a session lives in a fixed group, which must hold this node: ids are
+    // drawn until it does (about members / group_size draws).
+    if (own_ && !taken) {
+      auto g = replica_group(*id, own_->protocol.members, own_->protocol.group_size);
+      taken = std::find(g.begin(), g.end(), cfg_.name) == g.end();
+    }
     if (!taken) {
       r.id = std::move(*id);
       break;
     }
-    if (attempt == 3) return make_error(errc::failed, "no unused session id after 4 draws");
+    if (attempt == 255) return make_error(errc::failed, "no unused session id after 256 draws");
   }
   r.owner = cfg_.name;
   r.tenant = tenant;
   r.params = params;
   r.priority = priority;
   // Durable (with a store) before the id is returned.
-  if (auto err = sessions_->put(r, change::accept)) return err;
-  if (auto err = start_session(r)) return err;
+  if (own_) {
+    std::lock_guard<std::mutex> guard(own_->mu);
+    own_->opening.insert(r.id);
+  }
+  auto err = sessions_->put(r, change::accept);
+  if (!err) err = start_session(r);
+  if (own_) {
+    std::lock_guard<std::mutex> guard(own_->mu);
+    own_->opening.erase(r.id);
+  }
+  if (err) return err;
   return r.id;
 }
 

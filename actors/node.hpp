@@ -1,6 +1,7 @@
 #pragma once
 
 #include <atomic>
+#include <map>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -14,6 +15,7 @@
 
 #include "actors/batcher.hpp"
 #include "actors/node_context.hpp"
+#include "actors/ownership.hpp"
 #include "actors/partition.hpp"
 #include "actors/region_link.hpp"
 #include "actors/replicator.hpp"
@@ -70,6 +72,17 @@ struct node_config {
   /// The simulated full disk under the session store (keel-shell `fault NODE disk-full`); null:
   /// the node makes one of its own.
   std::shared_ptr<storage::disk_fault> disk;
+  /// Who may serve a session, and how a takeover happens (docs/actors.md, "Failover" and
+  /// "Ownership protocol"). false: the interim rules (replicas placed among the live peers,
+  /// takeover by the holder of the newest copy that sees a majority, a node-wide lease).
+  /// true: the ownership protocol (actors/ownership.hpp) hosted by the node: fixed replica
+  /// groups, ballots, majority writes and a lease per session. Needs every peer's name.
+  bool ownership_protocol = false;
+  /// With the protocol: each peer's region by name (groups take one member per region first);
+  /// a peer not listed is in region "".
+  std::map<std::string, std::string> peer_regions;
+  /// With the protocol: members per session group (owner and replicas), at most the cluster.
+  int32_t group_size = 3;
 };
 
 /// Where a session is served: its owner's name and client address (empty: on this node).
@@ -194,8 +207,16 @@ class node {
   /// locating sessions (null without peers).
   const replicator* replication() const { return replicator_.get(); }
 
+  /// With the ownership protocol: one of its messages from peer `from` (already authenticated
+  /// by the peer endpoint), still encoded. Queues it for the node's ownership host and returns.
+  void deliver_ownership(const std::string& from, std::string message);
+  /// Whether the node runs the ownership protocol (node_config::ownership_protocol).
+  bool runs_protocol() const { return own_ != nullptr; }
+
   /// Stops the tree (also done by the destructor) and closes the store.
   void stop();
+
+  struct ownership_part;  // detail: the protocol's host and its plumbing (node_ownership.cpp)
 
  private:
   node(caf::actor_system& sys) : sys_(sys) {}
@@ -229,8 +250,22 @@ class node {
   /// On the failover executor.
   drained_session hand_over(const std::string& id);
 
+  // The ownership protocol (node_ownership.cpp).
+  /// Starts the host (after the tree): it recovers from the store and takes this node's
+  /// sessions back, each started as `acquired` says.
+  caf::error start_ownership();
+  /// What the session table hands the protocol (session_table::on_change).
+  caf::error protocol_change(const session_record& r, change c,
+                             const std::optional<session_record>& previous);
+  /// This node owns `id` now, with `data` at `epoch`: starts it (a takeover or a restart).
+  void acquired(const std::string& id, const session_data& data, uint64_t epoch);
+  /// Another node owns `id` now: stops it here.
+  void lost(const std::string& id);
+  caf::expected<owner_endpoint> protocol_owner(const std::string& id);
+
   caf::actor_system& sys_;
   node_config cfg_;
+  std::shared_ptr<ownership_part> own_;  // with node_config::ownership_protocol
   std::unique_ptr<storage::session_store> store_;  // null without a data dir
   std::shared_ptr<node_context> ctx_;
   std::shared_ptr<session_table> sessions_;

@@ -28,6 +28,9 @@ struct node_context {
   /// quorum_within): an owner cut off from the majority stops streaming before the majority
   /// takes its sessions over.
   std::function<bool()> may_serve;
+  /// With the ownership protocol: whether this node holds the lease of session ID now (the
+  /// host's lease_board), asked before each of its tokens and each resume. Empty: not asked.
+  std::function<bool(const std::string& id)> may_serve_session;
 
   caf::actor engine_sup() const {
     std::lock_guard<std::mutex> guard(mu_);

@@ -130,10 +130,26 @@ void ownership::promise_to(const std::string& session, const ballot& b) {
   }
 }
 
+void ownership::learn(const std::string& session, const ballot& b) {
+  auto& st = stored(session);
+  if (!(b > st.promised)) return;
+  // Promising more than a member was asked to is always allowed (it only refuses more), and
+  // it makes this node follow the new owner: without it, a node whose own promise still named
+  // itself after it lost the session took it back as after a restart, and the session bounced
+  // back to it after every heal. Synced like any promise; a failed write leaves it in memory
+  // only, which a restart forgets (and the restart hold covers).
+  promise_to(session, b);
+  persist(session, true);
+}
+
 void ownership::on_heartbeat(const std::string& from, const heartbeat_msg& m) {
   heartbeat_reply r;
   r.sent = m.sent;
   for (auto& [s, b] : m.claims) {
+    // An owner this node has not promised (it was cut off while the owner took the session
+    // over): follow it, or this node finds the session's promised owner silent and takes it
+    // over, and the session bounces back after every heal.
+    if (b.owner == from && b > stored(s).promised) learn(s, b);
     auto i = stored_.find(s);
     r.promised.push_back(i == stored_.end() ? ballot{} : i->second.promised);
     if (r.promised.back() == b) last_grant_[from] = claimed_[s] = env_.now();
@@ -233,6 +249,7 @@ void ownership::on_heartbeat_reply(const std::string& from, const heartbeat_repl
     auto o = owned_.find(s);
     if (o == owned_.end() || o->second.b != b) continue;
     if (p > b) {
+      learn(s, p);
       lose(s);
     } else if (p == b) {
       auto& g = o->second.granted[from];
@@ -285,6 +302,7 @@ void ownership::on_promise(const std::string& from, const promise_reply& m) {
     if (!m.starting && m.promised > c.b) {
       // Another candidate (or owner) is ahead: let it finish before trying again.
       candidacies_.erase(i);
+      learn(m.session, m.promised);
       retry_after_[m.session] = env_.now() + cfg_.timing.suspect_after;
     }
     return;
@@ -372,6 +390,7 @@ void ownership::on_write_reply(const std::string& from, const write_reply& m) {
   if (!m.ok) {
     if (m.promised > o.b) {
       seen_[m.session] = std::max(seen_[m.session], m.promised.epoch);
+      learn(m.session, m.promised);
       lose(m.session);
     }
     return;
@@ -399,6 +418,33 @@ bool ownership::lease_valid(const std::string& session, owned_session& o) {
     if (t != o.granted.end() && t->second + cfg_.timing.lease > now) ++n;
   }
   return n >= majority(g.size());
+}
+
+int64_t ownership::serve_until(const std::string& session) {
+  auto i = owned_.find(session);
+  if (i == owned_.end() || !i->second.ready) return INT64_MIN;
+  auto& o = i->second;
+  if (cfg_.rule == ownership_rule::view) return INT64_MAX;
+  // lease_valid counts the members whose grant has not expired; it holds while the majority-th
+  // latest expiry is ahead.
+  auto& g = group(session);
+  std::vector<int64_t> until;
+  if (stored(session).promised == o.b) until.push_back(INT64_MAX);
+  for (auto& m : g) {
+    if (m == cfg_.self) continue;
+    auto t = o.granted.find(m);
+    if (t != o.granted.end()) until.push_back(t->second + cfg_.timing.lease);
+  }
+  size_t need = majority(g.size());
+  if (until.size() < need) return INT64_MIN;
+  std::sort(until.rbegin(), until.rend());
+  return until[need - 1];
+}
+
+std::vector<std::string> ownership::owned_sessions() const {
+  std::vector<std::string> out;
+  for (auto& [s, o] : owned_) out.push_back(s);
+  return out;
 }
 
 uint64_t ownership::durable_through(const std::string& session, owned_session& o) {
@@ -489,7 +535,7 @@ refusal ownership::submit_turn(const std::string& session, uint64_t turn, const 
   }
   if (turn > turns.size()) return refusal::bad_turn;
   if (!turns.empty() && !turns.back().done) return refusal::busy;
-  turns.push_back(turn_entry{user, {}, false});
+  turns.push_back(turn_entry{user, {}, false, {}});
   o.seq++;
   o.durable_seq = o.seq;
   o.turn_seq[turn] = o.seq;
@@ -534,12 +580,20 @@ void ownership::append_tokens(const std::string& session, uint64_t turn, size_t 
     if (g != cfg_.self) write_to(session, o, g);
 }
 
-void ownership::finish_turn(const std::string& session, uint64_t turn) {
+void ownership::finish_turn(const std::string& session, uint64_t turn, const std::string& end) {
   auto i = owned_.find(session);
   if (i == owned_.end()) return;
   auto& o = i->second;
-  if (turn + 1 != o.data.turns.size() || o.data.turns.back().done) return;
+  if (turn + 1 != o.data.turns.size()) return;
+  if (o.data.turns.back().done) {
+    // Ended already (a retry): acknowledged once the end is on a majority. Nothing changes a
+    // session after its turn's end but a new turn, so the current version holds the end.
+    o.pending.emplace_back(o.seq, turn, true);
+    fire_pending(session);
+    return;
+  }
   o.data.turns.back().done = true;
+  o.data.turns.back().end = end;
   o.seq++;
   o.durable_seq = o.seq;
   o.unsent_tokens = 0;

@@ -81,6 +81,8 @@ struct turn_entry {
   std::string user;
   std::vector<int32_t> tokens;
   bool done = false;
+  /// With `done`: how the turn ended, opaque (the host's words; keel-node's finish reason).
+  std::string end;
   friend bool operator==(const turn_entry&, const turn_entry&) = default;
 };
 
@@ -237,12 +239,20 @@ class ownership {
   /// every `checkpoint_every` tokens.
   void append_tokens(const std::string& session, uint64_t turn, size_t from,
                      const std::vector<int32_t>& tokens);
-  /// Ends the running turn: `durable(session, turn, true)` once a majority stored the end.
-  void finish_turn(const std::string& session, uint64_t turn);
+  /// Ends the running turn, with `end` saying how (kept in its `turn_entry`):
+  /// `durable(session, turn, true)` once a majority stored the end.
+  void finish_turn(const std::string& session, uint64_t turn, const std::string& end = {});
 
   /// Whether this node owns `session` and holds its lease now: it may stream and acknowledge.
   bool may_serve(const std::string& session);
+  /// Until when (this node's clock) `may_serve(session)` stays true if no grant arrives meanwhile:
+  /// may_serve() is `now() < serve_until()`. INT64_MIN when it may not serve now or later without
+  /// new grants. For a host whose token path reads a published copy of the lease rather than
+  /// asking this object (keel-node's batcher, actors/ownership_host.hpp).
+  int64_t serve_until(const std::string& session);
   bool owns(const std::string& session) const { return owned_.count(session) > 0; }
+  /// The sessions this node owns (serving or taking over), ordered.
+  std::vector<std::string> owned_sessions() const;
   /// The owner's data (null when not owned here).
   const session_data* data(const std::string& session) const;
   /// This node's stored copy of `session` (null when none).
@@ -284,6 +294,8 @@ class ownership {
   void on_heartbeat(const std::string& from, const heartbeat_msg& m);
   void on_prepare(const std::string& from, const prepare_msg& m);
   void on_write(const std::string& from, const write_msg& m);
+  /// Another member's answer shows a promise `b` above this node's: promise it too.
+  void learn(const std::string& session, const ballot& b);
   /// Moves `session`'s promise to `b`: fences the previous holder, drops own ownership.
   void promise_to(const std::string& session, const ballot& b);
   // Owner side.

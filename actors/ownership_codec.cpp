@@ -47,11 +47,12 @@ void put(wire::SessionData::Builder out, const session_data& d) {
   out.setMeta(blob(meta));
   auto list = out.initTurns(count(turns.size()));
   for (size_t i = 0; i < turns.size(); ++i) {
-    const auto& [user, tokens, done] = turns[i];
+    const auto& [user, tokens, done, end] = turns[i];
     auto t = list[count(i)];
     t.setUser(blob(user));
     t.setTokens(kj::arrayPtr(tokens.data(), tokens.size()));
     t.setDone(done);
+    t.setEnd(blob(end));
   }
 }
 
@@ -194,6 +195,7 @@ caf::error get(wire::SessionData::Reader in, session_data& out, const std::strin
     e.tokens.reserve(tokens.size());
     for (auto x : tokens) e.tokens.push_back(x);
     e.done = t.getDone();
+    e.end = str(t.getEnd());
     out.turns.push_back(std::move(e));
   }
   return {};

@@ -25,6 +25,7 @@ struct peer_server::replica_store {
   storage::session_store* store = nullptr;
   std::function<void(const std::string&, uint64_t)> on_lost;
   std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> on_handoff;
+  std::function<void(const std::string&, std::string)> on_ownership;
   std::string client_address;
   bool draining = false;
   std::function<std::string()> not_ready;
@@ -113,6 +114,21 @@ class peer_impl final : public wire::Peer::Server {
       }
       if (f) f(session, p.getEpoch());
     }
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> ownership(OwnershipContext ctx) override {
+    auto p = ctx.getParams();
+    if (cut_off(p.getFrom().getName())) return refuse();
+    std::function<void(const std::string&, std::string)> f;
+    {
+      std::lock_guard<std::mutex> guard(rs_.mu);
+      f = rs_.on_ownership;
+    }
+    auto bytes = p.getMessage();
+    if (f)
+      f(p.getFrom().getName().cStr(),
+        std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size()));
     return kj::READY_NOW;
   }
 
@@ -366,6 +382,11 @@ void peer_server::on_handoff(
     std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> f) {
   std::lock_guard<std::mutex> guard(store_->mu);
   store_->on_handoff = std::move(f);
+}
+
+void peer_server::on_ownership(std::function<void(const std::string&, std::string)> f) {
+  std::lock_guard<std::mutex> guard(store_->mu);
+  store_->on_ownership = std::move(f);
 }
 
 void peer_server::set_draining(bool draining) {

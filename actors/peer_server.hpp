@@ -82,6 +82,10 @@ class peer_server {
   void on_handoff(
       std::function<caf::expected<uint64_t>(const std::string& session, const std::string& from)>
           f);
+  /// Called (on the server's thread, no lock held) with each `ownership` message from an
+  /// authenticated peer `from` (its encoded bytes, not yet decoded): it must only queue (the
+  /// node sends it to its ownership host). Empty: the messages are dropped.
+  void on_ownership(std::function<void(const std::string& from, std::string message)> f);
   /// Whether the node drains, as heartbeats report it (peers then place no replicas here).
   void set_draining(bool draining);
   /// Asked at each heartbeat: why the node cannot serve ("" when it can), as heartbeats report

@@ -64,7 +64,40 @@ caf::error session_table::write_store(const session_record& r, change c,
   return {};
 }
 
+void session_table::on_change(ownership_fn f) {
+  std::lock_guard<std::mutex> guard(mu_);
+  on_change_ = std::move(f);
+}
+
 caf::error session_table::put(const session_record& r, change c) {
+  ownership_fn protocol;
+  {
+    std::lock_guard<std::mutex> guard(mu_);
+    protocol = on_change_;
+  }
+  if (protocol && c != change::memory) {
+    std::optional<session_record> previous;
+    {
+      std::lock_guard<std::mutex> guard(mu_);
+      if (auto d = dropped_.find(r.id); d != dropped_.end())
+        return make_error(errc::stale_epoch,
+                          "session " + r.id + ": another node owns it now; resume there");
+      if (auto i = records_.find(r.id); i != records_.end()) previous = i->second;
+      records_[r.id] = r;
+    }
+    auto err = protocol(r, c, previous);
+    if (err && c == change::accept) {
+      std::lock_guard<std::mutex> guard(mu_);
+      if (dropped_.count(r.id) == 0) {
+        if (previous)
+          records_[r.id] = *previous;
+        else
+          records_.erase(r.id);
+      }
+    }
+    // A token checkpoint that was not sent is sent with a later one, or with the turn's end.
+    return c == change::tokens ? caf::error{} : err;
+  }
   std::future<caf::error> ack;
   caf::error err;
   std::optional<session_record> previous;  // with change::accept: what to go back to
@@ -287,6 +320,7 @@ void submit(self_ptr self) {
   generation_job job;
   job.seq = seq_of(st.rec, t->turn);
   job.session = caf::actor_cast<caf::actor>(self);
+  job.session_id = st.rec.id;
   for (auto& past : st.rec.turns) {
     job.tokens.insert(job.tokens.end(), past.user.begin(), past.user.end());
     if (&past != t)
@@ -307,7 +341,8 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
                          const std::vector<int32_t>& held) {
   check_fault(self);
   auto& st = self->state;
-  if (st.ctx->may_serve && !st.ctx->may_serve()) {
+  if ((st.ctx->may_serve && !st.ctx->may_serve()) ||
+      (st.ctx->may_serve_session && !st.ctx->may_serve_session(st.rec.id))) {
     // This node cannot prove it still holds the session: it streams nothing.
     return make_error(errc::disconnected, "session " + st.rec.id + ": node " + st.ctx->name +
                                               " has lost contact with the majority of the "
@@ -458,13 +493,17 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         t->done = true;
         t->reason = why;
         if (auto err = st.table->put(st.rec, change::structure);
-            err && code_of(err) == errc::overloaded) {
-          // A full disk: the turn has happened and stays running until its end is durable.
-          // Its client waits; new turns are refused meanwhile (the same error), reads go on.
+            err && (code_of(err) == errc::overloaded || code_of(err) == errc::disconnected)) {
+          // A full disk, or (with the ownership protocol) no majority of the session's group
+          // stored the end yet: the turn has happened and stays running until its end is
+          // durable. Its client waits; new turns are refused meanwhile, reads go on.
           t->done = false;
           if (st.end_retries++ == 0)
             st.ctx->log->report("session " + st.rec.id + ": the end of turn " +
-                                std::to_string(t->turn) + " waits for the disk: " + describe(err));
+                                std::to_string(t->turn) +
+                                (code_of(err) == errc::overloaded ? " waits for the disk: "
+                                                                  : " waits for a majority: ") +
+                                describe(err));
           self->delayed_send(self, end_retry_interval, done_atom::value, seq, why, detail,
                              retry_after_ms);
           return;

@@ -93,6 +93,14 @@ class session_table {
   using replicate_fn = std::function<std::future<caf::error>(replica_update)>;
   void on_stored(replicate_fn f);
 
+  /// With the ownership protocol (docs/actors.md "Ownership protocol"): every change but
+  /// `memory` goes to `f` instead of the store and the replicator, outside the table's lock,
+  /// with the record before it (none for a new session). Its error is `put`'s; a refused
+  /// `accept` is undone in memory. Set before the first `put`.
+  using ownership_fn = std::function<caf::error(const session_record& r, change c,
+                                                const std::optional<session_record>& previous)>;
+  void on_change(ownership_fn f);
+
   /// Records `r`; writes it to the store as `c` says (see the class comment).
   caf::error put(const session_record& r, change c = change::memory);
   /// Records a session recovered from the store, whose turn logs hold its generated tokens.
@@ -125,6 +133,7 @@ class session_table {
   mutable std::mutex mu_;
   storage::session_store* store_ = nullptr;
   replicate_fn on_stored_;
+  ownership_fn on_change_;
   std::map<std::string, uint64_t> dropped_;  // id -> the epoch of the node that has it now
   std::map<std::string, std::string> parked_;  // id -> why
   std::map<std::string, session_record> records_;

@@ -63,6 +63,13 @@ constexpr option spec[] = {
      "replicas of each session on other nodes, one in another region when there is one "
      "(default 2 with two peers or more, else 1; with --data and --peers); a new session or "
      "turn is acknowledged once a majority of the group (this node and N replicas) stored it"},
+    {"ownership", "MODE",
+     "who serves a session and how another node takes it over: 'interim' (default: replicas "
+     "among the live peers, a node-wide lease) or 'protocol' (fixed groups, ballots, a lease "
+     "per session; every peer needs its name; docs/actors.md, \"Ownership protocol\")"},
+    {"peer-regions", "NAME=REGION,...",
+     "with --ownership protocol: each peer's region (a session's group takes one member per "
+     "region first; default: none)"},
     {"keys", "FILE",
      "API keys of the client port, one a line: KEY tenant=NAME class=batch|standard|interactive "
      "rpm=N tpm=N sessions=N (mode 600). Without it the port serves anyone, on loopback only"},
@@ -353,6 +360,32 @@ int run(std::span<char*> args) {
   ncfg.heartbeat_interval = std::chrono::milliseconds(*heartbeat);
   ncfg.down_after = std::chrono::milliseconds(*down_after);
   ncfg.replicas = static_cast<int32_t>(*replicas);
+  if (opts->has("ownership")) {
+    auto mode = opts->get("ownership");
+    if (mode != "interim" && mode != "protocol")
+      return fail(keel::make_error(keel::errc::bad_request,
+                                   "--ownership: '" + mode + "' is neither interim nor protocol"));
+    ncfg.ownership_protocol = mode == "protocol";
+  }
+  if (opts->has("peer-regions")) {
+    std::string list = opts->get("peer-regions");
+    for (size_t b = 0; b <= list.size();) {
+      auto e = list.find(',', b);
+      if (e == std::string::npos) e = list.size();
+      auto one = trim(list.substr(b, e - b));
+      if (!one.empty()) {
+        auto eq = one.find('=');
+        auto name = eq == std::string::npos ? std::string() : trim(one.substr(0, eq));
+        if (name.empty() ||
+            std::find(ncfg.peer_names.begin(), ncfg.peer_names.end(), name) == ncfg.peer_names.end())
+          return fail(keel::make_error(keel::errc::bad_request,
+                                       "--peer-regions: '" + one +
+                                           "' is not NAME=REGION with NAME one of --peers"));
+        ncfg.peer_regions[name] = trim(one.substr(eq + 1));
+      }
+      b = e + 1;
+    }
+  }
   keel::gateway_config gcfg;
   gcfg.host = listen->first;
   gcfg.port = listen->second;
@@ -427,6 +460,9 @@ int run(std::span<char*> args) {
     });
     (*nd)->on_draining([ps = peer_srv.get()] { ps->set_draining(true); });
     peer_srv->set_readiness([n = nd->get()] { return n->not_ready(); });
+    peer_srv->on_ownership([n = nd->get()](const std::string& from, std::string message) {
+      n->deliver_ownership(from, std::move(message));
+    });
   }
   keel::cli::log_line(program, "listening on " + (*gw)->address());
   if (keys) {
@@ -482,6 +518,7 @@ int run(std::span<char*> args) {
   if (adm) adm->stop();
   (*gw)->stop();
   if (peer_srv) peer_srv->on_lost({});
+  if (peer_srv) peer_srv->on_ownership({});
   if (peer_srv) peer_srv->on_handoff({});
   if (peer_srv) peer_srv->set_readiness({});
   if (peer_srv) peer_srv->detach_store();

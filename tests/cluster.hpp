@@ -75,6 +75,9 @@ struct cluster_config {
   /// A directory with scripts/make-certs.sh's files for every node (see `make_certs`): TLS on
   /// every port, each node with its own certificate, the peers named. Empty: plain TCP.
   std::filesystem::path tls;
+  /// `--ownership protocol` (docs/actors.md, "Ownership protocol"), the peers named and their
+  /// regions given; false: the interim rules.
+  bool protocol = false;
 };
 
 /// Makes a CA and a certificate per name in `dir` with scripts/make-certs.sh (the operators'
@@ -328,8 +331,17 @@ class cluster {
       for (size_t j = 0; j < nodes_.size(); ++j) {
         if (j == i) continue;
         if (!peers.empty()) peers += ",";
-        if (!cfg_.tls.empty()) peers += nodes_[j].spec.name + "=";
+        if (!cfg_.tls.empty() || cfg_.protocol) peers += nodes_[j].spec.name + "=";
         peers += nodes_[j].peer_address;
+      }
+      if (cfg_.protocol) {
+        std::string regions;
+        for (size_t j = 0; j < nodes_.size(); ++j) {
+          if (j == i || nodes_[j].spec.region.empty()) continue;
+          regions += (regions.empty() ? "" : ",") + nodes_[j].spec.name + "=" + nodes_[j].spec.region;
+        }
+        a.insert(a.end(), {"--ownership", "protocol"});
+        if (!regions.empty()) a.insert(a.end(), {"--peer-regions", regions});
       }
       a.insert(a.end(), {"--peer-listen", m.peer_address, "--peers", peers, "--heartbeat-interval",
                          std::to_string(cfg_.heartbeat_ms), "--down-after",

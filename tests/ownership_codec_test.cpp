@@ -37,8 +37,8 @@ bool contains(const std::string& s, const std::string& part) {
 session_data sample_data() {
   session_data d;
   d.meta = std::string("temp=0.7\0seed=9", 15);
-  d.turns.push_back({"hello", {1, -2, 300000}, true});
-  d.turns.push_back({std::string("\xff\x00user", 6), {42}, false});
+  d.turns.push_back({"hello", {1, -2, 300000}, true, std::string("eos\0x", 5)});
+  d.turns.push_back({std::string("\xff\x00user", 6), {42}, false, {}});
   return d;
 }
 
@@ -120,6 +120,7 @@ BOOST_AUTO_TEST_CASE(the_samples_set_every_field) {
   BOOST_TEST(every_field_differs(sample_stored(), stored_session{}));
   auto d = sample_data();
   BOOST_TEST((d.turns[0].done && !d.turns[1].done));  // both values of `done` are carried
+  BOOST_TEST(!d.turns[0].end.empty());                 // and how a turn ended
 }
 
 BOOST_AUTO_TEST_CASE(every_message_kind_round_trips_field_by_field) {

@@ -22,6 +22,7 @@ struct TurnEntry {
   user @0 :Data;
   tokens @1 :List(Int32);  # at most 2^20
   done @2 :Bool;           # the turn has ended
+  end @3 :Data;            # with done: how it ended (the host's words, opaque)
 }
 
 # What is replicated of a session: opaque metadata (its parameters) and its turns (at most 2^16).

@@ -91,4 +91,12 @@ interface Peer {
   # every peer, so that it restores the sessions its damaged store lost, not only the ones it
   # still has. `from` names the caller (a node partitioned from the callee is refused).
   owned @5 (owner :Text, from :NodeId) -> (copies :List(SessionCopy));
+
+  # One message of the ownership protocol (actors/ownership.hpp, docs/actors.md "Ownership
+  # protocol"): `message` is an encoded `OwnershipMsg` (actors/ownership_codec.hpp). One way in
+  # effect: the answer is empty and comes at once, before the callee has handled the message;
+  # the protocol's own replies are messages of their own, and it sends again what got no reply,
+  # so a lost, late or repeated message changes nothing. A message that does not decode is
+  # dropped and logged by the callee.
+  ownership @6 (from :NodeId, message :Data) -> ();
 }

@@ -52,16 +52,30 @@ struct rpc_client::connection {
   }
 };
 
+namespace {
+std::shared_ptr<rpc_client::loop> this_thread_loop_or_new() {
+  if (auto l = this_thread_loop.lock()) return std::static_pointer_cast<rpc_client::loop>(l);
+  auto l = std::make_shared<rpc_client::loop>();
+  this_thread_loop = l;
+  return l;
+}
+}  // namespace
+
+rpc_client::thread_loop::thread_loop() : loop_(this_thread_loop_or_new()) {}
+
+kj::WaitScope& rpc_client::thread_loop::wait_scope() {
+  return loop_->wait_scope();
+}
+
+kj::AsyncIoProvider& rpc_client::thread_loop::io() {
+  return loop_->provider();
+}
+
 rpc_client::rpc_client(const std::string& address, std::shared_ptr<const tls_config> tls,
                        const std::string& server_name, std::chrono::milliseconds connect_timeout,
                        capnp::ReaderOptions reader)
     : tls_(std::move(tls)), setup_(nullptr) {
-  if (auto l = this_thread_loop.lock()) {
-    loop_ = std::static_pointer_cast<loop>(l);
-  } else {
-    loop_ = std::make_shared<loop>();
-    this_thread_loop = loop_;
-  }
+  loop_ = this_thread_loop_or_new();
   if (tls_) context_ = tls_->context(false);
   auto& io = loop_->provider();
   setup_ = connect_to(io.getNetwork(), io.getTimer(), context_.get(), address, server_name,

@@ -18,6 +18,21 @@ namespace keel::wire {
 
 class rpc_client {
  public:
+  struct loop;  // detail: the thread's event loop (rpc_client.cpp)
+
+  /// This thread's event loop, the one its rpc_clients share (made when the thread has none),
+  /// for a thread that runs the loop before or between its connections (the node's ownership
+  /// transport). Lives while a handle or an rpc_client of the thread does; used on that thread.
+  class thread_loop {
+   public:
+    thread_loop();
+    kj::WaitScope& wait_scope();
+    kj::AsyncIoProvider& io();
+
+   private:
+    std::shared_ptr<loop> loop_;
+  };
+
   /// Starts connecting to "HOST:PORT" (the connection is made while the caller waits on a call,
   /// as with EzRpcClient). With `tls`, over TLS: the server's certificate must name
   /// `server_name` (the HOST when empty), and this side presents its own when it has one. A
@@ -44,7 +59,6 @@ class rpc_client {
   kj::AsyncIoProvider& getIoProvider();
 
  private:
-  struct loop;
   struct connection;
   std::shared_ptr<loop> loop_;
   std::shared_ptr<const tls_config> tls_;

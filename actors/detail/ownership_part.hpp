@@ -1,0 +1,42 @@
+#pragma once
+
+// What a keel-node keeps of the ownership protocol (node_config::ownership_protocol): shared by
+// node.cpp and node_ownership.cpp only.
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+
+#include "actors/node.hpp"
+#include "actors/ownership_host.hpp"
+
+namespace keel {
+
+struct node::ownership_part {
+  std::shared_ptr<lease_board> board = std::make_shared<lease_board>(steady_ownership_clock());
+  ownership::config protocol;
+  std::shared_ptr<peer_transport> transport;
+  std::shared_ptr<ownership_storage> storage;
+  std::chrono::milliseconds ack_timeout{2000};
+  std::mutex mu;
+  ownership_actor host;  // under `mu`: invalid before the start and after the stop
+  /// Sessions this node is opening: their `acquired` is the open's own.
+  std::set<std::string> opening;
+  /// Per session: the running turn, and how many of its tokens went to the group.
+  std::map<std::string, std::pair<uint64_t, size_t>> sent;
+
+  ownership_actor current() {
+    std::lock_guard<std::mutex> guard(mu);
+    return host;
+  }
+};
+
+/// The protocol's configuration from the node's, and the board the batcher reads; made before
+/// the tree starts. Null with `err` set when the configuration does not allow the protocol.
+std::shared_ptr<node::ownership_part> make_ownership_part(const node_config& cfg,
+                                                          caf::error& err);
+
+}  // namespace keel

@@ -1,0 +1,232 @@
+// The keel-node hosting the ownership protocol (node_config::ownership_protocol): the host actor
+// and its plumbing, what the session table hands it, and what the node does when it acquires or
+// loses a session. docs/actors.md, "Ownership protocol".
+
+#include <caf/scoped_actor.hpp>
+
+#include "actors/detail/ownership_part.hpp"
+#include "actors/ownership_store.hpp"
+#include "actors/session_copy.hpp"
+#include "base/error.hpp"
+
+namespace keel {
+
+namespace {
+
+/// What a failed request to the host means for the caller.
+caf::error host_error(const caf::error& e, const std::string& what) {
+  if (e.category() == caf::atom("system"))
+    return make_error(errc::disconnected, what + ": the ownership host did not answer (" +
+                                              caf::to_string(e) + "); retry");
+  return e;
+}
+
+}  // namespace
+
+std::shared_ptr<node::ownership_part> make_ownership_part(const node_config& cfg,
+                                                          caf::error& err) {
+  auto part = std::make_shared<node::ownership_part>();
+  auto& pc = part->protocol;
+  pc.self = cfg.name;
+  pc.members.push_back({cfg.name, cfg.region});
+  for (size_t i = 0; i < cfg.peers.size(); ++i) {
+    auto name = i < cfg.peer_names.size() ? cfg.peer_names[i] : std::string();
+    if (name.empty()) {
+      err = make_error(errc::bad_request,
+                       "the ownership protocol needs every peer's name: --peers NAME=" +
+                           cfg.peers[i]);
+      return nullptr;
+    }
+    auto r = cfg.peer_regions.find(name);
+    pc.members.push_back({name, r == cfg.peer_regions.end() ? std::string() : r->second});
+  }
+  pc.group_size = static_cast<size_t>(
+      std::clamp<int32_t>(cfg.group_size, 1, static_cast<int32_t>(pc.members.size())));
+  // Heartbeats and detection as the region links have them; a lease of 4/5 of a detection time,
+  // so that an owner cut off stops before the others suspect it.
+  auto ns = [](std::chrono::milliseconds d) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
+  };
+  pc.timing.heartbeat = ns(cfg.heartbeat_interval);
+  pc.timing.suspect_after = ns(cfg.down_after);
+  pc.timing.lease = ns(cfg.down_after) * 4 / 5;
+  pc.timing.retry = std::max<int64_t>(ns(cfg.heartbeat_interval) * 3 / 2, 1);
+  pc.checkpoint_every = 1;  // the node sends its token checkpoints itself, every checkpoint_every
+  return part;
+}
+
+caf::error node::start_ownership() {
+  auto& part = *own_;
+  auto log = [l = ctx_->log](const std::string& line) { l->report(line); };
+  if (store_)
+    part.storage = std::make_shared<store_ownership_storage>(*store_, log);
+  else
+    part.storage = std::make_shared<memory_ownership_storage>();
+  peer_transport_config tc;
+  tc.self_name = cfg_.name;
+  tc.self_region = cfg_.region;
+  tc.self_address = cfg_.peer_address;
+  for (size_t i = 0; i < cfg_.peers.size(); ++i) tc.addresses[cfg_.peer_names[i]] = cfg_.peers[i];
+  tc.tls = cfg_.tls;
+  tc.cut = cfg_.cut;
+  tc.log = log;
+  tc.call_timeout = std::max(std::chrono::milliseconds(200), cfg_.down_after);
+  part.transport = std::make_shared<peer_transport>(tc);
+  ownership_host_config hc;
+  hc.protocol = part.protocol;
+  hc.transport = part.transport;
+  hc.storage = part.storage;
+  hc.leases = part.board;
+  hc.ack_timeout = part.ack_timeout;
+  hc.acquired = [this](const std::string& id, const session_data& data, uint64_t epoch) {
+    acquired(id, data, epoch);
+  };
+  hc.lost = [this](const std::string& id) { lost(id); };
+  hc.log = log;
+  auto host = spawn_ownership_host(sys_, std::move(hc));
+  std::lock_guard<std::mutex> guard(part.mu);
+  part.host = std::move(host);
+  return {};
+}
+
+void node::deliver_ownership(const std::string& from, std::string message) {
+  if (!own_) return;
+  if (auto h = own_->current()) caf::anon_send(h, peer_message_atom::value, from, std::move(message));
+}
+
+caf::error node::protocol_change(const session_record& r, change c,
+                                 const std::optional<session_record>& previous) {
+  auto host = own_->current();
+  if (!host)
+    return make_error(errc::disconnected, "node " + cfg_.name + " is stopping; retry elsewhere");
+  auto wait = own_->ack_timeout + std::chrono::seconds(1);
+  caf::scoped_actor self{sys_};
+  caf::error out;
+  if (c == change::tokens) {
+    if (r.turns.empty()) return {};
+    auto& t = r.turns.back();
+    std::vector<int32_t> tail;
+    size_t from = 0;
+    {
+      std::lock_guard<std::mutex> guard(own_->mu);
+      auto& s = own_->sent[r.id];
+      if (s.first != t.turn || s.second > t.generated.size()) s = {t.turn, 0};
+      if (t.generated.size() - s.second < static_cast<size_t>(std::max(cfg_.checkpoint_every, 1)))
+        return {};
+      from = s.second;
+      tail.assign(t.generated.begin() + static_cast<ptrdiff_t>(from), t.generated.end());
+      s.second = t.generated.size();
+    }
+    caf::anon_send(host, own_tokens_atom::value, r.id, t.turn, static_cast<uint64_t>(from),
+                   std::move(tail));
+    return {};
+  }
+  if (c == change::accept && !previous) {
+    self->request(host, wait, open_atom::value, r.id, session_meta(r))
+        .receive([](session_data&) {},
+                 [&](caf::error& e) { out = host_error(e, "opening session " + r.id); });
+    return out;
+  }
+  if (c == change::accept) {
+    if (r.turns.size() != previous->turns.size() + 1) return {};
+    auto& t = r.turns.back();
+    {
+      std::lock_guard<std::mutex> guard(own_->mu);
+      own_->sent[r.id] = {t.turn, 0};
+    }
+    self->request(host, wait, submit_atom::value, r.id, t.turn, turn_input(t))
+        .receive([](bool) {}, [&](caf::error& e) {
+          out = host_error(e, "session " + r.id + " turn " + std::to_string(t.turn));
+        });
+    return out;
+  }
+  // change::structure: a turn's end.
+  if (r.turns.empty() || !r.turns.back().done) return {};
+  auto& t = r.turns.back();
+  self->request(host, wait, finish_atom::value, r.id, t.turn, t.generated, turn_end(t))
+      .receive([](bool) {}, [&](caf::error& e) {
+        out = host_error(e, "session " + r.id + " end of turn " + std::to_string(t.turn));
+      });
+  return out;
+}
+
+void node::acquired(const std::string& id, const session_data& data, uint64_t epoch) {
+  // On the host's thread: the start (which asks the session supervisor) runs on the failover
+  // executor, in order with every other acquisition and loss.
+  failover_->post([this, id, data, epoch] {
+    {
+      std::lock_guard<std::mutex> guard(own_->mu);
+      if (own_->opening.count(id)) return;  // opened here: open_session starts it
+    }
+    if (sessions_->get(id)) return;  // served here already
+    auto r = record_of(id, data, cfg_.name, epoch);
+    if (!r) {
+      ctx_->log->report(cfg_.name + ": cannot serve session " + id + ": " + describe(r.error()));
+      return;
+    }
+    if (store_) {
+      auto number = store_->take_session_number();
+      if (!number) {
+        ctx_->log->report(cfg_.name + ": cannot serve session " + id + ": " +
+                          describe(number.error()));
+        return;
+      }
+      r->number = *number;
+    } else {
+      r->number = ++next_session_;
+    }
+    {
+      std::lock_guard<std::mutex> guard(own_->mu);
+      own_->sent[id] = {r->turns.empty() ? 0 : r->turns.back().turn,
+                        r->turns.empty() ? 0 : r->turns.back().generated.size()};
+    }
+    sessions_->recovered(*r);
+    ctx_->log->report(cfg_.name + ": serving session " + id + " at epoch " + std::to_string(epoch) +
+                      " (" + std::to_string(r->turns.size()) + " turns), taken from its group");
+    if (auto err = start_session(*r))
+      ctx_->log->report(cfg_.name + ": cannot start session " + id + ": " + describe(err));
+  });
+}
+
+void node::lost(const std::string& id) {
+  failover_->post([this, id] {
+    auto had = sessions_->drop(id, 0);
+    {
+      std::lock_guard<std::mutex> guard(own_->mu);
+      own_->sent.erase(id);
+    }
+    if (!had) return;
+    auto detail = "session " + id + " was taken over by another node; reconnect and resume there";
+    // The actor ends its running turn's stream (the client resumes elsewhere), cancels the
+    // turn here and exits (transient: not restarted).
+    if (auto a = session(id)) caf::anon_send(a, moved_atom::value, detail);
+    ctx_->log->report(cfg_.name + ": " + detail);
+  });
+}
+
+caf::expected<owner_endpoint> node::protocol_owner(const std::string& id) {
+  if (sessions_->get(id)) return owner_endpoint{};
+  auto host = own_->current();
+  if (!host) return make_error(errc::disconnected, "node " + cfg_.name + " is stopping");
+  caf::scoped_actor self{sys_};
+  caf::expected<ownership_view> view = make_error(errc::failed, "no answer");
+  self->request(host, std::chrono::seconds(2), describe_atom::value, id)
+      .receive([&](ownership_view& v) { view = std::move(v); },
+               [&](caf::error& e) { view = host_error(e, "locating session " + id); });
+  if (!view) return std::move(view.error());
+  if (view->owner.empty() && view->accepted.epoch == 0 && view->promised.epoch == 0)
+    return unknown_session(id);
+  if (view->owner.empty() || view->owner == cfg_.name) {
+    return make_error(errc::disconnected,
+                      "session " + id + ": its group is choosing its owner (retry)");
+  }
+  for (auto& p : peers_->snapshot()) {
+    if (p.name != view->owner || !p.accepts_work()) continue;
+    if (p.client_address.empty()) break;
+    return owner_endpoint{p.name, p.client_address};
+  }
+  return make_error(errc::disconnected, "session " + id + " is owned by " + view->owner +
+                                            ", which this node cannot reach now (retry)");
+}
+
+}  // namespace keel

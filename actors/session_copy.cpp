@@ -1,0 +1,75 @@
+#include "actors/session_copy.hpp"
+
+#include "wire/checkpoint.hpp"
+
+namespace keel {
+
+std::string session_meta(const session_record& r) {
+  wire::session_checkpoint c;
+  c.id = r.id;
+  c.params = r.params;
+  c.priority = r.priority;
+  c.tenant = r.tenant;
+  return wire::encode(c);
+}
+
+std::string turn_input(const turn_record& t) {
+  // A checkpoint holding this one turn, not ended: the checkpoint format and its checks.
+  wire::session_checkpoint c;
+  c.id = "turn";
+  c.turns.push_back({t.turn, t.user, t.max_tokens, false, finish_reason::length});
+  return wire::encode(c);
+}
+
+std::string turn_end(const turn_record& t) {
+  return std::string(1, static_cast<char>(t.reason));
+}
+
+caf::expected<session_record> record_of(const std::string& id, const session_data& data,
+                                        const std::string& self, uint64_t epoch) {
+  auto meta = wire::decode(data.meta);
+  if (!meta) {
+    return make_error(errc::corrupt_record,
+                      "session " + id + ": its parameters do not decode: " + message_of(meta.error()));
+  }
+  if (meta->id != id) {
+    return make_error(errc::corrupt_record,
+                      "session " + id + ": its parameters name session " + meta->id);
+  }
+  session_record r;
+  r.id = id;
+  r.params = meta->params;
+  r.priority = meta->priority;
+  r.tenant = meta->tenant;
+  r.owner = self;
+  r.epoch = epoch;
+  r.from_copy = true;
+  for (size_t k = 0; k < data.turns.size(); ++k) {
+    auto& e = data.turns[k];
+    auto in = wire::decode(e.user);
+    if (!in || in->turns.size() != 1 || in->turns[0].turn != k) {
+      return make_error(errc::corrupt_record,
+                        "session " + id + ": the input of turn " + std::to_string(k) +
+                            (in ? " is not that turn's" : " does not decode: " + message_of(in.error())));
+    }
+    turn_record t;
+    t.turn = k;
+    t.user = std::move(in->turns[0].user);
+    t.max_tokens = in->turns[0].max_tokens;
+    t.generated = e.tokens;
+    t.done = e.done;
+    if (e.done) {
+      auto why = e.end.empty() ? 0 : static_cast<uint8_t>(e.end[0]);
+      if (why > static_cast<uint8_t>(finish_reason::failed)) {
+        return make_error(errc::corrupt_record, "session " + id + ": turn " + std::to_string(k) +
+                                                    " ended for an unknown reason " +
+                                                    std::to_string(why));
+      }
+      t.reason = static_cast<finish_reason>(why);
+    }
+    r.turns.push_back(std::move(t));
+  }
+  return r;
+}
+
+}  // namespace keel
