@@ -181,8 +181,9 @@ void node::acquired(const std::string& id, const session_data& data, uint64_t ep
                         r->turns.empty() ? 0 : r->turns.back().generated.size()};
     }
     sessions_->recovered(*r);
-    ctx_->log->report(cfg_.name + ": serving session " + id + " at epoch " + std::to_string(epoch) +
-                      " (" + std::to_string(r->turns.size()) + " turns), taken from its group");
+    ctx_->log->report(cfg_.name + ": took over session " + id + " at epoch " +
+                      std::to_string(epoch) + " (" + std::to_string(r->turns.size()) +
+                      " turns, the newest copy of a majority of its group)");
     if (auto err = start_session(*r))
       ctx_->log->report(cfg_.name + ": cannot start session " + id + ": " + describe(err));
   });

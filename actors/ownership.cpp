@@ -140,6 +140,9 @@ void ownership::learn(const std::string& session, const ballot& b) {
   // only, which a restart forgets (and the restart hold covers).
   promise_to(session, b);
   persist(session, true);
+  // Heard of just now: the new owner gets a suspect time to claim it here before this node
+  // counts it silent (its last claim here may be long ago, or by the previous owner).
+  claimed_[session] = env_.now();
 }
 
 void ownership::on_heartbeat(const std::string& from, const heartbeat_msg& m) {
@@ -510,6 +513,15 @@ void ownership::lose(const std::string& session) {
     persist(session, true);
   }
   env_.lost(session);
+}
+
+bool ownership::reaches_majority(const std::string& session) {
+  // Just started: nobody was heard yet, and the candidacy finds out.
+  if (env_.now() - started_at_ < cfg_.timing.suspect_after) return true;
+  auto& g = group(session);
+  size_t n = 0;
+  for (auto& m : g) n += alive(m) ? 1 : 0;
+  return n >= majority(g.size());
 }
 
 refusal ownership::open(const std::string& session, const std::string& meta) {

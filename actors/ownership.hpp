@@ -232,6 +232,10 @@ class ownership {
   /// Opens `session` here with `meta` (idempotent: an existing session is adopted as it is).
   /// `acquired` follows once this node owns it; `not_in_group` when this node is not a member.
   refusal open(const std::string& session, const std::string& meta);
+  /// Whether a majority of `session`'s group (this node included) was heard from within
+  /// `suspect_after` (true in the first `suspect_after` after a start): a host refuses an open
+  /// at once when not (a minority cannot open), rather than after a candidacy's timeout.
+  bool reaches_majority(const std::string& session);
   /// Appends turn `turn` (idempotent for the same `user`): `durable(session, turn, false)` once
   /// a majority stored it (at once when it already had).
   refusal submit_turn(const std::string& session, uint64_t turn, const std::string& user);

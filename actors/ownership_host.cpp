@@ -262,7 +262,9 @@ ownership_actor::behavior_type host_behavior(host_pointer self, ownership_host_c
              const std::string& meta) -> caf::typed_response_promise<session_data> {
         auto& st = self->state;
         auto rp = self->make_response_promise<session_data>();
-        auto r = st.engine->open(session, meta);
+        auto r = st.engine->owns(session) || st.engine->reaches_majority(session)
+                     ? st.engine->open(session, meta)
+                     : refusal::no_quorum;
         if (r != refusal::none) {
           rp.deliver(st.refused(r, session));
         } else if (st.engine->may_serve(session)) {

@@ -14,10 +14,12 @@ std::string session_meta(const session_record& r) {
 }
 
 std::string turn_input(const turn_record& t) {
-  // A checkpoint holding this one turn, not ended: the checkpoint format and its checks.
+  // A checkpoint holding this one turn, not ended: the checkpoint format and its checks (which
+  // number turns from 0: the turn's own number goes in the checkpoint's `number`).
   wire::session_checkpoint c;
   c.id = "turn";
-  c.turns.push_back({t.turn, t.user, t.max_tokens, false, finish_reason::length});
+  c.number = t.turn;
+  c.turns.push_back({0, t.user, t.max_tokens, false, finish_reason::length});
   return wire::encode(c);
 }
 
@@ -47,7 +49,7 @@ caf::expected<session_record> record_of(const std::string& id, const session_dat
   for (size_t k = 0; k < data.turns.size(); ++k) {
     auto& e = data.turns[k];
     auto in = wire::decode(e.user);
-    if (!in || in->turns.size() != 1 || in->turns[0].turn != k) {
+    if (!in || in->turns.size() != 1 || in->number != k) {
       return make_error(errc::corrupt_record,
                         "session " + id + ": the input of turn " + std::to_string(k) +
                             (in ? " is not that turn's" : " does not decode: " + message_of(in.error())));

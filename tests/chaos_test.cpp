@@ -75,15 +75,18 @@ struct three_nodes {
   cluster cl;
 
   explicit three_nodes(const std::string& label, int down_after = down_after_ms,
-                       std::vector<keel::test::node_spec> specs = two_regions())
-      : root("chaos_test-" + label), cl(config(label, root.path, down_after), std::move(specs)) {
+                       std::vector<keel::test::node_spec> specs = two_regions(),
+                       bool protocol = false)
+      : root("chaos_test-" + label),
+        cl(config(label, root.path, down_after, protocol), std::move(specs)) {
     cl.start_all();
     BOOST_TEST_MESSAGE("region links up: " << (cl.wait_all_links_up(5s) ? "yes" : "not seen"));
   }
 
   static cluster_config config(const std::string& label, const std::filesystem::path& root,
-                               int down_after) {
+                               int down_after, bool protocol = false) {
     cluster_config cfg;
+    cfg.protocol = protocol;
     cfg.model = model().path;
     cfg.root = root;
     cfg.replicas = 1;
@@ -615,7 +618,7 @@ const std::vector<std::string> phrases = {
 
 // -----------------------------------------------------------------------------------------------
 
-BOOST_AUTO_TEST_CASE(conversations_survive_repeated_sigkill_of_random_nodes_with_restarts) {
+static void sigkill_schedule(bool protocol) {
   // Three nodes in two regions; 20 conversations, each with its own client connected to all
   // three (rotated, so each node starts a third of them); a seeded schedule kills one node at a
   // time with SIGKILL while turns stream, and restarts it on the same data and ports.
@@ -680,7 +683,7 @@ BOOST_AUTO_TEST_CASE(conversations_survive_repeated_sigkill_of_random_nodes_with
 
   auto reference = fault_free(convs, "kill");
 
-  three_nodes net("kill");
+  three_nodes net(protocol ? "kill-protocol" : "kill", down_after_ms, three_nodes::two_regions(), protocol);
   auto& cl = net.cl;
 
   std::vector<conversation_run> runs;
@@ -753,6 +756,14 @@ BOOST_AUTO_TEST_CASE(conversations_survive_repeated_sigkill_of_random_nodes_with
   check_transcripts(runs, reference);
   cl.wait_all_links_up(3s);
   check_history_everywhere(cl, runs, reference);
+}
+
+BOOST_AUTO_TEST_CASE(conversations_survive_repeated_sigkill_of_random_nodes_with_restarts) {
+  sigkill_schedule(false);
+}
+
+BOOST_AUTO_TEST_CASE(the_ownership_protocol_keeps_conversations_through_repeated_sigkill) {
+  sigkill_schedule(true);
 }
 
 BOOST_AUTO_TEST_CASE(conversations_continue_in_the_other_regions_when_a_whole_region_is_killed) {
@@ -889,7 +900,7 @@ void expect_minority_refuses(cluster& cl, size_t i, const std::string& probe) {
   if (!g) BOOST_TEST_MESSAGE(cl.name(i) << " refused a turn: " << keel::describe(g.error()));
 }
 
-BOOST_AUTO_TEST_CASE(a_partitioned_minority_refuses_and_the_majority_serves_through_it) {
+static void minority_partition(bool protocol) {
   // Issue #10's first partition: {a, b} | {c} (c, alone in r2, holds replicas) while a and b
   // serve conversations. c is the minority: it takes nothing over and acknowledges nothing; a
   // and b go on serving; after the heal every node answers the same history, and every
@@ -907,7 +918,7 @@ BOOST_AUTO_TEST_CASE(a_partitioned_minority_refuses_and_the_majority_serves_thro
     convs.push_back(std::move(c));
   }
   auto reference = fault_free(convs, "minority");
-  three_nodes net("minority");
+  three_nodes net(protocol ? "minority-protocol" : "minority", down_after_ms, three_nodes::two_regions(), protocol);
   auto& cl = net.cl;
   auto probe = probe_session(cl, 2);  // owned by c, the side that will be the minority
 
@@ -938,14 +949,22 @@ BOOST_AUTO_TEST_CASE(a_partitioned_minority_refuses_and_the_majority_serves_thro
   BOOST_TEST(served >= 1, "the majority side started no turn during the partition");
   BOOST_TEST_MESSAGE("turns started on the majority side during the partition: " << served);
   auto c_log = cl.log(2);
-  BOOST_TEST(contains(c_log, "no majority: not taking over"), c_log);
+  if (!protocol) BOOST_TEST(contains(c_log, "no majority: not taking over"), c_log);
   BOOST_TEST(!contains(c_log, "took over session"), c_log);
   check_no_crash(cl);
   check_transcripts(runs, reference);
   check_history_everywhere(cl, runs, reference);
 }
 
-BOOST_AUTO_TEST_CASE(an_isolated_owner_stops_and_the_majority_takes_its_sessions_over) {
+BOOST_AUTO_TEST_CASE(a_partitioned_minority_refuses_and_the_majority_serves_through_it) {
+  minority_partition(false);
+}
+
+BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_a_partitioned_minority_refuses) {
+  minority_partition(true);
+}
+
+static void isolated_owner(bool protocol) {
   // Issue #10's second partition: {a} | {b, c} while a streams every conversation's long second
   // reply. a, alone, loses its lease: it stops streaming and acknowledges nothing; b and c (the
   // majority) take its sessions over; the clients resume there. After the heal a learns it lost
@@ -963,7 +982,7 @@ BOOST_AUTO_TEST_CASE(an_isolated_owner_stops_and_the_majority_takes_its_sessions
     convs.push_back(std::move(c));
   }
   auto reference = fault_free(convs, "isolated");
-  three_nodes net("isolated");
+  three_nodes net(protocol ? "isolated-protocol" : "isolated", down_after_ms, three_nodes::two_regions(), protocol);
   auto& cl = net.cl;
   auto probe = probe_session(cl, 0);  // owned by a, the node that will be cut off
 
@@ -1009,6 +1028,14 @@ BOOST_AUTO_TEST_CASE(an_isolated_owner_stops_and_the_majority_takes_its_sessions
   check_no_crash(cl);
   check_transcripts(runs, reference);
   check_history_everywhere(cl, runs, reference);
+}
+
+BOOST_AUTO_TEST_CASE(an_isolated_owner_stops_and_the_majority_takes_its_sessions_over) {
+  isolated_owner(false);
+}
+
+BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_an_isolated_owner_stops_and_is_taken_over) {
+  isolated_owner(true);
 }
 
 BOOST_AUTO_TEST_CASE(a_paused_owner_is_taken_over_and_its_late_writes_are_refused) {

@@ -300,6 +300,11 @@ BOOST_AUTO_TEST_CASE(a_cut_off_owner_stops_serving_before_the_majority_takes_ove
   auto refused = f.ask<bool>(a, submit_atom::value, session, uint64_t{1}, std::string("two"));
   BOOST_REQUIRE(!refused);
   BOOST_TEST(code_of(refused.error()) == errc::disconnected, why(refused));
+  // It refuses to open a new session at once, not after a candidacy that cannot succeed.
+  auto opened = f.ask<session_data>(a, open_atom::value, std::string("s-new@a"), std::string("p"));
+  BOOST_REQUIRE(!opened);
+  BOOST_TEST(message_of(opened.error()).find("answers this node now") != std::string::npos,
+             message_of(opened.error()));
   auto two = f.ask<bool>(winner, submit_atom::value, session, uint64_t{1}, std::string("two"));
   BOOST_REQUIRE_MESSAGE(two, why(two));
   // After the heal a learns it lost the session and never serves it again.
