@@ -766,7 +766,7 @@ BOOST_AUTO_TEST_CASE(the_ownership_protocol_keeps_conversations_through_repeated
   sigkill_schedule(true);
 }
 
-BOOST_AUTO_TEST_CASE(conversations_continue_in_the_other_regions_when_a_whole_region_is_killed) {
+static void region_loss(bool protocol) {
   // Three regions, one node each (the layout that survives a region's loss: docs/operations.md).
   // a (r1) and b (r2) start every conversation. Region r1 dies with SIGKILL while every
   // conversation streams its second turn: the streams of a's conversations go on from b or c,
@@ -789,7 +789,8 @@ BOOST_AUTO_TEST_CASE(conversations_continue_in_the_other_regions_when_a_whole_re
   BOOST_REQUIRE_MESSAGE(long_ones >= conversations / 2,
                         "only " << long_ones << " second replies run long enough to be cut");
 
-  three_nodes net("region", down_after_ms, three_nodes::three_regions());
+  three_nodes net(protocol ? "region-protocol" : "region", down_after_ms,
+                  three_nodes::three_regions(), protocol);
   auto& cl = net.cl;
 
   // Every conversation starts its second turn together.
@@ -849,6 +850,14 @@ BOOST_AUTO_TEST_CASE(conversations_continue_in_the_other_regions_when_a_whole_re
   check_no_crash(cl);
   check_transcripts(runs, reference);
   check_history_everywhere(cl, runs, reference);
+}
+
+BOOST_AUTO_TEST_CASE(conversations_continue_in_the_other_regions_when_a_whole_region_is_killed) {
+  region_loss(false);
+}
+
+BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_conversations_survive_a_region_s_loss) {
+  region_loss(true);
 }
 
 bool contains(const std::string& text, const std::string& part) {
@@ -1038,7 +1047,7 @@ BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_an_isolated_owner_stops_and_is
   isolated_owner(true);
 }
 
-BOOST_AUTO_TEST_CASE(a_paused_owner_is_taken_over_and_its_late_writes_are_refused) {
+static void paused_owner(bool protocol) {
   // The node serving a long reply is stopped (SIGSTOP) for longer than down_after, so another
   // node takes the session over with a newer epoch; the client's reply completes from there.
   // Then the old owner continues (SIGCONT) believing it still owns the session: its late
@@ -1067,7 +1076,8 @@ BOOST_AUTO_TEST_CASE(a_paused_owner_is_taken_over_and_its_late_writes_are_refuse
   BOOST_REQUIRE_MESSAGE(long_reply >= 600,
                         "the longest candidate reply has only " << long_reply << " tokens");
 
-  three_nodes net("pause");
+  three_nodes net(protocol ? "pause-protocol" : "pause", down_after_ms, three_nodes::two_regions(),
+                  protocol);
   auto& cl = net.cl;
 
   const size_t a = 0;
@@ -1110,8 +1120,11 @@ BOOST_AUTO_TEST_CASE(a_paused_owner_is_taken_over_and_its_late_writes_are_refuse
 
   // The old owner's late writes were refused: some node says so, in whatever words, after the
   // old owner continued.
-  auto refused = [](const std::string& line) {
+  // Under the protocol a member refuses its write for a higher ballot, and the old owner says it
+  // lost the session.
+  auto refused = [&](const std::string& line) {
     auto l = lower(line);
+    if (protocol) return l.find("session " + runs[0].session + " was taken over") != std::string::npos;
     return l.find("stale_epoch") != std::string::npos ||
            (l.find("epoch") != std::string::npos &&
             (l.find("stale") != std::string::npos || l.find("refus") != std::string::npos ||
@@ -1138,6 +1151,14 @@ BOOST_AUTO_TEST_CASE(a_paused_owner_is_taken_over_and_its_late_writes_are_refuse
   for (auto& line : found) BOOST_TEST_MESSAGE("fenced: " << line);
 
   check_history_everywhere(cl, runs, reference);
+}
+
+BOOST_AUTO_TEST_CASE(a_paused_owner_is_taken_over_and_its_late_writes_are_refused) {
+  paused_owner(false);
+}
+
+BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_a_paused_owner_is_fenced) {
+  paused_owner(true);
 }
 
 BOOST_AUTO_TEST_CASE(a_corrupt_session_record_is_recovered_from_a_replica_after_restart) {
