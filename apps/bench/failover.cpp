@@ -50,6 +50,9 @@ constexpr option failover_spec[] = {
      "over; restart: the client knows the serving node only, and that node is restarted on its "
      "data directory right after the kill (recovery by restart, for comparison); partitions "
      "always use takeover"},
+    {"ownership", "MODE",
+     "the nodes' --ownership: interim (default) or protocol (the peers are then named and their "
+     "regions given)"},
     {"threads", "N", "CPU threads of each node's one shard (default 1)"},
     {"heartbeat-interval", "MS", "the nodes' --heartbeat-interval (default 100)"},
     {"down-after", "MS", "the nodes' --down-after (default 500)"},
@@ -643,6 +646,10 @@ void report_cluster(std::ostringstream& r, const settings& set, const node_flags
     r << ", each serving the admin API on a port of its own, its key in a config file of that "
          "directory (`admin-key = ...`, for keel-shell's partition fault)";
   r << ":\n\n" << cf.commands << "\n";
+  if (flags.protocol)
+    r << "- --ownership protocol: every session's group is the three nodes; a new session, a "
+         "turn and a turn's end are acknowledged once two of them stored it synced; a lease per "
+         "session (docs/actors.md, \"Ownership protocol\"). --replicas does not apply.\n";
   r << format(
       "- Default --replicas: 2 with three nodes, so every session's group is all three nodes, "
       "and a new session or turn is acknowledged once two of them (the owner's synced write "
@@ -970,6 +977,13 @@ int failover_command(std::span<char*> args) {
   const auto bin = fs::read_symlink("/proc/self/exe").parent_path();
   flags.exe = (bin / "keel-node").string();
   flags.model = opts->get("model");
+  if (opts->has("ownership")) {
+    auto mode = opts->get("ownership");
+    if (mode != "interim" && mode != "protocol")
+      return fail(keel::make_error(keel::errc::bad_request,
+                                   "failover: --ownership " + mode + ": expected interim or protocol"));
+    flags.protocol = mode == "protocol";
+  }
   struct int_option {
     const char* name;
     int64_t fallback, min, max;
