@@ -409,10 +409,7 @@ node::drained_session node::hand_over(const std::string& id) {
 }
 
 caf::expected<std::vector<node::drained_session>> node::drain() {
-  if (own_) {
-    return make_error(errc::unimplemented,
-                      "node " + cfg_.name + " cannot drain under the ownership protocol yet");
-  }
+  if (own_) return protocol_drain();
   if (!store_ || !replicator_) {
     return make_error(errc::unimplemented,
                       "node " + cfg_.name + " cannot drain: it needs --data and --peers");

@@ -262,6 +262,9 @@ class node {
   /// Another node owns `id` now: stops it here.
   void lost(const std::string& id);
   caf::expected<owner_endpoint> protocol_owner(const std::string& id);
+  /// `drain` under the protocol: gives every session up (the host resigns it, its actor ends
+  /// its client's stream), then waits until another member of each group owns it.
+  caf::expected<std::vector<drained_session>> protocol_drain();
 
   caf::actor_system& sys_;
   node_config cfg_;

@@ -2,6 +2,8 @@
 // and its plumbing, what the session table hands it, and what the node does when it acquires or
 // loses a session. docs/actors.md, "Ownership protocol".
 
+#include <thread>
+
 #include <caf/scoped_actor.hpp>
 
 #include "actors/detail/ownership_part.hpp"
@@ -228,6 +230,60 @@ caf::expected<owner_endpoint> node::protocol_owner(const std::string& id) {
   }
   return make_error(errc::disconnected, "session " + id + " is owned by " + view->owner +
                                             ", which this node cannot reach now (retry)");
+}
+
+caf::expected<std::vector<node::drained_session>> node::protocol_drain() {
+  auto host = own_->current();
+  if (!host) return make_error(errc::disconnected, "node " + cfg_.name + " is stopping");
+  if (!draining_.exchange(true) && on_draining_) on_draining_();
+  auto ids = sessions_->ids();
+  ctx_->log->report(cfg_.name + ": draining: no new sessions; giving up " +
+                    std::to_string(ids.size()) + " session(s) to their groups");
+  caf::scoped_actor self{sys_};
+  for (auto& id : ids) {
+    self->request(host, std::chrono::seconds(5), resign_atom::value, id)
+        .receive([](bool) {}, [](caf::error&) {});
+    // As when another node takes it over: this node stops serving it now, and its client
+    // resumes at the new owner.
+    failover_->post([this, id] {
+      if (!sessions_->drop(id, 0)) return;
+      if (auto a = session(id))
+        caf::anon_send(a, moved_atom::value,
+                       "session " + id + " is handed over (node " + cfg_.name +
+                           " drains); reconnect and resume on another node");
+    });
+  }
+  // Another member of each group takes it over after suspect_after, as from a silent owner.
+  std::vector<drained_session> out;
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+  for (auto& id : ids) {
+    drained_session d;
+    d.id = id;
+    for (;;) {
+      caf::expected<ownership_view> v = make_error(errc::failed, "no answer");
+      self->request(host, std::chrono::seconds(2), describe_atom::value, id)
+          .receive([&](ownership_view& x) { v = std::move(x); },
+                   [&](caf::error& e) { v = std::move(e); });
+      if (v && !v->owner.empty() && v->owner != cfg_.name) {
+        d.to = v->owner;
+        d.epoch = v->promised.epoch;
+        break;
+      }
+      if (std::chrono::steady_clock::now() >= until) {
+        d.error = "no other member of its group took it over within 15 s" +
+                  (v ? std::string() : " (" + describe(v.error()) + ")");
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    out.push_back(std::move(d));
+  }
+  size_t left = 0;
+  for (auto& d : out) left += d.error.empty() ? 0 : 1;
+  ctx_->log->report(cfg_.name + ": drain: " +
+                    (left == 0 ? std::string("every session has a new owner; safe to stop")
+                               : std::to_string(left) + " session(s) have no new owner yet"));
+  return out;
 }
 
 }  // namespace keel

@@ -120,9 +120,16 @@ bool ownership::alive(const std::string& member) const {
 
 // ---- acceptor side -------------------------------------------------------------------------
 
+void ownership::resign(const std::string& session) {
+  if (owned_.erase(session) == 0) return;
+  candidacies_.erase(session);
+  resigned_.insert(session);
+}
+
 void ownership::promise_to(const std::string& session, const ballot& b) {
   stored(session).promised = b;
   if (b.owner != cfg_.self) {
+    resigned_.erase(session);
     auto c = candidacies_.find(session);
     if (c != candidacies_.end() && c->second.b < b) candidacies_.erase(c);
     auto o = owned_.find(session);
@@ -629,6 +636,7 @@ void ownership::takeovers() {
     if (owner.empty()) continue;
     auto& g = group(s);
     if (std::find(g.begin(), g.end(), cfg_.self) == g.end()) continue;
+    if (owner == cfg_.self && resigned_.count(s)) continue;  // given up: another takes it
     if (owner == cfg_.self) {
       // Ours before a restart (or a candidacy of ours that stopped halfway): take it back.
       if (st.accepted.epoch > 0 || st.promised.epoch > 0) acquire(s, false, {});

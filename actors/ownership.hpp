@@ -247,6 +247,11 @@ class ownership {
   /// `durable(session, turn, true)` once a majority stored the end.
   void finish_turn(const std::string& session, uint64_t turn, const std::string& end = {});
 
+  /// Gives `session` up (a drain): this node stops serving and claiming it at once (no `lost`
+  /// event: the host asked), and does not take it back as its own; the group's next member
+  /// finds it unclaimed after `suspect_after` and takes it over as from a dead owner. Waiting
+  /// acknowledgements are dropped. A no-op when this node does not own it.
+  void resign(const std::string& session);
   /// Whether this node owns `session` and holds its lease now: it may stream and acknowledge.
   bool may_serve(const std::string& session);
   /// Until when (this node's clock) `may_serve(session)` stays true if no grant arrives meanwhile:
@@ -336,6 +341,8 @@ class ownership {
   std::map<std::string, owned_session> owned_;
   std::map<std::string, candidacy> candidacies_;
   std::map<std::string, int64_t> retry_after_;  // session -> no new candidacy before this
+  /// Sessions given up by `resign` whose promise still names this node: not taken back.
+  std::set<std::string> resigned_;
   std::map<std::string, int64_t> heard_;        // member -> last message from it
   int64_t last_heartbeat_ = 0;
   /// Per member: the claims of each heartbeat sent to it within the last `lease`, by send time.

@@ -330,6 +330,32 @@ ownership_actor::behavior_type host_behavior(host_pointer self, ownership_host_c
         }
         return v;
       },
+      [self](resign_atom, const std::string& session) -> bool {
+        auto& st = self->state;
+        bool owned = st.engine->owns(session);
+        st.engine->resign(session);
+        st.cfg.leases->set(session, INT64_MIN);
+        // Nothing it waited for will be acknowledged here.
+        auto err = [&] {
+          return make_error(errc::stale_epoch,
+                            "session " + session + ": handed over (the node drains); resume on "
+                                                   "another node");
+        };
+        if (auto i = st.opens.find(session); i != st.opens.end()) {
+          for (auto& w : i->second) w.promise.deliver(err());
+          st.opens.erase(i);
+        }
+        for (auto i = st.acks.begin(); i != st.acks.end();) {
+          if (std::get<0>(i->first) != session) {
+            ++i;
+            continue;
+          }
+          for (auto& w : i->second) w.promise.deliver(err());
+          i = st.acks.erase(i);
+        }
+        st.settle();
+        return owned;
+      },
       [self](tick_atom) {
         auto& st = self->state;
         st.engine->tick();

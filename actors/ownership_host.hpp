@@ -62,6 +62,7 @@ using peer_message_atom = caf::atom_constant<caf::atom("k_ownmsg")>;
 using finish_atom = caf::atom_constant<caf::atom("k_finish")>;
 using own_tokens_atom = caf::atom_constant<caf::atom("k_owntok")>;
 using describe_atom = caf::atom_constant<caf::atom("k_descr")>;
+using resign_atom = caf::atom_constant<caf::atom("k_resign")>;
 
 /// What the host says of one session (admin, forwarding).
 struct ownership_view {
@@ -94,6 +95,8 @@ struct ownership_view {
 ///   `tokens` (so that its end is whole whatever checkpoints were lost) and `end` (how it
 ///   ended, opaque); answers true once a majority stored the end. Idempotent.
 /// - `(describe_atom, session) -> ownership_view`.
+/// - `(resign_atom, session) -> bool`: gives the session up (`ownership::resign`: a drain);
+///   false when this node did not own it. Its waiting requests fail with `stale_epoch`.
 /// - `(tick_atom)`: the host's own timer.
 using ownership_actor = caf::typed_actor<
     caf::reacts_to<peer_message_atom, std::string, std::string>,
@@ -102,6 +105,7 @@ using ownership_actor = caf::typed_actor<
     caf::reacts_to<own_tokens_atom, std::string, uint64_t, uint64_t, std::vector<int32_t>>,
     caf::replies_to<finish_atom, std::string, uint64_t, std::vector<int32_t>, std::string>::with<bool>,
     caf::replies_to<describe_atom, std::string>::with<ownership_view>,
+    caf::replies_to<resign_atom, std::string>::with<bool>,
     caf::reacts_to<tick_atom>>;
 
 struct ownership_host_config {

@@ -270,3 +270,43 @@ BOOST_AUTO_TEST_CASE(a_failing_disk_does_not_count_towards_the_majority) {
   c.run(300 * ms);
   BOOST_TEST(c.has("a", "durable " + s + " 0"));
 }
+
+BOOST_AUTO_TEST_CASE(a_resigned_session_is_taken_over_and_not_taken_back) {
+  cluster c(three());
+  auto s = open_at_a(c);
+  c["a"].submit_turn(s, 0, "kept");
+  c.deliver();
+  BOOST_REQUIRE(c.has("a", "durable " + s + " 0"));
+  c["a"].resign(s);
+  BOOST_TEST(!c["a"].may_serve(s));
+  BOOST_TEST(!c["a"].owns(s));
+  BOOST_TEST(!c.has("a", "lost " + s));  // the host asked: no event
+  c.run(2000 * ms);
+  std::string owner;
+  for (auto n : {"b", "c"})
+    if (c[n].may_serve(s)) owner = n;
+  BOOST_REQUIRE_MESSAGE(!owner.empty(), "nobody took the resigned session over");
+  BOOST_TEST(c[owner].data(s)->turns.at(0).user == "kept");
+  BOOST_TEST(!c["a"].owns(s));
+  BOOST_TEST(c["a"].owner_hint(s) == owner);
+}
+
+BOOST_AUTO_TEST_CASE(an_owner_back_from_a_partition_follows_the_new_owner) {
+  // Found on real nodes: a cut-off owner whose promise still named itself took the session back
+  // right after the heal, and every heal moved the session again.
+  cluster c(three());
+  auto s = open_at_a(c);
+  c.down = {"a"};
+  c.run(2000 * ms);
+  std::string owner;
+  for (auto n : {"b", "c"})
+    if (c[n].may_serve(s)) owner = n;
+  BOOST_REQUIRE(!owner.empty());
+  auto epoch = c[owner].copy(s)->promised.epoch;
+  c.down.clear();
+  c.run(3000 * ms);
+  BOOST_TEST(c[owner].may_serve(s), "the session left " << owner << " after the heal");
+  BOOST_TEST(c[owner].copy(s)->promised.epoch == epoch);
+  BOOST_TEST(!c["a"].owns(s));
+  BOOST_TEST(c["a"].copy(s)->promised.owner == owner);
+}

@@ -169,7 +169,9 @@ struct trio {
   keel::test::temp_dir dir;
   std::unique_ptr<node> a, b, c;
 
-  explicit trio(const std::string& label, const std::string& model = tiny_model())
+  /// `protocol`: the nodes run `--ownership protocol` (named peers).
+  explicit trio(const std::string& label, const std::string& model = tiny_model(),
+                bool protocol = false)
       : dir("shell_test-" + label + "-" + std::to_string(getpid())) {
     auto config = (dir.path / "admin.conf").string();
     std::ofstream(config) << "admin-key = " << key << "\n";
@@ -178,12 +180,17 @@ struct trio {
     auto start = [&](const std::string& name, const std::string& region) {
       std::string others;
       for (auto& [n, address] : peer)
-        if (n != name) others += (others.empty() ? "" : ",") + address;
-      return std::make_unique<node>(
-          std::vector<std::string>{"--name", name, "--region", region, "--peer-listen", peer[name],
-                                   "--peers", others, "--data", (dir.path / name).string(),
-                                   "--replicas", "2", "--config", config},
-          false, model);
+        if (n != name)
+          others += (others.empty() ? "" : ",") + (protocol ? n + "=" : std::string()) + address;
+      std::vector<std::string> args = {"--name", name, "--region", region, "--peer-listen",
+                                       peer[name], "--peers", others, "--data",
+                                       (dir.path / name).string(), "--config", config};
+      if (protocol)
+        args.insert(args.end(), {"--ownership", "protocol", "--peer-regions",
+                                 name == "c" ? "a=r1,b=r1" : name == "a" ? "b=r1,c=r2" : "a=r1,c=r2"});
+      else
+        args.insert(args.end(), {"--replicas", "2"});
+      return std::make_unique<node>(args, false, model);
     };
     a = start("a", "r1");
     b = start("b", "r1");
@@ -566,7 +573,7 @@ BOOST_AUTO_TEST_CASE(nodes_merges_peers_and_a_cut_link_shows_the_peer_down) {
   BOOST_TEST(wait_for("up") == "up");  // the cut ends, heartbeats are answered again
 }
 
-BOOST_AUTO_TEST_CASE(drain_hands_every_session_over_and_the_node_is_safe_to_stop) {
+static void drain_test(bool protocol) {
   // The reference, on one fault-free node: a seed whose second reply runs past the stall below.
   // Sampling is keyed by (seed, turn, index), so any node generates the same conversation.
   const std::string first = "Hello there", second = "Tell me more";
@@ -590,7 +597,7 @@ BOOST_AUTO_TEST_CASE(drain_hands_every_session_over_and_the_node_is_safe_to_stop
   }
   BOOST_REQUIRE(reference[1].generated.size() >= 12u);
 
-  trio t("drain");
+  trio t(protocol ? "drain-protocol" : "drain", tiny_model(), protocol);
   auto& a = t.a;
   auto& b = t.b;
   auto& c = t.c;
@@ -692,6 +699,14 @@ BOOST_AUTO_TEST_CASE(drain_hands_every_session_over_and_the_node_is_safe_to_stop
                  "{\"command\":\"drain\",\"node\":\"a\",\"sessions\":[],\"remaining\":0,"
                  "\"safe_to_stop\":true}\n",
              again.out);
+}
+
+BOOST_AUTO_TEST_CASE(drain_hands_every_session_over_and_the_node_is_safe_to_stop) {
+  drain_test(false);
+}
+
+BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_drain_hands_every_session_to_its_group) {
+  drain_test(true);
 }
 
 BOOST_AUTO_TEST_CASE(a_drain_that_cannot_move_a_session_says_why_and_fails) {
