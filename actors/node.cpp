@@ -300,6 +300,16 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
       });
     }
   }
+  if (n->own_) {
+    // The protocol's host is the root's last child (after the sessions it starts): `kill
+    // NODE/ownership` restarts it, and the restarted host recovers from the store. What its
+    // callbacks use is in place before it starts.
+    n->cfg_ = cfg;
+    n->ctx_ = ctx;
+    n->sessions_ = table;
+    if (!n->failover_) n->failover_ = std::make_unique<serial_executor>();
+    top.push_back(n->ownership_spec());
+  }
   n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags, std::move(top), ctx->log);
   n->root_->attach_functor([r = n->readiness_, log = ctx->log](const caf::error& reason) {
     std::lock_guard<std::mutex> guard(r->mu);
@@ -315,11 +325,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   // With peers: sessions another node took over while this one was down are dropped, corrupt
   // ones are repaired from a replica.
   if (n->replicator_ && n->store_) recovered = n->reconcile(std::move(recovered), corrupt, damaged);
-  if (n->own_) {
-    // Acquisitions and losses run on the failover executor (a node without peers has none).
-    if (!n->failover_) n->failover_ = std::make_unique<serial_executor>();
-    if (auto err = n->start_ownership()) return err;
-  }
+
   // Recovered sessions start under session_sup with their records (already in the table); a
   // turn that was running resubmits itself with the tokens its log holds.
   for (auto& r : recovered)
@@ -355,16 +361,10 @@ void node::stop() {
     sessions_->detach_store();
   }
   if (own_) {
-    // The host goes before the store it writes to; nothing reaches it afterwards.
-    ownership_actor host;
+    // The host stopped with the tree, before the store it writes to; nothing reaches it now.
     {
       std::lock_guard<std::mutex> guard(own_->mu);
-      host = std::move(own_->host);
       own_->host = nullptr;
-    }
-    if (host) {
-      self->send_exit(host, caf::exit_reason::user_shutdown);
-      self->wait_for(host);
     }
     own_->transport.reset();
   }

@@ -251,9 +251,10 @@ class node {
   drained_session hand_over(const std::string& id);
 
   // The ownership protocol (node_ownership.cpp).
-  /// Starts the host (after the tree): it recovers from the store and takes this node's
-  /// sessions back, each started as `acquired` says.
-  caf::error start_ownership();
+  /// The host as the root's child "ownership" (its store and transport made here): each start
+  /// recovers from the store and takes this node's sessions back, each started as `acquired`
+  /// says (a session still running here after a restart of the host alone goes on).
+  child_spec ownership_spec();
   /// What the session table hands the protocol (session_table::on_change).
   caf::error protocol_change(const session_record& r, change c,
                              const std::optional<session_record>& previous);

@@ -57,7 +57,7 @@ std::shared_ptr<node::ownership_part> make_ownership_part(const node_config& cfg
   return part;
 }
 
-caf::error node::start_ownership() {
+child_spec node::ownership_spec() {
   auto& part = *own_;
   auto log = [l = ctx_->log](const std::string& line) { l->report(line); };
   if (store_)
@@ -85,10 +85,16 @@ caf::error node::start_ownership() {
   };
   hc.lost = [this](const std::string& id) { lost(id); };
   hc.log = log;
-  auto host = spawn_ownership_host(sys_, std::move(hc));
-  std::lock_guard<std::mutex> guard(part.mu);
-  part.host = std::move(host);
-  return {};
+  child_spec spec;
+  spec.id = "ownership";
+  spec.start = [hc, part = own_](caf::actor_system& sys, const std::string&,
+                                 const caf::message&) -> caf::expected<caf::actor> {
+    auto host = spawn_ownership_host(sys, hc);
+    std::lock_guard<std::mutex> guard(part->mu);
+    part->host = host;
+    return caf::actor_cast<caf::actor>(host);
+  };
+  return spec;
 }
 
 void node::deliver_ownership(const std::string& from, std::string message) {

@@ -709,6 +709,49 @@ BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_drain_hands_every_session_to_i
   drain_test(true);
 }
 
+BOOST_AUTO_TEST_CASE(the_ownership_host_is_in_the_tree_and_a_killed_one_comes_back) {
+  // Under the protocol the host is the root's child "ownership": `kill` restarts it, and the
+  // restarted host recovers from the store and takes its sessions back; the conversation goes on.
+  trio t("ownership-kill", tiny_model(), true);
+  auto client = keel::wire::client::connect({t.a->client, t.b->client, t.c->client});
+  BOOST_REQUIRE_MESSAGE(client, keel::test::why(client));
+  auto& cl = *client;
+  auto sid = cl->open_session(sampled(5));
+  BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+  auto first = cl->generate(*sid, "Hello there", 8);
+  BOOST_REQUIRE_MESSAGE(first, keel::test::why(first));
+
+  auto tree = t.a->shell("tree");
+  BOOST_REQUIRE_MESSAGE(tree.status == 0, tree.err);
+  BOOST_TEST(contains(line_with(tree.out, "a/ownership"), "running  "), tree.out);
+  auto killed = t.a->shell("kill a/ownership");
+  BOOST_REQUIRE_MESSAGE(killed.status == 0, killed.err);
+  BOOST_TEST(contains(killed.out, "killed a/ownership"), killed.out);
+
+  // The next turn is acknowledged (by whichever member owns the session now; refused with
+  // `disconnected`, a retry, while the restarted host takes its sessions back) and every node
+  // answers the same two turns.
+  auto second = cl->generate(*sid, "Tell me more", 8);
+  for (int i = 0; i < 50 && !second && keel::code_of(second.error()) == keel::errc::disconnected;
+       ++i) {
+    std::this_thread::sleep_for(100ms);
+    second = cl->generate(*sid, "Tell me more", 8);
+  }
+  BOOST_REQUIRE_MESSAGE(second, keel::test::why(second));
+  std::string expected;
+  for (auto* n : {t.a.get(), t.b.get(), t.c.get()}) {
+    auto h = n->connect()->history(*sid);
+    BOOST_REQUIRE_MESSAGE(h, keel::test::why(h));
+    BOOST_TEST(h->size() == 2u);
+    if (expected.empty()) expected = transcript(*h);
+    BOOST_TEST(transcript(*h) == expected);
+  }
+  tree = t.a->shell("tree");
+  auto row = line_with(tree.out, "a/ownership");
+  BOOST_TEST(contains(row, "running  "), row);
+  BOOST_TEST(contains(row, " 1  "), row);  // restarts
+}
+
 BOOST_AUTO_TEST_CASE(a_drain_that_cannot_move_a_session_says_why_and_fails) {
   // A node cut off from both its peers: its sessions have nowhere to go. (A node alone never
   // acknowledges a turn, so the session is opened while the peers are there.)
