@@ -143,10 +143,17 @@ void ownership::learn(const std::string& session, const ballot& b) {
   // Promising more than a member was asked to is always allowed (it only refuses more), and
   // it makes this node follow the new owner: without it, a node whose own promise still named
   // itself after it lost the session took it back as after a restart, and the session bounced
-  // back to it after every heal. Synced like any promise; a failed write leaves it in memory
-  // only, which a restart forgets (and the restart hold covers).
+  // back to it after every heal. Synced like any promise, and kept in memory only if it is on
+  // disk: a prepare for the same ballot is answered from memory
+  // as already promised, and a promise forgotten in a crash would let a lower ballot win a
+  // majority (keel-sim seed 782548 lost an acknowledged turn so, with a failing disk and a
+  // crash).
+  auto saved = st;
   promise_to(session, b);
-  persist(session, true);
+  if (!persist(session, true)) {
+    stored(session) = saved;
+    return;
+  }
   // Heard of just now: the new owner gets a suspect time to claim it here before this node
   // counts it silent (its last claim here may be long ago, or by the previous owner).
   claimed_[session] = env_.now();
@@ -229,6 +236,7 @@ void ownership::on_write(const std::string& from, const write_msg& m) {
     return;
   }
   bool moved = m.b > st.promised;
+  auto saved = st;
   if (moved) promise_to(m.session, m.b);
   auto& s = stored(m.session);
   bool newer = m.b > s.accepted || (m.b == s.accepted && extends(m.data, s.data) && m.data != s.data);
@@ -238,6 +246,9 @@ void ownership::on_write(const std::string& from, const write_msg& m) {
   }
   bool ok = true;
   if (newer || moved || m.durable) ok = persist(m.session, m.durable || moved);
+  // A promise or copy that is not on disk is not kept either: memory never claims more than a
+  // restart would remember.
+  if (!ok) stored(m.session) = saved;
   r.ok = ok;
   r.disk_failed = !ok;
   if (m.b.owner == from) last_grant_[from] = claimed_[m.session] = env_.now();
