@@ -262,6 +262,7 @@ struct temp_dir {
 /// The options of one run, checked.
 struct settings {
   bool restart_mode = false;
+  bool protocol = false;  // --ownership protocol
   int64_t kills = 0, partitions = 0, max_tokens = 0, sessions = 0, turns = 0, cost_tokens = 0,
           reps = 0, seed = 0;
 };
@@ -650,10 +651,11 @@ void report_cluster(std::ostringstream& r, const settings& set, const node_flags
     r << "- --ownership protocol: every session's group is the three nodes; a new session, a "
          "turn and a turn's end are acknowledged once two of them stored it synced; a lease per "
          "session (docs/actors.md, \"Ownership protocol\"). --replicas does not apply.\n";
+  if (!flags.protocol)
+    r << "- Default --replicas: 2 with three nodes, so every session's group is all three nodes, "
+         "and a new session or turn is acknowledged once two of them (the owner's synced write "
+         "and one replica's) stored it\n";
   r << format(
-      "- Default --replicas: 2 with three nodes, so every session's group is all three nodes, "
-      "and a new session or turn is acknowledged once two of them (the owner's synced write "
-      "and one replica's) stored it\n"
       "- --heartbeat-interval %lld ms, --down-after %lld ms: a node declares a peer down after "
       "%lld ms without an answer, and streams only while a majority answered its heartbeats "
       "within the last %lld ms (4/5 of --down-after, its lease)\n"
@@ -806,9 +808,11 @@ void report_cost(std::ostringstream& r, const settings& set, const cost_figures&
   r << "- Off: " << cf.off_command << " (no --data, no peers: nothing is written or replicated)\n";
   r << "- On: " << cf.on_commands
     << ", a in r1, b in r2, c in r3, fresh data directories each run; the sessions run on a, "
-       "whose group is all three nodes (default --replicas, 2): a new session or turn is "
-       "acknowledged once a majority of the group stored it (a's synced write to its RocksDB "
-       "store and one replica's); tokens are checkpointed and replicated without waiting\n";
+       "whose group is all three nodes ("
+    << (set.protocol ? "the ownership protocol's group of three" : "default --replicas, 2")
+    << "): a new session or turn is acknowledged once a majority of the group stored it (a's "
+       "synced write to its RocksDB store and one other member's); tokens are checkpointed and "
+       "replicated without waiting\n";
   r << format(
       "- Load: %lld sessions, each a thread with its own keel::wire::client, %lld turns of at "
       "most %lld tokens one after another (session i: temperature 0.8, top-k 40, seed i; turn "
@@ -913,7 +917,10 @@ std::string report(const settings& set, const node_flags& flags, const std::stri
   r << "## How to reproduce\n\n```\n";
   r << "build/apps/keel-model synth -o /tmp/failover.gguf --dim 512 --layers 6 --heads 8 "
        "--kv-heads 4 \\\n  --ffn 1536 --ctx 2048\n";
-  r << "build/apps/keel-bench failover --model /tmp/failover.gguf --out bench/failover.md\n```\n\n";
+  r << "build/apps/keel-bench failover --model /tmp/failover.gguf"
+    << (set.protocol ? " --ownership protocol --out bench/failover-protocol.md"
+                     : " --out bench/failover.md")
+    << "\n```\n\n";
   r << "keel-bench starts every keel-node itself (from its own directory, as keel-shell) on free "
        "ports of 127.0.0.1, with data directories and the admin key in a temporary directory, "
        "and ends them all on every path (SIGINT included). `--kills 0`, `--partitions 0` or "
@@ -983,6 +990,7 @@ int failover_command(std::span<char*> args) {
       return fail(keel::make_error(keel::errc::bad_request,
                                    "failover: --ownership " + mode + ": expected interim or protocol"));
     flags.protocol = mode == "protocol";
+    set.protocol = flags.protocol;
   }
   struct int_option {
     const char* name;
