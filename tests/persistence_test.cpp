@@ -312,6 +312,60 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
   caf::anon_send_exit(snk2, caf::exit_reason::user_shutdown);
 }
 
+BOOST_FIXTURE_TEST_CASE(a_recovered_turn_that_holds_all_its_tokens_ends_without_another, fixture) {
+  // A copy saved between a turn's last token and the write of its end (a crash, a takeover) holds
+  // the turn as running with max_tokens tokens. Resubmitted as it was, the batcher (which checks
+  // the limit after each token) made one more, and every later turn differed (chaos_test saw it).
+  const int32_t max_tokens = 24;
+  session_record ref;
+  {
+    auto t = std::make_shared<transcript>();
+    auto snk = sys->spawn(sink, t);
+    auto nd = start(data("reference"));
+    for (uint64_t seed = 1; seed < 40; ++seed) {
+      auto id = one_turn(*this, *nd, seed, "Once upon a time", max_tokens, t, snk);
+      for (auto& r : nd->sessions())
+        if (r.id == id && r.turns.at(0).generated.size() == static_cast<size_t>(max_tokens))
+          ref = r;
+      if (!ref.id.empty()) break;
+    }
+    caf::anon_send_exit(snk, caf::exit_reason::user_shutdown);
+  }
+  BOOST_REQUIRE_MESSAGE(!ref.id.empty(), "no seed ran a turn to its limit");
+  // The store as that moment left it: the turn running, its log holding every token.
+  auto dir = data("full");
+  {
+    auto store = storage::session_store::open(dir);
+    BOOST_REQUIRE_MESSAGE(store, test::why(store));
+    auto running = ref;
+    running.turns[0].done = false;
+    BOOST_REQUIRE(!(*store)->put_session(ref.id, 1, wire::encode(to_checkpoint(running))));
+    BOOST_REQUIRE(!(*store)->append_turn_tokens(ref.id, 1, 0, 0, ref.turns[0].generated));
+  }
+  auto nd = start(dir);
+  auto t = std::make_shared<transcript>();
+  auto snk = sys->spawn(sink, t);
+  auto s = nd->session(ref.id);
+  BOOST_REQUIRE(s);
+  caf::scoped_actor self{*sys};
+  self->request(s, std::chrono::seconds(10), resume_atom::value, uint64_t{0},
+                static_cast<int64_t>(max_tokens), snk)
+      .receive([](bool) {}, [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
+  auto key = std::make_pair(ref.id, uint64_t{0});
+  BOOST_REQUIRE_MESSAGE(t->wait([&] { return t->done.count(key) > 0; }, std::chrono::seconds(30)),
+                        "the recovered turn did not end");
+  {
+    std::lock_guard<std::mutex> guard(t->mu);
+    BOOST_TEST(t->done[key] == finish_reason::length);
+    BOOST_TEST(t->tokens[key].empty(), "a token past the limit went out: index "
+                                           << (t->tokens[key].empty() ? -1 : t->tokens[key].begin()->first));
+  }
+  auto rec = nd->sessions().at(0);
+  BOOST_TEST(rec.turns.at(0).done);
+  BOOST_TEST(rec.turns.at(0).generated == ref.turns[0].generated, boost::test_tools::per_element());
+  caf::anon_send_exit(snk, caf::exit_reason::user_shutdown);
+}
+
 BOOST_FIXTURE_TEST_CASE(a_corrupt_session_record_is_reported_and_skipped, fixture) {
   auto dir = data("corrupt");
   auto t = std::make_shared<transcript>();
