@@ -20,6 +20,9 @@ caf::error host_error(const caf::error& e, const std::string& what) {
   if (e.category() == caf::atom("system"))
     return make_error(errc::disconnected, what + ": the ownership host did not answer (" +
                                               caf::to_string(e) + "); retry");
+  // Another node owns the session: the caller's client retries there (through any node).
+  if (code_of(e) == errc::stale_epoch)
+    return make_error(errc::disconnected, message_of(e) + "; retry (any node forwards there)");
   return e;
 }
 
@@ -144,6 +147,7 @@ caf::error node::protocol_change(const session_record& r, change c,
     }
     self->request(host, wait, submit_atom::value, r.id, t.turn, turn_input(t))
         .receive([](bool) {}, [&](caf::error& e) {
+          if (code_of(e) == errc::stale_epoch) lost(r.id);
           out = host_error(e, "session " + r.id + " turn " + std::to_string(t.turn));
         });
     return out;
@@ -153,6 +157,12 @@ caf::error node::protocol_change(const session_record& r, change c,
   auto& t = r.turns.back();
   self->request(host, wait, finish_atom::value, r.id, t.turn, t.generated, turn_end(t))
       .receive([](bool) {}, [&](caf::error& e) {
+        // Another node owns it: this one stops (the session actor ends its stream when told).
+        if (code_of(e) == errc::stale_epoch) {
+          lost(r.id);
+          out = e;
+          return;
+        }
         out = host_error(e, "session " + r.id + " end of turn " + std::to_string(t.turn));
       });
   return out;

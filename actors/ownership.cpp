@@ -127,13 +127,20 @@ void ownership::resign(const std::string& session) {
 }
 
 void ownership::promise_to(const std::string& session, const ballot& b) {
+  auto previous = stored(session).promised;
   stored(session).promised = b;
   if (b.owner != cfg_.self) {
     resigned_.erase(session);
     auto c = candidacies_.find(session);
     if (c != candidacies_.end() && c->second.b < b) candidacies_.erase(c);
     auto o = owned_.find(session);
-    if (o != owned_.end() && o->second.b < b) lose(session);
+    if (o != owned_.end() && o->second.b < b) {
+      lose(session);
+    } else if (o == owned_.end() && previous.owner == cfg_.self) {
+      // This node owned it before a restart of its protocol (a host restarted alone may still
+      // serve it from before): another owns it now.
+      env_.lost(session);
+    }
   }
 }
 

@@ -178,7 +178,9 @@ class ownership_env {
   // Events.
   /// This node owns `session` now (after an open or a takeover): serve it from `data`.
   virtual void acquired(const std::string& session) = 0;
-  /// This node no longer owns `session` (another took it over): stop serving it at once.
+  /// This node no longer owns `session` (another took it over): stop serving it at once. Also
+  /// said of a session this node owned before it (re)started, when it learns another owns it
+  /// (a host restarted while its node went on may still serve it); may come more than once.
   virtual void lost(const std::string& session) = 0;
   /// A majority of the group stored `turn` of `session` as its owner submitted it (or its end,
   /// with `finished`): the owner may acknowledge it now (it holds its lease).

@@ -132,11 +132,13 @@ struct host_state {
     switch (r) {
       case refusal::not_owner: {
         auto owner = engine->owner_hint(session);
-        return make_error(errc::disconnected,
-                          "session " + session + ": this node does not own it" +
-                              (owner.empty() || owner == cfg.protocol.self
-                                   ? std::string{}
-                                   : " (" + owner + " does)"));
+        // Another node owns it: `stale_epoch`, so that the node stops serving it here (a host
+        // restarted alone took nothing back from that node, and no `lost` came).
+        if (!owner.empty() && owner != cfg.protocol.self)
+          return make_error(errc::stale_epoch, "session " + session +
+                                                   ": this node does not own it (" + owner +
+                                                   " does)");
+        return make_error(errc::disconnected, "session " + session + ": this node does not own it");
       }
       case refusal::no_quorum:
         return make_error(errc::disconnected, "session " + session +

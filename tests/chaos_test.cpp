@@ -1014,9 +1014,14 @@ static void isolated_owner(bool protocol) {
   size_t moved = 0;
   for (size_t i = 0; i < conversations; ++i) {
     for (auto& f : runs[i].failovers) {
-      // The client may reach the new owner through a (which forwards after the heal).
-      BOOST_TEST(f.to_node != cl.name(0), summary(runs[i]));
-      ++moved;
+      // The client may reach the new owner through a (which forwards after the heal). Under
+      // the protocol a may own a session again after the heal when the machine is so loaded
+      // that its new owner's heartbeats stall past suspect_after (seen with a sanitizer build
+      // beside the test): a stream that moves after the heal may go to a; safety is checked
+      // below either way, and ownership_test checks deterministically that a returning owner
+      // follows the new one.
+      if (!protocol) BOOST_TEST(f.to_node != cl.name(0), summary(runs[i]));
+      moved += f.to_node != cl.name(0) ? 1 : 0;
     }
   }
   BOOST_TEST(moved >= 1u, "no stream moved off the isolated node: nothing tested");
@@ -1033,7 +1038,7 @@ static void isolated_owner(bool protocol) {
   while (!dropped() && clock_type::now() < until) std::this_thread::sleep_for(50ms);
   BOOST_TEST(dropped(), "a did not learn that its sessions were taken over:\n" << cl.log(0));
   BOOST_TEST((contains(cl.log(1), "took over session") || contains(cl.log(2), "took over session")));
-  BOOST_TEST(!contains(cl.log(0), "took over session"), cl.log(0));
+  if (!protocol) BOOST_TEST(!contains(cl.log(0), "took over session"), cl.log(0));
   check_no_crash(cl);
   check_transcripts(runs, reference);
   check_history_everywhere(cl, runs, reference);
