@@ -204,14 +204,14 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   }
   auto engine_sup =
       recording(supervisor_child("engine", cfg.engine_flags, shard_worker_specs(group), ctx->log),
-                [ctx](caf::actor a) { ctx->set_engine_sup(std::move(a)); });
+                [ctx](caf::actor a) { ctx->set_engine_sup(a); });
   child_spec batcher;
   batcher.id = "batcher";
   batcher.start = [ctx, bcfg = cfg.batching](caf::actor_system& s, const std::string&,
                                              const caf::message&) -> caf::expected<caf::actor> {
     return spawn_batcher(s, ctx, bcfg);
   };
-  batcher = recording(std::move(batcher), [ctx](caf::actor a) { ctx->set_batcher(std::move(a)); });
+  batcher = recording(std::move(batcher), [ctx](caf::actor a) { ctx->set_batcher(a); });
   // A restarted session supervisor starts empty: it starts again every session of the table
   // (the first start has none yet; node::start starts the recovered ones itself).
   auto session_flags = cfg.session_flags;

@@ -6,6 +6,8 @@
 #include <string>
 
 #include <caf/actor.hpp>
+#include <caf/actor_addr.hpp>
+#include <caf/actor_cast.hpp>
 
 #include "actors/fault.hpp"
 #include "actors/supervisor.hpp"
@@ -32,27 +34,32 @@ struct node_context {
   /// host's lease_board), asked before each of its tokens and each resume. Empty: not asked.
   std::function<bool(const std::string& id)> may_serve_session;
 
+  /// The current engine supervisor and batcher, or an invalid handle once the actor is gone.
+  /// The context does not own them (their supervisors do): it keeps weak references.
   caf::actor engine_sup() const {
     std::lock_guard<std::mutex> guard(mu_);
-    return engine_sup_;
+    return caf::actor_cast<caf::actor>(engine_sup_);
   }
   caf::actor batcher() const {
     std::lock_guard<std::mutex> guard(mu_);
-    return batcher_;
+    return caf::actor_cast<caf::actor>(batcher_);
   }
-  void set_engine_sup(caf::actor a) {
+  void set_engine_sup(const caf::actor& a) {
     std::lock_guard<std::mutex> guard(mu_);
-    engine_sup_ = std::move(a);
+    engine_sup_ = a.address();
   }
-  void set_batcher(caf::actor a) {
+  void set_batcher(const caf::actor& a) {
     std::lock_guard<std::mutex> guard(mu_);
-    batcher_ = std::move(a);
+    batcher_ = a.address();
   }
 
  private:
   mutable std::mutex mu_;
-  caf::actor engine_sup_;
-  caf::actor batcher_;
+  // Weak: a strong handle closed a cycle (engine supervisor -> its child specs -> engine_group
+  // -> this context -> engine supervisor) that kept the stopped engine tree, its KV pools, the
+  // batcher and the tokenizer alive until exit (LeakSanitizer, keel-node after SIGTERM).
+  caf::actor_addr engine_sup_;
+  caf::actor_addr batcher_;
 };
 
 }  // namespace keel

@@ -322,7 +322,8 @@ BOOST_AUTO_TEST_CASE(cancel_ends_the_running_turn) {
   BOOST_TEST(in_order(*r));
   auto bad = s.session.cancelRequest();
   bad.setTurn(5);
-  auto e = bad.send().wait(c.getWaitScope()).getError();
+  auto answer = bad.send().wait(c.getWaitScope());  // owns the message `e` reads from
+  auto e = answer.getError();
   BOOST_TEST(e.getKind() == wire::Error::Kind::NOT_FOUND);
   BOOST_TEST(std::string(e.getMessage().cStr()).find("turn 5") != std::string::npos);
 }
