@@ -161,6 +161,22 @@ struct host_state {
     return {};
   }
 
+  /// Fails every request waiting on `session` (an open, a turn, a turn's end) with `err`.
+  void fail_waiting(const std::string& session, const caf::error& err) {
+    if (auto i = opens.find(session); i != opens.end()) {
+      for (auto& w : i->second) w.promise.deliver(err);
+      opens.erase(i);
+    }
+    for (auto i = acks.begin(); i != acks.end();) {
+      if (std::get<0>(i->first) != session) {
+        ++i;
+        continue;
+      }
+      for (auto& w : i->second) w.promise.deliver(err);
+      i = acks.erase(i);
+    }
+  }
+
   bool member(const std::string& name) const {
     for (auto& m : cfg.protocol.members)
       if (m.name == name) return true;
@@ -218,22 +234,9 @@ void host_env::lost(const std::string& session) {
   st_.cfg.leases->set(session, INT64_MIN);
   if (st_.cfg.lost) st_.cfg.lost(session);
   auto owner = st_.engine->owner_hint(session);
-  auto err = [&] {
-    return make_error(errc::stale_epoch, "session " + session + ": taken over by " +
-                                             (owner.empty() ? "another node" : owner));
-  };
-  if (auto i = st_.opens.find(session); i != st_.opens.end()) {
-    for (auto& w : i->second) w.promise.deliver(err());
-    st_.opens.erase(i);
-  }
-  for (auto i = st_.acks.begin(); i != st_.acks.end();) {
-    if (std::get<0>(i->first) != session) {
-      ++i;
-      continue;
-    }
-    for (auto& w : i->second) w.promise.deliver(err());
-    i = st_.acks.erase(i);
-  }
+  st_.fail_waiting(session, make_error(errc::stale_epoch,
+                                       "session " + session + ": taken over by " +
+                                           (owner.empty() ? "another node" : owner)));
 }
 
 void host_env::durable(const std::string& session, uint64_t turn, bool finished) {
@@ -338,23 +341,10 @@ ownership_actor::behavior_type host_behavior(host_pointer self, ownership_host_c
         st.engine->resign(session);
         st.cfg.leases->set(session, INT64_MIN);
         // Nothing it waited for will be acknowledged here.
-        auto err = [&] {
-          return make_error(errc::stale_epoch,
-                            "session " + session + ": handed over (the node drains); resume on "
-                                                   "another node");
-        };
-        if (auto i = st.opens.find(session); i != st.opens.end()) {
-          for (auto& w : i->second) w.promise.deliver(err());
-          st.opens.erase(i);
-        }
-        for (auto i = st.acks.begin(); i != st.acks.end();) {
-          if (std::get<0>(i->first) != session) {
-            ++i;
-            continue;
-          }
-          for (auto& w : i->second) w.promise.deliver(err());
-          i = st.acks.erase(i);
-        }
+        st.fail_waiting(session, make_error(errc::stale_epoch,
+                                            "session " + session +
+                                                ": handed over (the node drains); resume on "
+                                                "another node"));
         st.settle();
         return owned;
       },

@@ -5,11 +5,11 @@
 namespace keel {
 
 std::string session_meta(const session_record& r) {
-  wire::session_checkpoint c;
-  c.id = r.id;
-  c.params = r.params;
-  c.priority = r.priority;
-  c.tenant = r.tenant;
+  // The stored form without what changes: turns, owner, node-local number.
+  auto c = to_checkpoint(r);
+  c.turns.clear();
+  c.owner.clear();
+  c.number = 0;
   return wire::encode(c);
 }
 
