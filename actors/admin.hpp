@@ -49,7 +49,8 @@ struct admin_config {
 /// Threads: one runs the KJ event loop (connections, and a once-a-second sample of the
 /// batcher's token count for tokens/s); the calls, which wait for actors, run one at a time on a
 /// `wire::blocking_worker` thread, so neither a CAF worker nor the KJ loop ever blocks. (A
-/// drain holds that thread for all its handoffs: other admin calls wait behind it.)
+/// drain holds that thread until its sessions have new owners: other admin calls wait behind
+/// it.)
 ///
 /// `node` must outlive the admin. Start and stop from any thread but the admin's own.
 class admin {

@@ -78,10 +78,9 @@ caf::expected<figures> admin_ops::report() {
   for (auto& e : node_.log().events())
     if (e.kind == supervision_event_kind::restarted) ++f.restarts;
   f.faults_fired = static_cast<uint64_t>(node_.faults().fired());
-  if (auto* r = node_.replication()) {
-    f.replicated = r->sent();
-    f.replication_failures = r->failed();
-  }
+  auto sent = node_.replication();
+  f.replicated = sent.delivered;
+  f.replication_failures = sent.failed + sent.dropped;
   f.peers = node_.peers();
   return f;
 }
@@ -309,7 +308,11 @@ caf::expected<drain_outcome> admin_ops::drain() {
   if (!moved) return std::move(moved.error());
   drain_outcome out;
   out.sessions = std::move(*moved);
-  out.remaining = static_cast<uint32_t>(node_.sessions().size());
+  // The node gave every session up; those no other member owns yet are not served anywhere
+  // (their data is safe on the group's majority, but a stop now leaves them unserved longer).
+  size_t without = node_.sessions().size();
+  for (auto& s : out.sessions) without += s.error.empty() ? 0 : 1;
+  out.remaining = static_cast<uint32_t>(without);
   return out;
 }
 

@@ -101,8 +101,8 @@ class admin_ops {
   /// node's partition. A partition names known peers other than the node itself, at most
   /// `max_partition_ms`; anything else is `bad_request`.
   caf::expected<std::string> fault(const std::string& path, const fault_request& f);
-  /// `node::drain`, then the sessions the node still holds. Takes as long as the handoffs (a few
-  /// seconds per session at worst, bounded by the replicator's timeouts).
+  /// `node::drain`, then how many sessions have no new owner yet. Takes until every session has
+  /// a new owner, or a few detection times (node::drain).
   caf::expected<drain_outcome> drain();
 
  private:

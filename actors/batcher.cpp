@@ -43,8 +43,6 @@ struct batcher_state {
   bool reset_caches = false;  // the next step tells the shards to drop their KV caches
   bool in_flight = false;
   bool quorum_wait = false;  // a tick is due to look at the node's lease again
-  std::optional<clock_type::time_point> quorum_lost;  // since when steps wait for the lease
-  bool detached = false;  // the running turns' streams were ended for this loss
   uint64_t step_number = 0;
   caf::actor engine_sup;
   sampler_scratch scratch;
@@ -230,24 +228,6 @@ void schedule(self_ptr self) {
   if (st.running.empty()) return;
   for (auto& a : st.shards)
     if (!a) return;  // not all ranks are up
-  if (st.ctx->may_serve && !st.ctx->may_serve()) {
-    // Cut off from the majority: no token goes out until the lease is back (or another node
-    // takes the sessions over, and they leave this node). After `quorum_grace` the clients are
-    // sent elsewhere: the majority has taken (or is taking) these sessions over.
-    auto now = clock_type::now();
-    if (!st.quorum_lost) st.quorum_lost = now;
-    if (!st.detached && now - *st.quorum_lost >= st.cfg.quorum_grace) {
-      st.detached = true;
-      for (auto id : st.running) self->send(st.seqs.at(id).job.session, detach_atom::value);
-    }
-    if (!st.quorum_wait) {
-      st.quorum_wait = true;
-      self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);
-    }
-    return;
-  }
-  st.quorum_lost.reset();
-  st.detached = false;
   // Per session (the ownership protocol): a sequence whose session's lease is missing takes no
   // step; the others go on. After `quorum_grace` its client is sent elsewhere.
   std::vector<seq_id> serving;

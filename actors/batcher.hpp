@@ -22,10 +22,10 @@ struct batcher_config {
   /// When a step failed for a reason other than overload and the group has not restarted
   /// within this time, the batcher kills the shards so that engine_sup restarts them.
   std::chrono::milliseconds restart_grace{2000};
-  /// Once the node has been without the majority's lease (node_context::may_serve) this long,
-  /// every running turn's session is told to end its client's stream (`detach_atom`), so that
-  /// clients resume on the majority side instead of waiting here. The node's heartbeat
-  /// interval: the lease itself already tolerates a few lost heartbeats.
+  /// Once a running turn's session has been without its lease (node_context::
+  /// may_serve_session) this long, the session is told to end its client's stream
+  /// (`detach_atom`), so that the client resumes at the new owner instead of waiting here. The
+  /// node's heartbeat interval: the lease itself already tolerates a few lost heartbeats.
   std::chrono::milliseconds quorum_grace{100};
 };
 

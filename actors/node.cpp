@@ -56,31 +56,35 @@ caf::expected<std::string> random_session_id(const std::string& node) {
   return out + "@" + node;
 }
 
-/// Logs what the store found damaged and salvaged, and returns this node's own sessions in the
-/// damaged part. Without peers nothing can restore them: each is reported as possibly lost.
-std::set<std::string> report_damage(const storage::session_store& store, const std::string& name,
-                                    bool peers, supervision_log& log) {
-  std::set<std::string> own;
+/// Where builds before the ownership protocol kept their peers' sessions in the store's session
+/// records: never this node's own.
+constexpr std::string_view old_replica_prefix = "replica/";
+
+bool old_replica(const std::string& id) { return id.rfind(old_replica_prefix, 0) == 0; }
+
+/// Logs what the store found damaged and salvaged. Without peers nothing can restore the
+/// sessions in the damaged part: each is reported as possibly lost. With peers the session
+/// records are not what the node serves from (the ownership protocol's state is), and the
+/// host takes each session back from its group's majority.
+void report_damage(const storage::session_store& store, const std::string& name, bool peers,
+                   supervision_log& log) {
   auto& d = store.damage();
-  if (!d.damaged()) return own;
+  if (!d.damaged()) return;
   for (auto& f : d.findings) log.report(name + ": session store damaged: " + f);
   log.report(name + ": session store " + store.dir() + " rebuilt from " +
              std::to_string(d.records_kept) + " readable records; the damaged files are kept in " +
              d.aside);
-  for (auto& id : d.sessions) {
-    if (id.rfind(replica_prefix, 0) == 0) {
-      log.report(name + ": damage: the replica " + id +
-                 " may be older than its owner's copy; the owner's next write of it sends a "
-                 "full copy (a replica behind refuses the delta)");
-      continue;
-    }
-    own.insert(id);
-    if (!peers)
-      log.report(name + ": damage: session " + id +
-                 " was in the damaged part of the store and this node has no peers to restore "
-                 "it from: acknowledged turns of it may be lost");
+  if (peers) {
+    log.report(name + ": damage: this node's sessions are taken back from the newest copy of a "
+               "majority of each one's group");
+    return;
   }
-  return own;
+  for (auto& id : d.sessions) {
+    if (old_replica(id)) continue;
+    log.report(name + ": damage: session " + id +
+               " was in the damaged part of the store and this node has no peers to restore "
+               "it from: acknowledged turns of it may be lost");
+  }
 }
 
 }  // namespace
@@ -128,8 +132,8 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   }
 
   auto table = std::make_shared<session_table>(cfg.checkpoint_every);
-  if (cfg.ownership_protocol) {
-    // The protocol keeps the sessions (in the store's `ownership` column family and on the
+  if (!cfg.peers.empty()) {
+    // With peers the ownership protocol keeps the sessions (in the store's `ownership` column family and on the
     // group's members): the table is memory only and hands every change to the host, and the
     // batcher asks each session's lease.
     caf::error err;
@@ -144,36 +148,36 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     });
   }
   std::vector<session_record> recovered;
-  std::vector<std::string> corrupt;  // own sessions with a corrupt record, to repair
-  std::set<std::string> damaged;     // own sessions in the damaged part of a rebuilt store
+  std::vector<std::string> corrupt;  // sessions with a corrupt record, not served
   if (!cfg.data_dir.empty()) {
     storage::store_options so;
     so.disk = cfg.disk;
     auto store = storage::session_store::open(cfg.data_dir, so);
     if (!store) return std::move(store.error());
-    damaged = report_damage(**store, cfg.name, !cfg.peers.empty(), *ctx->log);
+    report_damage(**store, cfg.name, !cfg.peers.empty(), *ctx->log);
     auto found = (*store)->scan();
     if (!found) return std::move(found.error());
     if (n->own_) {
-      // The interim rules' records are not the protocol's: a store that has some was written
-      // without --ownership protocol, and they are left as they are.
+      // Session records are the single-node mode's (or an older build's): a store that has
+      // some was written without peers, and they are left as they are.
       if (!found->sessions.empty())
         ctx->log->report(cfg.name + ": " + std::to_string(found->sessions.size()) +
-                         " session record(s) of the interim rules in " + cfg.data_dir +
-                         " are not served under the ownership protocol");
+                         " session record(s) in " + cfg.data_dir +
+                         " were written without peers (or by an older build) and are not "
+                         "served by a node with peers");
       found->sessions.clear();
       found->corrupt.clear();
     }
     for (auto& c : found->corrupt) {
       ctx->log->report(cfg.name + ": recovery: skipped corrupt record " + c.cf + " key " + c.key +
                        " in " + cfg.data_dir + ": " + c.reason);
-      if (!c.session.empty() && c.session.rfind(replica_prefix, 0) != 0 &&
+      if (!c.session.empty() && !old_replica(c.session) &&
           std::find(corrupt.begin(), corrupt.end(), c.session) == corrupt.end())
         corrupt.push_back(c.session);
     }
     uint64_t highest = 0;
     for (auto& s : found->sessions) {
-      if (s.id.rfind(replica_prefix, 0) == 0) continue;  // a peer's session, kept for takeover
+      if (old_replica(s.id)) continue;  // a peer's session, kept by an older build
       auto c = wire::decode(s.payload);
       if (c && c->id != s.id) {
         c = make_error(errc::corrupt_record,
@@ -186,7 +190,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
         continue;
       }
       if (std::find(corrupt.begin(), corrupt.end(), s.id) != corrupt.end())
-        continue;  // a turn log of it is corrupt: repaired whole from a replica
+        continue;  // a turn log of it is corrupt: reported above, not served half
       auto r = from_checkpoint(std::move(*c), s.turns);
       r.epoch = s.epoch;
       if (r.owner.empty()) r.owner = cfg.name;
@@ -257,48 +261,6 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
       links.push_back(link_spec(cfg.peers[i], lc, n->peers_, ctx->log));
     }
     top.push_back(supervisor_child("links", cfg.links_flags, std::move(links), ctx->log));
-    // The node's calls to its peers: replication and takeover with a data dir; locating a
-    // session's owner (forwarding) in any case.
-    replicator_config rc;
-    rc.self_name = cfg.name;
-    rc.self_region = cfg.region;
-    rc.self_address = cfg.peer_address;
-    rc.replicas = cfg.replicas;
-    rc.cut = cfg.cut;
-    rc.tls = cfg.tls;
-    // A replica that does not answer within a detection time is as good as down.
-    rc.call_timeout = std::max(std::chrono::milliseconds(200), cfg.down_after);
-    rc.store = n->store_.get();
-    rc.on_stale = [np = n.get()](const std::string& id, uint64_t epoch) { np->lose(id, epoch); };
-    rc.log = [log = ctx->log](const std::string& line) { log->report(line); };
-    if (!n->own_) n->replicator_ = std::make_unique<replicator>(std::move(rc), n->peers_);
-    if (n->store_ && !n->own_) {
-      // The node's lease: a majority of the cluster answered its heartbeats within 4/5 of a
-      // detection time, so it stops streaming before a majority may declare it down.
-      ctx->may_serve = [peers = n->peers_, members = cfg.peers.size() + 1,
-                        lease = cfg.down_after * 4 / 5] {
-        return peers->quorum_within(members, lease);
-      };
-    }
-    n->failover_ = std::make_unique<serial_executor>();
-    if (n->store_ && !n->own_) {
-      // Every write of the session table is copied to the session's replicas (replicator.hpp).
-      // The table only queues, under its own lock.
-      table->on_stored(
-          [r = n->replicator_.get()](replica_update u) { return r->enqueue(std::move(u)); });
-      // A peer declared down: take over the sessions it owned of which this node has the
-      // newest copy (on the failover executor).
-      n->peers_->on_down([np = n.get()](const peer_info&) {
-        np->failover_->post([np] {
-          np->replicate_again();
-          np->take_over();
-        });
-      });
-      // A peer back from a partition may have taken sessions over meanwhile: drop those.
-      n->peers_->on_up([np = n.get()](const peer_info&) {
-        np->failover_->post([np] { np->drop_taken_over(); });
-      });
-    }
   }
   if (n->own_) {
     // The protocol's host is the root's last child (after the sessions it starts): `kill
@@ -307,7 +269,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     n->cfg_ = cfg;
     n->ctx_ = ctx;
     n->sessions_ = table;
-    if (!n->failover_) n->failover_ = std::make_unique<serial_executor>();
+    n->failover_ = std::make_unique<serial_executor>();
     top.push_back(n->ownership_spec());
   }
   n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags, std::move(top), ctx->log);
@@ -322,10 +284,6 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   n->cfg_ = std::move(cfg);
   n->ctx_ = std::move(ctx);
   n->sessions_ = std::move(table);
-  // With peers: sessions another node took over while this one was down are dropped, corrupt
-  // ones are repaired from a replica.
-  if (n->replicator_ && n->store_) recovered = n->reconcile(std::move(recovered), corrupt, damaged);
-
   // Recovered sessions start under session_sup with their records (already in the table); a
   // turn that was running resubmits itself with the tokens its log holds.
   for (auto& r : recovered)
@@ -353,13 +311,8 @@ void node::stop() {
   self->send_exit(root_, caf::exit_reason::user_shutdown);
   self->receive([](const caf::down_msg&) {}, caf::after(std::chrono::seconds(30)) >> [] {});
   root_ = caf::actor{};
-  // The sessions (the table's only writers) are down: replication stops and the store closes.
-  peers_->on_down({});
-  peers_->on_up({});
-  if (sessions_) {
-    sessions_->on_stored({});
-    sessions_->detach_store();
-  }
+  // The sessions (the table's only writers) are down: the store closes.
+  if (sessions_) sessions_->detach_store();
   if (own_) {
     // The host stopped with the tree, before the store it writes to; nothing reaches it now.
     {
@@ -369,7 +322,6 @@ void node::stop() {
     own_->transport.reset();
   }
   failover_.reset();
-  replicator_.reset();
   if (own_) own_->storage.reset();
   store_.reset();
 }
@@ -383,8 +335,7 @@ caf::actor node::child(const std::string& id) {
 }
 
 caf::error node::unknown_session(const std::string& id) const {
-  if (!replicator_)
-    return make_error(errc::not_found, "no session " + id + " on node " + cfg_.name);
+  if (!own_) return make_error(errc::not_found, "no session " + id + " on node " + cfg_.name);
   return make_error(errc::not_found, "no node has session " + id);
 }
 
@@ -408,8 +359,7 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
   for (int attempt = 0;; ++attempt) {
     auto id = random_session_id(cfg_.name);
     if (!id) return std::move(id.error());
-    bool taken = sessions_->get(*id) || moved(*id) ||
-                 (store_ && (store_->get_session(*id) || store_->get_session(replica_key(*id))));
+    bool taken = sessions_->get(*id) || moved(*id) || (store_ && store_->get_session(*id));
     // Under the protocol a session lives in a fixed group, which must hold this node: ids are
     // drawn until it does (about members / group_size draws).
     if (own_ && !taken) {
@@ -426,7 +376,7 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
   r.tenant = tenant;
   r.params = params;
   r.priority = priority;
-  // Durable (with a store) before the id is returned.
+  // Durable before the id is returned: with a store, or with a majority of its group.
   if (own_) {
     std::lock_guard<std::mutex> guard(own_->mu);
     own_->opening.insert(r.id);

@@ -18,7 +18,7 @@
 #include "actors/ownership.hpp"
 #include "actors/partition.hpp"
 #include "actors/region_link.hpp"
-#include "actors/replicator.hpp"
+#include "actors/ownership_transport.hpp"
 #include "actors/serial_executor.hpp"
 #include "actors/session.hpp"
 #include "actors/supervisor.hpp"
@@ -61,9 +61,6 @@ struct node_config {
   std::string peer_address;  // HOST:PORT of this node's own peer endpoint, likewise
   std::chrono::milliseconds heartbeat_interval{100};
   std::chrono::milliseconds down_after{500};
-  /// Replicas per session (with a data dir and peers): placed by rendezvous hashing over the
-  /// live peers, at least one in another region when one is live (replicator.hpp).
-  int32_t replicas = 1;
   supervisor_flags links_flags =
       make_flags(restart_strategy::one_for_one, 10, std::chrono::seconds(10));
   /// The peers this node is cut from (the `partition` fault), shared with its peer endpoint;
@@ -72,16 +69,16 @@ struct node_config {
   /// The simulated full disk under the session store (keel-shell `fault NODE disk-full`); null:
   /// the node makes one of its own.
   std::shared_ptr<storage::disk_fault> disk;
-  /// Who may serve a session, and how a takeover happens (docs/actors.md, "Failover" and
-  /// "Ownership protocol"). false: the interim rules (replicas placed among the live peers,
-  /// takeover by the holder of the newest copy that sees a majority, a node-wide lease).
-  /// true: the ownership protocol (actors/ownership.hpp) hosted by the node: fixed replica
-  /// groups, ballots, majority writes and a lease per session. Needs every peer's name.
-  bool ownership_protocol = false;
-  /// With the protocol: each peer's region by name (groups take one member per region first);
-  /// a peer not listed is in region "".
+  /// With peers, every session is served under the ownership protocol (docs/actors.md,
+  /// "Ownership protocol"): a fixed group of `group_size` members, ballots, majority writes and
+  /// a lease per session. Each peer's region by name: a group takes one member per region first
+  /// (so it outlives a region's loss); a peer not listed is in region "". Every node of a
+  /// cluster must be given the same names, regions and group size, since each computes every
+  /// session's group from them. Without peers the node runs alone (an explicit single-node mode:
+  /// its store is the only copy).
   std::map<std::string, std::string> peer_regions;
-  /// With the protocol: members per session group (owner and replicas), at most the cluster.
+  /// With peers: members per session group (the owner and its replicas; at most the cluster).
+  /// 3: two replicas, so that a session outlives the loss of any one member.
   int32_t group_size = 3;
 };
 
@@ -103,7 +100,8 @@ void tune_actor_system(caf::actor_system_config& cfg);
 ///   |- engine     one_for_all: shard-0 .. shard-{n-1}
 ///   |- batcher    permanent
 ///   |- sessions   simple_one_for_one: one transient session actor per conversation
-///   `- links      one_for_one: one region link per peer (only with `node_config::peers`)
+///   |- links      one_for_one: one region link per peer (only with `node_config::peers`)
+///   `- ownership  the ownership protocol's host (only with peers)
 ///
 /// The model is loaded once and shared; restarts map nothing again. Owned by main() or a test;
 /// the destructor stops the tree in reverse order.
@@ -112,8 +110,12 @@ void tune_actor_system(caf::actor_system_config& cfg);
 /// every intact session from it (a running turn resumes where its log ends), reports each
 /// corrupt record on the supervision log's sink and skips it, and continues session numbers
 /// after the highest one stored. A damaged store is rebuilt by `session_store::open`; the node
-/// logs each finding and each session in the damaged part, and with peers restores from their
-/// replicas every session of its own that it lacks or holds behind (`reconcile`).
+/// logs each finding and each session in the damaged part.
+///
+/// With peers the sessions live in their groups under the ownership protocol, not in the
+/// session records: the host recovers this node's protocol state from the store's `ownership`
+/// column family and takes back each session it owned from the newest copy of a majority of its
+/// group (which also restores what a damaged store lost).
 class node {
  public:
   static caf::expected<std::unique_ptr<node>> start(caf::actor_system& sys, node_config cfg,
@@ -161,14 +163,10 @@ class node {
   caf::expected<batcher_stats> stats();
 
   /// Where a session this node does not hold is served: the client address of the live node
-  /// that owns it. `disconnected` while only replicas are found (its owner is down and a
-  /// replica is taking it over: retry), `not_found` when no live node has a copy. Blocks for a
-  /// round of `locate` calls; not on a CAF or KJ thread.
+  /// that owns it. `disconnected` while its group chooses an owner or its owner cannot be
+  /// reached (retry), `not_found` when no node has it. Asks the ownership host; not on a CAF or
+  /// KJ thread.
   caf::expected<owner_endpoint> owner_address(const std::string& id);
-  /// Another node owns `id` at `epoch`: stop serving it and forget the local copy (called when
-  /// a replica or a peer's `replicate` shows a newer epoch). Queued on the failover executor;
-  /// returns at once.
-  void lose(const std::string& id, uint64_t epoch);
   /// One session moved by `drain`.
   struct drained_session {
     std::string id;
@@ -176,21 +174,16 @@ class node {
     uint64_t epoch = 0;  // the new owner's epoch
     std::string error;   // why it stayed, "" when it moved
   };
-  /// Drains the node: refuses new sessions from now on (`overloaded`, "draining"), then hands
-  /// every session over to its first replica among the live peers (a clean handoff: this node
-  /// stops writing it, sends a full copy, and the peer takes the lease with epoch + 1; a running
-  /// turn continues there and its client resumes). Returns what happened to each session; the
-  /// node is empty (safe to stop) when every one moved. `unimplemented` without a data dir and
-  /// peers. Blocks; not on a CAF or KJ thread.
+  /// Drains the node: refuses new sessions from now on (`overloaded`, "draining"), gives every
+  /// session up (its host resigns it and the session actor ends its client's stream, which
+  /// resumes elsewhere), then waits until another member of each group owns it. Returns what
+  /// happened to each session; the node is safe to stop when every one moved. `unimplemented`
+  /// without peers. Blocks; not on a CAF or KJ thread.
   caf::expected<std::vector<drained_session>> drain();
   bool draining() const { return draining_.load(); }
   /// Called once when `drain` starts (keel-node tells its peers through its heartbeats).
   void on_draining(std::function<void()> f) { on_draining_ = std::move(f); }
-  /// `Peer.handoff` from `from`: takes over `id` from the full copy just received.
-  caf::expected<uint64_t> accept_handoff(const std::string& id, const std::string& from);
-
-  /// The replicas `id`'s writes go to now: the first R live peers in placement order (empty
-  /// without replication or live peers).
+  /// The other members of `id`'s group (empty without peers).
   std::vector<std::string> replicas_of(const std::string& id) const;
   /// Whether this node held `id` and another node took it over.
   bool moved(const std::string& id) const { return sessions_->dropped(id); }
@@ -203,15 +196,12 @@ class node {
   partition& cut() { return *cfg_.cut; }
   /// The `disk-full` fault's state (keel-shell `fault NODE disk-full`).
   storage::disk_fault& disk() { return *cfg_.disk; }
-  /// The node's calls to its peers: replication of its session writes (with a data dir) and
-  /// locating sessions (null without peers).
-  const replicator* replication() const { return replicator_.get(); }
+  /// The ownership protocol's messages to the peers: made and failed calls (zero without peers).
+  peer_transport::counters replication() const;
 
-  /// With the ownership protocol: one of its messages from peer `from` (already authenticated
+  /// With peers: one of its messages from peer `from` (already authenticated
   /// by the peer endpoint), still encoded. Queues it for the node's ownership host and returns.
   void deliver_ownership(const std::string& from, std::string message);
-  /// Whether the node runs the ownership protocol (node_config::ownership_protocol).
-  bool runs_protocol() const { return own_ != nullptr; }
 
   /// Stops the tree (also done by the destructor) and closes the store.
   void stop();
@@ -222,33 +212,6 @@ class node {
   node(caf::actor_system& sys) : sys_(sys) {}
   /// Starts the session `r` (already in the table) under session_sup.
   caf::error start_session(const session_record& r);
-
-  // Failover (actors/failover.cpp, docs/actors.md "Takeover").
-  /// A restarted node's reconciliation with its peers: drops its copies of sessions that
-  /// another node took over meanwhile, and restores from a replica every session of its own
-  /// whose records are corrupt, missing from its store, or behind the replica's (a damaged
-  /// store, `damaged` naming the sessions in the damaged part). Returns the sessions to start.
-  std::vector<session_record> reconcile(std::vector<session_record> recovered,
-                                        const std::vector<std::string>& corrupt,
-                                        const std::set<std::string>& damaged);
-  /// Replaces this node's copy of `id` with the newest copy among the live peers, when it is
-  /// still this node's; logs why (`why`) and what happened. The restored record, or nullopt.
-  std::optional<session_record> restore(const std::string& id, const std::string& why);
-  /// Takes over the sessions whose owner is no longer live and of which this node holds the
-  /// newest copy. On the failover executor.
-  void take_over(int attempt = 0);
-  /// Copies each of this node's sessions to its replicas among the live peers again (after a
-  /// peer, maybe one of them, went down).
-  void replicate_again();
-  /// Drops this node's sessions that a live peer holds at a higher epoch (taken over while this
-  /// node was cut off). On the failover executor.
-  void drop_taken_over();
-  /// Takes the lease of the replica `id` with `epoch` and starts it. On the failover executor.
-  caf::error adopt(const std::string& id, uint64_t epoch, const std::string& from);
-  void lose_now(const std::string& id, uint64_t epoch);
-  /// One session of `drain`: its handoff to the first peer in placement order that takes it.
-  /// On the failover executor.
-  drained_session hand_over(const std::string& id);
 
   // The ownership protocol (node_ownership.cpp).
   /// The host as the root's child "ownership" (its store and transport made here): each start
@@ -262,20 +225,16 @@ class node {
   void acquired(const std::string& id, const session_data& data, uint64_t epoch);
   /// Another node owns `id` now: stops it here.
   void lost(const std::string& id);
-  caf::expected<owner_endpoint> protocol_owner(const std::string& id);
-  /// `drain` under the protocol: gives every session up (the host resigns it, its actor ends
-  /// its client's stream), then waits until another member of each group owns it.
-  caf::expected<std::vector<drained_session>> protocol_drain();
 
   caf::actor_system& sys_;
   node_config cfg_;
-  std::shared_ptr<ownership_part> own_;  // with node_config::ownership_protocol
+  std::shared_ptr<ownership_part> own_;  // with peers
   std::unique_ptr<storage::session_store> store_;  // null without a data dir
   std::shared_ptr<node_context> ctx_;
   std::shared_ptr<session_table> sessions_;
   std::shared_ptr<peer_table> peers_ = std::make_shared<peer_table>();
-  std::unique_ptr<replicator> replicator_;  // with peers (replication only with a data dir)
-  std::unique_ptr<serial_executor> failover_;  // with a replicator: takeovers, losses, handoffs
+  /// With peers: the starts and stops of sessions the host acquires and loses, in order.
+  std::unique_ptr<serial_executor> failover_;
   caf::actor root_;
   /// Set when the root exits other than by `stop`; shared with the exit hook on the root.
   struct readiness {

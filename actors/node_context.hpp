@@ -25,12 +25,7 @@ struct node_context {
   std::shared_ptr<const tokenizer> tok;
   std::shared_ptr<fault_injector> faults;
   std::shared_ptr<supervision_log> log;
-  /// Whether the node may stream tokens now (set once, before the tree starts; empty: always).
-  /// A node with peers may only while it holds a majority of the cluster (peer_table::
-  /// quorum_within): an owner cut off from the majority stops streaming before the majority
-  /// takes its sessions over.
-  std::function<bool()> may_serve;
-  /// With the ownership protocol: whether this node holds the lease of session ID now (the
+  /// With peers (the ownership protocol): whether this node holds the lease of session ID now (the
   /// host's lease_board), asked before each of its tokens and each resume. Empty: not asked.
   std::function<bool(const std::string& id)> may_serve_session;
 

@@ -1,6 +1,6 @@
-// The keel-node hosting the ownership protocol (node_config::ownership_protocol): the host actor
-// and its plumbing, what the session table hands it, and what the node does when it acquires or
-// loses a session. docs/actors.md, "Ownership protocol".
+// The keel-node with peers hosts the ownership protocol: the host actor and its plumbing, what
+// the session table hands it, what the node does when it acquires or loses a session, where a
+// session is served, and drain. docs/actors.md, "Ownership protocol".
 
 #include <thread>
 
@@ -38,9 +38,20 @@ std::shared_ptr<node::ownership_part> make_ownership_part(const node_config& cfg
     auto name = i < cfg.peer_names.size() ? cfg.peer_names[i] : std::string();
     if (name.empty()) {
       err = make_error(errc::bad_request,
-                       "the ownership protocol needs every peer's name: --peers NAME=" +
-                           cfg.peers[i]);
+                       "peer " + cfg.peers[i] +
+                           " has no name: every peer needs one (--peers NAME=HOST:PORT), since "
+                           "each session's group of nodes is chosen by name");
       return nullptr;
+    }
+    // Two members of one name would be one vote counted twice.
+    for (auto& m : pc.members) {
+      if (m.name == name) {
+        err = make_error(errc::bad_request,
+                         "peer " + cfg.peers[i] + " is named '" + name + "', which " +
+                             (name == cfg.name ? std::string("is this node's own name")
+                                               : "another peer has too"));
+        return nullptr;
+      }
     }
     auto r = cfg.peer_regions.find(name);
     pc.members.push_back({name, r == cfg.peer_regions.end() ? std::string() : r->second});
@@ -57,6 +68,13 @@ std::shared_ptr<node::ownership_part> make_ownership_part(const node_config& cfg
   pc.timing.lease = ns(cfg.down_after) * 4 / 5;
   pc.timing.retry = std::max<int64_t>(ns(cfg.heartbeat_interval) * 3 / 2, 1);
   pc.checkpoint_every = 1;  // the node sends its token checkpoints itself, every checkpoint_every
+  // A member that (re)started promises nothing for `hold()`, so a session opened then (a new
+  // cluster's first ones too) waits that long: the acknowledgement timeout covers it, with a
+  // second to spare. 2 s at least.
+  part->ack_timeout = std::max(
+      std::chrono::milliseconds(2000),
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::nanoseconds(
+          pc.timing.hold() + pc.timing.retry)) + std::chrono::seconds(1));
   return part;
 }
 
@@ -223,8 +241,9 @@ void node::lost(const std::string& id) {
   });
 }
 
-caf::expected<owner_endpoint> node::protocol_owner(const std::string& id) {
+caf::expected<owner_endpoint> node::owner_address(const std::string& id) {
   if (sessions_->get(id)) return owner_endpoint{};
+  if (!own_) return unknown_session(id);
   auto host = own_->current();
   if (!host) return make_error(errc::disconnected, "node " + cfg_.name + " is stopping");
   caf::scoped_actor self{sys_};
@@ -248,13 +267,36 @@ caf::expected<owner_endpoint> node::protocol_owner(const std::string& id) {
                                             ", which this node cannot reach now (retry)");
 }
 
-caf::expected<std::vector<node::drained_session>> node::protocol_drain() {
+std::vector<std::string> node::replicas_of(const std::string& id) const {
+  std::vector<std::string> out;
+  if (!own_) return out;
+  for (auto& m : replica_group(id, own_->protocol.members, own_->protocol.group_size))
+    if (m != cfg_.name) out.push_back(m);
+  return out;
+}
+
+peer_transport::counters node::replication() const {
+  if (!own_ || !own_->transport) return {};
+  return own_->transport->stats();
+}
+
+caf::expected<std::vector<node::drained_session>> node::drain() {
+  if (!own_)
+    return make_error(errc::unimplemented,
+                      "node " + cfg_.name + " cannot drain: it runs alone (no --peers)");
   auto host = own_->current();
   if (!host) return make_error(errc::disconnected, "node " + cfg_.name + " is stopping");
   if (!draining_.exchange(true) && on_draining_) on_draining_();
   auto ids = sessions_->ids();
   ctx_->log->report(cfg_.name + ": draining: no new sessions; giving up " +
                     std::to_string(ids.size()) + " session(s) to their groups");
+  std::vector<std::string> asked = ids;  // with those an earlier drain gave up
+  {
+    std::lock_guard<std::mutex> guard(own_->mu);
+    for (auto& id : ids) own_->given_up.insert(id);
+    for (auto& id : own_->given_up)
+      if (std::find(asked.begin(), asked.end(), id) == asked.end()) asked.push_back(id);
+  }
   caf::scoped_actor self{sys_};
   for (auto& id : ids) {
     self->request(host, std::chrono::seconds(5), resign_atom::value, id)
@@ -269,10 +311,12 @@ caf::expected<std::vector<node::drained_session>> node::protocol_drain() {
                            " drains); reconnect and resume on another node");
     });
   }
-  // Another member of each group takes it over after suspect_after, as from a silent owner.
+  // Another member of each group takes it over after suspect_after, as from a silent owner:
+  // waited for a few times that.
   std::vector<drained_session> out;
-  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(15);
-  for (auto& id : ids) {
+  auto patience = std::max<std::chrono::milliseconds>(std::chrono::seconds(5), cfg_.down_after * 6);
+  auto until = std::chrono::steady_clock::now() + patience;
+  for (auto& id : asked) {
     drained_session d;
     d.id = id;
     for (;;) {
@@ -283,10 +327,13 @@ caf::expected<std::vector<node::drained_session>> node::protocol_drain() {
       if (v && !v->owner.empty() && v->owner != cfg_.name) {
         d.to = v->owner;
         d.epoch = v->promised.epoch;
+        std::lock_guard<std::mutex> guard(own_->mu);
+        own_->given_up.erase(id);
         break;
       }
       if (std::chrono::steady_clock::now() >= until) {
-        d.error = "no other member of its group took it over within 15 s" +
+        d.error = "no other member of its group took it over within " +
+                  std::to_string(patience.count()) + " ms" +
                   (v ? std::string() : " (" + describe(v.error()) + ")");
         break;
       }

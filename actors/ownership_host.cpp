@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <optional>
+#include <set>
 #include <tuple>
 
 #include "actors/ownership_codec.hpp"
@@ -99,30 +100,53 @@ struct host_state {
     owned.erase(std::unique(owned.begin(), owned.end()), owned.end());
     for (auto& s : owned) board.set(s, engine->serve_until(s));
     auto now = cfg.clock();
+    // A new session or turn the group did not store in time: this node gives the session up
+    // (below), so that what the node serves never differs from what the group holds. The engine
+    // keeps an appended turn and goes on writing it, and the host's node has undone it: were the
+    // session kept here, the turn would surface later (or block the next one). Its group's next
+    // owner starts from the majority's copy, which decides whether the turn exists.
+    std::set<std::string> give_up;
     for (auto i = opens.begin(); i != opens.end();) {
-      expire(i->second, now, "session " + i->first + ": no majority of its group granted it");
+      if (expire(i->second, now, "session " + i->first + ": no majority of its group granted it"))
+        give_up.insert(i->first);
       i = i->second.empty() ? opens.erase(i) : std::next(i);
     }
     for (auto i = acks.begin(); i != acks.end();) {
       auto& [s, turn, finished] = i->first;
-      expire(i->second, now,
-             "session " + s + ": " + (finished ? "the end of turn " : "turn ") +
-                 std::to_string(turn) + " was not stored by a majority of its group within " +
-                 std::to_string(cfg.ack_timeout.count()) + " ms");
+      if (expire(i->second, now,
+                 "session " + s + ": " + (finished ? "the end of turn " : "turn ") +
+                     std::to_string(turn) + " was not stored by a majority of its group within " +
+                     std::to_string(cfg.ack_timeout.count()) + " ms") &&
+          !finished)
+        give_up.insert(s);
       i = i->second.empty() ? acks.erase(i) : std::next(i);
+    }
+    for (auto& s : give_up) {
+      if (!engine->owns(s)) continue;
+      log("session " + s + ": its group did not store a new session or turn in time; this node " +
+          "gives it up to the group's next owner");
+      engine->resign(s);
+      board.set(s, INT64_MIN);
+      fail_waiting(s, make_error(errc::disconnected,
+                                 "session " + s + ": given up to its group's next owner; retry"));
+      if (cfg.lost) cfg.lost(s);
     }
   }
 
+  /// Fails the waiters past their deadline; whether any was.
   template <class T>
-  static void expire(std::vector<waiter<T>>& ws, int64_t now, const std::string& why) {
+  static bool expire(std::vector<waiter<T>>& ws, int64_t now, const std::string& why) {
+    bool any = false;
     for (auto w = ws.begin(); w != ws.end();) {
       if (now >= w->deadline) {
         w->promise.deliver(make_error(errc::disconnected, why + "; send it again"));
         w = ws.erase(w);
+        any = true;
       } else {
         ++w;
       }
     }
+    return any;
   }
 
   /// The error for a refused request on `session`.

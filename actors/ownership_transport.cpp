@@ -64,7 +64,7 @@ struct peer_transport::state {
     auto& c = connections[to];
     if (c.broken) {
       // A broken connection is never asked again (Cap'n Proto 0.9 throws from a destructor when
-      // a broken connection's bootstrap is asked again, replicator.cpp); it goes once its calls
+      // a broken connection's bootstrap is asked again); it goes once its calls
       // ended, and a new one is made after `reconnect_after`.
       if (c.in_flight > 0) return count(&counters::dropped);
       if (now() < c.failed_at + cfg.reconnect_after.count() * kj::MILLISECONDS)

@@ -11,8 +11,8 @@ namespace keel {
 
 /// The peers this node neither calls nor answers for now: the `partition` fault (keel-shell
 /// `fault NODE partition --from PEER,...`). While a peer is cut, this node's region link to it
-/// fails every heartbeat, its replicator sends it nothing (no replication, locate, fetch or
-/// handoff, so no forwarding to it either), and its peer endpoint refuses every call from it
+/// fails every heartbeat (so no forwarding to it either), its ownership transport sends it no
+/// protocol message, and its peer endpoint refuses every call from it
 /// (`disconnected`), so the peer's link declares this node down too: the traffic between the
 /// two is cut both ways, as by a firewall between them. Built once in main() and shared by the
 /// peer endpoint and the node. Thread-safe; `blocked` costs one relaxed load while nothing is

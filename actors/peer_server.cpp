@@ -9,22 +9,13 @@
 #include <kj/async-io.h>
 
 #include "base/error.hpp"
-#include "storage/session_store.hpp"
-#include "wire/checkpoint.hpp"
 #include "wire/peer.capnp.h"
 
 namespace keel {
 
-std::string replica_key(const std::string& session) {
-  return std::string(replica_prefix) + session;
-}
-
-/// The store `replicate` writes to; the mutex is held across each write and each attach.
-struct peer_server::replica_store {
+/// What the server's thread reads of the node, set from other threads.
+struct peer_server::node_state {
   std::mutex mu;
-  storage::session_store* store = nullptr;
-  std::function<void(const std::string&, uint64_t)> on_lost;
-  std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> on_handoff;
   std::function<void(const std::string&, std::string)> on_ownership;
   std::string client_address;
   bool draining = false;
@@ -42,7 +33,7 @@ uint64_t steady_ns() {
 class peer_impl final : public wire::Peer::Server {
  public:
   /// `caller`: who is at the other end of this connection (a kj::TlsPeerIdentity under TLS).
-  peer_impl(const peer_server_config& cfg, std::string address, peer_server::replica_store& rs,
+  peer_impl(const peer_server_config& cfg, std::string address, peer_server::node_state& rs,
             kj::Own<kj::PeerIdentity> caller)
       : cfg_(cfg), address_(std::move(address)), rs_(rs), caller_(kj::mv(caller)) {}
 
@@ -90,33 +81,6 @@ class peer_impl final : public wire::Peer::Server {
     return kj::READY_NOW;
   }
 
-  // Runs the store write on the server's thread: a synced write takes about 0.1 ms, and
-  // replicas arrive at most once per structural change or `checkpoint_every` tokens.
-  kj::Promise<void> replicate(ReplicateContext ctx) override {
-    auto p = ctx.getParams();
-    if (cut_off(p.getFrom().getName())) return refuse();
-    auto out = ctx.getResults().initError();
-    std::string session = p.getSession().cStr();
-    bool lost = false;
-    auto err = store(p, lost);
-    if (err) {
-      out.setCode(static_cast<uint8_t>(code_of(err)));
-      out.setMessage(message_of(err));
-      if (cfg_.log && code_of(err) != errc::bad_request)
-        cfg_.log("peer server: replicate from " + std::string(p.getFrom().getName().cStr()) +
-                 " refused: " + message_of(err));
-    }
-    if (lost) {
-      std::function<void(const std::string&, uint64_t)> f;
-      {
-        std::lock_guard<std::mutex> guard(rs_.mu);
-        f = rs_.on_lost;
-      }
-      if (f) f(session, p.getEpoch());
-    }
-    return kj::READY_NOW;
-  }
-
   kj::Promise<void> ownership(OwnershipContext ctx) override {
     auto p = ctx.getParams();
     if (cut_off(p.getFrom().getName())) return refuse();
@@ -132,190 +96,10 @@ class peer_impl final : public wire::Peer::Server {
     return kj::READY_NOW;
   }
 
-  kj::Promise<void> locate(LocateContext ctx) override {
-    if (cut_off(ctx.getParams().getFrom().getName())) return refuse();
-    auto ids = ctx.getParams().getSessions();
-    auto out = ctx.getResults().initCopies(ids.size());
-    std::lock_guard<std::mutex> guard(rs_.mu);
-    for (unsigned i = 0; i < ids.size(); ++i) describe_copy(ids[i].cStr(), out[i]);
-    return kj::READY_NOW;
-  }
-
-  kj::Promise<void> owned(OwnedContext ctx) override {
-    if (cut_off(ctx.getParams().getFrom().getName())) return refuse();
-    std::string owner = ctx.getParams().getOwner().cStr();
-    // A node asks for its own sessions only (under TLS, the caller is who `from` names).
-    if (owner != ctx.getParams().getFrom().getName().cStr())
-      return KJ_EXCEPTION(FAILED, "permission denied: owned(" + owner + ") asked by another node");
-    std::lock_guard<std::mutex> guard(rs_.mu);
-    std::vector<std::string> ids;
-    auto keys = rs_.store ? rs_.store->list_sessions()
-                          : caf::expected<std::vector<std::string>>(std::vector<std::string>{});
-    if (!keys) return KJ_EXCEPTION(FAILED, "owned: " + message_of(keys.error()));
-    for (auto& key : *keys) {
-      if (key.rfind(replica_prefix, 0) != 0) continue;
-      auto entry = rs_.store->get_session(key);
-      auto rec = entry ? wire::decode(entry->payload)
-                       : caf::expected<wire::session_checkpoint>(entry.error());
-      if (rec && rec->owner == owner) ids.push_back(key.substr(replica_prefix.size()));
-    }
-    auto out = ctx.getResults().initCopies(static_cast<unsigned>(ids.size()));
-    for (unsigned i = 0; i < ids.size(); ++i) describe_copy(ids[i], out[i]);
-    return kj::READY_NOW;
-  }
-
-  kj::Promise<void> handoff(HandoffContext ctx) override {
-    auto p = ctx.getParams();
-    if (cut_off(p.getFrom().getName())) return refuse();
-    std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> f;
-    {
-      std::lock_guard<std::mutex> guard(rs_.mu);
-      f = rs_.on_handoff;
-    }
-    caf::expected<uint64_t> r =
-        f ? f(p.getSession().cStr(), p.getFrom().getName().cStr())
-          : caf::expected<uint64_t>(
-                make_error(errc::unimplemented, "handoff: node " + cfg_.name + " takes none"));
-    auto res = ctx.getResults();
-    if (r) {
-      res.setEpoch(*r);
-    } else {
-      auto out = res.initError();
-      out.setCode(static_cast<uint8_t>(code_of(r.error())));
-      out.setMessage(message_of(r.error()));
-    }
-    return kj::READY_NOW;
-  }
-
-  kj::Promise<void> fetch(FetchContext ctx) override {
-    if (cut_off(ctx.getParams().getFrom().getName())) return refuse();
-    std::string id = ctx.getParams().getSession().cStr();
-    auto res = ctx.getResults();
-    std::lock_guard<std::mutex> guard(rs_.mu);
-    auto fail = [&](const caf::error& e) {
-      auto out = res.initError();
-      out.setCode(static_cast<uint8_t>(code_of(e)));
-      out.setMessage(message_of(e));
-      return kj::READY_NOW;
-    };
-    if (rs_.store == nullptr)
-      return fail(make_error(errc::unimplemented, "fetch: node " + cfg_.name + " has no data dir"));
-    std::string key;
-    auto own = newest_copy(id, key);
-    if (!own) {
-      return fail(
-          make_error(errc::not_found, "node " + cfg_.name + " has no copy of session " + id));
-    }
-    auto logs = rs_.store->read_turns(key);
-    if (!logs) return fail(logs.error());
-    res.setEpoch(own->epoch);
-    res.setRecord(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(own->payload.data()),
-                               own->payload.size()));
-    auto out = res.initLogs(static_cast<unsigned>(logs->size()));
-    unsigned i = 0;
-    for (auto& [turn, tokens] : *logs) {
-      auto l = out[i++];
-      l.setTurn(turn);
-      auto tl = l.initTokens(static_cast<unsigned>(tokens.size()));
-      for (unsigned k = 0; k < tokens.size(); ++k) tl.set(k, tokens[k]);
-    }
-    return kj::READY_NOW;
-  }
-
  private:
-  /// Fills `c` with this node's newest copy of `id` (role `none` when it has none or cannot
-  /// read it). Store mutex held.
-  void describe_copy(const std::string& id, wire::SessionCopy::Builder c) {
-    c.setSession(id);
-    c.setRole(wire::SessionCopy::Role::NONE);
-    if (rs_.store == nullptr) return;
-    std::string key;
-    auto own = newest_copy(id, key);
-    if (!own) return;
-    auto role = key == id ? wire::SessionCopy::Role::OWNER : wire::SessionCopy::Role::REPLICA;
-    auto rec = wire::decode(own->payload);
-    auto logs = rs_.store->read_turns(key);
-    if (!rec || !logs) return;  // unreadable: as good as none (the node reports it itself)
-    c.setRole(role);
-    c.setEpoch(own->epoch);
-    c.setOwner(rec->owner);
-    c.setTurns(static_cast<uint32_t>(rec->turns.size()));
-    uint64_t tokens = 0;
-    for (auto& [turn, t] : *logs) tokens += t.size();
-    c.setTokens(tokens);
-    c.setLastDone(rec->turns.empty() || rec->turns.back().done);
-  }
-
-  /// The newer of this node's own copy of `id` and its replica of it (an own copy the node lost
-  /// stays until it drops it), and its key; `not_found` when it has neither. Store mutex held.
-  caf::expected<storage::session_entry> newest_copy(const std::string& id, std::string& key) {
-    auto own = rs_.store->get_session(id);
-    auto rep = rs_.store->get_session(replica_key(id));
-    key = id;
-    if (!own || (rep && rep->epoch > own->epoch)) {
-      key = replica_key(id);
-      return rep;
-    }
-    return own;
-  }
-
-  caf::error store(wire::Peer::ReplicateParams::Reader p, bool& lost) {
-    std::lock_guard<std::mutex> guard(rs_.mu);
-    if (rs_.store == nullptr)
-      return make_error(errc::unimplemented, "replicate: node " + cfg_.name + " has no data dir");
-    std::string session = p.getSession().cStr();
-    auto epoch = p.getEpoch();
-    // Whole logs come one per turn, in turn order (the replicator sends a store's map). Checked
-    // before anything is built: a list of zero-sized TurnLogs costs its sender one tag word for
-    // any number of elements (up to the traversal limit, 2M), and each element was a batch
-    // operation: a 500-byte message held 300 MB for a million of them (found with
-    // tests/fuzz/peer_fuzz.cpp).
-    auto logs = p.getLogs();
-    for (unsigned i = 1; i < logs.size(); ++i) {
-      if (logs[i].getTurn() <= logs[i - 1].getTurn()) {
-        return make_error(errc::bad_request,
-                          "replicate: session " + session + ": turn log " + std::to_string(i) +
-                              " is for turn " + std::to_string(logs[i].getTurn()) +
-                              ", not after turn " + std::to_string(logs[i - 1].getTurn()));
-      }
-    }
-    // A session this node owns: an epoch not above its own comes from a node that lost it
-    // (fencing, ARCHITECTURE.md guarantee 3); a higher one means this node lost it.
-    if (auto own = rs_.store->get_session(session)) {
-      // Two nodes that took the session over at the same epoch (each missed the other): the
-      // owner whose name sorts first keeps it, on both sides, so exactly one remains.
-      std::string from = p.getFrom().getName().cStr();
-      if (own->epoch > epoch || (own->epoch == epoch && !(from < cfg_.name))) {
-        return make_error(errc::stale_epoch, "session " + session + ": write with epoch " +
-                                                 std::to_string(epoch) + ", node " + cfg_.name +
-                                                 " owns it at epoch " + std::to_string(own->epoch));
-      }
-      lost = true;
-    }
-    std::string id = replica_key(session);
-    auto rec = p.getRecord();
-    storage::write_batch b;
-    if (rec.size() > 0)
-      b.put_session(id, epoch, std::string(reinterpret_cast<const char*>(rec.begin()), rec.size()));
-    for (auto l : logs) {
-      std::vector<int32_t> tokens;
-      for (auto t : l.getTokens()) tokens.push_back(t);
-      b.append_turn_tokens(id, epoch, l.getTurn(), 0, std::move(tokens));
-    }
-    auto tl = p.getTokens();
-    if (tl.size() > 0) {
-      std::vector<int32_t> tokens;
-      for (auto t : tl) tokens.push_back(t);
-      b.append_turn_tokens(id, epoch, p.getTurn(), p.getFromIndex(), std::move(tokens));
-    }
-    auto err = rs_.store->write(b, storage::durability::sync);
-    if (err) lost = false;
-    return err;
-  }
-
   const peer_server_config& cfg_;  // owned by the peer_server, which outlives the thread
   std::string address_;
-  peer_server::replica_store& rs_;  // owned by the peer_server, likewise
+  peer_server::node_state& rs_;  // owned by the peer_server, likewise
   kj::Own<kj::PeerIdentity> caller_;
   bool stranger_ = false;  // the last refused call came from a stranger
 };
@@ -337,7 +121,7 @@ struct serving : kj::TaskSet::ErrorHandler {
 caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_config cfg) {
   std::unique_ptr<peer_server> s(new peer_server());
   s->cfg_ = std::move(cfg);
-  s->store_ = std::make_unique<replica_store>();
+  s->state_ = std::make_unique<node_state>();
   s->server_ = std::make_unique<wire::server_thread>();
   auto serve = [sp = s.get()](kj::AsyncIoContext& io, kj::Own<kj::ConnectionReceiver> listener,
                               uint16_t port) {
@@ -348,7 +132,7 @@ caf::expected<std::unique_ptr<peer_server>> peer_server::start(peer_server_confi
     auto accepting = wire::accept_forever(
         *listener, io.provider->getTimer(), state->tls.get(),
         [sp, address](kj::Own<kj::PeerIdentity> caller) -> capnp::Capability::Client {
-          return kj::heap<peer_impl>(sp->cfg_, address, *sp->store_, kj::mv(caller));
+          return kj::heap<peer_impl>(sp->cfg_, address, *sp->state_, kj::mv(caller));
         },
         state->tasks, sp->cfg_.log, "peer server", sp->cfg_.reader);
     return accepting.attach(kj::mv(listener), kj::mv(state));
@@ -365,43 +149,27 @@ std::string peer_server::address() const {
 }
 
 capnp::Capability::Client peer_server::bootstrap(kj::Own<kj::PeerIdentity> caller) {
-  return kj::heap<peer_impl>(cfg_, address(), *store_, kj::mv(caller));
-}
-
-void peer_server::attach_store(storage::session_store* store) {
-  std::lock_guard<std::mutex> guard(store_->mu);
-  store_->store = store;
-}
-
-void peer_server::on_lost(std::function<void(const std::string&, uint64_t)> f) {
-  std::lock_guard<std::mutex> guard(store_->mu);
-  store_->on_lost = std::move(f);
-}
-
-void peer_server::on_handoff(
-    std::function<caf::expected<uint64_t>(const std::string&, const std::string&)> f) {
-  std::lock_guard<std::mutex> guard(store_->mu);
-  store_->on_handoff = std::move(f);
+  return kj::heap<peer_impl>(cfg_, address(), *state_, kj::mv(caller));
 }
 
 void peer_server::on_ownership(std::function<void(const std::string&, std::string)> f) {
-  std::lock_guard<std::mutex> guard(store_->mu);
-  store_->on_ownership = std::move(f);
+  std::lock_guard<std::mutex> guard(state_->mu);
+  state_->on_ownership = std::move(f);
 }
 
 void peer_server::set_draining(bool draining) {
-  std::lock_guard<std::mutex> guard(store_->mu);
-  store_->draining = draining;
+  std::lock_guard<std::mutex> guard(state_->mu);
+  state_->draining = draining;
 }
 
 void peer_server::set_readiness(std::function<std::string()> not_ready) {
-  std::lock_guard<std::mutex> guard(store_->mu);
-  store_->not_ready = std::move(not_ready);
+  std::lock_guard<std::mutex> guard(state_->mu);
+  state_->not_ready = std::move(not_ready);
 }
 
 void peer_server::set_client_address(const std::string& address) {
-  std::lock_guard<std::mutex> guard(store_->mu);
-  store_->client_address = address;
+  std::lock_guard<std::mutex> guard(state_->mu);
+  state_->client_address = address;
 }
 
 void peer_server::stop() {

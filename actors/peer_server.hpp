@@ -13,18 +13,7 @@
 #include "actors/partition.hpp"
 #include "wire/server_thread.hpp"
 
-namespace keel::storage {
-class session_store;
-}
-
 namespace keel {
-
-/// Where this node's store keeps a replica of `session` (whichever node owns it): under
-/// "replica/SESSION", apart from the node's own sessions, so that recovery does not take a
-/// replica for its own and one key holds the newest epoch (a copy from an old owner is fenced
-/// by the new owner's). Takeover reads them from here.
-inline constexpr std::string_view replica_prefix = "replica/";
-std::string replica_key(const std::string& session);
 
 struct peer_server_config {
   std::string host = "127.0.0.1";
@@ -44,8 +33,8 @@ struct peer_server_config {
   /// The names of the configured peers (`--peers NAME=HOST:PORT`), the only callers served
   /// under TLS.
   std::vector<std::string> peers;
-  /// Bounds one incoming message: 16 MiB (a full copy of a session is its record and its turns'
-  /// token ids, well under it), nesting 16.
+  /// Bounds one incoming message: 16 MiB (an ownership message with a session's whole copy is
+  /// its turns' inputs and token ids, well under it), nesting 16.
   capnp::ReaderOptions reader{2 * 1024 * 1024, 16};
 };
 
@@ -67,26 +56,11 @@ class peer_server {
   /// "HOST:PORT" with the bound port.
   std::string address() const;
 
-  /// Where `replicate` stores replicas, not owned: detach it (or stop the server) before the
-  /// store closes. Detached (the default): `replicate` answers `unimplemented`. Attach after
-  /// the node started, since the node opens its store after the peer endpoint is up (its
-  /// links name the endpoint). Waits for a `replicate` in progress.
-  void attach_store(storage::session_store* store);
-  void detach_store() { attach_store(nullptr); }
-
-  /// Called (on the server's thread, no lock held) when a `replicate` arrives with a newer
-  /// epoch for a session this node owns: another node took it over; the node drops its own.
-  void on_lost(std::function<void(const std::string& session, uint64_t epoch)> f);
-  /// Called (on the server's thread, no lock held) for a `handoff` of `session` from `from`:
-  /// the node takes it over and returns the new epoch. Empty: `handoff` is `unimplemented`.
-  void on_handoff(
-      std::function<caf::expected<uint64_t>(const std::string& session, const std::string& from)>
-          f);
   /// Called (on the server's thread, no lock held) with each `ownership` message from an
   /// authenticated peer `from` (its encoded bytes, not yet decoded): it must only queue (the
   /// node sends it to its ownership host). Empty: the messages are dropped.
   void on_ownership(std::function<void(const std::string& from, std::string message)> f);
-  /// Whether the node drains, as heartbeats report it (peers then place no replicas here).
+  /// Whether the node drains, as heartbeats report it.
   void set_draining(bool draining);
   /// Asked at each heartbeat: why the node cannot serve ("" when it can), as heartbeats report
   /// it (peers then treat it as down). Called on the server's thread; empty: always ready.
@@ -97,13 +71,13 @@ class peer_server {
   /// The `Peer` capability the server hands one connection whose other end is `caller` (what
   /// the accept loop serves each connection; tests/fuzz/peer_fuzz.cpp serves it over an
   /// in-memory stream). It belongs to the calling thread's KJ event loop and is used on that
-  /// thread only; it shares the server's configuration and store, so the server must outlive it.
+  /// thread only; it shares the server's configuration and state, so the server must outlive it.
   capnp::Capability::Client bootstrap(kj::Own<kj::PeerIdentity> caller);
 
   /// Closes the listener and every connection and joins the thread. Also done by the destructor.
   void stop();
 
-  struct replica_store;  // detail: shared with the server's thread
+  struct node_state;  // detail: shared with the server's thread
 
  private:
   peer_server() = default;
@@ -111,7 +85,7 @@ class peer_server {
   peer_server_config cfg_;
   uint16_t port_ = 0;
   std::unique_ptr<wire::server_thread> server_;
-  std::unique_ptr<replica_store> store_;
+  std::unique_ptr<node_state> state_;
 };
 
 }  // namespace keel

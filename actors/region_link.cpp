@@ -43,40 +43,8 @@ const char* to_string(breaker_state x) {
 }
 
 void peer_table::put(const peer_info& p) {
-  std::function<void(const peer_info&)> f;
-  {
-    std::lock_guard<std::mutex> guard(mu_);
-    auto& slot = peers_[p.address];
-    // A link restarted from scratch starts as down without having seen anything: no news.
-    bool went_down = p.status == peer_status::down && slot.status != peer_status::down &&
-                     !slot.name.empty() && (p.heartbeats > 0 || p.failures > 0);
-    // Back after having been declared down (a healed partition, a restart).
-    bool came_back = p.status == peer_status::up && slot.status == peer_status::down &&
-                     slot.status_changes > 0;
-    slot = p;
-    if (went_down) f = on_down_;
-    if (came_back) f = on_up_;
-  }
-  if (f) f(p);
-}
-
-bool peer_table::quorum_within(size_t members, std::chrono::nanoseconds lease) const {
-  auto now = std::chrono::steady_clock::now();
-  size_t with = 1;
   std::lock_guard<std::mutex> guard(mu_);
-  for (auto& [address, p] : peers_)
-    if (p.heartbeats > 0 && now - p.answered_sent < lease) ++with;
-  return with >= members / 2 + 1;
-}
-
-void peer_table::on_up(std::function<void(const peer_info&)> f) {
-  std::lock_guard<std::mutex> guard(mu_);
-  on_up_ = std::move(f);
-}
-
-void peer_table::on_down(std::function<void(const peer_info&)> f) {
-  std::lock_guard<std::mutex> guard(mu_);
-  on_down_ = std::move(f);
+  peers_[p.address] = p;
 }
 
 std::vector<peer_info> peer_table::snapshot() const {
@@ -316,7 +284,6 @@ class link_io : public kj::TaskSet::ErrorHandler {
           last_ok_ = now;
           ever_ok_ = true;
           info_.round_trip = now - sent_;
-          info_.answered_sent = sent_;
           ++info_.heartbeats;
           info_.consecutive_failures = 0;
           info_.name = n.getName().cStr();

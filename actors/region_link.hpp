@@ -69,8 +69,6 @@ struct peer_info {
   peer_status status = peer_status::down;
   breaker_state breaker = breaker_state::closed;
   std::chrono::nanoseconds round_trip{0};  // of the last answered heartbeat
-  /// When (this node's steady clock) the newest answered heartbeat was sent.
-  std::chrono::steady_clock::time_point answered_sent{};
   uint64_t heartbeats = 0;                 // answered heartbeats
   uint64_t failures = 0;                   // failures in all
   int32_t consecutive_failures = 0;
@@ -85,24 +83,14 @@ struct peer_info {
 /// Every link's view of its peer, written by the links' threads and read by anyone. Thread-safe.
 class peer_table {
  public:
-  /// Records `p`; when its status changes from up or suspect to down, calls the `on_down`
-  /// listener (on the caller's thread, no lock held).
+  /// Records `p` (what the link to it saw last). Peer status is for operators, forwarding and
+  /// admission only: no ownership decision reads it (the protocol has its own messages).
   void put(const peer_info& p);
   std::vector<peer_info> snapshot() const;  // ordered by address
-  /// Called when a peer that had answered is declared down (takeover, docs/actors.md).
-  void on_down(std::function<void(const peer_info&)> f);
-  /// Called when a peer that had been declared down answers again (a healed partition, a
-  /// restarted peer): the node checks which of its sessions were taken over meanwhile.
-  void on_up(std::function<void(const peer_info&)> f);
-  /// Whether this node and the peers that answered a heartbeat sent within the last `lease`
-  /// are a majority of `members` (this node included): the node's lease to serve.
-  bool quorum_within(size_t members, std::chrono::nanoseconds lease) const;
 
  private:
   mutable std::mutex mu_;
   std::map<std::string, peer_info> peers_;
-  std::function<void(const peer_info&)> on_down_;
-  std::function<void(const peer_info&)> on_up_;
 };
 
 /// The child spec of the link to the peer endpoint at `address` (HOST:PORT), id "peer-ADDRESS".

@@ -7,7 +7,7 @@ namespace keel {
 
 /// The rendezvous weight of (session, node): FNV-1a of "SESSION/NODE", finished like splitmix64
 /// (FNV's low bits mix poorly for short keys). The same in every process and build, so every
-/// node ranks the nodes of a session alike (replicator placement, ownership groups).
+/// node ranks the nodes of a session alike (ownership groups).
 inline uint64_t rendezvous_weight(const std::string& session, const std::string& node) {
   uint64_t h = 1469598103934665603ull;
   auto mix = [&h](const std::string& s) {

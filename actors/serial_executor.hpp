@@ -8,10 +8,10 @@
 
 namespace keel {
 
-/// Runs tasks one at a time, in order, on a thread of its own: a node's failover work
-/// (takeover, giving up a session, handoffs), which waits for actors and for the replicator
-/// and so must run neither on a CAF worker nor on the replicator's thread (whose acknowledgements
-/// the session actors may be waiting for). The destructor drops what was not started and joins.
+/// Runs tasks one at a time, in order, on a thread of its own: a node's failover work (starting
+/// a session it acquired, stopping one it lost), which waits for actors and so must run neither
+/// on a CAF worker nor on the ownership host's thread (whose answers the session actors may be
+/// waiting for). The destructor drops what was not started and joins.
 class serial_executor {
  public:
   serial_executor() : thread_([this] { run(); }) {}

@@ -20,13 +20,7 @@ void session_table::detach_store() {
   store_ = nullptr;
 }
 
-void session_table::on_stored(replicate_fn f) {
-  std::lock_guard<std::mutex> guard(mu_);
-  on_stored_ = std::move(f);
-}
-
-caf::error session_table::write_store(const session_record& r, change c,
-                                      std::future<caf::error>& ack) {
+caf::error session_table::write_store(const session_record& r, change c) {
   if (store_ == nullptr || c == change::memory) return {};
   const uint64_t epoch = r.epoch;
   size_t logged = 0;
@@ -42,7 +36,6 @@ caf::error session_table::write_store(const session_record& r, change c,
     if (auto err = store_->append_turn_tokens(r.id, epoch, last->turn, logged, tail,
                                               storage::durability::buffered))
       return err;
-    if (on_stored_) on_stored_({r.id, epoch, {}, last->turn, logged, std::move(tail), false});
   } else {
     storage::write_batch b;
     auto record = wire::encode(to_checkpoint(r));
@@ -53,12 +46,6 @@ caf::error session_table::write_store(const session_record& r, change c,
       b.append_turn_tokens(r.id, epoch, last->turn, logged, tail);
     }
     if (auto err = store_->write(b, storage::durability::sync)) return err;
-    if (on_stored_) {
-      replica_update u{r.id, epoch, std::move(record), last ? last->turn : 0, logged,
-                       std::move(tail), true};
-      u.strict = c == change::accept;
-      ack = on_stored_(std::move(u));
-    }
   }
   logged_[r.id] = last ? last->generated.size() : 0;
   return {};
@@ -98,59 +85,19 @@ caf::error session_table::put(const session_record& r, change c) {
     // A token checkpoint that was not sent is sent with a later one, or with the turn's end.
     return c == change::tokens ? caf::error{} : err;
   }
-  std::future<caf::error> ack;
-  caf::error err;
-  std::optional<session_record> previous;  // with change::accept: what to go back to
-  {
-    std::lock_guard<std::mutex> guard(mu_);
-    if (auto d = dropped_.find(r.id); d != dropped_.end()) {
-      return make_error(errc::stale_epoch,
-                        "session " + r.id + ": write with epoch " + std::to_string(r.epoch) +
-                            (d->second > 0 ? ", another node owns it at epoch " +
-                                                 std::to_string(d->second)
-                                           : ", it is being handed over to another node"));
-    }
-    // A new turn's log starts empty.
-    if (auto i = records_.find(r.id);
-        i != records_.end() && i->second.turns.size() != r.turns.size())
-      logged_[r.id] = 0;
-    if (c == change::accept)
-      if (auto i = records_.find(r.id); i != records_.end()) previous = i->second;
-    err = write_store(r, c, ack);
-    // A token checkpoint that failed is retried later; memory still takes the token.
-    if (err && c != change::tokens && c != change::memory) return err;
-    records_[r.id] = r;
-  }
-  // Acknowledged means durable on this node and on a replica (ARCHITECTURE.md, guarantee 1).
-  if (ack.valid()) {
-    caf::error refused;
-    try {
-      refused = ack.get();
-    } catch (const std::future_error&) {
-      // The replicator stopped (the node is stopping) before it answered: this node's synced
-      // write stands, as when no replica is live.
-    }
-    if (refused) {
-      if (c == change::accept && code_of(refused) != errc::stale_epoch) undo(r, previous);
-      return refused;
-    }
-  }
-  return err;
-}
-
-void session_table::undo(const session_record& r, const std::optional<session_record>& previous) {
   std::lock_guard<std::mutex> guard(mu_);
-  if (dropped_.count(r.id) > 0) return;
-  if (previous) {
-    records_[r.id] = *previous;
-    logged_[r.id] = previous->turns.empty() ? 0 : previous->turns.back().generated.size();
-    if (store_ != nullptr)
-      (void)store_->put_session(r.id, r.epoch, wire::encode(to_checkpoint(*previous)));
-  } else {
-    records_.erase(r.id);
-    logged_.erase(r.id);
-    if (store_ != nullptr) (void)store_->erase_session(r.id, r.epoch);
-  }
+  if (dropped_.count(r.id) > 0)
+    return make_error(errc::stale_epoch,
+                      "session " + r.id + ": another node owns it now; resume there");
+  // A new turn's log starts empty.
+  if (auto i = records_.find(r.id);
+      i != records_.end() && i->second.turns.size() != r.turns.size())
+    logged_[r.id] = 0;
+  auto err = write_store(r, c);
+  // A token checkpoint that failed is retried later; memory still takes the token.
+  if (err && c != change::tokens && c != change::memory) return err;
+  records_[r.id] = r;
+  return err;
 }
 
 std::optional<session_record> session_table::drop(const std::string& id, uint64_t epoch) {
@@ -341,12 +288,11 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
                          const std::vector<int32_t>& held) {
   check_fault(self);
   auto& st = self->state;
-  if ((st.ctx->may_serve && !st.ctx->may_serve()) ||
-      (st.ctx->may_serve_session && !st.ctx->may_serve_session(st.rec.id))) {
+  if (st.ctx->may_serve_session && !st.ctx->may_serve_session(st.rec.id)) {
     // This node cannot prove it still holds the session: it streams nothing.
     return make_error(errc::disconnected, "session " + st.rec.id + ": node " + st.ctx->name +
                                               " has lost contact with the majority of the "
-                                              "cluster; resume on another node");
+                                              "session's group; resume on another node");
   }
   if (turn >= st.rec.turns.size()) {
     return make_error(errc::not_found,
@@ -461,8 +407,9 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         // This turn's tokens come from this node only: none for `resume` to adopt.
         st.rec.from_copy = false;
         st.rec.turns.push_back(std::move(t));
-        // Acknowledged (the reply) only after the turn is in a synced write, and on a replica
-        // when a peer is live (ARCHITECTURE.md, guarantee 1); otherwise refused and undone.
+        // Acknowledged (the reply) only after the turn is in a synced write (alone) or stored by
+        // a majority of its group (with peers; ARCHITECTURE.md, guarantee 1); otherwise refused
+        // and undone.
         if (auto err = st.table->put(st.rec, change::accept)) {
           st.rec.turns.pop_back();
           return err;
@@ -536,15 +483,15 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         return resume(self, turn, from_index, std::move(sink), held);
       },
       [self](detach_atom) {
-        // The node lost the majority (batcher_config::quorum_grace): the client resumes on the
-        // majority side. The turn stays: if no one takes the session over, a later resume here
+        // The session's lease ran out (batcher_config::quorum_grace): the client resumes at the
+        // new owner. The turn stays: if no one takes the session over, a later resume here
         // attaches again.
         auto& st = self->state;
         if (auto* t = running_turn(st); t && t->sink) {
           self->send(t->sink, moved_atom::value, st.rec.id, t->turn,
                      "node " + st.ctx->name +
-                         " has lost contact with the majority of the cluster; resume on another "
-                         "node");
+                         " has lost contact with the majority of the session's group; resume on "
+                         "another node");
           t->sink = caf::actor{};
         }
       },

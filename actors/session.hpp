@@ -15,7 +15,6 @@
 
 #include "actors/messages.hpp"
 #include "actors/node_context.hpp"
-#include "actors/replicator.hpp"
 #include "actors/supervisor.hpp"
 #include "storage/session_store.hpp"
 #include "wire/checkpoint.hpp"
@@ -47,8 +46,8 @@ struct session_record {
   /// The tenant whose API key opened it ("" on a node without --keys); stored and replicated,
   /// so that every node that serves it lets only that tenant use it.
   std::string tenant;
-  /// Not stored: the record was rebuilt from a stored or replicated copy (recovery, takeover,
-  /// handoff), which may lag the tokens its client already received; `resume` adopts a
+  /// Not stored: the record was rebuilt from a stored or replicated copy (recovery, takeover),
+  /// which may lag the tokens its client already received; `resume` adopts a
   /// running turn's held tokens beyond the record's only then, and once.
   bool from_copy = false;
 };
@@ -56,9 +55,9 @@ struct session_record {
 /// How a change to a session is recorded (see `session_table::put`).
 enum class change : uint8_t {
   memory,     // in memory only (a new sink)
-  structure,  // a finished turn: synced to the store (and sent to the replicas, waited for)
-  accept,     // a new session, an accepted user turn: as `structure`, and refused (undone) when
-              // live peers exist but none stored it
+  structure,  // a finished turn: synced to the store (with peers: stored by a majority)
+  accept,     // a new session, an accepted user turn: as `structure`, and with peers refused
+              // (undone) when no majority of its group stored it
   tokens,     // a generated token: appended to the turn log every `checkpoint_every` tokens
 };
 
@@ -73,10 +72,9 @@ enum class change : uint8_t {
 ///   process crash; a power loss loses at most the tokens since the last synced write, and a
 ///   resumed turn regenerates exactly those, since sampling is deterministic).
 /// When a store write fails, memory is left unchanged and the error is returned. Every write
-/// carries the record's epoch. With replication (`on_stored`), a structural change also waits
-/// for a replica's acknowledgement before `put` returns; a replica that refuses it with
-/// `stale_epoch` (another node took the session over) fails the `put`. A session dropped with
-/// `drop` (this node lost it) refuses every later `put` with `stale_epoch`. Thread-safe.
+/// carries the record's epoch. With peers (`on_change`) the ownership protocol keeps the
+/// sessions instead of the store. A session dropped with `drop` (another node owns it now)
+/// refuses every later `put` with `stale_epoch`. Thread-safe.
 class session_table {
  public:
   explicit session_table(int32_t checkpoint_every = 16) : checkpoint_every_(checkpoint_every) {}
@@ -86,15 +84,8 @@ class session_table {
   void attach_store(storage::session_store* store);
   void detach_store();
 
-  /// Called with every write to the store, after it succeeded and with the table's mutex held:
-  /// it must only queue (replicator::enqueue). When the update asks for an acknowledgement it
-  /// returns a future of the replica's answer, which `put` waits for after releasing the mutex.
-  /// Empty: no replication.
-  using replicate_fn = std::function<std::future<caf::error>(replica_update)>;
-  void on_stored(replicate_fn f);
-
   /// With the ownership protocol (docs/actors.md "Ownership protocol"): every change but
-  /// `memory` goes to `f` instead of the store and the replicator, outside the table's lock,
+  /// `memory` goes to `f` instead of the store, outside the table's lock,
   /// with the record before it (none for a new session). Its error is `put`'s; a refused
   /// `accept` is undone in memory. Set before the first `put`.
   using ownership_fn = std::function<caf::error(const session_record& r, change c,
@@ -125,14 +116,11 @@ class session_table {
   std::optional<std::string> parked(const std::string& id) const;
 
  private:
-  caf::error write_store(const session_record& r, change c, std::future<caf::error>& ack);
-  /// Takes back an accepted change no replica stored: memory and store as before `r`.
-  void undo(const session_record& r, const std::optional<session_record>& previous);
+  caf::error write_store(const session_record& r, change c);
 
   const int32_t checkpoint_every_;
   mutable std::mutex mu_;
   storage::session_store* store_ = nullptr;
-  replicate_fn on_stored_;
   ownership_fn on_change_;
   std::map<std::string, uint64_t> dropped_;  // id -> the epoch of the node that has it now
   std::map<std::string, std::string> parked_;  // id -> why

@@ -54,22 +54,20 @@ constexpr option spec[] = {
     {"peer-listen", "HOST:PORT",
      "address to serve other nodes on (wire/peer.capnp); port 0 picks a free one (default: "
      "none)"},
-    {"peers", "[NAME=]HOST:PORT,...",
-     "the other nodes' peer addresses, each with its node name (required with TLS: its "
-     "certificate must name it); one region link each"},
+    {"peers", "NAME=HOST:PORT,...",
+     "the other nodes: each one's name (under TLS its certificate must name it) and peer "
+     "address. With peers every session lives in a group of nodes under the ownership "
+     "protocol (docs/actors.md); without, the node runs alone and its store is the only copy"},
     {"heartbeat-interval", "MS", "region link heartbeat interval (default 100)"},
     {"down-after", "MS", "declare a peer down after MS ms without a heartbeat (default 500)"},
     {"replicas", "N",
-     "replicas of each session on other nodes, one in another region when there is one "
-     "(default 2 with two peers or more, else 1; with --data and --peers); a new session or "
-     "turn is acknowledged once a majority of the group (this node and N replicas) stored it"},
-    {"ownership", "MODE",
-     "who serves a session and how another node takes it over: 'interim' (default: replicas "
-     "among the live peers, a node-wide lease) or 'protocol' (fixed groups, ballots, a lease "
-     "per session; every peer needs its name; docs/actors.md, \"Ownership protocol\")"},
+     "replicas of each session: its group is its owner and N other nodes, one member per "
+     "region first (default 2, or 1 with one peer); a new session or turn is acknowledged once "
+     "a majority of the group stored it. Every node of a cluster needs the same value"},
     {"peer-regions", "NAME=REGION,...",
-     "with --ownership protocol: each peer's region (a session's group takes one member per "
-     "region first; default: none)"},
+     "each peer's region, as its --region says (a session's group takes one member per region "
+     "first, so that it outlives a region's loss; default: none). Every node of a cluster needs "
+     "the same view"},
     {"keys", "FILE",
      "API keys of the client port, one a line: KEY tenant=NAME class=batch|standard|interactive "
      "rpm=N tpm=N sessions=N (mode 600). Without it the port serves anyone, on loopback only"},
@@ -257,14 +255,17 @@ int run(std::span<char*> args) {
       if (e == std::string::npos) e = list.size();
       auto one = trim(list.substr(b, e - b));
       if (!one.empty()) {
-        std::string name;
-        if (auto eq = one.find('='); eq != std::string::npos) {
-          name = trim(one.substr(0, eq));
-          one = trim(one.substr(eq + 1));
-          if (name.empty())
-            return fail(keel::make_error(keel::errc::bad_request,
-                                         "--peers: '=" + one + "' has an empty node name"));
-        }
+        auto eq = one.find('=');
+        if (eq == std::string::npos)
+          return fail(keel::make_error(
+              keel::errc::bad_request,
+              "--peers " + one + ": every peer needs its node name, NAME=HOST:PORT (each "
+              "session's group of nodes is chosen by name)"));
+        std::string name = trim(one.substr(0, eq));
+        one = trim(one.substr(eq + 1));
+        if (name.empty())
+          return fail(keel::make_error(keel::errc::bad_request,
+                                       "--peers: '=" + one + "' has an empty node name"));
         auto hp = parse_listen(one, "peers");
         if (!hp) return fail(hp.error());
         peers.push_back(one);
@@ -284,12 +285,6 @@ int run(std::span<char*> args) {
         {opts->get("tls-cert"), opts->get("tls-key"), opts->get("tls-ca")});
     if (!t) return fail(t.error());
     tls = std::move(*t);
-    for (size_t i = 0; i < peers.size(); ++i)
-      if (peer_names[i].empty())
-        return fail(keel::make_error(keel::errc::bad_request,
-                                     "--peers " + peers[i] +
-                                         ": with TLS every peer needs its node name, "
-                                         "NAME=HOST:PORT (its certificate must name it)"));
   }
   std::optional<std::pair<std::string, uint16_t>> peer_listen;
   if (opts->has("peer-listen")) {
@@ -354,19 +349,16 @@ int run(std::span<char*> args) {
   // member lost (a group of two would stop at any loss).
   auto replicas = opts->get_int("replicas", peers.size() >= 2 ? 2 : 1, 1, 16);
   if (!replicas) return fail(replicas.error());
+  if (!peers.empty() && static_cast<size_t>(*replicas) > peers.size())
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "--replicas " + std::to_string(*replicas) + ": there are only " +
+                                     std::to_string(peers.size()) + " peer(s) to hold them"));
   ncfg.peers = std::move(peers);
   ncfg.peer_names = peer_names;
   ncfg.tls = tls;
   ncfg.heartbeat_interval = std::chrono::milliseconds(*heartbeat);
   ncfg.down_after = std::chrono::milliseconds(*down_after);
-  ncfg.replicas = static_cast<int32_t>(*replicas);
-  if (opts->has("ownership")) {
-    auto mode = opts->get("ownership");
-    if (mode != "interim" && mode != "protocol")
-      return fail(keel::make_error(keel::errc::bad_request,
-                                   "--ownership: '" + mode + "' is neither interim nor protocol"));
-    ncfg.ownership_protocol = mode == "protocol";
-  }
+  ncfg.group_size = static_cast<int32_t>(*replicas) + 1;
   if (opts->has("peer-regions")) {
     std::string list = opts->get("peer-regions");
     for (size_t b = 0; b <= list.size();) {
@@ -446,18 +438,12 @@ int run(std::span<char*> args) {
   }
   auto nd = keel::node::start(sys, ncfg, log);
   if (!nd) return fail(nd.error());
-  // Replicas from peers go to the node's store (docs/actors.md, "Replication").
-  if (peer_srv) peer_srv->attach_store((*nd)->store());
   auto gw = keel::gateway::start(sys, **nd, gcfg);
   if (!gw) return fail(gw.error());
   if (peer_srv) {
-    // Peers learn where this node serves clients (they forward requests here) and tell it when
-    // another node took one of its sessions over.
+    // Peers learn where this node serves clients (they forward requests here); the ownership
+    // protocol's messages go to the node's host.
     peer_srv->set_client_address((*gw)->address());
-    peer_srv->on_lost([n = nd->get()](const std::string& id, uint64_t epoch) { n->lose(id, epoch); });
-    peer_srv->on_handoff([n = nd->get()](const std::string& id, const std::string& from) {
-      return n->accept_handoff(id, from);
-    });
     (*nd)->on_draining([ps = peer_srv.get()] { ps->set_draining(true); });
     peer_srv->set_readiness([n = nd->get()] { return n->not_ready(); });
     peer_srv->on_ownership([n = nd->get()](const std::string& from, std::string message) {
@@ -517,11 +503,8 @@ int run(std::span<char*> args) {
   }).detach();
   if (adm) adm->stop();
   (*gw)->stop();
-  if (peer_srv) peer_srv->on_lost({});
   if (peer_srv) peer_srv->on_ownership({});
-  if (peer_srv) peer_srv->on_handoff({});
   if (peer_srv) peer_srv->set_readiness({});
-  if (peer_srv) peer_srv->detach_store();
   (*nd)->stop();
   if (peer_srv) peer_srv->stop();
   keel::cli::log_line(program, "stopped");

@@ -76,12 +76,16 @@ pids=()
 endpoints=()
 for i in 0 1 2; do
   peers=""
+  peer_regions=""
   for j in 0 1 2; do
-    [ "$j" -eq "$i" ] || peers="$peers${peers:+,}127.0.0.1:${ports[$((j + 3))]}"
+    [ "$j" -eq "$i" ] && continue
+    peers="$peers${peers:+,}${names[$j]}=127.0.0.1:${ports[$((j + 3))]}"
+    peer_regions="$peer_regions${peer_regions:+,}${names[$j]}=${regions[$j]}"
   done
   "$build/apps/keel-node" --name "${names[$i]}" --region "${regions[$i]}" \
     --listen "127.0.0.1:${ports[$i]}" --peer-listen "127.0.0.1:${ports[$((i + 3))]}" \
-    --peers "$peers" --data "$demo/${names[$i]}" --model "$demo_model" --threads 1 \
+    --peers "$peers" --peer-regions "$peer_regions" \
+    --data "$demo/${names[$i]}" --model "$demo_model" --threads 1 \
     2>"$demo/${names[$i]}.log" &
   pids+=($!)
   cleanup_pids+=($!)

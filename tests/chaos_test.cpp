@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "storage/session_store.hpp"
+#include "actors/ownership_codec.hpp"
 #include "tests/cluster.hpp"
 #include "tests/test_support.hpp"
 #include "wire/client.hpp"
@@ -75,21 +76,17 @@ struct three_nodes {
   cluster cl;
 
   explicit three_nodes(const std::string& label, int down_after = down_after_ms,
-                       std::vector<keel::test::node_spec> specs = two_regions(),
-                       bool protocol = false)
-      : root("chaos_test-" + label),
-        cl(config(label, root.path, down_after, protocol), std::move(specs)) {
+                       std::vector<keel::test::node_spec> specs = two_regions())
+      : root("chaos_test-" + label), cl(config(label, root.path, down_after), std::move(specs)) {
     cl.start_all();
     BOOST_TEST_MESSAGE("region links up: " << (cl.wait_all_links_up(5s) ? "yes" : "not seen"));
   }
 
   static cluster_config config(const std::string& label, const std::filesystem::path& root,
-                               int down_after, bool protocol = false) {
+                               int down_after) {
     cluster_config cfg;
-    cfg.protocol = protocol;
     cfg.model = model().path;
     cfg.root = root;
-    cfg.replicas = 1;
     cfg.heartbeat_ms = heartbeat_ms;
     cfg.down_after_ms = down_after;
     cfg.label = label;
@@ -618,7 +615,7 @@ const std::vector<std::string> phrases = {
 
 // -----------------------------------------------------------------------------------------------
 
-static void sigkill_schedule(bool protocol) {
+static void sigkill_schedule() {
   // Three nodes in two regions; 20 conversations, each with its own client connected to all
   // three (rotated, so each node starts a third of them); a seeded schedule kills one node at a
   // time with SIGKILL while turns stream, and restarts it on the same data and ports.
@@ -683,7 +680,7 @@ static void sigkill_schedule(bool protocol) {
 
   auto reference = fault_free(convs, "kill");
 
-  three_nodes net(protocol ? "kill-protocol" : "kill", down_after_ms, three_nodes::two_regions(), protocol);
+  three_nodes net("kill", down_after_ms, three_nodes::two_regions());
   auto& cl = net.cl;
 
   std::vector<conversation_run> runs;
@@ -759,14 +756,10 @@ static void sigkill_schedule(bool protocol) {
 }
 
 BOOST_AUTO_TEST_CASE(conversations_survive_repeated_sigkill_of_random_nodes_with_restarts) {
-  sigkill_schedule(false);
+  sigkill_schedule();
 }
 
-BOOST_AUTO_TEST_CASE(the_ownership_protocol_keeps_conversations_through_repeated_sigkill) {
-  sigkill_schedule(true);
-}
-
-static void region_loss(bool protocol) {
+static void region_loss() {
   // Three regions, one node each (the layout that survives a region's loss: docs/operations.md).
   // a (r1) and b (r2) start every conversation. Region r1 dies with SIGKILL while every
   // conversation streams its second turn: the streams of a's conversations go on from b or c,
@@ -789,8 +782,7 @@ static void region_loss(bool protocol) {
   BOOST_REQUIRE_MESSAGE(long_ones >= conversations / 2,
                         "only " << long_ones << " second replies run long enough to be cut");
 
-  three_nodes net(protocol ? "region-protocol" : "region", down_after_ms,
-                  three_nodes::three_regions(), protocol);
+  three_nodes net("region", down_after_ms, three_nodes::three_regions());
   auto& cl = net.cl;
 
   // Every conversation starts its second turn together.
@@ -856,11 +848,7 @@ static void region_loss(bool protocol) {
 }
 
 BOOST_AUTO_TEST_CASE(conversations_continue_in_the_other_regions_when_a_whole_region_is_killed) {
-  region_loss(false);
-}
-
-BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_conversations_survive_a_region_s_loss) {
-  region_loss(true);
+  region_loss();
 }
 
 bool contains(const std::string& text, const std::string& part) {
@@ -912,7 +900,7 @@ void expect_minority_refuses(cluster& cl, size_t i, const std::string& probe) {
   if (!g) BOOST_TEST_MESSAGE(cl.name(i) << " refused a turn: " << keel::describe(g.error()));
 }
 
-static void minority_partition(bool protocol) {
+static void minority_partition() {
   // Issue #10's first partition: {a, b} | {c} (c, alone in r2, holds replicas) while a and b
   // serve conversations. c is the minority: it takes nothing over and acknowledges nothing; a
   // and b go on serving; after the heal every node answers the same history, and every
@@ -930,7 +918,7 @@ static void minority_partition(bool protocol) {
     convs.push_back(std::move(c));
   }
   auto reference = fault_free(convs, "minority");
-  three_nodes net(protocol ? "minority-protocol" : "minority", down_after_ms, three_nodes::two_regions(), protocol);
+  three_nodes net("minority", down_after_ms, three_nodes::two_regions());
   auto& cl = net.cl;
   auto probe = probe_session(cl, 2);  // owned by c, the side that will be the minority
 
@@ -961,7 +949,6 @@ static void minority_partition(bool protocol) {
   BOOST_TEST(served >= 1, "the majority side started no turn during the partition");
   BOOST_TEST_MESSAGE("turns started on the majority side during the partition: " << served);
   auto c_log = cl.log(2);
-  if (!protocol) BOOST_TEST(contains(c_log, "no majority: not taking over"), c_log);
   BOOST_TEST(!contains(c_log, "took over session"), c_log);
   check_no_crash(cl);
   check_transcripts(runs, reference);
@@ -969,14 +956,10 @@ static void minority_partition(bool protocol) {
 }
 
 BOOST_AUTO_TEST_CASE(a_partitioned_minority_refuses_and_the_majority_serves_through_it) {
-  minority_partition(false);
+  minority_partition();
 }
 
-BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_a_partitioned_minority_refuses) {
-  minority_partition(true);
-}
-
-static void isolated_owner(bool protocol) {
+static void isolated_owner() {
   // Issue #10's second partition: {a} | {b, c} while a streams every conversation's long second
   // reply. a, alone, loses its lease: it stops streaming and acknowledges nothing; b and c (the
   // majority) take its sessions over; the clients resume there. After the heal a learns it lost
@@ -994,7 +977,7 @@ static void isolated_owner(bool protocol) {
     convs.push_back(std::move(c));
   }
   auto reference = fault_free(convs, "isolated");
-  three_nodes net(protocol ? "isolated-protocol" : "isolated", down_after_ms, three_nodes::two_regions(), protocol);
+  three_nodes net("isolated", down_after_ms, three_nodes::two_regions());
   auto& cl = net.cl;
   auto probe = probe_session(cl, 0);  // owned by a, the node that will be cut off
 
@@ -1017,13 +1000,12 @@ static void isolated_owner(bool protocol) {
   size_t moved = 0;
   for (size_t i = 0; i < conversations; ++i) {
     for (auto& f : runs[i].failovers) {
-      // The client may reach the new owner through a (which forwards after the heal). Under
-      // the protocol a may own a session again after the heal when the machine is so loaded
+      // The client may reach the new owner through a (which forwards after the heal). a may
+      // own a session again after the heal when the machine is so loaded
       // that its new owner's heartbeats stall past suspect_after (seen with a sanitizer build
       // beside the test): a stream that moves after the heal may go to a; safety is checked
       // below either way, and ownership_test checks deterministically that a returning owner
       // follows the new one.
-      if (!protocol) BOOST_TEST(f.to_node != cl.name(0), summary(runs[i]));
       moved += f.to_node != cl.name(0) ? 1 : 0;
     }
   }
@@ -1041,21 +1023,16 @@ static void isolated_owner(bool protocol) {
   while (!dropped() && clock_type::now() < until) std::this_thread::sleep_for(50ms);
   BOOST_TEST(dropped(), "a did not learn that its sessions were taken over:\n" << cl.log(0));
   BOOST_TEST((contains(cl.log(1), "took over session") || contains(cl.log(2), "took over session")));
-  if (!protocol) BOOST_TEST(!contains(cl.log(0), "took over session"), cl.log(0));
   check_no_crash(cl);
   check_transcripts(runs, reference);
   check_history_everywhere(cl, runs, reference);
 }
 
 BOOST_AUTO_TEST_CASE(an_isolated_owner_stops_and_the_majority_takes_its_sessions_over) {
-  isolated_owner(false);
+  isolated_owner();
 }
 
-BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_an_isolated_owner_stops_and_is_taken_over) {
-  isolated_owner(true);
-}
-
-static void paused_owner(bool protocol) {
+static void paused_owner() {
   // The node serving a long reply is stopped (SIGSTOP) for longer than down_after, so another
   // node takes the session over with a newer epoch; the client's reply completes from there.
   // Then the old owner continues (SIGCONT) believing it still owns the session: its late
@@ -1084,8 +1061,7 @@ static void paused_owner(bool protocol) {
   BOOST_REQUIRE_MESSAGE(long_reply >= 600,
                         "the longest candidate reply has only " << long_reply << " tokens");
 
-  three_nodes net(protocol ? "pause-protocol" : "pause", down_after_ms, three_nodes::two_regions(),
-                  protocol);
+  three_nodes net("pause", down_after_ms, three_nodes::two_regions());
   auto& cl = net.cl;
 
   const size_t a = 0;
@@ -1126,18 +1102,10 @@ static void paused_owner(bool protocol) {
   check_no_crash(cl);
   check_transcripts(runs, reference);
 
-  // The old owner's late writes were refused: some node says so, in whatever words, after the
-  // old owner continued.
-  // Under the protocol a member refuses its write for a higher ballot, and the old owner says it
-  // lost the session.
+  // The old owner's late writes were refused: a member refuses its write for a higher ballot,
+  // and the old owner says it lost the session.
   auto refused = [&](const std::string& line) {
-    auto l = lower(line);
-    if (protocol) return l.find("session " + runs[0].session + " was taken over") != std::string::npos;
-    return l.find("stale_epoch") != std::string::npos ||
-           (l.find("epoch") != std::string::npos &&
-            (l.find("stale") != std::string::npos || l.find("refus") != std::string::npos ||
-             l.find("fenc") != std::string::npos || l.find("older") != std::string::npos ||
-             l.find("newer") != std::string::npos));
+    return lower(line).find("session " + runs[0].session + " was taken over") != std::string::npos;
   };
   auto late_logs = [&] {
     std::string all;
@@ -1162,19 +1130,16 @@ static void paused_owner(bool protocol) {
 }
 
 BOOST_AUTO_TEST_CASE(a_paused_owner_is_taken_over_and_its_late_writes_are_refused) {
-  paused_owner(false);
-}
-
-BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_a_paused_owner_is_fenced) {
-  paused_owner(true);
+  paused_owner();
 }
 
 BOOST_AUTO_TEST_CASE(a_corrupt_session_record_is_recovered_from_a_replica_after_restart) {
-  // A conversation's owner is stopped cleanly, its session record is corrupted on disk, and it
-  // is started again before the others would declare it down (down_after is long here), so it
-  // comes back as the owner with a record it cannot read. It must report the record by key and
-  // recover the session from its replica: every node answers the full history, the next turn
-  // continues it exactly, and the owner's store no longer holds a corrupt record.
+  // A conversation's owner is stopped cleanly, its record of the session (the ownership
+  // protocol's state) is corrupted on disk, and it is started again before the others would
+  // suspect it (down_after is long here), so it comes back with a record it cannot read. It
+  // must report the record by key, and the session goes on from its group's copies: every node
+  // answers the full history, the next turn continues it exactly, and the owner's store no
+  // longer holds a corrupt record.
   conversation c;
   c.params.temperature = 0.8f;
   c.params.seed = 4004;
@@ -1209,10 +1174,10 @@ BOOST_AUTO_TEST_CASE(a_corrupt_session_record_is_recovered_from_a_replica_after_
   {
     auto store = keel::storage::session_store::open(cl.data_dir(a).string());
     BOOST_REQUIRE_MESSAGE(store, keel::test::why(store));
-    auto keys = (*store)->list_sessions();
-    BOOST_REQUIRE_MESSAGE(keys, keel::test::why(keys));
+    auto scan = (*store)->scan_ownership();
+    BOOST_REQUIRE_MESSAGE(scan, keel::test::why(scan));
     std::string listing;
-    for (auto& k : *keys) {
+    for (auto& [k, v] : scan->entries) {
       listing += " " + k;
       if (k == sid) key = k;
     }
@@ -1233,7 +1198,7 @@ BOOST_AUTO_TEST_CASE(a_corrupt_session_record_is_recovered_from_a_replica_after_
     BOOST_REQUIRE_MESSAGE(st.ok(), st.ToString());
     rocksdb::ColumnFamilyHandle* sessions_cf = nullptr;
     for (auto* h : cfs)
-      if (h->GetName() == "sessions") sessions_cf = h;
+      if (h->GetName() == "ownership") sessions_cf = h;
     std::string v;
     bool ok = sessions_cf != nullptr && db->Get({}, sessions_cf, key, &v).ok() && v.size() > 24;
     if (ok) {
@@ -1250,9 +1215,12 @@ BOOST_AUTO_TEST_CASE(a_corrupt_session_record_is_recovered_from_a_replica_after_
   {
     auto store = keel::storage::session_store::open(cl.data_dir(a).string());
     BOOST_REQUIRE_MESSAGE(store, keel::test::why(store));
-    auto rec = (*store)->get_session(key);
-    BOOST_REQUIRE(!rec);
-    BOOST_REQUIRE(keel::code_of(rec.error()) == errc::corrupt_record);
+    auto scan = (*store)->scan_ownership();
+    BOOST_REQUIRE_MESSAGE(scan, keel::test::why(scan));
+    BOOST_REQUIRE(scan->entries.count(key) == 0u);
+    bool reported = false;
+    for (auto& bad : scan->corrupt) reported = reported || bad.key == key;
+    BOOST_REQUIRE(reported);
   }
   BOOST_TEST_MESSAGE("corrupted a's record " << key);
 
@@ -1283,7 +1251,8 @@ BOOST_AUTO_TEST_CASE(a_corrupt_session_record_is_recovered_from_a_replica_after_
   check_history_everywhere(cl, runs, reference);
 
   // On disk, after a clean stop of every node: a holds no corrupt record of the session any
-  // more, and at least two stores (owner and replica) hold all of its turns intact.
+  // more (the group's later writes replaced it), and a majority of the stores hold all of its
+  // turns intact.
   check_no_crash(cl);
   std::this_thread::sleep_for(1s);
   for (size_t n = cl.size(); n-- > 0;) BOOST_TEST(cl.terminate(n) == 0, cl.log(n));
@@ -1292,22 +1261,23 @@ BOOST_AUTO_TEST_CASE(a_corrupt_session_record_is_recovered_from_a_replica_after_
   for (size_t n = 0; n < cl.size(); ++n) {
     auto store = keel::storage::session_store::open(cl.data_dir(n).string());
     BOOST_REQUIRE_MESSAGE(store, keel::test::why(store));
-    auto scan = (*store)->scan();
+    auto scan = (*store)->scan_ownership();
     BOOST_REQUIRE_MESSAGE(scan, keel::test::why(scan));
     for (auto& bad : scan->corrupt)
       BOOST_TEST(!(key_of(bad.key, sid) || names(bad.key, sid) || bad.session == sid),
                  "node " << cl.name(n) << " still holds a corrupt record: " << bad.cf << " key "
                          << bad.key << ": " << bad.reason);
-    for (auto& s : scan->sessions) {
-      if (!key_of(s.id, sid)) continue;
-      bool all = s.turns.size() == reference[0].turns.size();
-      for (size_t t = 0; all && t < reference[0].turns.size(); ++t) {
-        auto it = s.turns.find(reference[0].turns[t].turn);
-        all = it != s.turns.end() && it->second == reference[0].turns[t].generated;
-      }
-      where += " " + cl.name(n) + ":" + s.id + (all ? " (complete)" : " (incomplete)");
-      intact += all ? 1 : 0;
-    }
+    auto entry = scan->entries.find(sid);
+    if (entry == scan->entries.end()) continue;
+    auto copy = keel::decode_stored_session(entry->second);
+    BOOST_TEST(static_cast<bool>(copy), cl.name(n) << ": " << keel::test::why(copy));
+    if (!copy) continue;
+    auto& turns = copy->data.turns;
+    bool all = turns.size() == reference[0].turns.size();
+    for (size_t t = 0; all && t < turns.size(); ++t)
+      all = turns[t].done && turns[t].tokens == reference[0].turns[t].generated;
+    where += " " + cl.name(n) + (all ? " (complete)" : " (incomplete)");
+    intact += all ? 1 : 0;
   }
   BOOST_TEST_MESSAGE("stores holding " << sid << ":" << where);
   BOOST_TEST(intact >= 2u, "the session is complete in " << intact << " store(s):" << where);

@@ -64,7 +64,7 @@ struct node_spec {
 struct cluster_config {
   std::string model;           // GGUF path
   std::filesystem::path root;  // each node's data directory is root/NAME
-  int replicas = 1;            // --replicas; 0 leaves the flag out
+  int replicas = 0;            // --replicas; 0 leaves the flag out (keel-node's default)
   int heartbeat_ms = 100;      // --heartbeat-interval
   int down_after_ms = 500;     // --down-after
   std::chrono::milliseconds start_timeout{15000};
@@ -75,9 +75,6 @@ struct cluster_config {
   /// A directory with scripts/make-certs.sh's files for every node (see `make_certs`): TLS on
   /// every port, each node with its own certificate, the peers named. Empty: plain TCP.
   std::filesystem::path tls;
-  /// `--ownership protocol` (docs/actors.md, "Ownership protocol"), the peers named and their
-  /// regions given; false: the interim rules.
-  bool protocol = false;
 };
 
 /// Makes a CA and a certificate per name in `dir` with scripts/make-certs.sh (the operators'
@@ -331,18 +328,14 @@ class cluster {
       for (size_t j = 0; j < nodes_.size(); ++j) {
         if (j == i) continue;
         if (!peers.empty()) peers += ",";
-        if (!cfg_.tls.empty() || cfg_.protocol) peers += nodes_[j].spec.name + "=";
-        peers += nodes_[j].peer_address;
+        peers += nodes_[j].spec.name + "=" + nodes_[j].peer_address;
       }
-      if (cfg_.protocol) {
-        std::string regions;
-        for (size_t j = 0; j < nodes_.size(); ++j) {
-          if (j == i || nodes_[j].spec.region.empty()) continue;
-          regions += (regions.empty() ? "" : ",") + nodes_[j].spec.name + "=" + nodes_[j].spec.region;
-        }
-        a.insert(a.end(), {"--ownership", "protocol"});
-        if (!regions.empty()) a.insert(a.end(), {"--peer-regions", regions});
+      std::string regions;
+      for (size_t j = 0; j < nodes_.size(); ++j) {
+        if (j == i || nodes_[j].spec.region.empty()) continue;
+        regions += (regions.empty() ? "" : ",") + nodes_[j].spec.name + "=" + nodes_[j].spec.region;
       }
+      if (!regions.empty()) a.insert(a.end(), {"--peer-regions", regions});
       a.insert(a.end(), {"--peer-listen", m.peer_address, "--peers", peers, "--heartbeat-interval",
                          std::to_string(cfg_.heartbeat_ms), "--down-after",
                          std::to_string(cfg_.down_after_ms)});

@@ -61,6 +61,8 @@ struct fixture {
     c.kv_bytes = 4 << 20;
     c.region = name == "a" ? "r1" : "r2";
     c.peer_address = self;
+    // Named as the peer servers of these tests are: a's peer is b, b's is a.
+    for (size_t i = 0; i < peers.size(); ++i) c.peer_names.push_back(name == "a" ? "b" : "a");
     c.peers = std::move(peers);
     auto n = node::start(*sys, c, make_log());
     BOOST_REQUIRE_MESSAGE(n, test::why(n));
@@ -211,6 +213,7 @@ BOOST_FIXTURE_TEST_CASE(a_bad_peer_address_is_refused, fixture) {
   c.model_path = model_path;
   c.kv_bytes = 4 << 20;
   c.peers = {"nowhere"};
+  c.peer_names = {"b"};
   auto n = node::start(*sys, c);
   BOOST_REQUIRE(!n);
   BOOST_TEST(keel::describe(n.error()).find("nowhere") != std::string::npos);
@@ -218,7 +221,7 @@ BOOST_FIXTURE_TEST_CASE(a_bad_peer_address_is_refused, fixture) {
 
 BOOST_FIXTURE_TEST_CASE(heartbeats_carry_the_client_address_and_draining, fixture) {
   // What a peer learns from the heartbeats: where the node serves clients (for forwarding) and
-  // whether it drains (placement then keeps replicas off it).
+  // whether it drains.
   auto sb = serve("b");
   auto a = start_node("a", "127.0.0.1:1", {sb->address()});
   BOOST_REQUIRE(wait_peer(*a, is_up, 5000ms));

@@ -342,7 +342,7 @@ BOOST_FIXTURE_TEST_CASE(a_session_reached_through_another_node_is_tenant_checked
   for (size_t i = 0; i < names.size(); ++i) {
     std::string others;
     for (size_t j = 0; j < names.size(); ++j)
-      if (j != i) others += (others.empty() ? "" : ",") + peer[j];
+      if (j != i) others += (others.empty() ? "" : ",") + names[j] + "=" + peer[j];
     nodes.push_back(std::make_unique<node>(
         model, std::vector<std::string>{"--name", names[i], "--keys", keys, "--data",
                                         (dir.path / names[i]).string(), "--peer-listen", peer[i],

@@ -169,9 +169,7 @@ struct trio {
   keel::test::temp_dir dir;
   std::unique_ptr<node> a, b, c;
 
-  /// `protocol`: the nodes run `--ownership protocol` (named peers).
-  explicit trio(const std::string& label, const std::string& model = tiny_model(),
-                bool protocol = false)
+  explicit trio(const std::string& label, const std::string& model = tiny_model())
       : dir("shell_test-" + label + "-" + std::to_string(getpid())) {
     auto config = (dir.path / "admin.conf").string();
     std::ofstream(config) << "admin-key = " << key << "\n";
@@ -181,15 +179,11 @@ struct trio {
       std::string others;
       for (auto& [n, address] : peer)
         if (n != name)
-          others += (others.empty() ? "" : ",") + (protocol ? n + "=" : std::string()) + address;
-      std::vector<std::string> args = {"--name", name, "--region", region, "--peer-listen",
-                                       peer[name], "--peers", others, "--data",
-                                       (dir.path / name).string(), "--config", config};
-      if (protocol)
-        args.insert(args.end(), {"--ownership", "protocol", "--peer-regions",
-                                 name == "c" ? "a=r1,b=r1" : name == "a" ? "b=r1,c=r2" : "a=r1,c=r2"});
-      else
-        args.insert(args.end(), {"--replicas", "2"});
+          others += (others.empty() ? "" : ",") + n + "=" + address;
+      std::vector<std::string> args = {
+          "--name",  name,   "--region", region, "--peer-listen", peer[name],
+          "--peers", others, "--data",   (dir.path / name).string(), "--config", config,
+          "--peer-regions", name == "c" ? "a=r1,b=r1" : name == "a" ? "b=r1,c=r2" : "a=r1,c=r2"};
       return std::make_unique<node>(args, false, model);
     };
     a = start("a", "r1");
@@ -478,7 +472,7 @@ BOOST_AUTO_TEST_CASE(every_error_is_one_line_and_the_shell_goes_on) {
       {"drain node node", 2, "keel-shell: drain: it takes one NODE, got 2 arguments"},
       {"drain nosuch", 1, "keel-shell: drain: no node nosuch; nodes: node"},
       // Without --data and --peers there is nowhere to hand sessions over to.
-      {"drain node", 1, "keel-shell: drain: node node cannot drain: it needs --data and --peers"},
+      {"drain node", 1, "keel-shell: drain: node node cannot drain: it runs alone (no --peers)"},
       {"watch drain node", 2, "cannot watch 'drain'"},
   };
   for (auto& e : cases) {
@@ -538,7 +532,7 @@ BOOST_AUTO_TEST_CASE(every_error_is_one_line_and_the_shell_goes_on) {
 BOOST_AUTO_TEST_CASE(nodes_merges_peers_and_a_cut_link_shows_the_peer_down) {
   node b({"--name", "b", "--region", "west", "--peer-listen", "127.0.0.1:0"});
   BOOST_REQUIRE(!b.peer.empty());
-  node a({"--name", "a", "--region", "east", "--peer-listen", "127.0.0.1:0", "--peers", b.peer});
+  node a({"--name", "a", "--region", "east", "--peer-listen", "127.0.0.1:0", "--peers", "b=" + b.peer});
   auto status_of_b = [&] {
     auto r = a.shell("nodes");
     BOOST_REQUIRE_MESSAGE(r.status == 0, r.err);
@@ -573,7 +567,7 @@ BOOST_AUTO_TEST_CASE(nodes_merges_peers_and_a_cut_link_shows_the_peer_down) {
   BOOST_TEST(wait_for("up") == "up");  // the cut ends, heartbeats are answered again
 }
 
-static void drain_test(bool protocol) {
+BOOST_AUTO_TEST_CASE(drain_hands_every_session_to_its_group_and_the_node_is_safe_to_stop) {
   // The reference, on one fault-free node: a seed whose second reply runs past the stall below.
   // Sampling is keyed by (seed, turn, index), so any node generates the same conversation.
   const std::string first = "Hello there", second = "Tell me more";
@@ -597,7 +591,7 @@ static void drain_test(bool protocol) {
   }
   BOOST_REQUIRE(reference[1].generated.size() >= 12u);
 
-  trio t(protocol ? "drain-protocol" : "drain", tiny_model(), protocol);
+  trio t("drain", tiny_model());
   auto& a = t.a;
   auto& b = t.b;
   auto& c = t.c;
@@ -701,18 +695,10 @@ static void drain_test(bool protocol) {
              again.out);
 }
 
-BOOST_AUTO_TEST_CASE(drain_hands_every_session_over_and_the_node_is_safe_to_stop) {
-  drain_test(false);
-}
-
-BOOST_AUTO_TEST_CASE(under_the_ownership_protocol_drain_hands_every_session_to_its_group) {
-  drain_test(true);
-}
-
 BOOST_AUTO_TEST_CASE(the_ownership_host_is_in_the_tree_and_a_killed_one_comes_back) {
   // Under the protocol the host is the root's child "ownership": `kill` restarts it, and the
   // restarted host recovers from the store and takes its sessions back; the conversation goes on.
-  trio t("ownership-kill", tiny_model(), true);
+  trio t("ownership-kill", tiny_model());
   auto client = keel::wire::client::connect({t.a->client, t.b->client, t.c->client});
   BOOST_REQUIRE_MESSAGE(client, keel::test::why(client));
   auto& cl = *client;
@@ -757,8 +743,9 @@ BOOST_AUTO_TEST_CASE(the_ownership_host_is_in_the_tree_and_a_killed_one_comes_ba
 }
 
 BOOST_AUTO_TEST_CASE(a_drain_that_cannot_move_a_session_says_why_and_fails) {
-  // A node cut off from both its peers: its sessions have nowhere to go. (A node alone never
-  // acknowledges a turn, so the session is opened while the peers are there.)
+  // A node cut off from both its peers, which are cut from each other: its sessions have
+  // nowhere to go. (A node alone never acknowledges a turn, so the session is opened while the
+  // peers are there.)
   trio t("stays");
   auto c = t.a->connect();
   auto sid = c->open_session(sampled(5));
@@ -775,18 +762,26 @@ BOOST_AUTO_TEST_CASE(a_drain_that_cannot_move_a_session_says_why_and_fails) {
   }
   BOOST_REQUIRE_MESSAGE(alone, "a still sees a peer after the partition");
 
+  // a gives the session up. b and c could still take it over together (a majority of its
+  // group); cut from each other too, neither can, and the drain says so.
+  auto bc = t.b->shell("fault b partition --from c");
+  BOOST_REQUIRE_MESSAGE(bc.status == 0, bc.out + bc.err);
   auto r = t.a->shell("drain a");
   BOOST_TEST(r.status == 1);
-  BOOST_TEST(contains(r.out, *sid + " stays: no live peer to take it\n"), r.out);
-  BOOST_TEST(contains(r.out, "node a still holds 1 session(s); it is not safe to stop\n"), r.out);
+  BOOST_TEST(contains(r.out, *sid + " stays: no other member of its group took it over within "),
+             r.out);
+  BOOST_TEST(contains(r.out, "node a: 1 session(s) have no new owner yet; it is not safe to stop\n"),
+             r.out);
   BOOST_TEST(!contains(r.out, "safe to stop\nnode"), r.out);
 
+  // A second drain asks again about the session the first gave up.
   auto j = t.a->shell("drain a", {"--json"});
   BOOST_TEST(j.status == 1);
-  BOOST_TEST(j.out == "{\"command\":\"drain\",\"node\":\"a\",\"sessions\":[{\"id\":\"" + *sid +
-                          "\",\"moved\":false,\"to\":null,\"epoch\":null,\"error\":\"no live "
-                          "peer to take it\"}],\"remaining\":1,\"safe_to_stop\":false}\n",
+  BOOST_TEST(contains(j.out, "{\"command\":\"drain\",\"node\":\"a\",\"sessions\":[{\"id\":\"" +
+                                 *sid + "\",\"moved\":false,\"to\":null,\"epoch\":null,"
+                                 "\"error\":\"no other member of its group took it over within "),
              j.out);
+  BOOST_TEST(contains(j.out, "\"remaining\":1,\"safe_to_stop\":false}\n"), j.out);
 
   // A minority acknowledges no new session (and a draining node takes none anyway).
   auto refused = c->open_session(sampled(6));

@@ -1,7 +1,7 @@
 #pragma once
 
 // A Cap'n Proto connection from a thread that waits on its own event loop (a CLI, the node's
-// replicator), plain or TLS: what capnp::EzRpcClient is, plus TLS (wire/tls.hpp).
+// ownership transport), plain or TLS: what capnp::EzRpcClient is, plus TLS (wire/tls.hpp).
 
 #include <chrono>
 #include <memory>

@@ -25,6 +25,9 @@ struct node::ownership_part {
   ownership_actor host;  // under `mu`: invalid before the start and after the stop
   /// Sessions this node is opening: their `acquired` is the open's own.
   std::set<std::string> opening;
+  /// Sessions a drain gave up that no other member was seen to own yet (a later drain asks
+  /// again).
+  std::set<std::string> given_up;
   /// Per session: the running turn, and how many of its tokens went to the group.
   std::map<std::string, std::pair<uint64_t, size_t>> sent;
 

@@ -50,9 +50,6 @@ constexpr option failover_spec[] = {
      "over; restart: the client knows the serving node only, and that node is restarted on its "
      "data directory right after the kill (recovery by restart, for comparison); partitions "
      "always use takeover"},
-    {"ownership", "MODE",
-     "the nodes' --ownership: interim (default) or protocol (the peers are then named and their "
-     "regions given)"},
     {"threads", "N", "CPU threads of each node's one shard (default 1)"},
     {"heartbeat-interval", "MS", "the nodes' --heartbeat-interval (default 100)"},
     {"down-after", "MS", "the nodes' --down-after (default 500)"},
@@ -262,7 +259,6 @@ struct temp_dir {
 /// The options of one run, checked.
 struct settings {
   bool restart_mode = false;
-  bool protocol = false;  // --ownership protocol
   int64_t kills = 0, partitions = 0, max_tokens = 0, sessions = 0, turns = 0, cost_tokens = 0,
           reps = 0, seed = 0;
 };
@@ -647,18 +643,13 @@ void report_cluster(std::ostringstream& r, const settings& set, const node_flags
     r << ", each serving the admin API on a port of its own, its key in a config file of that "
          "directory (`admin-key = ...`, for keel-shell's partition fault)";
   r << ":\n\n" << cf.commands << "\n";
-  if (flags.protocol)
-    r << "- --ownership protocol: every session's group is the three nodes; a new session, a "
-         "turn and a turn's end are acknowledged once two of them stored it synced; a lease per "
-         "session (docs/actors.md, \"Ownership protocol\"). --replicas does not apply.\n";
-  if (!flags.protocol)
-    r << "- Default --replicas: 2 with three nodes, so every session's group is all three nodes, "
-         "and a new session or turn is acknowledged once two of them (the owner's synced write "
-         "and one replica's) stored it\n";
+  r << "- The ownership protocol with the default --replicas (2): every session's group is the "
+       "three nodes; a new session, a turn and a turn's end are acknowledged once two of them "
+       "stored it synced; a lease per session (docs/actors.md, \"Ownership protocol\")\n";
   r << format(
-      "- --heartbeat-interval %lld ms, --down-after %lld ms: a node declares a peer down after "
-      "%lld ms without an answer, and streams only while a majority answered its heartbeats "
-      "within the last %lld ms (4/5 of --down-after, its lease)\n"
+      "- --heartbeat-interval %lld ms, --down-after %lld ms: a member suspects a silent owner "
+      "after %lld ms, and an owner streams a session only while a majority of its group granted "
+      "its lease within the last %lld ms (4/5 of --down-after)\n"
       "- Each round: a new session (temperature 0.8, top-k 40, seed %lld) streams the reply to "
       "\"%s\", at most %lld tokens, through a keel::wire::client on a thread of its own (the "
       "client's defaults but resume_for 10 s: probe every 100 ms, backoff from 25 ms). After a "
@@ -809,7 +800,7 @@ void report_cost(std::ostringstream& r, const settings& set, const cost_figures&
   r << "- On: " << cf.on_commands
     << ", a in r1, b in r2, c in r3, fresh data directories each run; the sessions run on a, "
        "whose group is all three nodes ("
-    << (set.protocol ? "the ownership protocol's group of three" : "default --replicas, 2")
+    << "the ownership protocol's group of three"
     << "): a new session or turn is acknowledged once a majority of the group stored it (a's "
        "synced write to its RocksDB store and one other member's); tokens are checkpointed and "
        "replicated without waiting\n";
@@ -918,8 +909,7 @@ std::string report(const settings& set, const node_flags& flags, const std::stri
   r << "build/apps/keel-model synth -o /tmp/failover.gguf --dim 512 --layers 6 --heads 8 "
        "--kv-heads 4 \\\n  --ffn 1536 --ctx 2048\n";
   r << "build/apps/keel-bench failover --model /tmp/failover.gguf"
-    << (set.protocol ? " --ownership protocol --out bench/failover-protocol.md"
-                     : " --out bench/failover.md")
+    << " --out bench/failover-protocol.md"
     << "\n```\n\n";
   r << "keel-bench starts every keel-node itself (from its own directory, as keel-shell) on free "
        "ports of 127.0.0.1, with data directories and the admin key in a temporary directory, "
@@ -984,14 +974,6 @@ int failover_command(std::span<char*> args) {
   const auto bin = fs::read_symlink("/proc/self/exe").parent_path();
   flags.exe = (bin / "keel-node").string();
   flags.model = opts->get("model");
-  if (opts->has("ownership")) {
-    auto mode = opts->get("ownership");
-    if (mode != "interim" && mode != "protocol")
-      return fail(keel::make_error(keel::errc::bad_request,
-                                   "failover: --ownership " + mode + ": expected interim or protocol"));
-    flags.protocol = mode == "protocol";
-    set.protocol = flags.protocol;
-  }
   struct int_option {
     const char* name;
     int64_t fallback, min, max;

@@ -306,18 +306,14 @@ std::vector<std::string> cluster::argv(size_t i) const {
     std::string peers;
     for (const auto& o : members_)
       if (&o != &m && !o.peer_listen.empty())
-        peers += (peers.empty() ? "" : ",") + (flags_.protocol ? o.name + "=" : std::string()) +
-                 o.peer_listen;
+        peers += (peers.empty() ? "" : ",") + o.name + "=" + o.peer_listen;
     a.insert(a.end(), {"--peer-listen", m.peer_listen});
     if (!peers.empty()) a.insert(a.end(), {"--peers", peers});
-    if (flags_.protocol) {
-      std::string regions;
-      for (auto& o : members_)
-        if (&o != &m && !o.peer_listen.empty() && !o.region.empty())
-          regions += (regions.empty() ? "" : ",") + o.name + "=" + o.region;
-      a.insert(a.end(), {"--ownership", "protocol"});
-      if (!regions.empty()) a.insert(a.end(), {"--peer-regions", regions});
-    }
+    std::string regions;
+    for (auto& o : members_)
+      if (&o != &m && !o.peer_listen.empty() && !o.region.empty())
+        regions += (regions.empty() ? "" : ",") + o.name + "=" + o.region;
+    if (!regions.empty()) a.insert(a.end(), {"--peer-regions", regions});
     a.insert(a.end(), {"--heartbeat-interval", std::to_string(flags_.heartbeat), "--down-after",
                        std::to_string(flags_.down_after)});
   }

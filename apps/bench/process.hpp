@@ -131,7 +131,6 @@ struct node_flags {
   int64_t threads = 1;
   int64_t heartbeat = 100;   // --heartbeat-interval, ms
   int64_t down_after = 500;  // --down-after, ms
-  bool protocol = false;     // --ownership protocol (the peers named, their regions given)
   // The admin API, for members added with an admin address: a config file holding the line
   // "admin-key = KEY" (--config), and for `cluster::admin` keel-shell's path and a file whose
   // first line is KEY. Empty: no node serves it.

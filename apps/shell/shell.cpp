@@ -59,12 +59,13 @@ const std::vector<command_info>& commands() {
        "node/links/peer-HOST:PORT, NODE and PEER nodes' names."},
       {"drain", "drain NODE", "move NODE's sessions to other nodes; it opens no new ones",
        "Drains NODE before it is stopped: from now on it refuses new sessions (its clients get\n"
-       "'overloaded': use another node), and it hands each session over to a live peer (a\n"
-       "clean handoff: the peer takes the session at epoch + 1; a running turn continues there\n"
-       "and its client resumes without losing a token). One line per session: where it went,\n"
-       "or why it stays. Then either 'node NODE is empty and safe to stop' or how many\n"
-       "sessions it still holds (the status is then 1; drain again once peers are up). NODE\n"
-       "needs --data and --peers. The node keeps refusing new sessions until it restarts."},
+       "'overloaded': use another node), and it gives each session up to its group: another\n"
+       "member takes it over from the majority's copy (a running turn continues there and its\n"
+       "client resumes without losing a token). One line per session: which node owns it now,\n"
+       "or why none does yet. Then either 'node NODE is empty and safe to stop' or how many\n"
+       "sessions have no new owner yet (the status is then 1: their data is on the group's\n"
+       "majority, but they are served again only once a majority of the group is reachable).\n"
+       "NODE needs --peers. The node keeps refusing new sessions until it restarts."},
       {"stats", "stats", "every node's figures: steps, tokens, tok/s, restarts, faults, ...",
        "Uptime, batcher steps, generated tokens and tokens/s, restarts by every supervisor,\n"
        "faults fired, turns shed and preempted, the last recovery after a worker crash\n"

@@ -535,8 +535,8 @@ int shell::drain(const std::vector<std::string>& args) {
         out += s.id + " stays: " + s.error + "\n";
     }
     out += safe ? "node " + name + " is empty and safe to stop\n"
-                : "node " + name + " still holds " + std::to_string(d->remaining) +
-                      " session(s); it is not safe to stop\n";
+                : "node " + name + ": " + std::to_string(d->remaining) +
+                      " session(s) have no new owner yet; it is not safe to stop\n";
     print(out);
   }
   return safe ? 0 : 1;
