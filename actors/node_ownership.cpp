@@ -2,6 +2,7 @@
 // the session table hands it, what the node does when it acquires or loses a session, where a
 // session is served, and drain. docs/actors.md, "Ownership protocol".
 
+#include <algorithm>
 #include <thread>
 
 #include <caf/scoped_actor.hpp>
@@ -24,6 +25,12 @@ caf::error host_error(const caf::error& e, const std::string& what) {
   if (code_of(e) == errc::stale_epoch)
     return make_error(errc::disconnected, message_of(e) + "; retry (any node forwards there)");
   return e;
+}
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
 }
 
 }  // namespace
@@ -244,6 +251,19 @@ void node::lost(const std::string& id) {
 caf::expected<owner_endpoint> node::owner_address(const std::string& id) {
   if (sessions_->get(id)) return owner_endpoint{};
   if (!own_) return unknown_session(id);
+  // Not a member of its group (a cluster larger than a group): this node knows nothing of the
+  // session, its group's members do. The first reachable one serves it or forwards it on.
+  auto group = replica_group(id, own_->protocol.members, own_->protocol.group_size);
+  if (std::find(group.begin(), group.end(), cfg_.name) == group.end()) {
+    auto live = peers_->snapshot();
+    for (auto& m : group)
+      for (auto& p : live)
+        if (p.name == m && p.accepts_work() && !p.client_address.empty())
+          return owner_endpoint{p.name, p.client_address};
+    return make_error(errc::disconnected, "session " + id + ": no member of its group (" +
+                                              joined(group) + ") is reachable from node " +
+                                              cfg_.name + " now (retry)");
+  }
   auto host = own_->current();
   if (!host) return make_error(errc::disconnected, "node " + cfg_.name + " is stopping");
   caf::scoped_actor self{sys_};

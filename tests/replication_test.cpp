@@ -1,6 +1,7 @@
 #define BOOST_TEST_MODULE replication_test
 #include <boost/test/unit_test.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -197,7 +198,8 @@ BOOST_FIXTURE_TEST_CASE(a_finished_turn_is_in_the_store_of_every_member_of_its_g
     if (s) BOOST_TEST(s->accepted.owner == "a", name);
   }
   // The members are named in the admin view, and the messages went over the peer ports.
-  auto others = t.a->replicas_of(*id);
+  auto others = t.a->replicas_of(*id);  // in the group's order (rendezvous)
+  std::sort(others.begin(), others.end());
   BOOST_TEST((others == std::vector<std::string>{"b", "c"}));
   BOOST_TEST(t.a->replication().delivered > 0u);
   // b and c serve none of it: they hold copies, a owns it.
@@ -292,4 +294,58 @@ BOOST_FIXTURE_TEST_CASE(peers_must_be_named_once_each, fixture) {
              message_of(self.error()));
   auto fine = attempt({"b", "c"});
   BOOST_TEST(static_cast<bool>(fine), test::why(fine));
+}
+
+BOOST_FIXTURE_TEST_CASE(a_node_outside_a_session_s_group_sends_its_clients_to_a_member, fixture) {
+  // Four nodes, groups of three: every session has one node that holds nothing of it. That node
+  // must not answer "no such session" (its clients would lose the conversation): it names a
+  // member of the group, whose gateway serves the session or forwards it to the owner.
+  std::vector<std::string> names = {"a", "b", "c", "d"};
+  std::vector<std::unique_ptr<peer_server>> srv;
+  for (auto& n : names) {
+    srv.push_back(serve(n));
+    srv.back()->set_client_address("client-of-" + n);
+  }
+  std::vector<std::unique_ptr<node>> nodes;
+  for (size_t i = 0; i < names.size(); ++i) {
+    std::vector<std::pair<std::string, std::string>> peers;
+    for (size_t j = 0; j < names.size(); ++j)
+      if (j != i) peers.push_back({names[j], srv[j]->address()});
+    nodes.push_back(start_node(names[i], *srv[i], peers));
+  }
+  auto all_up = [&] {
+    for (auto& n : nodes) {
+      auto ps = n->peers();
+      if (ps.size() != 3) return false;
+      for (auto& p : ps)
+        if (!p.accepts_work() || p.client_address.empty()) return false;
+    }
+    return true;
+  };
+  BOOST_REQUIRE(wait_for(all_up, 5000ms));
+  caf::expected<std::string> id = make_error(errc::failed, "not tried");
+  BOOST_REQUIRE(
+      wait_for([&] { return static_cast<bool>(id = nodes[0]->open_session({})); }, 5000ms));
+  auto members = nodes[0]->replicas_of(*id);
+  members.insert(members.begin(), "a");
+  BOOST_REQUIRE(members.size() == 3u);
+  node* outside = nullptr;
+  for (auto& n : nodes)
+    if (std::find(members.begin(), members.end(), n->config().name) == members.end())
+      outside = n.get();
+  BOOST_REQUIRE(outside != nullptr);
+  auto where = outside->owner_address(*id);
+  BOOST_REQUIRE_MESSAGE(where, test::why(where));
+  BOOST_TEST((std::find(members.begin(), members.end(), where->node) != members.end()),
+             where->node);
+  BOOST_TEST(where->client_address == "client-of-" + where->node);
+  // A member that does not own it names the owner.
+  for (auto& n : nodes) {
+    auto name = n->config().name;
+    if (name == "a" || n.get() == outside) continue;
+    auto at = n->owner_address(*id);
+    BOOST_REQUIRE_MESSAGE(at, name << ": " << test::why(at));
+    BOOST_TEST(at->node == "a", name);
+  }
+  for (auto& s : srv) s->on_ownership({});
 }
