@@ -139,6 +139,9 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     caf::error err;
     n->own_ = make_ownership_part(cfg, err);
     if (!n->own_) return err;
+    ctx->ownership_host = [part = n->own_] { return part->current(); };
+    ctx->ownership_wait = n->own_->ack_timeout + std::chrono::seconds(1);
+    ctx->lost_session = [np = n.get()](const std::string& id) { np->lost(id); };
     ctx->may_serve_session = [board = n->own_->board](const std::string& id) {
       return board->may_serve(id);
     };

@@ -10,6 +10,7 @@
 #include <caf/actor_cast.hpp>
 
 #include "actors/fault.hpp"
+#include "actors/ownership_host.hpp"
 #include "actors/supervisor.hpp"
 #include "kernels/model.hpp"
 #include "kernels/tokenizer.hpp"
@@ -25,6 +26,14 @@ struct node_context {
   std::shared_ptr<const tokenizer> tok;
   std::shared_ptr<fault_injector> faults;
   std::shared_ptr<supervision_log> log;
+  /// With peers (the ownership protocol): the node's host (invalid while it restarts), which the
+  /// session actors send a new turn and a turn's end to, going on when it answers (no handler
+  /// waits), and how long they wait for its answer. Empty: the node runs alone.
+  std::function<ownership_actor()> ownership_host;
+  std::chrono::milliseconds ownership_wait{3000};
+  /// With peers: the host refused a session's write because another node owns it: the node
+  /// stops serving it (node::lost).
+  std::function<void(const std::string& id)> lost_session;
   /// With peers (the ownership protocol): whether this node holds the lease of session ID now (the
   /// host's lease_board), asked before each of its tokens and each resume. Empty: not asked.
   std::function<bool(const std::string& id)> may_serve_session;

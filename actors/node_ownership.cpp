@@ -135,9 +135,6 @@ caf::error node::protocol_change(const session_record& r, change c,
   auto host = own_->current();
   if (!host)
     return make_error(errc::disconnected, "node " + cfg_.name + " is stopping; retry elsewhere");
-  auto wait = own_->ack_timeout + std::chrono::seconds(1);
-  caf::scoped_actor self{sys_};
-  caf::error out;
   if (c == change::tokens) {
     if (r.turns.empty()) return {};
     auto& t = r.turns.back();
@@ -158,39 +155,18 @@ caf::error node::protocol_change(const session_record& r, change c,
     return {};
   }
   if (c == change::accept && !previous) {
-    self->request(host, wait, open_atom::value, r.id, session_meta(r))
+    // From node::open_session, on a thread of the gateway's (never a CAF worker): it waits.
+    caf::scoped_actor self{sys_};
+    caf::error out;
+    self->request(host, own_->ack_timeout + std::chrono::seconds(1), open_atom::value, r.id,
+                  session_meta(r))
         .receive([](session_data&) {},
                  [&](caf::error& e) { out = host_error(e, "opening session " + r.id); });
     return out;
   }
-  if (c == change::accept) {
-    if (r.turns.size() != previous->turns.size() + 1) return {};
-    auto& t = r.turns.back();
-    {
-      std::lock_guard<std::mutex> guard(own_->mu);
-      own_->sent[r.id] = {t.turn, 0};
-    }
-    self->request(host, wait, submit_atom::value, r.id, t.turn, turn_input(t))
-        .receive([](bool) {}, [&](caf::error& e) {
-          if (code_of(e) == errc::stale_epoch) lost(r.id);
-          out = host_error(e, "session " + r.id + " turn " + std::to_string(t.turn));
-        });
-    return out;
-  }
-  // change::structure: a turn's end.
-  if (r.turns.empty() || !r.turns.back().done) return {};
-  auto& t = r.turns.back();
-  self->request(host, wait, finish_atom::value, r.id, t.turn, t.generated, turn_end(t))
-      .receive([](bool) {}, [&](caf::error& e) {
-        // Another node owns it: this one stops (the session actor ends its stream when told).
-        if (code_of(e) == errc::stale_epoch) {
-          lost(r.id);
-          out = e;
-          return;
-        }
-        out = host_error(e, "session " + r.id + " end of turn " + std::to_string(t.turn));
-      });
-  return out;
+  // A new turn and a turn's end go from the session actor to the host itself, which answers
+  // it when a majority stored them (session.cpp, accept_turn and end_turn): no wait here.
+  return {};
 }
 
 void node::acquired(const std::string& id, const session_data& data, uint64_t epoch) {

@@ -244,6 +244,8 @@ bool host_env::store(const std::string& session, const stored_session& s, bool s
 }
 
 void host_env::acquired(const std::string& session) {
+  // The lease first: whoever hears of the acquisition (the node, the opener) may serve at once.
+  st_.cfg.leases->set(session, st_.engine->serve_until(session));
   const session_data* d = st_.engine->data(session);
   session_data data = d ? *d : session_data{};
   const stored_session* copy = st_.engine->copy(session);

@@ -7,6 +7,7 @@
 #include <caf/stateful_actor.hpp>
 
 #include "actors/let_it_crash.hpp"
+#include "actors/session_copy.hpp"
 
 namespace keel {
 
@@ -211,6 +212,7 @@ struct session_state {
   session_record rec;
   caf::actor batcher;  // the one the running turn was submitted to
   int end_retries = 0;  // writes of the running turn's end refused by a full disk
+  bool ending = false;  // with peers: the running turn's end is with the ownership host
   static inline const char* name = "session";
 };
 
@@ -353,6 +355,120 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
   return true;
 }
 
+/// The error a session actor's client gets when the ownership host refused or did not answer.
+caf::error host_refusal(const caf::error& e, const std::string& what) {
+  if (e.category() == caf::atom("system"))
+    return make_error(errc::disconnected, what + ": the ownership host did not answer (" +
+                                              caf::to_string(e) + "); retry");
+  if (code_of(e) == errc::stale_epoch)
+    return make_error(errc::disconnected, message_of(e) + "; retry (any node forwards there)");
+  return e;
+}
+
+/// With peers: the new turn (the last of `st.rec`, in the table already) goes to the ownership
+/// host; the client's answer comes when the host answers (a majority of the session's group
+/// stored it: the turn runs) or refuses (the turn is undone). The actor handles other messages
+/// meanwhile; a second turn is refused as "still running".
+caf::result<uint64_t> accept_turn(self_ptr self) {
+  auto& st = self->state;
+  auto& t = st.rec.turns.back();
+  const auto turn = t.turn;
+  // In the table first: a restarted actor runs the turn the host may have stored.
+  st.table->put(st.rec, change::memory);
+  auto host = st.ctx->ownership_host();
+  if (!host) {
+    st.rec.turns.pop_back();
+    st.table->put(st.rec, change::memory);
+    return make_error(errc::disconnected,
+                      "session " + st.rec.id + ": the ownership host is restarting; retry");
+  }
+  auto rp = self->make_response_promise<uint64_t>();
+  self->request(host, st.ctx->ownership_wait, submit_atom::value, st.rec.id, turn,
+                turn_input(t))
+      .then(
+          [self, rp, turn](bool) mutable {
+            auto& st = self->state;
+            auto* t = running_turn(st);
+            if (t == nullptr || t->turn != turn) {
+              rp.deliver(make_error(errc::disconnected,
+                                    "session " + st.rec.id + ": turn " + std::to_string(turn) +
+                                        " was superseded while it was stored; retry"));
+              return;
+            }
+            submit(self);
+            rp.deliver(turn);
+          },
+          [self, rp, turn](caf::error& e) mutable {
+            auto& st = self->state;
+            if (code_of(e) == errc::stale_epoch && st.ctx->lost_session)
+              st.ctx->lost_session(st.rec.id);
+            auto* t = running_turn(st);
+            if (t != nullptr && t->turn == turn && t->generated.empty()) {
+              st.rec.turns.pop_back();
+              st.table->put(st.rec, change::memory);
+            }
+            rp.deliver(host_refusal(e, "session " + st.rec.id + " turn " + std::to_string(turn)));
+          });
+  return rp;
+}
+
+/// With peers: the running turn's end goes to the ownership host; its client hears of it once
+/// a majority of the group stored it. Until then the turn counts as running (no new turn); a
+/// refusal for want of a majority is retried, as a full disk is without peers.
+void end_turn(self_ptr self, seq_id seq, finish_reason why, const std::string& detail,
+              int64_t retry_after_ms) {
+  auto& st = self->state;
+  if (st.ending) return;  // the host has it; its answer decides
+  auto host = st.ctx->ownership_host();
+  auto* t = running_turn(st);
+  auto ended = *t;
+  ended.done = true;
+  ended.reason = why;
+  auto retry = [self, seq, why, detail, retry_after_ms](const caf::error& err) {
+    auto& st = self->state;
+    if (st.end_retries++ == 0)
+      st.ctx->log->report("session " + st.rec.id + ": the end of turn " +
+                          std::to_string(st.rec.turns.back().turn) +
+                          " waits for a majority: " + describe(err));
+    self->delayed_send(self, end_retry_interval, done_atom::value, seq, why, detail,
+                       retry_after_ms);
+  };
+  if (!host) {
+    retry(make_error(errc::disconnected, "the ownership host is restarting"));
+    return;
+  }
+  st.ending = true;
+  self->request(host, st.ctx->ownership_wait, finish_atom::value, st.rec.id, ended.turn,
+                ended.generated, turn_end(ended))
+      .then(
+          [self, seq, why, detail, retry_after_ms](bool) {
+            auto& st = self->state;
+            st.ending = false;
+            auto* t = running_turn(st);
+            if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
+            t->done = true;
+            t->reason = why;
+            st.table->put(st.rec, change::memory);
+            st.end_retries = 0;
+            self->send(t->sink, done_atom::value, st.rec.id, t->turn, why, detail,
+                       retry_after_ms);
+          },
+          [self, retry](caf::error& e) {
+            auto& st = self->state;
+            st.ending = false;
+            auto* t = running_turn(st);
+            if (t == nullptr) return;
+            if (code_of(e) == errc::stale_epoch) {
+              // Another node owns the session now and ends the turn there: so does this actor.
+              if (st.ctx->lost_session) st.ctx->lost_session(st.rec.id);
+              self->send(t->sink, moved_atom::value, st.rec.id, t->turn, describe(e));
+              self->quit();
+              return;
+            }
+            retry(host_refusal(e, "session " + st.rec.id));
+          });
+}
+
 caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
                       std::shared_ptr<session_table> table, session_record initial) {
   exceptions_as_failures(self);
@@ -410,6 +526,7 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         // Acknowledged (the reply) only after the turn is in a synced write (alone) or stored by
         // a majority of its group (with peers; ARCHITECTURE.md, guarantee 1); otherwise refused
         // and undone.
+        if (st.ctx->ownership_host) return accept_turn(self);
         if (auto err = st.table->put(st.rec, change::accept)) {
           st.rec.turns.pop_back();
           return err;
@@ -437,6 +554,10 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         auto& st = self->state;
         auto* t = running_turn(st);
         if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
+        if (st.ctx->ownership_host) {
+          end_turn(self, seq, why, detail, retry_after_ms);
+          return;
+        }
         t->done = true;
         t->reason = why;
         if (auto err = st.table->put(st.rec, change::structure);
