@@ -91,7 +91,14 @@ caf::expected<std::vector<session_row>> admin_ops::sessions() {
   for (auto& r : node_.sessions()) {
     session_row row;
     row.durable = store != nullptr;
-    if (store != nullptr && !r.turns.empty()) {
+    if (auto sent = node_.sent_to_group(r.id)) {
+      // With peers: the turn's tokens checkpointed to the session's group (its end carries
+      // them all).
+      row.checkpoint_turn = sent->first;
+      row.checkpoint_tokens = sent->second;
+      if (!r.turns.empty() && r.turns.back().turn == sent->first && r.turns.back().done)
+        row.checkpoint_tokens = r.turns.back().generated.size();
+    } else if (store != nullptr && !r.turns.empty() && node_.replicas_of(r.id).empty()) {
       row.checkpoint_turn = r.turns.back().turn;
       if (auto logged = store->read_turn(r.id, row.checkpoint_turn)) {
         row.checkpoint_tokens = logged->size();

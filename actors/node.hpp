@@ -183,6 +183,9 @@ class node {
   bool draining() const { return draining_.load(); }
   /// Called once when `drain` starts (keel-node tells its peers through its heartbeats).
   void on_draining(std::function<void()> f) { on_draining_ = std::move(f); }
+  /// With peers: the running (or last) turn of `id` and how many of its tokens went to the
+  /// group as checkpoints (nullopt without peers, or before any did).
+  std::optional<std::pair<uint64_t, size_t>> sent_to_group(const std::string& id) const;
   /// The other members of `id`'s group (empty without peers).
   std::vector<std::string> replicas_of(const std::string& id) const;
   /// Whether this node held `id` and another node took it over.

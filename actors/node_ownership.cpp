@@ -271,6 +271,14 @@ std::vector<std::string> node::replicas_of(const std::string& id) const {
   return out;
 }
 
+std::optional<std::pair<uint64_t, size_t>> node::sent_to_group(const std::string& id) const {
+  if (!own_) return std::nullopt;
+  std::lock_guard<std::mutex> guard(own_->mu);
+  auto i = own_->sent.find(id);
+  if (i == own_->sent.end()) return std::nullopt;
+  return i->second;
+}
+
 peer_transport::counters node::replication() const {
   if (!own_ || !own_->transport) return {};
   return own_->transport->stats();

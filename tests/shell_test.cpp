@@ -750,7 +750,13 @@ BOOST_AUTO_TEST_CASE(a_drain_that_cannot_move_a_session_says_why_and_fails) {
   auto c = t.a->connect();
   auto sid = c->open_session(sampled(5));
   BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
-  BOOST_REQUIRE(c->generate(*sid, "Hi", 4));
+  auto hi = c->generate(*sid, "Hi", 4);
+  BOOST_REQUIRE_MESSAGE(hi, keel::test::why(hi));
+  // The session's checkpoint is what its group holds: the whole finished turn.
+  auto listed = t.a->shell("sessions --node a");
+  BOOST_TEST(contains(line_with(listed.out, *sid),
+                      "turn 0: " + std::to_string(hi->generated.size()) + " tokens"),
+             listed.out);
   auto cut = t.a->shell("fault a partition --from b,c");
   BOOST_REQUIRE_MESSAGE(cut.status == 0, cut.out + cut.err);
   bool alone = false;
