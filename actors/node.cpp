@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "actors/detail/ownership_part.hpp"
+#include "actors/ownership_codec.hpp"
 #include "actors/peer_server.hpp"
 
 #include <caf/scoped_actor.hpp>
@@ -158,6 +159,19 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     auto store = storage::session_store::open(cfg.data_dir, so);
     if (!store) return std::move(store.error());
     report_damage(**store, cfg.name, !cfg.peers.empty(), *ctx->log);
+    if (n->own_ && (*store)->damage().damaged()) {
+      // Promises and copies this node gave may be gone: it is an amnesiac member from now on
+      // (ownership::recover), marked in the rebuilt store before anything runs, so that no later
+      // start forgets it. A node that cannot mark it does not start.
+      stored_session mark;
+      mark.promised = {1, ownership::amnesia_key};
+      if (auto err = (*store)->put_ownership(ownership::amnesia_key, encode(mark)))
+        return make_error(code_of(err), cfg.name + ": cannot mark the damaged store " +
+                                            cfg.data_dir + " (" + message_of(err) +
+                                            "); not starting");
+      ctx->log->report(cfg.name + ": damage: this node votes on a session only after reading it "
+                       "back from its group (its own promises and copies may be gone)");
+    }
     auto found = (*store)->scan();
     if (!found) return std::move(found.error());
     if (n->own_) {

@@ -106,6 +106,9 @@ child_spec node::ownership_spec() {
   hc.protocol = part.protocol;
   hc.transport = part.transport;
   hc.storage = part.storage;
+  // Without a store, each process start forgets every promise: it starts as an amnesiac member.
+  // (A restart of the host alone keeps the memory storage, and still reads back: harmless.)
+  hc.forgets = !store_;
   hc.leases = part.board;
   hc.ack_timeout = part.ack_timeout;
   hc.acquired = [this](const std::string& id, const session_data& data, uint64_t epoch) {

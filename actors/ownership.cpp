@@ -68,7 +68,18 @@ ownership::ownership(config cfg, ownership_env& env) : cfg_(std::move(cfg)), env
   started_at_ = env_.now();
 }
 
-void ownership::recover(std::map<std::string, stored_session> stored) {
+void ownership::recover(std::map<std::string, stored_session> stored, bool damaged) {
+  amnesia_ = damaged || stored.count(amnesia_key) > 0;
+  stored.erase(amnesia_key);
+  trusted_.clear();
+  to_read_.clear();
+  read_sent_.clear();
+  reads_.clear();
+  // The mark outlives this start: a later restart must read back too (what it has is what
+  // the damaged store kept, plus what it learned since, which need not be everything). A
+  // failed write of it is tried again at every tick.
+  amnesia_marked_ = !damaged;
+  mark_amnesia();
   stored_ = std::move(stored);
   owned_.clear();
   candidacies_.clear();
@@ -79,6 +90,72 @@ void ownership::recover(std::map<std::string, stored_session> stored) {
   claimed_.clear();
   started_at_ = env_.now();
   last_heartbeat_ = 0;
+  if (amnesia_)
+    for (auto& [s, st] : stored_) need_read(s);
+}
+
+void ownership::mark_amnesia() {
+  if (!amnesia_ || amnesia_marked_) return;
+  stored_session mark;
+  mark.promised = {1, amnesia_key};
+  amnesia_marked_ = env_.store(amnesia_key, mark, true);
+}
+
+void ownership::need_read(const std::string& session) {
+  if (votes(session) || session == amnesia_key) return;
+  if (recovery_reads(group(session).size()) == 0) {
+    trusted_.insert(session);  // a group of one: its own copy is all there is
+    return;
+  }
+  to_read_.insert(session);
+}
+
+void ownership::send_reads() {
+  auto now = env_.now();
+  for (auto& s : to_read_) {
+    auto& last = read_sent_[s];
+    if (last != 0 && now - last < cfg_.timing.retry) continue;
+    last = now;
+    // A prepare at epoch 0: a read, which no member promises (on_prepare).
+    prepare_msg m{s, ballot{0, cfg_.self}, now};
+    for (auto& g : group(s))
+      if (g != cfg_.self) env_.send(g, m);
+  }
+}
+
+void ownership::on_read_reply(const std::string& from, const promise_reply& m) {
+  if (votes(m.session) || to_read_.count(m.session) == 0) return;
+  auto& got = reads_[m.session];
+  got[from] = m;
+  if (got.size() < recovery_reads(group(m.session).size())) return;
+  // Every majority this node was part of shares a member with these: their highest promise
+  // bounds any this node gave, and their newest copy holds every acknowledged write.
+  auto& st = stored(m.session);
+  auto saved = st;
+  ballot promised = st.promised;
+  const promise_reply* newest = nullptr;
+  for (auto& [g, r] : got) {
+    promised = std::max(promised, r.promised);
+    if (r.accepted.epoch == 0) continue;
+    if (!newest || r.accepted > newest->accepted ||
+        (r.accepted == newest->accepted && extends(r.data, newest->data)))
+      newest = &r;
+  }
+  if (newest && (newest->accepted > st.accepted ||
+                 (newest->accepted == st.accepted && extends(newest->data, st.data)))) {
+    st.accepted = newest->accepted;
+    st.data = newest->data;
+  }
+  if (promised > st.promised) promise_to(m.session, promised);
+  if (!persist(m.session, true)) {
+    stored(m.session) = saved;
+    got.clear();
+    return;  // asked again at the next tick
+  }
+  trusted_.insert(m.session);
+  to_read_.erase(m.session);
+  read_sent_.erase(m.session);
+  reads_.erase(m.session);
 }
 
 const std::vector<std::string>& ownership::group(const std::string& session) {
@@ -170,6 +247,14 @@ void ownership::on_heartbeat(const std::string& from, const heartbeat_msg& m) {
   heartbeat_reply r;
   r.sent = m.sent;
   for (auto& [s, b] : m.claims) {
+    if (!votes(s)) {
+      // An amnesiac member grants nothing (and takes no one's side) before it read it back;
+      // it notes the claim, so that it does not find the owner silent and run against it.
+      need_read(s);
+      if (b.owner == from) claimed_[s] = env_.now();
+      r.promised.push_back(ballot{});
+      continue;
+    }
     // An owner this node has not promised (it was cut off while the owner took the session
     // over): follow it, or this node finds the session's promised owner silent and takes it
     // over, and the session bounces back after every heal.
@@ -188,7 +273,24 @@ void ownership::on_prepare(const std::string& from, const prepare_msg& m) {
   r.session = m.session;
   r.b = m.b;
   r.sent = m.sent;
-  if (now - started_at_ < cfg_.timing.hold()) {
+  if (m.b.epoch == 0) {
+    // A read by an amnesiac member (send_reads): this node's promise and copy, nothing
+    // promised. An amnesiac answerer's may be behind too; the reader takes the highest and
+    // newest of enough answers to include every majority's survivors (one damaged store per
+    // group at a time: docs/actors.md, "Bounds").
+    r.promised = st.promised;
+    r.accepted = st.accepted;
+    r.data = st.data;
+    need_read(m.session);
+    if (from != cfg_.self) env_.send(from, std::move(r));
+    return;
+  }
+  if (!votes(m.session)) {
+    // Not before it read the session back: its promise could undercut one it forgot.
+    need_read(m.session);
+    r.starting = true;
+    r.promised = st.promised;
+  } else if (now - started_at_ < cfg_.timing.hold()) {
     // Restarted: this node forgot whom it granted leases, so it cannot say how long to wait.
     r.starting = true;
     r.promised = st.promised;
@@ -230,6 +332,7 @@ void ownership::on_prepare(const std::string& from, const prepare_msg& m) {
 }
 
 void ownership::on_write(const std::string& from, const write_msg& m) {
+  need_read(m.session);
   auto& st = stored(m.session);
   write_reply r;
   r.session = m.session;
@@ -256,7 +359,9 @@ void ownership::on_write(const std::string& from, const write_msg& m) {
   // A promise or copy that is not on disk is not kept either: memory never claims more than a
   // restart would remember.
   if (!ok) stored(m.session) = saved;
-  r.ok = ok;
+  // An amnesiac member keeps the copy but does not count for the owner before it read the
+  // session back (its acknowledgement would stand for copies it may have forgotten).
+  r.ok = ok && votes(m.session);
   r.disk_failed = !ok;
   if (m.b.owner == from) last_grant_[from] = claimed_[m.session] = env_.now();
   env_.send(from, std::move(r));
@@ -322,6 +427,10 @@ void ownership::acquire(const std::string& session, bool open, const std::string
 }
 
 void ownership::on_promise(const std::string& from, const promise_reply& m) {
+  if (m.b.epoch == 0) {
+    on_read_reply(from, m);
+    return;
+  }
   auto i = candidacies_.find(m.session);
   if (i == candidacies_.end() || i->second.b != m.b) return;
   auto& c = i->second;
@@ -381,6 +490,12 @@ void ownership::become_owner(const std::string& session, candidacy& c) {
   o.pending.emplace_back(1, acquired_event, false);
   for (size_t t = 0; t < o.data.turns.size(); ++t) o.turn_seq[t] = 1;
   candidacies_.erase(session);
+  // Its copy is now the newest of a majority of voters: this node votes on it again.
+  if (amnesia_) {
+    trusted_.insert(session);
+    to_read_.erase(session);
+    reads_.erase(session);
+  }
   auto& mine = owned_[session] = std::move(o);
   write_own(session, mine, true);
   send_writes(session, true);
@@ -727,11 +842,29 @@ void ownership::tick() {
     send_writes(s, false);
     fire_pending(s);
   }
+  mark_amnesia();
+  send_reads();
   takeovers();
 }
 
 void ownership::receive(const std::string& from, const ownership_msg& m) {
   heard_[from] = env_.now();
+  // The amnesiac mark's key is no session: a message naming it is dropped.
+  bool reserved = std::visit(
+      [](const auto& x) {
+        using T = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<T, heartbeat_msg>) {
+          for (auto& [s, b] : x.claims)
+            if (s == amnesia_key) return true;
+          return false;
+        } else if constexpr (std::is_same_v<T, heartbeat_reply>) {
+          return false;
+        } else {
+          return x.session == amnesia_key;
+        }
+      },
+      m);
+  if (reserved) return;
   std::visit(
       [&](const auto& x) {
         using T = std::decay_t<decltype(x)>;

@@ -226,7 +226,27 @@ class ownership {
 
   /// After a (re)start: what the store kept. A restarted node promises nothing for `hold()`,
   /// and takes its own sessions back (a new ballot) before serving them.
-  void recover(std::map<std::string, stored_session> stored);
+  ///
+  /// `damaged`: the store lost part of what it had synced (docs/actors.md, "A damaged store").
+  /// Promises and copies this node gave may be gone, so its vote could let a candidate miss an
+  /// acknowledged turn. From then on (it is stored, and holds across restarts) the node is an
+  /// amnesiac member: after every start it votes on a session (promises, acknowledges writes,
+  /// grants leases) only once it has read the session back from enough other members to meet
+  /// every majority it could have been part of (`recovery_reads`), and taken their highest
+  /// promise and newest copy as its own.
+  void recover(std::map<std::string, stored_session> stored, bool damaged = false);
+  /// Whether this node votes on `session` now (always, unless it is an amnesiac member that has
+  /// not read the session back since it started).
+  bool votes(const std::string& session) const {
+    return !amnesia_ || trusted_.count(session) > 0;
+  }
+  /// Members an amnesiac member reads a session back from before it votes: enough to share one
+  /// with every majority of the group that holds this node (n - majority + 1 of the others).
+  static size_t recovery_reads(size_t group_size) {
+    return group_size <= 1 ? 0 : group_size - majority(group_size) + 1;
+  }
+  /// Where the amnesiac mark is stored (not a session id: ids are "s-...@NODE").
+  static constexpr const char* amnesia_key = "~amnesia";
   /// Call every `heartbeat / 4` or so: heartbeats, retries, takeovers of silent owners.
   void tick();
   void receive(const std::string& from, const ownership_msg& m);
@@ -326,6 +346,11 @@ class ownership {
   void lose(const std::string& session);
   void takeovers();
   bool alive(const std::string& member) const;
+  // An amnesiac member's reads (`recover` with `damaged`).
+  void need_read(const std::string& session);
+  void mark_amnesia();
+  void send_reads();
+  void on_read_reply(const std::string& from, const promise_reply& m);
 
   config cfg_;
   ownership_env& env_;
@@ -347,6 +372,14 @@ class ownership {
   std::set<std::string> resigned_;
   std::map<std::string, int64_t> heard_;        // member -> last message from it
   int64_t last_heartbeat_ = 0;
+  /// An amnesiac member (see `recover`): the sessions it votes on again (read back since the
+  /// start), those it must read, when it last asked, and the answers so far.
+  bool amnesia_ = false;
+  bool amnesia_marked_ = true;  // the mark is in the store
+  std::set<std::string> trusted_;
+  std::set<std::string> to_read_;
+  std::map<std::string, int64_t> read_sent_;
+  std::map<std::string, std::map<std::string, promise_reply>> reads_;
   /// Per member: the claims of each heartbeat sent to it within the last `lease`, by send time.
   std::map<std::string, std::map<int64_t, std::vector<std::pair<std::string, ballot>>>> claims_sent_;
 };

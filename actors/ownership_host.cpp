@@ -280,7 +280,7 @@ ownership_actor::behavior_type host_behavior(host_pointer self, ownership_host_c
   st.cfg = std::move(cfg);
   st.env = std::make_unique<host_env>(st);
   st.engine = std::make_unique<ownership>(st.cfg.protocol, *st.env);
-  st.engine->recover(st.cfg.storage->load());
+  st.engine->recover(st.cfg.storage->load(), st.cfg.forgets);
   st.settle();
   self->send(self, tick_atom::value);
   return {

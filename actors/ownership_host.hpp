@@ -112,6 +112,10 @@ struct ownership_host_config {
   ownership::config protocol;
   std::shared_ptr<ownership_transport> transport;
   std::shared_ptr<ownership_storage> storage;
+  /// Whether `storage` forgets everything when the process ends (memory, no `--data`): every
+  /// start is then an amnesiac member's (ownership::recover with `damaged`), which votes on a
+  /// session only after reading it back from its group.
+  bool forgets = false;
   /// Where the host publishes the leases (made with the same clock).
   std::shared_ptr<lease_board> leases;
   ownership_clock clock;  // empty: steady_ownership_clock()

@@ -25,6 +25,9 @@ const keel::cli::option spec[] = {
     {"scenario", "NAME",
      "a fixed schedule instead of drawn faults: partition-minority ({a, b} | {c} while a serves) "
      "or partition-isolated ({a} | {b, c})"},
+    {"damage", nullptr,
+     "also draw damaged disks: a crashed node restarts on a store that lost part of what it had "
+     "synced, and knows it (docs/sim.md)"},
     {"trace", nullptr, "print every node and client event of the run to stderr"},
 };
 
@@ -36,6 +39,7 @@ std::string replay(const keel::sim::options& o) {
   if (o.clients) out << " --clients " << o.clients;
   if (o.rule == keel::ownership_rule::view) out << " --rule view";
   if (!o.scenario.empty()) out << " --scenario " << o.scenario;
+  if (o.damage) out << " --damage";
   return out.str() + " --trace";
 }
 
@@ -83,6 +87,7 @@ int main(int argc, char** argv) {
                                                         "--rule " + rule + ": expected majority or view"));
   }
   base.scenario = opts->get("scenario");
+  base.damage = opts->has("damage");
   if (!base.scenario.empty() && base.scenario != "partition-minority" &&
       base.scenario != "partition-isolated") {
     return keel::cli::fail(

@@ -206,6 +206,8 @@ void damaged_node_restores_from_replicas(damage d, const std::string& label) {
   BOOST_TEST(log.find("taken back from the newest copy of a majority") != std::string::npos,
              "a does not say where its sessions come from:\n"
                  << log);
+  // Its promises may be gone: it votes only on what it read back (ownership::recover).
+  BOOST_TEST(log.find("votes on a session only after reading it back") != std::string::npos, log);
   // The others suspect a's lost sessions once a claims them no more (down_after, 5 s).
   check_served(cl, 0, ack, {}, 30s);
   for (auto& id : lost) {

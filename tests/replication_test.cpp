@@ -87,12 +87,13 @@ struct fixture {
 
   /// Node `name` serving its peers on `srv`, with `peers` (name, peer endpoint) as its peers.
   std::unique_ptr<node> start_node(const std::string& name, peer_server& srv,
-                                   const std::vector<std::pair<std::string, std::string>>& peers) {
+                                   const std::vector<std::pair<std::string, std::string>>& peers,
+                                   bool data = true) {
     node_config c;
     c.name = name;
     c.model_path = model_path;
     c.kv_bytes = 4 << 20;
-    c.data_dir = (dir.path / ("data-" + name)).string();
+    if (data) c.data_dir = (dir.path / ("data-" + name)).string();
     c.peer_address = srv.address();
     for (auto& [n, address] : peers) {
       c.peer_names.push_back(n);
@@ -348,4 +349,31 @@ BOOST_FIXTURE_TEST_CASE(a_node_outside_a_session_s_group_sends_its_clients_to_a_
     BOOST_TEST(at->node == "a", name);
   }
   for (auto& s : srv) s->on_ownership({});
+}
+
+BOOST_FIXTURE_TEST_CASE(nodes_without_a_store_read_sessions_back_and_still_serve, fixture) {
+  // Without --data every start forgets every promise: each node starts as an amnesiac member
+  // (ownership_host_config::forgets) and votes on a session only after reading it back from
+  // the group. A cluster of such nodes still opens sessions and acknowledges turns.
+  trio t;
+  t.sa = serve("a");
+  t.sb = serve("b");
+  t.sc = serve("c");
+  t.a = start_node("a", *t.sa, {{"b", t.sb->address()}, {"c", t.sc->address()}}, false);
+  t.b = start_node("b", *t.sb, {{"a", t.sa->address()}, {"c", t.sc->address()}}, false);
+  t.c = start_node("c", *t.sc, {{"a", t.sa->address()}, {"b", t.sb->address()}}, false);
+  caf::expected<std::string> id = make_error(errc::failed, "not tried");
+  BOOST_REQUIRE(wait_for([&] { return static_cast<bool>(id = t.a->open_session({})); }, 10000ms));
+  auto turn = run_turn(*t.a, *id, "hello there", 12);
+  BOOST_REQUIRE_MESSAGE(turn, test::why(turn));
+  auto turns = t.a->sessions().at(0).turns;
+  BOOST_REQUIRE(turns.size() == 1u);
+  BOOST_TEST(turns[0].done);
+  // b restarts (forgetting everything) and a's next turn is acknowledged by c, or by b once it
+  // read the session back.
+  t.sb->on_ownership({});
+  t.b.reset();
+  t.b = start_node("b", *t.sb, {{"a", t.sa->address()}, {"c", t.sc->address()}}, false);
+  auto again = run_turn(*t.a, *id, "and again", 12);
+  BOOST_TEST(static_cast<bool>(again), test::why(again));
 }

@@ -94,6 +94,9 @@ class node final : public ownership_env {
 
   void start(const ownership::config& cfg);
   void crash();
+  /// While down: the store loses each session's state with probability 1/2 (drawn from
+  /// `seed`), and the next start knows its store was damaged. How many it lost.
+  size_t damage_store(uint64_t seed);
   void on_peer(const std::string& from, const ownership_msg& m);
   void on_client(const std::string& from, const client_msg& m);
   void tick();
@@ -126,6 +129,7 @@ class node final : public ownership_env {
   double rate_;
   int64_t offset_;
   bool up_ = false;
+  bool damaged_ = false;  // the store was damaged since the last start
   uint64_t incarnation_ = 0;
   std::unique_ptr<ownership> engine_;
   std::map<std::string, stored_session> durable_, volatile_;
@@ -214,6 +218,7 @@ class world {
   void final_check();
 
   options opt_;
+  bool damage_drawn_ = false;  // the run's one damaged store was drawn
   rng rng_;
   int64_t now_ = 0;
   uint64_t seq_ = 0;

@@ -22,7 +22,8 @@ void node::start(const ownership::config& cfg) {
   submit_.clear();
   streaming_.clear();
   engine_ = std::make_unique<ownership>(cfg, *this);
-  engine_->recover(durable_);
+  engine_->recover(durable_, damaged_);
+  damaged_ = false;
   paused_until = 0;
   auto inc = incarnation_;
   // The host's loops: the protocol's tick every 25 ms and a decode step every 20 ms (local).
@@ -31,6 +32,27 @@ void node::start(const ownership::config& cfg) {
     tick();
     generate();
   });
+}
+
+size_t node::damage_store(uint64_t seed) {
+  size_t lost = 0;
+  for (auto i = durable_.begin(); i != durable_.end();) {
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+    if ((seed >> 63) != 0) {
+      i = durable_.erase(i);
+      ++lost;
+    } else {
+      ++i;
+    }
+  }
+  // The store's salvage marks the node amnesiac in the same rebuild (a keel-node refuses to
+  // start when it cannot: node.cpp), so no later start forgets it.
+  stored_session mark;
+  mark.promised = {1, ownership::amnesia_key};
+  durable_[ownership::amnesia_key] = mark;
+  volatile_ = durable_;
+  damaged_ = true;
+  return lost;
 }
 
 void node::crash() {

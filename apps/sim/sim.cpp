@@ -142,7 +142,11 @@ void world::schedule_faults() {
     ++res_.faults;
     auto n = static_cast<int>(rng_.range(0, node_count() - 1));
     auto& victim = node_at(n);
-    auto kind = rng_.range(0, 6);
+    auto kind = rng_.range(0, opt_.damage ? 7 : 6);
+    // One damaged store per run: the protocol keeps acknowledged turns through one member's
+    // amnesia per group, not two at once (docs/actors.md, "Bounds"). Later ones are crashes.
+    if (kind == 7 && damage_drawn_) kind = 0;
+    if (kind == 7) damage_drawn_ = true;
     auto length = rng_.range(200, 4000) * ms;
     switch (kind) {
       case 0:  // kill -9, restart later
@@ -221,6 +225,22 @@ void world::schedule_faults() {
         at(t, [this, &victim, writes] {
           trace(victim.name() + ": the next " + std::to_string(writes) + " disk writes fail");
           victim.failing_writes += writes;
+        });
+        break;
+      }
+      case 7: {  // a damaged disk: crash, and the restart finds part of the store gone
+        auto seed = rng_.next();
+        at(t, [this, &victim] {
+          if (!victim.up()) return;
+          trace(victim.name() + ": crashed");
+          victim.crash();
+        });
+        at(t + length, [this, &victim, seed] {
+          if (victim.up()) return;
+          auto lost = victim.damage_store(seed);
+          trace(victim.name() + ": restarted on a damaged store (" + std::to_string(lost) +
+                " session(s) lost)");
+          victim.start(config_for(victim.name()));
         });
         break;
       }

@@ -21,6 +21,11 @@ struct options {
   /// "" (faults drawn from the seed), or a fixed schedule: "partition-minority" (a, b in r1 and
   /// c in r2; {a, b} | {c} while a serves) or "partition-isolated" ({a} | {b, c}).
   std::string scenario;
+  /// Also draw damaged disks: a node crashes and restarts on a store that lost part of what was
+  /// synced (each session's state kept or lost whole, as after a cut WAL or a salvaged SST
+  /// file), and knows its store was damaged. Off by default, so that the seeds' schedules
+  /// without it stay as they were.
+  bool damage = false;
   int64_t fault_ns = 12'000'000'000;   // faults happen in [0, fault_ns)
   int64_t settle_ns = 60'000'000'000;  // then everything heals; clients must finish by this
   bool trace = false;                  // every node and client event to stderr
