@@ -277,6 +277,14 @@ class session_server final : public wire::Session::Server {
       set_error(make_error(errc::bad_request, "send needs a sink"), ctx.getResults().initError());
       return kj::READY_NOW;
     }
+    if (p.getTurnGiven() && p.getTurn() > static_cast<uint64_t>(INT64_MAX)) {
+      set_error(make_error(errc::bad_request, "turn must be at most 9223372036854775807, got " +
+                                                  std::to_string(p.getTurn())),
+                ctx.getResults().initError());
+      return kj::READY_NOW;
+    }
+    // The turn number the client expects, -1: none (the next one, whatever it is).
+    const int64_t expect = p.getTurnGiven() ? static_cast<int64_t>(p.getTurn()) : -1;
     std::string txt(text.cStr(), text.size());
     auto max_tokens = static_cast<int32_t>(p.getMaxTokens());
     auto& s = g_.open_stream(id_, p.getSink(), key_);
@@ -288,7 +296,7 @@ class session_server final : public wire::Session::Server {
     auto ctx_len = static_cast<size_t>(g_.nd.context()->llm->config().ctx_len);
     auto id = id_;
     return g_.find_session(id_)
-        .then([&sys, timeout, tok, ctx_len, id, txt, max_tokens,
+        .then([&sys, timeout, tok, ctx_len, id, txt, max_tokens, expect,
                relay_actor](caf::expected<caf::actor> a) -> kj::Promise<caf::expected<sent_turn>> {
           if (!a) return caf::expected<sent_turn>(std::move(a.error()));
           auto sess = *a;
@@ -304,7 +312,10 @@ class session_server final : public wire::Session::Server {
                           for (auto& t : rec.turns) have += t.user.size() + t.generated.size();
                           auto prompt =
                               tok->encode(txt, rec.turns.empty() && tok->vocabulary().add_bos);
-                          if (have + prompt.size() >= ctx_len) {
+                          // A turn sent again (its number given and already taken) is in
+                          // `have` already: the session checks it is the same one.
+                          bool again = expect >= 0 && static_cast<uint64_t>(expect) < rec.turns.size();
+                          if (!again && have + prompt.size() >= ctx_len) {
                             reply(make_error(errc::bad_request,
                                              "the prompt has " + std::to_string(prompt.size()) +
                                                  " tokens and the conversation " +
@@ -313,7 +324,7 @@ class session_server final : public wire::Session::Server {
                             return;
                           }
                           self->request(sess, timeout, send_atom::value, txt, max_tokens,
-                                        relay_actor)
+                                        relay_actor, expect)
                               .then(
                                   [=](uint64_t turn) {
                                     // The prompt as the session recorded it.

@@ -1,6 +1,7 @@
 #include "actors/session.hpp"
 
 #include <algorithm>
+#include <optional>
 #include <stdexcept>
 
 #include <caf/event_based_actor.hpp>
@@ -213,6 +214,7 @@ struct session_state {
   caf::actor batcher;  // the one the running turn was submitted to
   int end_retries = 0;  // writes of the running turn's end refused by a full disk
   bool ending = false;  // with peers: the running turn's end is with the ownership host
+  std::optional<uint64_t> accepting;  // with peers: the new turn the host is storing
   static inline const char* name = "session";
 };
 
@@ -383,11 +385,13 @@ caf::result<uint64_t> accept_turn(self_ptr self) {
                       "session " + st.rec.id + ": the ownership host is restarting; retry");
   }
   auto rp = self->make_response_promise<uint64_t>();
+  st.accepting = turn;
   self->request(host, st.ctx->ownership_wait, submit_atom::value, st.rec.id, turn,
                 turn_input(t))
       .then(
           [self, rp, turn](bool) mutable {
             auto& st = self->state;
+            st.accepting.reset();
             auto* t = running_turn(st);
             if (t == nullptr || t->turn != turn) {
               rp.deliver(make_error(errc::disconnected,
@@ -400,6 +404,7 @@ caf::result<uint64_t> accept_turn(self_ptr self) {
           },
           [self, rp, turn](caf::error& e) mutable {
             auto& st = self->state;
+            st.accepting.reset();
             if (code_of(e) == errc::stale_epoch && st.ctx->lost_session)
               st.ctx->lost_session(st.rec.id);
             auto* t = running_turn(st);
@@ -469,6 +474,69 @@ void end_turn(self_ptr self, seq_id seq, finish_reason why, const std::string& d
           });
 }
 
+/// `send_atom`: starts a turn of `text` whose reply goes to `sink`. `expect` (>= 0): the number
+/// the client expects it to get (keel.capnp `Session.send`): the same text under a number taken
+/// already is that turn, sent again (its tokens stream to `sink` from index 0).
+caf::result<uint64_t> send_turn(self_ptr self, const std::string& text, int32_t max_tokens,
+                                caf::actor sink, int64_t expect) {
+  check_fault(self);
+  auto& st = self->state;
+  const auto& tok = *st.ctx->tok;
+  if (expect >= 0) {
+    const auto e = static_cast<uint64_t>(expect);
+    const auto have = st.rec.turns.size();
+    if (e > have)
+      return make_error(errc::bad_request, "session " + st.rec.id + " has " +
+                                               std::to_string(have) + " turn(s): turn " +
+                                               std::to_string(e) + " cannot be the next one");
+    if (e < have) {
+      auto& t = st.rec.turns[e];
+      if (t.user != tok.encode(text, e == 0 && tok.vocabulary().add_bos))
+        return make_error(errc::bad_request, "session " + st.rec.id + ": turn " +
+                                                 std::to_string(e) + " has another text");
+      if (st.accepting && *st.accepting == e)
+        return make_error(errc::disconnected, "session " + st.rec.id + ": turn " +
+                                                  std::to_string(e) +
+                                                  " is being stored; send it again");
+      // The same turn, sent again (its first answer was lost): it streams to this sink.
+      if (st.ctx->may_serve_session && !st.ctx->may_serve_session(st.rec.id))
+        return make_error(errc::disconnected, "session " + st.rec.id + ": node " + st.ctx->name +
+                                                  " has lost contact with the majority of the "
+                                                  "session's group; resume on another node");
+      (void)resume(self, e, 0, std::move(sink), {});
+      return e;
+    }
+  }
+  if (auto* t = running_turn(st)) {
+    return make_error(errc::bad_request, "session " + st.rec.id + ": turn " +
+                                             std::to_string(t->turn) + " is still running");
+  }
+  if (text.empty()) return make_error(errc::bad_request, "session " + st.rec.id + ": empty turn");
+  if (max_tokens < 1) {
+    return make_error(errc::bad_request,
+                      "max_tokens must be at least 1, got " + std::to_string(max_tokens));
+  }
+  turn_record t;
+  t.turn = st.rec.turns.size();
+  t.user = tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
+  t.max_tokens = max_tokens;
+  t.sink = std::move(sink);
+  auto turn = t.turn;
+  // This turn's tokens come from this node only: none for `resume` to adopt.
+  st.rec.from_copy = false;
+  st.rec.turns.push_back(std::move(t));
+  // Acknowledged (the reply) only after the turn is in a synced write (alone) or stored by a
+  // majority of its group (with peers; ARCHITECTURE.md, guarantee 1); otherwise refused and
+  // undone.
+  if (st.ctx->ownership_host) return accept_turn(self);
+  if (auto err = st.table->put(st.rec, change::accept)) {
+    st.rec.turns.pop_back();
+    return err;
+  }
+  submit(self);
+  return turn;
+}
+
 caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
                       std::shared_ptr<session_table> table, session_record initial) {
   exceptions_as_failures(self);
@@ -501,40 +569,14 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
   return {
       [self](send_atom, const std::string& text, int32_t max_tokens,
              caf::actor sink) -> caf::result<uint64_t> {
-        check_fault(self);
-        auto& st = self->state;
-        if (auto* t = running_turn(st)) {
-          return make_error(errc::bad_request, "session " + st.rec.id + ": turn " +
-                                                   std::to_string(t->turn) + " is still running");
-        }
-        if (text.empty())
-          return make_error(errc::bad_request, "session " + st.rec.id + ": empty turn");
-        if (max_tokens < 1) {
-          return make_error(errc::bad_request,
-                            "max_tokens must be at least 1, got " + std::to_string(max_tokens));
-        }
-        turn_record t;
-        t.turn = st.rec.turns.size();
-        const auto& tok = *st.ctx->tok;
-        t.user = tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
-        t.max_tokens = max_tokens;
-        t.sink = std::move(sink);
-        auto turn = t.turn;
-        // This turn's tokens come from this node only: none for `resume` to adopt.
-        st.rec.from_copy = false;
-        st.rec.turns.push_back(std::move(t));
-        // Acknowledged (the reply) only after the turn is in a synced write (alone) or stored by
-        // a majority of its group (with peers; ARCHITECTURE.md, guarantee 1); otherwise refused
-        // and undone.
-        if (st.ctx->ownership_host) return accept_turn(self);
-        if (auto err = st.table->put(st.rec, change::accept)) {
-          st.rec.turns.pop_back();
-          return err;
-        }
-        submit(self);
-        return turn;
+        return send_turn(self, text, max_tokens, std::move(sink), -1);
+      },
+      [self](send_atom, const std::string& text, int32_t max_tokens, caf::actor sink,
+             int64_t expect) -> caf::result<uint64_t> {
+        return send_turn(self, text, max_tokens, std::move(sink), expect);
       },
       [self](submit_atom) { submit(self); },
+
       [self](token_atom, seq_id seq, int64_t index, int32_t token) {
         check_fault(self);
         auto& st = self->state;

@@ -215,8 +215,9 @@ int generate_remote(const keel::cli::options& opts, const keel::generation_reque
       std::fwrite(piece.data(), 1, piece.size(), stdout);
     std::fflush(stdout);
   };
+  // Turn 0 of the session just opened: a send whose answer is lost is sent again safely.
   auto result = (*c)->generate(*session, opts.get("prompt"), static_cast<uint32_t>(req.max_tokens),
-                               on_token, on_accept);
+                               on_token, on_accept, uint64_t{0});
   if (accepted) std::fputs("\n", stdout);
   std::fflush(stdout);
   if (!result) return fail(result.error());
@@ -379,12 +380,15 @@ int chat(std::span<char*> args) {
   if (!c) return fail(c.error());
   auto& cl = **c;
   std::string session = opts->get("session");
+  uint64_t next_turn = 0;  // each turn is sent with its number, so sending again is safe
   if (session.empty()) {
     auto s = cl.open_session(sampled->params, *priority);
     if (!s) return fail(s.error());
     session = *s;
   } else if (auto h = cl.history(session); !h) {
     return fail(h.error());
+  } else {
+    next_turn = h->size();
   }
   line_reader input;
   std::unique_ptr<interrupt_to_cancel> interrupts;
@@ -414,7 +418,9 @@ int chat(std::span<char*> args) {
                              [](uint64_t, uint64_t, int32_t, std::string_view piece) {
                                std::fwrite(piece.data(), 1, piece.size(), stdout);
                                std::fflush(stdout);
-                             });
+                             },
+                             {}, next_turn);
+    if (reply) next_turn = reply->turn + 1;
     if (interrupts) interrupts->streaming(false);
     std::fputs("\n", stdout);
     std::fflush(stdout);

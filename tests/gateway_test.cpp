@@ -4,6 +4,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <optional>
 
 #include <capnp/ez-rpc.h>
 #include <kj/async-io.h>
@@ -121,10 +122,15 @@ struct sent {
 };
 
 sent send_turn(capnp::EzRpcClient& c, wire::Session::Client& s, const std::string& text,
-               uint32_t max_tokens, std::shared_ptr<received> r) {
+               uint32_t max_tokens, std::shared_ptr<received> r,
+               std::optional<uint64_t> expect = std::nullopt) {
   auto req = s.sendRequest();
   req.setText(text);
   req.setMaxTokens(max_tokens);
+  if (expect) {
+    req.setTurn(*expect);
+    req.setTurnGiven(true);
+  }
   req.setSink(kj::heap<test_sink>(std::move(r)));
   auto res = req.send().wait(c.getWaitScope());
   sent out;
@@ -348,6 +354,41 @@ BOOST_AUTO_TEST_CASE(history_lists_every_turn_as_streamed) {
     BOOST_TEST(!h[i].prompt.empty());
   }
   BOOST_TEST(rs[1]->turns.front() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(a_turn_sent_again_with_its_number_is_the_same_turn) {
+  // Session.send with `turn`: sending again after a lost answer is safe (keel.capnp).
+  server srv;
+  capnp::EzRpcClient c(srv.address());
+  auto s = open_session(c, 3);
+  auto first = std::make_shared<received>();
+  auto r0 = send_turn(c, s.session, "The quick brown fox", 20, first, 0);
+  BOOST_REQUIRE_MESSAGE(r0.error == wire::Error::Kind::NONE, r0.message);
+  BOOST_REQUIRE(wait_for(c, [&] { return first->done; }));
+  // The same text under the same number: turn 0 again, streamed whole, nothing added.
+  auto again = std::make_shared<received>();
+  auto r1 = send_turn(c, s.session, "The quick brown fox", 20, again, 0);
+  BOOST_REQUIRE_MESSAGE(r1.error == wire::Error::Kind::NONE, r1.message);
+  BOOST_TEST(r1.turn == 0u);
+  BOOST_TEST(r1.prompt == r0.prompt);
+  BOOST_REQUIRE(wait_for(c, [&] { return again->done; }));
+  BOOST_TEST(again->ids == first->ids);
+  BOOST_TEST(history(c, s.session).size() == 1u);
+  // Another text under a number taken, or a number that is not the next: refused, named.
+  auto other = send_turn(c, s.session, "jumps", 20, std::make_shared<received>(), 0);
+  BOOST_TEST((other.error == wire::Error::Kind::BAD_REQUEST), other.message);
+  BOOST_TEST(other.message.find("turn 0 has another text") != std::string::npos, other.message);
+  auto ahead = send_turn(c, s.session, "jumps", 20, std::make_shared<received>(), 5);
+  BOOST_TEST((ahead.error == wire::Error::Kind::BAD_REQUEST), ahead.message);
+  BOOST_TEST(ahead.message.find("turn 5 cannot be the next one") != std::string::npos,
+             ahead.message);
+  // The next number starts the next turn.
+  auto next = std::make_shared<received>();
+  auto r2 = send_turn(c, s.session, "jumps", 20, next, 1);
+  BOOST_REQUIRE_MESSAGE(r2.error == wire::Error::Kind::NONE, r2.message);
+  BOOST_TEST(r2.turn == 1u);
+  BOOST_REQUIRE(wait_for(c, [&] { return next->done; }));
+  BOOST_TEST(history(c, s.session).size() == 2u);
 }
 
 BOOST_AUTO_TEST_CASE(resume_from_an_index_returns_the_rest_exactly_once) {

@@ -451,7 +451,8 @@ caf::expected<std::string> client::open_session(const sampling_params& params, i
 
 caf::expected<generation> client::generate(const std::string& session, const std::string& text,
                                            uint32_t max_tokens, const token_handler& on_token,
-                                           const accept_handler& on_accept) {
+                                           const accept_handler& on_accept,
+                                           std::optional<uint64_t> expect_turn) {
   auto& d = *impl_;
   auto st = std::make_shared<stream_state>();
   st->on_token = &on_token;
@@ -509,6 +510,10 @@ caf::expected<generation> client::generate(const std::string& session, const std
         auto req = sess->sendRequest();
         req.setText(text);
         req.setMaxTokens(max_tokens);
+        if (expect_turn) {
+          req.setTurn(*expect_turn);
+          req.setTurnGiven(true);
+        }
         req.setSink(kj::heap<sink_impl>(st));
         auto resp = d.call(req.send(), "send");
         if (auto err = from_wire(resp.getError())) return err;
@@ -569,6 +574,23 @@ caf::expected<generation> client::generate(const std::string& session, const std
   };
 
   auto r = attempt(false, {});
+  // A send with its turn number that got no answer is sent again (the node takes the same text
+  // under the same number as the same turn), within `resume_for`.
+  if (!r && !accepted && expect_turn && !cancel_wanted && code_of(r.error()) == errc::disconnected &&
+      d.opts.resume_for.count() > 0) {
+    auto until = std::chrono::steady_clock::now() + d.opts.resume_for;
+    auto wait = std::max(d.opts.resume_backoff, std::chrono::milliseconds(1));
+    while (!r && !accepted && code_of(r.error()) == errc::disconnected &&
+           std::chrono::steady_clock::now() + wait < until) {
+      std::this_thread::sleep_for(wait);
+      wait = std::min(wait * 2, std::chrono::milliseconds(200));
+      if (d.reconnect(until)) break;
+      st->done = false;
+      st->error = caf::error{};
+      st->done_error = caf::error{};
+      r = attempt(false, {});
+    }
+  }
   std::optional<std::chrono::steady_clock::time_point> broke_at;  // of the stream being resumed
   std::string broke_from;
   auto pause = std::max(d.opts.resume_backoff, std::chrono::milliseconds(1));

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <string_view>
@@ -163,9 +164,14 @@ class client {
   /// connection is lost (`disconnected`) and cannot be resumed: once the turn is accepted, a
   /// broken stream is resumed for up to `options::resume_for` by reconnecting (the endpoints
   /// in order) and `Session.resume(turn, next index)`; `on_token` still sees each index once.
+  /// `turn`: the number the turn must get (the session's turns so far). Then sending is safe to
+  /// repeat, and a send that got no answer (`disconnected`: the node died, or the session's
+  /// group did not store the turn in time) is sent again, within `resume_for`, instead of
+  /// failing: the node takes a turn of that number with the same text as the same turn.
   caf::expected<generation> generate(const std::string& session, const std::string& text,
                                      uint32_t max_tokens, const token_handler& on_token = {},
-                                     const accept_handler& on_accept = {});
+                                     const accept_handler& on_accept = {},
+                                     std::optional<uint64_t> turn = std::nullopt);
 
   /// Asks the node to stop a turn of `session` (a turn that another client, or this one in an
   /// earlier call, started). `not_found` for an unknown session or turn.

@@ -77,7 +77,12 @@ struct SessionInfo {
 interface Session {
   info @0 () -> (info :SessionInfo);
   # Starts a turn. The reply comes as soon as the turn is accepted; tokens follow into `sink`.
-  send @1 (text :Text, maxTokens :UInt32, sink :TokenSink) -> (turn :UInt64, prompt :List(Int32), error :Error);
+  # With `turnGiven`, `turn` is the number the client expects the turn to get (the session's
+  # turns so far), which makes sending again safe: a turn of that number with the same text is
+  # the same turn (the reply names it and its tokens stream into `sink` from index 0), another
+  # text under that number or any other number is `badRequest`. Without it, a send after one
+  # whose answer was lost may add the text twice.
+  send @1 (text :Text, maxTokens :UInt32, sink :TokenSink, turn :UInt64, turnGiven :Bool) -> (turn :UInt64, prompt :List(Int32), error :Error);
   cancel @2 (turn :UInt64) -> (error :Error);
   history @3 () -> (turns :List(Turn), error :Error);
   # Streams the turn's tokens from `fromIndex` on into `sink`: those already generated, then
