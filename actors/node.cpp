@@ -268,6 +268,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     lc.self_name = cfg.name;
     lc.self_region = cfg.region;
     lc.self_address = cfg.peer_address;
+    lc.cluster = cluster_digest(cfg);
     lc.heartbeat_interval = cfg.heartbeat_interval;
     lc.down_after = cfg.down_after;
     lc.cut = cfg.cut;

@@ -82,6 +82,11 @@ struct node_config {
   int32_t group_size = 3;
 };
 
+/// A digest of `cfg`'s view of the cluster: every member's name and region (this node's and
+/// its peers'), the group size and the protocol's timing; FNV-1a of their canonical text. Every
+/// node of a cluster must have the same one (wire/peer.capnp NodeId.cluster). 0 without peers.
+uint64_t cluster_digest(const node_config& cfg);
+
 /// Where a session is served: its owner's name and client address (empty: on this node).
 struct owner_endpoint {
   std::string node;

@@ -35,6 +35,27 @@ std::string joined(const std::vector<std::string>& names) {
 
 }  // namespace
 
+uint64_t cluster_digest(const node_config& cfg) {
+  if (cfg.peers.empty()) return 0;
+  std::map<std::string, std::string> members{{cfg.name, cfg.region}};
+  for (auto& n : cfg.peer_names) {
+    auto r = cfg.peer_regions.find(n);
+    members[n] = r == cfg.peer_regions.end() ? std::string() : r->second;
+  }
+  std::string text;
+  for (auto& [n, r] : members) text += n + "=" + r + ";";
+  auto group = std::clamp<int64_t>(cfg.group_size, 1, static_cast<int64_t>(members.size()));
+  text += "|group=" + std::to_string(group) +
+          "|heartbeat=" + std::to_string(cfg.heartbeat_interval.count()) +
+          "|down_after=" + std::to_string(cfg.down_after.count());
+  uint64_t h = 14695981039346656037ull;
+  for (unsigned char c : text) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h == 0 ? 1 : h;
+}
+
 std::shared_ptr<node::ownership_part> make_ownership_part(const node_config& cfg,
                                                           caf::error& err) {
   auto part = std::make_shared<node::ownership_part>();
@@ -96,6 +117,7 @@ child_spec node::ownership_spec() {
   tc.self_name = cfg_.name;
   tc.self_region = cfg_.region;
   tc.self_address = cfg_.peer_address;
+  tc.cluster = cluster_digest(cfg_);
   for (size_t i = 0; i < cfg_.peers.size(); ++i) tc.addresses[cfg_.peer_names[i]] = cfg_.peers[i];
   tc.tls = cfg_.tls;
   tc.cut = cfg_.cut;

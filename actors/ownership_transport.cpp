@@ -87,6 +87,7 @@ struct peer_transport::state {
     from.setName(cfg.self_name);
     from.setRegion(cfg.self_region);
     from.setAddress(cfg.self_address);
+    from.setCluster(cfg.cluster);
     req.setMessage(kj::arrayPtr(reinterpret_cast<const kj::byte*>(message.data()), message.size()));
     ++c.in_flight;
     count(&counters::sent);

@@ -36,6 +36,7 @@ struct peer_transport_config {
   std::string self_name;
   std::string self_region;
   std::string self_address;
+  uint64_t cluster = 0;  // this node's cluster digest (node::cluster_digest), sent with every call
   /// Each member's peer endpoint, HOST:PORT, by name (under TLS its certificate must name it).
   std::map<std::string, std::string> addresses;
   std::shared_ptr<const wire::tls_config> tls;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <future>
+#include <map>
 #include <mutex>
 
 #include <capnp/rpc-twoparty.h>
@@ -17,6 +18,8 @@ namespace keel {
 struct peer_server::node_state {
   std::mutex mu;
   std::function<void(const std::string&, std::string)> on_ownership;
+  /// When a differing cluster digest was last logged, by sender.
+  std::map<std::string, std::chrono::steady_clock::time_point> mismatch_logged;
   std::string client_address;
   bool draining = false;
   std::function<std::string()> not_ready;
@@ -70,6 +73,7 @@ class peer_impl final : public wire::Peer::Server {
     me.setName(cfg_.name);
     me.setRegion(cfg_.region);
     me.setAddress(address_);
+    me.setCluster(cfg_.cluster);
     {
       std::lock_guard<std::mutex> guard(rs_.mu);
       me.setClientAddress(rs_.client_address);
@@ -87,6 +91,21 @@ class peer_impl final : public wire::Peer::Server {
     std::function<void(const std::string&, std::string)> f;
     {
       std::lock_guard<std::mutex> guard(rs_.mu);
+      if (cfg_.cluster != 0 && p.getFrom().getCluster() != cfg_.cluster) {
+        // Another view of the cluster: its groups and leases are not this node's.
+        std::string from = p.getFrom().getName().cStr();
+        auto now = std::chrono::steady_clock::now();
+        auto& last = rs_.mismatch_logged[from];
+        if (cfg_.log && (last == std::chrono::steady_clock::time_point{} ||
+                         now - last >= std::chrono::minutes(1))) {
+          last = now;
+          cfg_.log("peer server: dropped ownership messages from '" + from +
+                   "': its cluster configuration differs from this node's (every node needs "
+                   "the same --peers names, --peer-regions, --replicas, --heartbeat-interval and "
+                   "--down-after)");
+        }
+        return kj::READY_NOW;
+      }
       f = rs_.on_ownership;
     }
     auto bytes = p.getMessage();

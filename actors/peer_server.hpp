@@ -30,6 +30,10 @@ struct peer_server_config {
   /// calls fail (and are logged) without touching anything. Null: plain TCP, every caller
   /// trusted (the node then listens on loopback only, apps/keel_node.cpp).
   std::shared_ptr<const wire::tls_config> tls;
+  /// This node's cluster digest (node::cluster_digest), sent in heartbeat answers; an
+  /// `ownership` message whose sender's differs is dropped (and logged, once a minute per
+  /// sender). 0: not checked.
+  uint64_t cluster = 0;
   /// The names of the configured peers (`--peers NAME=HOST:PORT`), the only callers served
   /// under TLS.
   std::vector<std::string> peers;

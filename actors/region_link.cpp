@@ -263,6 +263,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
     from.setName(cfg_.self_name);
     from.setRegion(cfg_.self_region);
     from.setAddress(cfg_.self_address);
+    from.setCluster(cfg_.cluster);
     req.setSentNs(ns_since_epoch(sent_));
     tasks_->add(req.send().then(
         [this, gen](capnp::Response<wire::Peer::HeartbeatResults>&& r) {
@@ -277,6 +278,14 @@ class link_io : public kj::TaskSet::ErrorHandler {
           if (!cfg_.peer_name.empty() && n.getName() != cfg_.peer_name.c_str()) {
             fail("answered as '" + std::string(n.getName().cStr()) + "', configured as '" +
                  cfg_.peer_name + "'");
+            return;
+          }
+          // Another view of the cluster computes other groups and leases: the two cannot
+          // share sessions safely (its ownership messages are dropped here too).
+          if (cfg_.cluster != 0 && n.getCluster() != 0 && n.getCluster() != cfg_.cluster) {
+            fail("its cluster configuration differs from this node's (every node needs the same "
+                 "--peers names, --peer-regions, --replicas, --heartbeat-interval and "
+                 "--down-after)");
             return;
           }
           auto now = clock::now();

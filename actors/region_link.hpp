@@ -38,6 +38,8 @@ struct link_config {
   std::string self_name = "node";
   std::string self_region;
   std::string self_address;  // HOST:PORT of this node's own peer endpoint
+  /// This node's cluster digest (node::cluster_digest): sent, and compared with the peer's.
+  uint64_t cluster = 0;
   std::chrono::milliseconds heartbeat_interval{100};
   std::chrono::milliseconds down_after{500};
   /// Consecutive failures (a refused or timed out connect, a heartbeat not answered within

@@ -427,6 +427,7 @@ int run(std::span<char*> args) {
     pcfg.region = ncfg.region;
     pcfg.cut = ncfg.cut;
     pcfg.tls = tls;
+    pcfg.cluster = keel::cluster_digest(ncfg);
     for (auto& n : peer_names)
       if (!n.empty()) pcfg.peers.push_back(n);
     pcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };

@@ -73,9 +73,10 @@ struct fixture {
     sys = std::make_unique<caf::actor_system>(sys_cfg);
   }
 
-  std::unique_ptr<peer_server> serve(const std::string& name) {
+  std::unique_ptr<peer_server> serve(const std::string& name, uint64_t cluster = 0) {
     peer_server_config c;
     c.name = name;
+    c.cluster = cluster;
     c.log = [this](const std::string& line) {
       std::lock_guard<std::mutex> guard(mu);
       lines.push_back(line);
@@ -88,12 +89,13 @@ struct fixture {
   /// Node `name` serving its peers on `srv`, with `peers` (name, peer endpoint) as its peers.
   std::unique_ptr<node> start_node(const std::string& name, peer_server& srv,
                                    const std::vector<std::pair<std::string, std::string>>& peers,
-                                   bool data = true) {
+                                   bool data = true, int32_t group = 3) {
     node_config c;
     c.name = name;
     c.model_path = model_path;
     c.kv_bytes = 4 << 20;
     if (data) c.data_dir = (dir.path / ("data-" + name)).string();
+    c.group_size = group;
     c.peer_address = srv.address();
     for (auto& [n, address] : peers) {
       c.peer_names.push_back(n);
@@ -376,4 +378,55 @@ BOOST_FIXTURE_TEST_CASE(nodes_without_a_store_read_sessions_back_and_still_serve
   t.b = start_node("b", *t.sb, {{"a", t.sa->address()}, {"c", t.sc->address()}}, false);
   auto again = run_turn(*t.a, *id, "and again", 12);
   BOOST_TEST(static_cast<bool>(again), test::why(again));
+}
+
+BOOST_FIXTURE_TEST_CASE(a_peer_with_another_view_of_the_cluster_is_kept_out, fixture) {
+  // c was started with another group size (--replicas): it computes other groups, so sharing
+  // sessions with it could put two owners in two "majorities". a and b count it as down and
+  // drop its ownership messages; they serve sessions between themselves.
+  auto digest = [](const std::string& name, int32_t group) {
+    node_config c;
+    c.name = name;
+    for (auto& n : {"a", "b", "c"})
+      if (name != n) {
+        c.peer_names.push_back(n);
+        c.peers.push_back("127.0.0.1:1");
+      }
+    c.group_size = group;
+    return cluster_digest(c);
+  };
+  BOOST_TEST(digest("a", 3) == digest("b", 3));  // one view, whichever node computes it
+  BOOST_TEST(digest("a", 3) != digest("c", 2));
+  trio t;
+  t.sa = serve("a", digest("a", 3));
+  t.sb = serve("b", digest("b", 3));
+  t.sc = serve("c", digest("c", 2));
+  t.a = start_node("a", *t.sa, {{"b", t.sb->address()}, {"c", t.sc->address()}});
+  t.b = start_node("b", *t.sb, {{"a", t.sa->address()}, {"c", t.sc->address()}});
+  t.c = start_node("c", *t.sc, {{"a", t.sa->address()}, {"b", t.sb->address()}}, true, 2);
+  auto about_c = [&](node& n) -> peer_info {
+    for (auto& p : n.peers())
+      if (p.address == t.sc->address()) return p;
+    return {};
+  };
+  BOOST_REQUIRE(wait_for(
+      [&] {
+        auto p = about_c(*t.a);
+        return p.failures > 0 && p.last_failure.find("cluster configuration differs") !=
+                                     std::string::npos;
+      },
+      5000ms));
+  BOOST_TEST(!about_c(*t.a).accepts_work());
+  caf::expected<std::string> id = make_error(errc::failed, "not tried");
+  BOOST_REQUIRE(wait_for([&] { return static_cast<bool>(id = t.a->open_session({})); }, 5000ms));
+  auto turn = run_turn(*t.a, *id, "hello there", 8);
+  BOOST_TEST(static_cast<bool>(turn), test::why(turn));
+  BOOST_TEST(wait_for(
+      [&] {
+        std::lock_guard<std::mutex> guard(mu);
+        for (auto& l : lines)
+          if (l.find("dropped ownership messages from 'c'") != std::string::npos) return true;
+        return false;
+      },
+      5000ms));
 }

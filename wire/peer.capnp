@@ -22,6 +22,11 @@ struct NodeId {
   clientAddress @3 :Text;  # HOST:PORT of the node's client Gateway ("" when not serving yet)
   draining @4 :Bool;       # the node drains: it opens no sessions
   notReady @5 :Text;       # why the node cannot serve (its root supervisor is down); "": it can
+  # A digest of the sender's view of the cluster: every member's name and region, the group size
+  # and the protocol's timing (`node::cluster_digest`). Every node must have the same view, since
+  # each computes every session's group and its leases from it; a node drops the ownership
+  # messages of a peer whose digest differs from its own. 0: not given (no peers).
+  cluster @6 :UInt64;
 }
 
 interface Peer {
