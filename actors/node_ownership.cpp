@@ -160,25 +160,6 @@ caf::error node::protocol_change(const session_record& r, change c,
   auto host = own_->current();
   if (!host)
     return make_error(errc::disconnected, "node " + cfg_.name + " is stopping; retry elsewhere");
-  if (c == change::tokens) {
-    if (r.turns.empty()) return {};
-    auto& t = r.turns.back();
-    std::vector<int32_t> tail;
-    size_t from = 0;
-    {
-      std::lock_guard<std::mutex> guard(own_->mu);
-      auto& s = own_->sent[r.id];
-      if (s.first != t.turn || s.second > t.generated.size()) s = {t.turn, 0};
-      if (t.generated.size() - s.second < static_cast<size_t>(std::max(cfg_.checkpoint_every, 1)))
-        return {};
-      from = s.second;
-      tail.assign(t.generated.begin() + static_cast<ptrdiff_t>(from), t.generated.end());
-      s.second = t.generated.size();
-    }
-    caf::anon_send(host, own_tokens_atom::value, r.id, t.turn, static_cast<uint64_t>(from),
-                   std::move(tail));
-    return {};
-  }
   if (c == change::accept && !previous) {
     // From node::open_session, on a thread of the gateway's (never a CAF worker): it waits.
     caf::scoped_actor self{sys_};
@@ -219,11 +200,6 @@ void node::acquired(const std::string& id, const session_data& data, uint64_t ep
     } else {
       r->number = ++next_session_;
     }
-    {
-      std::lock_guard<std::mutex> guard(own_->mu);
-      own_->sent[id] = {r->turns.empty() ? 0 : r->turns.back().turn,
-                        r->turns.empty() ? 0 : r->turns.back().generated.size()};
-    }
     sessions_->recovered(*r);
     ctx_->log->report(cfg_.name + ": took over session " + id + " at epoch " +
                       std::to_string(epoch) + " (" + std::to_string(r->turns.size()) +
@@ -236,10 +212,6 @@ void node::acquired(const std::string& id, const session_data& data, uint64_t ep
 void node::lost(const std::string& id) {
   failover_->post([this, id] {
     auto had = sessions_->drop(id, 0);
-    {
-      std::lock_guard<std::mutex> guard(own_->mu);
-      own_->sent.erase(id);
-    }
     if (!had) return;
     auto detail = "session " + id + " was taken over by another node; reconnect and resume there";
     // The actor ends its running turn's stream (the client resumes elsewhere), cancels the
@@ -298,10 +270,7 @@ std::vector<std::string> node::replicas_of(const std::string& id) const {
 
 std::optional<std::pair<uint64_t, size_t>> node::sent_to_group(const std::string& id) const {
   if (!own_) return std::nullopt;
-  std::lock_guard<std::mutex> guard(own_->mu);
-  auto i = own_->sent.find(id);
-  if (i == own_->sent.end()) return std::nullopt;
-  return i->second;
+  return sessions_->group_checkpoint(id);
 }
 
 peer_transport::counters node::replication() const {

@@ -12,21 +12,33 @@
 
 namespace keel {
 
+struct session_table::slot {
+  std::mutex mu;
+  session_record rec;
+  size_t logged = 0;  // tokens of the last turn in the store's turn log
+  bool dropped = false;
+  std::optional<std::pair<uint64_t, size_t>> group;  // with peers: sent to the group
+};
+
 void session_table::attach_store(storage::session_store* store) {
-  std::lock_guard<std::mutex> guard(mu_);
-  store_ = store;
+  store_.store(store);
 }
 
 void session_table::detach_store() {
-  std::lock_guard<std::mutex> guard(mu_);
-  store_ = nullptr;
+  store_.store(nullptr);
 }
 
-caf::error session_table::write_store(const session_record& r, change c) {
-  if (store_ == nullptr || c == change::memory) return {};
+session_table::handle& session_table::slot_for(const std::string& id) {
+  auto& h = records_[id];
+  if (!h) h = std::make_shared<slot>();
+  return h;
+}
+
+caf::error session_table::write_store(slot& sl, const session_record& r, change c) {
+  auto* store = store_.load();
+  if (store == nullptr || c == change::memory) return {};
   const uint64_t epoch = r.epoch;
-  size_t logged = 0;
-  if (auto i = logged_.find(r.id); i != logged_.end()) logged = i->second;
+  size_t logged = sl.logged;
   const turn_record* last = r.turns.empty() ? nullptr : &r.turns.back();
   // A new turn starts a new log: `logged` counts the tokens of the last turn only.
   if (last == nullptr || logged > last->generated.size()) logged = 0;
@@ -35,8 +47,8 @@ caf::error session_table::write_store(const session_record& r, change c) {
     if (unlogged < static_cast<size_t>(std::max(checkpoint_every_, 1))) return {};
     std::vector<int32_t> tail(last->generated.begin() + static_cast<ptrdiff_t>(logged),
                               last->generated.end());
-    if (auto err = store_->append_turn_tokens(r.id, epoch, last->turn, logged, tail,
-                                              storage::durability::buffered))
+    if (auto err = store->append_turn_tokens(r.id, epoch, last->turn, logged, tail,
+                                             storage::durability::buffered))
       return err;
   } else {
     storage::write_batch b;
@@ -47,9 +59,9 @@ caf::error session_table::write_store(const session_record& r, change c) {
       tail.assign(last->generated.begin() + static_cast<ptrdiff_t>(logged), last->generated.end());
       b.append_turn_tokens(r.id, epoch, last->turn, logged, tail);
     }
-    if (auto err = store_->write(b, storage::durability::sync)) return err;
+    if (auto err = store->write(b, storage::durability::sync)) return err;
   }
-  logged_[r.id] = last ? last->generated.size() : 0;
+  sl.logged = last ? last->generated.size() : 0;
   return {};
 }
 
@@ -68,20 +80,25 @@ caf::error session_table::put(const session_record& r, change c) {
     std::optional<session_record> previous;
     {
       std::lock_guard<std::mutex> guard(mu_);
-      if (auto d = dropped_.find(r.id); d != dropped_.end())
+      if (dropped_.count(r.id) > 0)
         return make_error(errc::stale_epoch,
                           "session " + r.id + ": another node owns it now; resume there");
-      if (auto i = records_.find(r.id); i != records_.end()) previous = i->second;
-      records_[r.id] = r;
+      auto& h = slot_for(r.id);
+      std::lock_guard<std::mutex> g2(h->mu);
+      if (!h->rec.id.empty()) previous = h->rec;
+      h->rec = r;
     }
     auto err = protocol(r, c, previous);
     if (err && c == change::accept) {
       std::lock_guard<std::mutex> guard(mu_);
       if (dropped_.count(r.id) == 0) {
-        if (previous)
-          records_[r.id] = *previous;
-        else
+        if (previous) {
+          auto& h = slot_for(r.id);
+          std::lock_guard<std::mutex> g2(h->mu);
+          h->rec = *previous;
+        } else {
           records_.erase(r.id);
+        }
       }
     }
     // A token checkpoint that was not sent is sent with a later one, or with the turn's end.
@@ -91,26 +108,70 @@ caf::error session_table::put(const session_record& r, change c) {
   if (dropped_.count(r.id) > 0)
     return make_error(errc::stale_epoch,
                       "session " + r.id + ": another node owns it now; resume there");
+  auto& h = slot_for(r.id);
+  std::lock_guard<std::mutex> g2(h->mu);
   // A new turn's log starts empty.
-  if (auto i = records_.find(r.id);
-      i != records_.end() && i->second.turns.size() != r.turns.size())
-    logged_[r.id] = 0;
-  auto err = write_store(r, c);
+  if (!h->rec.id.empty() && h->rec.turns.size() != r.turns.size()) h->logged = 0;
+  auto err = write_store(*h, r, c);
   // A token checkpoint that failed is retried later; memory still takes the token.
   if (err && c != change::tokens && c != change::memory) return err;
-  records_[r.id] = r;
+  h->rec = r;
   return err;
+}
+
+session_table::handle session_table::handle_of(const std::string& id) const {
+  std::lock_guard<std::mutex> guard(mu_);
+  auto i = records_.find(id);
+  return i == records_.end() ? nullptr : i->second;
+}
+
+caf::error session_table::put_tokens(const handle& h, const session_record& r) {
+  std::lock_guard<std::mutex> guard(h->mu);
+  if (h->dropped)
+    return make_error(errc::stale_epoch,
+                      "session " + r.id + ": another node owns it now; resume there");
+  auto& mine = h->rec;
+  // The usual case: the same turns, the last one longer. Only its new tokens are copied.
+  bool same = !r.turns.empty() && mine.turns.size() == r.turns.size() &&
+              mine.turns.back().turn == r.turns.back().turn &&
+              mine.turns.back().generated.size() <= r.turns.back().generated.size();
+  if (!same) {
+    if (mine.turns.size() != r.turns.size()) h->logged = 0;
+    mine = r;
+  } else {
+    auto& have = mine.turns.back().generated;
+    auto& now = r.turns.back().generated;
+    have.insert(have.end(), now.begin() + static_cast<ptrdiff_t>(have.size()), now.end());
+    mine.from_copy = r.from_copy;
+  }
+  // A failed buffered checkpoint is retried with a later token; the turn's end writes all.
+  (void)write_store(*h, mine, change::tokens);
+  return {};
+}
+
+void session_table::sent_to_group(const handle& h, uint64_t turn, size_t tokens) {
+  std::lock_guard<std::mutex> guard(h->mu);
+  h->group = std::make_pair(turn, tokens);
+}
+
+std::optional<std::pair<uint64_t, size_t>> session_table::group_checkpoint(
+    const std::string& id) const {
+  auto h = handle_of(id);
+  if (!h) return std::nullopt;
+  std::lock_guard<std::mutex> guard(h->mu);
+  return h->group;
 }
 
 std::optional<session_record> session_table::drop(const std::string& id, uint64_t epoch) {
   std::lock_guard<std::mutex> guard(mu_);
   dropped_[id] = epoch;
-  logged_.erase(id);
   auto i = records_.find(id);
   if (i == records_.end()) return std::nullopt;
-  auto out = std::move(i->second);
+  auto h = std::move(i->second);
   records_.erase(i);
-  return out;
+  std::lock_guard<std::mutex> g2(h->mu);
+  h->dropped = true;  // the actor's handle refuses its tokens from now on
+  return std::move(h->rec);
 }
 
 bool session_table::dropped(const std::string& id) const {
@@ -133,8 +194,11 @@ std::optional<std::string> session_table::parked(const std::string& id) const {
 void session_table::recovered(const session_record& r) {
   std::lock_guard<std::mutex> guard(mu_);
   dropped_.erase(r.id);  // taken (back) over
-  records_[r.id] = r;
-  logged_[r.id] = r.turns.empty() ? 0 : r.turns.back().generated.size();
+  // A fresh slot: an actor of an earlier tenure holds the old one, dropped.
+  auto h = std::make_shared<slot>();
+  h->rec = r;
+  h->logged = r.turns.empty() ? 0 : r.turns.back().generated.size();
+  records_[r.id] = std::move(h);
 }
 
 wire::session_checkpoint to_checkpoint(const session_record& r) {
@@ -173,36 +237,39 @@ session_record from_checkpoint(wire::session_checkpoint c,
 }
 
 std::optional<session_record> session_table::get(const std::string& id) const {
-  std::lock_guard<std::mutex> guard(mu_);
-  auto i = records_.find(id);
-  if (i == records_.end()) return std::nullopt;
-  return i->second;
+  auto h = handle_of(id);
+  if (!h) return std::nullopt;
+  std::lock_guard<std::mutex> guard(h->mu);
+  return h->rec;
 }
 
 std::optional<std::string> session_table::tenant_of(const std::string& id) const {
-  std::lock_guard<std::mutex> guard(mu_);
-  auto i = records_.find(id);
-  if (i == records_.end()) return std::nullopt;
-  return i->second.tenant;
+  auto h = handle_of(id);
+  if (!h) return std::nullopt;
+  std::lock_guard<std::mutex> guard(h->mu);
+  return h->rec.tenant;
 }
 
 size_t session_table::count_of(const std::string& tenant) const {
   std::lock_guard<std::mutex> guard(mu_);
-  return static_cast<size_t>(std::count_if(records_.begin(), records_.end(),
-                                           [&](auto& e) { return e.second.tenant == tenant; }));
+  size_t n = 0;
+  for (auto& [id, h] : records_) {
+    std::lock_guard<std::mutex> g2(h->mu);
+    n += h->rec.tenant == tenant ? 1 : 0;
+  }
+  return n;
 }
 
 std::vector<std::string> session_table::ids() const {
   std::lock_guard<std::mutex> guard(mu_);
   std::vector<std::string> out;
-  for (auto& [id, r] : records_) out.push_back(id);
+  for (auto& [id, h] : records_) out.push_back(id);
   return out;
 }
 
 void session_table::erase(const std::string& id) {
   std::lock_guard<std::mutex> guard(mu_);
   records_.erase(id);
-  logged_.erase(id);
 }
 
 namespace {
@@ -215,6 +282,13 @@ struct session_state {
   int end_retries = 0;  // writes of the running turn's end refused by a full disk
   bool ending = false;  // with peers: the running turn's end is with the ownership host
   std::optional<uint64_t> accepting;  // with peers: the new turn the host is storing
+  /// This session's slot in the table: each token is recorded there under its lock only.
+  session_table::handle slot;
+  /// With peers: the ownership host as last asked (at a turn's start and end), and how many
+  /// tokens of turn `group_turn` went to the group as checkpoints.
+  ownership_actor host;
+  uint64_t group_turn = 0;
+  size_t group_sent = 0;
   static inline const char* name = "session";
 };
 
@@ -288,6 +362,8 @@ void submit(self_ptr self) {
 /// `resume_atom`: streams turn `turn` from `from_index` to `sink`. `held` are the turn's tokens
 /// the client already holds, from index 0: those beyond what this session has (a new owner's
 /// copy lags the old owner by up to `checkpoint_every` tokens) are adopted, not generated again.
+void record_tokens(self_ptr self);
+
 caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::actor sink,
                          const std::vector<int32_t>& held) {
   check_fault(self);
@@ -340,7 +416,7 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
     if (limit > t.generated.size()) {
       t.generated.insert(t.generated.end(), held.begin() + static_cast<ptrdiff_t>(t.generated.size()),
                          held.begin() + static_cast<ptrdiff_t>(limit));
-      (void)st.table->put(st.rec, change::tokens);
+      record_tokens(self);
       submit(self);  // the batcher's copy continues after the adopted tokens
     }
   }
@@ -355,6 +431,32 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::
     st.table->put(st.rec);
   }
   return true;
+}
+
+/// Records the running turn's new tokens in the session's slot (alone: and in its turn log
+/// every `checkpoint_every`), and with peers sends them to the group every `checkpoint_every`
+/// (one way; the turn's end carries them all). No lock other sessions share.
+void record_tokens(self_ptr self) {
+  auto& st = self->state;
+  if (!st.slot) st.slot = st.table->handle_of(st.rec.id);
+  if (st.slot)
+    (void)st.table->put_tokens(st.slot, st.rec);
+  else
+    (void)st.table->put(st.rec, change::tokens);
+  if (!st.ctx->ownership_host || st.rec.turns.empty()) return;
+  auto& t = st.rec.turns.back();
+  if (st.group_turn != t.turn || st.group_sent > t.generated.size()) {
+    st.group_turn = t.turn;
+    st.group_sent = 0;
+  }
+  auto every = static_cast<size_t>(std::max(st.table->checkpoint_every(), 1));
+  if (t.generated.size() - st.group_sent < every || !st.host) return;
+  std::vector<int32_t> tail(t.generated.begin() + static_cast<ptrdiff_t>(st.group_sent),
+                            t.generated.end());
+  self->send(st.host, own_tokens_atom::value, st.rec.id, t.turn,
+             static_cast<uint64_t>(st.group_sent), std::move(tail));
+  st.group_sent = t.generated.size();
+  if (st.slot) st.table->sent_to_group(st.slot, t.turn, st.group_sent);
 }
 
 /// The error a session actor's client gets when the ownership host refused or did not answer.
@@ -378,6 +480,9 @@ caf::result<uint64_t> accept_turn(self_ptr self) {
   // In the table first: a restarted actor runs the turn the host may have stored.
   st.table->put(st.rec, change::memory);
   auto host = st.ctx->ownership_host();
+  st.host = host;
+  st.group_turn = turn;
+  st.group_sent = 0;
   if (!host) {
     st.rec.turns.pop_back();
     st.table->put(st.rec, change::memory);
@@ -425,6 +530,7 @@ void end_turn(self_ptr self, seq_id seq, finish_reason why, const std::string& d
   auto& st = self->state;
   if (st.ending) return;  // the host has it; its answer decides
   auto host = st.ctx->ownership_host();
+  st.host = host;
   auto* t = running_turn(st);
   auto ended = *t;
   ended.done = true;
@@ -556,6 +662,15 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
     st.rec = std::move(initial);
     st.table->put(st.rec);
   }
+  st.slot = st.table->handle_of(st.rec.id);
+  if (st.ctx->ownership_host) {
+    st.host = st.ctx->ownership_host();
+    // What this node holds of the running turn came from the group (or went there).
+    if (!st.rec.turns.empty()) {
+      st.group_turn = st.rec.turns.back().turn;
+      st.group_sent = st.rec.turns.back().generated.size();
+    }
+  }
   // A turn that was running when the previous incarnation died: resubmitting replaces the
   // batcher's copy and continues after the tokens this session has recorded.
   submit(self);
@@ -585,9 +700,7 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         // Exactly once: an index already recorded is a repeat (after a resubmission or attach).
         if (index != static_cast<int64_t>(t->generated.size())) return;
         t->generated.push_back(token);
-        // A failed buffered checkpoint is retried with the next token, and the turn's end
-        // writes all unlogged tokens synced.
-        (void)st.table->put(st.rec, change::tokens);
+        record_tokens(self);
         self->send(t->sink, token_atom::value, st.rec.id, t->turn, index, token,
                    st.ctx->tok->token_text(token));
       },

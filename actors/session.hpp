@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <future>
@@ -75,6 +76,11 @@ enum class change : uint8_t {
 /// carries the record's epoch. With peers (`on_change`) the ownership protocol keeps the
 /// sessions instead of the store. A session dropped with `drop` (another node owns it now)
 /// refuses every later `put` with `stale_epoch`. Thread-safe.
+///
+/// Each session has a slot of its own, with its own lock: a session actor takes a `handle` once
+/// and records each token through it (`put_tokens`), under that session's lock only, so the
+/// token path takes no lock that other sessions share (issue #10). The table's lock guards the
+/// map of slots (and is taken before a slot's, never after).
 class session_table {
  public:
   explicit session_table(int32_t checkpoint_every = 16) : checkpoint_every_(checkpoint_every) {}
@@ -83,17 +89,33 @@ class session_table {
   /// ensures by stopping its tree (the only writers) before it detaches and closes the store.
   void attach_store(storage::session_store* store);
   void detach_store();
+  int32_t checkpoint_every() const { return checkpoint_every_; }
 
-  /// With the ownership protocol (docs/actors.md "Ownership protocol"): every change but
-  /// `memory` goes to `f` instead of the store, outside the table's lock,
-  /// with the record before it (none for a new session). Its error is `put`'s; a refused
-  /// `accept` is undone in memory. Set before the first `put`.
+  /// With the ownership protocol (docs/actors.md "Ownership protocol"): a new session's
+  /// `accept` goes to `f` instead of the store, outside the table's lock; its error is `put`'s,
+  /// and a refused one is undone in memory. (A new turn, its tokens and its end go from the
+  /// session actor to the ownership host itself.) Set before the first `put`.
   using ownership_fn = std::function<caf::error(const session_record& r, change c,
                                                 const std::optional<session_record>& previous)>;
   void on_change(ownership_fn f);
 
   /// Records `r`; writes it to the store as `c` says (see the class comment).
   caf::error put(const session_record& r, change c = change::memory);
+
+  struct slot;  // one session's record, under its own lock (session.cpp)
+  using handle = std::shared_ptr<slot>;
+  /// The slot of session `id` (null when the table does not hold it): for `put_tokens`.
+  handle handle_of(const std::string& id) const;
+  /// Records `r`'s running turn's new tokens (the rest of `r` as the slot has it) and, alone
+  /// with a store, appends them to its turn log every `checkpoint_every` (buffered). Under the
+  /// session's lock only. `stale_epoch` once the session was dropped.
+  caf::error put_tokens(const handle& h, const session_record& r);
+  /// With peers: turn `turn`'s first `tokens` tokens went to the session's group as
+  /// checkpoints (shown by keel-shell's `sessions`).
+  void sent_to_group(const handle& h, uint64_t turn, size_t tokens);
+  /// With peers: what `sent_to_group` last said of `id` (nullopt before it said anything).
+  std::optional<std::pair<uint64_t, size_t>> group_checkpoint(const std::string& id) const;
+
   /// Records a session recovered from the store, whose turn logs hold its generated tokens.
   void recovered(const session_record& r);
   std::optional<session_record> get(const std::string& id) const;
@@ -116,17 +138,18 @@ class session_table {
   std::optional<std::string> parked(const std::string& id) const;
 
  private:
-  caf::error write_store(const session_record& r, change c);
+  /// Writes `r` to the store as `c` says; `s`'s lock held.
+  caf::error write_store(slot& s, const session_record& r, change c);
+  /// The slot of `id`, made when missing; the table's lock held.
+  handle& slot_for(const std::string& id);
 
   const int32_t checkpoint_every_;
   mutable std::mutex mu_;
-  storage::session_store* store_ = nullptr;
+  std::atomic<storage::session_store*> store_{nullptr};
   ownership_fn on_change_;
   std::map<std::string, uint64_t> dropped_;  // id -> the epoch of the node that has it now
   std::map<std::string, std::string> parked_;  // id -> why
-  std::map<std::string, session_record> records_;
-  // Per session: how many tokens of its last turn are in the store's turn log.
-  std::map<std::string, size_t> logged_;
+  std::map<std::string, handle> records_;
 };
 
 /// The stored form of a session (without generated tokens, which live in the turn logs).

@@ -28,8 +28,6 @@ struct node::ownership_part {
   /// Sessions a drain gave up that no other member was seen to own yet (a later drain asks
   /// again).
   std::set<std::string> given_up;
-  /// Per session: the running turn, and how many of its tokens went to the group.
-  std::map<std::string, std::pair<uint64_t, size_t>> sent;
 
   ownership_actor current() {
     std::lock_guard<std::mutex> guard(mu);
