@@ -28,6 +28,7 @@ using done_atom = caf::atom_constant<caf::atom("k_done")>;
 using cancel_atom = caf::atom_constant<caf::atom("k_cancel")>;
 using attach_atom = caf::atom_constant<caf::atom("k_attach")>;
 using send_atom = caf::atom_constant<caf::atom("k_send")>;
+using write_atom = caf::atom_constant<caf::atom("k_write")>;
 using history_atom = caf::atom_constant<caf::atom("k_history")>;
 using tick_atom = caf::atom_constant<caf::atom("k_tick")>;
 using stats_atom = caf::atom_constant<caf::atom("k_stats")>;

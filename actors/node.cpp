@@ -248,7 +248,16 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
           if (auto r = table->get(id); r && !table->parked(id))
             caf::anon_send(sup, start_atom::value, id, caf::make_message(*r));
       });
-  std::vector<child_spec> top{std::move(engine_sup), std::move(batcher), std::move(sessions)};
+  std::vector<child_spec> top;
+  if (n->store_ && cfg.peers.empty()) {
+    // Alone with a store: the session actors' synced writes run on the `store` child's thread,
+    // so that no session actor's handler waits for the disk (with peers, the ownership host's).
+    top.push_back(recording(store_writer_spec(table),
+                            [ctx](caf::actor a) { ctx->set_store_writer(a); }));
+  }
+  top.push_back(std::move(engine_sup));
+  top.push_back(std::move(batcher));
+  top.push_back(std::move(sessions));
   if (!cfg.peers.empty()) {
     if (cfg.heartbeat_interval.count() <= 0 || cfg.down_after <= cfg.heartbeat_interval) {
       return make_error(errc::bad_request,

@@ -102,6 +102,7 @@ void tune_actor_system(caf::actor_system_config& cfg);
 /// One node's supervision tree in this process:
 ///
 ///   node          one_for_one
+///   |- store      the session actors' synced writes (only alone with a data dir)
 ///   |- engine     one_for_all: shard-0 .. shard-{n-1}
 ///   |- batcher    permanent
 ///   |- sessions   simple_one_for_one: one transient session actor per conversation

@@ -56,6 +56,17 @@ struct node_context {
     std::lock_guard<std::mutex> guard(mu_);
     batcher_ = a.address();
   }
+  /// A node alone with a store: its `store` child, which does the session actors' synced
+  /// writes on a thread of its own (store_writer_spec); invalid otherwise (or while it
+  /// restarts).
+  caf::actor store_writer() const {
+    std::lock_guard<std::mutex> guard(mu_);
+    return caf::actor_cast<caf::actor>(store_writer_);
+  }
+  void set_store_writer(const caf::actor& a) {
+    std::lock_guard<std::mutex> guard(mu_);
+    store_writer_ = a.address();
+  }
 
  private:
   mutable std::mutex mu_;
@@ -64,6 +75,7 @@ struct node_context {
   // batcher and the tokenizer alive until exit (LeakSanitizer, keel-node after SIGTERM).
   caf::actor_addr engine_sup_;
   caf::actor_addr batcher_;
+  caf::actor_addr store_writer_;
 };
 
 }  // namespace keel

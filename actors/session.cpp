@@ -522,6 +522,105 @@ caf::result<uint64_t> accept_turn(self_ptr self) {
   return rp;
 }
 
+/// Alone with a store: the new turn (the last of `st.rec`) goes to the store writer, whose
+/// synced write answers the client (the turn runs) or refuses it (the turn is undone). The
+/// actor handles other messages meanwhile; a second turn is refused as "still running".
+caf::result<uint64_t> store_turn(self_ptr self, const caf::actor& writer) {
+  auto& st = self->state;
+  const auto turn = st.rec.turns.back().turn;
+  auto rp = self->make_response_promise<uint64_t>();
+  st.accepting = turn;
+  self->request(writer, std::chrono::seconds(30), write_atom::value, st.rec,
+                static_cast<uint8_t>(change::accept))
+      .then(
+          [self, rp, turn](bool) mutable {
+            auto& st = self->state;
+            st.accepting.reset();
+            auto* t = running_turn(st);
+            if (t == nullptr || t->turn != turn) {
+              rp.deliver(make_error(errc::disconnected,
+                                    "session " + st.rec.id + ": turn " + std::to_string(turn) +
+                                        " was superseded while it was stored; retry"));
+              return;
+            }
+            submit(self);
+            rp.deliver(turn);
+          },
+          [self, rp, turn](caf::error& e) mutable {
+            auto& st = self->state;
+            st.accepting.reset();
+            auto* t = running_turn(st);
+            // Not stored: the table has the session as before the turn.
+            if (t != nullptr && t->turn == turn && t->generated.empty()) st.rec.turns.pop_back();
+            if (code_of(e) == errc::stale_epoch) {
+              rp.deliver(std::move(e));
+              return;
+            }
+            rp.deliver(e.category() == caf::atom("system")
+                           ? make_error(errc::disconnected,
+                                        "session " + st.rec.id + ": the store did not answer (" +
+                                            caf::to_string(e) + "); retry")
+                           : std::move(e));
+          });
+  return rp;
+}
+
+/// Alone with a store: the running turn's end goes to the store writer (a synced write of the
+/// record and the turn's last tokens); its client hears of it once it is written. A full disk
+/// (`overloaded`) is retried; another failure crashes the session, whose restart resubmits the
+/// turn, so the end is written again.
+void store_end(self_ptr self, const caf::actor& writer, seq_id seq, finish_reason why,
+               const std::string& detail, int64_t retry_after_ms) {
+  auto& st = self->state;
+  if (st.ending) return;
+  auto ended = st.rec;
+  ended.turns.back().done = true;
+  ended.turns.back().reason = why;
+  st.ending = true;
+  self->request(writer, std::chrono::seconds(30), write_atom::value, std::move(ended),
+                static_cast<uint8_t>(change::structure))
+      .then(
+          [self, seq, why, detail, retry_after_ms](bool) {
+            auto& st = self->state;
+            st.ending = false;
+            auto* t = running_turn(st);
+            if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
+            t->done = true;
+            t->reason = why;
+            st.end_retries = 0;
+            self->send(t->sink, done_atom::value, st.rec.id, t->turn, why, detail,
+                       retry_after_ms);
+          },
+          [self, seq, why, detail, retry_after_ms](caf::error& err) {
+            auto& st = self->state;
+            st.ending = false;
+            auto* t = running_turn(st);
+            if (t == nullptr) return;
+            if (code_of(err) == errc::overloaded || err.category() == caf::atom("system")) {
+              // A full disk (or a store writer restarting): the turn has happened and stays
+              // running until its end is durable. Its client waits; reads go on.
+              if (st.end_retries++ == 0)
+                st.ctx->log->report("session " + st.rec.id + ": the end of turn " +
+                                    std::to_string(t->turn) + " waits for the disk: " +
+                                    describe(err));
+              self->delayed_send(self, end_retry_interval, done_atom::value, seq, why, detail,
+                                 retry_after_ms);
+              return;
+            }
+            if (code_of(err) == errc::stale_epoch) {
+              self->send(t->sink, moved_atom::value, st.rec.id, t->turn, describe(err));
+              self->quit();
+              return;
+            }
+            // Let it crash: the restarted session has the turn still running in the table and
+            // resubmits it, so the end is written again.
+            self->quit(make_error(errc::failed, "session " + st.rec.id +
+                                                    ": cannot record the end of turn " +
+                                                    std::to_string(t->turn) + ": " +
+                                                    describe(err)));
+          });
+}
+
 /// With peers: the running turn's end goes to the ownership host; its client hears of it once
 /// a majority of the group stored it. Until then the turn counts as running (no new turn); a
 /// refusal for want of a majority is retried, as a full disk is without peers.
@@ -635,6 +734,7 @@ caf::result<uint64_t> send_turn(self_ptr self, const std::string& text, int32_t 
   // majority of its group (with peers; ARCHITECTURE.md, guarantee 1); otherwise refused and
   // undone.
   if (st.ctx->ownership_host) return accept_turn(self);
+  if (auto writer = st.ctx->store_writer()) return store_turn(self, writer);
   if (auto err = st.table->put(st.rec, change::accept)) {
     st.rec.turns.pop_back();
     return err;
@@ -711,6 +811,10 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
         if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
         if (st.ctx->ownership_host) {
           end_turn(self, seq, why, detail, retry_after_ms);
+          return;
+        }
+        if (auto writer = st.ctx->store_writer()) {
+          store_end(self, writer, seq, why, detail, retry_after_ms);
           return;
         }
         t->done = true;
@@ -794,6 +898,35 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
 caf::actor spawn_session(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
                          std::shared_ptr<session_table> table, session_record initial) {
   return sys.spawn(session, std::move(ctx), std::move(table), std::move(initial));
+}
+
+namespace {
+
+struct store_writer_state {
+  static inline const char* name = "store_writer";
+};
+
+caf::behavior store_writer(caf::stateful_actor<store_writer_state>* self,
+                           std::shared_ptr<session_table> table) {
+  exceptions_as_failures(self);
+  return {
+      [table](write_atom, const session_record& r, uint8_t c) -> caf::result<bool> {
+        if (auto err = table->put(r, static_cast<change>(c))) return err;
+        return true;
+      },
+  };
+}
+
+}  // namespace
+
+child_spec store_writer_spec(std::shared_ptr<session_table> table) {
+  child_spec c;
+  c.id = "store";
+  c.start = [table](caf::actor_system& sys, const std::string&,
+                    const caf::message&) -> caf::expected<caf::actor> {
+    return sys.spawn<caf::detached>(store_writer, table);
+  };
+  return c;
 }
 
 child_spec session_spec(std::shared_ptr<node_context> ctx, std::shared_ptr<session_table> table) {

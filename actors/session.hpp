@@ -179,6 +179,12 @@ session_record from_checkpoint(wire::session_checkpoint c,
 caf::actor spawn_session(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
                          std::shared_ptr<session_table> table, session_record initial);
 
+/// The node's `store` child (a node alone with a store): a detached actor that does the session
+/// actors' synced writes, so that no session actor's handler waits for the disk.
+/// `(write_atom, session_record, uint8_t change) -> bool`: `table->put(record, change)`, answered
+/// when it is done (its error, if any).
+child_spec store_writer_spec(std::shared_ptr<session_table> table);
+
 /// The template child spec of session_sup (simple_one_for_one, transient): start arguments are
 /// one `session_record` (the new session); a restart rebuilds from the table.
 child_spec session_spec(std::shared_ptr<node_context> ctx, std::shared_ptr<session_table> table);
