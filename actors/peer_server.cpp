@@ -18,6 +18,9 @@ namespace keel {
 struct peer_server::node_state {
   std::mutex mu;
   std::function<void(const std::string&, std::string)> on_ownership;
+  /// Held while `on_ownership` runs, and by `peer_server::on_ownership` while it replaces it:
+  /// so the callback is never running once replaced (its node may be gone next).
+  std::mutex calling;
   /// When a differing cluster digest was last logged, by sender.
   std::map<std::string, std::chrono::steady_clock::time_point> mismatch_logged;
   std::string client_address;
@@ -106,9 +109,13 @@ class peer_impl final : public wire::Peer::Server {
         }
         return kj::READY_NOW;
       }
-      f = rs_.on_ownership;
     }
     auto bytes = p.getMessage();
+    std::lock_guard<std::mutex> calling(rs_.calling);
+    {
+      std::lock_guard<std::mutex> guard(rs_.mu);
+      f = rs_.on_ownership;
+    }
     if (f)
       f(p.getFrom().getName().cStr(),
         std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size()));
@@ -172,6 +179,7 @@ capnp::Capability::Client peer_server::bootstrap(kj::Own<kj::PeerIdentity> calle
 }
 
 void peer_server::on_ownership(std::function<void(const std::string&, std::string)> f) {
+  std::lock_guard<std::mutex> calling(state_->calling);  // waits for a call in progress
   std::lock_guard<std::mutex> guard(state_->mu);
   state_->on_ownership = std::move(f);
 }

@@ -60,9 +60,11 @@ class peer_server {
   /// "HOST:PORT" with the bound port.
   std::string address() const;
 
-  /// Called (on the server's thread, no lock held) with each `ownership` message from an
-  /// authenticated peer `from` (its encoded bytes, not yet decoded): it must only queue (the
-  /// node sends it to its ownership host). Empty: the messages are dropped.
+  /// Called (on the server's thread) with each `ownership` message from an authenticated peer
+  /// `from` (its encoded bytes, not yet decoded): it must only queue (the node sends it to its
+  /// ownership host), and must not call this server. Empty: the messages are dropped. Replacing
+  /// it waits for a call in progress, so the old one runs no more once this returns (found by
+  /// ASan: a test's node was destroyed while its callback ran).
   void on_ownership(std::function<void(const std::string& from, std::string message)> f);
   /// Whether the node drains, as heartbeats report it.
   void set_draining(bool draining);

@@ -587,6 +587,9 @@ void store_end(self_ptr self, const caf::actor& writer, seq_id seq, finish_reaso
             if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
             t->done = true;
             t->reason = why;
+            // The writer stored this record; a memory put of this actor's meanwhile (a resume's
+            // new sink) may have put the running one back.
+            st.table->put(st.rec, change::memory);
             st.end_retries = 0;
             self->send(t->sink, done_atom::value, st.rec.id, t->turn, why, detail,
                        retry_after_ms);
@@ -659,6 +662,9 @@ void end_turn(self_ptr self, seq_id seq, finish_reason why, const std::string& d
             t->done = true;
             t->reason = why;
             st.table->put(st.rec, change::memory);
+            // The group holds the whole turn now.
+            if (!st.slot) st.slot = st.table->handle_of(st.rec.id);
+            if (st.slot) st.table->sent_to_group(st.slot, t->turn, t->generated.size());
             st.end_retries = 0;
             self->send(t->sink, done_atom::value, st.rec.id, t->turn, why, detail,
                        retry_after_ms);
