@@ -16,17 +16,6 @@ namespace keel {
 
 namespace {
 
-/// What a failed request to the host means for the caller.
-caf::error host_error(const caf::error& e, const std::string& what) {
-  if (e.category() == caf::atom("system"))
-    return make_error(errc::disconnected, what + ": the ownership host did not answer (" +
-                                              caf::to_string(e) + "); retry");
-  // Another node owns the session: the caller's client retries there (through any node).
-  if (code_of(e) == errc::stale_epoch)
-    return make_error(errc::disconnected, message_of(e) + "; retry (any node forwards there)");
-  return e;
-}
-
 std::string joined(const std::vector<std::string>& names) {
   std::string out;
   for (auto& n : names) out += (out.empty() ? "" : ", ") + n;
@@ -167,7 +156,7 @@ caf::error node::protocol_change(const session_record& r, change c,
     self->request(host, own_->ack_timeout + std::chrono::seconds(1), open_atom::value, r.id,
                   session_meta(r))
         .receive([](session_data&) {},
-                 [&](caf::error& e) { out = host_error(e, "opening session " + r.id); });
+                 [&](caf::error& e) { out = host_refusal(e, "opening session " + r.id); });
     return out;
   }
   // A new turn and a turn's end go from the session actor to the host itself, which answers
@@ -243,7 +232,7 @@ caf::expected<owner_endpoint> node::owner_address(const std::string& id) {
   caf::expected<ownership_view> view = make_error(errc::failed, "no answer");
   self->request(host, std::chrono::seconds(2), describe_atom::value, id)
       .receive([&](ownership_view& v) { view = std::move(v); },
-               [&](caf::error& e) { view = host_error(e, "locating session " + id); });
+               [&](caf::error& e) { view = host_refusal(e, "locating session " + id); });
   if (!view) return std::move(view.error());
   if (view->owner.empty() && view->accepted.epoch == 0 && view->promised.epoch == 0)
     return unknown_session(id);

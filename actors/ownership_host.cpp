@@ -385,6 +385,15 @@ ownership_actor::behavior_type host_behavior(host_pointer self, ownership_host_c
 
 }  // namespace
 
+caf::error host_refusal(const caf::error& e, const std::string& what) {
+  if (e.category() == caf::atom("system"))
+    return make_error(errc::disconnected, what + ": the ownership host did not answer (" +
+                                              caf::to_string(e) + "); retry");
+  if (code_of(e) == errc::stale_epoch)
+    return make_error(errc::disconnected, message_of(e) + "; retry (any node forwards there)");
+  return e;
+}
+
 ownership_actor spawn_ownership_host(caf::actor_system& sys, ownership_host_config cfg) {
   return sys.spawn<caf::detached>(host_behavior, std::move(cfg));
 }

@@ -138,6 +138,11 @@ struct ownership_host_config {
 /// takes its own sessions back.
 ownership_actor spawn_ownership_host(caf::actor_system& sys, ownership_host_config cfg);
 
+/// What a failed request to the host means for its caller's client, about `what`: a host that
+/// did not answer, or a session another node owns, is `disconnected` (retry: any node forwards
+/// there); other refusals stand.
+caf::error host_refusal(const caf::error& e, const std::string& what);
+
 }  // namespace keel
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(keel::session_data)
