@@ -19,8 +19,8 @@ using namespace std::chrono_literals;
 
 /// The answer of a request to `dest`, waited for on the calling (non-CAF, non-KJ) thread. A
 /// timeout says which actor did not answer.
-template <class T, class... Ts>
-caf::expected<T> call(caf::actor_system& sys, const caf::actor& dest, const std::string& what,
+template <class T, class Handle, class... Ts>
+caf::expected<T> call(caf::actor_system& sys, const Handle& dest, const std::string& what,
                       std::chrono::milliseconds timeout, Ts... xs) {
   if (!dest) return make_error(errc::disconnected, what + " is not running");
   caf::scoped_actor self{sys};
@@ -64,7 +64,7 @@ caf::expected<std::vector<actor_row>> admin_ops::tree() {
   root.kind = "supervisor";
   root.state = node_.root() ? "running" : "stopped";
   out.push_back(root);
-  if (auto err = walk(node_.root(), root.path, 1, last, failed, out)) return err;
+  if (auto err = walk(caf::actor_cast<caf::actor>(node_.root()), root.path, 1, last, failed, out)) return err;
   return out;
 }
 
@@ -156,8 +156,8 @@ caf::expected<std::string> admin_ops::restart(const std::string& path) {
   if (!at) return std::move(at.error());
   if (!at->parent) return root_refused();
   auto started = std::chrono::steady_clock::now();
-  auto ok = call<bool>(sys_, at->parent, at->parent_path, cfg_.call_timeout, restart_atom::value,
-                       at->child.id);
+  auto ok = call<bool>(sys_, caf::actor_cast<supervisor_actor>(at->parent), at->parent_path,
+                       cfg_.call_timeout, restart_atom::value, at->child.id);
   if (!ok) return std::move(ok.error());
   if (!*ok)
     return make_error(errc::failed, at->parent_path + " did not restart " + at->child.id +
@@ -244,8 +244,8 @@ caf::expected<std::string> admin_ops::fault(const std::string& path, const fault
            (times > 1 ? ", " + std::to_string(times) + " times" : std::string());
   }
   if (kind == "region_link" && f.kind == fault_kind::cut) {
-    auto ok = call<bool>(sys_, at->child.handle, path, cfg_.call_timeout, cut_atom::value,
-                         static_cast<int64_t>(f.duration_ms));
+    auto ok = call<bool>(sys_, caf::actor_cast<link_actor>(at->child.handle), path,
+                         cfg_.call_timeout, cut_atom::value, static_cast<int64_t>(f.duration_ms));
     if (!ok) return std::move(ok.error());
     return "cut " + path + " for " + std::to_string(f.duration_ms) + " ms";
   }
@@ -332,7 +332,8 @@ caf::error admin_ops::root_refused() const {
 
 caf::expected<std::vector<child_info>> admin_ops::list(const caf::actor& sup,
                                                        const std::string& path) {
-  return call<std::vector<child_info>>(sys_, sup, path, cfg_.call_timeout, list_atom::value);
+  return call<std::vector<child_info>>(sys_, caf::actor_cast<supervisor_actor>(sup), path,
+                                       cfg_.call_timeout, list_atom::value);
 }
 
 // From its spec, else the actor's own name (stateful actors name themselves: shard_worker,
@@ -396,7 +397,7 @@ caf::expected<located> admin_ops::resolve(const std::string& path) {
   located at;
   at.child.id = name();
   at.child.path = name();
-  at.child.handle = node_.root();
+  at.child.handle = caf::actor_cast<caf::actor>(node_.root());
   at.child.kind = "supervisor";
   for (size_t i = 1; i < parts.size(); ++i) {
     auto& here = at.child;

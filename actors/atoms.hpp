@@ -26,7 +26,6 @@ using submit_atom = caf::atom_constant<caf::atom("k_submit")>;
 using token_atom = caf::atom_constant<caf::atom("k_token")>;
 using done_atom = caf::atom_constant<caf::atom("k_done")>;
 using cancel_atom = caf::atom_constant<caf::atom("k_cancel")>;
-using attach_atom = caf::atom_constant<caf::atom("k_attach")>;
 using send_atom = caf::atom_constant<caf::atom("k_send")>;
 using write_atom = caf::atom_constant<caf::atom("k_write")>;
 using history_atom = caf::atom_constant<caf::atom("k_history")>;
@@ -44,5 +43,13 @@ using moved_atom = caf::atom_constant<caf::atom("k_moved")>;
 /// To a session: its node lost the majority; end the running turn's stream (the client resumes
 /// elsewhere) but keep the turn (the node may get the majority back before anyone takes over).
 using detach_atom = caf::atom_constant<caf::atom("k_detach")>;
+/// To the failover actor: the ownership host gained / lost a session.
+using acquired_atom = caf::atom_constant<caf::atom("k_acquired")>;
+using lost_atom = caf::atom_constant<caf::atom("k_lost")>;
+/// Cutting a region link is a message to the link actor rather than a check (the link runs its
+/// own thread and holds no fault_injector): `(cut_atom, int64_t ms) -> bool` makes the link
+/// drop its connection and fail every heartbeat and reconnect for `ms` milliseconds, as a
+/// network partition in one direction would (see region_link.hpp).
+using cut_atom = caf::atom_constant<caf::atom("k_cut")>;
 
 }  // namespace keel

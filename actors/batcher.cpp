@@ -5,6 +5,7 @@
 
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 
 #include "kernels/kv_cache.hpp"
 
@@ -35,7 +36,7 @@ struct batcher_state {
   std::vector<seq_id> released;     // to free on the shards with the next step
   int32_t free_pages = 0;
   uint64_t arrivals = 0;
-  std::vector<caf::actor> shards;  // by rank; invalid while down
+  std::vector<shard_actor> shards;  // by rank; invalid while down
   bool group_failed = false;       // waiting for the group to restart
   uint64_t failure_epoch = 0;
   clock_type::time_point failed_at;
@@ -44,13 +45,13 @@ struct batcher_state {
   bool in_flight = false;
   bool quorum_wait = false;  // a tick is due to look at the node's lease again
   uint64_t step_number = 0;
-  caf::actor engine_sup;
+  supervisor_actor engine_sup;
   sampler_scratch scratch;
   batcher_stats stats;
   static inline const char* name = "batcher";
 };
 
-using self_ptr = caf::stateful_actor<batcher_state>*;
+using self_ptr = batcher_actor::stateful_pointer<batcher_state>;
 
 int64_t retry_after_ms(const batcher_state& st) {
   // A rough hint: each waiting turn ahead costs about one admission slot of 50 ms.
@@ -136,12 +137,12 @@ void preempt_one(self_ptr self) {
 /// Marks ranks as down (their handle is the one in `lost`). The first loss since the group was
 /// last complete starts a recovery: every sequence restarts from an empty cache on the new
 /// workers, and if no worker restarts within restart_grace, the batcher forces it.
-void lose_shards(self_ptr self, const std::vector<caf::actor>& lost) {
+void lose_shards(self_ptr self, const std::vector<shard_actor>& lost) {
   auto& st = self->state;
   bool any = false;
   for (size_t r = 0; r < st.shards.size(); ++r) {
     if (st.shards[r] && r < lost.size() && st.shards[r] == lost[r]) {
-      st.shards[r] = caf::actor{};
+      st.shards[r] = shard_actor{};
       any = true;
     }
   }
@@ -211,7 +212,7 @@ void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
   }
 }
 
-void on_step_failed(self_ptr self, const caf::error& err, const std::vector<caf::actor>& used) {
+void on_step_failed(self_ptr self, const caf::error& err, const std::vector<shard_actor>& used) {
   auto code = code_of(err);
   if (code == errc::overloaded) {
     preempt_one(self);
@@ -308,10 +309,10 @@ void watch_engine(self_ptr self) {
   if (!sup || sup == st.engine_sup) return;
   st.engine_sup = sup;
   self->monitor(sup);
-  self->send(sup, subscribe_atom::value, caf::actor_cast<caf::actor>(self));
+  self->send(sup, subscribe_atom::value, caf::actor_cast<supervision_observer_actor>(self));
 }
 
-caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_config cfg) {
+batcher_actor::behavior_type batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_config cfg) {
   auto& st = self->state;
   st.ctx = std::move(ctx);
   st.cfg = cfg;
@@ -321,14 +322,14 @@ caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_
     auto& st = self->state;
     if (m.source == st.engine_sup.address()) {
       // engine_sup itself was restarted by node_sup: subscribe to the new one.
-      st.engine_sup = caf::actor{};
+      st.engine_sup = supervisor_actor{};
       lose_shards(self, st.shards);
       for (auto& [id, s] : st.seqs) s.kv_length = 0;  // engine_sup gave up: start clean
       st.reset_caches = true;
       self->delayed_send(self, std::chrono::milliseconds(10), tick_atom::value);
       return;
     }
-    std::vector<caf::actor> lost(st.shards.size());
+    std::vector<shard_actor> lost(st.shards.size());
     for (size_t r = 0; r < st.shards.size(); ++r)
       if (st.shards[r] && st.shards[r].address() == m.source) lost[r] = st.shards[r];
     lose_shards(self, lost);
@@ -341,8 +342,9 @@ caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_
         auto rank = std::stoi(id.substr(6));
         if (rank < 0 || rank >= st.cfg.shards) return;
         self->monitor(worker);
-        st.shards[rank] = std::move(worker);
-        if (std::all_of(st.shards.begin(), st.shards.end(), [](const caf::actor& a) { return a; }))
+        st.shards[rank] = caf::actor_cast<shard_actor>(std::move(worker));
+        if (std::all_of(st.shards.begin(), st.shards.end(),
+                        [](const shard_actor& a) { return static_cast<bool>(a); }))
           st.group_failed = false;
         schedule(self);
       },
@@ -404,16 +406,6 @@ caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_
         finish(self, id, finish_reason::cancelled);
         schedule(self);
       },
-      [self](attach_atom, seq_id id, caf::actor session, int64_t have) {
-        auto& st = self->state;
-        auto i = st.seqs.find(id);
-        if (i == st.seqs.end()) return;
-        auto& s = i->second;
-        s.job.session = session;
-        for (auto k = std::max<int64_t>(have, 0); k < static_cast<int64_t>(s.job.generated.size());
-             ++k)
-          self->send(session, token_atom::value, id, k, s.job.generated[k]);
-      },
       [self](stats_atom) {
         auto& st = self->state;
         auto out = st.stats;
@@ -446,8 +438,8 @@ caf::behavior batcher(self_ptr self, std::shared_ptr<node_context> ctx, batcher_
 
 }  // namespace
 
-caf::actor spawn_batcher(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
-                         batcher_config cfg) {
+batcher_actor spawn_batcher(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
+                            batcher_config cfg) {
   return sys.spawn(batcher, std::move(ctx), cfg);
 }
 

@@ -9,6 +9,7 @@
 
 #include "actors/messages.hpp"
 #include "actors/node_context.hpp"
+#include "actors/protocols.hpp"
 
 namespace keel {
 
@@ -29,20 +30,6 @@ struct batcher_config {
   std::chrono::milliseconds quorum_grace{100};
 };
 
-/// Figures the batcher keeps (for the benchmark and, later, the admin shell).
-struct batcher_stats {
-  uint64_t steps = 0;
-  uint64_t tokens = 0;          // generated tokens sent to sessions
-  uint64_t group_failures = 0;  // steps that failed because a shard died
-  uint64_t preemptions = 0;     // sequences sent back to the queue for lack of KV pages
-  uint64_t shed = 0;            // turns refused with `overloaded`
-  int32_t waiting = 0;
-  int32_t running = 0;
-  int32_t free_pages = 0;
-  /// Milliseconds from each group failure to the next token sent, most recent last.
-  std::vector<double> recovery_ms;
-};
-
 /// Continuous batching over the engine group. Each iteration runs one step for all admitted
 /// sequences (a prefill chunk for new ones, one decode token for the others); sequences join
 /// and leave between iterations.
@@ -52,21 +39,13 @@ struct batcher_stats {
 /// (then arrival); the queue is bounded and, when full, the lowest-priority waiting turn is shed
 /// with `(done_atom, seq, finish_reason::overloaded, message, retry_after_ms)`.
 ///
-/// Messages:
-/// - `(submit_atom, generation_job)`: queue a turn (a resubmitted seq replaces the old one).
-/// - `(cancel_atom, seq_id)`: stop a turn; the session gets `done` with `cancelled`.
-/// - `(attach_atom, seq_id, caf::actor session, int64_t have)`: a restarted session takes over
-///   the turn; tokens from index `have` on are sent again.
-/// - `(stats_atom) -> batcher_stats`.
-/// To sessions: `(token_atom, seq_id, int64_t index, int32_t token)` for each token, then
-/// `(done_atom, seq_id, finish_reason, std::string detail, int64_t retry_after_ms)`.
+/// Messages: `batcher_actor` (protocols.hpp). To sessions: `sequence_sink_actor`
+/// (messages.hpp): each token, then the turn's end.
 ///
 /// When a shard fails, its supervisor restarts the group; the batcher re-admits every running
 /// sequence by prefilling it again from its tokens, and streams continue with the next index:
 /// no token is lost, repeated or changed (sampling is keyed by (seed, turn, index)).
-caf::actor spawn_batcher(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
-                         batcher_config cfg);
+batcher_actor spawn_batcher(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
+                            batcher_config cfg);
 
 }  // namespace keel
-
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(keel::batcher_stats)

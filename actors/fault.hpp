@@ -8,15 +8,9 @@
 #include <set>
 #include <string>
 
-#include <caf/atom.hpp>
+#include "actors/atoms.hpp"
 
 namespace keel {
-
-/// Cutting a region link is a message to the link actor rather than a check (the link runs its
-/// own thread and holds no fault_injector): `(cut_atom, int64_t ms) -> bool` makes the link
-/// drop its connection and fail every heartbeat and reconnect for `ms` milliseconds, as a
-/// network partition in one direction would (see region_link.hpp).
-using cut_atom = caf::atom_constant<caf::atom("k_cut")>;
 
 /// Run-time fault injection for one node: crash or stall a shard worker, fail its KV
 /// allocations, crash a session actor. Armed through this C++ API (later from keel-shell and

@@ -51,13 +51,13 @@ kj::Promise<void> gateway::impl::accept_loop(kj::ConnectionReceiver& listener,
 
 // -- the node -----------------------------------------------------------------------------
 
-kj::Promise<caf::expected<caf::actor>> gateway::impl::find_session(const std::string& id) {
+kj::Promise<caf::expected<session_actor>> gateway::impl::find_session(const std::string& id) {
   auto root = nd.root();
   auto timeout = cfg.call_timeout;
-  return wire::in_caf<caf::expected<caf::actor>>(
+  return wire::in_caf<caf::expected<session_actor>>(
              sys,
              [root, id, timeout](caf::event_based_actor* self,
-                                 wire::kj_reply<caf::expected<caf::actor>> reply) {
+                                 wire::kj_reply<caf::expected<session_actor>> reply) {
                self->request(root, timeout, get_atom::value, std::string("sessions"))
                    .then(
                        [self, id, timeout, reply](caf::actor sup) {
@@ -66,13 +66,16 @@ kj::Promise<caf::expected<caf::actor>> gateway::impl::find_session(const std::st
                                make_error(errc::disconnected, "the session supervisor is down"));
                            return;
                          }
-                         self->request(sup, timeout, get_atom::value, id)
-                             .then([reply](caf::actor s) { reply(std::move(s)); },
+                         self->request(caf::actor_cast<supervisor_actor>(sup), timeout,
+                                       get_atom::value, id)
+                             .then([reply](caf::actor s) {
+                                     reply(caf::actor_cast<session_actor>(std::move(s)));
+                                   },
                                    [reply](caf::error& e) { reply(std::move(e)); });
                        },
                        [reply](caf::error& e) { reply(std::move(e)); });
              })
-      .then([this, id](caf::expected<caf::actor> a) -> caf::expected<caf::actor> {
+      .then([this, id](caf::expected<session_actor> a) -> caf::expected<session_actor> {
         if (!a || *a) return a;
         if (nd.moved(id))
           return make_error(errc::disconnected, "session " + id + " moved to another node; reconnect");
@@ -84,7 +87,7 @@ kj::Promise<caf::expected<caf::actor>> gateway::impl::find_session(const std::st
       });
 }
 
-kj::Promise<caf::expected<session_record>> gateway::impl::get_record(const caf::actor& session) {
+kj::Promise<caf::expected<session_record>> gateway::impl::get_record(const session_actor& session) {
   return wire::ask<session_record>(sys, session, cfg.call_timeout, get_atom::value);
 }
 
@@ -157,7 +160,7 @@ class gateway_server final : public wire::Gateway::Server {
       return kj::READY_NOW;
     }
     return g_.find_session(id).then(
-        [this, ctx, id](caf::expected<caf::actor> a) mutable -> kj::Promise<void> {
+        [this, ctx, id](caf::expected<session_actor> a) mutable -> kj::Promise<void> {
           auto res = ctx.getResults();
           if (a) {
             res.setSession(session_client(g_, id, key_));

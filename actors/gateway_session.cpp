@@ -15,6 +15,7 @@
 #include <kj/async-io.h>
 #include <kj/timer.h>
 #include <caf/event_based_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 #include <caf/send.hpp>
 
 #include "actors/atoms.hpp"
@@ -29,7 +30,8 @@ namespace {
 
 /// The CAF end of a stream: the sink a session sends one turn's events to (see session.hpp).
 /// It quits after `done`, when the KJ side cancels the channel or cuts the stream off (exit).
-caf::behavior relay(caf::event_based_actor* self, std::shared_ptr<event_channel> ch) {
+turn_sink_actor::behavior_type relay(turn_sink_actor::pointer self,
+                                     std::shared_ptr<event_channel> ch) {
   return {
       [self, ch](token_atom, const std::string&, uint64_t turn, int64_t index, int32_t token,
                  const std::string& piece) {
@@ -297,7 +299,7 @@ class session_server final : public wire::Session::Server {
     auto id = id_;
     return g_.find_session(id_)
         .then([&sys, timeout, tok, ctx_len, id, txt, max_tokens, expect,
-               relay_actor](caf::expected<caf::actor> a) -> kj::Promise<caf::expected<sent_turn>> {
+               relay_actor](caf::expected<session_actor> a) -> kj::Promise<caf::expected<sent_turn>> {
           if (!a) return caf::expected<sent_turn>(std::move(a.error()));
           auto sess = *a;
           return wire::in_caf<caf::expected<sent_turn>>(
@@ -364,7 +366,7 @@ class session_server final : public wire::Session::Server {
     if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
     auto turn = ctx.getParams().getTurn();
     return g_.find_session(id_).then(
-        [this, ctx, turn](caf::expected<caf::actor> a) mutable -> kj::Promise<void> {
+        [this, ctx, turn](caf::expected<session_actor> a) mutable -> kj::Promise<void> {
           if (!a) {
             set_error(a.error(), ctx.getResults().initError());
             return kj::READY_NOW;
@@ -423,7 +425,7 @@ class session_server final : public wire::Session::Server {
     auto relay_actor = s.relay;
     return g_.find_session(id_)
         .then([this, turn, from, relay_actor,
-               held](caf::expected<caf::actor> a) -> kj::Promise<caf::expected<bool>> {
+               held](caf::expected<session_actor> a) -> kj::Promise<caf::expected<bool>> {
           if (!a) return caf::expected<bool>(std::move(a.error()));
           return wire::ask<bool>(g_.sys, *a, g_.cfg.call_timeout, resume_atom::value, turn, from,
                                  relay_actor, held);
@@ -444,7 +446,7 @@ class session_server final : public wire::Session::Server {
 
   kj::Promise<caf::expected<session_record>> record() {
     return g_.find_session(id_).then(
-        [this](caf::expected<caf::actor> a) -> kj::Promise<caf::expected<session_record>> {
+        [this](caf::expected<session_actor> a) -> kj::Promise<caf::expected<session_record>> {
           if (!a) return caf::expected<session_record>(std::move(a.error()));
           return g_.get_record(*a);
         });

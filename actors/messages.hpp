@@ -10,7 +10,10 @@
 
 #include <caf/actor.hpp>
 #include <caf/allowed_unsafe_message_type.hpp>
+#include <caf/replies_to.hpp>
+#include <caf/typed_actor.hpp>
 
+#include "actors/atoms.hpp"
 #include "base/finish_reason.hpp"
 #include "kernels/sampler.hpp"
 
@@ -44,13 +47,33 @@ struct step_result {
   std::vector<std::vector<float>> logits;
 };
 
+/// What the batcher sends a running turn's session (the session actor implements it):
+/// - `(token_atom, seq, index, token)` for each token, index counting from the turn's start;
+/// - `(done_atom, seq, reason, detail, retry_after_ms)` when the turn ends;
+/// - `(detach_atom)`: the session's lease has been missing for a while: its client should
+///   resume on the new owner (batcher_config::quorum_grace).
+using sequence_sink_actor = caf::typed_actor<
+    caf::reacts_to<token_atom, seq_id, int64_t, int32_t>,
+    caf::reacts_to<done_atom, seq_id, finish_reason, std::string, int64_t>,
+    caf::reacts_to<detach_atom>>;
+
+/// What a session sends the sink of a turn's stream (a gateway stream's relay, a test):
+/// - `(token_atom, session, turn, index, token, piece)` once per index, in order;
+/// - `(done_atom, session, turn, reason, detail, retry_after_ms)` at the end;
+/// - `(moved_atom, session, turn, detail)`: this node no longer serves the session; the client
+///   resumes on another node.
+using turn_sink_actor = caf::typed_actor<
+    caf::reacts_to<token_atom, std::string, uint64_t, int64_t, int32_t, std::string>,
+    caf::reacts_to<done_atom, std::string, uint64_t, finish_reason, std::string, int64_t>,
+    caf::reacts_to<moved_atom, std::string, uint64_t, std::string>>;
+
 /// A turn to generate, from a session to the batcher. `tokens` is the whole conversation so far
 /// (every turn, BOS first) plus `generated`, the tokens of this turn already delivered (non-empty
 /// when a turn is resubmitted after a batcher restart). Generation continues at index
 /// generated.size().
 struct generation_job {
   seq_id seq = 0;
-  caf::actor session;  // receives (token_atom, seq, index, token) and (done_atom, seq, reason)
+  sequence_sink_actor session;  // receives the turn's tokens and its end
   std::string session_id;  // whose lease gates its steps (node_context::may_serve_session)
   std::vector<int32_t> tokens;
   std::vector<int32_t> generated;
@@ -59,6 +82,11 @@ struct generation_job {
   int32_t max_tokens = 0;  // of this turn, counting `generated`
   uint64_t turn = 0;
 };
+
+/// A shard worker (shard_worker.hpp):
+/// `(step_atom, std::shared_ptr<const step_batch>) -> step_result`.
+using shard_actor = caf::typed_actor<
+    caf::replies_to<step_atom, std::shared_ptr<const step_batch>>::with<step_result>>;
 
 }  // namespace keel
 

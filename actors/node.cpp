@@ -230,7 +230,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   batcher.id = "batcher";
   batcher.start = [ctx, bcfg = cfg.batching](caf::actor_system& s, const std::string&,
                                              const caf::message&) -> caf::expected<caf::actor> {
-    return spawn_batcher(s, ctx, bcfg);
+    return caf::actor_cast<caf::actor>(spawn_batcher(s, ctx, bcfg));
   };
   batcher = recording(std::move(batcher), [ctx](caf::actor a) { ctx->set_batcher(a); });
   // A restarted session supervisor starts empty: it starts again every session of the table
@@ -242,8 +242,9 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   };
   auto sessions = recording(
       supervisor_child("sessions", session_flags, {session_spec(ctx, table)}, ctx->log),
-      [table, starts = std::make_shared<int>(0)](caf::actor sup) {
+      [table, starts = std::make_shared<int>(0)](caf::actor a) {
         if ((*starts)++ == 0) return;
+        auto sup = caf::actor_cast<supervisor_actor>(a);
         for (auto& id : table->ids())
           if (auto r = table->get(id); r && !table->parked(id))
             caf::anon_send(sup, start_atom::value, id, caf::make_message(*r));
@@ -296,7 +297,6 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     n->cfg_ = cfg;
     n->ctx_ = ctx;
     n->sessions_ = table;
-    n->failover_ = std::make_unique<serial_executor>();
     top.push_back(n->ownership_spec());
   }
   n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags, std::move(top), ctx->log);
@@ -337,7 +337,7 @@ void node::stop() {
   self->monitor(root_);
   self->send_exit(root_, caf::exit_reason::user_shutdown);
   self->receive([](const caf::down_msg&) {}, caf::after(std::chrono::seconds(30)) >> [] {});
-  root_ = caf::actor{};
+  root_ = supervisor_actor{};
   // The sessions (the table's only writers) are down: the store closes.
   if (sessions_) sessions_->detach_store();
   if (own_) {
@@ -348,7 +348,6 @@ void node::stop() {
     }
     own_->transport.reset();
   }
-  failover_.reset();
   if (own_) own_->storage.reset();
   store_.reset();
 }
@@ -419,7 +418,7 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
 }
 
 caf::error node::start_session(const session_record& r) {
-  auto sup = child("sessions");
+  auto sup = caf::actor_cast<supervisor_actor>(child("sessions"));
   if (!sup) return make_error(errc::disconnected, cfg_.name + ": the session supervisor is down");
   caf::scoped_actor self{sys_};
   caf::error out = make_error(errc::failed, "no reply");
@@ -429,13 +428,14 @@ caf::error node::start_session(const session_record& r) {
   return out;
 }
 
-caf::actor node::session(const std::string& id) {
-  auto sup = child("sessions");
+session_actor node::session(const std::string& id) {
+  auto sup = caf::actor_cast<supervisor_actor>(child("sessions"));
   if (!sup) return {};
   caf::scoped_actor self{sys_};
-  caf::actor out;
+  session_actor out;
   self->request(sup, call_timeout, get_atom::value, id)
-      .receive([&](caf::actor a) { out = std::move(a); }, [](caf::error&) {});
+      .receive([&](caf::actor a) { out = caf::actor_cast<session_actor>(std::move(a)); },
+               [](caf::error&) {});
   return out;
 }
 

@@ -19,7 +19,6 @@
 #include "actors/partition.hpp"
 #include "actors/region_link.hpp"
 #include "actors/ownership_transport.hpp"
-#include "actors/serial_executor.hpp"
 #include "actors/session.hpp"
 #include "actors/supervisor.hpp"
 
@@ -107,7 +106,9 @@ void tune_actor_system(caf::actor_system_config& cfg);
 ///   |- batcher    permanent
 ///   |- sessions   simple_one_for_one: one transient session actor per conversation
 ///   |- links      one_for_one: one region link per peer (only with `node_config::peers`)
-///   `- ownership  the ownership protocol's host (only with peers)
+///   `- ownership  rest_for_one (only with peers):
+///      |- failover  starts and stops the sessions the host acquires and loses, in order
+///      `- host      the ownership protocol's host
 ///
 /// The model is loaded once and shared; restarts map nothing again. Owned by main() or a test;
 /// the destructor stops the tree in reverse order.
@@ -130,7 +131,7 @@ class node {
   node(const node&) = delete;
   node& operator=(const node&) = delete;
 
-  caf::actor root() const { return root_; }
+  supervisor_actor root() const { return root_; }
   /// Why the node cannot serve: its root supervisor gave up (escalated past its intensity), so
   /// it has no sessions, batcher or engine; "" while it can. Its heartbeats say so, and its peers
   /// treat it as down (issue #11: such a node answered "up" and held its sessions hostage).
@@ -157,7 +158,7 @@ class node {
   /// session it does not own, so that the two cannot be told apart.
   caf::error unknown_session(const std::string& id) const;
   /// The session's current actor (invalid when unknown or between restarts).
-  caf::actor session(const std::string& id);
+  session_actor session(const std::string& id);
   /// The current handle of a direct child of the root: "engine", "batcher" or "sessions".
   caf::actor child(const std::string& id);
   /// Every session's record (from the session table), ordered by id.
@@ -223,17 +224,24 @@ class node {
   caf::error start_session(const session_record& r);
 
   // The ownership protocol (node_ownership.cpp).
-  /// The host as the root's child "ownership" (its store and transport made here): each start
-  /// recovers from the store and takes this node's sessions back, each started as `acquired`
-  /// says (a session still running here after a restart of the host alone goes on).
+  /// The root's child "ownership": a supervisor of the failover actor and the host (its store
+  /// and transport made here). Each start of the host recovers from the store and takes this
+  /// node's sessions back, each started as `acquired` says (a session still running here after
+  /// a restart of the host alone goes on).
   child_spec ownership_spec();
+  /// The failover actor (`failover_actor`): `serve_acquired` and `stop_lost` on its thread.
+  child_spec failover_spec();
   /// What the session table hands the protocol (session_table::on_change).
   caf::error protocol_change(const session_record& r, change c,
                              const std::optional<session_record>& previous);
-  /// This node owns `id` now, with `data` at `epoch`: starts it (a takeover or a restart).
+  /// This node owns `id` now, with `data` at `epoch`: tells the failover actor, which starts
+  /// it (`serve_acquired`: a takeover or a restart). On the host's thread.
   void acquired(const std::string& id, const session_data& data, uint64_t epoch);
-  /// Another node owns `id` now: stops it here.
+  void serve_acquired(const std::string& id, const session_data& data, uint64_t epoch);
+  /// Another node owns `id` now: tells the failover actor, which stops it here (`stop_lost`,
+  /// its running turn's client told `detail`). On the host's or a session actor's thread.
   void lost(const std::string& id);
+  void stop_lost(const std::string& id, const std::string& detail);
 
   caf::actor_system& sys_;
   node_config cfg_;
@@ -242,9 +250,7 @@ class node {
   std::shared_ptr<node_context> ctx_;
   std::shared_ptr<session_table> sessions_;
   std::shared_ptr<peer_table> peers_ = std::make_shared<peer_table>();
-  /// With peers: the starts and stops of sessions the host acquires and loses, in order.
-  std::unique_ptr<serial_executor> failover_;
-  caf::actor root_;
+  supervisor_actor root_;
   /// Set when the root exits other than by `stop`; shared with the exit hook on the root.
   struct readiness {
     std::mutex mu;

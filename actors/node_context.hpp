@@ -11,6 +11,7 @@
 
 #include "actors/fault.hpp"
 #include "actors/ownership_host.hpp"
+#include "actors/protocols.hpp"
 #include "actors/supervisor.hpp"
 #include "kernels/model.hpp"
 #include "kernels/tokenizer.hpp"
@@ -40,33 +41,18 @@ struct node_context {
 
   /// The current engine supervisor and batcher, or an invalid handle once the actor is gone.
   /// The context does not own them (their supervisors do): it keeps weak references.
-  caf::actor engine_sup() const {
-    std::lock_guard<std::mutex> guard(mu_);
-    return caf::actor_cast<caf::actor>(engine_sup_);
-  }
-  caf::actor batcher() const {
-    std::lock_guard<std::mutex> guard(mu_);
-    return caf::actor_cast<caf::actor>(batcher_);
-  }
-  void set_engine_sup(const caf::actor& a) {
-    std::lock_guard<std::mutex> guard(mu_);
-    engine_sup_ = a.address();
-  }
-  void set_batcher(const caf::actor& a) {
-    std::lock_guard<std::mutex> guard(mu_);
-    batcher_ = a.address();
-  }
+  supervisor_actor engine_sup() const { return get<supervisor_actor>(engine_sup_); }
+  batcher_actor batcher() const { return get<batcher_actor>(batcher_); }
+  void set_engine_sup(const caf::actor& a) { set(engine_sup_, a); }
+  void set_batcher(const caf::actor& a) { set(batcher_, a); }
   /// A node alone with a store: its `store` child, which does the session actors' synced
   /// writes on a thread of its own (store_writer_spec); invalid otherwise (or while it
   /// restarts).
-  caf::actor store_writer() const {
-    std::lock_guard<std::mutex> guard(mu_);
-    return caf::actor_cast<caf::actor>(store_writer_);
-  }
-  void set_store_writer(const caf::actor& a) {
-    std::lock_guard<std::mutex> guard(mu_);
-    store_writer_ = a.address();
-  }
+  store_writer_actor store_writer() const { return get<store_writer_actor>(store_writer_); }
+  void set_store_writer(const caf::actor& a) { set(store_writer_, a); }
+  /// With peers: the node's `failover` child (invalid while it restarts).
+  failover_actor failover() const { return get<failover_actor>(failover_); }
+  void set_failover(const caf::actor& a) { set(failover_, a); }
 
  private:
   mutable std::mutex mu_;
@@ -76,6 +62,17 @@ struct node_context {
   caf::actor_addr engine_sup_;
   caf::actor_addr batcher_;
   caf::actor_addr store_writer_;
+  caf::actor_addr failover_;
+
+  template <class Handle>
+  Handle get(const caf::actor_addr& a) const {
+    std::lock_guard<std::mutex> guard(mu_);
+    return caf::actor_cast<Handle>(a);
+  }
+  void set(caf::actor_addr& slot, const caf::actor& a) {
+    std::lock_guard<std::mutex> guard(mu_);
+    slot = a.address();
+  }
 };
 
 }  // namespace keel

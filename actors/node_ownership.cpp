@@ -6,8 +6,10 @@
 #include <thread>
 
 #include <caf/scoped_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 
 #include "actors/detail/ownership_part.hpp"
+#include "actors/let_it_crash.hpp"
 #include "actors/ownership_store.hpp"
 #include "actors/session_copy.hpp"
 #include "base/error.hpp"
@@ -127,14 +129,52 @@ child_spec node::ownership_spec() {
   };
   hc.lost = [this](const std::string& id) { lost(id); };
   hc.log = log;
-  child_spec spec;
-  spec.id = "ownership";
-  spec.start = [hc, part = own_](caf::actor_system& sys, const std::string&,
+  child_spec host;
+  host.id = "host";
+  host.start = [hc, part = own_](caf::actor_system& sys, const std::string&,
                                  const caf::message&) -> caf::expected<caf::actor> {
-    auto host = spawn_ownership_host(sys, hc);
+    auto h = spawn_ownership_host(sys, hc);
     std::lock_guard<std::mutex> guard(part->mu);
-    part->host = host;
-    return caf::actor_cast<caf::actor>(host);
+    part->host = h;
+    return caf::actor_cast<caf::actor>(h);
+  };
+  // rest_for_one: the failover actor first, the host after it. A failover actor that fails
+  // takes the host down with it, and the restarted host takes this node's sessions back, each
+  // `acquired` again: none the lost actor was about to start stays unserved.
+  return supervisor_child("ownership",
+                          make_flags(restart_strategy::rest_for_one, 5, std::chrono::seconds(10)),
+                          {failover_spec(), std::move(host)}, ctx_->log);
+}
+
+namespace {
+
+struct failover_state {
+  static inline const char* name = "failover";
+};
+
+}  // namespace
+
+child_spec node::failover_spec() {
+  child_spec spec;
+  spec.id = "failover";
+  spec.start = [this](caf::actor_system& sys, const std::string&,
+                      const caf::message&) -> caf::expected<caf::actor> {
+    // Detached: its handlers wait for the session supervisor (and the store's session numbers)
+    // on this actor's own thread, one at a time, in the order the host sent them.
+    auto a = sys.spawn<caf::detached>(
+        [this](failover_actor::stateful_pointer<failover_state> self)
+            -> failover_actor::behavior_type {
+          exceptions_as_failures(self);
+          return {
+              [this](acquired_atom, const std::string& id, const session_data& data,
+                     uint64_t epoch) { serve_acquired(id, data, epoch); },
+              [this](lost_atom, const std::string& id, const std::string& detail) {
+                stop_lost(id, detail);
+              },
+          };
+        });
+    ctx_->set_failover(caf::actor_cast<caf::actor>(a));
+    return caf::actor_cast<caf::actor>(a);
   };
   return spec;
 }
@@ -165,49 +205,68 @@ caf::error node::protocol_change(const session_record& r, change c,
 }
 
 void node::acquired(const std::string& id, const session_data& data, uint64_t epoch) {
-  // On the host's thread: the start (which asks the session supervisor) runs on the failover
-  // executor, in order with every other acquisition and loss.
-  failover_->post([this, id, data, epoch] {
-    {
-      std::lock_guard<std::mutex> guard(own_->mu);
-      if (own_->opening.count(id)) return;  // opened here: open_session starts it
-    }
-    if (sessions_->get(id)) return;  // served here already
-    auto r = record_of(id, data, cfg_.name, epoch);
-    if (!r) {
-      ctx_->log->report(cfg_.name + ": cannot serve session " + id + ": " + describe(r.error()));
+  // On the host's thread: the start (which asks the session supervisor) is the failover
+  // actor's, in order with every other acquisition and loss.
+  if (auto f = ctx_->failover()) {
+    caf::anon_send(f, acquired_atom::value, id, data, epoch);
+    return;
+  }
+  // It is restarting, and the host restarts after it (rest_for_one) and acquires again.
+  ctx_->log->report(cfg_.name + ": session " + id +
+                    " is started when the ownership host takes it back (the failover actor "
+                    "is restarting)");
+}
+
+void node::serve_acquired(const std::string& id, const session_data& data, uint64_t epoch) {
+  {
+    std::lock_guard<std::mutex> guard(own_->mu);
+    if (own_->opening.count(id)) return;  // opened here: open_session starts it
+  }
+  if (sessions_->get(id)) return;  // served here already
+  auto r = record_of(id, data, cfg_.name, epoch);
+  if (!r) {
+    ctx_->log->report(cfg_.name + ": cannot serve session " + id + ": " + describe(r.error()));
+    return;
+  }
+  if (store_) {
+    auto number = store_->take_session_number();
+    if (!number) {
+      ctx_->log->report(cfg_.name + ": cannot serve session " + id + ": " +
+                        describe(number.error()));
       return;
     }
-    if (store_) {
-      auto number = store_->take_session_number();
-      if (!number) {
-        ctx_->log->report(cfg_.name + ": cannot serve session " + id + ": " +
-                          describe(number.error()));
-        return;
-      }
-      r->number = *number;
-    } else {
-      r->number = ++next_session_;
-    }
-    sessions_->recovered(*r);
-    ctx_->log->report(cfg_.name + ": took over session " + id + " at epoch " +
-                      std::to_string(epoch) + " (" + std::to_string(r->turns.size()) +
-                      " turns, the newest copy of a majority of its group)");
-    if (auto err = start_session(*r))
-      ctx_->log->report(cfg_.name + ": cannot start session " + id + ": " + describe(err));
-  });
+    r->number = *number;
+  } else {
+    r->number = ++next_session_;
+  }
+  sessions_->recovered(*r);
+  ctx_->log->report(cfg_.name + ": took over session " + id + " at epoch " +
+                    std::to_string(epoch) + " (" + std::to_string(r->turns.size()) +
+                    " turns, the newest copy of a majority of its group)");
+  if (auto err = start_session(*r))
+    ctx_->log->report(cfg_.name + ": cannot start session " + id + ": " + describe(err));
 }
 
 void node::lost(const std::string& id) {
-  failover_->post([this, id] {
-    auto had = sessions_->drop(id, 0);
-    if (!had) return;
-    auto detail = "session " + id + " was taken over by another node; reconnect and resume there";
-    // The actor ends its running turn's stream (the client resumes elsewhere), cancels the
-    // turn here and exits (transient: not restarted).
-    if (auto a = session(id)) caf::anon_send(a, moved_atom::value, detail);
-    ctx_->log->report(cfg_.name + ": " + detail);
-  });
+  auto detail = "session " + id + " was taken over by another node; reconnect and resume there";
+  if (auto f = ctx_->failover()) {
+    caf::anon_send(f, lost_atom::value, id, detail);
+    return;
+  }
+  // The failover actor is restarting (this may be a CAF worker: nothing waits here). The table
+  // refuses the session's writes from now on and its lease is gone, so its actor streams
+  // nothing more, its running turn's client is detached (batcher_config::quorum_grace) and the
+  // actor ends at its next write.
+  if (sessions_->drop(id, 0)) ctx_->log->report(cfg_.name + ": " + detail);
+}
+
+void node::stop_lost(const std::string& id, const std::string& detail) {
+  auto had = sessions_->drop(id, 0);
+  if (!had) return;
+  // The actor ends its running turn's stream (the client resumes elsewhere), cancels the
+  // turn here and exits (transient: not restarted).
+  if (auto a = session(id)) caf::anon_send(a, moved_atom::value, detail);
+  ctx_->log->report(cfg_.name + ": " + detail);
 }
 
 caf::expected<owner_endpoint> node::owner_address(const std::string& id) {
@@ -290,13 +349,12 @@ caf::expected<std::vector<node::drained_session>> node::drain() {
         .receive([](bool) {}, [](caf::error&) {});
     // As when another node takes it over: this node stops serving it now, and its client
     // resumes at the new owner.
-    failover_->post([this, id] {
-      if (!sessions_->drop(id, 0)) return;
-      if (auto a = session(id))
-        caf::anon_send(a, moved_atom::value,
-                       "session " + id + " is handed over (node " + cfg_.name +
-                           " drains); reconnect and resume on another node");
-    });
+    auto detail = "session " + id + " is handed over (node " + cfg_.name +
+                  " drains); reconnect and resume on another node";
+    if (auto f = ctx_->failover())
+      caf::anon_send(f, lost_atom::value, id, detail);
+    else
+      stop_lost(id, detail);  // drain's own thread: it may wait
   }
   // Another member of each group takes it over after suspect_after, as from a silent owner:
   // waited for a few times that.

@@ -10,9 +10,11 @@
 #include <kj/timer.h>
 #include <caf/actor_cast.hpp>
 #include <caf/event_based_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 #include <caf/send.hpp>
 
 #include "actors/fault.hpp"
+#include "actors/protocols.hpp"
 #include "base/error.hpp"
 #include "wire/peer.capnp.h"
 
@@ -358,8 +360,9 @@ class link_io : public kj::TaskSet::ErrorHandler {
   kj::Own<kj::TaskSet> tasks_;  // last: destroyed first, its tasks reference the rest
 };
 
-caf::behavior link_actor(caf::event_based_actor* self, std::string address, link_config cfg,
-                         std::shared_ptr<peer_table> table, std::shared_ptr<supervision_log> log) {
+link_actor::behavior_type link_behavior(link_actor::pointer self, std::string address,
+                                        link_config cfg, std::shared_ptr<peer_table> table,
+                                        std::shared_ptr<supervision_log> log) {
   auto io =
       std::make_shared<link_io>(address, std::move(cfg), table, std::move(log), self->address());
   io->start();
@@ -388,7 +391,7 @@ child_spec link_spec(std::string address, link_config cfg, std::shared_ptr<peer_
   spec.kind = "region_link";
   spec.start = [address, cfg, table, log](caf::actor_system& sys, const std::string&,
                                           const caf::message&) -> caf::expected<caf::actor> {
-    return sys.spawn(link_actor, address, cfg, table, log);
+    return caf::actor_cast<caf::actor>(sys.spawn(link_behavior, address, cfg, table, log));
   };
   return spec;
 }

@@ -6,6 +6,7 @@
 
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 
 #include "actors/let_it_crash.hpp"
 #include "actors/session_copy.hpp"
@@ -18,7 +19,7 @@ struct session_state {
   std::shared_ptr<node_context> ctx;
   std::shared_ptr<session_table> table;
   session_record rec;
-  caf::actor batcher;  // the one the running turn was submitted to
+  batcher_actor batcher;  // the one the running turn was submitted to
   int end_retries = 0;  // writes of the running turn's end refused by a full disk
   bool ending = false;  // with peers: the running turn's end is with the ownership host
   std::optional<uint64_t> accepting;  // with peers: the new turn the host is storing
@@ -32,7 +33,7 @@ struct session_state {
   static inline const char* name = "session";
 };
 
-using self_ptr = caf::stateful_actor<session_state>*;
+using self_ptr = session_actor::stateful_pointer<session_state>;
 
 /// How often a session retries writing a turn's end that a full disk refused.
 constexpr auto end_retry_interval = std::chrono::milliseconds(200);
@@ -84,7 +85,7 @@ void submit(self_ptr self) {
   }
   generation_job job;
   job.seq = seq_of(st.rec, t->turn);
-  job.session = caf::actor_cast<caf::actor>(self);
+  job.session = caf::actor_cast<sequence_sink_actor>(self);
   job.session_id = st.rec.id;
   for (auto& past : st.rec.turns) {
     job.tokens.insert(job.tokens.end(), past.user.begin(), past.user.end());
@@ -104,7 +105,7 @@ void submit(self_ptr self) {
 /// copy lags the old owner by up to `checkpoint_every` tokens) are adopted, not generated again.
 void record_tokens(self_ptr self);
 
-caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, caf::actor sink,
+caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, turn_sink_actor sink,
                          const std::vector<int32_t>& held) {
   check_fault(self);
   auto& st = self->state;
@@ -274,7 +275,7 @@ caf::result<uint64_t> accept_turn(self_ptr self) {
 /// Alone with a store: the new turn (the last of `st.rec`) goes to the store writer, whose
 /// synced write answers the client (the turn runs) or refuses it (the turn is undone). The
 /// actor handles other messages meanwhile; a second turn is refused as "still running".
-caf::result<uint64_t> store_turn(self_ptr self, const caf::actor& writer) {
+caf::result<uint64_t> store_turn(self_ptr self, const store_writer_actor& writer) {
   auto& st = self->state;
   const auto turn = st.rec.turns.back().turn;
   auto rp = self->make_response_promise<uint64_t>();
@@ -305,7 +306,7 @@ caf::result<uint64_t> store_turn(self_ptr self, const caf::actor& writer) {
 /// record and the turn's last tokens); its client hears of it once it is written. A full disk
 /// (`overloaded`) is retried; another failure crashes the session, whose restart resubmits the
 /// turn, so the end is written again.
-void store_end(self_ptr self, const caf::actor& writer, seq_id seq, finish_reason why,
+void store_end(self_ptr self, const store_writer_actor& writer, seq_id seq, finish_reason why,
                const std::string& detail, int64_t retry_after_ms) {
   auto& st = self->state;
   if (st.ending) return;
@@ -406,7 +407,7 @@ void end_turn(self_ptr self, seq_id seq, finish_reason why, const std::string& d
 /// the client expects it to get (keel.capnp `Session.send`): the same text under a number taken
 /// already is that turn, sent again (its tokens stream to `sink` from index 0).
 caf::result<uint64_t> send_turn(self_ptr self, const std::string& text, int32_t max_tokens,
-                                caf::actor sink, int64_t expect) {
+                                turn_sink_actor sink, int64_t expect) {
   check_fault(self);
   auto& st = self->state;
   const auto& tok = *st.ctx->tok;
@@ -466,7 +467,7 @@ caf::result<uint64_t> send_turn(self_ptr self, const std::string& text, int32_t 
   return turn;
 }
 
-caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
+session_actor::behavior_type session(self_ptr self, std::shared_ptr<node_context> ctx,
                       std::shared_ptr<session_table> table, session_record initial) {
   exceptions_as_failures(self);
   auto& st = self->state;
@@ -475,7 +476,7 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
   if (st.table->dropped(initial.id)) {
     // Moved to another node while this actor was being (re)started: nothing to serve here.
     self->quit();
-    return {};
+    return session_actor::behavior_type::make_empty_behavior();
   }
   if (auto saved = st.table->get(initial.id)) {
     st.rec = std::move(*saved);  // a restart: continue where the crashed incarnation was
@@ -500,16 +501,16 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
   self->set_down_handler([self](caf::down_msg& m) {
     auto& st = self->state;
     if (m.source == st.batcher.address()) {
-      st.batcher = caf::actor{};
+      st.batcher = batcher_actor{};
       self->delayed_send(self, std::chrono::milliseconds(10), submit_atom::value);
     }
   });
   return {
       [self](send_atom, const std::string& text, int32_t max_tokens,
-             caf::actor sink) -> caf::result<uint64_t> {
+             turn_sink_actor sink) -> caf::result<uint64_t> {
         return send_turn(self, text, max_tokens, std::move(sink), -1);
       },
-      [self](send_atom, const std::string& text, int32_t max_tokens, caf::actor sink,
+      [self](send_atom, const std::string& text, int32_t max_tokens, turn_sink_actor sink,
              int64_t expect) -> caf::result<uint64_t> {
         return send_turn(self, text, max_tokens, std::move(sink), expect);
       },
@@ -578,10 +579,11 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
           self->send(st.batcher, cancel_atom::value, seq_of(st.rec, t->turn));
       },
       [self](get_atom) { return self->state.rec; },
-      [self](resume_atom, uint64_t turn, int64_t from_index, caf::actor sink) -> caf::result<bool> {
+      [self](resume_atom, uint64_t turn, int64_t from_index,
+             turn_sink_actor sink) -> caf::result<bool> {
         return resume(self, turn, from_index, std::move(sink), {});
       },
-      [self](resume_atom, uint64_t turn, int64_t from_index, caf::actor sink,
+      [self](resume_atom, uint64_t turn, int64_t from_index, turn_sink_actor sink,
              const std::vector<int32_t>& held) -> caf::result<bool> {
         return resume(self, turn, from_index, std::move(sink), held);
       },
@@ -595,7 +597,7 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
                      "node " + st.ctx->name +
                          " has lost contact with the majority of the session's group; resume on "
                          "another node");
-          t->sink = caf::actor{};
+          t->sink = turn_sink_actor{};
         }
       },
       [self](moved_atom, const std::string& detail) {
@@ -618,8 +620,8 @@ caf::behavior session(self_ptr self, std::shared_ptr<node_context> ctx,
 
 }  // namespace
 
-caf::actor spawn_session(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
-                         std::shared_ptr<session_table> table, session_record initial) {
+session_actor spawn_session(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
+                            std::shared_ptr<session_table> table, session_record initial) {
   return sys.spawn(session, std::move(ctx), std::move(table), std::move(initial));
 }
 
@@ -629,7 +631,8 @@ struct store_writer_state {
   static inline const char* name = "store_writer";
 };
 
-caf::behavior store_writer(caf::stateful_actor<store_writer_state>* self,
+store_writer_actor::behavior_type store_writer(
+    store_writer_actor::stateful_pointer<store_writer_state> self,
                            std::shared_ptr<session_table> table) {
   exceptions_as_failures(self);
   return {
@@ -647,7 +650,7 @@ child_spec store_writer_spec(std::shared_ptr<session_table> table) {
   c.id = "store";
   c.start = [table](caf::actor_system& sys, const std::string&,
                     const caf::message&) -> caf::expected<caf::actor> {
-    return sys.spawn<caf::detached>(store_writer, table);
+    return caf::actor_cast<caf::actor>(sys.spawn<caf::detached>(store_writer, table));
   };
   return c;
 }
@@ -661,7 +664,8 @@ child_spec session_spec(std::shared_ptr<node_context> ctx, std::shared_ptr<sessi
                          const caf::message& args) -> caf::expected<caf::actor> {
     if (args.size() != 1 || !args.match_element<session_record>(0))
       return make_error(errc::bad_request, "session_sup: start expects one session_record");
-    return spawn_session(sys, ctx, table, args.get_as<session_record>(0));
+    return caf::actor_cast<caf::actor>(
+        spawn_session(sys, ctx, table, args.get_as<session_record>(0)));
   };
   return c;
 }

@@ -16,6 +16,7 @@
 
 #include "actors/messages.hpp"
 #include "actors/node_context.hpp"
+#include "actors/protocols.hpp"
 #include "actors/supervisor.hpp"
 #include "storage/session_store.hpp"
 #include "wire/checkpoint.hpp"
@@ -30,7 +31,7 @@ struct turn_record {
   int32_t max_tokens = 0;
   bool done = false;
   finish_reason reason = finish_reason::length;
-  caf::actor sink;  // receives the turn's events
+  turn_sink_actor sink;  // receives the turn's events
 };
 
 /// What a session is: enough to rebuild its actor after a crash.
@@ -163,26 +164,28 @@ session_record from_checkpoint(wire::session_checkpoint c,
 /// batcher's token index is the turn's index) but drops repeats and forwards each token to the
 /// turn's sink, and rebuilds itself from the session table when its supervisor restarts it.
 ///
-/// Messages:
-/// - `(send_atom, std::string text, int32_t max_tokens, caf::actor sink) -> uint64_t turn`:
-///   starts a turn; `bad_request` while another turn runs or when the text is empty.
+/// Messages (`session_actor`, protocols.hpp):
+/// - `(send_atom, std::string text, int32_t max_tokens, turn_sink_actor sink[, int64_t expect])
+///   -> uint64_t turn`: starts a turn; `bad_request` while another turn runs or when the text is
+///   empty. `expect`: the number the client expects (keel.capnp `Session.send`): the same text
+///   under a number taken already is that turn, sent again.
 /// - `(cancel_atom)`: cancels the running turn.
 /// - `(history_atom) -> std::vector<std::vector<int32_t>>`: each turn's generated tokens.
 /// - `(get_atom) -> session_record`: the whole conversation.
-/// - `(resume_atom, uint64_t turn, int64_t from_index, caf::actor sink) -> bool`: sends the
-///   turn's tokens from `from_index` on to `sink` (and `done` when the turn has ended); a running
-///   turn streams the rest there too, instead of to its previous sink. `not_found` for an unknown
-///   turn.
-/// To the sink: `(token_atom, std::string session, uint64_t turn, int64_t index, int32_t token,
-/// std::string piece)` once per index in order, then `(done_atom, std::string session,
-/// uint64_t turn, finish_reason, std::string detail, int64_t retry_after_ms)`.
-caf::actor spawn_session(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
-                         std::shared_ptr<session_table> table, session_record initial);
+/// - `(resume_atom, uint64_t turn, int64_t from_index, turn_sink_actor sink[, held]) -> bool`:
+///   sends the turn's tokens from `from_index` on to `sink` (and `done` when the turn has
+///   ended); a running turn streams the rest there too, instead of to its previous sink.
+///   `not_found` for an unknown turn.
+/// - from the batcher, `sequence_sink_actor`: the running turn's tokens and end.
+/// To the sink (`turn_sink_actor`, messages.hpp): each token once per index in order, then
+/// `done`, or `moved` when another node serves the session now.
+session_actor spawn_session(caf::actor_system& sys, std::shared_ptr<node_context> ctx,
+                            std::shared_ptr<session_table> table, session_record initial);
 
 /// The node's `store` child (a node alone with a store): a detached actor that does the session
 /// actors' synced writes, so that no session actor's handler waits for the disk.
-/// `(write_atom, session_record, uint8_t change) -> bool`: `table->put(record, change)`, answered
-/// when it is done (its error, if any).
+/// `store_writer_actor`: `(write_atom, session_record, uint8_t change) -> bool` is
+/// `table->put(record, change)`, answered when it is done (its error, if any).
 child_spec store_writer_spec(std::shared_ptr<session_table> table);
 
 /// The template child spec of session_sup (simple_one_for_one, transient): start arguments are

@@ -7,6 +7,7 @@
 #include <caf/actor_system.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 
 #include "actors/let_it_crash.hpp"
 #include "kernels/engine.hpp"
@@ -94,7 +95,7 @@ caf::result<step_result> run_step(shard_state& st, const step_batch& b) {
   return out;
 }
 
-caf::behavior shard_worker(caf::stateful_actor<shard_state>* self,
+shard_actor::behavior_type shard_worker(shard_actor::stateful_pointer<shard_state> self,
                            std::shared_ptr<engine_group> group, int32_t rank, std::string path,
                            std::shared_ptr<collective> coll) {
   auto& st = self->state;
@@ -119,9 +120,9 @@ caf::behavior shard_worker(caf::stateful_actor<shard_state>* self,
 
 }  // namespace
 
-caf::expected<caf::actor> spawn_shard_worker(caf::actor_system& sys,
-                                             std::shared_ptr<engine_group> group, int32_t rank,
-                                             std::string path) {
+caf::expected<shard_actor> spawn_shard_worker(caf::actor_system& sys,
+                                              std::shared_ptr<engine_group> group, int32_t rank,
+                                              std::string path) {
   if (auto err = check_sharding(*group->ctx->llm, shard_layout{rank, group->shards})) return err;
   // Taken here, in the supervisor's start order (rank 0 first), not in the new thread.
   auto coll = group->collective_for(rank);
@@ -134,8 +135,11 @@ std::vector<child_spec> shard_worker_specs(std::shared_ptr<engine_group> group) 
   for (int32_t r = 0; r < group->shards; ++r) {
     child_spec c;
     c.id = "shard-" + std::to_string(r);
-    c.start = [group, r](caf::actor_system& sys, const std::string& path, const caf::message&) {
-      return spawn_shard_worker(sys, group, r, path);
+    c.start = [group, r](caf::actor_system& sys, const std::string& path,
+                         const caf::message&) -> caf::expected<caf::actor> {
+      auto w = spawn_shard_worker(sys, group, r, path);
+      if (!w) return std::move(w.error());
+      return caf::actor_cast<caf::actor>(*w);
     };
     c.restart = restart_type::permanent;
     c.shutdown.timeout = std::chrono::seconds(10);  // a step in progress finishes first

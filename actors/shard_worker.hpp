@@ -47,7 +47,7 @@ struct engine_group {
 /// A shard worker owns one device (here: a group of CPU threads), its slice of the weights and
 /// its KV pages. It runs as a detached actor (compute and the collective block its thread).
 ///
-/// Messages:
+/// Messages (`shard_actor`, messages.hpp):
 /// - `(step_atom, std::shared_ptr<const step_batch>) -> step_result`: frees the released
 ///   sequences, then runs the entries as one batched forward step. Errors: `overloaded` when
 ///   KV pages run out (nothing changed), `disconnected` when another rank of the group died
@@ -56,9 +56,9 @@ struct engine_group {
 /// Faults (fault_injector): crash (an exception: the actor fails), stall, failed KV allocations.
 /// When it terminates for any reason it aborts the group's collective, so that no other rank
 /// stays blocked.
-caf::expected<caf::actor> spawn_shard_worker(caf::actor_system& sys,
-                                             std::shared_ptr<engine_group> group, int32_t rank,
-                                             std::string path);
+caf::expected<shard_actor> spawn_shard_worker(caf::actor_system& sys,
+                                              std::shared_ptr<engine_group> group, int32_t rank,
+                                              std::string path);
 
 /// Child specs "shard-0" .. "shard-{n-1}" for engine_sup.
 std::vector<child_spec> shard_worker_specs(std::shared_ptr<engine_group> group);

@@ -13,6 +13,7 @@
 #include <caf/actor_addr.hpp>
 #include <caf/actor_cast.hpp>
 #include <caf/event_based_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 #include <caf/exit_reason.hpp>
 #include <caf/response_promise.hpp>
 #include <caf/sec.hpp>
@@ -255,11 +256,11 @@ op call_op(std::function<void()> fn) {
   return o;
 }
 
-class supervisor_actor final : public caf::event_based_actor {
+class supervisor_impl final : public supervisor_actor::base {
  public:
-  supervisor_actor(caf::actor_config& cfg, std::string path, supervisor_flags flags,
+  supervisor_impl(caf::actor_config& cfg, std::string path, supervisor_flags flags,
                    std::vector<child_spec> specs, std::shared_ptr<supervision_log> log)
-      : caf::event_based_actor(cfg),
+      : supervisor_actor::base(cfg),
         path_(std::move(path)),
         flags_(flags),
         log_(std::move(log)),
@@ -278,7 +279,7 @@ class supervisor_actor final : public caf::event_based_actor {
 
   const char* name() const override { return "keel.supervisor"; }
 
-  caf::behavior make_behavior() override {
+  behavior_type make_behavior() override {
     set_exit_handler([this](caf::exit_msg& m) { on_exit_msg(m); });
     set_down_handler([this](caf::down_msg& m) { on_down_msg(m); });
     for (auto& c : children_) ops_.push_back(start_op(c.spec.id));
@@ -300,7 +301,7 @@ class supervisor_actor final : public caf::event_based_actor {
                                      c.restarts, c.last_failure, c.spec.kind});
           return out;
         },
-        [this](subscribe_atom, caf::actor& observer) {
+        [this](subscribe_atom, supervision_observer_actor& observer) {
           if (!observer) return;
           monitor(observer);
           for (auto& c : children_)
@@ -507,7 +508,7 @@ class supervisor_actor final : public caf::event_based_actor {
     auto* c = find(m.source);
     if (c == nullptr) {
       observers_.erase(std::remove_if(observers_.begin(), observers_.end(),
-                                      [&](const caf::actor& x) { return x.address() == m.source; }),
+                                      [&](const supervision_observer_actor& x) { return x.address() == m.source; }),
                        observers_.end());
       return;
     }
@@ -703,7 +704,7 @@ class supervisor_actor final : public caf::event_based_actor {
   std::shared_ptr<supervision_log> log_;
   child_spec template_;          // simple_one_for_one
   std::vector<child> children_;  // in start order
-  std::vector<caf::actor> observers_;
+  std::vector<supervision_observer_actor> observers_;
   std::unordered_set<caf::actor_addr> linked_;  // children whose link exit_msg is still due
   // Restarts within the period, and whose (a parked child's no longer count).
   std::deque<std::pair<caf::actor_clock::time_point, std::string>> restart_times_;
@@ -720,10 +721,10 @@ class supervisor_actor final : public caf::event_based_actor {
 
 }  // namespace
 
-caf::actor spawn_supervisor(caf::actor_system& sys, std::string path, supervisor_flags flags,
-                            std::vector<child_spec> children,
-                            std::shared_ptr<supervision_log> log) {
-  return sys.spawn<supervisor_actor>(std::move(path), flags, std::move(children), std::move(log));
+supervisor_actor spawn_supervisor(caf::actor_system& sys, std::string path,
+                                  supervisor_flags flags, std::vector<child_spec> children,
+                                  std::shared_ptr<supervision_log> log) {
+  return sys.spawn<supervisor_impl>(std::move(path), flags, std::move(children), std::move(log));
 }
 
 child_spec supervisor_child(std::string id, supervisor_flags flags,
@@ -737,7 +738,7 @@ child_spec supervisor_child(std::string id, supervisor_flags flags,
   spec.start = [flags, children = std::move(children), log = std::move(log)](
                    caf::actor_system& sys, const std::string& path,
                    const caf::message&) -> caf::expected<caf::actor> {
-    return spawn_supervisor(sys, path, flags, children, log);
+    return caf::actor_cast<caf::actor>(spawn_supervisor(sys, path, flags, children, log));
   };
   return spec;
 }

@@ -13,7 +13,9 @@
 #include <caf/allowed_unsafe_message_type.hpp>
 #include <caf/expected.hpp>
 #include <caf/message.hpp>
+#include <caf/replies_to.hpp>
 #include <caf/timespan.hpp>
+#include <caf/typed_actor.hpp>
 
 #include "actors/atoms.hpp"
 
@@ -165,9 +167,12 @@ struct child_info {
   std::string kind;          // the spec's kind
 };
 
-/// Spawns a supervisor at `path` that starts `children` in order.
-///
-/// Messages it understands:
+/// What a supervisor tells its observers (`subscribe_atom`): `(started_atom, std::string id,
+/// caf::actor child)` now for every running child and on every later start and restart.
+using supervision_observer_actor =
+    caf::typed_actor<caf::reacts_to<started_atom, std::string, caf::actor>>;
+
+/// A supervisor's messages:
 /// - `(get_atom, std::string id) -> caf::actor`: the child's current handle (invalid if not
 ///   running). Handles change on restart: hold the supervisor, or subscribe.
 /// - `(start_atom, std::string id, caf::message args) -> caf::actor`: simple_one_for_one only:
@@ -177,14 +182,29 @@ struct child_info {
 /// - `(stop_atom, std::string id) -> bool`: stops the child for good (a simple_one_for_one child
 ///   is removed).
 /// - `(list_atom) -> std::vector<child_info>`.
-/// - `(subscribe_atom, caf::actor observer)`: the observer receives
-///   `(started_atom, std::string id, caf::actor child)` now for every running child and on every
-///   later start and restart.
+/// - `(subscribe_atom, supervision_observer_actor observer)`.
+/// - its own timers: `(backoff_atom, id, token)` (a delayed restart is due), `(backoff_atom,
+///   token)` (a paused run of operations goes on), `(stop_timeout_atom, token)` (a child did not
+///   stop in time).
 /// - an exit message with reason `user_shutdown` (anon_send_exit) stops the children in reverse
 ///   start order, then the supervisor.
+/// Children are of any type: the supervisor holds them as `caf::actor`.
+using supervisor_actor = caf::typed_actor<
+    caf::replies_to<get_atom, std::string>::with<caf::actor>,
+    caf::replies_to<start_atom, std::string, caf::message>::with<caf::actor>,
+    caf::replies_to<restart_atom, std::string>::with<bool>,
+    caf::replies_to<stop_atom, std::string>::with<bool>,
+    caf::replies_to<list_atom>::with<std::vector<child_info>>,
+    caf::reacts_to<subscribe_atom, supervision_observer_actor>,
+    caf::reacts_to<backoff_atom, std::string, uint64_t>,
+    caf::reacts_to<backoff_atom, uint64_t>,
+    caf::reacts_to<stop_timeout_atom, uint64_t>>;
+
+/// Spawns a supervisor at `path` that starts `children` in order (see `supervisor_actor`).
 /// A child's exit is recorded in `log` (may be null) with the child's path and reason.
-caf::actor spawn_supervisor(caf::actor_system& sys, std::string path, supervisor_flags flags,
-                            std::vector<child_spec> children, std::shared_ptr<supervision_log> log);
+supervisor_actor spawn_supervisor(caf::actor_system& sys, std::string path,
+                                  supervisor_flags flags, std::vector<child_spec> children,
+                                  std::shared_ptr<supervision_log> log);
 
 /// A child spec that starts a nested supervisor (restart permanent, infinite shutdown timeout
 /// so that its own children stop in order).

@@ -274,7 +274,8 @@ std::vector<int32_t> node_alone(server& s, uint64_t seed, const std::string& tex
   auto id = s.nd->open_session(p);
   BOOST_REQUIRE(id);
   caf::scoped_actor self{*s.sys};
-  self->request(s.nd->session(*id), 10s, send_atom::value, text, max_tokens, sink)
+  self->request(s.nd->session(*id), 10s, send_atom::value, text, max_tokens,
+                caf::actor_cast<turn_sink_actor>(sink))
       .receive([](uint64_t) {}, [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
   std::unique_lock<std::mutex> lock(r->mu);
   BOOST_REQUIRE(r->cv.wait_for(lock, 10s, [&] { return r->done; }));

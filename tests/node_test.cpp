@@ -126,7 +126,7 @@ run_result run_node(const std::string& model, node_config cfg, int n, int32_t ma
     auto s = (*nd)->session(*id);
     BOOST_REQUIRE(s);
     self->request(s, std::chrono::seconds(10), send_atom::value, std::string(prompts[i % 8]),
-                  max_tokens, snk)
+                  max_tokens, caf::actor_cast<turn_sink_actor>(snk))
         .receive([](uint64_t) {}, [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
   }
   if (arm) arm(**nd);
@@ -301,12 +301,13 @@ BOOST_AUTO_TEST_CASE(a_turn_with_a_token_outside_the_vocabulary_fails_alone) {
   caf::scoped_actor self{sys};
   generation_job job;
   job.seq = 12345;
-  job.session = caf::actor_cast<caf::actor>(self);
+  job.session = caf::actor_cast<sequence_sink_actor>(self);
   job.tokens = {1, 2, 3};
   job.generated = {4, 99999};
   job.params = sampled(1);
   job.max_tokens = 8;
-  self->send((*nd)->child("batcher"), submit_atom::value, std::move(job));
+  self->send(caf::actor_cast<batcher_actor>((*nd)->child("batcher")), submit_atom::value,
+             std::move(job));
   bool refused = false;
   self->receive(
       [&](done_atom, seq_id seq, finish_reason why, const std::string& detail, int64_t) {

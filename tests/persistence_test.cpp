@@ -111,7 +111,8 @@ struct fixture {
     BOOST_REQUIRE(s);
     caf::scoped_actor self{*sys};
     uint64_t turn = 0;
-    self->request(s, std::chrono::seconds(10), send_atom::value, text, max_tokens, snk)
+    self->request(s, std::chrono::seconds(10), send_atom::value, text, max_tokens,
+                  caf::actor_cast<turn_sink_actor>(snk))
         .receive([&](uint64_t t) { turn = t; },
                  [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
     return turn;
@@ -281,7 +282,7 @@ BOOST_FIXTURE_TEST_CASE(a_turn_stopped_mid_stream_completes_after_restart, fixtu
   BOOST_REQUIRE(s);
   caf::scoped_actor self{*sys};
   self->request(s, std::chrono::seconds(10), resume_atom::value, uint64_t{0},
-                static_cast<int64_t>(seen), snk2)
+                static_cast<int64_t>(seen), caf::actor_cast<turn_sink_actor>(snk2))
       .receive([](bool) {}, [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
   BOOST_REQUIRE_MESSAGE(t2->wait([&] { return t2->done.count(key) > 0; }, std::chrono::seconds(30)),
                         "the resumed turn did not finish");
@@ -349,7 +350,7 @@ BOOST_FIXTURE_TEST_CASE(a_recovered_turn_that_holds_all_its_tokens_ends_without_
   BOOST_REQUIRE(s);
   caf::scoped_actor self{*sys};
   self->request(s, std::chrono::seconds(10), resume_atom::value, uint64_t{0},
-                static_cast<int64_t>(max_tokens), snk)
+                static_cast<int64_t>(max_tokens), caf::actor_cast<turn_sink_actor>(snk))
       .receive([](bool) {}, [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
   auto key = std::make_pair(ref.id, uint64_t{0});
   BOOST_REQUIRE_MESSAGE(t->wait([&] { return t->done.count(key) > 0; }, std::chrono::seconds(30)),

@@ -148,7 +148,8 @@ struct fixture {
     auto snk = sys->spawn(sink, flag);
     caf::expected<uint64_t> out = make_error(errc::failed, "no reply");
     caf::scoped_actor self{*sys};
-    self->request(n.session(id), 10s, send_atom::value, text, max_tokens, snk)
+    self->request(n.session(id), 10s, send_atom::value, text, max_tokens,
+                  caf::actor_cast<turn_sink_actor>(snk))
         .receive([&](uint64_t t) { out = t; }, [&](caf::error& e) { out = std::move(e); });
     if (out) {
       std::unique_lock<std::mutex> lock(flag->mu);

@@ -182,17 +182,19 @@ struct fixture {
     sched.run();
   }
 
-  caf::actor spawn_sup(supervisor_flags flags, std::vector<child_spec> children,
-                       std::string path = "node") {
+  supervisor_actor spawn_sup(supervisor_flags flags, std::vector<child_spec> children,
+                             std::string path = "node") {
     auto sup = spawn_supervisor(sys, std::move(path), flags, std::move(children), log);
-    to_stop.push_back(sup);
+    to_stop.push_back(caf::actor_cast<caf::actor>(sup));
     sched.run();
     return sup;
   }
 
-  void watch(const caf::actor& target, std::string name) {
+  template <class Handle>
+  void watch(const Handle& target, std::string name) {
     // Held, because CAF destroys an actor that nobody references once it is idle.
-    to_stop.push_back(sys.spawn(watcher, t, target, std::move(name)));
+    to_stop.push_back(
+        sys.spawn(watcher, t, caf::actor_cast<caf::actor>(target), std::move(name)));
     sched.run();
   }
 
@@ -203,8 +205,8 @@ struct fixture {
   }
 
   /// Sends a request, runs the scheduler, returns the reply (or the error in `err`).
-  template <class T, class... Ts>
-  T ask(caf::error& err, const caf::actor& dest, Ts&&... xs) {
+  template <class T, class Handle, class... Ts>
+  T try_ask(caf::error& err, const Handle& dest, Ts&&... xs) {
     auto h = self->request(dest, caf::infinite, std::forward<Ts>(xs)...);
     sched.run();
     T result{};
@@ -225,30 +227,31 @@ struct fixture {
     return result;
   }
 
-  template <class T, class... Ts>
-  T ask(const caf::actor& dest, Ts&&... xs) {
+  template <class T, class Handle, class... Ts>
+  T ask(const Handle& dest, Ts&&... xs) {
     caf::error err;
-    auto result = ask<T>(err, dest, std::forward<Ts>(xs)...);
+    auto result = try_ask<T>(err, dest, std::forward<Ts>(xs)...);
     BOOST_REQUIRE_MESSAGE(!err, "request failed: " << caf::to_string(err));
     return result;
   }
 
-  caf::actor get(const caf::actor& sup, const std::string& id) {
+  caf::actor get(const supervisor_actor& sup, const std::string& id) {
     return ask<caf::actor>(sup, get_atom::value, id);
   }
 
-  std::vector<child_info> list(const caf::actor& sup) {
+  std::vector<child_info> list(const supervisor_actor& sup) {
     return ask<std::vector<child_info>>(sup, list_atom::value);
   }
 
-  void fail(const caf::actor& sup, const std::string& id, const std::string& why = "boom") {
+  void fail(const supervisor_actor& sup, const std::string& id, const std::string& why = "boom") {
     auto child = get(sup, id);
     BOOST_REQUIRE_MESSAGE(child, id << " is not running");
     caf::anon_send(child, fail_atom::value, why);
     sched.run();
   }
 
-  void shutdown(const caf::actor& sup) {
+  template <class Handle>
+  void shutdown(const Handle& sup) {
     caf::anon_send_exit(sup, caf::exit_reason::user_shutdown);
     sched.run();
   }
@@ -423,7 +426,7 @@ BOOST_AUTO_TEST_CASE(nested_supervisor_escalation_restarts_it_under_a_one_for_on
   auto node = spawn_sup(flags_of(restart_strategy::one_for_one),
                         {make_child(t, "store"), std::move(engine)});
   auto store = get(node, "store");
-  auto eng1 = get(node, "engine");
+  auto eng1 = caf::actor_cast<supervisor_actor>(get(node, "engine"));
   BOOST_TEST(join(t->take()) == join({"start store 1", "start shard-0 1", "start shard-1 1"}));
   fail(eng1, "shard-0");
   BOOST_TEST(join(t->take()) == join({"exit shard-0 runtime_error", "exit shard-1 user_shutdown",
@@ -438,7 +441,7 @@ BOOST_AUTO_TEST_CASE(nested_supervisor_escalation_restarts_it_under_a_one_for_on
   BOOST_TEST(
       has_line("supervisor: node/engine/shard-0 restarted (runtime_error: boom), restarts 1"));
   BOOST_TEST(has_line("supervisor: node/engine restarted (runtime_error: boom), restarts 1"));
-  auto eng2 = get(node, "engine");
+  auto eng2 = caf::actor_cast<supervisor_actor>(get(node, "engine"));
   BOOST_TEST((eng2 && eng2 != eng1));
   BOOST_TEST((get(node, "store") == store));
   // The new engine runs its own children; shutting the node down stops them first.
@@ -581,7 +584,7 @@ BOOST_AUTO_TEST_CASE(simple_one_for_one_starts_stops_and_restarts_dynamic_childr
   BOOST_TEST((get(sup, "s2") == s2));
   BOOST_TEST(join(t->take()) == join({"start s1 1 arg=1", "start s2 1 arg=2"}));
   caf::error err;
-  ask<caf::actor>(err, sup, start_atom::value, std::string("s1"), caf::make_message(3));
+  try_ask<caf::actor>(err, sup, start_atom::value, std::string("s1"), caf::make_message(3));
   BOOST_TEST(code_of(err) == errc::bad_request);
   // A failure restarts the child with the same arguments.
   fail(sup, "s1");
@@ -651,7 +654,7 @@ BOOST_AUTO_TEST_CASE(a_dynamic_child_that_keeps_failing_is_parked_and_the_rest_g
 BOOST_AUTO_TEST_CASE(start_request_to_a_static_supervisor_is_refused) {
   auto sup = spawn_sup(flags_of(restart_strategy::one_for_one), abc(t, 1));
   caf::error err;
-  ask<caf::actor>(err, sup, start_atom::value, std::string("x"), caf::make_message());
+  try_ask<caf::actor>(err, sup, start_atom::value, std::string("x"), caf::make_message());
   BOOST_TEST(code_of(err) == errc::bad_request);
 }
 
@@ -659,7 +662,7 @@ BOOST_AUTO_TEST_CASE(failed_dynamic_start_is_reported_and_not_kept) {
   auto sup = spawn_sup(flags_of(restart_strategy::simple_one_for_one),
                        {make_child(t, "session", {.failed_starts = 1})});
   caf::error err;
-  ask<caf::actor>(err, sup, start_atom::value, std::string("s1"), caf::make_message());
+  try_ask<caf::actor>(err, sup, start_atom::value, std::string("s1"), caf::make_message());
   BOOST_TEST(code_of(err) == errc::failed);
   BOOST_TEST(list(sup).empty());
 }
@@ -670,7 +673,7 @@ BOOST_AUTO_TEST_CASE(subscribers_hear_of_current_children_and_every_later_start)
   auto sup = spawn_sup(flags_of(restart_strategy::one_for_one), abc(t, 2));
   t->take();
   auto obs = spawn_observer();
-  caf::anon_send(sup, subscribe_atom::value, obs);
+  caf::anon_send(sup, subscribe_atom::value, caf::actor_cast<supervision_observer_actor>(obs));
   sched.run();
   BOOST_TEST(join(t->take()) == join({"note a", "note b"}));
   fail(sup, "b");
@@ -741,7 +744,7 @@ BOOST_AUTO_TEST_CASE(factory_that_always_fails_escalates) {
   auto sup =
       spawn_supervisor(sys, "node", flags_of(restart_strategy::one_for_one, 2, 5s),
                        {make_child(t, "b"), make_child(t, "a", {.failed_starts = 100})}, log);
-  to_stop.push_back(sup);
+  to_stop.push_back(caf::actor_cast<caf::actor>(sup));
   watch(sup, "node");
   sched.run();
   BOOST_TEST(join(t->take()) == join({"start b 1", "refuse a 1", "refuse a 2", "refuse a 3",
@@ -774,7 +777,7 @@ BOOST_AUTO_TEST_CASE(exceptions_in_detached_children_are_failures_on_the_threade
   auto sup = spawn_supervisor(sys, "node", flags_of(restart_strategy::one_for_one),
                               {make_child(t, "a", {.detached = true})}, log);
   caf::scoped_actor self{sys};
-  self->send(sup, subscribe_atom::value, caf::actor_cast<caf::actor>(self));
+  self->send(sup, subscribe_atom::value, caf::actor_cast<supervision_observer_actor>(self));
   auto next_start = [&]() {
     caf::actor out;
     self->receive([&](started_atom, const std::string&, const caf::actor& h) { out = h; },

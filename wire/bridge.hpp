@@ -186,8 +186,8 @@ kj::Promise<T> in_caf(caf::actor_system& sys, F f) {
 /// Sends `xs...` to `dest` as a request and resolves with its answer (one value of type `R`) or
 /// its error, e.g. `ask<uint64_t>(sys, session, 10s, send_atom::value, text, n, sink)`. An
 /// invalid `dest` gives `errc::disconnected`.
-template <class R, class... Ts>
-kj::Promise<caf::expected<R>> ask(caf::actor_system& sys, caf::actor dest,
+template <class R, class Handle, class... Ts>
+kj::Promise<caf::expected<R>> ask(caf::actor_system& sys, Handle dest,
                                   std::chrono::milliseconds timeout, Ts... xs) {
   if (!dest) return caf::expected<R>(make_error(errc::disconnected, "the actor is not running"));
   return in_caf<caf::expected<R>>(

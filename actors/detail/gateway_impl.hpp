@@ -19,6 +19,7 @@
 #include <caf/actor.hpp>
 
 #include "actors/gateway.hpp"
+#include "actors/session.hpp"
 #include "wire/bridge.hpp"
 #include "wire/convert.hpp"
 #include "wire/keel.capnp.h"
@@ -86,7 +87,7 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
     std::string session;
     std::optional<uint64_t> turn;  // known once the session accepted send or resume
     std::shared_ptr<event_channel> ch;
-    caf::actor relay;
+    turn_sink_actor relay;
     wire::TokenSink::Client sink;
     const api_key* key = nullptr;  // the tenant charged for its tokens (null: the open port)
     int64_t next_index = 0;  // the first index the client has not been sent
@@ -193,9 +194,9 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
 
   /// The current actor of session `id`: `not_found` for an unknown id, `overloaded` while the
   /// session is being restarted.
-  kj::Promise<caf::expected<caf::actor>> find_session(const std::string& id);
+  kj::Promise<caf::expected<session_actor>> find_session(const std::string& id);
 
-  kj::Promise<caf::expected<session_record>> get_record(const caf::actor& session);
+  kj::Promise<caf::expected<session_record>> get_record(const session_actor& session);
 
   caf::actor_system& sys;
   node& nd;

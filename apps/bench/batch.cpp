@@ -157,7 +157,7 @@ caf::expected<run_figures> run_actor(caf::actor_system& sys, keel::node& nd, int
                                      int32_t max_tokens,
                                      const std::function<void(stream_log&)>& during = {}) {
   std::vector<std::string> ids;
-  std::vector<caf::actor> handles;
+  std::vector<keel::session_actor> handles;
   for (int32_t i = 0; i < n; ++i) {
     auto id = nd.open_session(bench_params(static_cast<uint64_t>(i)));
     if (!id) return std::move(id.error());
@@ -173,7 +173,8 @@ caf::expected<run_figures> run_actor(caf::actor_system& sys, keel::node& nd, int
     caf::scoped_actor self{sys};
     for (int32_t i = 0; i < n && !failure; ++i) {
       self->request(handles[i], std::chrono::seconds(10), keel::send_atom::value,
-                    std::string(bench_prompts[i % n_prompts]), max_tokens, snk)
+                    std::string(bench_prompts[i % n_prompts]), max_tokens,
+                    caf::actor_cast<keel::turn_sink_actor>(snk))
           .receive([](uint64_t) {}, [&failure](caf::error& e) { failure = std::move(e); });
     }
   }

@@ -165,7 +165,7 @@ class local_runner final : public turn_runner {
     caf::error failure;
     (*self_)
         ->request(session_, std::chrono::seconds(10), keel::send_atom::value, text, max_tokens,
-                  sink_)
+                  caf::actor_cast<keel::turn_sink_actor>(sink_))
         .receive([](uint64_t) {}, [&failure](caf::error& e) { failure = std::move(e); });
     if (failure) return failure;
     std::unique_lock<std::mutex> lock(log_->mu);
@@ -178,14 +178,14 @@ class local_runner final : public turn_runner {
   }
 
  private:
-  local_runner(caf::actor_system& sys, caf::actor session)
+  local_runner(caf::actor_system& sys, keel::session_actor session)
       : self_(std::make_unique<caf::scoped_actor>(sys)),
         session_(std::move(session)),
         log_(std::make_shared<turn_log>()),
         sink_(sys.spawn(turn_sink, log_)) {}
 
   std::unique_ptr<caf::scoped_actor> self_;
-  caf::actor session_;
+  keel::session_actor session_;
   std::shared_ptr<turn_log> log_;
   caf::actor sink_;
 };
