@@ -280,6 +280,18 @@ class supervisor_impl final : public supervisor_actor::base {
   const char* name() const override { return "keel.supervisor"; }
 
   behavior_type make_behavior() override {
+    // Children are monitored, not linked: a link is two-way, and CAF makes an exit message of
+    // reason `kill` fatal to its receiver whatever its exit handler, so a child killed with
+    // `kill` took its supervisor down with it (Erlang turns `kill` into `killed` for the same
+    // reason). Downwards, this hook does what the link did: a supervisor that ends abnormally
+    // (killed, or failed) sends its running children the same exit.
+    attach_functor([live = live_, me = address()](const caf::error& reason) {
+      if (!reason || reason == caf::exit_reason::normal) return;
+      for (auto& a : *live)
+        if (auto p = caf::actor_cast<caf::strong_actor_ptr>(a))
+          p->enqueue(nullptr, caf::make_message_id(), caf::make_message(caf::exit_msg{me, reason}),
+                     nullptr);
+    });
     set_exit_handler([this](caf::exit_msg& m) { on_exit_msg(m); });
     set_down_handler([this](caf::down_msg& m) { on_down_msg(m); });
     for (auto& c : children_) ops_.push_back(start_op(c.spec.id));
@@ -427,9 +439,8 @@ class supervisor_impl final : public supervisor_actor::base {
     c->stopping = false;
     c->started_at = clock().now();
     c->ever_started = true;
-    link_to(h);
     monitor(h);
-    linked_.insert(h.address());
+    live_->insert(h.address());
     if (o.restart) {
       ++c->restarts;
       record(supervision_event_kind::restarted, c->path, o.reason, c->restarts);
@@ -450,10 +461,6 @@ class supervisor_impl final : public supervisor_actor::base {
     }
     c->stopping = true;
     c->remove_on_stop = o.remove;
-    // A child unlinks from whoever sends it an exit message, so its exit arrives only as the
-    // down message; drop our side of the link now to keep linked_ exact.
-    unlink_from(c->handle);
-    linked_.erase(c->handle.address());
     waiting_stop_ = o.id;
     if (c->spec.shutdown.brutal) {
       send_exit(c->handle, caf::exit_reason::kill);
@@ -498,7 +505,6 @@ class supervisor_impl final : public supervisor_actor::base {
   // -- exits --
 
   void on_exit_msg(caf::exit_msg& m) {
-    if (linked_.erase(m.source) > 0) return;  // a child's: its down message does the work
     if (is_normal(m.reason) && m.reason != caf::exit_reason::user_shutdown) return;
     // Our parent (or anyone holding our handle) asks us to stop.
     begin_shutdown(m.reason);
@@ -512,7 +518,7 @@ class supervisor_impl final : public supervisor_actor::base {
                        observers_.end());
       return;
     }
-    if (!m.reason || m.reason == caf::exit_reason::normal) linked_.erase(m.source);
+    live_->erase(m.source);
     c->handle = caf::actor{};
     auto text = reason_text(m.reason);
     if (c->stopping) {
@@ -705,7 +711,9 @@ class supervisor_impl final : public supervisor_actor::base {
   child_spec template_;          // simple_one_for_one
   std::vector<child> children_;  // in start order
   std::vector<supervision_observer_actor> observers_;
-  std::unordered_set<caf::actor_addr> linked_;  // children whose link exit_msg is still due
+  /// The children running now, for the termination hook (make_behavior).
+  std::shared_ptr<std::unordered_set<caf::actor_addr>> live_ =
+      std::make_shared<std::unordered_set<caf::actor_addr>>();
   // Restarts within the period, and whose (a parked child's no longer count).
   std::deque<std::pair<caf::actor_clock::time_point, std::string>> restart_times_;
   std::deque<op> ops_;

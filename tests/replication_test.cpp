@@ -431,3 +431,78 @@ BOOST_FIXTURE_TEST_CASE(a_peer_with_another_view_of_the_cluster_is_kept_out, fix
       },
       5000ms));
 }
+
+BOOST_FIXTURE_TEST_CASE(the_failover_actor_is_supervised_and_its_restart_restarts_the_host, fixture) {
+  // The sessions the host gains and loses are started and stopped by node/ownership/failover
+  // (issue #10: that work ran on a private thread outside the tree). Killing it restarts the
+  // host after it (rest_for_one), and the restarted host takes the node's sessions back: the
+  // session goes on being served, and after its owner is gone another member serves it.
+  trio t;
+  start_trio(t);
+  auto own = caf::actor_cast<supervisor_actor>(t.a->child("ownership"));
+  BOOST_REQUIRE(own);
+  caf::scoped_actor self{*sys};
+  std::vector<child_info> children;
+  self->request(own, 5s, list_atom::value)
+      .receive([&](std::vector<child_info>& c) { children = std::move(c); },
+               [](caf::error& e) { BOOST_FAIL(caf::to_string(e)); });
+  BOOST_REQUIRE(children.size() == 2u);
+  BOOST_TEST(children[0].path == "a/ownership/failover");
+  BOOST_TEST(children[1].path == "a/ownership/host");
+  BOOST_REQUIRE(children[0].handle);
+
+  caf::expected<std::string> id = make_error(errc::failed, "not tried");
+  BOOST_REQUIRE(wait_for([&] { return static_cast<bool>(id = t.a->open_session({})); }, 10000ms));
+  auto first = run_turn(*t.a, *id, "hello there", 8);
+  BOOST_REQUIRE_MESSAGE(first, test::why(first));
+
+  caf::anon_send_exit(children[0].handle, caf::exit_reason::kill);
+  BOOST_REQUIRE_MESSAGE(wait_for([&] { return t.a->log().restarts("a/ownership/host") == 1; },
+                                 5000ms),
+                        "the host was not restarted after the failover actor");
+  BOOST_TEST(t.a->log().restarts("a/ownership/failover") == 1);
+  // The restarted host takes the session back after `hold()`; meanwhile its group may have
+  // found it unclaimed and taken it over (the protocol's rule for a restarted member). Either
+  // way one member serves it, and its next turn is acknowledged there.
+  auto serving = [&](std::initializer_list<node*> nodes) -> node* {
+    for (auto* n : nodes)
+      for (auto& r : n->sessions())
+        if (r.id == *id) return n;
+    return nullptr;
+  };
+  caf::expected<uint64_t> second = make_error(errc::failed, "not tried");
+  std::vector<std::string> refusals;
+  node* owner = nullptr;
+  wait_for(
+      [&] {
+        owner = serving({t.a.get(), t.b.get(), t.c.get()});
+        if (owner == nullptr) return false;
+        second = run_turn(*owner, *id, "and again", 8);
+        if (!second) refusals.push_back(owner->config().name + ": " + describe(second.error()));
+        return static_cast<bool>(second);
+      },
+      10000ms);
+  for (auto& r : refusals) BOOST_TEST_MESSAGE("refused: " << r);
+  BOOST_REQUIRE(static_cast<bool>(second));
+  BOOST_TEST(*second == 1u);
+  BOOST_TEST_MESSAGE("turn 1 served by " << owner->config().name);
+
+  // The owner goes: another member's failover actor starts the session from the majority's copy.
+  std::vector<node*> rest;
+  for (auto* p : {&t.a, &t.b, &t.c}) {
+    if (p->get() != owner) {
+      rest.push_back(p->get());
+      continue;
+    }
+    auto* srv = p == &t.a ? t.sa.get() : p == &t.b ? t.sb.get() : t.sc.get();
+    srv->on_ownership({});
+    p->reset();
+  }
+  owner = nullptr;
+  BOOST_REQUIRE(wait_for(
+      [&] { return (owner = serving({rest[0], rest[1]})) != nullptr; }, 10000ms));
+  auto turns = owner->sessions().at(0).turns;
+  BOOST_TEST(turns.size() == 2u);
+  auto third = run_turn(*owner, *id, "once more", 8);
+  BOOST_TEST(static_cast<bool>(third), test::why(third));
+}

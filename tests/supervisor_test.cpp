@@ -287,6 +287,33 @@ BOOST_AUTO_TEST_CASE(starts_children_in_order_and_stops_them_in_reverse) {
   BOOST_TEST(has_line("supervisor: node/b stopped (user_shutdown)"));
 }
 
+BOOST_AUTO_TEST_CASE(a_child_killed_with_kill_is_restarted_and_its_supervisor_lives_on) {
+  // CAF makes an exit message of reason `kill` fatal to whoever receives it, links included:
+  // with children linked, a child killed so took its supervisor (and the supervisor's own
+  // parent, and so on) down with it. Children are monitored instead.
+  auto sup = spawn_sup(flags_of(restart_strategy::one_for_one), abc(t));
+  watch(sup, "node");
+  auto b = get(sup, "b");
+  t->take();
+  caf::anon_send_exit(b, caf::exit_reason::kill);
+  sched.run();
+  BOOST_TEST(join(t->take()) == join({"exit b kill", "start b 2"}));
+  auto b2 = get(sup, "b");
+  BOOST_TEST((b2 && b2 != b));
+  BOOST_TEST(log->restarts("node/b") == 1);
+}
+
+BOOST_AUTO_TEST_CASE(a_supervisor_that_is_killed_takes_its_children_down) {
+  // What the link did downwards, the supervisor's termination hook does.
+  auto sup = spawn_sup(flags_of(restart_strategy::one_for_one), abc(t, 2));
+  t->take();
+  caf::anon_send_exit(sup, caf::exit_reason::kill);
+  sched.run();
+  auto events = t->take();
+  std::sort(events.begin(), events.end());
+  BOOST_TEST(join(events) == join({"exit a kill", "exit b kill"}));
+}
+
 // -- strategies --------------------------------------------------------------------------------
 
 BOOST_AUTO_TEST_CASE(one_for_one_restarts_only_the_failed_child) {
