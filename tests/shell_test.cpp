@@ -696,8 +696,9 @@ BOOST_AUTO_TEST_CASE(drain_hands_every_session_to_its_group_and_the_node_is_safe
 }
 
 BOOST_AUTO_TEST_CASE(the_ownership_host_is_in_the_tree_and_a_killed_one_comes_back) {
-  // Under the protocol the host is the root's child "ownership": `kill` restarts it, and the
-  // restarted host recovers from the store and takes its sessions back; the conversation goes on.
+  // Under the protocol the host is "ownership/host", after the failover actor that starts and
+  // stops the sessions it gains and loses: `kill` restarts it, and the restarted host recovers
+  // from the store and takes its sessions back; the conversation goes on.
   trio t("ownership-kill", tiny_model());
   auto client = keel::wire::client::connect({t.a->client, t.b->client, t.c->client});
   BOOST_REQUIRE_MESSAGE(client, keel::test::why(client));
@@ -709,10 +710,13 @@ BOOST_AUTO_TEST_CASE(the_ownership_host_is_in_the_tree_and_a_killed_one_comes_ba
 
   auto tree = t.a->shell("tree");
   BOOST_REQUIRE_MESSAGE(tree.status == 0, tree.err);
-  BOOST_TEST(contains(line_with(tree.out, "a/ownership"), "running  "), tree.out);
-  auto killed = t.a->shell("kill a/ownership");
+  BOOST_TEST(contains(line_with(tree.out, "a/ownership "), "supervisor"), tree.out);
+  BOOST_TEST(contains(line_with(tree.out, "a/ownership/failover"), "running  "), tree.out);
+  BOOST_TEST(contains(line_with(tree.out, "a/ownership/host"), "running  "), tree.out);
+  auto killed = t.a->shell("kill a/ownership/host");
   BOOST_REQUIRE_MESSAGE(killed.status == 0, killed.err);
-  BOOST_TEST(contains(killed.out, "killed a/ownership"), killed.out);
+  BOOST_TEST(contains(killed.out, "killed a/ownership/host; a/ownership restarted it"),
+             killed.out);
 
   // The next turn is acknowledged (by whichever member owns the session now; refused with
   // `disconnected`, a retry, while the restarted host takes its sessions back) and every node
@@ -737,9 +741,12 @@ BOOST_AUTO_TEST_CASE(the_ownership_host_is_in_the_tree_and_a_killed_one_comes_ba
     BOOST_TEST(transcript(*h) == expected);
   }
   tree = t.a->shell("tree");
-  auto row = line_with(tree.out, "a/ownership");
+  auto row = line_with(tree.out, "a/ownership/host");
   BOOST_TEST(contains(row, "running  "), row);
   BOOST_TEST(contains(row, " 1  "), row);  // restarts
+  // The host alone: the failover actor before it went on.
+  row = line_with(tree.out, "a/ownership/failover");
+  BOOST_TEST(contains(row, " 0  "), row);
 }
 
 BOOST_AUTO_TEST_CASE(a_drain_that_cannot_move_a_session_says_why_and_fails) {
