@@ -1,7 +1,5 @@
 #include "actors/node.hpp"
 
-#include <sys/random.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -35,18 +33,12 @@ child_spec recording(child_spec spec, std::function<void(caf::actor)> record) {
 
 constexpr auto call_timeout = std::chrono::seconds(10);
 
-/// "s-<24 base32 characters>@NAME": 120 random bits from the kernel's generator.
-caf::expected<std::string> random_session_id(const std::string& node) {
+/// "s-<24 base32 characters>@NAME": 120 random bits from the node's environment (the kernel's
+/// generator).
+caf::expected<std::string> random_session_id(const node_env& env, const std::string& node) {
   unsigned char bytes[15];
-  size_t got = 0;
-  while (got < sizeof bytes) {
-    auto n = ::getrandom(bytes + got, sizeof bytes - got, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0)
-      return make_error(errc::failed,
-                        std::string("getrandom for a session id: ") + std::strerror(errno));
-    got += static_cast<size_t>(n);
-  }
+  if (auto err = env.random(bytes, sizeof bytes))
+    return make_error(code_of(err), "no random bits for a session id: " + message_of(err));
   static constexpr char alphabet[] = "abcdefghijklmnopqrstuvwxyz234567";
   std::string out = "s-";
   for (size_t i = 0; i < sizeof bytes; i += 5) {  // 5 bytes: 8 characters
@@ -96,7 +88,9 @@ void tune_actor_system(caf::actor_system_config& cfg) {
 }
 
 caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_config cfg,
-                                                 std::shared_ptr<supervision_log> log) {
+                                                 std::shared_ptr<supervision_log> log,
+                                                 node_env env) {
+  env = env.completed();
   auto m = model::load(cfg.model_path, cfg.tokenizer_path);
   if (!m) return std::move(m.error());
   if (!cfg.cut) cfg.cut = std::make_shared<partition>();
@@ -108,6 +102,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   }
   if (auto err = check_sharding(**m, layout)) return err;
   std::unique_ptr<node> n(new node(sys));
+  n->env_ = env;
   auto ctx = std::make_shared<node_context>();
   ctx->name = cfg.name;
   ctx->tok = std::make_shared<tokenizer>((*m)->vocabulary());
@@ -119,6 +114,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   group->ctx = ctx;
   group->shards = cfg.shards;
   group->threads_per_shard = cfg.threads_per_shard;
+  group->spawn = env.threads;
   group->kv_bytes_per_shard = cfg.kv_bytes / static_cast<uint64_t>(cfg.shards);
   kv_pool probe(kv_layout_for(*ctx->llm, layout, cfg.batching.page_tokens), 0);
   cfg.batching.shards = cfg.shards;
@@ -138,7 +134,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     // group's members): the table is memory only and hands every change to the host, and the
     // batcher asks each session's lease.
     caf::error err;
-    n->own_ = make_ownership_part(cfg, err);
+    n->own_ = make_ownership_part(cfg, env, err);
     if (!n->own_) return err;
     ctx->ownership_host = [part = n->own_] { return part->current(); };
     ctx->ownership_wait = n->own_->ack_timeout + std::chrono::seconds(1);
@@ -156,7 +152,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   if (!cfg.data_dir.empty()) {
     storage::store_options so;
     so.disk = cfg.disk;
-    auto store = storage::session_store::open(cfg.data_dir, so);
+    auto store = env.open_store(cfg.data_dir, so);
     if (!store) return std::move(store.error());
     report_damage(**store, cfg.name, !cfg.peers.empty(), *ctx->log);
     if (n->own_ && (*store)->damage().damaged()) {
@@ -283,6 +279,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     lc.down_after = cfg.down_after;
     lc.cut = cfg.cut;
     lc.tls = cfg.tls;
+    lc.spawn = env.threads;
     std::vector<child_spec> links;
     for (size_t i = 0; i < cfg.peers.size(); ++i) {
       lc.peer_name = i < cfg.peer_names.size() ? cfg.peer_names[i] : std::string();
@@ -383,7 +380,7 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
   // Never an id that exists: not one this node holds, held (moved away) or stores, its own or
   // a replica (issue #11: a node whose log lost sessions gave their ids again).
   for (int attempt = 0;; ++attempt) {
-    auto id = random_session_id(cfg_.name);
+    auto id = random_session_id(env_, cfg_.name);
     if (!id) return std::move(id.error());
     bool taken = sessions_->get(*id) || moved(*id) || (store_ && store_->get_session(*id));
     // Under the protocol a session lives in a fixed group, which must hold this node: ids are

@@ -15,6 +15,7 @@
 
 #include "actors/batcher.hpp"
 #include "actors/node_context.hpp"
+#include "actors/node_env.hpp"
 #include "actors/ownership.hpp"
 #include "actors/partition.hpp"
 #include "actors/region_link.hpp"
@@ -125,8 +126,11 @@ void tune_actor_system(caf::actor_system_config& cfg);
 /// group (which also restores what a damaged store lost).
 class node {
  public:
+  /// `env`: the clock, randomness, store, transport and threads the node uses (node_env.hpp;
+  /// its empty members are the real ones).
   static caf::expected<std::unique_ptr<node>> start(caf::actor_system& sys, node_config cfg,
-                                                    std::shared_ptr<supervision_log> log = {});
+                                                    std::shared_ptr<supervision_log> log = {},
+                                                    node_env env = {});
   ~node();
   node(const node&) = delete;
   node& operator=(const node&) = delete;
@@ -245,6 +249,7 @@ class node {
 
   caf::actor_system& sys_;
   node_config cfg_;
+  node_env env_;  // completed: every member set
   std::shared_ptr<ownership_part> own_;  // with peers
   std::unique_ptr<storage::session_store> store_;  // null without a data dir
   std::shared_ptr<node_context> ctx_;

@@ -48,8 +48,12 @@ uint64_t cluster_digest(const node_config& cfg) {
 }
 
 std::shared_ptr<node::ownership_part> make_ownership_part(const node_config& cfg,
-                                                          caf::error& err) {
+                                                          const node_env& env, caf::error& err) {
   auto part = std::make_shared<node::ownership_part>();
+  part->clock = env.clock;
+  part->board = std::make_shared<lease_board>(env.clock);
+  part->make_transport = env.transport;
+  part->spawn = env.threads;
   auto& pc = part->protocol;
   pc.self = cfg.name;
   pc.members.push_back({cfg.name, cfg.region});
@@ -114,7 +118,8 @@ child_spec node::ownership_spec() {
   tc.cut = cfg_.cut;
   tc.log = log;
   tc.call_timeout = std::max(std::chrono::milliseconds(200), cfg_.down_after);
-  part.transport = std::make_shared<peer_transport>(tc);
+  tc.spawn = part.spawn;
+  part.transport = part.make_transport(tc);
   ownership_host_config hc;
   hc.protocol = part.protocol;
   hc.transport = part.transport;
@@ -123,6 +128,7 @@ child_spec node::ownership_spec() {
   // (A restart of the host alone keeps the memory storage, and still reads back: harmless.)
   hc.forgets = !store_;
   hc.leases = part.board;
+  hc.clock = part.clock;
   hc.ack_timeout = part.ack_timeout;
   hc.acquired = [this](const std::string& id, const session_data& data, uint64_t epoch) {
     acquired(id, data, epoch);
@@ -322,8 +328,10 @@ std::optional<std::pair<uint64_t, size_t>> node::sent_to_group(const std::string
 }
 
 peer_transport::counters node::replication() const {
-  if (!own_ || !own_->transport) return {};
-  return own_->transport->stats();
+  if (!own_) return {};
+  // Another transport (node_env::transport) keeps no such counters.
+  auto t = std::dynamic_pointer_cast<peer_transport>(own_->transport);
+  return t ? t->stats() : peer_transport::counters{};
 }
 
 caf::expected<std::vector<node::drained_session>> node::drain() {

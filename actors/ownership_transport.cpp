@@ -115,7 +115,7 @@ struct peer_transport::state {
 };
 
 peer_transport::peer_transport(peer_transport_config cfg) : cfg_(std::move(cfg)) {
-  thread_ = std::thread([this] { run(); });
+  thread_ = spawn_thread(cfg_.spawn, "keel-transport", [this] { run(); });
 }
 
 peer_transport::~peer_transport() noexcept {

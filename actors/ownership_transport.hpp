@@ -18,6 +18,7 @@
 #include <kj/async.h>
 
 #include "actors/partition.hpp"
+#include "base/threads.hpp"
 #include "wire/tls.hpp"
 
 namespace keel {
@@ -53,6 +54,8 @@ struct peer_transport_config {
   std::chrono::milliseconds call_timeout{1000};
   /// After a connection failed, no new one to that member before this long.
   std::chrono::milliseconds reconnect_after{100};
+  /// Starts the transport's thread (the node's environment; empty: the default spawner).
+  thread_spawner spawn;
 };
 
 /// The keel-node's transport: one thread with a KJ event loop and one Cap'n Proto connection

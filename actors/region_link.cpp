@@ -84,7 +84,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
   }
 
   void start() {
-    thread_ = std::thread([this] { run(); });
+    thread_ = spawn_thread(cfg_.spawn, "keel-link", [this] { run(); });
   }
 
   /// Any thread but the link's: stops the loop and joins.

@@ -11,6 +11,7 @@
 
 #include "actors/partition.hpp"
 #include "actors/supervisor.hpp"
+#include "base/threads.hpp"
 #include "wire/tls.hpp"
 
 namespace keel {
@@ -54,6 +55,8 @@ struct link_config {
   /// The `partition` fault: while the peer (by the name it answered with) is cut, every
   /// heartbeat fails, as with `cut_atom`. May be null.
   std::shared_ptr<const partition> cut;
+  /// Starts the link's thread (the node's environment; empty: the default spawner).
+  thread_spawner spawn;
   /// The peer's name as configured (`--peers NAME=HOST:PORT`; "" when not given): its
   /// heartbeats must answer with it, and under TLS its certificate must name it.
   std::string peer_name;

@@ -105,7 +105,8 @@ shard_actor::behavior_type shard_worker(shard_actor::stateful_pointer<shard_stat
   st.coll = std::move(coll);
   const auto& m = *group->ctx->llm;
   shard_layout layout{rank, group->shards};
-  st.pool = std::make_unique<thread_pool>(group->threads_per_shard);
+  st.pool = std::make_unique<thread_pool>(group->threads_per_shard, group->spawn,
+                                          "keel-shard" + std::to_string(rank));
   st.cache = group->cache_for(rank);
   st.eng = std::make_unique<engine>(m, *st.pool, layout, st.coll.get());
   exceptions_as_failures(self);

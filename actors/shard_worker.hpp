@@ -29,6 +29,8 @@ struct engine_group {
   std::shared_ptr<node_context> ctx;
   int32_t shards = 1;
   int32_t threads_per_shard = 1;
+  /// Starts each shard's compute threads (the node's environment; empty: the default).
+  thread_spawner spawn;
   uint64_t kv_bytes_per_shard = 64ull << 20;
 
   /// The collective of the group's current incarnation: rank 0 starts first (one_for_all starts

@@ -437,7 +437,10 @@ int run(std::span<char*> args) {
     ncfg.peer_address = peer_srv->address();
     keel::cli::log_line(program, "serving peers on " + peer_srv->address());
   }
-  auto nd = keel::node::start(sys, ncfg, log);
+  // The node's environment, built here once: the real clock, randomness, store, transport and
+  // threads (tests give their own; actors/node_env.hpp).
+  auto env = keel::node_env::real();
+  auto nd = keel::node::start(sys, ncfg, log, env);
   if (!nd) return fail(nd.error());
   auto gw = keel::gateway::start(sys, **nd, gcfg);
   if (!gw) return fail(gw.error());

@@ -29,9 +29,11 @@ inline void spin_pause(int i) {
 
 }  // namespace
 
-thread_pool::thread_pool(int threads) : size_(std::max(threads, 1)) {
+thread_pool::thread_pool(int threads, const thread_spawner& spawn, const std::string& name)
+    : size_(std::max(threads, 1)) {
   threads_.reserve(static_cast<size_t>(size_ - 1));
-  for (int i = 1; i < size_; ++i) threads_.emplace_back([this, i] { worker(i); });
+  for (int i = 1; i < size_; ++i)
+    threads_.push_back(spawn_thread(spawn, name + "-" + std::to_string(i), [this, i] { worker(i); }));
 }
 
 thread_pool::~thread_pool() {

@@ -4,17 +4,22 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include "base/threads.hpp"
 
 namespace keel {
 
 /// A fixed group of threads that runs one parallel loop at a time. The calling thread works as
 /// member 0, so `thread_pool(1)` starts no thread. Not re-entrant: `parallel_for` must not be
-/// called from inside a loop body or from two threads at once.
+/// called from inside a loop body or from two threads at once. Its threads are started with
+/// `spawn` (the default spawner when empty), named `name`-1, `name`-2, ...
 class thread_pool {
  public:
-  explicit thread_pool(int threads);
+  explicit thread_pool(int threads, const thread_spawner& spawn = {},
+                       const std::string& name = "keel-pool");
   ~thread_pool();
   thread_pool(const thread_pool&) = delete;
   thread_pool& operator=(const thread_pool&) = delete;

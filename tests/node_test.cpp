@@ -327,3 +327,69 @@ BOOST_AUTO_TEST_CASE(a_turn_with_a_token_outside_the_vocabulary_fails_alone) {
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_FIXTURE_TEST_CASE(a_node_takes_its_threads_and_randomness_from_its_environment, fixture) {
+  // Issue #10: one environment, built by main() or a test and passed down. Here the test's
+  // thread spawner sees every thread the node starts itself (named, and all joined when it
+  // stops), and its randomness makes every session id the same: the node never hands out an
+  // id twice, so the second session is refused once its draws are used up; a source that
+  // fails fails the new session with its reason.
+  caf::actor_system_config sys_cfg;
+  keel::tune_actor_system(sys_cfg);
+  caf::actor_system sys{sys_cfg};
+  struct counts {
+    std::mutex mu;
+    std::vector<std::string> names;
+    int running = 0;
+  };
+  auto c = std::make_shared<counts>();
+  node_env env;
+  env.threads = [c](const std::string& name, std::function<void()> body) {
+    {
+      std::lock_guard<std::mutex> guard(c->mu);
+      c->names.push_back(name);
+      ++c->running;
+    }
+    return spawn_named_thread(name, [c, body = std::move(body)] {
+      body();
+      std::lock_guard<std::mutex> guard(c->mu);
+      --c->running;
+    });
+  };
+  bool fail_random = false;
+  env.random = [&fail_random](unsigned char* out, size_t n) -> caf::error {
+    if (fail_random) return make_error(errc::failed, "the test's source is dry");
+    std::fill(out, out + n, 0);
+    return {};
+  };
+  node_config cfg;
+  cfg.model_path = model_path;
+  cfg.shards = 2;
+  cfg.threads_per_shard = 2;
+  auto log = std::make_shared<supervision_log>([](const std::string&) {});
+  auto nd = node::start(sys, cfg, log, env);
+  BOOST_REQUIRE_MESSAGE(nd, test::why(nd));
+
+  auto first = (*nd)->open_session(sampled(1));
+  BOOST_REQUIRE_MESSAGE(first, test::why(first));
+  BOOST_TEST(*first == "s-aaaaaaaaaaaaaaaaaaaaaaaa@node");
+  auto second = (*nd)->open_session(sampled(2));
+  BOOST_REQUIRE(!second);
+  BOOST_TEST(describe(second.error()).find("no unused session id") != std::string::npos,
+             describe(second.error()));
+  fail_random = true;
+  auto third = (*nd)->open_session(sampled(3));
+  BOOST_REQUIRE(!third);
+  BOOST_TEST(describe(third.error()).find("the test's source is dry") != std::string::npos,
+             describe(third.error()));
+
+  {
+    std::lock_guard<std::mutex> guard(c->mu);
+    std::sort(c->names.begin(), c->names.end());
+    // Each shard's pool: the calling thread and one more.
+    BOOST_TEST((c->names == std::vector<std::string>{"keel-shard0-1", "keel-shard1-1"}));
+  }
+  nd->reset();
+  std::lock_guard<std::mutex> guard(c->mu);
+  BOOST_TEST(c->running == 0);
+}

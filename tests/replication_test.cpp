@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include <sys/resource.h>
@@ -51,6 +52,33 @@ caf::behavior sink(caf::event_based_actor*, std::shared_ptr<done_flag> f) {
   };
 }
 
+/// The node's real transport, except that what goes to the members in `cut` is dropped: a cut
+/// in one direction only, at the sender (node_env::transport).
+class cutting_transport final : public ownership_transport {
+ public:
+  struct shared {
+    std::mutex mu;
+    std::set<std::string> cut;
+    uint64_t dropped = 0;
+  };
+  cutting_transport(std::shared_ptr<ownership_transport> inner, std::shared_ptr<shared> s)
+      : inner_(std::move(inner)), s_(std::move(s)) {}
+  void send(const std::string& to, std::string message) override {
+    {
+      std::lock_guard<std::mutex> guard(s_->mu);
+      if (s_->cut.count(to)) {
+        ++s_->dropped;
+        return;
+      }
+    }
+    inner_->send(to, std::move(message));
+  }
+
+ private:
+  std::shared_ptr<ownership_transport> inner_;
+  std::shared_ptr<shared> s_;
+};
+
 struct fixture {
   test::temp_dir dir{"replication_test"};
   std::string model_path;
@@ -89,7 +117,7 @@ struct fixture {
   /// Node `name` serving its peers on `srv`, with `peers` (name, peer endpoint) as its peers.
   std::unique_ptr<node> start_node(const std::string& name, peer_server& srv,
                                    const std::vector<std::pair<std::string, std::string>>& peers,
-                                   bool data = true, int32_t group = 3) {
+                                   bool data = true, int32_t group = 3, node_env env = {}) {
     node_config c;
     c.name = name;
     c.model_path = model_path;
@@ -105,7 +133,7 @@ struct fixture {
       std::lock_guard<std::mutex> guard(mu);
       lines.push_back(line);
     });
-    auto n = node::start(*sys, c, log);
+    auto n = node::start(*sys, c, log, std::move(env));
     BOOST_REQUIRE_MESSAGE(n, test::why(n));
     srv.on_ownership([np = n->get()](const std::string& from, std::string message) {
       np->deliver_ownership(from, std::move(message));
@@ -505,4 +533,63 @@ BOOST_FIXTURE_TEST_CASE(the_failover_actor_is_supervised_and_its_restart_restart
   BOOST_TEST(turns.size() == 2u);
   auto third = run_turn(*owner, *id, "once more", 8);
   BOOST_TEST(static_cast<bool>(third), test::why(third));
+}
+
+BOOST_FIXTURE_TEST_CASE(one_way_cuts_from_the_owner_never_let_it_acknowledge_alone, fixture) {
+  // Asymmetric partitions, made with the node's environment (node_env::transport): a's
+  // messages to c are dropped while c's reach a, then a's to b too. With one way to c cut, a and
+  // b are still a majority: turns are acknowledged. With a heard by no one, a refuses the next
+  // turn (never acknowledges it), b and c find the session unclaimed and one of them serves it;
+  // after the heal it holds exactly the acknowledged turn.
+  trio t;
+  t.sa = serve("a");
+  t.sb = serve("b");
+  t.sc = serve("c");
+  auto cuts = std::make_shared<cutting_transport::shared>();
+  node_env env;
+  env.transport = [cuts](const peer_transport_config& c) -> std::shared_ptr<ownership_transport> {
+    return std::make_shared<cutting_transport>(node_env::real().transport(c), cuts);
+  };
+  t.a = start_node("a", *t.sa, {{"b", t.sb->address()}, {"c", t.sc->address()}}, true, 3, env);
+  t.b = start_node("b", *t.sb, {{"a", t.sa->address()}, {"c", t.sc->address()}});
+  t.c = start_node("c", *t.sc, {{"a", t.sa->address()}, {"b", t.sb->address()}});
+  caf::expected<std::string> id = make_error(errc::failed, "not tried");
+  BOOST_REQUIRE(wait_for([&] { return static_cast<bool>(id = t.a->open_session({})); }, 10000ms));
+  {
+    std::lock_guard<std::mutex> guard(cuts->mu);
+    cuts->cut = {"c"};
+  }
+  auto first = run_turn(*t.a, *id, "hello there", 8);
+  BOOST_REQUIRE_MESSAGE(first, test::why(first));
+  auto acknowledged = t.a->sessions().at(0).turns;
+
+  {
+    std::lock_guard<std::mutex> guard(cuts->mu);
+    cuts->cut = {"b", "c"};
+  }
+  auto refused = run_turn(*t.a, *id, "and again", 8);
+  BOOST_REQUIRE(!refused);
+  BOOST_TEST(code_of(refused.error()) == errc::disconnected, describe(refused.error()));
+  BOOST_TEST_MESSAGE("a alone: " << describe(refused.error()));
+  node* owner = nullptr;
+  auto serving = [&] {
+    for (auto* n : {t.b.get(), t.c.get()})
+      for (auto& r : n->sessions())
+        if (r.id == *id) return owner = n, true;
+    return false;
+  };
+  BOOST_REQUIRE_MESSAGE(wait_for(serving, 10000ms), "neither b nor c took the session over");
+  {
+    std::lock_guard<std::mutex> guard(cuts->mu);
+    BOOST_TEST(cuts->dropped > 0u);
+    cuts->cut.clear();
+  }
+  // a learns it lost the session and stops serving it.
+  BOOST_TEST(wait_for([&] { return t.a->sessions().empty(); }, 10000ms));
+  auto turns = owner->sessions().at(0).turns;
+  BOOST_REQUIRE(turns.size() == 1u);
+  BOOST_TEST(turns[0].user == acknowledged[0].user);
+  BOOST_TEST(turns[0].generated == acknowledged[0].generated);
+  auto next = run_turn(*owner, *id, "and again", 8);
+  BOOST_TEST(static_cast<bool>(next), test::why(next));
 }

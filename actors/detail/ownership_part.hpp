@@ -16,9 +16,12 @@
 namespace keel {
 
 struct node::ownership_part {
-  std::shared_ptr<lease_board> board = std::make_shared<lease_board>(steady_ownership_clock());
+  std::shared_ptr<lease_board> board;  // with the node's clock
   ownership::config protocol;
-  std::shared_ptr<peer_transport> transport;
+  std::shared_ptr<ownership_transport> transport;
+  ownership_clock clock;  // the node's (node_env::clock)
+  std::function<std::shared_ptr<ownership_transport>(const peer_transport_config&)> make_transport;
+  thread_spawner spawn;
   std::shared_ptr<ownership_storage> storage;
   std::chrono::milliseconds ack_timeout{2000};
   std::mutex mu;
@@ -38,6 +41,6 @@ struct node::ownership_part {
 /// The protocol's configuration from the node's, and the board the batcher reads; made before
 /// the tree starts. Null with `err` set when the configuration does not allow the protocol.
 std::shared_ptr<node::ownership_part> make_ownership_part(const node_config& cfg,
-                                                          caf::error& err);
+                                                          const node_env& env, caf::error& err);
 
 }  // namespace keel
