@@ -3,7 +3,8 @@
 # Runs as root (or through sudo when it is there). Prints what it installs.
 set -euo pipefail
 pkgs=(build-essential cmake pkgconf libcaf-dev capnproto libcapnp-dev librocksdb-dev
-      libboost-test-dev libicu-dev libedit-dev libssl-dev openssl ccache ninja-build)
+      libboost-test-dev libicu-dev libedit-dev libssl-dev openssl ccache ninja-build
+      nlohmann-json3-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
