@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <cerrno>
 #include <iostream>
 #include <memory>
 #include <span>
@@ -16,6 +18,7 @@
 #include <thread>
 
 #include "apps/cli.hpp"
+#include "kernels/chat_prompt.hpp"
 #include "kernels/generate.hpp"
 #include "kernels/model.hpp"
 #include "kernels/tokenizer.hpp"
@@ -90,7 +93,9 @@ const char* top_help =
     "  generate --connect HOST:PORT --prompt TEXT  the same, on a keel-node\n"
     "  chat --connect HOST:PORT [...]              talk with a model on a keel-node\n"
     "  sessions --connect HOST:PORT                list a node's sessions\n"
-    "  history --connect HOST:PORT SESSION         show a session's turns\n\n"
+    "  history --connect HOST:PORT SESSION         show a session's turns\n"
+    "  template --model FILE --messages FILE.json  print a conversation as the model's chat\n"
+    "                                              template renders it\n\n"
     "Run 'keel COMMAND --help' for a command's options.\n";
 
 int fail(const caf::error& err) {
@@ -484,10 +489,80 @@ int history(std::span<char*> args) {
   return 0;
 }
 
+constexpr option template_spec[] = {
+    {"model", "FILE", "the GGUF model (or vocabulary) whose tokenizer.chat_template renders"},
+    {"messages", "FILE.json", "the conversation: an array of {\"role\", \"content\"} objects"},
+    {"chat-template", "FILE", "render this Jinja template instead of the model's"},
+    {"no-generation-prompt", nullptr, "end after the last message (no assistant header)"},
+};
+
+/// A whole file, or an error naming the option and the path.
+caf::expected<std::string> read_whole(const std::string& flag, const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr)
+    return keel::make_error(keel::errc::bad_request,
+                            "--" + flag + " " + path + ": " + std::strerror(errno));
+  std::string out;
+  char buf[65536];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  bool bad = std::ferror(f) != 0;
+  std::fclose(f);
+  if (bad) return keel::make_error(keel::errc::failed, "--" + flag + " " + path + ": read error");
+  return out;
+}
+
+int print_template(std::span<char*> args) {
+  if (keel::cli::wants_help(args)) {
+    std::cout << keel::cli::help_text(
+        "keel template --model FILE --messages FILE.json [OPTIONS]",
+        "Prints the prompt a conversation becomes under the model's chat template "
+        "(tokenizer.chat_template; Keel's default, ChatML, for a model without one), exactly: "
+        "nothing is added after the rendering. bos_token and eos_token are the model's.",
+        template_spec);
+    return 0;
+  }
+  auto opts = keel::cli::options::parse(args, template_spec);
+  if (!opts) return fail(opts.error());
+  for (const char* required : {"model", "messages"})
+    if (!opts->has(required))
+      return fail(keel::make_error(keel::errc::bad_request,
+                                   std::string("template: --") + required + " is required"));
+  auto file = keel::gguf_file::open(opts->get("model"));
+  if (!file) return fail(file.error());
+  auto v = keel::vocab_from_gguf(*file);
+  if (!v) return fail(v.error());
+  std::string text;
+  if (opts->has("chat-template")) {
+    auto t = read_whole("chat-template", opts->get("chat-template"));
+    if (!t) return fail(t.error());
+    text = std::move(*t);
+  } else {
+    auto t = keel::chat_template_of(*file);
+    if (!t) return fail(t.error());
+    text = std::move(t->text);
+  }
+  auto tmpl = keel::chat_template::parse(std::move(text));
+  if (!tmpl) return fail(tmpl.error());
+  auto json = read_whole("messages", opts->get("messages"));
+  if (!json) return fail(json.error());
+  auto messages = keel::chat_messages_from_json(*json, opts->get("messages"));
+  if (!messages) return fail(messages.error());
+  auto prompt = tmpl->render_chat(*messages, !opts->has("no-generation-prompt"),
+                                  keel::special_token_text(*v, v->bos),
+                                  keel::special_token_text(*v, v->eos));
+  if (!prompt) return fail(prompt.error());
+  std::fwrite(prompt->data(), 1, prompt->size(), stdout);
+  return std::fflush(stdout) == 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  constexpr keel::cli::command commands[] = {
-      {"generate", generate}, {"chat", chat}, {"sessions", sessions}, {"history", history}};
+  constexpr keel::cli::command commands[] = {{"generate", generate},
+                                             {"chat", chat},
+                                             {"sessions", sessions},
+                                             {"history", history},
+                                             {"template", print_template}};
   return keel::cli::dispatch(argc, argv, "keel", top_help, commands);
 }

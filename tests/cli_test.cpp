@@ -7,6 +7,8 @@
 #include <fstream>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "tests/test_support.hpp"
 
 namespace {
@@ -163,4 +165,66 @@ BOOST_AUTO_TEST_CASE(engine_benchmark_writes_a_report) {
   BOOST_TEST(text.find("tokens/s lost") != std::string::npos);
   BOOST_TEST(text.find("the same model as --model") != std::string::npos);
   BOOST_TEST(text.find("(exit 0)") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(template_prints_each_reference_conversation_exactly,
+                     *boost::unit_test::precondition(keel::test::needs_shared_data{})) {
+  // `keel template` renders the Qwen vocabulary's own tokenizer.chat_template for the six
+  // reference conversations (../shared/data/templates), and prints exactly the reference
+  // rendering: nothing added after it.
+  keel::test::temp_dir dir("cli_template");
+  auto model = (keel::test::shared_data() / "vocab" / "keel-vocab-qwen.gguf").string();
+  std::ifstream in(keel::test::shared_data() / "templates" / "chat-templates.jsonl");
+  BOOST_REQUIRE(in);
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    auto messages = (dir.path / ("m" + std::to_string(n) + ".json")).string();
+    std::ofstream(messages) << j["messages"].dump();
+    auto out = (dir.path / ("out" + std::to_string(n))).string();
+    auto r = sh("(" + bin("keel") + " template --model " + model + " --messages " + messages +
+                (j["add_generation_prompt"].get<bool>() ? "" : " --no-generation-prompt") +
+                " > " + out + ")");
+    BOOST_TEST_CONTEXT("conversation " << n) {
+      BOOST_TEST(r.status == 0, r.out);
+      BOOST_TEST(slurp(out) == j["expected"].get<std::string>());
+    }
+    ++n;
+  }
+  BOOST_TEST(n == 6);
+}
+
+BOOST_AUTO_TEST_CASE(template_uses_the_default_for_a_model_without_one_and_names_bad_input) {
+  keel::test::temp_dir dir("cli_template_default");
+  auto model = (dir.path / "m.gguf").string();
+  BOOST_REQUIRE(sh(bin("keel-model") + " synth -o " + model + synth_args).status == 0);
+  auto messages = (dir.path / "m.json").string();
+  std::ofstream(messages) << R"([{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Hi"}])";
+  auto out = (dir.path / "out").string();
+  auto r = sh("(" + bin("keel") + " template --model " + model + " --messages " + messages +
+              " > " + out + ")");
+  BOOST_REQUIRE_MESSAGE(r.status == 0, r.out);
+  // ChatML, after the synthetic model's BOS.
+  BOOST_TEST(slurp(out) ==
+             "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+             "<|im_start|>assistant\n");
+  // A template given on the command line wins.
+  auto tmpl = (dir.path / "t.jinja").string();
+  std::ofstream(tmpl) << "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}";
+  r = sh("(" + bin("keel") + " template --model " + model + " --messages " + messages +
+         " --chat-template " + tmpl + " > " + out + ")");
+  BOOST_REQUIRE_MESSAGE(r.status == 0, r.out);
+  BOOST_TEST(slurp(out) == "[system] Be brief.\n[user] Hi\n");
+  // Bad input is named.
+  std::ofstream(messages) << R"([{"role": "user"}])";
+  r = sh(bin("keel") + " template --model " + model + " --messages " + messages);
+  BOOST_TEST(r.status != 0);
+  BOOST_TEST(r.out.find("message 1 has no string 'content'") != std::string::npos, r.out);
+  std::ofstream(tmpl) << "{% if %}";
+  r = sh(bin("keel") + " template --model " + model + " --messages " + messages +
+         " --chat-template " + tmpl);
+  BOOST_TEST(r.status != 0);
+  BOOST_TEST(r.out.find("line 1, column") != std::string::npos, r.out);
 }
