@@ -287,13 +287,16 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     }
     top.push_back(supervisor_child("links", cfg.links_flags, std::move(links), ctx->log));
   }
+  // What the children's start functions and callbacks read of the node (the failover actor's
+  // start reads ctx_, its handlers cfg_ and sessions_) is set once, before the tree starts on
+  // CAF's workers (TSan: an assignment after the spawn raced with the failover actor's start).
+  n->cfg_ = cfg;
+  n->ctx_ = ctx;
+  n->sessions_ = table;
   if (n->own_) {
     // The protocol's host is the root's last child (after the sessions it starts): `kill
     // NODE/ownership` restarts it, and the restarted host recovers from the store. What its
     // callbacks use is in place before it starts.
-    n->cfg_ = cfg;
-    n->ctx_ = ctx;
-    n->sessions_ = table;
     top.push_back(n->ownership_spec());
   }
   n->root_ = spawn_supervisor(sys, cfg.name, cfg.node_flags, std::move(top), ctx->log);
@@ -305,9 +308,6 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
     log->report("node not ready: " + r->down + "; it serves nothing until restarted, and its "
                 "heartbeats tell its peers so");
   });
-  n->cfg_ = std::move(cfg);
-  n->ctx_ = std::move(ctx);
-  n->sessions_ = std::move(table);
   // Recovered sessions start under session_sup with their records (already in the table); a
   // turn that was running resubmits itself with the tokens its log holds.
   for (auto& r : recovered)
