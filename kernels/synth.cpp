@@ -6,6 +6,7 @@
 
 #include "kernels/model.hpp"
 #include "kernels/ops.hpp"
+#include "kernels/pre_tokenizer.hpp"
 
 namespace keel {
 
@@ -88,6 +89,9 @@ caf::error validate(const synth_options& o) {
 
 void add_vocab_metadata(gguf_writer& w, const vocab& v) {
   w.add_string("tokenizer.ggml.model", v.kind == vocab_kind::spm ? "llama" : "gpt2");
+  // The split the vocabulary came with (a copy of a Qwen vocabulary keeps Qwen's).
+  if (v.kind == vocab_kind::bpe)
+    w.add_string("tokenizer.ggml.pre", std::string(pre_tokenizer_name(v.pre)));
   w.add_strings("tokenizer.ggml.tokens", v.tokens);
   if (!v.scores.empty()) w.add_float32s("tokenizer.ggml.scores", v.scores);
   if (!v.types.empty()) {

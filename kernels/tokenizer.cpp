@@ -94,6 +94,28 @@ caf::error read_flag(const gguf_file& f, std::string_view key, bool& flag) {
   return {};
 }
 
+/// Reads `tokenizer.ggml.pre` into `v.pre` (after `v.kind` is known). SentencePiece does not
+/// pre-tokenize, so an spm vocabulary accepts only the converters' "default".
+caf::error read_pre(const gguf_file& f, vocab& v) {
+  constexpr std::string_view key = "tokenizer.ggml.pre";
+  if (!f.find(key)) return {};
+  auto name = f.get_string(key);
+  if (!name) return name.error();
+  if (v.kind == vocab_kind::spm) {
+    if (*name == "default") return {};
+    return bad(f, "key " + std::string(key) + " is \"" + *name +
+                      "\", expected \"default\" (or no key) for a SentencePiece vocabulary");
+  }
+  auto pre = pre_tokenizer_from_name(*name);
+  if (!pre) {
+    return bad(f, "key " + std::string(key) + " is \"" + *name +
+                      "\", a pre-tokenizer Keel does not implement; supported: " +
+                      supported_pre_tokenizer_names() + " (or no key, for GPT-2's)");
+  }
+  v.pre = *pre;
+  return {};
+}
+
 // ---- built-in vocabulary ----------------------------------------------------------------------
 
 // Merges for the built-in vocabulary are learned from this text, so that common English words
@@ -152,6 +174,7 @@ caf::expected<vocab> vocab_from_gguf(const gguf_file& f) {
     return bad(f, "key tokenizer.ggml.model is \"" + *model +
                       "\", expected \"llama\" (SentencePiece) or \"gpt2\" (byte-level BPE)");
   }
+  if (auto err = read_pre(f, v)) return err;
   auto tokens = f.get_array("tokenizer.ggml.tokens", gguf_type::string);
   if (!tokens) return tokens.error();
   v.tokens = (*tokens)->strings;
@@ -212,6 +235,8 @@ caf::expected<vocab> vocab_from_gguf(const gguf_file& f) {
     v.unk = 0;
     v.add_bos = true;
     v.add_space_prefix = true;
+  } else if (v.pre == pre_tokenizer::llama_bpe) {
+    v.add_bos = true;
   }
   struct {
     const char* key;
@@ -380,6 +405,19 @@ tokenizer::tokenizer(vocab v) : vocab_(std::move(v)) {
     byte_ids_[b] = id >= 0 ? id : vocab_.unk;
   }
 
+  if (vocab_.kind == vocab_kind::bpe) {
+    for (size_t i = 0; i < n; ++i) {
+      const auto& t = vocab_.tokens[i];
+      if (vocab_.types[i] == token_type::user_defined && !t.empty())
+        user_defined_by_byte_[static_cast<uint8_t>(t[0])].push_back(static_cast<int32_t>(i));
+    }
+    for (auto& ids : user_defined_by_byte_) {
+      std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
+        return vocab_.tokens[a].size() > vocab_.tokens[b].size();
+      });
+    }
+  }
+
   pieces_.resize(n);
   for (size_t i = 0; i < n; ++i) {
     const auto& t = vocab_.tokens[i];
@@ -541,33 +579,65 @@ void tokenizer::encode_spm(std::string_view text, std::vector<int32_t>& out) con
   }
 }
 
+int32_t tokenizer::user_defined_at(std::string_view text, size_t pos) const {
+  for (auto id : user_defined_by_byte_[static_cast<uint8_t>(text[pos])])
+    if (text.substr(pos).starts_with(vocab_.tokens[id])) return id;
+  return -1;
+}
+
 void tokenizer::encode_bpe(std::string_view text, std::vector<int32_t>& out) const {
+  size_t start = 0;  // of the text not yet encoded
+  for (size_t pos = 0; pos < text.size();) {
+    int32_t id = user_defined_at(text, pos);
+    if (id < 0) {
+      ++pos;
+      continue;
+    }
+    encode_bpe_text(text.substr(start, pos - start), out);
+    out.push_back(id);
+    pos += vocab_.tokens[id].size();
+    start = pos;
+  }
+  encode_bpe_text(text.substr(start), out);
+}
+
+void tokenizer::encode_bpe_text(std::string_view text, std::vector<int32_t>& out) const {
+  for (auto word : pre_tokenize(vocab_.pre, text)) encode_bpe_word(word, out);
+}
+
+void tokenizer::encode_bpe_word(std::string_view word, std::vector<int32_t>& out) const {
   std::string s, buf;
-  for (auto word : gpt2_pretokenize(text)) {
-    s.clear();
-    for (unsigned char b : word) s += gpt2_byte_to_text(b);
-    auto syms = split_chars(s);
-    merge_symbols(syms, [&](const symbol& l, const symbol& r, double& p) {
-      buf.assign(s, l.start, l.len).append(" ").append(s, r.start, r.len);
-      auto it = merge_ranks_.find(buf);
-      if (it == merge_ranks_.end()) return false;
-      p = -static_cast<double>(it->second);
-      return true;
-    });
-    for (auto& sym : syms) {
-      if (sym.len == 0) continue;
-      buf.assign(s, sym.start, sym.len);
-      if (auto it = ids_.find(buf); it != ids_.end()) {
-        out.push_back(it->second);
-        continue;
-      }
-      // Not a token (a vocabulary without this merge result): fall back to single bytes.
-      for (size_t pos = 0; pos < buf.size();) {
-        auto ch = decode_utf8(buf, pos);
-        int b = ch.valid ? gpt2_cp_to_byte(ch.cp) : -1;
-        if (b >= 0 && byte_ids_[b] >= 0) out.push_back(byte_ids_[b]);
-        pos += ch.len;
-      }
+  for (unsigned char b : word) s += gpt2_byte_to_text(b);
+  // Llama 3's tokenizer.json sets `ignore_merges`: a word that is a token is that token, even
+  // where the merges would not reach it.
+  if (vocab_.pre == pre_tokenizer::llama_bpe) {
+    if (auto it = ids_.find(s);
+        it != ids_.end() && vocab_.types[it->second] == token_type::normal) {
+      out.push_back(it->second);
+      return;
+    }
+  }
+  auto syms = split_chars(s);
+  merge_symbols(syms, [&](const symbol& l, const symbol& r, double& p) {
+    buf.assign(s, l.start, l.len).append(" ").append(s, r.start, r.len);
+    auto it = merge_ranks_.find(buf);
+    if (it == merge_ranks_.end()) return false;
+    p = -static_cast<double>(it->second);
+    return true;
+  });
+  for (auto& sym : syms) {
+    if (sym.len == 0) continue;
+    buf.assign(s, sym.start, sym.len);
+    if (auto it = ids_.find(buf); it != ids_.end()) {
+      out.push_back(it->second);
+      continue;
+    }
+    // Not a token (a vocabulary without this merge result): fall back to single bytes.
+    for (size_t pos = 0; pos < buf.size();) {
+      auto ch = decode_utf8(buf, pos);
+      int b = ch.valid ? gpt2_cp_to_byte(ch.cp) : -1;
+      if (b >= 0 && byte_ids_[b] >= 0) out.push_back(byte_ids_[b]);
+      pos += ch.len;
     }
   }
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "base/error.hpp"
+#include "kernels/pre_tokenizer.hpp"
 
 namespace keel {
 
@@ -37,7 +38,8 @@ struct vocab {
   std::vector<std::string> tokens;  // spm: "▁" stands for a space; bpe: GPT-2 byte-mapped text
   std::vector<float> scores;        // spm merge priorities (higher merges first)
   std::vector<token_type> types;
-  std::vector<std::string> merges;  // bpe only: "left right", highest priority first
+  std::vector<std::string> merges;          // bpe only: "left right", highest priority first
+  pre_tokenizer pre = pre_tokenizer::gpt2;  // bpe only: how text is split into words
   int32_t bos = -1;
   int32_t eos = -1;
   int32_t unk = -1;
@@ -48,8 +50,11 @@ struct vocab {
 };
 
 /// Reads the `tokenizer.ggml.*` keys. `tokenizer.ggml.model` must be "llama" (spm) or "gpt2"
-/// (bpe); missing optional keys take llama.cpp's defaults (spm: BOS 1, EOS 2, UNK 0, add BOS,
-/// add a space prefix; gpt2: no BOS added, no space prefix). Errors are `bad_model` and name the
+/// (bpe). `tokenizer.ggml.pre` must be absent or "default" for spm, and absent (GPT-2's split)
+/// or a name `pre_tokenizer_from_name` accepts for bpe; any other value is refused, since the
+/// text would be split differently from the model's training. Missing optional keys take
+/// llama.cpp's defaults (spm: BOS 1, EOS 2, UNK 0, add BOS, add a space prefix; gpt2: no BOS
+/// added, no space prefix, except "llama-bpe": add BOS). Errors are `bad_model` and name the
 /// file, the key and the value.
 caf::expected<vocab> vocab_from_gguf(const gguf_file& file);
 
@@ -71,9 +76,12 @@ class tokenizer {
   explicit tokenizer(vocab v);
 
   /// The ids of `text`, preceded by BOS when `add_bos` is true and the vocabulary has one.
-  /// Special-token text (e.g. "<s>" inside `text`) is not recognised; it is encoded as text.
-  /// Follows llama.cpp: spm merges by score with byte fallback, bpe splits with the GPT-2 regex
-  /// and merges by rank.
+  /// Control-token text (e.g. "<s>" or "<|im_start|>" inside `text`) is not recognised; it is
+  /// encoded as text. Follows llama.cpp and Hugging Face: spm merges by score with byte
+  /// fallback; bpe first cuts out the text of user-defined tokens (such as Qwen's "<think>";
+  /// the leftmost match, the longest token at a position), splits the rest with the
+  /// vocabulary's `pre_tokenizer`, and merges each word by rank ("llama-bpe" first takes a word
+  /// that is a token whole, as Llama 3's `ignore_merges` says).
   std::vector<int32_t> encode(std::string_view text, bool add_bos) const;
 
   /// The bytes that token `id` stands for: "▁" becomes ' ', byte tokens give their byte, GPT-2
@@ -96,6 +104,9 @@ class tokenizer {
  private:
   void encode_spm(std::string_view text, std::vector<int32_t>& out) const;
   void encode_bpe(std::string_view text, std::vector<int32_t>& out) const;
+  void encode_bpe_text(std::string_view text, std::vector<int32_t>& out) const;
+  void encode_bpe_word(std::string_view word, std::vector<int32_t>& out) const;
+  int32_t user_defined_at(std::string_view text, size_t pos) const;
   int32_t find(std::string_view text) const;
 
   vocab vocab_;
@@ -103,6 +114,8 @@ class tokenizer {
   std::unordered_map<std::string, int32_t> merge_ranks_;  // key: "left right"
   std::array<int32_t, 256> byte_ids_;                     // fallback token of each byte, or -1
   std::vector<std::string> pieces_;                       // token_text of each id
+  // bpe: the user-defined tokens whose text starts with each byte, longest text first.
+  std::array<std::vector<int32_t>, 256> user_defined_by_byte_;
 };
 
 /// Streaming decode for generated tokens: `push` returns the text that became complete. Bytes of

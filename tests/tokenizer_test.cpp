@@ -43,11 +43,13 @@ std::string show_ids(const std::vector<int32_t>& ids) {
   return s;
 }
 
-std::string escaped(const std::string& s) {
+std::string escaped(std::string_view s) {
   std::string out;
   for (unsigned char c : s) {
     if (c == '\n')
       out += "\\n";
+    else if (c == '\r')
+      out += "\\r";
     else if (c == '\t')
       out += "\\t";
     else
@@ -56,8 +58,8 @@ std::string escaped(const std::string& s) {
   return out;
 }
 
-/// Checks every string of NAME.inp against its line in NAME.out.
-void check_vectors(const std::string& name) {
+/// Checks every string of NAME.inp against its line in NAME.out; the files hold `count` strings.
+void check_vectors(const std::string& name, size_t count) {
   auto tok = load_gguf_tokenizer(name);
   auto dir = test::shared_data() / "vocab";
   auto inp = read_file(dir / (name + ".inp"));
@@ -80,7 +82,7 @@ void check_vectors(const std::string& name) {
     for (int32_t id; ids >> id;) expected.back().push_back(id);
   }
   BOOST_REQUIRE_EQUAL(texts.size(), expected.size());
-  BOOST_REQUIRE_GT(texts.size(), 40u);
+  BOOST_REQUIRE_EQUAL(texts.size(), count);
 
   size_t passed = 0;
   for (size_t i = 0; i < texts.size(); ++i) {
@@ -169,6 +171,45 @@ gguf_writer small_gguf(const std::string& model) {
   return w;
 }
 
+/// A byte-level BPE vocabulary in GGUF form: ids 0..4 "a", "b", "c", "ab", "abc"; 5 "<x>" and
+/// 6 "<x" (user-defined); 7 "<|c|>" (control); 8..10 "<", ">", "|". One merge, "a b", so "abc"
+/// is a token that no merge reaches.
+gguf_writer small_bpe_gguf() {
+  gguf_writer w;
+  w.add_string("tokenizer.ggml.model", "gpt2");
+  w.add_strings("tokenizer.ggml.tokens",
+                {"a", "b", "c", "ab", "abc", "<x>", "<x", "<|c|>", "<", ">", "|"});
+  w.add_int32s("tokenizer.ggml.token_type", {1, 1, 1, 1, 1, 4, 4, 3, 1, 1, 1});
+  w.add_strings("tokenizer.ggml.merges", {"a b"});
+  return w;
+}
+
+std::vector<std::string> words_of(pre_tokenizer p, std::string_view text) {
+  auto words = pre_tokenize(p, text);
+  return {words.begin(), words.end()};
+}
+
+std::string show_words(const std::vector<std::string>& words) {
+  std::string s = "[";
+  for (auto& w : words) s += (s.size() > 1 ? "|" : "") + escaped(w);
+  return s + "]";
+}
+
+/// Checks that `p` splits `text` into `expected`.
+void check_split(pre_tokenizer p, std::string_view text, const std::vector<std::string>& expected) {
+  auto got = words_of(p, text);
+  BOOST_CHECK_MESSAGE(got == expected, pre_tokenizer_name(p)
+                                           << " splits \"" << escaped(text) << "\" as "
+                                           << show_words(got) << ", expected "
+                                           << show_words(expected));
+}
+
+/// Checks a split that "llama-bpe" and "qwen2" agree on.
+void check_split_both(std::string_view text, const std::vector<std::string>& expected) {
+  check_split(pre_tokenizer::llama_bpe, text, expected);
+  check_split(pre_tokenizer::qwen2, text, expected);
+}
+
 caf::expected<vocab> vocab_of(const gguf_writer& w, const std::string& name) {
   auto image = w.serialize();
   auto file = gguf_file::parse(name, image.data(), image.size());
@@ -180,12 +221,17 @@ caf::expected<vocab> vocab_of(const gguf_writer& w, const std::string& name) {
 
 BOOST_AUTO_TEST_CASE(spm_vocab_matches_llama_cpp_reference_vectors,
                      *utf::precondition(test::needs_shared_data{})) {
-  check_vectors("ggml-vocab-llama-spm.gguf");
+  check_vectors("ggml-vocab-llama-spm.gguf", 46);
 }
 
 BOOST_AUTO_TEST_CASE(gpt2_vocab_matches_llama_cpp_reference_vectors,
                      *utf::precondition(test::needs_shared_data{})) {
-  check_vectors("ggml-vocab-gpt-2.gguf");
+  check_vectors("ggml-vocab-gpt-2.gguf", 46);
+}
+
+BOOST_AUTO_TEST_CASE(qwen_vocab_matches_reference_vectors,
+                     *utf::precondition(test::needs_shared_data{})) {
+  check_vectors("keel-vocab-qwen.gguf", 37);
 }
 
 BOOST_AUTO_TEST_CASE(gguf_vocabs_take_llama_cpp_defaults,
@@ -210,7 +256,15 @@ BOOST_AUTO_TEST_CASE(gguf_vocabs_take_llama_cpp_defaults,
   BOOST_CHECK(!gpt2.vocabulary().add_bos);
   BOOST_CHECK_EQUAL(gpt2.vocabulary().merges.size(), 50000u);
   BOOST_CHECK_EQUAL(gpt2.token_text(18435), " Hello");
-  BOOST_CHECK_EQUAL(gpt2.token_text(50256), "");  // control
+  BOOST_CHECK_EQUAL(gpt2.token_text(50256), "");              // control
+  BOOST_CHECK(gpt2.vocabulary().pre == pre_tokenizer::gpt2);  // its key says "gpt-2"
+
+  auto qwen = load_gguf_tokenizer("keel-vocab-qwen.gguf");
+  BOOST_CHECK(qwen.vocabulary().kind == vocab_kind::bpe);
+  BOOST_CHECK(qwen.vocabulary().pre == pre_tokenizer::qwen2);
+  BOOST_CHECK_EQUAL(qwen.size(), 151936);
+  BOOST_CHECK(!qwen.vocabulary().add_bos);
+  BOOST_CHECK_EQUAL(qwen.eos(), 151645);
 }
 
 BOOST_AUTO_TEST_CASE(decode_inverts_encode_on_all_vocabularies) {
@@ -218,6 +272,7 @@ BOOST_AUTO_TEST_CASE(decode_inverts_encode_on_all_vocabularies) {
   if (std::filesystem::exists(test::shared_data() / "vocab")) {
     check_round_trip(load_gguf_tokenizer("ggml-vocab-llama-spm.gguf"), "llama-spm");
     check_round_trip(load_gguf_tokenizer("ggml-vocab-gpt-2.gguf"), "gpt-2");
+    check_round_trip(load_gguf_tokenizer("keel-vocab-qwen.gguf"), "qwen");
   }
 }
 
@@ -430,4 +485,230 @@ BOOST_AUTO_TEST_CASE(builtin_vocab_survives_a_gguf_round_trip) {
   const std::string text = "The server streams the generated text back to the client.";
   BOOST_CHECK(tokenizer(std::move(*back)).encode(text, true) ==
               tokenizer(std::move(v)).encode(text, true));
+}
+
+// ---- pre-tokenizers ---------------------------------------------------------------------------
+// The expected words below are derived by hand from the split regexes (see pre_tokenizer.hpp).
+
+BOOST_AUTO_TEST_CASE(llama_bpe_groups_digits_by_three_and_qwen2_splits_each_digit) {
+  using enum pre_tokenizer;
+  check_split(llama_bpe, "12345", {"123", "45"});
+  check_split(qwen2, "12345", {"1", "2", "3", "4", "5"});
+  check_split(gpt2, "12345", {"12345"});
+  check_split(llama_bpe, "1234567 + 89", {"123", "456", "7", " +", " ", "89"});
+  check_split(qwen2, "1234567 + 89", {"1", "2", "3", "4", "5", "6", "7", " +", " ", "8", "9"});
+  check_split(llama_bpe, "3.14", {"3", ".", "14"});
+  check_split(qwen2, "3.14", {"3", ".", "1", "4"});
+  // \p{N} is any number: Arabic-Indic digits (Nd), a Roman numeral (Nl).
+  check_split(llama_bpe, "٣٤٥٦", {"٣٤٥", "٦"});
+  check_split(qwen2, "٣٤٥٦", {"٣", "٤", "٥", "٦"});
+  check_split(llama_bpe, "Ⅻ10", {"Ⅻ10"});
+  check_split(qwen2, "Ⅻ10", {"Ⅻ", "1", "0"});
+  // A digit never prefixes a word, and a word never takes digits.
+  check_split_both("1st x1", {"1", "st", " x", "1"});
+}
+
+BOOST_AUTO_TEST_CASE(llama_bpe_and_qwen2_split_contractions_in_any_case) {
+  check_split_both("I'M", {"I", "'M"});
+  check_split_both("YOU'RE", {"YOU", "'RE"});
+  check_split_both("we'Ve a'lL i'D it'S don'T I'm",
+                   {"we", "'Ve", " a", "'lL", " i", "'D", " it", "'S", " don", "'T", " I", "'m"});
+  check_split_both("'ll", {"'ll"});
+  check_split_both("'re'", {"'re", "'"});
+  // Not a contraction: the apostrophe is the optional character before a word.
+  check_split_both("'x 'em", {"'x", " '", "em"});
+  check_split_both("'", {"'"});
+  // (?i) folds by Unicode: U+017F (long s) folds to s.
+  check_split_both("'ſa", {"'ſ", "a"});
+  // GPT-2's contractions are lower case only.
+  check_split(pre_tokenizer::gpt2, "I'M", {"I", "'", "M"});
+}
+
+BOOST_AUTO_TEST_CASE(llama_bpe_and_qwen2_let_one_non_letter_lead_a_word) {
+  check_split_both("(hello)", {"(hello", ")"});
+  check_split_both("..world", {"..", "world"});
+  check_split_both("$value", {"$value"});
+  check_split_both("a+b=c", {"a", "+b", "=c"});
+  check_split_both("snake_case", {"snake", "_case"});
+  check_split_both("\tword", {"\tword"});
+  check_split_both(" word", {" word"});
+  check_split_both("\nword", {"\n", "word"});  // a newline never leads a word
+  check_split_both("\rword", {"\r", "word"});
+}
+
+BOOST_AUTO_TEST_CASE(llama_bpe_and_qwen2_leave_the_last_space_of_a_run_to_the_next_word) {
+  check_split_both("a   b  ", {"a", "  ", " b", "  "});
+  check_split_both("   ", {"   "});
+  check_split_both(" ", {" "});
+  check_split_both("a \tb", {"a", " ", "\tb"});
+  check_split_both(" 7", {" ", "7"});  // a space never leads a number
+  check_split_both("  !", {" ", " !"});
+  check_split_both("", {});
+}
+
+BOOST_AUTO_TEST_CASE(llama_bpe_and_qwen2_end_whitespace_runs_after_their_last_newline) {
+  check_split_both("a\n\nb", {"a", "\n\n", "b"});
+  check_split_both("a\r\nb", {"a", "\r\n", "b"});
+  check_split_both("\n\n\n", {"\n\n\n"});
+  check_split_both("x \n\n  y", {"x", " \n\n", " ", " y"});
+  check_split_both("a\n \n b", {"a", "\n \n", " b"});
+  check_split_both("hi\n   ", {"hi", "\n", "   "});
+  check_split_both("end\n", {"end", "\n"});
+}
+
+BOOST_AUTO_TEST_CASE(llama_bpe_and_qwen2_keep_newlines_after_punctuation) {
+  check_split_both("end.\n\nNext", {"end", ".\n\n", "Next"});
+  check_split_both("?!\r\n", {"?!\r\n"});
+  check_split_both("a ;\n b", {"a", " ;\n", " b"});
+  check_split_both("}\n\n  }", {"}\n\n", " ", " }"});
+  check_split_both("x:\n\t\ty", {"x", ":\n", "\t", "\ty"});
+}
+
+BOOST_AUTO_TEST_CASE(llama_bpe_and_qwen2_split_non_latin_scripts_by_unicode_class) {
+  check_split_both("Привет мир", {"Привет", " мир"});
+  // In 你好，世界！ the full-width comma leads 世界.
+  check_split_both("你好世界", {"你好世界"});
+  check_split_both("你好，世界！", {"你好", "，世界", "！"});
+  check_split(pre_tokenizer::llama_bpe, "日本語123", {"日本語", "123"});
+  check_split(pre_tokenizer::qwen2, "日本語123", {"日本語", "1", "2", "3"});
+  // In नमस्ते the virama and the vowel sign are marks (Mn), not letters: the virama leads त and
+  // the vowel sign stands alone.
+  check_split_both("नमस्ते", {"नमस", "्त", "े"});
+}
+
+BOOST_AUTO_TEST_CASE(llama_bpe_and_qwen2_treat_emoji_and_symbols_as_punctuation) {
+  check_split_both("hi 😀😀!", {"hi", " 😀😀!"});
+  check_split_both("😀hi", {"😀hi"});
+  check_split_both("👍🏽", {"👍🏽"});  // So, then the skin tone modifier (Sk)
+  check_split_both("👨\u200D👩", {"👨\u200D👩"});  // the zero-width joiner is Cf
+  check_split(pre_tokenizer::llama_bpe, "€100", {"€", "100"});
+  check_split(pre_tokenizer::qwen2, "€100", {"€", "1", "0", "0"});
+  // An invalid byte is a character of no class: it may lead a word.
+  check_split_both("\377abc \303", {"\377abc", " \303"});
+}
+
+BOOST_AUTO_TEST_CASE(pre_tokenizers_cover_every_byte_exactly_once) {
+  std::vector<std::string> cases = {"Hello, y'all! 1234 \xF0\x9F\x98\x81\r\n\n  \t x",
+                                    "\xE2\x82\xAC\xE2\x82 \xC3\xA9\xFF\xFE"};
+  uint32_t seed = 7;
+  const std::vector<std::string> alphabet = {
+      "a", "Z", "1",      " ",      "\n",         "\r",     "\t",   "'",      "s",
+      "!", ".", "\u00E9", "\u4E16", "\U0001F600", "\u0663", "\377", "\u200D", "\u094D"};
+  for (int i = 0; i < 300; ++i) {
+    std::string s;
+    for (int j = 0; j < 30; ++j) {
+      seed = seed * 1664525u + 1013904223u;
+      s += alphabet[(seed >> 16) % alphabet.size()];
+    }
+    cases.push_back(s);
+  }
+  for (auto p : {pre_tokenizer::gpt2, pre_tokenizer::llama_bpe, pre_tokenizer::qwen2}) {
+    for (auto& s : cases) {
+      std::string joined;
+      bool none_empty = true;
+      for (auto w : pre_tokenize(p, s)) {
+        joined.append(w);
+        none_empty = none_empty && !w.empty();
+      }
+      BOOST_CHECK_MESSAGE(joined == s && none_empty,
+                          pre_tokenizer_name(p) << " loses or repeats bytes of \"" << escaped(s)
+                                                << "\": " << show_words(words_of(p, s)));
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(pre_tokenizer_names_are_the_gguf_values) {
+  for (auto p : {pre_tokenizer::gpt2, pre_tokenizer::llama_bpe, pre_tokenizer::qwen2}) {
+    auto back = pre_tokenizer_from_name(pre_tokenizer_name(p));
+    BOOST_CHECK(back && *back == p);
+  }
+  BOOST_CHECK_EQUAL(pre_tokenizer_name(pre_tokenizer::llama_bpe), "llama-bpe");
+  BOOST_CHECK(!pre_tokenizer_from_name("default"));
+  BOOST_CHECK(!pre_tokenizer_from_name("Qwen2"));
+}
+
+BOOST_AUTO_TEST_CASE(vocab_from_gguf_reads_the_pre_tokenizer) {
+  auto none = vocab_of(small_bpe_gguf(), "none.gguf");
+  BOOST_REQUIRE_MESSAGE(none, why(none));
+  BOOST_CHECK(none->pre == pre_tokenizer::gpt2);
+  BOOST_CHECK(!none->add_bos);
+  for (auto p : {pre_tokenizer::gpt2, pre_tokenizer::llama_bpe, pre_tokenizer::qwen2}) {
+    auto w = small_bpe_gguf();
+    w.add_string("tokenizer.ggml.pre", std::string(pre_tokenizer_name(p)));
+    auto v = vocab_of(w, "pre.gguf");
+    BOOST_REQUIRE_MESSAGE(v, why(v));
+    BOOST_CHECK(v->pre == p);
+    // llama.cpp's default for Llama 3 is to add BOS; the file's key still decides.
+    BOOST_CHECK_EQUAL(v->add_bos, p == pre_tokenizer::llama_bpe);
+  }
+  auto w = small_bpe_gguf();
+  w.add_string("tokenizer.ggml.pre", "llama-bpe");
+  w.add_bool("tokenizer.ggml.add_bos_token", false);
+  auto v = vocab_of(w, "nobos.gguf");
+  BOOST_REQUIRE_MESSAGE(v, why(v));
+  BOOST_CHECK(!v->add_bos);
+
+  auto spm = small_gguf("llama");
+  spm.add_string("tokenizer.ggml.pre", "default");
+  auto s = vocab_of(spm, "spm.gguf");
+  BOOST_REQUIRE_MESSAGE(s, why(s));
+}
+
+BOOST_AUTO_TEST_CASE(vocab_from_gguf_refuses_an_unknown_pre_tokenizer) {
+  auto w = small_bpe_gguf();
+  w.add_string("tokenizer.ggml.pre", "deepseek-llm");
+  auto v = vocab_of(w, "deepseek.gguf");
+  BOOST_REQUIRE(!v);
+  BOOST_CHECK(code_of(v.error()) == errc::bad_model);
+  auto msg = message_of(v.error());
+  BOOST_TEST_MESSAGE(msg);
+  for (auto part : {"deepseek.gguf", "tokenizer.ggml.pre", "\"deepseek-llm\"", "\"gpt-2\"",
+                    "\"llama-bpe\"", "\"qwen2\""})
+    BOOST_CHECK_MESSAGE(msg.find(part) != std::string::npos, msg << " does not name " << part);
+
+  // SentencePiece does not pre-tokenize: a BPE pre-tokenizer on it is a converter's mistake.
+  auto spm = small_gguf("llama");
+  spm.add_string("tokenizer.ggml.pre", "qwen2");
+  auto s = vocab_of(spm, "spm.gguf");
+  BOOST_REQUIRE(!s);
+  BOOST_CHECK(code_of(s.error()) == errc::bad_model);
+  BOOST_CHECK(message_of(s.error()).find("\"qwen2\"") != std::string::npos);
+  BOOST_CHECK(message_of(s.error()).find("spm.gguf") != std::string::npos);
+
+  auto typed = small_bpe_gguf();
+  typed.add_uint32("tokenizer.ggml.pre", 2);
+  auto t = vocab_of(typed, "typed.gguf");
+  BOOST_REQUIRE(!t);
+  BOOST_CHECK(code_of(t.error()) == errc::bad_model);
+  BOOST_CHECK(message_of(t.error()).find("tokenizer.ggml.pre") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(llama_bpe_takes_a_word_that_is_a_token_whole) {
+  for (auto p : {pre_tokenizer::gpt2, pre_tokenizer::llama_bpe, pre_tokenizer::qwen2}) {
+    auto w = small_bpe_gguf();
+    w.add_string("tokenizer.ggml.pre", std::string(pre_tokenizer_name(p)));
+    auto v = vocab_of(w, "small.gguf");
+    BOOST_REQUIRE_MESSAGE(v, why(v));
+    tokenizer tok(std::move(*v));
+    // Merges give "ab" "c"; Llama 3's ignore_merges takes the token "abc".
+    auto want =
+        p == pre_tokenizer::llama_bpe ? std::vector<int32_t>{4} : std::vector<int32_t>{3, 2};
+    BOOST_CHECK_MESSAGE(tok.encode("abc", false) == want,
+                        pre_tokenizer_name(p) << ": abc is" << show_ids(tok.encode("abc", false)));
+    // A word that is no token is merged as usual.
+    BOOST_CHECK(tok.encode("abcab", false) == (std::vector<int32_t>{3, 2, 3}));
+  }
+}
+
+BOOST_AUTO_TEST_CASE(bpe_matches_user_defined_tokens_whole_but_not_control_tokens) {
+  auto v = vocab_of(small_bpe_gguf(), "small.gguf");
+  BOOST_REQUIRE_MESSAGE(v, why(v));
+  tokenizer tok(std::move(*v));
+  BOOST_CHECK(tok.encode("a<x>b", false) == (std::vector<int32_t>{0, 5, 1}));
+  BOOST_CHECK(tok.encode("<x><x>", false) == (std::vector<int32_t>{5, 5}));
+  BOOST_CHECK(tok.encode("<<x>>", false) == (std::vector<int32_t>{8, 5, 9}));
+  BOOST_CHECK(tok.encode("<xa", false) == (std::vector<int32_t>{6, 0}));  // the longest that fits
+  // Control text is text: "<|", "c", "|>".
+  BOOST_CHECK(tok.encode("<|c|>", false) == (std::vector<int32_t>{8, 10, 2, 10, 9}));
+  BOOST_CHECK_EQUAL(tok.decode(tok.encode("a<x>b<x", false)), "a<x>b<x");
 }
