@@ -85,13 +85,6 @@ std::string parse_error(std::string_view text) {
   return describe(t.error());
 }
 
-std::string read_file(const std::filesystem::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  BOOST_REQUIRE_MESSAGE(in, "cannot open " << p);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 }  // namespace
 
@@ -783,7 +776,7 @@ BOOST_AUTO_TEST_CASE(render_chat_passes_messages_tokens_and_extra_variables) {
 // ---- real templates ----------------------------------------------------------------------------
 
 BOOST_AUTO_TEST_CASE(qwen3_template_file_parses, *utf::precondition(test::needs_shared_data{})) {
-  auto text = read_file(test::shared_data() / "templates" / "qwen3.jinja");
+  auto text = test::read_file(test::shared_data() / "templates" / "qwen3.jinja");
   auto t = chat_template::parse(text);
   BOOST_REQUIRE_MESSAGE(t, test::why(t));
   auto out = t->render_chat(std::vector<chat_message>{{"user", "Hello!", {}}}, true, std::nullopt,
@@ -821,7 +814,8 @@ BOOST_AUTO_TEST_CASE(reference_conversations_render_byte_for_byte,
 
 BOOST_AUTO_TEST_CASE(qwen3_renders_tools_reasoning_and_tool_calls,
                      *utf::precondition(test::needs_shared_data{})) {
-  auto t = chat_template::parse(read_file(test::shared_data() / "templates" / "qwen3.jinja"));
+  auto t =
+      chat_template::parse(test::read_file(test::shared_data() / "templates" / "qwen3.jinja"));
   BOOST_REQUIRE_MESSAGE(t, test::why(t));
   auto conversation = json::parse(R"({
     "messages": [

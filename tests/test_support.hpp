@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <sstream>
 #include <string>
 
 #include <arpa/inet.h>
@@ -30,6 +31,15 @@ std::string why(const caf::expected<T>& x) {
 }
 
 /// ../shared/data beside the checkout (see ../shared/data/README.md).
+/// The whole file at `p` (the test fails when it cannot be opened).
+inline std::string read_file(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  BOOST_REQUIRE_MESSAGE(in, "cannot open " << p);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
 inline std::filesystem::path shared_data() {
   return KEEL_SHARED_DATA;
 }

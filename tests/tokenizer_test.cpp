@@ -21,13 +21,6 @@ std::string why(const caf::expected<T>& x) {
   return x ? std::string("ok") : describe(x.error());
 }
 
-std::string read_file(const std::filesystem::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  BOOST_REQUIRE_MESSAGE(in, "cannot open " << p);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 tokenizer load_gguf_tokenizer(const std::string& name) {
   auto file = gguf_file::open((test::shared_data() / "vocab" / name).string());
@@ -62,8 +55,8 @@ std::string escaped(std::string_view s) {
 void check_vectors(const std::string& name, size_t count) {
   auto tok = load_gguf_tokenizer(name);
   auto dir = test::shared_data() / "vocab";
-  auto inp = read_file(dir / (name + ".inp"));
-  auto outp = read_file(dir / (name + ".out"));
+  auto inp = test::read_file(dir / (name + ".inp"));
+  auto outp = test::read_file(dir / (name + ".out"));
 
   // llama.cpp's convention: each string is followed by "\n__ggml_vocab_test__\n".
   const std::string sep = "\n__ggml_vocab_test__\n";
