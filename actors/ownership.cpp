@@ -88,6 +88,7 @@ void ownership::recover(std::map<std::string, stored_session> stored, bool damag
   last_grant_.clear();
   claims_sent_.clear();
   claimed_.clear();
+  serving_.clear();
   started_at_ = env_.now();
   last_heartbeat_ = 0;
   if (amnesia_)
@@ -169,11 +170,23 @@ void ownership::learn(const std::string& session, const ballot& b) {
   // majority (keel-sim seed 782548 lost an acknowledged turn so, with a failing disk and a
   // crash).
   auto saved = st;
+  // Promising b here owes what a promise to b's candidate owes: b's owner may serve only once
+  // this node's last grant to the previous owner has run out (`hold()`). Without this, a member
+  // that had granted the old owner and learned the new ballot from a refusal answered the new
+  // owner's prepare as a repeat, with no wait (keel-sim seed 302406 --damage, with members
+  // refusing candidates while the owner is alive: two owners at once).
+  auto previous = st.promised.owner;
+  int64_t until = 0;
+  if (!previous.empty() && previous != b.owner) {
+    auto g = last_grant_.find(previous);
+    if (g != last_grant_.end()) until = g->second + cfg_.timing.hold();
+  }
   promise_to(session, b);
   if (!persist(session, true)) {
     stored(session) = saved;
     return;
   }
+  hold_until_[session] = std::max(hold_until_[session], until);
   // Heard of just now: the new owner gets a suspect time to claim it here before this node
   // counts it silent (its last claim here may be long ago, or by the previous owner).
   claimed_[session] = env_.now();
@@ -197,9 +210,22 @@ void ownership::on_heartbeat(const std::string& from, const heartbeat_msg& m) {
     if (b.owner == from && b > stored(s).promised) learn(s, b);
     auto i = stored_.find(s);
     r.promised.push_back(i == stored_.end() ? ballot{} : i->second.promised);
-    if (r.promised.back() == b) last_grant_[from] = claimed_[s] = env_.now();
+    if (r.promised.back() == b) last_grant_[from] = claimed_[s] = serving_[s] = env_.now();
   }
   env_.send(from, std::move(r));
+}
+
+bool ownership::disturbs(const std::string& session, const ballot& b, int64_t now) {
+  if (cfg_.rule == ownership_rule::view) return false;
+  auto& st = stored(session);
+  if (st.promised.owner.empty() || st.promised.owner == b.owner) return false;
+  // This node owns it and holds the lease.
+  if (st.promised.owner == cfg_.self) return may_serve(session);
+  // The promised owner claimed it here as its owner (a heartbeat this node granted, or a write)
+  // within suspect_after. A mere candidate's prepare does not count: two candidates each
+  // holding one member would refuse each other for ever.
+  auto c = serving_.find(session);
+  return c != serving_.end() && now - c->second < cfg_.timing.suspect_after;
 }
 
 void ownership::on_prepare(const std::string& from, const prepare_msg& m) {
@@ -230,6 +256,11 @@ void ownership::on_prepare(const std::string& from, const prepare_msg& m) {
     // Restarted: this node forgot whom it granted leases, so it cannot say how long to wait.
     r.starting = true;
     r.promised = st.promised;
+  } else if (m.b > st.promised && disturbs(m.session, m.b, now)) {
+    // The promised owner is alive and reaches this member (CheckQuorum): a candidate that
+    // cannot hear it (cut off, just back from a partition) does not take the session from it.
+    // Refusing a promise is always safe; the candidate tries again once the owner is silent.
+    r.promised = st.promised;
   } else if (m.b > st.promised || (m.b == st.promised && m.b.owner == from)) {
     bool fresh = m.b != st.promised;
     if (fresh) {
@@ -248,7 +279,10 @@ void ownership::on_prepare(const std::string& from, const prepare_msg& m) {
         env_.send(from, std::move(r));
         return;
       }
-      hold_until_[m.session] = until;
+      // Kept at its latest: a member that promised one candidate and then a higher one still
+      // owes the wait for the grants it gave before either (the previous owner's lease), not
+      // only for the grants to the candidate it promised last (which has none).
+      hold_until_[m.session] = std::max(hold_until_[m.session], until);
     }
     // A repeated prepare (a duplicate, or one sent again) gets the same wait as the first.
     auto h = hold_until_.find(m.session);
@@ -299,7 +333,10 @@ void ownership::on_write(const std::string& from, const write_msg& m) {
   // session back (its acknowledgement would stand for copies it may have forgotten).
   r.ok = ok && votes(m.session);
   r.disk_failed = !ok;
-  if (m.b.owner == from) last_grant_[from] = claimed_[m.session] = env_.now();
+  if (m.b.owner == from) {
+    last_grant_[from] = claimed_[m.session] = env_.now();
+    if (r.ok && m.b == stored(m.session).promised) serving_[m.session] = env_.now();
+  }
   env_.send(from, std::move(r));
 }
 
@@ -317,7 +354,15 @@ void ownership::on_heartbeat_reply(const std::string& from, const heartbeat_repl
     seen_[s] = std::max(seen_[s], p.epoch);
     auto o = owned_.find(s);
     if (o == owned_.end() || o->second.b != b) continue;
-    if (p > b) {
+    if (p > b && p.owner == from && p.owner != cfg_.self && lease_valid(s, o->second)) {
+      // The answerer promised itself (a candidacy of its own while it could not hear this
+      // owner, say across a partition) and nobody else: this owner, still granted by a
+      // majority, takes the session again at a ballot above that one, rather than giving a
+      // healthy session up to a member that just came back. (That member cannot undo its
+      // promise, and would grant this owner nothing more at the old ballot.)
+      seen_[s] = std::max(seen_[s], p.epoch);
+      acquire(s, false, {});
+    } else if (p > b) {
       learn(s, p);
       lose(s);
     } else if (p == b) {
@@ -737,7 +782,15 @@ void ownership::tick() {
       heartbeat_msg h{now, {}};
       for (auto& [s, o] : owned_) {
         auto& g = group(s);
-        if (std::find(g.begin(), g.end(), m.name) != g.end()) h.claims.emplace_back(s, o.b);
+        if (std::find(g.begin(), g.end(), m.name) == g.end()) continue;
+        // An owner whose lease lapsed suspect_after ago (it can send but hears no grant back)
+        // stops claiming, so that the members it still reaches stop refusing other candidates
+        // for its sake (`disturbs`) and the group can move on.
+        if (o.ready && cfg_.rule != ownership_rule::view) {
+          auto until = serve_until(s);
+          if (until == INT64_MIN || until + t.suspect_after < now) continue;
+        }
+        h.claims.emplace_back(s, o.b);
       }
       auto& sent = claims_sent_[m.name];
       sent[now] = h.claims;

@@ -324,6 +324,10 @@ class ownership {
   // Acceptor side.
   void on_heartbeat(const std::string& from, const heartbeat_msg& m);
   void on_prepare(const std::string& from, const prepare_msg& m);
+  /// Whether promising `b` for `session` now would take it from an owner that is alive: this
+  /// node's promised owner (not b's) holds the lease here, or claimed it here within
+  /// suspect_after.
+  bool disturbs(const std::string& session, const ballot& b, int64_t now);
   void on_write(const std::string& from, const write_msg& m);
   /// Another member's answer shows a promise `b` above this node's: promise it too.
   void learn(const std::string& session, const ballot& b);
@@ -361,6 +365,9 @@ class ownership {
   std::map<std::string, int64_t> last_grant_;
   /// Per session: when its promised owner last claimed it here (heartbeat, prepare, write).
   std::map<std::string, int64_t> claimed_;
+  /// Per session: when its promised owner last claimed it here as its owner (a heartbeat this
+  /// node granted, or a write): what `disturbs` asks.
+  std::map<std::string, int64_t> serving_;
   /// Per session: until when (this node's clock) a promise must make its candidate wait.
   std::map<std::string, int64_t> hold_until_;
   std::map<std::string, uint64_t> seen_;  // session -> highest epoch heard of

@@ -114,4 +114,13 @@ BOOST_AUTO_TEST_CASE(a_member_whose_store_was_damaged_votes_only_after_reading_b
   }
   BOOST_TEST(faults > 3000u);
   BOOST_TEST(turns > 3000u);
+  // With members refusing candidates while the owner is alive, a member that had granted the
+  // owner and learned the new ballot from a refusal answered the new owner's prepare as a
+  // repeat, with no wait: two owners at once. A learned promise owes the same wait as a
+  // promise given (ownership::learn).
+  keel::sim::options o;
+  o.seed = 302406;
+  o.damage = true;
+  auto r = keel::sim::run(o);
+  BOOST_TEST(r.ok, "seed 302406 --damage: " << r.guarantee << ": " << r.detail);
 }
