@@ -30,6 +30,15 @@ session_table::handle& session_table::slot_for(const std::string& id) {
   return h;
 }
 
+namespace {
+
+/// The refusal of a write to a session another node took over.
+caf::error moved_away(const std::string& id) {
+  return make_error(errc::stale_epoch, "session " + id + ": another node owns it now; resume there");
+}
+
+}  // namespace
+
 caf::error session_table::write_store(slot& sl, const session_record& r, change c) {
   auto* store = store_.load();
   if (store == nullptr || c == change::memory) return {};
@@ -77,8 +86,7 @@ caf::error session_table::put(const session_record& r, change c) {
     {
       std::lock_guard<std::mutex> guard(mu_);
       if (dropped_.count(r.id) > 0)
-        return make_error(errc::stale_epoch,
-                          "session " + r.id + ": another node owns it now; resume there");
+        return moved_away(r.id);
       auto& h = slot_for(r.id);
       std::lock_guard<std::mutex> g2(h->mu);
       if (!h->rec.id.empty()) previous = h->rec;
@@ -102,8 +110,7 @@ caf::error session_table::put(const session_record& r, change c) {
   }
   std::lock_guard<std::mutex> guard(mu_);
   if (dropped_.count(r.id) > 0)
-    return make_error(errc::stale_epoch,
-                      "session " + r.id + ": another node owns it now; resume there");
+    return moved_away(r.id);
   auto& h = slot_for(r.id);
   std::lock_guard<std::mutex> g2(h->mu);
   // A new turn's log starts empty.
@@ -124,8 +131,7 @@ session_table::handle session_table::handle_of(const std::string& id) const {
 caf::error session_table::put_tokens(const handle& h, const session_record& r) {
   std::lock_guard<std::mutex> guard(h->mu);
   if (h->dropped)
-    return make_error(errc::stale_epoch,
-                      "session " + r.id + ": another node owns it now; resume there");
+    return moved_away(r.id);
   auto& mine = h->rec;
   // The usual case: the same turns, the last one longer. Only its new tokens are copied.
   bool same = !r.turns.empty() && mine.turns.size() == r.turns.size() &&
