@@ -203,7 +203,7 @@ void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
       st.stats.recovery_ms.push_back(
           std::chrono::duration<double, std::milli>(clock_type::now() - st.failed_at).count());
     }
-    if (tok == m.vocabulary().eos)
+    if (is_end_of_generation(m.vocabulary(), tok))  // eos, eot, <|im_end|>...
       finish(self, e.seq, finish_reason::eos);
     else if (static_cast<int32_t>(s.job.generated.size()) >= s.job.max_tokens)
       finish(self, e.seq, finish_reason::length);

@@ -361,6 +361,82 @@ class session_server final : public wire::Session::Server {
         });
   }
 
+  kj::Promise<void> chat(ChatContext ctx) override {
+    if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
+    if (key_)
+      if (auto err = g_.usage.may_generate(*key_))
+        return g_.refuse(err, ctx.getResults().initError());
+    auto p = ctx.getParams();
+    auto refuse = [&](const std::string& why) {
+      set_error(make_error(errc::bad_request, why), ctx.getResults().initError());
+      return kj::READY_NOW;
+    };
+    std::vector<turn_message> messages;
+    size_t bytes = 0;
+    for (auto m : p.getMessages()) {
+      messages.push_back({std::string(m.getRole().cStr(), m.getRole().size()),
+                          std::string(m.getContent().cStr(), m.getContent().size())});
+      bytes += m.getRole().size() + m.getContent().size();
+    }
+    if (bytes > g_.cfg.max_text_bytes)
+      return refuse("the messages have " + std::to_string(bytes) + " bytes, the limit is " +
+                    std::to_string(g_.cfg.max_text_bytes));
+    if (p.getMaxTokens() > static_cast<uint32_t>(INT32_MAX))
+      return refuse("maxTokens must be at most 2147483647, got " +
+                    std::to_string(p.getMaxTokens()));
+    if (!p.hasSink()) return refuse("chat needs a sink");
+    if (p.getTurnGiven() && p.getTurn() > static_cast<uint64_t>(INT64_MAX))
+      return refuse("turn must be at most 9223372036854775807, got " + std::to_string(p.getTurn()));
+    // The turn number the client expects, -1: none (the next one, whatever it is).
+    const int64_t expect = p.getTurnGiven() ? static_cast<int64_t>(p.getTurn()) : -1;
+    auto max_tokens = static_cast<int32_t>(p.getMaxTokens());
+    auto& s = g_.open_stream(id_, p.getSink(), key_);
+    auto sid = s.id;
+    auto relay_actor = s.relay;
+    auto& sys = g_.sys;
+    auto timeout = g_.cfg.call_timeout;
+    // The session renders the turn and checks its length against the context.
+    return g_.find_session(id_)
+        .then([&sys, timeout, messages = std::move(messages), max_tokens, expect, relay_actor](
+                  caf::expected<session_actor> a) -> kj::Promise<caf::expected<sent_turn>> {
+          if (!a) return caf::expected<sent_turn>(std::move(a.error()));
+          auto sess = *a;
+          return wire::in_caf<caf::expected<sent_turn>>(
+              sys,
+              [=](caf::event_based_actor* self, wire::kj_reply<caf::expected<sent_turn>> reply) {
+                self->request(sess, timeout, chat_atom::value, messages, max_tokens, relay_actor,
+                              expect)
+                    .then(
+                        [=](uint64_t turn) {
+                          // The prompt as the session rendered and recorded it.
+                          self->request(sess, timeout, get_atom::value)
+                              .then(
+                                  [=](session_record& r) {
+                                    sent_turn out;
+                                    out.turn = turn;
+                                    if (turn < r.turns.size()) out.prompt = r.turns[turn].user;
+                                    reply(std::move(out));
+                                  },
+                                  [=](caf::error& e) { reply(std::move(e)); });
+                        },
+                        [=](caf::error& e) { reply(std::move(e)); });
+              });
+        })
+        .then([this, ctx, sid](caf::expected<sent_turn> r) mutable {
+          auto res = ctx.getResults();
+          if (!r) {
+            g_.cut(sid, KJ_EXCEPTION(FAILED, "chat failed"), true);
+            set_error(r.error(), res.initError());
+            return;
+          }
+          g_.bind(sid, r->turn);
+          if (key_) g_.usage.charge(*key_, r->prompt.size());
+          res.setTurn(r->turn);
+          list_of<int32_t>(r->prompt, res.initPrompt(static_cast<unsigned>(r->prompt.size())));
+          res.initError().setKind(wire::Error::Kind::NONE);
+        });
+  }
+
   kj::Promise<void> cancel(CancelContext ctx) override {
     ctx.allowCancellation();
     if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());

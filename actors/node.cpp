@@ -11,6 +11,8 @@
 #include <caf/scoped_actor.hpp>
 
 #include "actors/shard_worker.hpp"
+#include "kernels/chat_prompt.hpp"
+#include "kernels/gguf.hpp"
 #include "kernels/engine.hpp"
 #include "kernels/kv_cache.hpp"
 #include "wire/checkpoint.hpp"
@@ -87,6 +89,21 @@ void tune_actor_system(caf::actor_system_config& cfg) {
   cfg.set("work-stealing.moderate-poll-attempts", size_t{1});
 }
 
+namespace {
+
+/// The chat template of model `m`: its GGUF file's `tokenizer.chat_template`, or Keel's default
+/// (also for a llama2.c checkpoint, which has none).
+caf::expected<std::string> model_template(const model& m) {
+  if (m.format().rfind("gguf", 0) != 0) return std::string(default_chat_template);
+  auto file = gguf_file::open(m.path());
+  if (!file) return std::move(file.error());
+  auto t = chat_template_of(*file);
+  if (!t) return std::move(t.error());
+  return std::move(t->text);
+}
+
+}  // namespace
+
 caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_config cfg,
                                                  std::shared_ptr<supervision_log> log,
                                                  node_env env) {
@@ -109,6 +126,20 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   ctx->llm = std::shared_ptr<const model>(std::move(*m));
   ctx->faults = std::make_shared<fault_injector>();
   ctx->log = log ? std::move(log) : std::make_shared<supervision_log>();
+  if (!cfg.chat_template.empty()) {
+    if (auto t = chat_template::parse(cfg.chat_template); !t)
+      return make_error(errc::bad_request, "the chat template given: " + message_of(t.error()));
+    ctx->chat_template = cfg.chat_template;
+  } else {
+    auto t = model_template(*ctx->llm);
+    if (!t) return std::move(t.error());
+    ctx->chat_template = std::move(*t);
+    // A template this node cannot parse refuses chat turns (naming why), not the node.
+    if (auto parsed = chat_template::parse(ctx->chat_template); !parsed)
+      ctx->log->report(cfg.name + ": the model's chat template does not parse; chat turns are "
+                                  "refused until --chat-template gives one: " +
+                       describe(parsed.error()));
+  }
 
   auto group = std::make_shared<engine_group>();
   group->ctx = ctx;

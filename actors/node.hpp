@@ -29,6 +29,10 @@ struct node_config {
   std::string name = "node";
   std::string model_path;
   std::string tokenizer_path;  // llama2.c models only
+  /// The chat template (Jinja text) new chat sessions render with; empty: the model's own
+  /// (`tokenizer.chat_template`), or Keel's default for a model without one. Each session keeps
+  /// the one it started with.
+  std::string chat_template;
   int32_t shards = 1;
   int32_t threads_per_shard = 1;
   uint64_t kv_bytes = 256ull << 20;  // KV budget of the whole node, split across shards

@@ -25,6 +25,10 @@ struct node_context {
   std::string name;  // the root of actor paths ("node")
   std::shared_ptr<const model> llm;
   std::shared_ptr<const tokenizer> tok;
+  /// The chat template a new chat session renders with (and keeps: later turns, and any node
+  /// that takes the session over, use the session's own): keel-node's --chat-template, else
+  /// the model's tokenizer.chat_template, else Keel's default (kernels/chat_prompt.hpp).
+  std::string chat_template;
   std::shared_ptr<fault_injector> faults;
   std::shared_ptr<supervision_log> log;
   /// With peers (the ownership protocol): the node's host (invalid while it restarts), which the

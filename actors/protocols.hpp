@@ -29,6 +29,9 @@
 #include "actors/messages.hpp"
 #include "actors/ownership.hpp"
 #include "actors/supervisor.hpp"
+#include "base/turn_message.hpp"
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::vector<keel::turn_message>)
 
 namespace keel {
 
@@ -61,6 +64,8 @@ struct session_record;  // session.hpp
 
 /// A session actor (session.hpp): the batcher's `sequence_sink_actor`, and
 /// - `(send_atom, text, max_tokens, turn_sink_actor sink[, int64_t expect]) -> uint64_t turn`;
+/// - `(chat_atom, messages, max_tokens, turn_sink_actor sink, int64_t expect) -> uint64_t turn`:
+///   a chat turn, rendered with the session's chat template;
 /// - `(resume_atom, turn, from_index, turn_sink_actor sink[, std::vector<int32_t> held])
 ///   -> bool`;
 /// - `(cancel_atom)`, `(get_atom) -> session_record`, `(history_atom) -> each turn's tokens`;
@@ -70,6 +75,8 @@ struct session_record;  // session.hpp
 using session_actor = sequence_sink_actor::extend<
     caf::replies_to<send_atom, std::string, int32_t, turn_sink_actor>::with<uint64_t>,
     caf::replies_to<send_atom, std::string, int32_t, turn_sink_actor, int64_t>::with<uint64_t>,
+    caf::replies_to<chat_atom, std::vector<turn_message>, int32_t, turn_sink_actor,
+                    int64_t>::with<uint64_t>,
     caf::replies_to<resume_atom, uint64_t, int64_t, turn_sink_actor>::with<bool>,
     caf::replies_to<resume_atom, uint64_t, int64_t, turn_sink_actor,
                     std::vector<int32_t>>::with<bool>,

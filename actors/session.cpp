@@ -10,6 +10,7 @@
 
 #include "actors/let_it_crash.hpp"
 #include "actors/session_copy.hpp"
+#include "kernels/chat_prompt.hpp"
 
 namespace keel {
 
@@ -30,6 +31,9 @@ struct session_state {
   ownership_actor host;
   uint64_t group_turn = 0;
   size_t group_sent = 0;
+  /// The session's chat template, parsed (of the text `template_text`) at its first chat turn.
+  std::string template_text;
+  std::optional<chat_template> tmpl;
   static inline const char* name = "session";
 };
 
@@ -63,8 +67,7 @@ void submit(self_ptr self) {
   // write of its end) ends here: the batcher checks the limit after each token it makes, so it
   // would make one more (chaos_test saw a 33rd token of a 32-token turn, which then changed
   // every later turn).
-  const auto eos = st.ctx->llm->vocabulary().eos;
-  if (!t->generated.empty() && t->generated.back() == eos) {
+  if (!t->generated.empty() && st.ctx->tok->is_end_of_generation(t->generated.back())) {
     self->send(self, done_atom::value, seq_of(st.rec, t->turn), finish_reason::eos,
                std::string(), int64_t{0});
     return;
@@ -87,10 +90,14 @@ void submit(self_ptr self) {
   job.seq = seq_of(st.rec, t->turn);
   job.session = caf::actor_cast<sequence_sink_actor>(self);
   job.session_id = st.rec.id;
+  const bool chat = !st.rec.turns.front().messages.empty();
   for (auto& past : st.rec.turns) {
     job.tokens.insert(job.tokens.end(), past.user.begin(), past.user.end());
-    if (&past != t)
-      job.tokens.insert(job.tokens.end(), past.generated.begin(), past.generated.end());
+    if (&past == t) continue;
+    // A chat turn's reply is fed without its end token: the next turn's rendering closes it.
+    auto fed = chat ? chat_fed_reply(*st.ctx->tok, past.generated) : past.generated.size();
+    job.tokens.insert(job.tokens.end(), past.generated.begin(),
+                      past.generated.begin() + static_cast<ptrdiff_t>(fed));
   }
   job.generated = t->generated;
   job.params = st.rec.params;
@@ -403,60 +410,61 @@ void end_turn(self_ptr self, seq_id seq, finish_reason why, const std::string& d
           });
 }
 
-/// `send_atom`: starts a turn of `text` whose reply goes to `sink`. `expect` (>= 0): the number
-/// the client expects it to get (keel.capnp `Session.send`): the same text under a number taken
-/// already is that turn, sent again (its tokens stream to `sink` from index 0).
-caf::result<uint64_t> send_turn(self_ptr self, const std::string& text, int32_t max_tokens,
-                                turn_sink_actor sink, int64_t expect) {
-  check_fault(self);
+/// A turn sent with the number the client expects (`expect` >= 0; keel.capnp `Session.send`):
+/// a number past the next one is refused; a number taken already, whose input `same` accepts,
+/// is that turn sent again (its first answer was lost): it streams to `sink` from index 0, and
+/// the result is its number. nullopt: a new turn.
+caf::expected<std::optional<uint64_t>> sent_again(
+    self_ptr self, int64_t expect, const std::function<bool(const turn_record&)>& same,
+    turn_sink_actor& sink) {
   auto& st = self->state;
-  const auto& tok = *st.ctx->tok;
-  if (expect >= 0) {
-    const auto e = static_cast<uint64_t>(expect);
-    const auto have = st.rec.turns.size();
-    if (e > have)
-      return make_error(errc::bad_request, "session " + st.rec.id + " has " +
-                                               std::to_string(have) + " turn(s): turn " +
-                                               std::to_string(e) + " cannot be the next one");
-    if (e < have) {
-      auto& t = st.rec.turns[e];
-      if (t.user != tok.encode(text, e == 0 && tok.vocabulary().add_bos))
-        return make_error(errc::bad_request, "session " + st.rec.id + ": turn " +
-                                                 std::to_string(e) + " has another text");
-      if (st.accepting && *st.accepting == e)
-        return make_error(errc::disconnected, "session " + st.rec.id + ": turn " +
-                                                  std::to_string(e) +
-                                                  " is being stored; send it again");
-      // The same turn, sent again (its first answer was lost): it streams to this sink.
-      if (st.ctx->may_serve_session && !st.ctx->may_serve_session(st.rec.id))
-        return make_error(errc::disconnected, "session " + st.rec.id + ": node " + st.ctx->name +
-                                                  " has lost contact with the majority of the "
-                                                  "session's group; resume on another node");
-      (void)resume(self, e, 0, std::move(sink), {});
-      return e;
-    }
-  }
+  if (expect < 0) return std::optional<uint64_t>{};
+  const auto e = static_cast<uint64_t>(expect);
+  const auto have = st.rec.turns.size();
+  if (e > have)
+    return make_error(errc::bad_request, "session " + st.rec.id + " has " +
+                                             std::to_string(have) + " turn(s): turn " +
+                                             std::to_string(e) + " cannot be the next one");
+  if (e == have) return std::optional<uint64_t>{};
+  if (!same(st.rec.turns[e]))
+    return make_error(errc::bad_request,
+                      "session " + st.rec.id + ": turn " + std::to_string(e) + " has another " +
+                          (st.rec.turns[e].messages.empty() ? "text" : "input"));
+  if (st.accepting && *st.accepting == e)
+    return make_error(errc::disconnected, "session " + st.rec.id + ": turn " +
+                                              std::to_string(e) +
+                                              " is being stored; send it again");
+  if (st.ctx->may_serve_session && !st.ctx->may_serve_session(st.rec.id))
+    return make_error(errc::disconnected, "session " + st.rec.id + ": node " + st.ctx->name +
+                                              " has lost contact with the majority of the "
+                                              "session's group; resume on another node");
+  (void)resume(self, e, 0, std::move(sink), {});
+  return std::optional<uint64_t>{e};
+}
+
+/// Whether a new turn may start: none runs and `max_tokens` is at least 1.
+caf::error may_start(self_ptr self, int32_t max_tokens) {
+  auto& st = self->state;
   if (auto* t = running_turn(st)) {
     return make_error(errc::bad_request, "session " + st.rec.id + ": turn " +
                                              std::to_string(t->turn) + " is still running");
   }
-  if (text.empty()) return make_error(errc::bad_request, "session " + st.rec.id + ": empty turn");
   if (max_tokens < 1) {
     return make_error(errc::bad_request,
                       "max_tokens must be at least 1, got " + std::to_string(max_tokens));
   }
-  turn_record t;
-  t.turn = st.rec.turns.size();
-  t.user = tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
-  t.max_tokens = max_tokens;
-  t.sink = std::move(sink);
+  return {};
+}
+
+/// Starts new turn `t` (numbered, with its input and sink): acknowledged (the reply) only
+/// after the turn is in a synced write (alone) or stored by a majority of its group (with
+/// peers; ARCHITECTURE.md, guarantee 1); otherwise refused and undone.
+caf::result<uint64_t> start_turn(self_ptr self, turn_record t) {
+  auto& st = self->state;
   auto turn = t.turn;
   // This turn's tokens come from this node only: none for `resume` to adopt.
   st.rec.from_copy = false;
   st.rec.turns.push_back(std::move(t));
-  // Acknowledged (the reply) only after the turn is in a synced write (alone) or stored by a
-  // majority of its group (with peers; ARCHITECTURE.md, guarantee 1); otherwise refused and
-  // undone.
   if (st.ctx->ownership_host) return accept_turn(self);
   if (auto writer = st.ctx->store_writer()) return store_turn(self, writer);
   if (auto err = st.table->put(st.rec, change::accept)) {
@@ -465,6 +473,110 @@ caf::result<uint64_t> send_turn(self_ptr self, const std::string& text, int32_t 
   }
   submit(self);
   return turn;
+}
+
+bool is_chat(const session_record& r) {
+  return !r.turns.empty() && !r.turns[0].messages.empty();
+}
+
+/// `send_atom`: starts a turn of `text` whose reply goes to `sink`. `expect` (>= 0): the number
+/// the client expects it to get (keel.capnp `Session.send`): the same text under a number taken
+/// already is that turn, sent again (its tokens stream to `sink` from index 0).
+caf::result<uint64_t> send_turn(self_ptr self, const std::string& text, int32_t max_tokens,
+                                turn_sink_actor sink, int64_t expect) {
+  check_fault(self);
+  auto& st = self->state;
+  const auto& tok = *st.ctx->tok;
+  auto again = sent_again(
+      self, expect,
+      [&](const turn_record& t) {
+        return t.messages.empty() &&
+               t.user == tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
+      },
+      sink);
+  if (!again) return std::move(again.error());
+  if (*again) return **again;
+  if (is_chat(st.rec))
+    return make_error(errc::bad_request, "session " + st.rec.id +
+                                             " is a chat session (its turns carry messages): "
+                                             "send messages (Session.chat), not text");
+  if (auto err = may_start(self, max_tokens)) return err;
+  if (text.empty()) return make_error(errc::bad_request, "session " + st.rec.id + ": empty turn");
+  turn_record t;
+  t.turn = st.rec.turns.size();
+  t.user = tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
+  t.max_tokens = max_tokens;
+  t.sink = std::move(sink);
+  return start_turn(self, std::move(t));
+}
+
+/// The session's chat template, parsed once: the first turn's (the session's own), or for a
+/// session's first turn (or a record that lost it) the node's.
+caf::expected<const chat_template*> session_template(self_ptr self) {
+  auto& st = self->state;
+  const bool own = !st.rec.turns.empty() && !st.rec.turns[0].chat_template.empty();
+  const auto& text = own ? st.rec.turns[0].chat_template : st.ctx->chat_template;
+  if (!st.tmpl || st.template_text != text) {
+    auto parsed = chat_template::parse(text);
+    if (!parsed)
+      return make_error(code_of(parsed.error()),
+                        "session " + st.rec.id + ": " + message_of(parsed.error()));
+    st.tmpl = std::move(*parsed);
+    st.template_text = text;
+  }
+  return &*st.tmpl;
+}
+
+/// `chat_atom`: starts a chat turn sending `messages` (docs/actors.md, "Chat turns"): the
+/// session's template renders the whole conversation, and the turn feeds what the rendering
+/// adds after what the model was fed (kernels/chat_prompt.hpp `next_chat_turn`). A chat
+/// session's turns are all chat turns. `expect` as for `send_turn` (the same messages).
+caf::result<uint64_t> chat_turn(self_ptr self, std::vector<turn_message> messages,
+                                int32_t max_tokens, turn_sink_actor sink, int64_t expect) {
+  check_fault(self);
+  auto& st = self->state;
+  auto again = sent_again(
+      self, expect, [&](const turn_record& t) { return t.messages == messages; }, sink);
+  if (!again) return std::move(again.error());
+  if (*again) return **again;
+  if (messages.empty())
+    return make_error(errc::bad_request,
+                      "session " + st.rec.id + ": a chat turn needs at least one message");
+  if (!st.rec.turns.empty() && !is_chat(st.rec))
+    return make_error(errc::bad_request,
+                      "session " + st.rec.id +
+                          " has text turns (Session.send): a chat turn cannot follow them; open "
+                          "a new session for a chat");
+  if (auto err = may_start(self, max_tokens)) return err;
+  auto tmpl = session_template(self);
+  if (!tmpl) return std::move(tmpl.error());
+  std::vector<chat_exchange> past;
+  size_t have = 0;
+  for (auto& t : st.rec.turns) {
+    past.push_back({t.messages, t.generated});
+    have += t.user.size() + chat_fed_reply(*st.ctx->tok, t.generated);
+  }
+  auto prompt = next_chat_turn(**tmpl, *st.ctx->tok, past, messages);
+  if (!prompt)
+    return make_error(code_of(prompt.error()),
+                      "session " + st.rec.id + ": " + message_of(prompt.error()));
+  if (prompt->tokens.empty())
+    return make_error(errc::bad_request, "session " + st.rec.id +
+                                             ": the chat template renders the turn as nothing");
+  const auto ctx_len = static_cast<size_t>(st.ctx->llm->config().ctx_len);
+  if (have + prompt->tokens.size() >= ctx_len)
+    return make_error(errc::bad_request, "the prompt has " + std::to_string(prompt->tokens.size()) +
+                                             " tokens and the conversation " +
+                                             std::to_string(have) + "; the context length is " +
+                                             std::to_string(ctx_len));
+  turn_record t;
+  t.turn = st.rec.turns.size();
+  t.user = std::move(prompt->tokens);
+  t.messages = std::move(messages);
+  if (t.turn == 0) t.chat_template = st.template_text;
+  t.max_tokens = max_tokens;
+  t.sink = std::move(sink);
+  return start_turn(self, std::move(t));
 }
 
 session_actor::behavior_type session(self_ptr self, std::shared_ptr<node_context> ctx,
@@ -513,6 +625,10 @@ session_actor::behavior_type session(self_ptr self, std::shared_ptr<node_context
       [self](send_atom, const std::string& text, int32_t max_tokens, turn_sink_actor sink,
              int64_t expect) -> caf::result<uint64_t> {
         return send_turn(self, text, max_tokens, std::move(sink), expect);
+      },
+      [self](chat_atom, const std::vector<turn_message>& messages, int32_t max_tokens,
+             turn_sink_actor sink, int64_t expect) -> caf::result<uint64_t> {
+        return chat_turn(self, messages, max_tokens, std::move(sink), expect);
       },
       [self](submit_atom) { submit(self); },
 

@@ -18,6 +18,7 @@
 #include "actors/node_context.hpp"
 #include "actors/protocols.hpp"
 #include "actors/supervisor.hpp"
+#include "base/turn_message.hpp"
 #include "storage/session_store.hpp"
 #include "wire/checkpoint.hpp"
 
@@ -32,6 +33,12 @@ struct turn_record {
   bool done = false;
   finish_reason reason = finish_reason::length;
   turn_sink_actor sink;  // receives the turn's events
+  /// A chat turn (`chat_atom`): the messages it sent, whose rendering gave `user`
+  /// (kernels/chat_prompt.hpp `next_chat_turn`). Empty: a text turn.
+  std::vector<turn_message> messages;
+  /// On a chat session's first turn: the template its turns render with (stored and
+  /// replicated with the turn, so that another node renders the next turn identically).
+  std::string chat_template;
 };
 
 /// What a session is: enough to rebuild its actor after a crash.
@@ -169,6 +176,12 @@ session_record from_checkpoint(wire::session_checkpoint c,
 ///   -> uint64_t turn`: starts a turn; `bad_request` while another turn runs or when the text is
 ///   empty. `expect`: the number the client expects (keel.capnp `Session.send`): the same text
 ///   under a number taken already is that turn, sent again.
+/// - `(chat_atom, std::vector<turn_message> messages, int32_t max_tokens, turn_sink_actor sink,
+///   int64_t expect) -> uint64_t turn`: a chat turn (keel.capnp `Session.chat`): the session's
+///   chat template (the node's at its first turn, kept with that turn) renders the whole
+///   conversation and the turn feeds what the rendering adds after what was fed
+///   (kernels/chat_prompt.hpp). A session's first turn fixes its kind: chat sessions refuse
+///   `send_atom`, text sessions `chat_atom` (`bad_request`).
 /// - `(cancel_atom)`: cancels the running turn.
 /// - `(history_atom) -> std::vector<std::vector<int32_t>>`: each turn's generated tokens.
 /// - `(get_atom) -> session_record`: the whole conversation.

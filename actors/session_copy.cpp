@@ -19,7 +19,8 @@ std::string turn_input(const turn_record& t) {
   wire::session_checkpoint c;
   c.id = "turn";
   c.number = t.turn;
-  c.turns.push_back({0, t.user, t.max_tokens, false, finish_reason::length});
+  c.turns.push_back(
+      {0, t.user, t.max_tokens, false, finish_reason::length, t.messages, t.chat_template});
   return wire::encode(c);
 }
 
@@ -58,6 +59,8 @@ caf::expected<session_record> record_of(const std::string& id, const session_dat
     t.turn = k;
     t.user = std::move(in->turns[0].user);
     t.max_tokens = in->turns[0].max_tokens;
+    t.messages = std::move(in->turns[0].messages);
+    t.chat_template = std::move(in->turns[0].chat_template);
     t.generated = e.tokens;
     t.done = e.done;
     if (e.done) {

@@ -17,7 +17,8 @@ namespace keel {
 /// without turns, owner or node-local number, so that every owner makes the same bytes).
 std::string session_meta(const session_record& r);
 
-/// Turn `t`'s input as the protocol stores it: its number, the user's tokens, its token limit.
+/// Turn `t`'s input as the protocol stores it: its number, the user's tokens, its token limit,
+/// and for a chat turn its messages (and on a chat session's first turn the template).
 std::string turn_input(const turn_record& t);
 
 /// Why a turn ended, as the protocol stores it with the turn's end.

@@ -211,7 +211,9 @@ wire::session_checkpoint to_checkpoint(const session_record& r) {
   c.priority = r.priority;
   c.owner = r.owner;
   c.tenant = r.tenant;
-  for (auto& t : r.turns) c.turns.push_back({t.turn, t.user, t.max_tokens, t.done, t.reason});
+  for (auto& t : r.turns)
+    c.turns.push_back(
+        {t.turn, t.user, t.max_tokens, t.done, t.reason, t.messages, t.chat_template});
   return c;
 }
 
@@ -232,6 +234,8 @@ session_record from_checkpoint(wire::session_checkpoint c,
     x.max_tokens = t.max_tokens;
     x.done = t.done;
     x.reason = t.reason;
+    x.messages = std::move(t.messages);
+    x.chat_template = std::move(t.chat_template);
     if (auto i = logs.find(t.turn); i != logs.end()) x.generated = i->second;
     r.turns.push_back(std::move(x));
   }

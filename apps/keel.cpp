@@ -57,6 +57,9 @@ constexpr option generate_spec[] = {
     {"kv-bytes", "B", "KV cache budget, e.g. 256M (default: enough for the context)"},
     {"priority", "N", "with --connect: the session's priority, higher first (default 0)"},
     {"ids", nullptr, "print token ids: 'prompt: ...' then 'gen: ...'"},
+    {"special", nullptr,
+     "with --model: control-token text in --prompt (<|im_start|>, <s>...) is that token, and "
+     "generated control tokens are printed (default: both are plain text / not printed)"},
     {"verbose", nullptr, "with --connect: print the session, its node and each failover to stderr"},
     tls_ca_option,
     tls_name_option,
@@ -66,6 +69,7 @@ constexpr option chat_spec[] = {
     {"connect", "HOST:PORT,...", "the keel-nodes to try, in order (required)"},
     {"key-file", "FILE", "the API key (first line; default: $KEEL_API_KEY)"},
     {"session", "ID", "continue this session instead of opening a new one"},
+    {"system", "TEXT", "the system prompt: the first turn's system message"},
     {"max-tokens", "N", "most tokens per reply (default 256)"},
     {"temperature", "T", "0 for greedy (default 0)"},
     {"top-k", "K", "keep the K most likely tokens; 0 = off (default 0)"},
@@ -173,7 +177,7 @@ void print_ids(const char* label, const std::vector<int32_t>& ids) {
 
 /// `keel generate --connect`: the same output as the local command, from a node.
 int generate_remote(const keel::cli::options& opts, const keel::generation_request& req) {
-  for (const char* local_only : {"model", "tokenizer", "threads", "kv-bytes"})
+  for (const char* local_only : {"model", "tokenizer", "threads", "kv-bytes", "special"})
     if (opts.has(local_only))
       return fail(keel::make_error(keel::errc::bad_request,
                                    std::string("generate: --") + local_only +
@@ -264,7 +268,8 @@ int generate(std::span<char*> args) {
   if (!m) return fail(m.error());
   const auto& model = **m;
   keel::tokenizer tok(model.vocabulary());
-  req.prompt = tok.encode(opts->get("prompt"), model.vocabulary().add_bos);
+  const auto special = opts->has("special") ? keel::special_tokens::on : keel::special_tokens::off;
+  req.prompt = tok.encode(opts->get("prompt"), model.vocabulary().add_bos, special);
   if (req.prompt.empty())
     return fail(keel::make_error(keel::errc::bad_request,
                                  "generate: --prompt is empty and the model adds no BOS"));
@@ -278,7 +283,7 @@ int generate(std::span<char*> args) {
   keel::engine eng(model, threads_pool);
 
   const bool ids = opts->has("ids");
-  keel::detokenizer detok(tok, false);  // generated text continues the prompt
+  keel::detokenizer detok(tok, false, special);  // generated text continues the prompt
   if (ids) {
     std::string line = "prompt:";
     for (auto id : req.prompt) {
@@ -369,9 +374,10 @@ int chat(std::span<char*> args) {
   if (keel::cli::wants_help(args)) {
     std::cout << keel::cli::help_text(
         "keel chat --connect HOST:PORT[,...] [OPTIONS]",
-        "Talks with the model of a keel-node: each line read from stdin is a user turn, and the "
-        "reply streams to stdout. Commands: /history shows the session's turns, /quit (or end "
-        "of input) leaves. Ctrl-C stops a reply.",
+        "Talks with the model of a keel-node: each line read from stdin is a user message, "
+        "which the node renders with the model's chat template (the first turn after the "
+        "--system prompt), and the reply streams to stdout. Commands: /history shows the "
+        "session's turns, /quit (or end of input) leaves. Ctrl-C stops a reply.",
         chat_spec);
     return 0;
   }
@@ -395,6 +401,12 @@ int chat(std::span<char*> args) {
   } else {
     next_turn = h->size();
   }
+  const bool system = opts->has("system");
+  if (system && next_turn > 0)
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "chat: --system gives a new session's system prompt; session " +
+                                     session + " has " + std::to_string(next_turn) +
+                                     " turn(s) already"));
   line_reader input;
   std::unique_ptr<interrupt_to_cancel> interrupts;
   if (input.interactive()) {
@@ -419,12 +431,15 @@ int chat(std::span<char*> args) {
       continue;
     }
     if (interrupts) interrupts->streaming(true);
-    auto reply = cl.generate(session, line, static_cast<uint32_t>(sampled->max_tokens),
-                             [](uint64_t, uint64_t, int32_t, std::string_view piece) {
-                               std::fwrite(piece.data(), 1, piece.size(), stdout);
-                               std::fflush(stdout);
-                             },
-                             {}, next_turn);
+    std::vector<keel::turn_message> messages;
+    if (system && next_turn == 0) messages.push_back({"system", opts->get("system")});
+    messages.push_back({"user", line});
+    auto reply = cl.chat(session, messages, static_cast<uint32_t>(sampled->max_tokens),
+                         [](uint64_t, uint64_t, int32_t, std::string_view piece) {
+                           std::fwrite(piece.data(), 1, piece.size(), stdout);
+                           std::fflush(stdout);
+                         },
+                         {}, next_turn);
     if (reply) next_turn = reply->turn + 1;
     if (interrupts) interrupts->streaming(false);
     std::fputs("\n", stdout);

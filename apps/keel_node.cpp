@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <iostream>
 #include <optional>
 #include <set>
@@ -42,6 +43,9 @@ constexpr option spec[] = {
     {"listen", "HOST:PORT", "address to serve clients on; port 0 picks a free one (required)"},
     {"model", "FILE", "GGUF model or llama2.c checkpoint (required)"},
     {"tokenizer", "FILE", "llama2.c tokenizer.bin (default: beside the model)"},
+    {"chat-template", "FILE",
+     "the Jinja chat template new chat sessions render with (default: the model's, else "
+     "ChatML); a session keeps the one it started with"},
     {"name", "NAME", "this node's name (default: node)"},
     {"region", "NAME", "this node's region, reported to clients (default: none)"},
     {"data", "DIR", "session store directory: sessions survive a restart on it (default: none)"},
@@ -337,6 +341,18 @@ int run(std::span<char*> args) {
   ncfg.name = opts->get("name", "node");
   ncfg.model_path = opts->get("model");
   ncfg.tokenizer_path = opts->get("tokenizer");
+  if (opts->has("chat-template")) {
+    std::ifstream in(opts->get("chat-template"), std::ios::binary);
+    if (!in)
+      return fail(keel::make_error(keel::errc::bad_request,
+                                   "--chat-template " + opts->get("chat-template") +
+                                       ": cannot open the file"));
+    ncfg.chat_template.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    if (ncfg.chat_template.empty())
+      return fail(keel::make_error(keel::errc::bad_request,
+                                   "--chat-template " + opts->get("chat-template") +
+                                       ": the file is empty"));
+  }
   ncfg.shards = static_cast<int32_t>(*shards);
   ncfg.threads_per_shard = static_cast<int32_t>(*threads);
   ncfg.kv_bytes = *kv_bytes;

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.hpp"
+#include "kernels/unicode.hpp"
 
 namespace keel {
 
@@ -78,9 +79,9 @@ caf::expected<template_list> chat_messages_from_json(const std::string& text,
     return make_error(errc::bad_request, what + ": not JSON");
   }
   if (!j.is_array())
-    return make_error(errc::bad_request,
-                      what + ": expected an array of {\"role\", \"content\"} objects, got a " +
-                          j.type_name());
+    return make_error(
+        errc::bad_request,
+        what + ": expected an array of {\"role\", \"content\"} objects, got a " + j.type_name());
   template_list out;
   size_t n = 0;
   for (auto& m : j) {
@@ -90,13 +91,137 @@ caf::expected<template_list> chat_messages_from_json(const std::string& text,
     for (const char* field : {"role", "content"}) {
       auto f = m.find(field);
       if (f == m.end() || !f->is_string())
-        return make_error(errc::bad_request,
-                          where + " has no string '" + std::string(field) + "'");
+        return make_error(errc::bad_request, where + " has no string '" + std::string(field) + "'");
     }
     template_dict d;
     for (auto& [k, x] : m.items()) d.set(k, from_json(x));
     out.push_back(template_value(std::move(d)));
   }
+  return out;
+}
+
+namespace {
+
+// Marks, inside a message, each place where a special token's text begins: U+FDD0 is a
+// noncharacter, which Unicode reserves for a program's internal use, so no honest text holds
+// it. The rendering keeps the mark inside the message's text; the encoder drops it and takes
+// the text there literally.
+constexpr std::string_view mark = "\xEF\xB7\x90";
+
+caf::expected<std::string> marked(const tokenizer& tok, const std::string& s,
+                                  const std::string& what) {
+  if (s.find(mark) != std::string::npos)
+    return make_error(errc::bad_request, what + " holds U+FDD0, a noncharacter Keel reserves");
+  std::string out;
+  out.reserve(s.size());
+  for (size_t pos = 0; pos < s.size();) {
+    size_t len = std::min<size_t>(s.size() - pos,
+                                  static_cast<size_t>(utf8_len(static_cast<uint8_t>(s[pos]))));
+    out.append(s, pos, len);
+    if (tok.special_text_at(s, pos)) out.append(mark);
+    pos += len;
+  }
+  return out;
+}
+
+/// The text of a reply as the conversation holds it and the model was fed: control tokens
+/// shown, without a final end-of-generation token (`chat_fed_reply`).
+std::string reply_text(const tokenizer& tok, std::span<const int32_t> reply) {
+  std::string out;
+  for (auto id : reply.first(chat_fed_reply(tok, reply)))
+    out += tok.token_text(id, special_tokens::on);
+  return out;
+}
+
+/// `s` from `at`, at most 40 bytes, marks dropped, quoted for an error message.
+std::string excerpt(std::string_view s, size_t at) {
+  std::string out = "\"";
+  for (size_t i = at; i < s.size() && i < at + 40; ++i) {
+    if (s.substr(i).starts_with(mark)) {
+      i += mark.size() - 1;
+      continue;
+    }
+    char c = s[i];
+    if (c == '\n')
+      out += "\\n";
+    else if (c == '"' || c == '\\')
+      out += std::string("\\") + c;
+    else
+      out += c;
+  }
+  return out + (s.size() > at + 40 ? "...\"" : "\"");
+}
+
+}  // namespace
+
+size_t chat_fed_reply(const tokenizer& tok, std::span<const int32_t> reply) {
+  return !reply.empty() && tok.is_end_of_generation(reply.back()) ? reply.size() - 1 : reply.size();
+}
+
+caf::expected<chat_turn_prompt> next_chat_turn(const chat_template& tmpl, const tokenizer& tok,
+                                               std::span<const chat_exchange> past,
+                                               std::span<const turn_message> next) {
+  const auto& v = tok.vocabulary();
+  const auto bos = special_token_text(v, v.bos);
+  const auto eos = special_token_text(v, v.eos);
+  std::vector<chat_message> conversation;
+  auto add = [&](std::span<const turn_message> messages, size_t turn) -> caf::error {
+    for (size_t i = 0; i < messages.size(); ++i) {
+      auto what = "turn " + std::to_string(turn) + ", message " + std::to_string(i + 1);
+      auto role = marked(tok, messages[i].role, what + "'s role");
+      if (!role) return role.error();
+      auto content = marked(tok, messages[i].content, what);
+      if (!content) return content.error();
+      conversation.push_back({std::move(*role), std::move(*content), {}});
+    }
+    return {};
+  };
+  auto render = [&] { return tmpl.render_chat(conversation, true, bos, eos); };
+  std::string fed;  // what the model was fed so far, as text
+  for (size_t k = 0; k < past.size(); ++k) {
+    if (auto err = add(past[k].sent, k)) return err;
+    auto content = reply_text(tok, past[k].reply);
+    if (k + 1 == past.size()) {
+      auto so_far = render();
+      if (!so_far) return so_far.error();
+      fed = std::move(*so_far) + content;
+    }
+    conversation.push_back({"assistant", std::move(content), {}});
+  }
+  if (auto err = add(next, past.size())) return err;
+  auto whole = render();
+  if (!whole) return whole.error();
+  if (!std::string_view(*whole).starts_with(fed)) {
+    size_t at = 0;
+    while (at < fed.size() && at < whole->size() && fed[at] == (*whole)[at]) ++at;
+    return make_error(errc::bad_request,
+                      "the chat template renders the conversation so far differently from what "
+                      "the model was fed: at byte " +
+                          std::to_string(at) + " it renders " + excerpt(*whole, at) +
+                          " where the model was fed " + excerpt(fed, at) +
+                          "; a chat turn feeds only what the rendering adds after what was fed, "
+                          "so this conversation cannot go on with chat messages under this "
+                          "template");
+  }
+  chat_turn_prompt out;
+  std::vector<size_t> literal_at;  // in `out.text`: where a message's special text begins
+  std::string_view rest = std::string_view(*whole).substr(fed.size());
+  for (size_t pos = 0; pos < rest.size();) {
+    if (rest.substr(pos).starts_with(mark)) {
+      // The mark follows the first character of the special text.
+      size_t start = out.text.size();
+      while (start > 0 && (static_cast<uint8_t>(out.text[start - 1]) & 0xC0) == 0x80) --start;
+      if (start > 0) literal_at.push_back(start - 1);
+      pos += mark.size();
+      continue;
+    }
+    out.text += rest[pos++];
+  }
+  std::sort(literal_at.begin(), literal_at.end());
+  literal_at.erase(std::unique(literal_at.begin(), literal_at.end()), literal_at.end());
+  out.tokens = tok.encode(out.text, false, special_tokens::on, literal_at);
+  if (past.empty() && v.add_bos && v.bos >= 0 && (out.tokens.empty() || out.tokens[0] != v.bos))
+    out.tokens.insert(out.tokens.begin(), v.bos);
   return out;
 }
 

@@ -63,7 +63,25 @@ std::optional<dtype> parse_dtype(std::string_view s) {
 }
 
 bool dtype_supported(dtype t) {
-  return t == dtype::f32 || t == dtype::f16 || t == dtype::bf16 || t == dtype::q8_0;
+  return t == dtype::f32 || t == dtype::f16 || t == dtype::bf16 || is_block_quantized(t);
+}
+
+bool is_block_quantized(dtype t) {
+  switch (t) {
+    case dtype::q4_0:
+    case dtype::q4_1:
+    case dtype::q5_0:
+    case dtype::q5_1:
+    case dtype::q8_0:
+    case dtype::q2_k:
+    case dtype::q3_k:
+    case dtype::q4_k:
+    case dtype::q5_k:
+    case dtype::q6_k:
+      return true;
+    default:
+      return false;
+  }
 }
 
 std::optional<dtype_layout> layout_of(dtype t) {

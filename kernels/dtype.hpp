@@ -9,7 +9,8 @@
 namespace keel {
 
 /// Tensor element types, numbered as in GGUF (ggml's `ggml_type`). Keel computes with F32, F16,
-/// BF16 and Q8_0; the others are known by name only so that errors can name them.
+/// BF16 and the block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K (quants.hpp); the others
+/// are known by name only so that errors can name them.
 enum class dtype : uint32_t {
   f32 = 0,
   f16 = 1,
@@ -55,6 +56,10 @@ std::optional<dtype> parse_dtype(std::string_view s);
 
 /// Whether Keel's kernels compute with this type.
 bool dtype_supported(dtype t);
+
+/// Whether `t` is one of the block-quantised types the integer kernels compute with (Q4_0,
+/// Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K).
+bool is_block_quantized(dtype t);
 
 /// Elements per block and bytes per block, or nullopt for a type Keel cannot size.
 struct dtype_layout {

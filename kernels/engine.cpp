@@ -26,6 +26,14 @@ matrix_view column_slice(const matrix_view& w, int64_t c0, int64_t n) {
   return v;
 }
 
+// Adds `bias` (n values; null: nothing to add) to each of the T rows of y, as llama.cpp adds
+// qwen2's Q/K/V biases after the products.
+void add_bias(float* y, const float* bias, int64_t n, int64_t T) {
+  if (bias == nullptr) return;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < n; ++i) y[t * n + i] += bias[i];
+}
+
 std::string dims_of(const model& m) {
   const auto& c = m.config();
   return m.path() + " (" + std::to_string(c.n_heads) + " heads, " + std::to_string(c.n_kv_heads) +
@@ -103,15 +111,20 @@ engine::engine(const model& m, thread_pool& pool, shard_layout shard, collective
   ffn_ = c.ffn_dim / shard.count;
   const int64_t qd = heads_ * hd, kvd = kv_heads_ * hd;
   slices_.reserve(m.layers().size());
+  // A bias goes with the rows of its matrix: the shard's slice starts where its rows do.
+  auto bias = [](const std::vector<float>& b, int64_t r0) {
+    return b.empty() ? nullptr : b.data() + r0;
+  };
   for (const auto& L : m.layers()) {
+    const float *bq = bias(L.bq, k * qd), *bk = bias(L.bk, k * kvd), *bv = bias(L.bv, k * kvd);
     if (shard.count == 1) {  // the whole matrices, untouched: bit-identical to an unsharded run
-      slices_.push_back({L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down});
+      slices_.push_back({L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down, bq, bk, bv});
       continue;
     }
     slices_.push_back({row_slice(L.wq, k * qd, qd), row_slice(L.wk, k * kvd, kvd),
                        row_slice(L.wv, k * kvd, kvd), column_slice(L.wo, k * qd, qd),
                        row_slice(L.w_gate, k * ffn_, ffn_), row_slice(L.w_up, k * ffn_, ffn_),
-                       column_slice(L.w_down, k * ffn_, ffn_)});
+                       column_slice(L.w_down, k * ffn_, ffn_), bq, bk, bv});
   }
 }
 
@@ -234,6 +247,7 @@ caf::error engine::forward(std::span<const seq_step> steps) {
     }
   }
 
+  const float* freqs = model_.rope_freqs().empty() ? nullptr : model_.rope_freqs().data();
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const auto& L = model_.layers()[l];
     const auto& S = slices_[l];
@@ -242,10 +256,13 @@ caf::error engine::forward(std::span<const seq_step> steps) {
     matmul(S.wq, xb_.data(), T, q_.data());
     matmul(S.wk, xb_.data(), T, k_.data());
     matmul(S.wv, xb_.data(), T, v_.data());
+    add_bias(q_.data(), S.bq, qd, T);
+    add_bias(k_.data(), S.bk, kvd, T);
+    add_bias(v_.data(), S.bv, kvd, T);
     for (int64_t t = 0; t < T; ++t) {
       // RoPE depends only on the position within a head, so a shard rotates its heads alone.
-      rope(&q_[t * qd], heads_, c.head_dim, pos_[t], c.rope_theta);
-      rope(&k_[t * kvd], kv_heads_, c.head_dim, pos_[t], c.rope_theta);
+      rope(&q_[t * qd], heads_, c.head_dim, pos_[t], c.rope_theta, c.rope, freqs);
+      rope(&k_[t * kvd], kv_heads_, c.head_dim, pos_[t], c.rope_theta, c.rope, freqs);
       auto* kv = steps[seq_of_[t]].kv;
       std::memcpy(kv->key(l, pos_[t]), &k_[t * kvd], kvd * sizeof(float));
       std::memcpy(kv->value(l, pos_[t]), &v_[t * kvd], kvd * sizeof(float));

@@ -38,11 +38,11 @@ caf::error check_sharding(const model& m, shard_layout shard);
 /// The KV pool layout of one shard of `m`: its KV heads only.
 kv_layout kv_layout_for(const model& m, shard_layout shard, int32_t page_tokens = 16);
 
-/// Runs the Llama decoder on the CPU for a batch of sequences. Prefill chunks and single decode
-/// tokens of different sequences mix freely in one step; every weight matrix is read once per
-/// step for all tokens. A token's result depends only on its sequence (bit-identical whatever
-/// else is in the batch and however many threads run). Holds scratch buffers, so one engine
-/// serves one thread at a time. `m` and `pool` must outlive the engine.
+/// Runs a Llama-family decoder (llama, qwen2) on the CPU for a batch of sequences. Prefill chunks
+/// and single decode tokens of different sequences mix freely in one step; every weight matrix is
+/// read once per step for all tokens. A token's result depends only on its sequence (bit-identical
+/// whatever else is in the batch and however many threads run). Holds scratch buffers, so one
+/// engine serves one thread at a time. `m` and `pool` must outlive the engine.
 class engine {
  public:
   engine(const model& m, thread_pool& pool);
@@ -78,6 +78,7 @@ class engine {
   // multiplies; the whole matrices for a single shard.
   struct layer_slice {
     matrix_view wq, wk, wv, wo, w_gate, w_up, w_down;
+    const float *bq, *bk, *bv;  // this shard's part of the biases; null when the model has none
   };
 
   const model& model_;

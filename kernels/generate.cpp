@@ -52,7 +52,7 @@ caf::expected<std::vector<std::vector<int32_t>>> generate(
   for (size_t i = 0; i < reqs.size(); ++i) waiting.push_back(i);
   std::vector<std::unique_ptr<active_seq>> active;
   std::vector<seq_step> steps;
-  const int32_t eos = eng.get_model().vocabulary().eos;
+  const vocab& voc = eng.get_model().vocabulary();
   // Lowered when the KV pool overflows, so that evicted sequences wait until another finishes.
   int32_t admit_limit = max_batch;
   while (!waiting.empty() || !active.empty()) {
@@ -95,7 +95,7 @@ caf::expected<std::vector<std::vector<int32_t>>> generate(
       gen.push_back(tok);
       s.history.push_back(tok);
       if (on_token) on_token(s.index, tok);
-      bool stop = r.stop_at_eos && tok == eos;
+      bool stop = r.stop_at_eos && is_end_of_generation(voc, tok);
       bool full = static_cast<int64_t>(s.history.size()) >= c.ctx_len;
       s.done = stop || full || static_cast<int32_t>(gen.size()) >= r.max_tokens;
     }

@@ -16,7 +16,7 @@ struct generation_request {
   sampling_params params;
   int32_t max_tokens = 32;
   uint64_t turn = 0;  // keys the sampler's draws with the token index
-  bool stop_at_eos = true;
+  bool stop_at_eos = true;  // stop after any end-of-generation token (vocab::eog), kept
 };
 
 /// Called for each generated token of request `seq`, in order.

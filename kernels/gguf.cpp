@@ -483,8 +483,9 @@ caf::expected<const gguf_tensor*> gguf_file::require_tensor(
   if (!dtype_supported(t->type)) {
     return make_error(errc::bad_model, name_ + ": tensor " + t->name + " has type " +
                                            std::string(dtype_name(t->type)) +
-                                           ", which Keel does not compute with (f32, f16, bf16, "
-                                           "q8_0)");
+                                           ", which Keel does not compute with (it computes "
+                                           "with f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, "
+                                           "q2_k, q3_k, q4_k, q5_k and q6_k)");
   }
   return t;
 }

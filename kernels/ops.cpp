@@ -9,10 +9,17 @@
 //       acc[j % 16] = fma(w[j], x[j], acc[j % 16])
 //     with w[j] converted exactly to f32. This includes a tail of cols % 16 elements, which
 //     simply fill lanes 0 .. cols % 16 - 1 once more; the other lanes are left untouched.
-//  3. Q8_0 rows: for each block k (32 values q[0..31], scale d = fp16 -> f32) in increasing
-//     order, with xk = x + 32 k, for l = 0..15:
-//       p[l]   = fma(q[l + 16], xk[l + 16], q[l] * xk[l])     (the product q[l] * xk[l] rounded)
-//       acc[l] = fma(d, p[l], acc[l])
+//  3. Block-quantised rows (Q4_0 ... Q8_0, Q2_K ... Q6_K): integer kernels. The input is first
+//     quantised per block of 32: amax = max |x|, dx = amax / 127, xq = nearest-even(x * (1/dx))
+//     (all 0 when amax = 0), with the sums S0, S1 of xq over each half-block. Each weight block
+//     k is decoded into kblock form (quants.hpp: unsigned q, offset, integer factors sc[2] and
+//     mn[2], floats s and t). Then, for k = 0, 1, ... in increasing order, lane = k % 16:
+//       P0 = sum(i < 16: q[i] * xq[i]) - offset * S0,  P1 likewise over i >= 16   (exact)
+//       I  = sc[0] * P0 + sc[1] * P1,  M = mn[0] * S0 + mn[1] * S1                  (exact)
+//       acc[lane] = fma(s * dx, float(I), acc[lane])            (s * dx rounded first)
+//       acc[lane] = fma(t * dx, float(M), acc[lane])            (types with a min only)
+//     The integer sums may be formed in any order and any width (they are exact), which is what
+//     lets AVX2 pairs, VNNI quads and the scalar loop agree bit for bit.
 //  4. Reduction: for width = 8, 4, 2, 1: for l < width: acc[l] = acc[l] + acc[l + width].
 //     The result is acc[0].
 //
@@ -30,8 +37,11 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <vector>
 
 #include "kernels/detail/ops_simd.hpp"
+#include "kernels/detail/qmatmul.hpp"
+#include "kernels/quants.hpp"
 #include "kernels/thread_pool.hpp"
 
 namespace keel {
@@ -60,6 +70,49 @@ std::atomic<cpu_isa>& active() {
   return isa;
 }
 
+std::atomic<bool> vnni_allowed{true};
+
+bool has_avx_vnni() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avxvnni");
+  }();
+  return yes;
+}
+
+bool has_avx512_vnni() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+  }();
+  return yes;
+}
+
+// Rows [r0, r1) of a block-quantised `w` against inputs already quantised into groups.
+void qmatmul(const matrix_view& w, const detail::xgroup* x, int64_t nb, float* y, int64_t ldy,
+             int64_t r0, int64_t r1) {
+  switch (active_qdot()) {
+    case qdot_isa::avx512_vnni:
+      return detail::avx512vnni::qmatmul(w, x, nb, y, ldy, r0, r1);
+    case qdot_isa::avx_vnni:
+      return detail::avxvnni::qmatmul(w, x, nb, y, ldy, r0, r1);
+    case qdot_isa::avx2:
+      return detail::avx2::qmatmul(w, x, nb, y, ldy, r0, r1);
+    case qdot_isa::scalar:
+      break;
+  }
+  detail::qmatmul_scalar(w, x, nb, y, ldy, r0, r1);
+}
+
+// The nb input rows quantised into the calling thread's scratch.
+const detail::xgroup* quantize_inputs(const matrix_view& w, const float* x, int64_t ldx,
+                                      int64_t nb) {
+  const int64_t groups = detail::groups_of(w.cols);
+  detail::xgroup* q = detail::input_scratch(groups * nb);
+  for (int64_t b = 0; b < nb; ++b) detail::quantize_input(x + b * ldx, w.cols, q + b * groups);
+  return q;
+}
+
 float reduce16(float* acc) {
   for (int width = 8; width >= 1; width /= 2)
     for (int l = 0; l < width; ++l) acc[l] = acc[l] + acc[l + width];
@@ -73,19 +126,6 @@ uint16_t load_u16(const char* p) {
 }
 
 }  // namespace
-
-namespace detail {
-
-const float* fp16_table() {
-  static const std::unique_ptr<float[]> table = [] {
-    auto t = std::make_unique<float[]>(65536);
-    for (uint32_t h = 0; h < 65536; ++h) t[h] = fp16_to_f32(static_cast<uint16_t>(h));
-    return t;
-  }();
-  return table.get();
-}
-
-}  // namespace detail
 
 matrix_view make_matrix(dtype type, const void* data, int64_t rows, int64_t cols) {
   matrix_view m;
@@ -122,9 +162,45 @@ void use_isa(cpu_isa x) {
   active().store(std::min(x, detected_isa()), std::memory_order_relaxed);
 }
 
+const char* to_string(qdot_isa x) {
+  switch (x) {
+    case qdot_isa::scalar:
+      return "scalar";
+    case qdot_isa::avx2:
+      return "avx2";
+    case qdot_isa::avx_vnni:
+      return "avx-vnni";
+    case qdot_isa::avx512_vnni:
+      return "avx512-vnni";
+  }
+  return "unknown";
+}
+
+qdot_isa active_qdot() {
+  const cpu_isa isa = active_isa();
+  if (isa == cpu_isa::scalar) return qdot_isa::scalar;
+  if (vnni_allowed.load(std::memory_order_relaxed)) {
+    if (isa == cpu_isa::avx512 && has_avx512_vnni()) return qdot_isa::avx512_vnni;
+    if (has_avx_vnni()) return qdot_isa::avx_vnni;
+  }
+  return qdot_isa::avx2;
+}
+
+void use_vnni(bool allowed) {
+  vnni_allowed.store(allowed, std::memory_order_relaxed);
+}
+
 namespace reference {
 
 float dot_row(const matrix_view& w, int64_t r, const float* x) {
+  if (is_block_quantized(w.type)) {
+    const int64_t groups = detail::groups_of(w.cols);
+    std::vector<detail::xgroup> xq(static_cast<size_t>(groups));
+    std::vector<detail::kgroup> wq(static_cast<size_t>(groups));
+    detail::quantize_input(x, w.cols, xq.data());
+    detail::decode_row(w, r, wq.data());
+    return detail::qdot(wq.data(), xq.data(), groups, detail::props_of(w.type));
+  }
   const char* row = static_cast<const char*>(w.data) + r * static_cast<int64_t>(w.row_bytes);
   float acc[16] = {};
   switch (w.type) {
@@ -141,20 +217,6 @@ float dot_row(const matrix_view& w, int64_t r, const float* x) {
       for (int64_t j = 0; j < w.cols; ++j)
         acc[j % 16] = std::fma(bf16_to_f32(load_u16(row + 2 * j)), x[j], acc[j % 16]);
       break;
-    case dtype::q8_0: {
-      const block_q8_0* blocks = reinterpret_cast<const block_q8_0*>(row);
-      for (int64_t k = 0; k < w.cols / q8_0_block; ++k) {
-        const block_q8_0& b = blocks[k];
-        const float d = fp16_to_f32(b.d);
-        const float* xk = x + k * q8_0_block;
-        for (int l = 0; l < 16; ++l) {
-          const float lo = static_cast<float>(b.qs[l]) * xk[l];
-          const float p = std::fma(static_cast<float>(b.qs[l + 16]), xk[l + 16], lo);
-          acc[l] = std::fma(d, p, acc[l]);
-        }
-      }
-      break;
-    }
     default:
       die("dot_row", w.type);
   }
@@ -172,6 +234,7 @@ float dot_f32(const float* a, const float* b, int64_t n) {
 void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
             int64_t r0, int64_t r1) {
   if (!dtype_supported(w.type)) die("matmul", w.type);
+  if (is_block_quantized(w.type)) return qmatmul(w, quantize_inputs(w, x, ldx, nb), nb, y, ldy, r0, r1);
   switch (active_isa()) {
     case cpu_isa::avx512:
       return detail::avx512::matmul(w, x, ldx, nb, y, ldy, r0, r1);
@@ -187,6 +250,13 @@ void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float
 void matmul(thread_pool& pool, const matrix_view& w, const float* x, int64_t ldx, int64_t nb,
             float* y, int64_t ldy) {
   // Multiples of 16 rows keep every part on the kernels' 4-row tiles.
+  if (is_block_quantized(w.type)) {
+    if (!dtype_supported(w.type)) die("matmul", w.type);
+    const detail::xgroup* q = quantize_inputs(w, x, ldx, nb);  // once, shared by all threads
+    pool.parallel_for(
+        w.rows, [&](int64_t r0, int64_t r1) { qmatmul(w, q, nb, y, ldy, r0, r1); }, 16);
+    return;
+  }
   pool.parallel_for(
       w.rows, [&](int64_t r0, int64_t r1) { matmul(w, x, ldx, nb, y, ldy, r0, r1); }, 16);
 }
@@ -203,17 +273,9 @@ void dequantize_row(const matrix_view& w, int64_t r, float* out) {
     case dtype::bf16:
       for (int64_t j = 0; j < w.cols; ++j) out[j] = bf16_to_f32(load_u16(row + 2 * j));
       return;
-    case dtype::q8_0: {
-      const block_q8_0* blocks = reinterpret_cast<const block_q8_0*>(row);
-      for (int64_t k = 0; k < w.cols / q8_0_block; ++k) {
-        const float d = fp16_to_f32(blocks[k].d);
-        for (int l = 0; l < q8_0_block; ++l)
-          out[k * q8_0_block + l] = d * static_cast<float>(blocks[k].qs[l]);
-      }
-      return;
-    }
     default:
-      die("dequantize_row", w.type);
+      if (!is_block_quantized(w.type)) die("dequantize_row", w.type);
+      return dequantize_blocks(w.type, row, w.cols, out);
   }
 }
 
@@ -231,23 +293,9 @@ void quantize_row(dtype type, const float* x, int64_t n, void* out) {
       }
       return;
     }
-    case dtype::q8_0: {
-      // As ggml's quantize_row_q8_0_ref: d = amax / 127, q = roundf(x * (1 / d)).
-      block_q8_0* blocks = static_cast<block_q8_0*>(out);
-      for (int64_t k = 0; k < n / q8_0_block; ++k) {
-        const float* xk = x + k * q8_0_block;
-        float amax = 0.0f;
-        for (int l = 0; l < q8_0_block; ++l) amax = std::max(amax, std::fabs(xk[l]));
-        const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        blocks[k].d = f32_to_fp16(d);
-        for (int l = 0; l < q8_0_block; ++l)
-          blocks[k].qs[l] = static_cast<int8_t>(std::round(xk[l] * id));
-      }
-      return;
-    }
     default:
-      die("quantize_row", type);
+      if (!is_block_quantized(type)) die("quantize_row", type);
+      return quantize_blocks(type, x, n, out);
   }
 }
 
@@ -298,19 +346,26 @@ void silu_mul(float* gate, const float* up, int64_t n) {
   for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-void rope(float* x, int n_heads, int head_dim, int64_t pos, float theta) {
-  // As ggml's rope cache: theta_i = pos * theta_scale^i, accumulated by multiplication in float.
+void rope(float* x, int n_heads, int head_dim, int64_t pos, float theta, rope_type type,
+          const float* freq_factors) {
+  // As ggml_rope_cache_init and rotate_pairs: theta_i = pos * theta_scale^i, accumulated by
+  // multiplication in float, divided by the pair's frequency factor (freq_scale and mscale are
+  // 1 here, so ggml's multiplications by them are exact).
   const float theta_scale = std::pow(theta, -2.0f / static_cast<float>(head_dim));
+  const int half = head_dim / 2;
+  const int first = type == rope_type::neox ? 1 : 2;      // pair i starts at i * first
+  const int offset = type == rope_type::neox ? half : 1;  // and its partner is `offset` later
   float angle = static_cast<float>(pos);
-  for (int i = 0; i < head_dim; i += 2) {
-    const float c = std::cos(angle);
-    const float s = std::sin(angle);
+  for (int i = 0; i < half; ++i) {
+    const float a = freq_factors != nullptr ? angle / freq_factors[i] : angle;
+    const float c = std::cos(a);
+    const float s = std::sin(a);
     for (int h = 0; h < n_heads; ++h) {
-      float* p = x + static_cast<int64_t>(h) * head_dim + i;
+      float* p = x + static_cast<int64_t>(h) * head_dim + i * first;
       const float x0 = p[0];
-      const float x1 = p[1];
+      const float x1 = p[offset];
       p[0] = x0 * c - x1 * s;
-      p[1] = x0 * s + x1 * c;
+      p[offset] = x0 * s + x1 * c;
     }
     angle *= theta_scale;
   }
@@ -351,6 +406,46 @@ double measure_memory_bandwidth(thread_pool& pool, size_t bytes) {
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (secs > 0) best = std::max(best, static_cast<double>(bytes) / secs);
+  }
+  return best;
+}
+
+double measure_peak_macs(thread_pool& pool, bool integer) {
+  const cpu_isa isa = active_isa();
+  const qdot_isa q = active_qdot();
+  auto burst = [&](int64_t iters) -> int64_t {
+    if (integer) {
+      switch (q) {
+        case qdot_isa::avx512_vnni:
+          return detail::avx512vnni::macs_burst(iters);
+        case qdot_isa::avx_vnni:
+          return detail::avxvnni::macs_burst(iters);
+        case qdot_isa::avx2:
+          return detail::avx2::macs_burst(iters);
+        case qdot_isa::scalar:
+          break;
+      }
+    } else if (isa == cpu_isa::avx512) {
+      return detail::avx512::fma_burst(iters);
+    } else if (isa == cpu_isa::avx2) {
+      return detail::avx2::fma_burst(iters);
+    }
+    // Scalar: one multiply-add per step, eight chains.
+    volatile float a[8] = {};
+    for (int64_t i = 0; i < iters; ++i)
+      for (auto& v : a) v = std::fma(v, 0.999f, 1e-3f);
+    return iters * 8;
+  };
+  double best = 0;
+  for (int pass = 0; pass < 5; ++pass) {
+    std::atomic<int64_t> macs{0};
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.parallel_for(pool.size(), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) macs.fetch_add(burst(2'000'000), std::memory_order_relaxed);
+    });
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (secs > 0) best = std::max(best, static_cast<double>(macs.load()) / secs);
   }
   return best;
 }

@@ -37,6 +37,15 @@ cpu_isa detected_isa();
 cpu_isa active_isa();
 void use_isa(cpu_isa x);
 
+/// How the integer kernels of block-quantised weights form sums of byte products: 16-bit pairs
+/// then 32-bit sums (AVX2 vpmaddubsw), or vpdpbusd (AVX-VNNI, AVX-512 VNNI). All give the same
+/// bits (the sums are exact); `active_qdot` follows `active_isa` and the best this CPU has,
+/// unless `use_vnni(false)` rules VNNI out (for tests and benchmarks).
+enum class qdot_isa { scalar, avx2, avx_vnni, avx512_vnni };
+const char* to_string(qdot_isa x);
+qdot_isa active_qdot();
+void use_vnni(bool allowed);
+
 /// y[b * ldy + r] = row r of `w` . x[b * ldx ...] for b in [0, nb) and r in [r0, r1).
 /// `x` is F32 with at least `w.cols` values per row. Each weight row is read once for all nb
 /// inputs. The value of every output depends only on its weight row and its input row: it is
@@ -70,14 +79,27 @@ void softmax(float* x, int64_t n);
 /// gate[i] = silu(gate[i]) * up[i].
 void silu_mul(float* gate, const float* up, int64_t n);
 
-/// Rotary embedding as llama.cpp applies it to GGUF llama models (rope type "normal"): for each
-/// of `n_heads` heads of `head_dim` values, pairs (2i, 2i+1) rotate by pos * theta^(-2i/head_dim).
-void rope(float* x, int n_heads, int head_dim, int64_t pos, float theta);
+/// Which values of a head rotate together, as llama.cpp's rope types: `normal` (llama) pairs
+/// (2i, 2i+1); `neox` (qwen2) pairs (i, i + head_dim/2).
+enum class rope_type { normal, neox };
+
+/// Rotary embedding with ggml's float semantics, in place, for each of `n_heads` heads of
+/// `head_dim` values: pair i rotates by pos * theta^(-2i/head_dim) / freq_factors[i] (the angle
+/// built by repeated multiplication in float, as ggml's rope cache). `freq_factors` (Llama 3.1's
+/// rope_freqs, head_dim/2 values) may be null, meaning all ones.
+void rope(float* x, int n_heads, int head_dim, int64_t pos, float theta,
+          rope_type type = rope_type::normal, const float* freq_factors = nullptr);
 
 /// Bytes per second of a streaming read (a sum) over a `bytes`-long buffer by all of `pool`'s
 /// threads: the best of several passes. Allocates and touches the buffer first; takes a while
 /// for large buffers. For the decode roofline.
 double measure_memory_bandwidth(thread_pool& pool, size_t bytes);
+
+/// The machine's peak multiply-adds per second on all of `pool`'s threads, measured with the
+/// active kernels' widest instructions: F32 fused multiply-adds (`integer` false) or the byte
+/// dot products of the integer kernels (true; VNNI counts four per lane). The best of several
+/// short runs; for the prefill fraction of the engine benchmark.
+double measure_peak_macs(thread_pool& pool, bool integer);
 
 namespace reference {
 

@@ -69,11 +69,6 @@ inline void load_w(const char* row, int64_t j, __m256& lo, __m256& hi) {
   }
 }
 
-inline __m256 load_q8(const int8_t* q) {
-  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-}
-
 // Software prefetch of the weight rows that come next, spread evenly over a tile's iterations, so
 // a matrix larger than the caches streams in while every input group computes (see ops_avx512).
 struct prefetcher {
@@ -104,57 +99,32 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
   const char* base = static_cast<const char*>(w.data) + r * rb;
   const int64_t n = w.cols;
   acc16 acc[R][B];
-  if constexpr (T == dtype::q8_0) {
-    const int64_t blocks = n / q8_0_block;
-    const float* f16 = fp16_table();
-    for (int64_t k = 0; k < blocks; ++k) {
-      pf.step();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    pf.step();
 #pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) {
-        const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(base + i * rb)[k];
-        __m256 q0 = load_q8(blk.qs), q1 = load_q8(blk.qs + 8);
-        __m256 q2 = load_q8(blk.qs + 16), q3 = load_q8(blk.qs + 24);
-        __m256 d = _mm256_broadcast_ss(f16 + blk.d);
+    for (int i = 0; i < R; ++i) {
+      __m256 wlo, whi;
+      load_w<T>(base + i * rb, j, wlo, whi);
 #pragma GCC unroll 4
-        for (int b = 0; b < B; ++b) {
-          const float* xb = x + b * ldx + k * 32;
-          __m256 plo =
-              _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16), _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
-          __m256 phi = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24),
-                                       _mm256_mul_ps(q1, _mm256_loadu_ps(xb + 8)));
-          acc[i][b].lo = _mm256_fmadd_ps(d, plo, acc[i][b].lo);
-          acc[i][b].hi = _mm256_fmadd_ps(d, phi, acc[i][b].hi);
-        }
+      for (int b = 0; b < B; ++b) {
+        acc[i][b].lo = _mm256_fmadd_ps(wlo, _mm256_loadu_ps(x + b * ldx + j), acc[i][b].lo);
+        acc[i][b].hi = _mm256_fmadd_ps(whi, _mm256_loadu_ps(x + b * ldx + j + 8), acc[i][b].hi);
       }
     }
-  } else {
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      pf.step();
-#pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) {
-        __m256 wlo, whi;
-        load_w<T>(base + i * rb, j, wlo, whi);
-#pragma GCC unroll 4
-        for (int b = 0; b < B; ++b) {
-          acc[i][b].lo = _mm256_fmadd_ps(wlo, _mm256_loadu_ps(x + b * ldx + j), acc[i][b].lo);
-          acc[i][b].hi = _mm256_fmadd_ps(whi, _mm256_loadu_ps(x + b * ldx + j + 8), acc[i][b].hi);
-        }
+  }
+  if (j < n) {  // tail: element t still goes to lane t % 16, in increasing t
+    for (int i = 0; i < R; ++i) {
+      for (int b = 0; b < B; ++b) {
+        alignas(32) float a[16];
+        _mm256_store_ps(a, acc[i][b].lo);
+        _mm256_store_ps(a + 8, acc[i][b].hi);
+        for (int64_t t = j; t < n; ++t)
+          a[t % 16] = std::fma(w_at<T>(base + i * rb, t), x[b * ldx + t], a[t % 16]);
+        y[b * ldy + r + i] = reduce(a);
       }
     }
-    if (j < n) {  // tail: element t still goes to lane t % 16, in increasing t
-      for (int i = 0; i < R; ++i) {
-        for (int b = 0; b < B; ++b) {
-          alignas(32) float a[16];
-          _mm256_store_ps(a, acc[i][b].lo);
-          _mm256_store_ps(a + 8, acc[i][b].hi);
-          for (int64_t t = j; t < n; ++t)
-            a[t % 16] = std::fma(w_at<T>(base + i * rb, t), x[b * ldx + t], a[t % 16]);
-          y[b * ldy + r + i] = reduce(a);
-        }
-      }
-      return;
-    }
+    return;
   }
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i)
@@ -168,7 +138,7 @@ template <dtype T, int B>
 void rows4(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r,
            const char* pf, int64_t pf_bytes) {
   constexpr int R = B == 1 ? 4 : B == 2 ? 2 : 1;
-  const int64_t iters = T == dtype::q8_0 ? w.cols / q8_0_block : w.cols / 16;
+  const int64_t iters = w.cols / 16;
   for (int i = 0; i < 4; i += R) {
     const int64_t lo = pf_bytes * i / 4, hi = pf_bytes * (i + R) / 4;
     tile<T, R, B>(w, x, ldx, y, ldy, r + i, prefetcher(pf + lo, hi - lo, iters));
@@ -222,8 +192,6 @@ void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float
       return matmul_t<dtype::f16>(w, x, ldx, nb, y, ldy, r0, r1);
     case dtype::bf16:
       return matmul_t<dtype::bf16>(w, x, ldx, nb, y, ldy, r0, r1);
-    case dtype::q8_0:
-      return matmul_t<dtype::q8_0>(w, x, ldx, nb, y, ldy, r0, r1);
     default:
       return;  // ops.cpp checks the type before dispatching
   }
@@ -268,6 +236,20 @@ uint64_t stream_sum(const void* p, size_t bytes) {
   alignas(32) uint64_t l[4];
   _mm256_store_si256(reinterpret_cast<__m256i*>(l), s0);
   return l[0] + l[1] + l[2] + l[3];
+}
+
+int64_t fma_burst(int64_t iters) {
+  __m256 acc[8];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  const __m256 m = _mm256_set1_ps(0.999f), c = _mm256_set1_ps(1e-3f);
+  for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 8
+    for (auto& a : acc) a = _mm256_fmadd_ps(a, m, c);
+  __m256 t = acc[0];
+  for (int k = 1; k < 8; ++k) t = _mm256_add_ps(t, acc[k]);
+  volatile float sink = _mm256_cvtss_f32(t);
+  (void)sink;
+  return iters * 8 * 8;
 }
 
 }  // namespace keel::detail::avx2

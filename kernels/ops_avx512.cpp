@@ -52,11 +52,6 @@ inline __m512 load_w(const char* row, int64_t j) {
   }
 }
 
-inline __m512 load_q8(const int8_t* q) {
-  return _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-}
-
 // Software prefetch of the weight rows that come next, spread evenly over a tile's iterations:
 // a weight matrix larger than the caches is streamed while the current rows are computed on,
 // instead of only while the first input group passes over them. Prefetches never change results.
@@ -93,52 +88,26 @@ void tile(const matrix_view& w, const float* x, int64_t ldx, float* y, int64_t l
 #pragma GCC unroll 8
     for (int b = 0; b < B; ++b) acc[i][b] = _mm512_setzero_ps();
 
-  if constexpr (T == dtype::q8_0) {
-    const int64_t blocks = n / q8_0_block;
-    const float* f16 = fp16_table();
-    for (int64_t k = 0; k < blocks; ++k) {
-      pf.step();
-      __m512 xlo[B], xhi[B];
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    pf.step();
+    __m512 xv[B];
 #pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + j);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      __m512 wv = load_w<T>(base + i * rb, j);
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) acc[i][b] = _mm512_fmadd_ps(wv, xv[b], acc[i][b]);
+    }
+  }
+  if (j < n) {  // tail: element j still goes to lane j % 16; other lanes keep their value
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - j)) - 1);
+    for (int i = 0; i < R; ++i) {
+      __m512 wv = load_w<T>(base + i * rb, j, k);
       for (int b = 0; b < B; ++b) {
-        xlo[b] = _mm512_loadu_ps(x + b * ldx + k * 32);
-        xhi[b] = _mm512_loadu_ps(x + b * ldx + k * 32 + 16);
-      }
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) {
-        const block_q8_0& blk = reinterpret_cast<const block_q8_0*>(base + i * rb)[k];
-        __m512 qlo = load_q8(blk.qs);
-        __m512 qhi = load_q8(blk.qs + 16);
-        __m512 d = _mm512_set1_ps(f16[blk.d]);
-#pragma GCC unroll 8
-        for (int b = 0; b < B; ++b) {
-          __m512 p = _mm512_fmadd_ps(qhi, xhi[b], _mm512_mul_ps(qlo, xlo[b]));
-          acc[i][b] = _mm512_fmadd_ps(d, p, acc[i][b]);
-        }
-      }
-    }
-  } else {
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      pf.step();
-      __m512 xv[B];
-#pragma GCC unroll 8
-      for (int b = 0; b < B; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + j);
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) {
-        __m512 wv = load_w<T>(base + i * rb, j);
-#pragma GCC unroll 8
-        for (int b = 0; b < B; ++b) acc[i][b] = _mm512_fmadd_ps(wv, xv[b], acc[i][b]);
-      }
-    }
-    if (j < n) {  // tail: element j still goes to lane j % 16; other lanes keep their value
-      const __mmask16 k = static_cast<__mmask16>((1u << (n - j)) - 1);
-      for (int i = 0; i < R; ++i) {
-        __m512 wv = load_w<T>(base + i * rb, j, k);
-        for (int b = 0; b < B; ++b) {
-          __m512 xv = _mm512_maskz_loadu_ps(k, x + b * ldx + j);
-          acc[i][b] = _mm512_mask3_fmadd_ps(wv, xv, acc[i][b], k);
-        }
+        __m512 xv = _mm512_maskz_loadu_ps(k, x + b * ldx + j);
+        acc[i][b] = _mm512_mask3_fmadd_ps(wv, xv, acc[i][b], k);
       }
     }
   }
@@ -155,7 +124,7 @@ template <dtype T, int R>
 void rows(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
           int64_t r, int64_t pf_bytes) {
   const char* next = static_cast<const char*>(w.data) + (r + R) * static_cast<int64_t>(w.row_bytes);
-  const int64_t iters = T == dtype::q8_0 ? w.cols / q8_0_block : w.cols / 16;
+  const int64_t iters = w.cols / 16;
   const int64_t groups = (nb + 3) / 4;
   for (int64_t g = 0, b = 0; b < nb; ++g, b += 4) {
     const float* xb = x + b * ldx;
@@ -200,8 +169,6 @@ void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float
       return matmul_t<dtype::f16>(w, x, ldx, nb, y, ldy, r0, r1);
     case dtype::bf16:
       return matmul_t<dtype::bf16>(w, x, ldx, nb, y, ldy, r0, r1);
-    case dtype::q8_0:
-      return matmul_t<dtype::q8_0>(w, x, ldx, nb, y, ldy, r0, r1);
     default:
       return;  // ops.cpp checks the type before dispatching
   }
@@ -247,6 +214,22 @@ uint64_t stream_sum(const void* p, size_t bytes) {
   for (; i < n; ++i) s0 = _mm512_add_epi64(s0, _mm512_load_si512(v + i));
   s0 = _mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3));
   return static_cast<uint64_t>(_mm512_reduce_add_epi64(s0));
+}
+
+int64_t fma_burst(int64_t iters) {
+  __m512 acc[8];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const __m512 m = _mm512_set1_ps(0.999f), c = _mm512_set1_ps(1e-3f);
+  for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 8
+    for (auto& a : acc) a = _mm512_fmadd_ps(a, m, c);
+  __m512 t = acc[0];
+  for (int k = 1; k < 8; ++k) t = _mm512_add_ps(t, acc[k]);
+  alignas(64) float l[16];
+  _mm512_store_ps(l, t);
+  volatile float sink = l[0];
+  (void)sink;
+  return iters * 8 * 16;
 }
 
 }  // namespace keel::detail::avx512

@@ -49,11 +49,12 @@ std::vector<uint8_t> random_matrix(dtype type, int64_t rows, int64_t cols, float
   return out;
 }
 
-std::vector<uint8_t> norm_vector(int64_t n, uint64_t seed) {
+/// n F32 values, center + half_width * uniform[-1, 1).
+std::vector<uint8_t> random_vector(int64_t n, float center, float half_width, uint64_t seed) {
   std::vector<uint8_t> out(n * sizeof(float));
   splitmix rng{seed};
   for (int64_t i = 0; i < n; ++i) {
-    float v = 1.0f + 0.1f * rng.uniform();
+    float v = center + half_width * rng.uniform();
     std::memcpy(out.data() + i * sizeof(float), &v, sizeof(float));
   }
   return out;
@@ -77,9 +78,12 @@ caf::error validate(const synth_options& o) {
   if (o.dim % o.heads != 0) return bad("dim", o.dim, "must be a multiple of --heads");
   if ((o.dim / o.heads) % 2 != 0) return bad("heads", o.heads, "gives an odd head dimension");
   if (o.heads % o.kv_heads != 0) return bad("kv-heads", o.kv_heads, "must divide --heads");
+  if (o.arch != "llama" && o.arch != "qwen2")
+    return make_error(errc::bad_request, "--arch " + o.arch + ": expected llama or qwen2");
   if (!dtype_supported(o.type)) {
     return make_error(errc::bad_request, "--type " + std::string(dtype_name(o.type)) +
-                                             ": expected f32, f16, bf16 or q8_0");
+                                             ": expected f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, "
+                                             "q2_k, q3_k, q4_k, q5_k or q6_k");
   }
   auto block = static_cast<int32_t>(layout_of(o.type)->block_elems);
   if (o.dim % block != 0) return bad("dim", o.dim, "must be a multiple of the type's block");
@@ -114,18 +118,19 @@ caf::expected<gguf_writer> synthesize(const synth_options& o, const vocab& v) {
   const int64_t n_vocab = static_cast<int64_t>(v.tokens.size());
   if (n_vocab == 0) return make_error(errc::bad_request, "synth: the vocabulary is empty");
   gguf_writer w;
-  w.add_string("general.architecture", "llama");
+  auto key = [&](llm_kv k) { return llama_names::key(o.arch, k); };
+  w.add_string("general.architecture", o.arch);
   w.add_string("general.name", "keel-synth");
   w.add_uint64("keel.synth.seed", o.seed);
-  w.add_uint32("llama.context_length", static_cast<uint32_t>(o.ctx));
-  w.add_uint32("llama.embedding_length", static_cast<uint32_t>(o.dim));
-  w.add_uint32("llama.block_count", static_cast<uint32_t>(o.layers));
-  w.add_uint32("llama.feed_forward_length", static_cast<uint32_t>(o.ffn));
-  w.add_uint32("llama.attention.head_count", static_cast<uint32_t>(o.heads));
-  w.add_uint32("llama.attention.head_count_kv", static_cast<uint32_t>(o.kv_heads));
-  w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
-  w.add_float32("llama.rope.freq_base", 10000.0f);
-  w.add_uint32("llama.rope.dimension_count", static_cast<uint32_t>(o.dim / o.heads));
+  w.add_uint32(key(llm_kv::context_length), static_cast<uint32_t>(o.ctx));
+  w.add_uint32(key(llm_kv::embedding_length), static_cast<uint32_t>(o.dim));
+  w.add_uint32(key(llm_kv::block_count), static_cast<uint32_t>(o.layers));
+  w.add_uint32(key(llm_kv::feed_forward_length), static_cast<uint32_t>(o.ffn));
+  w.add_uint32(key(llm_kv::head_count), static_cast<uint32_t>(o.heads));
+  w.add_uint32(key(llm_kv::head_count_kv), static_cast<uint32_t>(o.kv_heads));
+  w.add_float32(key(llm_kv::rms_epsilon), 1e-5f);
+  w.add_float32(key(llm_kv::rope_freq_base), 10000.0f);
+  w.add_uint32(key(llm_kv::rope_dimension_count), static_cast<uint32_t>(o.dim / o.heads));
   add_vocab_metadata(w, v);
 
   const int64_t dim = o.dim, hd = o.dim / o.heads, q = dim, kv = hd * o.kv_heads, ffn = o.ffn;
@@ -133,19 +138,29 @@ caf::expected<gguf_writer> synthesize(const synth_options& o, const vocab& v) {
     w.add_tensor(name, {static_cast<uint64_t>(cols), static_cast<uint64_t>(rows)}, o.type,
                  random_matrix(o.type, rows, cols, scale, stream_seed(o.seed, name)));
   };
-  auto norm = [&](const std::string& name) {
-    w.add_tensor(name, {static_cast<uint64_t>(dim)}, dtype::f32,
-                 norm_vector(dim, stream_seed(o.seed, name)));
+  auto vec = [&](const std::string& name, int64_t n, float center, float half_width) {
+    w.add_tensor(name, {static_cast<uint64_t>(n)}, dtype::f32,
+                 random_vector(n, center, half_width, stream_seed(o.seed, name)));
   };
+  auto norm = [&](const std::string& name) { vec(name, dim, 1.0f, 0.1f); };
+  const bool bias = o.qkv_bias || o.arch == "qwen2";
   // Scales keep activations of order one through the layers (uniform: var = s^2 / 3).
   auto s = [](int64_t fan_in) { return std::sqrt(3.0f / static_cast<float>(fan_in)); };
   mat("token_embd.weight", n_vocab, dim, 1.0f);
+  // Divisors of every pair's angle, large enough to change the logits visibly (Llama 3.1's are
+  // 1 for fast pairs and up to 8 for slow ones).
+  if (o.rope_freqs) vec("rope_freqs.weight", hd / 2, 4.5f, 3.5f);
   for (int32_t l = 0; l < o.layers; ++l) {
     auto t = [&](const char* suffix) { return llama_names::layer_tensor(l, suffix); };
     norm(t("attn_norm.weight"));
     mat(t("attn_q.weight"), q, dim, s(dim));
     mat(t("attn_k.weight"), kv, dim, s(dim));
     mat(t("attn_v.weight"), kv, dim, s(dim));
+    if (bias) {
+      vec(t("attn_q.bias"), q, 0.0f, 0.5f);
+      vec(t("attn_k.bias"), kv, 0.0f, 0.5f);
+      vec(t("attn_v.bias"), kv, 0.0f, 0.5f);
+    }
     mat(t("attn_output.weight"), dim, q, s(q) * 0.5f);
     norm(t("ffn_norm.weight"));
     mat(t("ffn_gate.weight"), ffn, dim, s(dim));

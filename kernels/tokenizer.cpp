@@ -244,12 +244,15 @@ caf::expected<vocab> vocab_from_gguf(const gguf_file& f) {
   } ids[] = {{"tokenizer.ggml.bos_token_id", &v.bos},
              {"tokenizer.ggml.eos_token_id", &v.eos},
              {"tokenizer.ggml.unknown_token_id", &v.unk},
-             {"tokenizer.ggml.padding_token_id", &v.pad}};
+             {"tokenizer.ggml.padding_token_id", &v.pad},
+             {"tokenizer.ggml.eot_token_id", &v.eot},
+             {"tokenizer.ggml.eom_token_id", &v.eom}};
   for (auto& [key, id] : ids)
     if (auto err = read_id(f, key, n, *id)) return err;
   if (auto err = read_flag(f, "tokenizer.ggml.add_bos_token", v.add_bos)) return err;
   if (auto err = read_flag(f, "tokenizer.ggml.add_eos_token", v.add_eos)) return err;
   if (auto err = read_flag(f, "tokenizer.ggml.add_space_prefix", v.add_space_prefix)) return err;
+  mark_end_of_generation(v);
   return v;
 }
 
@@ -317,6 +320,7 @@ caf::expected<vocab> vocab_from_llama2c(const std::string& path, int32_t vocab_s
   v.eos = vocab_size > 2 ? 2 : -1;
   v.add_bos = true;
   v.add_space_prefix = true;
+  mark_end_of_generation(v);
   return v;
 }
 
@@ -378,7 +382,41 @@ vocab builtin_byte_vocab() {
     }
   }
   v.scores.assign(v.tokens.size(), 0.0f);
+  mark_end_of_generation(v);
   return v;
+}
+
+std::span<const std::string_view> end_of_generation_texts() {
+  static constexpr std::string_view texts[] = {
+      "<|eot_id|>",     "<|eom_id|>",      "<|im_end|>", "<|end|>", "<end_of_turn>",
+      "<|endoftext|>", "<|end_of_text|>", "<EOT>",      "_<EOT>",  "<end_of_utterance>"};
+  return texts;
+}
+
+void mark_end_of_generation(vocab& v) {
+  const auto n = static_cast<int32_t>(v.tokens.size());
+  v.types.resize(v.tokens.size(), token_type::normal);
+  std::vector<int32_t> eog;
+  for (int32_t id : {v.eos, v.eot, v.eom})
+    if (id >= 0 && id < n) eog.push_back(id);
+  for (int32_t id = 0; id < n; ++id) {
+    const auto& t = v.tokens[static_cast<size_t>(id)];
+    if (t.size() < 5 || t.size() > 20) continue;  // the known texts' lengths: a cheap filter
+    for (auto text : end_of_generation_texts()) {
+      if (t != text) continue;
+      eog.push_back(id);
+      v.types[static_cast<size_t>(id)] = token_type::control;
+    }
+  }
+  for (int32_t id : v.eog)
+    if (id >= 0 && id < n) eog.push_back(id);
+  std::sort(eog.begin(), eog.end());
+  eog.erase(std::unique(eog.begin(), eog.end()), eog.end());
+  v.eog = std::move(eog);
+}
+
+bool is_end_of_generation(const vocab& v, int32_t id) {
+  return id >= 0 && std::binary_search(v.eog.begin(), v.eog.end(), id);
 }
 
 // ---- tokenizer --------------------------------------------------------------------------------
@@ -387,6 +425,9 @@ tokenizer::tokenizer(vocab v) : vocab_(std::move(v)) {
   const auto n = vocab_.tokens.size();
   vocab_.scores.resize(n, 0.0f);
   vocab_.types.resize(n, token_type::normal);
+  // A vocabulary built by hand (tests) may not have its end-of-generation set yet.
+  if (vocab_.eog.empty() || (vocab_.eos >= 0 && !keel::is_end_of_generation(vocab_, vocab_.eos)))
+    mark_end_of_generation(vocab_);
   ids_.reserve(n);
   // As in llama.cpp, a later duplicate text wins.
   for (size_t i = 0; i < n; ++i) ids_[vocab_.tokens[i]] = static_cast<int32_t>(i);
@@ -405,17 +446,17 @@ tokenizer::tokenizer(vocab v) : vocab_(std::move(v)) {
     byte_ids_[b] = id >= 0 ? id : vocab_.unk;
   }
 
-  if (vocab_.kind == vocab_kind::bpe) {
-    for (size_t i = 0; i < n; ++i) {
-      const auto& t = vocab_.tokens[i];
-      if (vocab_.types[i] == token_type::user_defined && !t.empty())
-        user_defined_by_byte_[static_cast<uint8_t>(t[0])].push_back(static_cast<int32_t>(i));
-    }
-    for (auto& ids : user_defined_by_byte_) {
-      std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
-        return vocab_.tokens[a].size() > vocab_.tokens[b].size();
-      });
-    }
+  for (size_t i = 0; i < n; ++i) {
+    const auto& t = vocab_.tokens[i];
+    auto type = vocab_.types[i];
+    if (!t.empty() && (type == token_type::control || type == token_type::user_defined ||
+                       type == token_type::unknown))
+      specials_by_byte_[static_cast<uint8_t>(t[0])].push_back(static_cast<int32_t>(i));
+  }
+  for (auto& ids : specials_by_byte_) {
+    std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
+      return vocab_.tokens[a].size() > vocab_.tokens[b].size();
+    });
   }
 
   pieces_.resize(n);
@@ -465,27 +506,83 @@ bool tokenizer::is_control(int32_t id) const {
   return id >= 0 && id < size() && vocab_.types[id] == token_type::control;
 }
 
+bool tokenizer::is_end_of_generation(int32_t id) const {
+  return keel::is_end_of_generation(vocab_, id);
+}
+
 const std::string& tokenizer::token_text(int32_t id) const {
   static const std::string none;
   return id >= 0 && id < size() ? pieces_[id] : none;
 }
 
-std::vector<int32_t> tokenizer::encode(std::string_view text, bool add_bos) const {
+const std::string& tokenizer::token_text(int32_t id, special_tokens special) const {
+  if (special == special_tokens::on && is_control(id)) return vocab_.tokens[id];
+  return token_text(id);
+}
+
+int32_t tokenizer::special_at(std::string_view text, size_t pos, special_tokens special) const {
+  const bool parse = special == special_tokens::on;
+  if (!parse && vocab_.kind == vocab_kind::spm) return -1;
+  for (auto id : specials_by_byte_[static_cast<uint8_t>(text[pos])]) {
+    if (!parse && vocab_.types[id] != token_type::user_defined) continue;
+    if (text.substr(pos).starts_with(vocab_.tokens[id])) return id;
+  }
+  return -1;
+}
+
+bool tokenizer::special_text_at(std::string_view text, size_t pos) const {
+  if (pos >= text.size()) return false;
+  auto rest = text.substr(pos);
+  for (auto id : specials_by_byte_[static_cast<uint8_t>(text[pos])]) {
+    if (vocab_.kind == vocab_kind::bpe && vocab_.types[id] == token_type::user_defined) continue;
+    std::string_view t = vocab_.tokens[id];
+    if (rest.starts_with(t) || t.starts_with(rest)) return true;
+  }
+  return false;
+}
+
+std::vector<int32_t> tokenizer::encode(std::string_view text, bool add_bos,
+                                       special_tokens special,
+                                       std::span<const size_t> literal_at) const {
   std::vector<int32_t> out;
   if (add_bos && vocab_.bos >= 0) out.push_back(vocab_.bos);
   if (text.empty()) return out;
-  if (vocab_.kind == vocab_kind::spm)
-    encode_spm(text, out);
-  else
-    encode_bpe(text, out);
+  // The text between the tokens cut out whole is encoded piece by piece; an spm space prefix
+  // goes on the piece at the start and on each piece after a cut token (llama.cpp's rule).
+  bool after_cut = true;
+  auto encode_piece = [&](std::string_view piece) {
+    if (piece.empty()) return;
+    if (vocab_.kind == vocab_kind::spm)
+      encode_spm(piece, vocab_.add_space_prefix && after_cut, out);
+    else
+      encode_bpe_text(piece, out);
+    after_cut = false;
+  };
+  size_t start = 0;  // of the text not yet encoded
+  size_t next_literal = 0;  // the first of `literal_at` not behind `pos`
+  for (size_t pos = 0; pos < text.size();) {
+    while (next_literal < literal_at.size() && literal_at[next_literal] < pos) ++next_literal;
+    bool literal = next_literal < literal_at.size() && literal_at[next_literal] == pos;
+    int32_t id = special_at(text, pos, literal ? special_tokens::off : special);
+    if (id < 0) {
+      ++pos;
+      continue;
+    }
+    encode_piece(text.substr(start, pos - start));
+    out.push_back(id);
+    after_cut = true;
+    pos += vocab_.tokens[id].size();
+    start = pos;
+  }
+  encode_piece(text.substr(start));
   return out;
 }
 
-std::string tokenizer::decode(std::span<const int32_t> ids) const {
+std::string tokenizer::decode(std::span<const int32_t> ids, special_tokens special) const {
   std::string out;
   bool strip = vocab_.add_space_prefix;
   for (auto id : ids) {
-    const auto& p = token_text(id);
+    const auto& p = token_text(id, special);
     if (p.empty()) continue;
     out.append(p, strip && p[0] == ' ' ? 1 : 0);
     strip = false;
@@ -553,8 +650,9 @@ void merge_symbols(std::vector<symbol>& syms, Score score) {
 
 }  // namespace
 
-void tokenizer::encode_spm(std::string_view text, std::vector<int32_t>& out) const {
-  std::string s = vocab_.add_space_prefix ? " " : "";
+void tokenizer::encode_spm(std::string_view text, bool space_prefix,
+                           std::vector<int32_t>& out) const {
+  std::string s = space_prefix ? " " : "";
   s.append(text);
   s = replace_all(s, " ", space_mark);
   auto syms = split_chars(s);
@@ -577,28 +675,6 @@ void tokenizer::encode_spm(std::string_view text, std::vector<int32_t>& out) con
     for (unsigned char b : buf)
       if (byte_ids_[b] >= 0) out.push_back(byte_ids_[b]);
   }
-}
-
-int32_t tokenizer::user_defined_at(std::string_view text, size_t pos) const {
-  for (auto id : user_defined_by_byte_[static_cast<uint8_t>(text[pos])])
-    if (text.substr(pos).starts_with(vocab_.tokens[id])) return id;
-  return -1;
-}
-
-void tokenizer::encode_bpe(std::string_view text, std::vector<int32_t>& out) const {
-  size_t start = 0;  // of the text not yet encoded
-  for (size_t pos = 0; pos < text.size();) {
-    int32_t id = user_defined_at(text, pos);
-    if (id < 0) {
-      ++pos;
-      continue;
-    }
-    encode_bpe_text(text.substr(start, pos - start), out);
-    out.push_back(id);
-    pos += vocab_.tokens[id].size();
-    start = pos;
-  }
-  encode_bpe_text(text.substr(start), out);
 }
 
 void tokenizer::encode_bpe_text(std::string_view text, std::vector<int32_t>& out) const {
@@ -644,11 +720,11 @@ void tokenizer::encode_bpe_word(std::string_view word, std::vector<int32_t>& out
 
 // ---- detokenizer ------------------------------------------------------------------------------
 
-detokenizer::detokenizer(const tokenizer& tok, bool at_start)
-    : tok_(tok), strip_space_(at_start && tok.vocabulary().add_space_prefix) {}
+detokenizer::detokenizer(const tokenizer& tok, bool at_start, special_tokens special)
+    : tok_(tok), strip_space_(at_start && tok.vocabulary().add_space_prefix), special_(special) {}
 
 std::string detokenizer::push(int32_t id) {
-  const auto& p = tok_.token_text(id);
+  const auto& p = tok_.token_text(id, special_);
   if (p.empty()) return {};
   held_.append(p, strip_space_ && p[0] == ' ' ? 1 : 0);
   strip_space_ = false;

@@ -3,6 +3,8 @@
 
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <set>
 
 #include "kernels/engine.hpp"
 #include "kernels/generate.hpp"
@@ -128,6 +130,96 @@ struct tiny_weights {
     BOOST_REQUIRE(!w.write(path));
   }
 };
+
+/// A copy of GGUF file `f`: keys and tensors in `drop` left out, string keys in `strings` given
+/// new values. Knows the metadata types that synthesize() and add_vocab_metadata() write.
+gguf_writer copy_of(const gguf_file& f, const std::set<std::string>& drop,
+                    const std::map<std::string, std::string>& strings = {}) {
+  gguf_writer w;
+  for (const auto& kv : f.metadata()) {
+    if (drop.count(kv.key)) continue;
+    switch (kv.type) {
+      case gguf_type::string:
+        w.add_string(kv.key, strings.count(kv.key) ? strings.at(kv.key) : kv.s);
+        break;
+      case gguf_type::u32:
+        w.add_uint32(kv.key, static_cast<uint32_t>(kv.u));
+        break;
+      case gguf_type::u64:
+        w.add_uint64(kv.key, kv.u);
+        break;
+      case gguf_type::f32:
+        w.add_float32(kv.key, static_cast<float>(kv.f));
+        break;
+      case gguf_type::boolean:
+        w.add_bool(kv.key, kv.i != 0);
+        break;
+      case gguf_type::array:
+        if (kv.elem == gguf_type::string) {
+          w.add_strings(kv.key, kv.strings);
+        } else if (kv.elem == gguf_type::f32) {
+          w.add_float32s(kv.key, std::vector<float>(kv.floats.begin(), kv.floats.end()));
+        } else if (kv.elem == gguf_type::i32) {
+          std::vector<int32_t> v(kv.ints.begin(), kv.ints.end());
+          w.add_int32s(kv.key, std::move(v));
+        } else {
+          BOOST_FAIL("copy_of: array key " << kv.key);
+        }
+        break;
+      default:
+        BOOST_FAIL("copy_of: key " << kv.key << " of type " << gguf_type_name(kv.type));
+    }
+  }
+  for (const auto& t : f.tensors()) {
+    if (drop.count(t.name)) continue;
+    w.add_tensor(t.name, t.dims, t.type, std::vector<uint8_t>(t.data, t.data + t.n_bytes));
+  }
+  return w;
+}
+
+/// Synthesizes `o` into dir/name and returns the path.
+std::string synth_file(const test::temp_dir& dir, const synth_options& o, const std::string& name) {
+  auto w = synthesize(o, builtin_byte_vocab());
+  BOOST_REQUIRE_MESSAGE(w, test::why(w));
+  auto path = (dir.path / name).string();
+  BOOST_REQUIRE(!w->write(path));
+  return path;
+}
+
+synth_options tiny(const char* arch) {
+  synth_options o;
+  o.arch = arch;
+  o.dim = 64;
+  o.layers = 2;
+  o.heads = 4;
+  o.kv_heads = 2;
+  o.ffn = 96;
+  o.ctx = 64;
+  return o;
+}
+
+/// The F32 values of tensor `name` of the file at `path`.
+std::vector<float> tensor_values(const std::string& path, const std::string& name) {
+  auto f = gguf_file::open(path);
+  BOOST_REQUIRE_MESSAGE(f, test::why(f));
+  auto* t = f->tensor(name);
+  BOOST_REQUIRE_MESSAGE(t != nullptr, "no tensor " << name);
+  BOOST_REQUIRE(t->type == dtype::f32);
+  std::vector<float> v(t->n_elements);
+  std::memcpy(v.data(), t->data, t->n_bytes);
+  return v;
+}
+
+/// Loading `path` fails with bad_model and a message holding each of `parts`.
+void check_refused(const std::string& path, std::initializer_list<std::string> parts) {
+  auto m = model::load(path);
+  BOOST_REQUIRE_MESSAGE(!m, path << " loaded");
+  BOOST_TEST(code_of(m.error()) == errc::bad_model);
+  for (const auto& p : parts) {
+    BOOST_TEST(message_of(m.error()).find(p) != std::string::npos,
+               "'" << message_of(m.error()) << "' lacks '" << p << "'");
+  }
+}
 
 std::vector<float> logits_of(const model& m, const std::vector<int32_t>& toks) {
   thread_pool pool(1);
@@ -263,4 +355,144 @@ BOOST_AUTO_TEST_CASE(synthesized_model_loads_with_its_shape_and_vocabulary) {
   BOOST_TEST((*m)->weight_type() == dtype::bf16);
   BOOST_TEST((*m)->vocabulary().tokens == v.tokens);
   BOOST_TEST((*m)->vocabulary().bos == v.bos);
+}
+
+BOOST_AUTO_TEST_CASE(a_qwen2_model_loads_its_keys_biases_and_neox_rope) {
+  test::temp_dir dir("model_qwen2");
+  auto o = tiny("qwen2");
+  o.tied_output = true;
+  o.rope_freqs = true;
+  auto path = synth_file(dir, o, "qwen2.gguf");
+  auto m = model::load(path);
+  BOOST_REQUIRE_MESSAGE(m, test::why(m));
+  const auto& c = (*m)->config();
+  BOOST_TEST(c.arch == "qwen2");
+  BOOST_TEST((c.rope == rope_type::neox));
+  BOOST_TEST(c.dim == 64);
+  BOOST_TEST(c.n_layers == 2);
+  BOOST_TEST(c.n_kv_heads == 2);
+  BOOST_TEST(c.ffn_dim == 96);
+  BOOST_TEST(c.ctx_len == 64);
+  BOOST_TEST(c.tied_output);
+  BOOST_TEST((*m)->output().data == (*m)->token_embedding().data);
+  BOOST_TEST((*m)->rope_freqs() == tensor_values(path, "rope_freqs.weight"));
+  for (int l = 0; l < 2; ++l) {
+    auto n = [l](const char* s) { return llama_names::layer_tensor(l, s); };
+    const auto& L = (*m)->layers()[l];
+    BOOST_TEST(L.bq == tensor_values(path, n("attn_q.bias")));
+    BOOST_TEST(L.bk == tensor_values(path, n("attn_k.bias")));
+    BOOST_TEST(L.bv == tensor_values(path, n("attn_v.bias")));
+  }
+  // The keys are qwen2's own: the same file with llama.* keys would not load as qwen2.
+  auto f = gguf_file::open(path);
+  BOOST_REQUIRE(f);
+  BOOST_TEST(f->find("qwen2.attention.head_count") != nullptr);
+  BOOST_TEST(f->find("llama.attention.head_count") == nullptr);
+}
+
+BOOST_AUTO_TEST_CASE(a_llama_model_has_normal_rope_and_no_extras_unless_written) {
+  test::temp_dir dir("model_llama_extras");
+  auto plain = model::load(synth_file(dir, tiny("llama"), "plain.gguf"));
+  BOOST_REQUIRE_MESSAGE(plain, test::why(plain));
+  BOOST_TEST((*plain)->config().arch == "llama");
+  BOOST_TEST(((*plain)->config().rope == rope_type::normal));
+  BOOST_TEST((*plain)->rope_freqs().empty());
+  BOOST_TEST((*plain)->layers()[0].bq.empty());
+  BOOST_TEST(!(*plain)->config().tied_output);
+  auto o = tiny("llama");
+  o.qkv_bias = true;
+  o.rope_freqs = true;
+  auto path = synth_file(dir, o, "extras.gguf");
+  auto m = model::load(path);
+  BOOST_REQUIRE_MESSAGE(m, test::why(m));
+  BOOST_TEST((*m)->rope_freqs().size() == 8u);
+  BOOST_TEST((*m)->layers()[1].bv == tensor_values(path, "blk.1.attn_v.bias"));
+}
+
+BOOST_AUTO_TEST_CASE(another_architecture_is_refused_naming_it_and_the_supported_ones) {
+  test::temp_dir dir("model_arch");
+  auto src = gguf_file::open(synth_file(dir, tiny("llama"), "llama.gguf"));
+  BOOST_REQUIRE(src);
+  for (const char* arch : {"gemma2", "mistral3", "qwen3", "phi3"}) {
+    BOOST_TEST_CONTEXT("architecture " << arch) {
+      auto path = (dir.path / (std::string(arch) + ".gguf")).string();
+      BOOST_REQUIRE(!copy_of(*src, {}, {{"general.architecture", arch}}).write(path));
+      check_refused(path, {path, std::string("general.architecture is '") + arch + "'",
+                           "'llama' (Llama 2/3.x, Mistral)", "'qwen2' (Qwen 2/2.5)"});
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(a_qwen2_model_without_its_biases_is_refused_naming_the_tensor) {
+  test::temp_dir dir("model_qwen2_bias");
+  auto src = gguf_file::open(synth_file(dir, tiny("qwen2"), "qwen2.gguf"));
+  BOOST_REQUIRE(src);
+  auto path = (dir.path / "nobias.gguf").string();
+  BOOST_REQUIRE(!copy_of(*src, {"blk.1.attn_k.bias"}).write(path));
+  check_refused(path, {path, "missing required tensor blk.1.attn_k.bias"});
+  // llama with qwen2's keys renamed is not qwen2: the keys must carry the architecture's name.
+  BOOST_REQUIRE(!copy_of(*src, {}, {{"general.architecture", "llama"}}).write(path));
+  check_refused(path, {"missing required key llama."});
+}
+
+BOOST_AUTO_TEST_CASE(a_tensor_keel_would_ignore_is_refused_naming_it) {
+  test::temp_dir dir("model_unused");
+  for (const char* extra : {"blk.0.attn_output.bias", "output.bias", "blk.1.ffn_up.bias"}) {
+    BOOST_TEST_CONTEXT("tensor " << extra) {
+      auto w = synthesize(tiny("qwen2"), builtin_byte_vocab());
+      BOOST_REQUIRE(w);
+      w->add_tensor(extra, {64}, dtype::f32, std::vector<uint8_t>(64 * 4));
+      auto path = (dir.path / "extra.gguf").string();
+      BOOST_REQUIRE(!w->write(path));
+      check_refused(path, {path, std::string("tensor ") + extra, "qwen2"});
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(rope_scaling_and_experts_are_refused_but_a_sliding_window_is_ignored) {
+  test::temp_dir dir("model_keys");
+  auto path = (dir.path / "m.gguf").string();
+  auto with = [&](auto add) {
+    auto w = synthesize(tiny("llama"), builtin_byte_vocab());
+    BOOST_REQUIRE(w);
+    add(*w);
+    BOOST_REQUIRE(!w->write(path));
+  };
+  with([](gguf_writer& w) { w.add_string("llama.rope.scaling.type", "yarn"); });
+  check_refused(path, {path, "llama.rope.scaling.type is 'yarn'", "RoPE scaling"});
+  with([](gguf_writer& w) { w.add_float32("llama.rope.scaling.factor", 8.0f); });
+  check_refused(path, {"llama.rope.scaling.factor is 8", "RoPE scaling"});
+  with([](gguf_writer& w) { w.add_uint32("llama.expert_count", 8); });
+  check_refused(path, {"llama.expert_count is 8", "mixture-of-experts"});
+  // A rope_freqs table of the wrong length, or with a divisor that is not positive.
+  with([](gguf_writer& w) {
+    w.add_tensor("rope_freqs.weight", {16}, dtype::f32, std::vector<uint8_t>(16 * 4));
+  });
+  check_refused(path, {"tensor rope_freqs.weight", "expected [8]"});
+  with([](gguf_writer& w) {
+    w.add_tensor("rope_freqs.weight", {8}, dtype::f32, std::vector<uint8_t>(8 * 4));
+  });
+  check_refused(path, {"rope_freqs.weight[0] is 0"});
+
+  // Mistral is llama; a sliding window key (Mistral 7B v0.1) is ignored, as llama.cpp does, and
+  // so are scaling keys that say "no scaling".
+  auto plain = model::load(synth_file(dir, tiny("llama"), "plain.gguf"));
+  BOOST_REQUIRE_MESSAGE(plain, test::why(plain));
+  with([](gguf_writer& w) {
+    w.add_uint32("llama.attention.sliding_window", 4096);
+    w.add_string("llama.rope.scaling.type", "none");
+    w.add_float32("llama.rope.scaling.factor", 1.0f);
+  });
+  auto mistral = model::load(path);
+  BOOST_REQUIRE_MESSAGE(mistral, test::why(mistral));
+  std::vector<int32_t> toks = {1, 60, 17, 200, 3};
+  auto a = logits_of(**plain, toks), b = logits_of(**mistral, toks);
+  BOOST_TEST(std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
+}
+
+BOOST_AUTO_TEST_CASE(synth_refuses_an_unknown_architecture) {
+  auto o = tiny("gpt2");
+  auto err = validate(o);
+  BOOST_TEST(code_of(err) == errc::bad_request);
+  BOOST_TEST(message_of(err).find("--arch gpt2") != std::string::npos);
 }

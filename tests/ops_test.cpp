@@ -11,6 +11,8 @@
 
 #include "kernels/dtype.hpp"
 #include "kernels/ops.hpp"
+#include "kernels/quants.hpp"
+#include "kernels/thread_pool.hpp"
 
 using namespace keel;
 
@@ -53,18 +55,26 @@ std::vector<float> random_floats(size_t n, std::mt19937& rng) {
   return v;
 }
 
-/// A rows x cols matrix of `type` with random contents, as raw bytes.
+constexpr dtype block_types[] = {dtype::q4_0, dtype::q4_1, dtype::q5_0, dtype::q5_1,
+                                 dtype::q8_0, dtype::q2_k, dtype::q3_k, dtype::q4_k,
+                                 dtype::q5_k, dtype::q6_k};
+
+/// A rows x cols matrix of `type` with random contents, as raw bytes. Block types get random
+/// bytes everywhere (every quant, scale and min pattern, q8_0's -128 included) and F16 scales
+/// of either sign between 1e-4 and 0.5 in magnitude.
 std::vector<char> random_matrix(dtype type, int64_t rows, int64_t cols, std::mt19937& rng) {
   const size_t row_bytes = bytes_of(*layout_of(type), static_cast<uint64_t>(cols));
   std::vector<char> out(row_bytes * static_cast<size_t>(rows));
-  if (type == dtype::q8_0) {
-    std::uniform_int_distribution<int> q(-128, 127);
+  if (is_block_quantized(type)) {
+    std::uniform_int_distribution<int> byte(0, 255);
     std::uniform_real_distribution<float> d(1e-4f, 0.5f);
-    auto* b = reinterpret_cast<block_q8_0*>(out.data());
-    for (size_t k = 0; k < out.size() / sizeof(block_q8_0); ++k) {
-      b[k].d = f32_to_fp16(d(rng));
-      for (auto& x : b[k].qs) x = static_cast<int8_t>(q(rng));
-    }
+    for (auto& c : out) c = static_cast<char>(byte(rng));
+    const size_t block = layout_of(type)->block_bytes;
+    for (size_t k = 0; k < out.size() / block; ++k)
+      for (size_t off : f16_fields(type)) {
+        const uint16_t h = f32_to_fp16(byte(rng) < 128 ? d(rng) : -d(rng));
+        std::memcpy(out.data() + k * block + off, &h, 2);
+      }
     return out;
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -74,6 +84,11 @@ std::vector<char> random_matrix(dtype type, int64_t rows, int64_t cols, std::mt1
   return out;
 }
 
+/// Restores VNNI when a test that rules it out ends.
+struct vnni_guard {
+  ~vnni_guard() { use_vnni(true); }
+};
+
 }  // namespace
 
 BOOST_AUTO_TEST_SUITE(dtypes)
@@ -82,12 +97,19 @@ BOOST_AUTO_TEST_CASE(names_parse_and_layouts_match_ggml) {
   BOOST_TEST(dtype_name(dtype::q8_0) == "q8_0");
   BOOST_TEST(dtype_name(dtype::bf16) == "bf16");
   BOOST_TEST(dtype_name(static_cast<dtype>(99)) == "type#99");
-  for (dtype t : {dtype::f32, dtype::f16, dtype::bf16, dtype::q8_0}) {
+  for (dtype t : {dtype::f32, dtype::f16, dtype::bf16}) {
     BOOST_TEST(dtype_supported(t));
     BOOST_TEST((parse_dtype(dtype_name(t)) == t));
   }
-  BOOST_TEST(!parse_dtype("q4_0"));
-  BOOST_TEST(!dtype_supported(dtype::q4_k));
+  for (dtype t : block_types) {
+    BOOST_TEST(dtype_supported(t));
+    BOOST_TEST(is_block_quantized(t));
+  }
+  BOOST_TEST(!parse_dtype("q9_9"));
+  for (dtype t : {dtype::q8_1, dtype::q8_k, dtype::i8, dtype::f64}) {
+    BOOST_TEST(!dtype_supported(t), dtype_name(t));
+    BOOST_TEST(!is_block_quantized(t), dtype_name(t));
+  }
   auto l = [](dtype t) { return std::pair{layout_of(t)->block_elems, layout_of(t)->block_bytes}; };
   BOOST_TEST((l(dtype::q8_0) == std::pair{32u, 34u}));
   BOOST_TEST((l(dtype::q4_0) == std::pair{32u, 18u}));
@@ -159,13 +181,19 @@ BOOST_AUTO_TEST_SUITE(matmul_determinism)
 
 BOOST_AUTO_TEST_CASE(every_isa_matches_reference_dot_row_bit_for_bit) {
   isa_guard guard;
+  vnni_guard vguard;
   std::mt19937 rng(42);
   const int64_t rows = 37;
   int compared = 0;
-  for (dtype type : {dtype::f32, dtype::f16, dtype::bf16, dtype::q8_0}) {
-    // 4096 is a model's width; 75 and 200 exercise the tail of the float types.
+  std::vector<dtype> types{dtype::f32, dtype::f16, dtype::bf16};
+  types.insert(types.end(), std::begin(block_types), std::end(block_types));
+  for (dtype type : types) {
+    // 4096 is a model's width; 75 and 200 exercise the tail of the float types; 96 and 288
+    // (3 and 9 blocks) and 768 (3 super-blocks) a last group of eight blocks only partly used.
     std::vector<int64_t> widths{256, 4096};
-    if (type != dtype::q8_0) widths.insert(widths.end(), {75, 200});
+    if (!is_block_quantized(type)) widths.insert(widths.end(), {75, 200});
+    if (layout_of(type)->block_elems == 32) widths.insert(widths.end(), {96, 288});
+    if (layout_of(type)->block_elems == 256) widths.push_back(768);
     for (int64_t cols : widths) {
       auto data = random_matrix(type, rows, cols, rng);
       matrix_view w = make_matrix(type, data.data(), rows, cols);
@@ -178,29 +206,49 @@ BOOST_AUTO_TEST_CASE(every_isa_matches_reference_dot_row_bit_for_bit) {
             want[b * ldy + r] = reference::dot_row(w, r, x.data() + b * ldx);
         for (cpu_isa isa : supported_isas()) {
           use_isa(isa);
-          std::uniform_int_distribution<int64_t> pick(0, rows);
-          for (int trial = 0; trial < 4; ++trial) {
-            int64_t r0 = trial == 0 ? 0 : pick(rng), r1 = trial == 0 ? rows : pick(rng);
-            if (r0 > r1) std::swap(r0, r1);
-            std::vector<float> y(want.size(), -7.0f);
-            matmul(w, x.data(), ldx, nb, y.data(), ldy, r0, r1);
-            int bad = 0;
-            for (int64_t b = 0; b < nb; ++b)
-              for (int64_t r = 0; r < ldy; ++r) {
-                float got = y[b * ldy + r];
-                float exp = (r >= r0 && r < r1) ? want[b * ldy + r] : -7.0f;
-                bad += bits(got) != bits(exp);
-                ++compared;
-              }
-            BOOST_TEST(bad == 0, dtype_name(type)
-                                     << " cols " << cols << " nb " << nb << " isa "
-                                     << to_string(isa) << " rows [" << r0 << ", " << r1 << ")");
+          for (bool vnni : {true, false}) {
+            use_vnni(vnni);
+            if (!vnni && (!is_block_quantized(type) || active_qdot() == qdot_isa::scalar)) continue;
+            std::uniform_int_distribution<int64_t> pick(0, rows);
+            for (int trial = 0; trial < 4; ++trial) {
+              int64_t r0 = trial == 0 ? 0 : pick(rng), r1 = trial == 0 ? rows : pick(rng);
+              if (r0 > r1) std::swap(r0, r1);
+              std::vector<float> y(want.size(), -7.0f);
+              matmul(w, x.data(), ldx, nb, y.data(), ldy, r0, r1);
+              int bad = 0;
+              for (int64_t b = 0; b < nb; ++b)
+                for (int64_t r = 0; r < ldy; ++r) {
+                  float got = y[b * ldy + r];
+                  float exp = (r >= r0 && r < r1) ? want[b * ldy + r] : -7.0f;
+                  bad += bits(got) != bits(exp);
+                  ++compared;
+                }
+              BOOST_TEST(bad == 0, dtype_name(type)
+                                       << " cols " << cols << " nb " << nb << " isa "
+                                       << to_string(isa) << " qdot " << to_string(active_qdot())
+                                       << " rows [" << r0 << ", " << r1 << ")");
+            }
           }
         }
       }
     }
   }
   BOOST_TEST(compared > 10000);
+}
+
+BOOST_AUTO_TEST_CASE(the_threaded_matmul_of_block_types_equals_the_single_range_one) {
+  std::mt19937 rng(8);
+  thread_pool pool(3);
+  for (dtype type : block_types) {
+    const int64_t rows = 70, cols = 512, nb = 5;
+    auto data = random_matrix(type, rows, cols, rng);
+    matrix_view w = make_matrix(type, data.data(), rows, cols);
+    auto x = random_floats(static_cast<size_t>(cols * nb), rng);
+    std::vector<float> one(rows * nb), many(rows * nb);
+    matmul(w, x.data(), cols, nb, one.data(), rows, 0, rows);
+    matmul(pool, w, x.data(), cols, nb, many.data(), rows);
+    BOOST_TEST(std::memcmp(one.data(), many.data(), one.size() * 4) == 0, dtype_name(type));
+  }
 }
 
 BOOST_AUTO_TEST_CASE(reference_order_is_not_a_plain_sequential_sum) {
@@ -216,24 +264,72 @@ BOOST_AUTO_TEST_CASE(reference_order_is_not_a_plain_sequential_sum) {
   BOOST_TEST(differ > 25);
 }
 
-BOOST_AUTO_TEST_CASE(reference_q8_0_follows_the_documented_block_order) {
+BOOST_AUTO_TEST_CASE(reference_integer_kernel_follows_the_documented_order) {
+  // ops.cpp's canonical order for block types, written out here from its comment, with the
+  // weights taken through decode_kblock (whose decoding quants_test checks against the format).
   std::mt19937 rng(3);
-  auto data = random_matrix(dtype::q8_0, 1, 64, rng);
-  auto x = random_floats(64, rng);
-  const auto* blk = reinterpret_cast<const block_q8_0*>(data.data());
-  float acc[16] = {};
-  for (int k = 0; k < 2; ++k) {
-    float d = fp16_to_f32(blk[k].d);
-    for (int l = 0; l < 16; ++l) {
-      volatile float lo = static_cast<float>(blk[k].qs[l]) * x[32 * k + l];  // no contraction
-      acc[l] = std::fma(d, std::fma(static_cast<float>(blk[k].qs[l + 16]), x[32 * k + l + 16], lo),
-                        acc[l]);
+  for (dtype type : block_types) {
+    const int64_t cols = 768;  // 24 blocks: three groups, lanes 0..15 each used once or twice
+    auto data = random_matrix(type, 1, cols, rng);
+    auto x = random_floats(cols, rng);
+    const int off = kblock_offset(type);
+    float acc[16] = {};
+    for (int64_t k = 0; k < cols / 32; ++k) {
+      const float* xk = x.data() + 32 * k;
+      float amax = 0;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xk[i]));
+      const float dx = amax / 127.0f;
+      const float id = amax != 0 ? 1.0f / dx : 0.0f;
+      int xq[32];
+      for (int i = 0; i < 32; ++i) xq[i] = static_cast<int>(std::nearbyint(xk[i] * id));
+      kblock kb;
+      decode_kblock(type, data.data(), k, kb);
+      int64_t p[2] = {0, 0}, s[2] = {0, 0};
+      for (int i = 0; i < 32; ++i) {
+        p[i / 16] += (kb.q[i] - off) * xq[i];
+        s[i / 16] += xq[i];
+      }
+      const int64_t isum = kb.sc[0] * p[0] + kb.sc[1] * p[1];
+      const int64_t msum = kb.mn[0] * s[0] + kb.mn[1] * s[1];
+      volatile float sd = kb.s * dx;  // rounded before the fma
+      volatile float td = kb.t * dx;
+      float& lane = acc[k % 16];
+      lane = std::fma(sd, static_cast<float>(isum), lane);
+      if (has_min(type)) lane = std::fma(td, static_cast<float>(msum), lane);
+    }
+    for (int w = 8; w >= 1; w /= 2)
+      for (int l = 0; l < w; ++l) acc[l] = acc[l] + acc[l + w];
+    matrix_view m = make_matrix(type, data.data(), 1, cols);
+    BOOST_TEST(bits(reference::dot_row(m, 0, x.data())) == bits(acc[0]), dtype_name(type));
+  }
+}
+
+BOOST_AUTO_TEST_CASE(the_integer_kernel_is_close_to_the_dequantised_dot_product) {
+  // Quantising the input per block of 32 costs at most half a step (amax / 254) per value.
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (dtype type : block_types) {
+    const int64_t cols = 1024;
+    auto data = random_matrix(type, 4, cols, rng);
+    matrix_view m = make_matrix(type, data.data(), 4, cols);
+    std::vector<float> x(cols), w(cols);
+    for (auto& v : x) v = nd(rng);
+    for (int64_t r = 0; r < 4; ++r) {
+      dequantize_row(m, r, w.data());
+      double exact = 0, bound = 0;
+      for (int64_t k = 0; k < cols / 32; ++k) {
+        double amax = 0;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(double(x[32 * k + i])));
+        for (int i = 0; i < 32; ++i) {
+          exact += double(w[32 * k + i]) * x[32 * k + i];
+          bound += std::fabs(double(w[32 * k + i])) * (amax / 254.0 * 1.01 + 1e-6);
+        }
+      }
+      const double got = reference::dot_row(m, r, x.data());
+      BOOST_TEST(std::fabs(got - exact) <= bound, dtype_name(type) << " row " << r << ": " << got
+                                                                   << " vs " << exact);
     }
   }
-  for (int w = 8; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] = acc[l] + acc[l + w];
-  matrix_view m = make_matrix(dtype::q8_0, data.data(), 1, 64);
-  BOOST_TEST(bits(reference::dot_row(m, 0, x.data())) == bits(acc[0]));
 }
 
 BOOST_AUTO_TEST_CASE(dot_f32_and_axpy_are_identical_across_isas_for_any_length) {

@@ -424,8 +424,8 @@ BOOST_AUTO_TEST_CASE(checkpoints_round_trip_and_refuse_bad_bytes) {
   c.number = 7;
   c.params = sampled(3);
   c.priority = 2;
-  c.turns.push_back({0, {1, 72, 105}, 12, true, finish_reason::eos});
-  c.turns.push_back({1, {33}, 5, false, finish_reason::length});
+  c.turns.push_back({0, {1, 72, 105}, 12, true, finish_reason::eos, {}, {}});
+  c.turns.push_back({1, {33}, 5, false, finish_reason::length, {}, {}});
   auto bytes = wire::encode(c);
   auto d = wire::decode(bytes);
   BOOST_REQUIRE_MESSAGE(d, test::why(d));

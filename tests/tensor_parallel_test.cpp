@@ -338,7 +338,11 @@ void check_group_matches_single(const model& m, int32_t shards) {
                             << m.config().n_heads << " heads / " << m.config().n_kv_heads
                             << " kv heads: max relative logit error " << c.max_rel_err << " over "
                             << c.compared << " steps" << (c.notes.empty() ? "" : "; ") << c.notes);
-  BOOST_TEST(c.max_rel_err < 1e-4);
+  // Float types: each shard's partial sums round differently, ~1e-7. Block types also round
+  // every activation to one of 255 steps, and a value within ~1e-7 of a rounding boundary can go
+  // the other way on a different layout, which moves logits by ~1e-3 (engine_test explains).
+  const bool block = is_block_quantized(m.weight_type());
+  BOOST_TEST(c.max_rel_err < (block ? 2e-2 : 1e-4));
   BOOST_TEST(c.mismatches == 0);
   // Most steps were compared: the check is not vacuous.
   BOOST_TEST(c.compared >= static_cast<int32_t>(ps.size()) * steps / 2);

@@ -1,6 +1,7 @@
 #define BOOST_TEST_MODULE tokenizer_test
 #include <boost/test/unit_test.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -704,4 +705,138 @@ BOOST_AUTO_TEST_CASE(bpe_matches_user_defined_tokens_whole_but_not_control_token
   // Control text is text: "<|", "c", "|>".
   BOOST_CHECK(tok.encode("<|c|>", false) == (std::vector<int32_t>{8, 10, 2, 10, 9}));
   BOOST_CHECK_EQUAL(tok.decode(tok.encode("a<x>b<x", false)), "a<x>b<x");
+}
+
+// ---- special tokens ---------------------------------------------------------------------------
+
+BOOST_AUTO_TEST_CASE(control_token_text_is_that_token_only_when_special_parsing_is_on) {
+  auto v = vocab_of(small_bpe_gguf(), "small.gguf");
+  BOOST_REQUIRE_MESSAGE(v, why(v));
+  tokenizer tok(std::move(*v));
+  // Off (the default): "<|c|>" is text, user-defined "<x>" is cut whole as always.
+  BOOST_CHECK(tok.encode("a<|c|>b", false) == (std::vector<int32_t>{0, 8, 10, 2, 10, 9, 1}));
+  // On: the control token 7 too.
+  BOOST_CHECK(tok.encode("a<|c|>b", false, special_tokens::on) ==
+              (std::vector<int32_t>{0, 7, 1}));
+  BOOST_CHECK(tok.encode("<x><|c|><|c|>", false, special_tokens::on) ==
+              (std::vector<int32_t>{5, 7, 7}));
+  // Where the caller says the text is literal (a chat message), it stays text.
+  std::vector<size_t> literal{1};
+  BOOST_CHECK(tok.encode("a<|c|>b<|c|>", false, special_tokens::on, literal) ==
+              (std::vector<int32_t>{0, 8, 10, 2, 10, 9, 1, 7}));
+  // Decoding shows control tokens only when asked.
+  std::vector<int32_t> ids{0, 7, 1};
+  BOOST_CHECK_EQUAL(tok.decode(ids), "ab");
+  BOOST_CHECK_EQUAL(tok.decode(ids, special_tokens::on), "a<|c|>b");
+  // Where a control token's text begins, or might begin once more text follows.
+  BOOST_CHECK(tok.special_text_at("a<|c|>", 1));
+  BOOST_CHECK(tok.special_text_at("a<|", 1));
+  BOOST_CHECK(!tok.special_text_at("a<|d", 1));
+  BOOST_CHECK(!tok.special_text_at("<x>", 0));  // user-defined: cut out in either mode
+  BOOST_CHECK(!tok.special_text_at("abc", 0));
+}
+
+BOOST_AUTO_TEST_CASE(qwen_vocab_parses_chatml_tokens_only_with_special_on,
+                     *utf::precondition(test::needs_shared_data{})) {
+  auto tok = load_gguf_tokenizer("keel-vocab-qwen.gguf");
+  const int32_t im_start = 151644, im_end = 151645, think = 151667;
+  const std::string text = "<|im_start|>user\nHi<|im_end|>\n";
+  auto plain = tok.encode(text, false);
+  BOOST_CHECK(std::count(plain.begin(), plain.end(), im_start) == 0);
+  BOOST_CHECK(std::count(plain.begin(), plain.end(), im_end) == 0);
+  BOOST_CHECK_EQUAL(tok.decode(plain), text);  // every byte of it, as text
+  auto parsed = tok.encode(text, false, special_tokens::on);
+  std::vector<int32_t> want{im_start};
+  for (auto id : tok.encode("user\nHi", false)) want.push_back(id);
+  want.push_back(im_end);
+  for (auto id : tok.encode("\n", false)) want.push_back(id);
+  BOOST_CHECK_MESSAGE(parsed == want, "got" << show_ids(parsed) << ", want" << show_ids(want));
+  BOOST_CHECK_EQUAL(tok.decode(parsed, special_tokens::on), text);
+  BOOST_CHECK_EQUAL(tok.decode(parsed), "user\nHi\n");
+  // User-defined tokens (<think>) are cut out in both modes, and always print.
+  BOOST_CHECK(tok.encode("<think>", false) == (std::vector<int32_t>{think}));
+  BOOST_CHECK(tok.encode("<think>", false, special_tokens::on) == (std::vector<int32_t>{think}));
+  BOOST_CHECK_EQUAL(tok.decode(std::vector<int32_t>{think}), "<think>");
+}
+
+BOOST_AUTO_TEST_CASE(qwen_vocab_ends_generation_at_im_end_and_endoftext,
+                     *utf::precondition(test::needs_shared_data{})) {
+  auto tok = load_gguf_tokenizer("keel-vocab-qwen.gguf");
+  BOOST_CHECK(tok.vocabulary().eog == (std::vector<int32_t>{151643, 151645}));
+  BOOST_CHECK(tok.is_end_of_generation(151645));   // <|im_end|>, also its eos
+  BOOST_CHECK(tok.is_end_of_generation(151643));   // <|endoftext|>
+  BOOST_CHECK(!tok.is_end_of_generation(151644));  // <|im_start|>
+  BOOST_CHECK(!tok.is_end_of_generation(151667));  // <think>
+  BOOST_CHECK(!tok.is_end_of_generation(0));
+}
+
+BOOST_AUTO_TEST_CASE(eot_and_eom_keys_and_known_end_texts_end_generation) {
+  // small_bpe_gguf's 11 tokens, then: 11 </s>, 12 <|eot_id|> written as a normal token (as some
+  // converters do), 13 <|stop|>, 14 <|msg|>, 15 <|other|>.
+  gguf_writer g;
+  g.add_string("tokenizer.ggml.model", "gpt2");
+  g.add_strings("tokenizer.ggml.tokens", {"a", "b", "c", "ab", "abc", "<x>", "<x", "<|c|>", "<",
+                                          ">", "|", "</s>", "<|eot_id|>", "<|stop|>", "<|msg|>",
+                                          "<|other|>"});
+  g.add_int32s("tokenizer.ggml.token_type", {1, 1, 1, 1, 1, 4, 4, 3, 1, 1, 1, 3, 1, 3, 3, 3});
+  g.add_strings("tokenizer.ggml.merges", {"a b"});
+  g.add_uint32("tokenizer.ggml.eos_token_id", 11);
+  g.add_uint32("tokenizer.ggml.eot_token_id", 13);
+  g.add_uint32("tokenizer.ggml.eom_token_id", 14);
+  auto v = vocab_of(g, "eog.gguf");
+  BOOST_REQUIRE_MESSAGE(v, why(v));
+  BOOST_CHECK_EQUAL(v->eot, 13);
+  BOOST_CHECK_EQUAL(v->eom, 14);
+  BOOST_CHECK(v->eog == (std::vector<int32_t>{11, 12, 13, 14}));
+  // The known end text became a control token: not printed, and text unless parsing is on.
+  BOOST_CHECK(v->types[12] == token_type::control);
+  tokenizer tok(std::move(*v));
+  BOOST_CHECK(!tok.is_end_of_generation(15));
+  BOOST_CHECK(!tok.is_end_of_generation(7));
+  BOOST_CHECK_EQUAL(tok.decode(std::vector<int32_t>{0, 12, 1}), "ab");
+  BOOST_CHECK(tok.encode("<|eot_id|>", false, special_tokens::on) == (std::vector<int32_t>{12}));
+
+  // Without those keys: the eos alone (llama.cpp's default spm ids).
+  auto spm = vocab_of(small_gguf("llama"), "spm.gguf");
+  BOOST_REQUIRE_MESSAGE(spm, why(spm));
+  BOOST_CHECK(spm->eog == (std::vector<int32_t>{2}));
+  // A vocabulary built by hand gets its set from its tokenizer.
+  auto built = builtin_byte_vocab();
+  built.eog.clear();
+  BOOST_CHECK(tokenizer(built).vocabulary().eog == (std::vector<int32_t>{built.eos}));
+}
+
+BOOST_AUTO_TEST_CASE(spm_adds_its_space_prefix_at_the_start_and_after_each_special_token,
+                     *utf::precondition(test::needs_shared_data{})) {
+  auto tok = load_gguf_tokenizer("ggml-vocab-llama-spm.gguf");
+  auto cat = [](std::initializer_list<std::vector<int32_t>> parts) {
+    std::vector<int32_t> out;
+    for (auto& p : parts) out.insert(out.end(), p.begin(), p.end());
+    return out;
+  };
+  // As llama.cpp: "Hi" after <s> is "▁Hi", like "Hi" at the start of a text.
+  auto got = tok.encode("<s>Hi</s>", false, special_tokens::on);
+  auto want = cat({{1}, tok.encode("Hi", false), {2}});
+  BOOST_CHECK_MESSAGE(got == want, "got" << show_ids(got) << ", want" << show_ids(want));
+  got = tok.encode("Hi<s>there", false, special_tokens::on);
+  want = cat({tok.encode("Hi", false), {1}, tok.encode("there", false)});
+  BOOST_CHECK_MESSAGE(got == want, "got" << show_ids(got) << ", want" << show_ids(want));
+  // Off, "<s>" is text.
+  got = tok.encode("<s>Hi", false);
+  BOOST_CHECK(std::find(got.begin(), got.end(), 1) == got.end());
+}
+
+BOOST_AUTO_TEST_CASE(detokenizer_prints_control_tokens_only_when_asked) {
+  auto v = vocab_of(small_bpe_gguf(), "small.gguf");
+  BOOST_REQUIRE_MESSAGE(v, why(v));
+  tokenizer tok(std::move(*v));
+  detokenizer quiet(tok, false);
+  detokenizer shown(tok, false, special_tokens::on);
+  std::string a, b;
+  for (int32_t id : {0, 7, 5, 1}) {
+    a += quiet.push(id);
+    b += shown.push(id);
+  }
+  BOOST_CHECK_EQUAL(a + quiet.flush(), "a<x>b");
+  BOOST_CHECK_EQUAL(b + shown.flush(), "a<|c|><x>b");
 }

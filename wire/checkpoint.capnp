@@ -36,6 +36,18 @@ struct SessionCheckpoint {
     maxTokens @2 :Int32;
     done @3 :Bool;
     reason @4 :FinishReason;
+    # A chat turn (keel.capnp Session.chat): the messages it sent; `user` is what their rendering
+    # added to the conversation. Empty: a text turn. Added in format version 1 (a record without
+    # it reads as text turns).
+    messages @5 :List(Message);
+    # On the first turn of a chat session: the chat template every turn of the session renders
+    # with, so that any node that takes the session over renders its next turn identically.
+    chatTemplate @6 :Text;
+  }
+
+  struct Message {
+    role @0 :Text;
+    content @1 :Text;
   }
 
   enum FinishReason {

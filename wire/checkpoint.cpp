@@ -65,6 +65,15 @@ std::string encode(const session_checkpoint& c) {
     out.setMaxTokens(t.max_tokens);
     out.setDone(t.done);
     out.setReason(to_stored(t.reason));
+    if (!t.messages.empty()) {
+      auto messages = out.initMessages(static_cast<unsigned>(t.messages.size()));
+      for (size_t k = 0; k < t.messages.size(); ++k) {
+        auto m = messages[static_cast<unsigned>(k)];
+        m.setRole(t.messages[k].role);
+        m.setContent(t.messages[k].content);
+      }
+    }
+    if (!t.chat_template.empty()) out.setChatTemplate(t.chat_template);
   }
   auto words = capnp::messageToFlatArray(msg);
   auto bytes = words.asBytes();
@@ -125,6 +134,13 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
                        std::to_string(r));
       }
       t.reason = static_cast<finish_reason>(r);
+      for (auto m : in.getMessages())
+        t.messages.push_back({std::string(m.getRole()), std::string(m.getContent())});
+      t.chat_template = in.getChatTemplate();
+      if (!t.chat_template.empty() && t.messages.empty()) {
+        return corrupt(" " + c.id + ": turn " + std::to_string(i) +
+                       " has a chat template but no messages");
+      }
       c.turns.push_back(std::move(t));
     }
   } catch (const kj::Exception& e) {

@@ -12,6 +12,7 @@
 
 #include "base/error.hpp"
 #include "base/finish_reason.hpp"
+#include "base/turn_message.hpp"
 #include "kernels/sampler.hpp"
 
 namespace keel::wire {
@@ -23,6 +24,8 @@ struct turn_checkpoint {
   int32_t max_tokens = 0;
   bool done = false;
   finish_reason reason = finish_reason::length;
+  std::vector<turn_message> messages;  // a chat turn's messages; empty: a text turn
+  std::string chat_template;           // on a chat session's first turn: its template's text
 };
 
 /// A session as stored: what a restarted node needs, besides the turn logs, to rebuild it.

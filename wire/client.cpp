@@ -452,6 +452,21 @@ caf::expected<std::string> client::open_session(const sampling_params& params, i
 caf::expected<generation> client::generate(const std::string& session, const std::string& text,
                                            uint32_t max_tokens, const token_handler& on_token,
                                            const accept_handler& on_accept,
+                                           std::optional<uint64_t> turn) {
+  return run_turn(session, turn_input{&text, nullptr}, max_tokens, on_token, on_accept, turn);
+}
+
+caf::expected<generation> client::chat(const std::string& session,
+                                       const std::vector<turn_message>& messages,
+                                       uint32_t max_tokens, const token_handler& on_token,
+                                       const accept_handler& on_accept,
+                                       std::optional<uint64_t> turn) {
+  return run_turn(session, turn_input{nullptr, &messages}, max_tokens, on_token, on_accept, turn);
+}
+
+caf::expected<generation> client::run_turn(const std::string& session, turn_input input,
+                                           uint32_t max_tokens, const token_handler& on_token,
+                                           const accept_handler& on_accept,
                                            std::optional<uint64_t> expect_turn) {
   auto& d = *impl_;
   auto st = std::make_shared<stream_state>();
@@ -507,18 +522,36 @@ caf::expected<generation> client::generate(const std::string& session, const std
                                // stream ends anyway (done or disconnect).
                              });
       if (!resume) {
-        auto req = sess->sendRequest();
-        req.setText(text);
-        req.setMaxTokens(max_tokens);
-        if (expect_turn) {
-          req.setTurn(*expect_turn);
-          req.setTurnGiven(true);
+        // `send` (text) and `chat` (messages) take the same fields besides the input.
+        auto start = [&](auto req, const char* what) -> caf::error {
+          req.setMaxTokens(max_tokens);
+          if (expect_turn) {
+            req.setTurn(*expect_turn);
+            req.setTurnGiven(true);
+          }
+          req.setSink(kj::heap<sink_impl>(st));
+          auto resp = d.call(req.send(), what);
+          if (auto err = from_wire(resp.getError())) return err;
+          out.turn = resp.getTurn();
+          out.prompt = to_vector<int32_t>(resp.getPrompt());
+          return {};
+        };
+        caf::error refused;
+        if (input.messages) {
+          auto req = sess->chatRequest();
+          auto list = req.initMessages(static_cast<unsigned>(input.messages->size()));
+          for (size_t i = 0; i < input.messages->size(); ++i) {
+            auto m = list[static_cast<unsigned>(i)];
+            m.setRole((*input.messages)[i].role);
+            m.setContent((*input.messages)[i].content);
+          }
+          refused = start(kj::mv(req), "chat");
+        } else {
+          auto req = sess->sendRequest();
+          req.setText(*input.text);
+          refused = start(kj::mv(req), "send");
         }
-        req.setSink(kj::heap<sink_impl>(st));
-        auto resp = d.call(req.send(), "send");
-        if (auto err = from_wire(resp.getError())) return err;
-        out.turn = resp.getTurn();
-        out.prompt = to_vector<int32_t>(resp.getPrompt());
+        if (refused) return refused;
         turn = out.turn;
         accepted = true;
         if (on_accept) on_accept(out.turn, out.prompt);

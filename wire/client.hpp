@@ -18,6 +18,7 @@
 
 #include "base/error.hpp"
 #include "base/finish_reason.hpp"
+#include "base/turn_message.hpp"
 #include "kernels/sampler.hpp"
 
 namespace keel::wire {
@@ -173,6 +174,15 @@ class client {
                                      const accept_handler& on_accept = {},
                                      std::optional<uint64_t> turn = std::nullopt);
 
+  /// A chat turn: as `generate`, with role/content `messages` (a system prompt, a user turn)
+  /// instead of text, which the node renders with the session's chat template
+  /// (keel.capnp `Session.chat`). `prompt` in the result is what the rendering fed.
+  caf::expected<generation> chat(const std::string& session,
+                                 const std::vector<turn_message>& messages, uint32_t max_tokens,
+                                 const token_handler& on_token = {},
+                                 const accept_handler& on_accept = {},
+                                 std::optional<uint64_t> turn = std::nullopt);
+
   /// Asks the node to stop a turn of `session` (a turn that another client, or this one in an
   /// earlier call, started). `not_found` for an unknown session or turn.
   caf::error cancel(const std::string& session, uint64_t turn);
@@ -191,6 +201,15 @@ class client {
  private:
   struct impl;
   explicit client(std::unique_ptr<impl> p);
+  /// `generate` and `chat`: a turn of text or of messages.
+  struct turn_input {
+    const std::string* text = nullptr;
+    const std::vector<turn_message>* messages = nullptr;
+  };
+  caf::expected<generation> run_turn(const std::string& session, turn_input input,
+                                     uint32_t max_tokens, const token_handler& on_token,
+                                     const accept_handler& on_accept,
+                                     std::optional<uint64_t> turn);
   std::unique_ptr<impl> impl_;
 };
 

@@ -65,6 +65,12 @@ struct Turn {
   reason @4 :FinishReason;
 }
 
+# One message of a chat turn.
+struct Message {
+  role @0 :Text;     # "system", "user", "tool"... as the model's chat template knows them
+  content @1 :Text;  # plain text: control-token text in it stays text (it cannot forge a turn)
+}
+
 struct SessionInfo {
   id @0 :Text;
   turns @1 :UInt32;
@@ -90,6 +96,15 @@ interface Session {
   # client holds, from index 0 (optional); a node that took the session over with fewer adopts
   # the rest instead of generating them again.
   resume @4 (turn :UInt64, fromIndex :UInt64, sink :TokenSink, held :List(Int32)) -> (error :Error);
+  # Starts a chat turn: `messages` (a system prompt, a user turn...) instead of raw text. The
+  # node renders the whole conversation (every turn's messages, each reply as an assistant
+  # message, then `messages`) with the session's chat template and feeds what the rendering adds
+  # after what the model was fed (docs/wire.md, "Chat turns"); the reply and `prompt` are as
+  # for `send`. A session's first turn decides its kind: a chat session takes only `chat`, a
+  # text session only `send` (`badRequest` otherwise). `turn`/`turnGiven` as for `send`: the
+  # same messages under a number taken already are that turn again. A node older than this
+  # method answers it `unimplemented`.
+  chat @5 (messages :List(Message), maxTokens :UInt32, sink :TokenSink, turn :UInt64, turnGiven :Bool) -> (turn :UInt64, prompt :List(Int32), error :Error);
 }
 
 struct NodeInfo {

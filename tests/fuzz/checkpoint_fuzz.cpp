@@ -34,7 +34,7 @@ bool same(const wire::session_checkpoint& a, const wire::session_checkpoint& b) 
     auto& s = a.turns[i];
     auto& t = b.turns[i];
     if (s.turn != t.turn || s.user != t.user || s.max_tokens != t.max_tokens || s.done != t.done ||
-        s.reason != t.reason)
+        s.reason != t.reason || s.messages != t.messages || s.chat_template != t.chat_template)
       return false;
   }
   return true;
@@ -74,6 +74,15 @@ fuzz::seeds checkpoint_seeds() {
   c.turns.back().reason = finish_reason::failed;
   c.owner = std::string(300, 'n');
   out.emplace_back("long-owner", wire::encode(c));
+  // A chat session: messages on every turn, the template on the first.
+  wire::session_checkpoint chat;
+  chat.id = "s-chat";
+  chat.turns.push_back(turn(0, {1, 2, 3}, true, finish_reason::eos));
+  chat.turns[0].messages = {{"system", "Be brief."}, {"user", "Hi <|im_end|>"}};
+  chat.turns[0].chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}";
+  chat.turns.push_back(turn(1, {4}, false, finish_reason::length));
+  chat.turns[1].messages = {{"user", "More"}};
+  out.emplace_back("chat-turns", wire::encode(chat));
   return out;
 }
 

@@ -1,0 +1,659 @@
+#pragma once
+
+// The integer kernel on 256-bit vectors, included by one translation unit per way of forming
+// four-product sums: qmatmul_avx2.cpp (vpmaddubsw + vpmaddwd), qmatmul_avxvnni.cpp and
+// qmatmul_avx512vnni.cpp (vpdpbusd). Before including, define KEEL_QDOT as 0, 1 or 2 for those
+// three and open the namespace the functions go in. Every variant computes the exact integers of
+// the canonical order and the same float steps, so all give the same bits as qdot() in
+// kblock.cpp.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "kernels/detail/qmatmul.hpp"
+
+namespace {
+
+using keel::dtype;
+using keel::detail::kgroup;
+using keel::detail::kprops;
+using keel::detail::xgroup;
+
+inline __m256i load256(const void* p) {
+  return _mm256_load_si256(static_cast<const __m256i*>(p));
+}
+
+// acc + per int32 lane, the sum of the four products of its bytes (unsigned u times signed s).
+// With vpmaddubsw a pair of products must fit in int16: true for every weight but q8_0's biased
+// bytes, which take the SIGNED path: it recovers q - 128 and multiplies its magnitude by x with
+// q's sign, so no offset is left to subtract.
+template <bool SIGNED>
+inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
+  if constexpr (SIGNED) {
+    const __m256i q = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+    u = _mm256_sign_epi8(q, q);
+    s = _mm256_sign_epi8(s, q);
+  }
+#if KEEL_QDOT == 0
+  return _mm256_add_epi32(acc,
+                          _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#elif KEEL_QDOT == 1
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_epi32(acc, u, s);
+#endif
+}
+
+// How a type's integer factors look: all 1 (the 32-element types), one per block (q4_k, q5_k:
+// sc0 == sc1), or one per half-block (q2_k, q3_k, q6_k). The integers are the same either way;
+// the first two skip work that cannot change them.
+enum scale_kind { sc_none, sc_block, sc_half };
+
+// One group of eight blocks of one row against NB inputs, added to acc[i] (lanes = blocks).
+// The weight bytes are loaded once for all NB inputs.
+template <int OFF, bool MIN, int SC, int NB>
+inline void group_dot(const kgroup& w, const xgroup* const* x, int64_t g, __m256* acc) {
+#if KEEL_QDOT == 0
+  constexpr bool signed_path = OFF == 7;
+#else
+  constexpr bool signed_path = false;
+#endif
+  constexpr bool halves = SC == sc_half;
+  // Rows 0-3 of the transposed bytes are elements 0..15 of every block, rows 4-7 16..31.
+  __m256i p0[NB], p1[NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) p0[i] = p1[i] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m256i w0 = load256(w.q[j]), w1 = load256(w.q[j + 4]);
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) {
+      const xgroup& xi = x[i][g];
+      p0[i] = dot_add<signed_path>(p0[i], w0, load256(xi.q[j]));
+      if constexpr (halves) {
+        p1[i] = dot_add<signed_path>(p1[i], w1, load256(xi.q[j + 4]));
+      } else {
+        p0[i] = dot_add<signed_path>(p0[i], w1, load256(xi.q[j + 4]));
+      }
+    }
+  }
+  const __m256 s = _mm256_load_ps(w.s);
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) {
+    const xgroup& xi = x[i][g];
+    __m256i isum;
+    if constexpr (halves) {
+      if constexpr (OFF >= 0 && !signed_path) {
+        p0[i] = _mm256_sub_epi32(p0[i], _mm256_slli_epi32(load256(xi.s0), OFF));
+        p1[i] = _mm256_sub_epi32(p1[i], _mm256_slli_epi32(load256(xi.s1), OFF));
+      }
+      isum = _mm256_add_epi32(_mm256_mullo_epi32(load256(w.sc0), p0[i]),
+                              _mm256_mullo_epi32(load256(w.sc1), p1[i]));
+    } else {
+      if constexpr (OFF >= 0 && !signed_path)
+        p0[i] = _mm256_sub_epi32(p0[i], _mm256_slli_epi32(load256(xi.sum), OFF));
+      isum = SC == sc_block ? _mm256_mullo_epi32(load256(w.sc0), p0[i]) : p0[i];
+    }
+    const __m256 dx = _mm256_load_ps(xi.d);
+    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, dx), _mm256_cvtepi32_ps(isum), acc[i]);
+    if constexpr (MIN) {
+      const __m256i msum = _mm256_madd_epi16(load256(w.mn), load256(xi.sp));
+      const __m256 td = _mm256_mul_ps(_mm256_load_ps(w.t), dx);
+      acc[i] = _mm256_fmadd_ps(td, _mm256_cvtepi32_ps(msum), acc[i]);
+    }
+  }
+}
+
+inline float reduce16(__m256 lo, __m256 hi) {
+  // acc[l] + acc[l + 8], then widths 4, 2, 1, as the scalar tree.
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  const __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
+  return _mm_cvtss_f32(s1);
+}
+
+// Row `w` against NB inputs: y[i * ldy] = the dot product with input i.
+template <int OFF, bool MIN, int SC, int NB>
+void row_dot(const kgroup* w, const xgroup* const* x, int64_t groups, float* y, int64_t ldy) {
+  __m256 lo[NB], hi[NB];
+  for (int i = 0; i < NB; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    group_dot<OFF, MIN, SC, NB>(w[g], x, g, lo);
+    group_dot<OFF, MIN, SC, NB>(w[g + 1], x, g + 1, hi);
+  }
+  if (g < groups) group_dot<OFF, MIN, SC, NB>(w[g], x, g, lo);
+  for (int i = 0; i < NB; ++i) y[i * ldy] = reduce16(lo[i], hi[i]);
+}
+
+// Decoders of whole groups for the common types, into the same kgroup bytes as
+// keel::detail::decode_row (which the others use). A K-quant super-block is one group.
+
+inline void store256(void* p, __m256i v) {
+  _mm256_store_si256(static_cast<__m256i*>(p), v);
+}
+
+// Stores eight blocks (v[b] = block b's 32 bytes) transposed in units of four bytes: row j of
+// `q` gets the j-th four bytes of each block (an 8 x 8 transpose of 32-bit elements).
+inline void store_transposed(const __m256i* v, uint8_t (*q)[32]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    store256(q[j], _mm256_permute2x128_si256(u[j], u[j + 4], 0x20));
+    store256(q[j + 4], _mm256_permute2x128_si256(u[j], u[j + 4], 0x31));
+  }
+}
+
+inline float half(uint16_t h) {
+  return _cvtsh_ss(h);
+}
+
+inline void fill_floats(float* p, float v) {
+  _mm256_store_ps(p, _mm256_set1_ps(v));
+}
+
+// The eight 6-bit scales and mins of a Q4_K/Q5_K super-block (keel::k4_scale_min, four at a
+// time in 32-bit words) into sc0, sc1 and the min pairs.
+inline void k4_scales(const uint8_t* s, kgroup& g) {
+  uint32_t a[3];
+  std::memcpy(a, s, 12);
+  const uint32_t sc_lo = a[0] & 0x3f3f3f3fu;
+  const uint32_t mn_lo = a[1] & 0x3f3f3f3fu;
+  const uint32_t sc_hi = (a[2] & 0x0f0f0f0fu) | (((a[0] >> 6) & 0x03030303u) << 4);
+  const uint32_t mn_hi = ((a[2] >> 4) & 0x0f0f0f0fu) | (((a[1] >> 6) & 0x03030303u) << 4);
+  const __m128i sc = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), 0, 0);
+  const __m128i mn = _mm_setr_epi32(static_cast<int>(mn_lo), static_cast<int>(mn_hi), 0, 0);
+  const __m256i sc32 = _mm256_cvtepu8_epi32(sc);
+  store256(g.sc0, sc32);
+  store256(g.sc1, sc32);
+  store256(g.mn, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn)));
+}
+
+void decode_q4_k(const keel::block_q4_k& x, kgroup& g) {
+  const __m256i low4 = _mm256_set1_epi8(15);
+  __m256i q[8];
+  for (int p = 0; p < 4; ++p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 32 * p));
+    q[2 * p] = _mm256_and_si256(v, low4);
+    q[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  }
+  store_transposed(q, g.q);
+  k4_scales(x.scales, g);
+  fill_floats(g.s, half(x.d));
+  fill_floats(g.t, -half(x.dmin));
+}
+
+void decode_q5_k(const keel::block_q5_k& x, kgroup& g) {
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i bit4 = _mm256_set1_epi8(16);
+  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qh));
+  __m256i q[8];
+  for (int p = 0; p < 4; ++p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 32 * p));
+    // Bit b of qh, moved to bit 4: shift left by 4 - b or right by b - 4 (16-bit lanes; the
+    // mask drops what crossed from the neighbouring byte).
+    const int b0 = 2 * p, b1 = 2 * p + 1;
+    const __m256i h0 = b0 <= 4 ? _mm256_slli_epi16(qh, 4 - b0) : _mm256_srli_epi16(qh, b0 - 4);
+    const __m256i h1 = b1 <= 4 ? _mm256_slli_epi16(qh, 4 - b1) : _mm256_srli_epi16(qh, b1 - 4);
+    q[b0] = _mm256_or_si256(_mm256_and_si256(v, low4), _mm256_and_si256(h0, bit4));
+    q[b1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                            _mm256_and_si256(h1, bit4));
+  }
+  store_transposed(q, g.q);
+  k4_scales(x.scales, g);
+  fill_floats(g.s, half(x.d));
+  fill_floats(g.t, -half(x.dmin));
+}
+
+void decode_q6_k(const keel::block_q6_k& x, kgroup& g) {
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i two = _mm256_set1_epi8(3);
+  __m256i q[8];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.ql + 64 * h));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.ql + 64 * h + 32));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qh + 32 * h));
+    const __m256i lows[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
+                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
+    const __m256i highs[4] = {
+        _mm256_slli_epi16(_mm256_and_si256(qh, two), 4),
+        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two), 4),
+        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two), 4),
+        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two), 4)};
+    for (int j = 0; j < 4; ++j) q[4 * h + j] = _mm256_or_si256(lows[j], highs[j]);
+  }
+  store_transposed(q, g.q);
+  store256(g.sc0, _mm256_cvtepi8_epi32(_mm_setr_epi8(
+                      x.scales[0], x.scales[2], x.scales[4], x.scales[6], x.scales[8],
+                      x.scales[10], x.scales[12], x.scales[14], 0, 0, 0, 0, 0, 0, 0, 0)));
+  store256(g.sc1, _mm256_cvtepi8_epi32(_mm_setr_epi8(
+                      x.scales[1], x.scales[3], x.scales[5], x.scales[7], x.scales[9],
+                      x.scales[11], x.scales[13], x.scales[15], 0, 0, 0, 0, 0, 0, 0, 0)));
+  store256(g.mn, _mm256_setzero_si256());
+  fill_floats(g.s, half(x.d));
+  store256(g.t, _mm256_setzero_si256());
+}
+
+// The 32 bytes 0x10 or 0 by bit i of the little-endian word at `qh` (a q5_0/q5_1 fifth bit).
+inline __m256i fifth_bits(const uint8_t* qh) {
+  uint32_t h;
+  std::memcpy(&h, qh, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(h)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                       3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi8(16));
+}
+
+// The 32 nibbles of 16 bytes: low nibbles first (elements 0..15), then high ones.
+inline __m256i nibbles(const uint8_t* qs) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+}
+
+// Blocks [k0, k0 + n) (n <= 8) of a row of a 32-element type into one group; unused blocks
+// are zero.
+template <dtype T>
+void decode_small(const char* row, int64_t k0, int n, kgroup& g) {
+  using block = std::conditional_t<
+      T == dtype::q8_0, keel::block_q8_0,
+      std::conditional_t<
+          T == dtype::q4_0, keel::block_q4_0,
+          std::conditional_t<T == dtype::q4_1, keel::block_q4_1,
+                             std::conditional_t<T == dtype::q5_0, keel::block_q5_0,
+                                                keel::block_q5_1>>>>;
+  constexpr bool has_m = T == dtype::q4_1 || T == dtype::q5_1;
+  alignas(32) float s[8] = {}, t[8] = {};
+  __m256i q[8];
+  for (int b = 0; b < 8; ++b) {
+    if (b >= n) {
+      q[b] = _mm256_setzero_si256();
+      continue;
+    }
+    const block& x = reinterpret_cast<const block*>(row)[k0 + b];
+    if constexpr (T == dtype::q8_0) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs));
+      q[b] = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
+    } else if constexpr (T == dtype::q4_0 || T == dtype::q4_1) {
+      q[b] = nibbles(x.qs);
+    } else {
+      q[b] = _mm256_or_si256(nibbles(x.qs), fifth_bits(x.qh));
+    }
+    s[b] = half(x.d);
+    if constexpr (has_m) t[b] = half(x.m);
+  }
+  store_transposed(q, g.q);
+  const __m256i used =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i ones = _mm256_and_si256(_mm256_set1_epi32(1), used);
+  store256(g.sc0, ones);
+  store256(g.sc1, ones);
+  // mn pairs (1, 1) as 16-bit halves of each used lane.
+  store256(g.mn, has_m ? _mm256_and_si256(_mm256_set1_epi32(0x00010001), used)
+                       : _mm256_setzero_si256());
+  _mm256_store_ps(g.s, _mm256_load_ps(s));
+  _mm256_store_ps(g.t, _mm256_load_ps(t));
+}
+
+void decode_q2_k(const keel::block_q2_k& x, kgroup& g) {
+  const __m256i two = _mm256_set1_epi8(3);
+  __m256i q[8];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 32 * h));
+    q[4 * h] = _mm256_and_si256(v, two);
+    q[4 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), two);
+    q[4 * h + 2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), two);
+    q[4 * h + 3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), two);
+  }
+  store_transposed(q, g.q);
+  // Group scales: low nibbles of bytes 2b and 2b + 1; mins: their high nibbles, as the 16-bit
+  // pairs the min term's vpmaddwd takes.
+  const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.scales));
+  const __m128i low = _mm_and_si128(sc, _mm_set1_epi8(15));
+  const __m128i even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  store256(g.sc0, _mm256_cvtepu8_epi32(_mm_shuffle_epi8(low, even)));
+  store256(g.sc1, _mm256_cvtepu8_epi32(_mm_shuffle_epi8(low, odd)));
+  store256(g.mn, _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15))));
+  fill_floats(g.s, half(x.d));
+  fill_floats(g.t, -half(x.dmin));
+}
+
+void decode_q3_k(const keel::block_q3_k& x, kgroup& g) {
+  const __m256i two = _mm256_set1_epi8(3);
+  const __m256i four = _mm256_set1_epi8(4);
+  const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.hmask));
+  __m256i q[8];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.qs + 32 * h));
+    for (int j = 0; j < 4; ++j) {
+      const int b = 4 * h + j;
+      // Bit b of hmask to bit 2 (16-bit shifts; the mask keeps the byte's own bit).
+      const __m256i hb = b <= 2 ? _mm256_slli_epi16(hm, 2 - b) : _mm256_srli_epi16(hm, b - 2);
+      q[b] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), two),
+                             _mm256_and_si256(hb, four));
+    }
+  }
+  store_transposed(q, g.q);
+  alignas(16) uint8_t sc[16];
+  keel::q3_k_scales(x.scales, sc);
+  const __m128i v = _mm_sub_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)),
+                                 _mm_set1_epi8(32));
+  const __m128i even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  store256(g.sc0, _mm256_cvtepi8_epi32(_mm_shuffle_epi8(v, even)));
+  store256(g.sc1, _mm256_cvtepi8_epi32(_mm_shuffle_epi8(v, odd)));
+  store256(g.mn, _mm256_setzero_si256());
+  fill_floats(g.s, half(x.d));
+  store256(g.t, _mm256_setzero_si256());
+}
+
+template <dtype T>
+void decode_blocks(const char* row, int64_t blocks, kgroup* out) {
+  for (int64_t g = 0; 8 * g < blocks; ++g)
+    decode_small<T>(row, 8 * g, static_cast<int>(std::min<int64_t>(8, blocks - 8 * g)), out[g]);
+}
+
+void decode(const keel::matrix_view& w, int64_t r, kgroup* out) {
+  const char* row = static_cast<const char*>(w.data) + r * static_cast<int64_t>(w.row_bytes);
+  const int64_t groups = keel::detail::groups_of(w.cols);
+  const int64_t blocks = w.cols / 32;
+  switch (w.type) {
+    case dtype::q4_k:
+      for (int64_t g = 0; g < groups; ++g)
+        decode_q4_k(reinterpret_cast<const keel::block_q4_k*>(row)[g], out[g]);
+      return;
+    case dtype::q5_k:
+      for (int64_t g = 0; g < groups; ++g)
+        decode_q5_k(reinterpret_cast<const keel::block_q5_k*>(row)[g], out[g]);
+      return;
+    case dtype::q6_k:
+      for (int64_t g = 0; g < groups; ++g)
+        decode_q6_k(reinterpret_cast<const keel::block_q6_k*>(row)[g], out[g]);
+      return;
+    case dtype::q2_k:
+      for (int64_t g = 0; g < groups; ++g)
+        decode_q2_k(reinterpret_cast<const keel::block_q2_k*>(row)[g], out[g]);
+      return;
+    case dtype::q3_k:
+      for (int64_t g = 0; g < groups; ++g)
+        decode_q3_k(reinterpret_cast<const keel::block_q3_k*>(row)[g], out[g]);
+      return;
+    case dtype::q8_0:
+      return decode_blocks<dtype::q8_0>(row, blocks, out);
+    case dtype::q4_0:
+      return decode_blocks<dtype::q4_0>(row, blocks, out);
+    case dtype::q4_1:
+      return decode_blocks<dtype::q4_1>(row, blocks, out);
+    case dtype::q5_0:
+      return decode_blocks<dtype::q5_0>(row, blocks, out);
+    case dtype::q5_1:
+      return decode_blocks<dtype::q5_1>(row, blocks, out);
+    default:
+      keel::detail::decode_row(w, r, out);
+      return;
+  }
+}
+
+#if KEEL_QDOT == 2
+// AVX-512: one 512-bit vector covers two groups, g (lanes 0-7) and g + 1 (lanes 8-15), which
+// are exactly the canonical lanes k % 16 of blocks 8g .. 8g + 15 (g even). The inputs are first
+// copied into pairs of groups laid out that way (once per call, for all rows); the weights are
+// paired as they are loaded.
+struct alignas(64) xpair {
+  int8_t q[8][64];
+  int32_t s0[16], s1[16], sum[16];
+  int16_t sp[16][2];
+  float d[16];
+};
+
+xpair* pair_scratch(int64_t n) {
+  thread_local std::unique_ptr<xpair[]> buf;
+  thread_local int64_t cap = 0;
+  if (n > cap) {
+    buf = std::make_unique<xpair[]>(static_cast<size_t>(n));
+    cap = n;
+  }
+  return buf.get();
+}
+
+// Pairs of groups of `x` (groups of them; an odd last one is paired with zeros).
+void pair_inputs(const xgroup* x, int64_t groups, xpair* out) {
+  for (int64_t p = 0; 2 * p < groups; ++p) {
+    xpair& o = out[p];
+    std::memset(static_cast<void*>(&o), 0, sizeof o);
+    for (int h = 0; h < 2 && 2 * p + h < groups; ++h) {
+      const xgroup& g = x[2 * p + h];
+      for (int j = 0; j < 8; ++j) std::memcpy(o.q[j] + 32 * h, g.q[j], 32);
+      std::memcpy(o.s0 + 8 * h, g.s0, 32);
+      std::memcpy(o.s1 + 8 * h, g.s1, 32);
+      std::memcpy(o.sum + 8 * h, g.sum, 32);
+      std::memcpy(o.sp + 8 * h, g.sp, 32);
+      std::memcpy(o.d + 8 * h, g.d, 32);
+    }
+  }
+}
+
+inline __m512i pair_load(const void* a, const void* b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(load256(a)), load256(b), 1);
+}
+inline __m512 pair_load_ps(const float* a, const float* b) {
+  return _mm512_castsi512_ps(pair_load(a, b));
+}
+inline __m512i load512(const void* p) {
+  return _mm512_load_si512(p);
+}
+
+// Groups g and g + 1 of one row (w0, w1) against NB inputs' pairs, added to acc[i].
+template <int OFF, bool MIN, int SC, int NB>
+inline void pair_dot(const kgroup& w0, const kgroup& w1, const xpair* const* x, int64_t p,
+                     __m512* acc) {
+  constexpr bool halves = SC == sc_half;
+  __m512i p0[NB], p1[NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) p0[i] = p1[i] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = pair_load(w0.q[j], w1.q[j]), c = pair_load(w0.q[j + 4], w1.q[j + 4]);
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) {
+      const xpair& xi = x[i][p];
+      p0[i] = _mm512_dpbusd_epi32(p0[i], a, load512(xi.q[j]));
+      if constexpr (halves) {
+        p1[i] = _mm512_dpbusd_epi32(p1[i], c, load512(xi.q[j + 4]));
+      } else {
+        p0[i] = _mm512_dpbusd_epi32(p0[i], c, load512(xi.q[j + 4]));
+      }
+    }
+  }
+  const __m512 s = pair_load_ps(w0.s, w1.s);
+  const __m512i sc0 = pair_load(w0.sc0, w1.sc0);
+  const __m512i sc1 = halves ? pair_load(w0.sc1, w1.sc1) : sc0;
+  const __m512i mn = MIN ? pair_load(w0.mn, w1.mn) : _mm512_setzero_si512();
+  const __m512 t = MIN ? pair_load_ps(w0.t, w1.t) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) {
+    const xpair& xi = x[i][p];
+    __m512i isum;
+    if constexpr (halves) {
+      if constexpr (OFF >= 0) {
+        p0[i] = _mm512_sub_epi32(p0[i], _mm512_slli_epi32(load512(xi.s0), OFF));
+        p1[i] = _mm512_sub_epi32(p1[i], _mm512_slli_epi32(load512(xi.s1), OFF));
+      }
+      isum = _mm512_add_epi32(_mm512_mullo_epi32(sc0, p0[i]), _mm512_mullo_epi32(sc1, p1[i]));
+    } else {
+      if constexpr (OFF >= 0)
+        p0[i] = _mm512_sub_epi32(p0[i], _mm512_slli_epi32(load512(xi.sum), OFF));
+      isum = SC == sc_block ? _mm512_mullo_epi32(sc0, p0[i]) : p0[i];
+    }
+    const __m512 dx = _mm512_load_ps(xi.d);
+    acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, dx), _mm512_cvtepi32_ps(isum), acc[i]);
+    if constexpr (MIN) {
+      const __m512i msum = _mm512_madd_epi16(mn, load512(xi.sp));
+      acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(t, dx), _mm512_cvtepi32_ps(msum), acc[i]);
+    }
+  }
+}
+
+// With several inputs, rows are decoded kTile at a time; then for each pair of groups, every
+// row of the tile meets every input (four at a time), so a pair's weights and inputs are loaded
+// from L1 while the partial sums wait in a small buffer. With one to three inputs a tile is one
+// row (decoded into L1 and used at once). Each output still sums its pairs in increasing order.
+constexpr int kTile = 8;
+
+template <int NB>
+void zero(__m512* a) {
+  for (int i = 0; i < NB; ++i) a[i] = _mm512_setzero_ps();
+}
+
+template <int OFF, bool MIN, int SC>
+void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
+          int64_t r0, int64_t r1) {
+  const int64_t groups = keel::detail::groups_of(w.cols);
+  const int64_t pairs = (groups + 1) / 2;
+  xpair* xp = pair_scratch(pairs * nb);
+  for (int64_t b = 0; b < nb; ++b) pair_inputs(x + b * groups, groups, xp + b * pairs);
+  const int64_t stride = 2 * pairs;  // kgroups per decoded row
+  const int tile_rows = nb >= 4 ? kTile : 1;
+  kgroup* tile = keel::detail::weight_scratch(stride * tile_rows);
+  // Partial sums of the tile's outputs, 16 floats each (a vector of __m512 would drop its
+  // alignment attribute).
+  struct alignas(64) lanes16 {
+    float v[16];
+  };
+  thread_local std::vector<lanes16> acc_buf;
+  acc_buf.resize(static_cast<size_t>(tile_rows * nb));
+  __m512* acc = reinterpret_cast<__m512*>(acc_buf.data());
+  std::vector<const xpair*> xs(static_cast<size_t>(nb));
+  for (int64_t b = 0; b < nb; ++b) xs[b] = xp + b * pairs;
+  for (int64_t r = r0; r < r1; r += tile_rows) {
+    const int n = static_cast<int>(std::min<int64_t>(tile_rows, r1 - r));
+    for (int i = 0; i < n; ++i) {
+      kgroup* row = tile + i * stride;
+      decode(w, r + i, row);
+      // An odd last group is paired with zero weights: its lanes add 0 * 0.
+      if (groups % 2) std::memset(static_cast<void*>(row + groups), 0, sizeof(kgroup));
+    }
+    for (int64_t k = 0; k < n * nb; ++k) acc[k] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      for (int i = 0; i < n; ++i) {
+        const kgroup* row = tile + i * stride;
+        __m512* a = acc + i * nb;
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4)
+          pair_dot<OFF, MIN, SC, 4>(row[2 * p], row[2 * p + 1], xs.data() + b, p, a + b);
+        for (; b < nb; ++b)
+          pair_dot<OFF, MIN, SC, 1>(row[2 * p], row[2 * p + 1], xs.data() + b, p, a + b);
+      }
+    }
+    for (int i = 0; i < n; ++i)
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m512 v = acc[i * nb + b];
+        y[b * ldy + r + i] = reduce16(
+            _mm512_castps512_ps256(v),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      }
+  }
+}
+#else
+template <int OFF, bool MIN, int SC>
+void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
+          int64_t r0, int64_t r1) {
+  const int64_t groups = keel::detail::groups_of(w.cols);
+  kgroup* row = keel::detail::weight_scratch(groups);
+  for (int64_t r = r0; r < r1; ++r) {
+    decode(w, r, row);
+    // Inputs four at a time (one decoded row, four quantised inputs, in L1).
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+      const xgroup* xs[4] = {x + b * groups, x + (b + 1) * groups, x + (b + 2) * groups,
+                             x + (b + 3) * groups};
+      row_dot<OFF, MIN, SC, 4>(row, xs, groups, y + b * ldy + r, ldy);
+    }
+    for (; b < nb; ++b) {
+      const xgroup* xs[1] = {x + b * groups};
+      row_dot<OFF, MIN, SC, 1>(row, xs, groups, y + b * ldy + r, ldy);
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+void qmatmul(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
+             int64_t r0, int64_t r1) {
+  switch (w.type) {
+    case dtype::q4_0:
+      return rows<3, false, sc_none>(w, x, nb, y, ldy, r0, r1);
+    case dtype::q5_0:
+      return rows<4, false, sc_none>(w, x, nb, y, ldy, r0, r1);
+    case dtype::q8_0:
+      return rows<7, false, sc_none>(w, x, nb, y, ldy, r0, r1);
+    case dtype::q4_1:
+    case dtype::q5_1:
+      return rows<-1, true, sc_none>(w, x, nb, y, ldy, r0, r1);
+    case dtype::q4_k:
+    case dtype::q5_k:
+      return rows<-1, true, sc_block>(w, x, nb, y, ldy, r0, r1);
+    case dtype::q2_k:
+      return rows<-1, true, sc_half>(w, x, nb, y, ldy, r0, r1);
+    case dtype::q3_k:
+      return rows<2, false, sc_half>(w, x, nb, y, ldy, r0, r1);
+    case dtype::q6_k:
+      return rows<5, false, sc_half>(w, x, nb, y, ldy, r0, r1);
+    default:
+      return;  // ops.cpp checks the type before dispatching
+  }
+}
+
+int64_t macs_burst(int64_t iters) {
+  // Eight independent chains of the widest byte dot product this variant has, on constant
+  // inputs: the peak rate of integer multiply-adds, for the benchmark's prefill fraction.
+#if KEEL_QDOT == 2
+  __m512i acc[8];
+  for (auto& a : acc) a = _mm512_setzero_si512();
+  const __m512i u = _mm512_set1_epi8(3), s = _mm512_set1_epi8(-2);
+  for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 8
+    for (auto& a : acc) a = _mm512_dpbusd_epi32(a, u, s);
+  __m512i t = acc[0];
+  for (int k = 1; k < 8; ++k) t = _mm512_add_epi32(t, acc[k]);
+  alignas(64) int32_t l[16];
+  _mm512_store_si512(l, t);
+  volatile int sink = l[0];
+  (void)sink;
+  return iters * 8 * 64;
+#else
+  __m256i acc[8];
+  for (auto& a : acc) a = _mm256_setzero_si256();
+  const __m256i u = _mm256_set1_epi8(3), s = _mm256_set1_epi8(-2);
+  for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 8
+    for (auto& a : acc) a = dot_add<false>(a, u, s);
+  __m256i t = acc[0];
+  for (int k = 1; k < 8; ++k) t = _mm256_add_epi32(t, acc[k]);
+  alignas(32) int32_t l[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(l), t);
+  volatile int sink = l[0];
+  (void)sink;
+  return iters * 8 * 32;
+#endif
+}
