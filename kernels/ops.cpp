@@ -252,7 +252,12 @@ void matmul(thread_pool& pool, const matrix_view& w, const float* x, int64_t ldx
   // Multiples of 16 rows keep every part on the kernels' 4-row tiles.
   if (is_block_quantized(w.type)) {
     if (!dtype_supported(w.type)) die("matmul", w.type);
-    const detail::xgroup* q = quantize_inputs(w, x, ldx, nb);  // once, shared by all threads
+    // The inputs are rounded once, by all threads (a prefill chunk has many), then shared.
+    const int64_t groups = detail::groups_of(w.cols);
+    detail::xgroup* q = detail::input_scratch(groups * nb);
+    pool.parallel_for(nb, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) detail::quantize_input(x + b * ldx, w.cols, q + b * groups);
+    });
     pool.parallel_for(
         w.rows, [&](int64_t r0, int64_t r1) { qmatmul(w, q, nb, y, ldy, r0, r1); }, 16);
     return;

@@ -81,7 +81,12 @@ std::string type_mix(const keel::model& m) {
     for (auto* v : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) add(*v);
   add(m.output());
   std::string out;
-  for (auto& [name, n] : count) out += (out.empty() ? "" : ", ") + name + " x " + std::to_string(n);
+  for (auto& [name, n] : count) {
+    if (!out.empty()) out += ", ";
+    out += name;
+    out += " x ";
+    out += std::to_string(n);
+  }
   return out;
 }
 
@@ -164,7 +169,9 @@ std::string isa_features() {
   __builtin_cpu_init();
   std::string out;
   auto add = [&](bool has, const char* name) {
-    if (has) out += (out.empty() ? "" : " ") + std::string(name);
+    if (!has) return;
+    if (!out.empty()) out += ' ';
+    out += name;
   };
   add(__builtin_cpu_supports("avx2"), "avx2");
   add(__builtin_cpu_supports("fma"), "fma");
@@ -206,7 +213,14 @@ int engine_command(std::span<char*> args) {
 
   keel::thread_pool pool(static_cast<int>(*threads));
   std::cerr << "keel-bench: measuring memory bandwidth and peak arithmetic\n";
-  const double bw = keel::measure_memory_bandwidth(pool, 1ull << 30);
+  // A buffer far larger than the last-level cache (this VM reports 508 MiB of L3): 2 GiB, or
+  // the largest model file if that is larger.
+  uint64_t largest = 0;
+  for (auto& path : paths) {
+    std::error_code ec;
+    largest = std::max<uint64_t>(largest, std::filesystem::file_size(path, ec));
+  }
+  const double bw = keel::measure_memory_bandwidth(pool, std::max<uint64_t>(largest, 2ull << 30));
   const double peak_fma = keel::measure_peak_macs(pool, false);
   const double peak_int = keel::measure_peak_macs(pool, true);
   std::vector<measured> results;

@@ -66,19 +66,35 @@ inline void group_dot(const kgroup& w, const xgroup* const* x, int64_t g, __m256
   constexpr bool halves = SC == sc_half;
   // Rows 0-3 of the transposed bytes are elements 0..15 of every block, rows 4-7 16..31.
   __m256i p0[NB], p1[NB];
+  if constexpr (NB == 1) {
+    // One input: four independent chains of dot products instead of one or two, so that
+    // consecutive groups overlap less on the instruction's latency.
+    const xgroup& xi = x[0][g];
+    __m256i c[4];
 #pragma GCC unroll 4
-  for (int i = 0; i < NB; ++i) p0[i] = p1[i] = _mm256_setzero_si256();
+    for (int k = 0; k < 4; ++k) {
+      c[k] = dot_add<signed_path>(_mm256_setzero_si256(), load256(w.q[2 * k]),
+                                  load256(xi.q[2 * k]));
+      c[k] = dot_add<signed_path>(c[k], load256(w.q[2 * k + 1]), load256(xi.q[2 * k + 1]));
+    }
+    p0[0] = _mm256_add_epi32(c[0], c[1]);
+    p1[0] = _mm256_add_epi32(c[2], c[3]);
+    if constexpr (!halves) p0[0] = _mm256_add_epi32(p0[0], p1[0]);
+  } else {
 #pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j) {
-    const __m256i w0 = load256(w.q[j]), w1 = load256(w.q[j + 4]);
+    for (int i = 0; i < NB; ++i) p0[i] = p1[i] = _mm256_setzero_si256();
 #pragma GCC unroll 4
-    for (int i = 0; i < NB; ++i) {
-      const xgroup& xi = x[i][g];
-      p0[i] = dot_add<signed_path>(p0[i], w0, load256(xi.q[j]));
-      if constexpr (halves) {
-        p1[i] = dot_add<signed_path>(p1[i], w1, load256(xi.q[j + 4]));
-      } else {
-        p0[i] = dot_add<signed_path>(p0[i], w1, load256(xi.q[j + 4]));
+    for (int j = 0; j < 4; ++j) {
+      const __m256i w0 = load256(w.q[j]), w1 = load256(w.q[j + 4]);
+#pragma GCC unroll 4
+      for (int i = 0; i < NB; ++i) {
+        const xgroup& xi = x[i][g];
+        p0[i] = dot_add<signed_path>(p0[i], w0, load256(xi.q[j]));
+        if constexpr (halves) {
+          p1[i] = dot_add<signed_path>(p1[i], w1, load256(xi.q[j + 4]));
+        } else {
+          p0[i] = dot_add<signed_path>(p0[i], w1, load256(xi.q[j + 4]));
+        }
       }
     }
   }
@@ -413,6 +429,27 @@ void decode(const keel::matrix_view& w, int64_t r, kgroup* out) {
   }
 }
 
+// One row at a time: decoded into L1 and used at once by every input (four at a time).
+template <int OFF, bool MIN, int SC>
+void rows_by_group(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
+          int64_t r0, int64_t r1) {
+  const int64_t groups = keel::detail::groups_of(w.cols);
+  kgroup* row = keel::detail::weight_scratch(groups);
+  for (int64_t r = r0; r < r1; ++r) {
+    decode(w, r, row);
+    // Inputs four at a time (one decoded row, four quantised inputs, in L1).
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+      const xgroup* xs[4] = {x + b * groups, x + (b + 1) * groups, x + (b + 2) * groups,
+                             x + (b + 3) * groups};
+      row_dot<OFF, MIN, SC, 4>(row, xs, groups, y + b * ldy + r, ldy);
+    }
+    for (; b < nb; ++b) {
+      const xgroup* xs[1] = {x + b * groups};
+      row_dot<OFF, MIN, SC, 1>(row, xs, groups, y + b * ldy + r, ldy);
+    }
+  }
+}
 #if KEEL_QDOT == 2
 // AVX-512: one 512-bit vector covers two groups, g (lanes 0-7) and g + 1 (lanes 8-15), which
 // are exactly the canonical lanes k % 16 of blocks 8g .. 8g + 15 (g even). The inputs are first
@@ -513,10 +550,9 @@ inline void pair_dot(const kgroup& w0, const kgroup& w1, const xpair* const* x, 
   }
 }
 
-// With several inputs, rows are decoded kTile at a time; then for each pair of groups, every
-// row of the tile meets every input (four at a time), so a pair's weights and inputs are loaded
-// from L1 while the partial sums wait in a small buffer. With one to three inputs a tile is one
-// row (decoded into L1 and used at once). Each output still sums its pairs in increasing order.
+// Rows are decoded kTile at a time; then for each pair of groups, every row of the tile meets
+// every input (four at a time), so a pair's weights and inputs are loaded from L1 while the
+// partial sums wait in a small buffer. Each output still sums its pairs in increasing order.
 constexpr int kTile = 8;
 
 template <int NB>
@@ -525,14 +561,14 @@ void zero(__m512* a) {
 }
 
 template <int OFF, bool MIN, int SC>
-void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
+void rows_by_pair(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
           int64_t r0, int64_t r1) {
   const int64_t groups = keel::detail::groups_of(w.cols);
   const int64_t pairs = (groups + 1) / 2;
   xpair* xp = pair_scratch(pairs * nb);
   for (int64_t b = 0; b < nb; ++b) pair_inputs(x + b * groups, groups, xp + b * pairs);
   const int64_t stride = 2 * pairs;  // kgroups per decoded row
-  const int tile_rows = nb >= 4 ? kTile : 1;
+  const int tile_rows = kTile;
   kgroup* tile = keel::detail::weight_scratch(stride * tile_rows);
   // Partial sums of the tile's outputs, 16 floats each (a vector of __m512 would drop its
   // alignment attribute).
@@ -573,26 +609,20 @@ void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int
       }
   }
 }
+
+// Few inputs: the groups one by one (pairing them costs more than it saves when each weight
+// meets fewer than four inputs); more: pairs of groups and tiles of rows.
+template <int OFF, bool MIN, int SC>
+void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
+          int64_t r0, int64_t r1) {
+  if (nb >= 4) return rows_by_pair<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
+  rows_by_group<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
+}
 #else
 template <int OFF, bool MIN, int SC>
 void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
           int64_t r0, int64_t r1) {
-  const int64_t groups = keel::detail::groups_of(w.cols);
-  kgroup* row = keel::detail::weight_scratch(groups);
-  for (int64_t r = r0; r < r1; ++r) {
-    decode(w, r, row);
-    // Inputs four at a time (one decoded row, four quantised inputs, in L1).
-    int64_t b = 0;
-    for (; b + 4 <= nb; b += 4) {
-      const xgroup* xs[4] = {x + b * groups, x + (b + 1) * groups, x + (b + 2) * groups,
-                             x + (b + 3) * groups};
-      row_dot<OFF, MIN, SC, 4>(row, xs, groups, y + b * ldy + r, ldy);
-    }
-    for (; b < nb; ++b) {
-      const xgroup* xs[1] = {x + b * groups};
-      row_dot<OFF, MIN, SC, 1>(row, xs, groups, y + b * ldy + r, ldy);
-    }
-  }
+  rows_by_group<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
 }
 #endif
 
