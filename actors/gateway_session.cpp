@@ -347,17 +347,7 @@ class session_server final : public wire::Session::Server {
               });
         })
         .then([this, ctx, sid](caf::expected<sent_turn> r) mutable {
-          auto res = ctx.getResults();
-          if (!r) {
-            g_.cut(sid, KJ_EXCEPTION(FAILED, "send failed"), true);
-            set_error(r.error(), res.initError());
-            return;
-          }
-          g_.bind(sid, r->turn);
-          if (key_) g_.usage.charge(*key_, r->prompt.size());
-          res.setTurn(r->turn);
-          list_of<int32_t>(r->prompt, res.initPrompt(static_cast<unsigned>(r->prompt.size())));
-          res.initError().setKind(wire::Error::Kind::NONE);
+          answer_turn(ctx.getResults(), sid, r, "send failed");
         });
   }
 
@@ -423,17 +413,7 @@ class session_server final : public wire::Session::Server {
               });
         })
         .then([this, ctx, sid](caf::expected<sent_turn> r) mutable {
-          auto res = ctx.getResults();
-          if (!r) {
-            g_.cut(sid, KJ_EXCEPTION(FAILED, "chat failed"), true);
-            set_error(r.error(), res.initError());
-            return;
-          }
-          g_.bind(sid, r->turn);
-          if (key_) g_.usage.charge(*key_, r->prompt.size());
-          res.setTurn(r->turn);
-          list_of<int32_t>(r->prompt, res.initPrompt(static_cast<unsigned>(r->prompt.size())));
-          res.initError().setKind(wire::Error::Kind::NONE);
+          answer_turn(ctx.getResults(), sid, r, "chat failed");
         });
   }
 
@@ -515,6 +495,24 @@ class session_server final : public wire::Session::Server {
           g_.bind(sid, turn);
           err.setKind(wire::Error::Kind::NONE);
         });
+  }
+
+  /// The answer to a send or chat: the turn and its prompt, or the error (which cuts the
+  /// session's stream).
+  template <class Results>
+  void answer_turn(Results res, uint64_t sid, caf::expected<sent_turn>& r, const char* failed) {
+    if (!r) {
+      g_.cut(sid, kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                                kj::heapString(failed)),
+             true);
+      set_error(r.error(), res.initError());
+      return;
+    }
+    g_.bind(sid, r->turn);
+    if (key_) g_.usage.charge(*key_, r->prompt.size());
+    res.setTurn(r->turn);
+    list_of<int32_t>(r->prompt, res.initPrompt(static_cast<unsigned>(r->prompt.size())));
+    res.initError().setKind(wire::Error::Kind::NONE);
   }
 
  private:

@@ -41,12 +41,6 @@ int fail(const caf::error& err) {
   return keel::cli::fail(program, err);
 }
 
-std::string trim(const std::string& s) {
-  auto b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return {};
-  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
-}
-
 /// The admin key: --key-file, else $KEEL_ADMIN_KEY; never the command line.
 caf::expected<std::string> read_key(const keel::cli::options& opts) {
   if (opts.has("key"))

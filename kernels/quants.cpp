@@ -133,40 +133,32 @@ void decode(const block_q3_k& b, float* y) {
   }
 }
 
-void decode(const block_q4_k& b, float* y) {
-  const float d = fp16_to_f32(b.d);
-  const float dmin = fp16_to_f32(b.dmin);
+// Q4_K and Q5_K (the fifth bits in `qh`, null for Q4_K), as ggml's dequantize_row_q4_K/q5_K.
+void decode_k45(uint16_t d16, uint16_t dmin16, const uint8_t* scales, const uint8_t* qs,
+                const uint8_t* qh, float* y) {
+  const float d = fp16_to_f32(d16);
+  const float dmin = fp16_to_f32(dmin16);
+  auto high = [&](int l, int bit) { return qh && ((qh[l] >> bit) & 1) ? 16 : 0; };
   for (int c = 0; c < 4; ++c) {
     uint8_t sc, mn;
-    k4_scale_min(b.scales, 2 * c, sc, mn);
+    k4_scale_min(scales, 2 * c, sc, mn);
     const float d1 = d * f(sc);
     const float m1 = dmin * f(mn);
-    k4_scale_min(b.scales, 2 * c + 1, sc, mn);
+    k4_scale_min(scales, 2 * c + 1, sc, mn);
     const float d2 = d * f(sc);
     const float m2 = dmin * f(mn);
-    const uint8_t* q = b.qs + 32 * c;
-    for (int l = 0; l < 32; ++l) *y++ = d1 * f(q[l] & 15) - m1;
-    for (int l = 0; l < 32; ++l) *y++ = d2 * f(q[l] >> 4) - m2;
+    const uint8_t* q = qs + 32 * c;
+    for (int l = 0; l < 32; ++l) *y++ = d1 * f((q[l] & 15) + high(l, 2 * c)) - m1;
+    for (int l = 0; l < 32; ++l) *y++ = d2 * f((q[l] >> 4) + high(l, 2 * c + 1)) - m2;
   }
 }
 
+void decode(const block_q4_k& b, float* y) {
+  decode_k45(b.d, b.dmin, b.scales, b.qs, nullptr, y);
+}
+
 void decode(const block_q5_k& b, float* y) {
-  const float d = fp16_to_f32(b.d);
-  const float dmin = fp16_to_f32(b.dmin);
-  for (int c = 0; c < 4; ++c) {
-    uint8_t sc, mn;
-    k4_scale_min(b.scales, 2 * c, sc, mn);
-    const float d1 = d * f(sc);
-    const float m1 = dmin * f(mn);
-    k4_scale_min(b.scales, 2 * c + 1, sc, mn);
-    const float d2 = d * f(sc);
-    const float m2 = dmin * f(mn);
-    const uint8_t* q = b.qs + 32 * c;
-    for (int l = 0; l < 32; ++l)
-      *y++ = d1 * f((q[l] & 15) + (((b.qh[l] >> (2 * c)) & 1) ? 16 : 0)) - m1;
-    for (int l = 0; l < 32; ++l)
-      *y++ = d2 * f((q[l] >> 4) + (((b.qh[l] >> (2 * c + 1)) & 1) ? 16 : 0)) - m2;
-  }
+  decode_k45(b.d, b.dmin, b.scales, b.qs, b.qh, y);
 }
 
 void decode(const block_q6_k& b, float* y) {
