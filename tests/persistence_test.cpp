@@ -1,6 +1,8 @@
 #define BOOST_TEST_MODULE persistence_test
 #include <boost/test/unit_test.hpp>
 
+#include <fstream>
+
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -454,4 +456,21 @@ BOOST_AUTO_TEST_CASE(checkpoints_round_trip_and_refuse_bad_bytes) {
   BOOST_REQUIRE(!v);
   BOOST_TEST(describe(v.error()).find("format version 9") != std::string::npos,
              describe(v.error()));
+}
+
+BOOST_AUTO_TEST_CASE(a_checkpoint_claiming_more_elements_than_bytes_is_refused_without_allocating) {
+  // Found by the checkpoint fuzzer: 424 bytes whose message list claims millions of empty
+  // messages (Cap'n Proto stores an all-default struct in no bytes), which decode used to copy
+  // into a vector of 64 MiB and more. The input is kept in the fuzz corpus.
+  std::ifstream in(std::string(KEEL_SOURCE_DIR) +
+                       "/tests/fuzz/corpus/checkpoint/many-empty-messages",
+                   std::ios::binary);
+  BOOST_REQUIRE(in);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  BOOST_REQUIRE_EQUAL(bytes.size(), 424u);
+  auto d = wire::decode(bytes);
+  BOOST_REQUIRE(!d);
+  BOOST_TEST(d.error().code() == make_error(errc::corrupt_record).code());
+  BOOST_TEST(describe(d.error()).find("messages in 53 words") != std::string::npos,
+             describe(d.error()));
 }

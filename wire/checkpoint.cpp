@@ -112,7 +112,17 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
     c.priority = root.getPriority();
     c.owner = root.getOwner();
     c.tenant = root.getTenant();
+    // A list of structs may claim far more elements than the bytes hold (a struct whose fields
+    // are all default takes no bytes, and Cap'n Proto charges such lists little against its
+    // traversal limit). Every turn and every message Keel writes takes at least one word, so
+    // more elements than words is corruption, refused before anything is allocated for them.
+    const size_t word_count = bytes.size() / sizeof(capnp::word);
+    auto too_many = [&](size_t n, const char* what) {
+      return corrupt(" " + c.id + ": " + std::to_string(n) + " " + what + " in " +
+                     std::to_string(word_count) + " words");
+    };
     auto turns = root.getTurns();
+    if (turns.size() > word_count) return too_many(turns.size(), "turns");
     for (unsigned i = 0; i < turns.size(); ++i) {
       auto in = turns[i];
       turn_checkpoint t;
@@ -134,6 +144,7 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
                        std::to_string(r));
       }
       t.reason = static_cast<finish_reason>(r);
+      if (in.getMessages().size() > word_count) return too_many(in.getMessages().size(), "messages");
       for (auto m : in.getMessages())
         t.messages.push_back({std::string(m.getRole()), std::string(m.getContent())});
       t.chat_template = in.getChatTemplate();
