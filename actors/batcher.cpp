@@ -198,6 +198,7 @@ void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
     s.job.generated.push_back(tok);
     self->send(s.job.session, token_atom::value, e.seq, index, tok);
     ++st.stats.tokens;
+    st.ctx->metrics->generated_tokens.fetch_add(1, std::memory_order_relaxed);
     if (st.recovering) {
       st.recovering = false;
       st.stats.recovery_ms.push_back(

@@ -12,6 +12,7 @@
 #include <future>
 #include <map>
 #include <optional>
+#include <stdexcept>
 #include <variant>
 
 #include <capnp/message.h>
@@ -24,6 +25,7 @@
 
 #include "actors/atoms.hpp"
 #include "actors/detail/gateway_impl.hpp"
+#include "actors/http_api.hpp"
 #include "wire/bridge.hpp"
 #include "wire/convert.hpp"
 #include "wire/keel.capnp.h"
@@ -267,6 +269,21 @@ caf::expected<std::unique_ptr<gateway>> gateway::start(caf::actor_system& sys, n
     capnp::Capability::Client main =
         kj::heap<gateway_server>(*state, nullptr, gp->cfg_.keys != nullptr);
     auto accepting = state->accept_loop(*listener, kj::mv(main));
+    if (const auto& http = gp->cfg_.http) {
+      // On this thread before `start` returns: the HTTP port is bound, or the gateway fails.
+      kj::Own<kj::ConnectionReceiver> http_listener;
+      KJ_IF_MAYBE (e, kj::runCatchingExceptions([&] {
+                     auto addr = io.provider->getNetwork().parseAddress(http->host, http->port);
+                     http_listener = addr.wait(io.waitScope)->listen();
+                   })) {
+        throw std::runtime_error("--http-listen " + http->host + ":" +
+                                 std::to_string(http->port) + ": " + e->getDescription().cStr());
+      }
+      gp->http_port_ = static_cast<uint16_t>(http_listener->getPort());
+      auto limits = gp->cfg_.limits;
+      limits.send_buffer = 0;
+      accepting = accepting.exclusiveJoin(serve_http(*state, *http, kj::mv(http_listener), limits));
+    }
     return accepting.attach(kj::mv(listener), kj::mv(state));
   };
   auto port = g->server_->start("gateway", g->cfg_.host, g->cfg_.port, std::move(serve), g->cfg_.log);
@@ -277,6 +294,10 @@ caf::expected<std::unique_ptr<gateway>> gateway::start(caf::actor_system& sys, n
 
 std::string gateway::address() const {
   return cfg_.host + ":" + std::to_string(port_);
+}
+
+std::string gateway::http_address() const {
+  return cfg_.http ? cfg_.http->host + ":" + std::to_string(http_port_) : std::string();
 }
 
 void gateway::stop() {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -16,6 +17,21 @@
 #include "wire/server_thread.hpp"
 
 namespace keel {
+
+/// The gateway's HTTP listener (keel-node --http-listen; actors/http_api.hpp): health and
+/// readiness probes, Prometheus metrics and the OpenAI-style model list, served by kj-http on
+/// the gateway's own KJ thread.
+struct http_config {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;  // 0: an ephemeral port (see gateway::http_port)
+  /// A request whose body is longer gets 413 (no endpoint takes a body yet).
+  size_t max_body_bytes = 64 << 10;
+  /// From a connection's opening (or a request's first byte) to its whole header; a client
+  /// slower than this is disconnected (kj-http's own bound: 128 KiB of header).
+  kj::Duration header_timeout = 10 * kj::SECONDS;
+  /// How long a kept-alive connection may stay idle between requests before it is closed.
+  kj::Duration idle_timeout = 5 * kj::SECONDS;
+};
 
 struct gateway_config {
   std::string host = "127.0.0.1";
@@ -55,6 +71,9 @@ struct gateway_config {
   /// TLS (wire/tls.hpp): when set, the port speaks only TLS with this node's certificate, and
   /// requests forwarded to another node go over TLS to a gateway whose certificate names it.
   std::shared_ptr<const wire::tls_config> tls;
+  /// The HTTP listener (with TLS above: HTTPS), on the same thread and with the same `limits`
+  /// on connections (counted apart from the Cap'n Proto port's); none: no HTTP port.
+  std::optional<http_config> http;
 };
 
 /// The Cap'n Proto server of one node: serves `Gateway` (wire/keel.capnp) on HOST:PORT for the
@@ -81,6 +100,9 @@ class gateway {
   uint16_t port() const { return port_; }
   /// "HOST:PORT" with the bound port.
   std::string address() const;
+  /// The HTTP listener's bound port (0 without `gateway_config::http`), and "HOST:PORT".
+  uint16_t http_port() const { return http_port_; }
+  std::string http_address() const;
   const gateway_config& config() const { return cfg_; }
 
   /// Stops serving: closes the listener and every connection, cuts every stream off (turns go
@@ -94,6 +116,7 @@ class gateway {
 
   gateway_config cfg_;
   uint16_t port_ = 0;
+  uint16_t http_port_ = 0;  // written on the server's thread before `start` returns
   std::unique_ptr<wire::server_thread> server_;
 };
 

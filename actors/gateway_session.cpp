@@ -153,12 +153,21 @@ kj::Promise<void> gateway::impl::send_token(stream& s, const stream_event& e) {
   ev.setPiece(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(e.piece.data()), e.piece.size()));
   s.next_index = e.index + 1;
   if (s.key) usage.charge(*s.key, 1);
+  if (s.requested && !s.first_sent) {
+    s.first_sent = true;
+    nd.context()->metrics->time_to_first_token.observe(std::chrono::steady_clock::now() -
+                                                       *s.requested);
+  }
   // A `-> stream` call resolves when the flow-control window has room: a client that does
   // not drain its stream holds this promise, and the deadline cuts it off.
   return within_stall_timeout(req.send(), "did not drain its stream");
 }
 
 kj::Promise<void> gateway::impl::send_done(stream& s, const stream_event& e) {
+  if (s.requested && !s.counted) {
+    s.counted = true;
+    nd.context()->metrics->count(e.moved ? request_outcome::moved : outcome_of(e.reason));
+  }
   auto req = s.sink.doneRequest();
   req.setTurn(e.turn);
   req.setReason(wire::to_wire(e.reason));
@@ -202,6 +211,10 @@ void gateway::impl::finish(uint64_t id, kj::Exception* err) {
   s->ch->cancel();
   caf::anon_send_exit(s->relay, caf::exit_reason::user_shutdown);
   if (err == nullptr || s->quiet) return;
+  if (s->requested && !s->counted) {
+    s->counted = true;
+    nd.context()->metrics->count(request_outcome::cut_off);
+  }
   auto what = std::string(err->getDescription().cStr());
   auto turn = s->turn ? std::to_string(*s->turn) : std::string("?");
   if (err->getType() == kj::Exception::Type::DISCONNECTED && what.find("resume") == what.npos) {
@@ -256,6 +269,37 @@ class session_server final : public wire::Session::Server {
   // `send` and `resume` answer as soon as the session has accepted the stream, so they do not
   // allow cancellation: their continuation must always run to bind or drop the stream.
   kj::Promise<void> send(SendContext ctx) override {
+    auto asked = std::chrono::steady_clock::now();
+    return counted(ctx, start_send(ctx, asked));
+  }
+
+  kj::Promise<void> chat(ChatContext ctx) override {
+    auto asked = std::chrono::steady_clock::now();
+    return counted(ctx, start_chat(ctx, asked));
+  }
+
+ private:
+  /// Counts a turn request refused (an answer with an error, or an exception) and the prompt of
+  /// one started; a started turn's outcome is counted when its stream ends (gateway::impl).
+  template <class Context>
+  kj::Promise<void> counted(Context ctx, kj::Promise<void> p) {
+    auto& m = *g_.nd.context()->metrics;
+    return p.then(
+        [ctx, &m]() mutable {
+          auto res = ctx.getResults();
+          auto kind = res.getError().getKind();
+          if (kind != wire::Error::Kind::NONE)
+            m.count(outcome_of(kind));
+          else
+            m.prompt_tokens.fetch_add(res.getPrompt().size(), std::memory_order_relaxed);
+        },
+        [&m](kj::Exception&& e) {
+          m.count(request_outcome::failed);
+          kj::throwFatalException(kj::mv(e));
+        });
+  }
+
+  kj::Promise<void> start_send(SendContext ctx, std::chrono::steady_clock::time_point asked) {
     if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
     if (key_)
       if (auto err = g_.usage.may_generate(*key_))
@@ -290,6 +334,7 @@ class session_server final : public wire::Session::Server {
     std::string txt(text.cStr(), text.size());
     auto max_tokens = static_cast<int32_t>(p.getMaxTokens());
     auto& s = g_.open_stream(id_, p.getSink(), key_);
+    s.requested = asked;
     auto sid = s.id;
     auto relay_actor = s.relay;
     auto& sys = g_.sys;
@@ -351,7 +396,7 @@ class session_server final : public wire::Session::Server {
         });
   }
 
-  kj::Promise<void> chat(ChatContext ctx) override {
+  kj::Promise<void> start_chat(ChatContext ctx, std::chrono::steady_clock::time_point asked) {
     if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());
     if (key_)
       if (auto err = g_.usage.may_generate(*key_))
@@ -381,6 +426,7 @@ class session_server final : public wire::Session::Server {
     const int64_t expect = p.getTurnGiven() ? static_cast<int64_t>(p.getTurn()) : -1;
     auto max_tokens = static_cast<int32_t>(p.getMaxTokens());
     auto& s = g_.open_stream(id_, p.getSink(), key_);
+    s.requested = asked;
     auto sid = s.id;
     auto relay_actor = s.relay;
     auto& sys = g_.sys;
@@ -417,6 +463,7 @@ class session_server final : public wire::Session::Server {
         });
   }
 
+ public:
   kj::Promise<void> cancel(CancelContext ctx) override {
     ctx.allowCancellation();
     if (auto err = g_.admit(key_)) return g_.refuse(err, ctx.getResults().initError());

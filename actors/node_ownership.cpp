@@ -246,6 +246,7 @@ void node::serve_acquired(const std::string& id, const session_data& data, uint6
     r->number = ++next_session_;
   }
   sessions_->recovered(*r);
+  ctx_->metrics->takeovers.fetch_add(1, std::memory_order_relaxed);
   ctx_->log->report(cfg_.name + ": took over session " + id + " at epoch " +
                     std::to_string(epoch) + " (" + std::to_string(r->turns.size()) +
                     " turns, the newest copy of a majority of its group)");

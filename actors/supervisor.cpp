@@ -133,6 +133,14 @@ int32_t supervision_log::count(supervision_event_kind kind, const std::string& p
   }));
 }
 
+std::map<std::string, uint64_t> supervision_log::restarts_by_path() const {
+  std::lock_guard<std::mutex> guard{mu_};
+  std::map<std::string, uint64_t> out;
+  for (const auto& e : events_)
+    if (e.kind == supervision_event_kind::restarted) ++out[e.path];
+  return out;
+}
+
 // -- backoff -----------------------------------------------------------------------------------
 
 namespace {

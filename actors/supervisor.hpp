@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -150,6 +151,8 @@ class supervision_log {
   int32_t restarts(const std::string& path) const;
   /// How many events of `kind` were recorded for `path`.
   int32_t count(supervision_event_kind kind, const std::string& path) const;
+  /// Restarts so far by child path, for every path restarted at least once.
+  std::map<std::string, uint64_t> restarts_by_path() const;
 
  private:
   mutable std::mutex mu_;

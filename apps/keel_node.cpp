@@ -76,6 +76,9 @@ constexpr option spec[] = {
      "API keys of the client port, one a line: KEY tenant=NAME class=batch|standard|interactive "
      "rpm=N tpm=N sessions=N (mode 600). Without it the port serves anyone, on loopback only"},
     {"admin-listen", "HOST:PORT", "the admin API's address (keel-shell); port 0 picks a free one"},
+    {"http-listen", "HOST:PORT",
+     "serve HTTP here (GET /health, /ready, /metrics, /v1/models; HTTPS with --tls-cert); port 0 "
+     "picks a free one (default: no HTTP port). Without --keys, loopback only"},
     {"admin-key", "KEY",
      "the key keel-shell must give, in the --config file only (default: none; the admin API "
      "refuses all)"},
@@ -236,6 +239,20 @@ int run(std::span<char*> args) {
             ": without --keys FILE the client port serves anyone, so it listens only on a "
             "loopback address (127.0.0.1, ::1, localhost); give --keys FILE to serve " +
             listen->first));
+  }
+  // The HTTP port: off unless asked for, and like the client port kept to this host unless
+  // the cluster is run with API keys.
+  std::optional<std::pair<std::string, uint16_t>> http_listen;
+  if (opts->has("http-listen")) {
+    auto hl = parse_listen(opts->get("http-listen"), "http-listen");
+    if (!hl) return fail(hl.error());
+    if (!keys && !loopback(hl->first))
+      return fail(keel::make_error(
+          keel::errc::bad_request,
+          "--http-listen " + opts->get("http-listen") +
+              ": without --keys FILE the HTTP port listens only on a loopback address "
+              "(127.0.0.1, ::1, localhost)"));
+    http_listen = *hl;
   }
   auto shards = opts->get_int("shards", 1, 1, 64);
   auto threads = opts->get_int("threads", 1, 1, 1024);
@@ -414,6 +431,12 @@ int run(std::span<char*> args) {
   auto frame_timeout = opts->get_int("frame-timeout", 30000, 10, 3600 * 1000);
   if (!frame_timeout) return fail(frame_timeout.error());
   gcfg.limits.frame_timeout = *frame_timeout * kj::MILLISECONDS;
+  if (http_listen) {
+    keel::http_config hcfg;
+    hcfg.host = http_listen->first;
+    hcfg.port = http_listen->second;
+    gcfg.http = hcfg;
+  }
 
   // Block the stop signals before any thread starts, so that every thread inherits the mask
   // and only sigwait below receives them.
@@ -471,6 +494,7 @@ int run(std::span<char*> args) {
     });
   }
   keel::cli::log_line(program, "listening on " + (*gw)->address());
+  if (http_listen) keel::cli::log_line(program, "http on " + (*gw)->http_address());
   if (keys) {
     std::set<std::string> tenants;
     for (auto& k : keys->keys()) tenants.insert(k.tenant);

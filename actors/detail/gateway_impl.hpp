@@ -4,6 +4,7 @@
 // Gateway, connections, finding sessions; gateway_session.cpp: the Session server and the token
 // streams; gateway_forward.cpp: forwarding to the owner node). Only actors/ includes it.
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -19,6 +20,7 @@
 #include <caf/actor.hpp>
 
 #include "actors/gateway.hpp"
+#include "actors/metrics.hpp"
 #include "actors/session.hpp"
 #include "wire/bridge.hpp"
 #include "wire/convert.hpp"
@@ -69,6 +71,39 @@ inline void fill_info(const session_record& r, wire::SessionInfo::Builder out) {
   out.setOwner(r.owner);
 }
 
+/// The outcome a turn request refused with `kind` counts as.
+inline request_outcome outcome_of(wire::Error::Kind kind) {
+  switch (kind) {
+    case wire::Error::Kind::OVERLOADED:
+      return request_outcome::overloaded;
+    case wire::Error::Kind::DISCONNECTED:
+      return request_outcome::disconnected;
+    case wire::Error::Kind::FAILED:
+      return request_outcome::failed;
+    default:  // bad input, an unknown session, no key, unimplemented
+      return request_outcome::bad_request;
+  }
+}
+
+/// The outcome a turn that ended with `why` counts as.
+inline request_outcome outcome_of(finish_reason why) {
+  switch (why) {
+    case finish_reason::eos:
+      return request_outcome::eos;
+    case finish_reason::length:
+      return request_outcome::length;
+    case finish_reason::context:
+      return request_outcome::context;
+    case finish_reason::cancelled:
+      return request_outcome::cancelled;
+    case finish_reason::overloaded:
+      return request_outcome::overloaded;
+    case finish_reason::failed:
+      break;
+  }
+  return request_outcome::failed;
+}
+
 /// A Session capability for session `id` as seen by `key`'s tenant (gateway_session.cpp).
 wire::Session::Client session_client(gateway::impl& g, std::string id, const api_key* key);
 
@@ -92,6 +127,11 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
     const api_key* key = nullptr;  // the tenant charged for its tokens (null: the open port)
     int64_t next_index = 0;  // the first index the client has not been sent
     bool quiet = false;      // cut without telling the client (its call failed instead)
+    /// The stream of a new turn (send, chat), and when its request came: its outcome and its
+    /// first token are counted (node_metrics). Not for `resume`: the turn was counted already.
+    std::optional<std::chrono::steady_clock::time_point> requested;
+    bool first_sent = false;  // its first token went out
+    bool counted = false;     // its outcome was counted
     kj::Own<kj::PromiseFulfiller<void>> cut;
 
     explicit stream(wire::TokenSink::Client s) : sink(kj::mv(s)) {}
