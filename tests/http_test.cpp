@@ -30,6 +30,8 @@
 using namespace std::chrono_literals;
 using keel::test::bin;
 using keel::test::process;
+using keel::test::run;
+using keel::test::run_result;
 
 namespace {
 
@@ -68,23 +70,6 @@ struct node {
   }
   ~node() { proc.stop(10s); }
 };
-
-struct run_result {
-  int status = -1;
-  std::string out, err;
-};
-
-run_result run(std::vector<std::string> argv, std::chrono::milliseconds timeout = 30s) {
-  process p(std::move(argv));
-  run_result r;
-  auto st = p.wait(timeout);
-  BOOST_REQUIRE_MESSAGE(st.has_value(), "timed out: " + p.err());
-  r.status = *st;
-  p.wait_out([](const std::string&) { return false; }, 2s);  // until the output has ended
-  r.out = p.out();
-  r.err = p.err();
-  return r;
-}
 
 /// One HTTP exchange through curl: the status, the headers (lower-case names) and the body.
 struct http_reply {

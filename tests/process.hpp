@@ -183,4 +183,25 @@ class process {
   std::vector<std::thread> readers_;
 };
 
+/// What a binary run to its end left: its exit status and output.
+struct run_result {
+  int status = -1;
+  std::string out, err;
+};
+
+/// Runs a binary to its end (at most `timeout`, else throws naming its stderr), feeding `input`
+/// to its stdin when it is not empty.
+inline run_result run(std::vector<std::string> argv, const std::string& input = "",
+                      std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+  process p(std::move(argv), !input.empty());
+  if (!input.empty()) {
+    p.write_stdin(input);
+    p.close_stdin();
+  }
+  auto st = p.wait(timeout);
+  if (!st) throw std::runtime_error("timed out: " + p.err());
+  p.wait_out([](const std::string&) { return false; }, std::chrono::seconds(2));  // output ended
+  return run_result{*st, p.out(), p.err()};
+}
+
 }  // namespace keel::test

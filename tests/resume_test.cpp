@@ -16,22 +16,10 @@ namespace {
 
 using namespace std::chrono_literals;
 using keel::test::process;
+using keel::test::run;
+using keel::test::run_result;
 
 using keel::test::bin;
-
-struct run_result {
-  int status = -1;
-  std::string out, err;
-};
-
-/// Runs a binary to its end (at most `timeout`): its status and output.
-run_result run(std::vector<std::string> argv, std::chrono::milliseconds timeout = 30s) {
-  process p(std::move(argv));
-  auto st = p.wait(timeout);
-  BOOST_REQUIRE_MESSAGE(st.has_value(), "timed out: " + p.err());
-  p.wait_out([](const std::string&) { return false; }, 2s);  // until the output has ended
-  return {*st, p.out(), p.err()};
-}
 
 std::vector<int32_t> gen_ids(const std::string& out) {
   std::vector<int32_t> ids;

@@ -25,29 +25,12 @@ namespace {
 
 using namespace std::chrono_literals;
 using keel::test::process;
+using keel::test::run;
+using keel::test::run_result;
 
 const std::string key = "test-admin-key-1";
 
 using keel::test::bin;
-
-struct run_result {
-  int status = -1;
-  std::string out, err;
-};
-
-/// Runs a binary to its end (at most `timeout`), optionally feeding `input` to its stdin.
-run_result run(std::vector<std::string> argv, const std::string& input = "",
-               std::chrono::milliseconds timeout = 20s) {
-  process p(std::move(argv), !input.empty());
-  if (!input.empty()) {
-    p.write_stdin(input);
-    p.close_stdin();
-  }
-  auto st = p.wait(timeout);
-  BOOST_REQUIRE_MESSAGE(st.has_value(), "timed out: " + p.err());
-  p.wait_out([](const std::string&) { return false; }, 2s);  // until the output has ended
-  return run_result{*st, p.out(), p.err()};
-}
 
 std::string tiny_model() {
   static keel::test::temp_dir dir{"shell_test-" + std::to_string(getpid())};

@@ -24,27 +24,12 @@ namespace {
 using namespace std::chrono_literals;
 using keel::errc;
 using keel::test::process;
+using keel::test::run;
+using keel::test::run_result;
 using keel::wire::client;
 using keel::wire::finish_reason;
 
 using keel::test::bin;
-
-/// Runs a binary to its end (at most `timeout`): its status and output.
-struct run_result {
-  int status = -1;
-  std::string out, err;
-};
-run_result run(std::vector<std::string> argv, std::chrono::milliseconds timeout = 30s) {
-  process p(std::move(argv));
-  run_result r;
-  auto st = p.wait(timeout);
-  BOOST_REQUIRE_MESSAGE(st.has_value(), "timed out: " + p.err());
-  r.status = *st;
-  p.wait_out([](const std::string&) { return false; }, 2s);  // until the output has ended
-  r.out = p.out();
-  r.err = p.err();
-  return r;
-}
 
 /// The synthesized models every test uses, made once.
 struct models {
