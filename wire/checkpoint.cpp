@@ -113,16 +113,22 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
     c.owner = root.getOwner();
     c.tenant = root.getTenant();
     // A list of structs may claim far more elements than the bytes hold (a struct whose fields
-    // are all default takes no bytes, and Cap'n Proto charges such lists little against its
-    // traversal limit). Every turn and every message Keel writes takes at least one word, so
-    // more elements than words is corruption, refused before anything is allocated for them.
+    // are all default takes no bytes; Cap'n Proto only charges such lists against its 64 MiB
+    // traversal limit). Every turn and every message Keel writes takes at least one word of its
+    // own, so more of them, all lists together, than the input has words is corruption, refused
+    // before anything is allocated for them.
     const size_t word_count = bytes.size() / sizeof(capnp::word);
-    auto too_many = [&](size_t n, const char* what) {
+    size_t elements = 0;
+    auto over_budget = [&](size_t n) {
+      elements += n;
+      return elements > word_count;
+    };
+    auto refuse = [&](size_t n, const char* what) {
       return corrupt(" " + c.id + ": " + std::to_string(n) + " " + what + " in " +
                      std::to_string(word_count) + " words");
     };
     auto turns = root.getTurns();
-    if (turns.size() > word_count) return too_many(turns.size(), "turns");
+    if (over_budget(turns.size())) return refuse(turns.size(), "turns");
     for (unsigned i = 0; i < turns.size(); ++i) {
       auto in = turns[i];
       turn_checkpoint t;
@@ -144,7 +150,8 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
                        std::to_string(r));
       }
       t.reason = static_cast<finish_reason>(r);
-      if (in.getMessages().size() > word_count) return too_many(in.getMessages().size(), "messages");
+      if (over_budget(in.getMessages().size()))
+        return refuse(in.getMessages().size(), "messages");
       for (auto m : in.getMessages())
         t.messages.push_back({std::string(m.getRole()), std::string(m.getContent())});
       t.chat_template = in.getChatTemplate();
