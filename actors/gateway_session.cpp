@@ -251,6 +251,22 @@ namespace {
 /// One session, as seen by one client of its tenant (`key`, null on the open port: given only
 /// after the tenant was checked). Holds the id only; every call finds the session's current
 /// actor, so a capability survives the actor's restarts.
+/// After a send or chat took turn `turn`: replies with it and its prompt as the session
+/// recorded it (tokenized, or rendered from the messages and tokenized).
+void reply_recorded(caf::event_based_actor* self, const session_actor& sess,
+                    std::chrono::milliseconds timeout, uint64_t turn,
+                    const wire::kj_reply<caf::expected<sent_turn>>& reply) {
+  self->request(sess, timeout, get_atom::value)
+      .then(
+          [=](session_record& r) {
+            sent_turn out;
+            out.turn = turn;
+            if (turn < r.turns.size()) out.prompt = r.turns[turn].user;
+            reply(std::move(out));
+          },
+          [=](caf::error& e) { reply(std::move(e)); });
+}
+
 class session_server final : public wire::Session::Server {
  public:
   session_server(gw& g, std::string id, const api_key* key)
@@ -374,17 +390,7 @@ class session_server final : public wire::Session::Server {
                                         relay_actor, expect)
                               .then(
                                   [=](uint64_t turn) {
-                                    // The prompt as the session recorded it.
-                                    self->request(sess, timeout, get_atom::value)
-                                        .then(
-                                            [=](session_record& r2) {
-                                              sent_turn out;
-                                              out.turn = turn;
-                                              if (turn < r2.turns.size())
-                                                out.prompt = r2.turns[turn].user;
-                                              reply(std::move(out));
-                                            },
-                                            [=](caf::error& e) { reply(std::move(e)); });
+                                    reply_recorded(self, sess, timeout, turn, reply);
                                   },
                                   [=](caf::error& e) { reply(std::move(e)); });
                         },
@@ -444,16 +450,7 @@ class session_server final : public wire::Session::Server {
                               expect)
                     .then(
                         [=](uint64_t turn) {
-                          // The prompt as the session rendered and recorded it.
-                          self->request(sess, timeout, get_atom::value)
-                              .then(
-                                  [=](session_record& r) {
-                                    sent_turn out;
-                                    out.turn = turn;
-                                    if (turn < r.turns.size()) out.prompt = r.turns[turn].user;
-                                    reply(std::move(out));
-                                  },
-                                  [=](caf::error& e) { reply(std::move(e)); });
+                          reply_recorded(self, sess, timeout, turn, reply);
                         },
                         [=](caf::error& e) { reply(std::move(e)); });
               });

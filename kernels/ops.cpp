@@ -104,12 +104,19 @@ void qmatmul(const matrix_view& w, const detail::xgroup* x, int64_t nb, float* y
   detail::qmatmul_scalar(w, x, nb, y, ldy, r0, r1);
 }
 
-// The nb input rows quantised into the calling thread's scratch.
+// The nb input rows quantised into the calling thread's scratch (by all of `pool`'s threads
+// when given: a prefill chunk has many rows), for every row range to share.
 const detail::xgroup* quantize_inputs(const matrix_view& w, const float* x, int64_t ldx,
-                                      int64_t nb) {
+                                      int64_t nb, thread_pool* pool = nullptr) {
   const int64_t groups = detail::groups_of(w.cols);
   detail::xgroup* q = detail::input_scratch(groups * nb);
-  for (int64_t b = 0; b < nb; ++b) detail::quantize_input(x + b * ldx, w.cols, q + b * groups);
+  auto rows = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) detail::quantize_input(x + b * ldx, w.cols, q + b * groups);
+  };
+  if (pool)
+    pool->parallel_for(nb, [&](int64_t b0, int64_t b1) { rows(b0, b1); });
+  else
+    rows(0, nb);
   return q;
 }
 
@@ -234,7 +241,8 @@ float dot_f32(const float* a, const float* b, int64_t n) {
 void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float* y, int64_t ldy,
             int64_t r0, int64_t r1) {
   if (!dtype_supported(w.type)) die("matmul", w.type);
-  if (is_block_quantized(w.type)) return qmatmul(w, quantize_inputs(w, x, ldx, nb), nb, y, ldy, r0, r1);
+  if (is_block_quantized(w.type))
+    return qmatmul(w, quantize_inputs(w, x, ldx, nb), nb, y, ldy, r0, r1);
   switch (active_isa()) {
     case cpu_isa::avx512:
       return detail::avx512::matmul(w, x, ldx, nb, y, ldy, r0, r1);
@@ -251,13 +259,7 @@ void matmul(thread_pool& pool, const matrix_view& w, const float* x, int64_t ldx
             float* y, int64_t ldy) {
   // Multiples of 16 rows keep every part on the kernels' 4-row tiles.
   if (is_block_quantized(w.type)) {
-    if (!dtype_supported(w.type)) die("matmul", w.type);
-    // The inputs are rounded once, by all threads (a prefill chunk has many), then shared.
-    const int64_t groups = detail::groups_of(w.cols);
-    detail::xgroup* q = detail::input_scratch(groups * nb);
-    pool.parallel_for(nb, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) detail::quantize_input(x + b * ldx, w.cols, q + b * groups);
-    });
+    const detail::xgroup* q = quantize_inputs(w, x, ldx, nb, &pool);
     pool.parallel_for(
         w.rows, [&](int64_t r0, int64_t r1) { qmatmul(w, q, nb, y, ldy, r0, r1); }, 16);
     return;

@@ -779,14 +779,22 @@ void pack_k4_scales(const int* sc, const int* mn, uint8_t s[12]) {
   }
 }
 
-void encode(const float* x, const float* imp, block_q4_k& b) {
+// The codes of a Q4_K (nmax 15) or Q5_K (31) super-block: eight groups of 32 with 6-bit scales
+// and mins, which go into `d`, `dmin` and `scales` as both types lay them out.
+template <class Block>
+kmin_codes encode_k45(const float* x, const float* imp, int nmax, Block& b) {
   prepared p;
   prepare(x, imp, qk_k, p);
   kmin_codes c;
-  encode_kmin(p, 8, 32, 15, 63, c);
+  encode_kmin(p, 8, 32, nmax, 63, c);
   b.d = c.d;
   b.dmin = c.dmin;
   pack_k4_scales(c.sc, c.mn, b.scales);
+  return c;
+}
+
+void encode(const float* x, const float* imp, block_q4_k& b) {
+  const kmin_codes c = encode_k45(x, imp, 15, b);
   for (int chunk = 0; chunk < 4; ++chunk)
     for (int l = 0; l < 32; ++l)
       b.qs[32 * chunk + l] =
@@ -794,13 +802,7 @@ void encode(const float* x, const float* imp, block_q4_k& b) {
 }
 
 void encode(const float* x, const float* imp, block_q5_k& b) {
-  prepared p;
-  prepare(x, imp, qk_k, p);
-  kmin_codes c;
-  encode_kmin(p, 8, 32, 31, 63, c);
-  b.d = c.d;
-  b.dmin = c.dmin;
-  pack_k4_scales(c.sc, c.mn, b.scales);
+  const kmin_codes c = encode_k45(x, imp, 31, b);
   std::memset(b.qh, 0, sizeof b.qh);
   for (int chunk = 0; chunk < 4; ++chunk) {
     for (int l = 0; l < 32; ++l) {
