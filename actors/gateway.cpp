@@ -249,6 +249,10 @@ class gateway_server final : public wire::Gateway::Server {
 
 }  // namespace
 
+wire::Gateway::Client detail::gateway_client(gw& g, const api_key* key) {
+  return kj::heap<gateway_server>(g, key, false);
+}
+
 caf::expected<std::unique_ptr<gateway>> gateway::start(caf::actor_system& sys, node& n,
                                                        gateway_config cfg) {
   if (cfg.max_text_bytes / 8 + 1024 > cfg.traversal_limit_words) {

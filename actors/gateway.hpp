@@ -24,8 +24,11 @@ namespace keel {
 struct http_config {
   std::string host = "127.0.0.1";
   uint16_t port = 0;  // 0: an ephemeral port (see gateway::http_port)
-  /// A request whose body is longer gets 413 (no endpoint takes a body yet).
-  size_t max_body_bytes = 64 << 10;
+  /// A request whose body is longer gets 413: room for a turn's 1 MiB of text (max_text_bytes)
+  /// written as JSON.
+  size_t max_body_bytes = 4 << 20;
+  /// From the head's end to the body's end; a slower body ends its connection.
+  kj::Duration body_timeout = 30 * kj::SECONDS;
   /// From a connection's opening (or a request's first byte) to its whole header; a client
   /// slower than this is disconnected (kj-http's own bound: 128 KiB of header).
   kj::Duration header_timeout = 10 * kj::SECONDS;

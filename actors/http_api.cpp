@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/atoms.hpp"
+#include "actors/detail/http_openai.hpp"
 #include "wire/bridge.hpp"
 
 namespace keel {
@@ -241,19 +242,44 @@ class protocol_errors final : public kj::HttpServerErrorHandler {
 
 class http_service final : public kj::HttpService {
  public:
-  http_service(gw& g, const http_config& cfg, const kj::HttpHeaderTable& table)
-      : g_(g), cfg_(cfg), table_(table) {}
+  http_service(gw& g, const http_config& cfg, const kj::HttpHeaderTable& table,
+               const http_header_ids& ids)
+      : g_(g), cfg_(cfg), table_(table), ids_(ids) {}
 
-  kj::Promise<void> request(kj::HttpMethod method, kj::StringPtr url, const kj::HttpHeaders&,
-                            kj::AsyncInputStream& body, Response& response) override {
+  kj::Promise<void> request(kj::HttpMethod method, kj::StringPtr url,
+                            const kj::HttpHeaders& headers, kj::AsyncInputStream& body,
+                            Response& response) override {
     std::string path(url.cStr(), url.size());
     if (auto q = path.find('?'); q != std::string::npos) path.resize(q);
+    auto kind = path == "/v1/chat/completions" ? std::optional(openai::endpoint::chat)
+                : path == "/v1/completions"    ? std::optional(openai::endpoint::completion)
+                                               : std::nullopt;
+    // The endpoints that take no body take little of one.
+    auto limit = kind ? cfg_.max_body_bytes : std::min<size_t>(cfg_.max_body_bytes, 64 << 10);
     KJ_IF_MAYBE (length, body.tryGetLength()) {
-      if (*length > cfg_.max_body_bytes) return too_large(response);
+      if (*length > limit) return too_large(response, limit);
     }
-    return too_long(body, cfg_.max_body_bytes)
-        .then([this, method, path, &response](bool big) -> kj::Promise<void> {
-          if (big) return too_large(response);
+    if (kind) {
+      if (method != kj::HttpMethod::POST) {
+        return error(response, 405, "Method Not Allowed",
+                     path + " takes POST, not " + kj::str(method).cStr(), "method_not_allowed",
+                     "POST");
+      }
+      return authenticate(headers).then(
+          [this, kind, &headers, &body, &response](auth a) -> kj::Promise<void> {
+            if (!a.refusal.message.empty()) return send_error(response, table_, a.refusal);
+            return read_body(body).then([this, kind, key = a.key, &headers, &response](
+                                            kj::Maybe<std::string> text) -> kj::Promise<void> {
+              KJ_IF_MAYBE (t, text) {
+                return serve_openai(g_, table_, ids_, key, *kind, headers, kj::mv(*t), response);
+              }
+              return too_large(response, cfg_.max_body_bytes);
+            });
+          });
+    }
+    return too_long(body, limit)
+        .then([this, method, path, limit, &response](bool big) -> kj::Promise<void> {
+          if (big) return too_large(response, limit);
           return route(method, path, response);
         });
   }
@@ -293,16 +319,71 @@ class http_service final : public kj::HttpService {
     return list.dump() + "\n";
   }
 
-  kj::Promise<void> too_large(Response& response) {
+  kj::Promise<void> too_large(Response& response, size_t limit) {
     return error(response, 413, "Payload Too Large",
-                 "the request body is over " + std::to_string(cfg_.max_body_bytes) + " bytes",
+                 "the request body is over " + std::to_string(limit) + " bytes",
                  "request_too_large");
   }
 
   kj::Promise<void> error(Response& response, unsigned status, const char* text,
-                          const std::string& message, const char* code) {
+                          const std::string& message, const char* code,
+                          const char* allow = "GET") {
     return reply(response, status, text, "application/json", error_body(message, code),
-                 status == 405 ? "GET" : nullptr);
+                 status == 405 ? allow : nullptr);
+  }
+
+  /// Whose request this is: with API keys (keel-node --keys), the key of "Authorization: Bearer
+  /// KEY", or a 401 refusal (a wrong key answered after the same pause as on the Cap'n Proto
+  /// port); without keys, the open port's one tenant.
+  struct auth {
+    const api_key* key = nullptr;
+    http_error refusal;  // its message is empty when the request may go on
+  };
+
+  kj::Promise<auth> authenticate(const kj::HttpHeaders& headers) {
+    if (!g_.cfg.keys) return auth{};
+    std::string given;
+    KJ_IF_MAYBE (h, headers.get(ids_.authorization)) given = std::string(h->cStr(), h->size());
+    constexpr std::string_view bearer = "Bearer ";
+    if (given.rfind(bearer, 0) != 0) {
+      return auth{nullptr, {401, "no API key: send \"Authorization: Bearer KEY\"", "missing_api_key"}};
+    }
+    if (g_.refusals.saturated()) {
+      return auth{nullptr, {429, "too many wrong API keys lately on keel-node " +
+                                     g_.nd.config().name + "; try again in a few seconds",
+                            "rate_limit_exceeded", 1}};
+    }
+    const api_key* key = g_.cfg.keys->find(std::string_view(given).substr(bearer.size()));
+    if (key != nullptr) return auth{key, {}};
+    g_.log("http: refused a request with a wrong API key");
+    return g_.refusals.delay().then(
+        [] { return auth{nullptr, {401, "API key refused", "invalid_api_key"}}; });
+  }
+
+  /// The whole body, or nothing when it is longer than the limit; a body slower than
+  /// `body_timeout` ends the request (kj-http then closes the connection).
+  kj::Promise<kj::Maybe<std::string>> read_body(kj::AsyncInputStream& in) {
+    auto text = kj::heap<std::string>();
+    auto reading = read_more(in, *text).then([&t = *text](bool big) -> kj::Maybe<std::string> {
+      if (big) return nullptr;
+      return kj::mv(t);
+    });
+    return reading.attach(kj::mv(text))
+        .exclusiveJoin(g_.timer.afterDelay(cfg_.body_timeout).then([]() -> kj::Maybe<std::string> {
+          kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "the request body came too slowly"));
+        }));
+  }
+
+  /// Appends `in` to `text` to its end: true once it is over the limit (the rest left unread).
+  kj::Promise<bool> read_more(kj::AsyncInputStream& in, std::string& text) {
+    auto at = text.size();
+    text.resize(at + 16384);
+    return in.tryRead(text.data() + at, 1, 16384).then([this, &in, &text, at](size_t n) -> kj::Promise<bool> {
+      text.resize(at + n);
+      if (n == 0) return false;
+      if (text.size() > cfg_.max_body_bytes) return true;
+      return read_more(in, text);
+    });
   }
 
   kj::Promise<void> reply(Response& response, unsigned status, const char* text, const char* type,
@@ -313,13 +394,18 @@ class http_service final : public kj::HttpService {
   gw& g_;
   const http_config& cfg_;
   const kj::HttpHeaderTable& table_;
+  const http_header_ids& ids_;
 };
 
 /// What one HTTP port holds on the KJ thread, in construction order (its connections last, so
 /// that they go first).
 struct http_port : kj::TaskSet::ErrorHandler {
   gw& g;
-  kj::HttpHeaderTable table;
+  kj::HttpHeaderTable::Builder headers;
+  http_header_ids ids{headers.add("Authorization"), headers.add("Last-Event-ID"),
+                      headers.add("Keel-Session")};
+  kj::Own<kj::HttpHeaderTable> owned_table = headers.build();
+  kj::HttpHeaderTable& table = *owned_table;
   http_service service;
   protocol_errors errors{table};
   kj::HttpServer server;
@@ -328,7 +414,7 @@ struct http_port : kj::TaskSet::ErrorHandler {
 
   http_port(gw& gate, const http_config& cfg, kj::Own<kj::ConnectionReceiver> l)
       : g(gate),
-        service(gate, cfg, table),
+        service(gate, cfg, table, ids),
         server(gate.timer, table, service, settings(cfg)),
         listener(kj::mv(l)) {}
 

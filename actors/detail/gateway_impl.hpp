@@ -107,6 +107,10 @@ inline request_outcome outcome_of(finish_reason why) {
 /// A Session capability for session `id` as seen by `key`'s tenant (gateway_session.cpp).
 wire::Session::Client session_client(gateway::impl& g, std::string id, const api_key* key);
 
+/// The Gateway of `key`'s tenant (null: the open port's one tenant), logged in already: what
+/// the HTTP port serves through, a local capability on the gateway's thread (gateway.cpp).
+wire::Gateway::Client gateway_client(gateway::impl& g, const api_key* key);
+
 }  // namespace detail
 
 using namespace detail;
