@@ -189,8 +189,8 @@ class turn_run final : public kj::Refcounted {
   kj::Promise<void> on_token(uint64_t attempt, uint64_t index, int32_t id, std::string_view piece) {
     if (attempt != attempt_ || attempt_over_) return kj::READY_NOW;
     if (index < received_) return kj::READY_NOW;  // had already (a resume starts earlier)
-    if (index > received_) {
-      end_attempt({outcome::how::broken, finish_reason::failed,
+    if (index > received_) {  // a bug somewhere: resuming would only meet it again
+      end_attempt({outcome::how::done, finish_reason::failed,
                    make_error(errc::failed, "token " + std::to_string(index) + " came before " +
                                                 std::to_string(received_))});
       return kj::READY_NOW;

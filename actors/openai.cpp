@@ -368,9 +368,9 @@ std::string text_stream::release(std::string text) {
 
 std::string text_stream::finish() {
   if (stopped_) return {};
-  auto out = utf8_sanitize(pending_bytes_) ;
+  // What waits is the start of one character the text ended in: one U+FFFD for it.
+  auto out = held_ + (pending_bytes_.empty() ? "" : "\xef\xbf\xbd");
   pending_bytes_.clear();
-  out = held_ + out;
   held_.clear();
   return out;
 }
