@@ -153,10 +153,15 @@ kj::Promise<void> gateway::impl::send_token(stream& s, const stream_event& e) {
   ev.setPiece(kj::arrayPtr(reinterpret_cast<const capnp::byte*>(e.piece.data()), e.piece.size()));
   s.next_index = e.index + 1;
   if (s.key) usage.charge(*s.key, 1);
-  if (s.requested && !s.first_sent) {
+  if (s.requested) {
+    auto now = std::chrono::steady_clock::now();
+    auto& m = *nd.context()->metrics;
+    if (!s.first_sent)
+      m.time_to_first_token.observe(now - *s.requested);
+    else
+      m.inter_token.observe(now - s.last_sent);
     s.first_sent = true;
-    nd.context()->metrics->time_to_first_token.observe(std::chrono::steady_clock::now() -
-                                                       *s.requested);
+    s.last_sent = now;
   }
   // A `-> stream` call resolves when the flow-control window has room: a client that does
   // not drain its stream holds this promise, and the deadline cuts it off.

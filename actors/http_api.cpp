@@ -129,6 +129,12 @@ std::string render_metrics(node& n, const batcher_stats* stats) {
   x.histogram("keel_time_to_first_token_seconds",
               "From a turn request reaching the gateway to its first token leaving it.",
               m.time_to_first_token);
+  x.histogram("keel_inter_token_seconds",
+              "Between two tokens of a new turn's stream leaving the gateway.", m.inter_token);
+  x.histogram("keel_acknowledgement_seconds",
+              "From a new turn or a turn's end submitted to its group to a majority's "
+              "acknowledgement.",
+              m.acknowledgement);
 
   uint64_t owned = 0;
   for (const auto& r : n.sessions()) owned += r.owner.empty() || r.owner == cfg.name ? 1 : 0;
@@ -156,8 +162,8 @@ std::string render_metrics(node& n, const batcher_stats* stats) {
     x.sample("keel_running_sequences", static_cast<uint64_t>(std::max(stats->running, 0)));
     auto total = static_cast<uint64_t>(std::max(cfg.batching.kv_pages, 0));
     auto free = static_cast<uint64_t>(std::max(stats->free_pages, 0));
-    x.family("keel_kv_pages_total", "gauge", "KV-cache pages of each shard.");
-    x.sample("keel_kv_pages_total", total);
+    x.family("keel_kv_pages_capacity", "gauge", "KV-cache pages of each shard.");
+    x.sample("keel_kv_pages_capacity", total);
     x.family("keel_kv_pages_used", "gauge", "KV-cache pages of each shard in use.");
     x.sample("keel_kv_pages_used", total > free ? total - free : 0);
   }

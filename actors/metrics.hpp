@@ -70,6 +70,11 @@ struct node_metrics {
   std::atomic<uint64_t> takeovers{0};
   /// From a turn's request reaching the gateway to its first token leaving it.
   latency_histogram time_to_first_token;
+  /// Between two tokens of a new turn's stream leaving the gateway.
+  latency_histogram inter_token;
+  /// From a new turn or a turn's end submitted to the session's group to a majority's
+  /// acknowledgement (nodes with peers).
+  latency_histogram acknowledgement;
 
   void count(request_outcome x) {
     requests[static_cast<size_t>(x)].fetch_add(1, std::memory_order_relaxed);

@@ -135,6 +135,9 @@ child_spec node::ownership_spec() {
   };
   hc.lost = [this](const std::string& id) { lost(id); };
   hc.log = log;
+  hc.acknowledged = [m = ctx_->metrics](std::chrono::nanoseconds d) {
+    m->acknowledgement.observe(d);
+  };
   child_spec host;
   host.id = "host";
   host.start = [hc, part = own_](caf::actor_system& sys, const std::string&,

@@ -53,6 +53,7 @@ template <class T>
 struct waiter {
   caf::typed_response_promise<T> promise;
   int64_t deadline = 0;
+  int64_t asked = 0;  // by the host's clock
 };
 
 struct host_state;
@@ -84,6 +85,12 @@ struct host_state {
 
   int64_t deadline() const {
     return cfg.clock() + std::chrono::duration_cast<std::chrono::nanoseconds>(cfg.ack_timeout).count();
+  }
+
+  template <class T>
+  waiter<T> wait_for(caf::typed_response_promise<T> rp) const {
+    auto now = cfg.clock();
+    return {std::move(rp), now + std::chrono::duration_cast<std::chrono::nanoseconds>(cfg.ack_timeout).count(), now};
   }
 
   void log(const std::string& line) const {
@@ -268,7 +275,11 @@ void host_env::lost(const std::string& session) {
 void host_env::durable(const std::string& session, uint64_t turn, bool finished) {
   auto i = st_.acks.find({session, turn, finished});
   if (i == st_.acks.end()) return;
-  for (auto& w : i->second) w.promise.deliver(true);
+  auto now = st_.cfg.clock();
+  for (auto& w : i->second) {
+    if (st_.cfg.acknowledged) st_.cfg.acknowledged(std::chrono::nanoseconds(now - w.asked));
+    w.promise.deliver(true);
+  }
   st_.acks.erase(i);
 }
 
@@ -301,7 +312,7 @@ ownership_actor::behavior_type host_behavior(host_pointer self, ownership_host_c
         } else if (st.engine->may_serve(session)) {
           rp.deliver(*st.engine->data(session));
         } else {
-          st.opens[session].push_back({rp, st.deadline()});
+          st.opens[session].push_back(st.wait_for(rp));
         }
         st.settle();
         return rp;
@@ -312,7 +323,7 @@ ownership_actor::behavior_type host_behavior(host_pointer self, ownership_host_c
         auto rp = self->make_response_promise<bool>();
         // Registered first: the engine fires `durable` from inside submit_turn when it can.
         auto& ws = st.acks[{session, turn, false}];
-        ws.push_back({rp, st.deadline()});
+        ws.push_back(st.wait_for(rp));
         auto r = st.engine->submit_turn(session, turn, user);
         if (r != refusal::none) {
           auto i = st.acks.find({session, turn, false});
@@ -340,7 +351,7 @@ ownership_actor::behavior_type host_behavior(host_pointer self, ownership_host_c
           rp.deliver(st.refused(refusal::not_owner, session));
           return rp;
         }
-        st.acks[{session, turn, true}].push_back({rp, st.deadline()});
+        st.acks[{session, turn, true}].push_back(st.wait_for(rp));
         st.engine->append_tokens(session, turn, 0, tokens);
         st.engine->finish_turn(session, turn, end);
         st.settle();

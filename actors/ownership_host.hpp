@@ -131,6 +131,9 @@ struct ownership_host_config {
   /// turn sent again under its number is idempotent).
   std::chrono::milliseconds ack_timeout{2000};
   std::function<void(const std::string&)> log;
+  /// A new turn or a turn's end was acknowledged by a majority this long after it was asked
+  /// (GET /metrics); called on the host actor.
+  std::function<void(std::chrono::nanoseconds)> acknowledged;
 };
 
 /// Spawns the host, detached (its synced store writes block its own thread, no CAF worker's).

@@ -135,6 +135,7 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
     /// first token are counted (node_metrics). Not for `resume`: the turn was counted already.
     std::optional<std::chrono::steady_clock::time_point> requested;
     bool first_sent = false;  // its first token went out
+    std::chrono::steady_clock::time_point last_sent;  // when its last token went out
     bool counted = false;     // its outcome was counted
     kj::Own<kj::PromiseFulfiller<void>> cut;
 
