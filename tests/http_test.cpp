@@ -372,7 +372,8 @@ BOOST_AUTO_TEST_CASE(metrics_are_valid_exposition_and_count_a_generate) {
        {"keel_requests_total", "keel_prompt_tokens_total", "keel_generated_tokens_total",
         "keel_time_to_first_token_seconds", "keel_sessions_owned", "keel_takeovers_total",
         "keel_supervision_restarts_total", "keel_queue_length", "keel_kv_pages_capacity",
-        "keel_kv_pages_used", "keel_ready"})
+        "keel_kv_pages_used", "keel_ready", "keel_inter_token_seconds",
+        "keel_acknowledgement_seconds"})
     BOOST_TEST(x0.type.count(family) == 1u, family);
   BOOST_TEST(x0.get("keel_requests_total", {{"outcome", "length"}}) == 0);
   BOOST_TEST(x0.get("keel_generated_tokens_total") == 0);
@@ -397,6 +398,10 @@ BOOST_AUTO_TEST_CASE(metrics_are_valid_exposition_and_count_a_generate) {
   BOOST_TEST(x1.get("keel_generated_tokens_total") <= 12);
   BOOST_TEST(x1.get("keel_time_to_first_token_seconds_count") == 1);
   BOOST_TEST(x1.get("keel_time_to_first_token_seconds_sum") > 0);
+  // One interval between each two tokens of the stream; no peers, nothing acknowledged.
+  BOOST_TEST(x1.get("keel_inter_token_seconds_count") ==
+             x1.get("keel_generated_tokens_total") - 1);
+  BOOST_TEST(x1.get("keel_acknowledgement_seconds_count") == 0);
   BOOST_TEST(x1.get("keel_sessions_owned") == 1);
   // The session's id is never on the HTTP port.
   auto id_at = g.err.find("s-");

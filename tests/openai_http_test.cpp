@@ -451,6 +451,11 @@ BOOST_AUTO_TEST_CASE(a_stream_goes_on_with_last_event_id_on_another_node_after_i
   trio t;
   auto [seed, reference] = long_reply(long_chat, t.http("c"));
   auto req = long_chat(seed);
+  // c's group acknowledged the turns it served (GET /metrics).
+  auto metrics = curl(t.nodes["c"]->url("/metrics")).body;
+  auto at = metrics.find("\nkeel_acknowledgement_seconds_count ");
+  BOOST_REQUIRE(at != std::string::npos);
+  BOOST_TEST(std::stod(metrics.substr(metrics.find(' ', at) + 1)) > 0);
 
   // The client reaches a (which opens the session and owns it); a is killed after 40 events;
   // the client reconnects to b with Last-Event-ID.
