@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(build-essential cmake pkgconf libcaf-dev capnproto libcapnp-dev librocksdb-dev
       libboost-test-dev libicu-dev libedit-dev libssl-dev openssl ccache ninja-build
-      nlohmann-json3-dev)
+      nlohmann-json3-dev curl python3 prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
