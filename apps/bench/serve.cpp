@@ -24,6 +24,11 @@
 #include <string>
 #include <thread>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/event_based_actor.hpp>
@@ -36,6 +41,8 @@
 #include "kernels/model.hpp"
 #include "kernels/ops.hpp"
 #include "wire/client.hpp"
+
+#include <nlohmann/json.hpp>
 
 #include "apps/bench/common.hpp"
 #include "apps/bench/process.hpp"
@@ -58,6 +65,9 @@ constexpr option serve_spec[] = {
     {"kv-bytes", "B",
      "KV budget of the node started here and of the in-process node (default 256M, keel-node's "
      "default)"},
+    {"http", "HOST:PORT",
+     "with --connect: the node's HTTP port (--http-listen), to measure the OpenAI-style API too "
+     "(the node started here always has one)"},
     {"clients", "N", "concurrent clients (default: 1, 4 and 16 in turn)"},
     {"turns", "N", "turns of each client's session, one after another (default 4)"},
     {"tokens", "N", "max tokens of each turn (default 64)"},
@@ -106,6 +116,131 @@ class wire_runner final : public turn_runner {
 
   std::unique_ptr<keel::wire::client> client_;
   std::string session_;
+};
+
+/// A session over the HTTP port: POST /v1/completions with "stream": true on one kept-alive
+/// HTTP/1.1 connection (a blocking socket, as a simple HTTP client has), the first turn opening
+/// the session and the next ones continuing it with Keel-Session. Tokens are counted from the
+/// answer's usage; each event's arrival is timestamped (an event is one token, or a few when a
+/// character spans tokens), and ids are not known over HTTP: they are left -1.
+class http_runner final : public turn_runner {
+ public:
+  static caf::expected<std::unique_ptr<turn_runner>> open(const std::string& endpoint,
+                                                          uint64_t seed) {
+    auto colon = endpoint.rfind(':');
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(std::stoi(endpoint.substr(colon + 1))));
+    if (colon == std::string::npos || fd < 0 ||
+        ::inet_pton(AF_INET, endpoint.substr(0, colon).c_str(), &a.sin_addr) != 1 ||
+        ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+      if (fd >= 0) ::close(fd);
+      return keel::make_error(keel::errc::disconnected,
+                              "serve: no HTTP port at " + endpoint + ": " + std::strerror(errno));
+    }
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    return std::unique_ptr<turn_runner>(new http_runner(fd, seed));
+  }
+
+  ~http_runner() override { ::close(fd_); }
+
+  caf::error run_turn(const std::string& text, int32_t max_tokens, std::vector<int32_t>& ids,
+                      std::vector<clock_type::time_point>& times) override {
+    auto p = bench_params(seed_);
+    nlohmann::json body = {{"prompt", text},
+                           {"max_tokens", max_tokens},
+                           {"temperature", p.temperature},
+                           {"top_k", p.top_k},
+                           {"seed", p.seed},
+                           {"stream", true},
+                           {"stream_options", {{"include_usage", true}}}};
+    auto b = body.dump();
+    std::string req = "POST /v1/completions HTTP/1.1\r\nHost: keel\r\nContent-Type: "
+                      "application/json\r\nContent-Length: " +
+                      std::to_string(b.size()) + "\r\n";
+    if (!session_.empty()) req += "Keel-Session: " + session_ + "\r\n";
+    req += "\r\n" + b;
+    if (::send(fd_, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size()))
+      return keel::make_error(keel::errc::disconnected, "serve: HTTP send failed");
+    // The head.
+    std::string head;
+    if (!read_until("\r\n\r\n", head)) return broken("the answer's head");
+    if (head.rfind("HTTP/1.1 200", 0) != 0)
+      return keel::make_error(keel::errc::failed, "serve: HTTP answered " + head.substr(0, 200));
+    if (auto at = head.find("Keel-Session: "); at != std::string::npos)
+      session_ = head.substr(at + 14, head.find("\r\n", at) - at - 14);
+    // The chunked body, as server-sent events.
+    std::string events;
+    int64_t tokens = -1;
+    for (;;) {
+      std::string size_line;
+      if (!read_until("\r\n", size_line)) return broken("a chunk's size");
+      auto size = std::stoul(size_line, nullptr, 16);
+      std::string chunk;
+      if (!read_exactly(size + 2, chunk)) return broken("a chunk");
+      if (size == 0) break;
+      events.append(chunk, 0, size);
+      for (auto end = events.find("\n\n"); end != std::string::npos; end = events.find("\n\n")) {
+        auto ev = events.substr(0, end);
+        events.erase(0, end + 2);
+        auto data = ev.find("data: ");
+        if (data == std::string::npos) continue;
+        auto json = ev.substr(data + 6);
+        if (json == "[DONE]") continue;
+        auto j = nlohmann::json::parse(json, nullptr, false);
+        if (j.is_discarded() || j.contains("error"))
+          return keel::make_error(keel::errc::failed, "serve: HTTP event " + json.substr(0, 200));
+        if (j.contains("usage") && j["usage"].is_object())
+          tokens = j["usage"]["completion_tokens"].get<int64_t>();
+        if (!j["choices"].empty() && !j["choices"][0]["text"].get<std::string>().empty())
+          times.push_back(clock_type::now());
+      }
+    }
+    if (tokens < 0) return keel::make_error(keel::errc::failed, "serve: no usage in the answer");
+    ids.insert(ids.end(), static_cast<size_t>(tokens), -1);
+    return {};
+  }
+
+ private:
+  http_runner(int fd, uint64_t seed) : fd_(fd), seed_(seed) {}
+
+  caf::error broken(const char* what) {
+    return keel::make_error(keel::errc::disconnected,
+                            std::string("serve: the HTTP connection ended in ") + what);
+  }
+
+  bool fill() {
+    char tmp[16384];
+    auto n = ::recv(fd_, tmp, sizeof tmp, 0);
+    if (n <= 0) return false;
+    buf_.append(tmp, static_cast<size_t>(n));
+    return true;
+  }
+
+  /// Takes what comes before `sep` (and `sep`) from the connection into `out` (without `sep`).
+  bool read_until(const char* sep, std::string& out) {
+    for (size_t at; (at = buf_.find(sep)) == std::string::npos;)
+      if (!fill()) return false;
+    auto at = buf_.find(sep);
+    out = buf_.substr(0, at);
+    buf_.erase(0, at + std::strlen(sep));
+    return true;
+  }
+
+  bool read_exactly(size_t n, std::string& out) {
+    while (buf_.size() < n)
+      if (!fill()) return false;
+    out = buf_.substr(0, n);
+    buf_.erase(0, n);
+    return true;
+  }
+
+  int fd_;
+  uint64_t seed_;
+  std::string session_;
+  std::string buf_;
 };
 
 /// What the sink of an in-process session saw of the current turn.
@@ -395,6 +530,7 @@ int serve_command(std::span<char*> args) {
   // The node over the wire: --connect, or a child keel-node with the in-process node's settings.
   std::unique_ptr<keel::bench::process> child;
   std::string endpoint = opts->get("connect");
+  std::string http_endpoint = opts->get("http");
   std::string child_command;
   if (!opts->has("connect")) {
     auto exe = std::filesystem::read_symlink("/proc/self/exe").parent_path() / "keel-node";
@@ -406,7 +542,9 @@ int serve_command(std::span<char*> args) {
                                      "--threads",
                                      std::to_string(*threads),
                                      "--kv-bytes",
-                                     std::to_string(*kv_bytes)};
+                                     std::to_string(*kv_bytes),
+                                     "--http-listen",
+                                     "127.0.0.1:0"};
     child_command = "keel-node";
     for (size_t k = 1; k < argv.size(); ++k) child_command += " " + argv[k];
     std::cerr << "keel-bench: starting " << exe.string() << child_command.substr(9) << "\n";
@@ -416,6 +554,9 @@ int serve_command(std::span<char*> args) {
     auto address = child->wait_line("keel-node: listening on ", std::chrono::seconds(120));
     if (!address) return fail(address.error());
     endpoint = *address;
+    auto http = child->wait_line("keel-node: http on ", std::chrono::seconds(30));
+    if (!http) return fail(http.error());
+    http_endpoint = *http;
   }
   keel::wire::node_info info;
   {
@@ -448,11 +589,13 @@ int serve_command(std::span<char*> args) {
     nd = std::move(*n);
   }
 
-  std::vector<serve_summary> local(sizes.size()), wire(sizes.size());
+  std::vector<serve_summary> local(sizes.size()), wire(sizes.size()), http(sizes.size());
   // Per client count: wire minus in-process TTFT of the same client's same turn in the same
   // run, a comparison that the machine's drift between runs does not blur.
   std::vector<std::vector<double>> ttft_added(sizes.size());
-  bool same_tokens = true;
+  // The same, HTTP minus Cap'n Proto.
+  std::vector<std::vector<double>> http_ttft_added(sizes.size());
+  bool same_tokens = true, same_counts = true;
   std::mutex open_mu;  // node::open_session from one client thread at a time
   for (size_t si = 0; si < sizes.size(); ++si) {
     const int32_t n = sizes[si];
@@ -484,6 +627,22 @@ int serve_command(std::span<char*> args) {
         auto& a = local_ttft[i];
         auto& b = f->ttft_by_client[i];
         for (size_t k = 0; k < a.size() && k < b.size(); ++k) ttft_added[si].push_back(b[k] - a[k]);
+      }
+      if (http_endpoint.empty()) continue;
+      std::cerr << "keel-bench: serve, " << n << " clients, run " << rep + 1 << " of " << *reps
+                << ": over HTTP (" << http_endpoint << ")\n";
+      auto h = run_clients(
+          n, static_cast<int32_t>(*turns), static_cast<int32_t>(*max_tokens),
+          [&](int32_t i) { return http_runner::open(http_endpoint, static_cast<uint64_t>(i)); });
+      if (!h) return fail(h.error());
+      http[si].add(*h);
+      for (size_t i = 0; i < h->transcripts.size() && i < f->transcripts.size(); ++i)
+        same_counts = same_counts && h->transcripts[i].size() == f->transcripts[i].size();
+      for (size_t i = 0; i < f->ttft_by_client.size() && i < h->ttft_by_client.size(); ++i) {
+        auto& a = f->ttft_by_client[i];
+        auto& b = h->ttft_by_client[i];
+        for (size_t k = 0; k < a.size() && k < b.size(); ++k)
+          http_ttft_added[si].push_back(b[k] - a[k]);
       }
     }
   }
@@ -597,6 +756,7 @@ int serve_command(std::span<char*> args) {
   for (size_t si = 0; si < sizes.size(); ++si) {
     if (local[si].ran) row(sizes[si], "in process", local[si]);
     row(sizes[si], "wire", wire[si]);
+    if (http[si].ran) row(sizes[si], "http", http[si]);
   }
   r << "\n";
   if (model) {
@@ -624,7 +784,31 @@ int serve_command(std::span<char*> args) {
       r << buf;
     }
     r << "\nWire tokens equal the in-process tokens (every client, every run): "
-      << (same_tokens ? "yes" : "no") << "\n";
+      << (same_tokens ? "yes" : "no") << "\n\n";
+  }
+  if (!http_endpoint.empty()) {
+    r << "## HTTP's cost\n\n";
+    r << "- The OpenAI-style API (POST /v1/completions, server-sent events, one kept-alive "
+         "connection per client, the session continued with Keel-Session) at "
+      << http_endpoint
+      << ". Its inter-token figures are between events: an event is one token, or a few when a "
+         "character spans tokens. TTFT added: HTTP's p50 minus Cap'n Proto's, and paired (the "
+         "same client's same turn in the same run)\n\n";
+    r << "| clients | tokens/s against in process (target within 5%) | TTFT p50 added to Cap'n "
+         "Proto's (target < 2 ms) | TTFT added, paired median |\n|---|---|---|---|\n";
+    for (size_t si = 0; si < sizes.size(); ++si) {
+      double base = local[si].tps > 0 ? local[si].tps : wire[si].tps;
+      double lost = base > 0 ? 100.0 * (1.0 - http[si].tps / base) : 0.0;
+      double ttft = percentile(http[si].ttft_ms, 0.5) - percentile(wire[si].ttft_ms, 0.5);
+      double paired = percentile(http_ttft_added[si], 0.5);
+      std::snprintf(buf, sizeof buf, "| %d | %.1f%% lost%s (%s) | %.2f ms (%s) | %.2f ms (%s, %zu pairs) |\n",
+                    sizes[si], lost, local[si].tps > 0 ? "" : " (against the wire: no --model)",
+                    lost < 5.0 ? "met" : "missed", ttft, ttft < 2.0 ? "met" : "missed",
+                    paired, paired < 2.0 ? "met" : "missed", http_ttft_added[si].size());
+      r << buf;
+    }
+    r << "\nHTTP turns generated as many tokens as the Cap'n Proto turns (every client, every run): "
+      << (same_counts ? "yes" : "no") << "\n";
   }
   return publish(r.str(), opts->get("out"));
 }
