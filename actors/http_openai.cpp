@@ -195,6 +195,7 @@ class turn_run final : public kj::Refcounted {
                                                 std::to_string(received_))});
       return kj::READY_NOW;
     }
+    last_event_ = clock::now();
     ids_.push_back(id);
     ++received_;
     unsent_ += text_.add(piece);
@@ -210,6 +211,7 @@ class turn_run final : public kj::Refcounted {
 
   void on_done(uint64_t attempt, finish_reason reason, caf::error err) {
     if (attempt != attempt_ || attempt_over_) return;
+    last_event_ = clock::now();
     if (err && code_of(err) == errc::disconnected) {  // moved to another node: not the turn's end
       end_attempt({outcome::how::broken, reason, std::move(err)});
       return;
@@ -360,8 +362,38 @@ class turn_run final : public kj::Refcounted {
     return wait_attempt();
   }
 
+  /// Ends the current attempt as broken when its session stops answering: after `quiet` without
+  /// an event, `info` is asked (a turn waiting for admission is silent but its session answers);
+  /// no answer within `quiet` either (the owner hangs, or its connection does without closing)
+  /// breaks the attempt, which the caller then resumes. Never resolves otherwise.
+  kj::Promise<void> watch(uint64_t attempt) {
+    auto quiet = g_.cfg.call_timeout;
+    auto since = clock::now() - last_event_;
+    if (since < quiet) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(quiet - since).count() + 1;
+      return g_.timer.afterDelay(left * kj::MILLISECONDS).then([this, attempt] {
+        return watch(attempt);
+      });
+    }
+    auto asked = sess_.infoRequest().send().then([](auto&&) { return true; },
+                                                 [](kj::Exception&&) { return false; });
+    auto timed = g_.timer.afterDelay(quiet.count() * kj::MILLISECONDS).then([] { return false; });
+    return asked.exclusiveJoin(kj::mv(timed)).then([this, attempt](bool answered) -> kj::Promise<void> {
+      if (attempt != attempt_ || attempt_over_) return kj::NEVER_DONE;
+      if (!answered) {
+        end_attempt({outcome::how::broken, finish_reason::failed,
+                     make_error(errc::disconnected, "session " + session_ + " did not answer")});
+        return kj::NEVER_DONE;
+      }
+      last_event_ = clock::now();
+      return watch(attempt);
+    });
+  }
+
   kj::Promise<void> wait_attempt() {
-    return attempt_end_.addBranch().then([this](outcome o) -> kj::Promise<void> {
+    last_event_ = clock::now();
+    auto watched = watch(attempt_).then([]() -> outcome { return {}; });
+    return attempt_end_.addBranch().exclusiveJoin(kj::mv(watched)).then([this](outcome o) -> kj::Promise<void> {
       if (closed_ || o.how == outcome::how::gone) return kj::READY_NOW;
       if (o.how != outcome::how::broken) return finish(o);
       // Broken: once what was written has gone out (a client too slow to take it is gone),
@@ -539,6 +571,7 @@ class turn_run final : public kj::Refcounted {
 
   uint64_t attempt_ = 0;
   bool attempt_over_ = true;
+  clock::time_point last_event_ = clock::now();  // of the current attempt (watch)
   kj::Own<kj::PromiseFulfiller<outcome>> attempt_done_;
   kj::ForkedPromise<outcome> attempt_end_ = kj::Promise<outcome>(outcome{}).fork();
 

@@ -504,3 +504,33 @@ BOOST_AUTO_TEST_CASE(a_stream_through_a_node_whose_owner_dies_goes_on_without_a_
   BOOST_TEST(cut.result["text"] == reference.result["text"]);
   BOOST_TEST(strictly_growing(id_tokens(cut.result["ids"])));
 }
+
+BOOST_AUTO_TEST_CASE(a_stream_through_a_node_whose_owner_hangs_goes_on_from_the_next_owner) {
+  trio t;
+  // As above, but a stops (SIGSTOP) instead of dying: its connections stay open and silent.
+  // b notices the silence (no token, and no answer to `info`, for its call timeout), and resumes
+  // the turn from whichever node took the session over.
+  auto first = [](uint64_t seed) {
+    auto j = chat("Hello", 2, seed);
+    j["model"] = "slow.gguf";
+    return j;
+  };
+  auto open_on = [&](const std::string& name, uint64_t seed) {
+    auto r = post("http://" + t.http(name) + "/v1/chat/completions", first(seed).dump());
+    BOOST_REQUIRE_MESSAGE(r.status == 200, r.body);
+    return r;
+  };
+  std::map<uint64_t, http_reply> ref_open;
+  auto [seed, reference] = long_reply(long_chat, t.http("c"), [&](uint64_t s) {
+    ref_open[s] = open_on("c", s);
+    return std::vector<std::string>{"--session", ref_open[s].headers["keel-session"]};
+  });
+  auto opened = open_on("a", seed);
+  auto cut = sse(t.http("b"), long_chat(seed), {"--session", opened.headers["keel-session"]},
+                 [&](size_t) { t.nodes["a"]->proc->signal(SIGSTOP); }, 40);
+  t.nodes["a"]->proc->signal(SIGCONT);
+  BOOST_REQUIRE_MESSAGE(cut.result["done"] == true, cut.result.dump());
+  BOOST_TEST(cut.result["reconnects"] == 0);
+  BOOST_TEST(cut.result["text"] == reference.result["text"]);
+  BOOST_TEST(strictly_growing(id_tokens(cut.result["ids"])));
+}
