@@ -138,6 +138,9 @@ std::string render_metrics(node& n, const batcher_stats* stats) {
 
   uint64_t owned = 0;
   for (const auto& r : n.sessions()) owned += r.owner.empty() || r.owner == cfg.name ? 1 : 0;
+  x.family("keel_sessions_replicated", "gauge",
+           "Sessions whose copy this node keeps for another owner (a member of their group).");
+  x.sample("keel_sessions_replicated", m.sessions_replicated.load());
   x.family("keel_sessions_owned", "gauge", "Sessions this node serves now.");
   x.sample("keel_sessions_owned", owned);
 

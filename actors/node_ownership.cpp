@@ -138,6 +138,9 @@ child_spec node::ownership_spec() {
   hc.acknowledged = [m = ctx_->metrics](std::chrono::nanoseconds d) {
     m->acknowledgement.observe(d);
   };
+  hc.copies = [m = ctx_->metrics](size_t n) {
+    m->sessions_replicated.store(n, std::memory_order_relaxed);
+  };
   child_spec host;
   host.id = "host";
   host.start = [hc, part = own_](caf::actor_system& sys, const std::string&,

@@ -565,6 +565,12 @@ int64_t ownership::serve_until(const std::string& session) {
   return until[need - 1];
 }
 
+size_t ownership::copies_for_others() const {
+  size_t n = stored_.size();
+  for (auto& [id, o] : owned_) n -= stored_.count(id);
+  return n;
+}
+
 std::vector<std::string> ownership::owned_sessions() const {
   std::vector<std::string> out;
   for (auto& [s, o] : owned_) out.push_back(s);

@@ -284,6 +284,8 @@ class ownership {
   bool owns(const std::string& session) const { return owned_.count(session) > 0; }
   /// The sessions this node owns (serving or taking over), ordered.
   std::vector<std::string> owned_sessions() const;
+  /// How many sessions this node stores a copy of for another owner (a member of their group).
+  size_t copies_for_others() const;
   /// The owner's data (null when not owned here).
   const session_data* data(const std::string& session) const;
   /// This node's stored copy of `session` (null when none).

@@ -106,6 +106,7 @@ struct host_state {
     std::sort(owned.begin(), owned.end());
     owned.erase(std::unique(owned.begin(), owned.end()), owned.end());
     for (auto& s : owned) board.set(s, engine->serve_until(s));
+    if (cfg.copies) cfg.copies(engine->copies_for_others());
     auto now = cfg.clock();
     // A new session or turn the group did not store in time: this node gives the session up
     // (below), so that what the node serves never differs from what the group holds. The engine

@@ -134,6 +134,9 @@ struct ownership_host_config {
   /// A new turn or a turn's end was acknowledged by a majority this long after it was asked
   /// (GET /metrics); called on the host actor.
   std::function<void(std::chrono::nanoseconds)> acknowledged;
+  /// The sessions this node keeps a copy of for other owners, after every change (GET /metrics);
+  /// called on the host actor.
+  std::function<void(size_t)> copies;
 };
 
 /// Spawns the host, detached (its synced store writes block its own thread, no CAF worker's).

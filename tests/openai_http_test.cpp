@@ -165,6 +165,14 @@ bool strictly_growing(const std::vector<uint64_t>& v) {
   return true;
 }
 
+/// The value of an unlabelled sample `name` at the metrics endpoint `url`.
+double metric(const std::string& url, const std::string& name) {
+  auto text = "\n" + curl(url).body;
+  auto at = text.find("\n" + name + " ");
+  BOOST_REQUIRE_MESSAGE(at != std::string::npos, "no sample " << name << " in " << text);
+  return std::stod(text.substr(at + name.size() + 2));
+}
+
 json chat(const std::string& content, int max_tokens, uint64_t seed) {
   return {{"model", "model.gguf"},
           {"messages", json::array({{{"role", "user"}, {"content", content}}})},
@@ -451,11 +459,10 @@ BOOST_AUTO_TEST_CASE(a_stream_goes_on_with_last_event_id_on_another_node_after_i
   trio t;
   auto [seed, reference] = long_reply(long_chat, t.http("c"));
   auto req = long_chat(seed);
-  // c's group acknowledged the turns it served (GET /metrics).
-  auto metrics = curl(t.nodes["c"]->url("/metrics")).body;
-  auto at = metrics.find("\nkeel_acknowledgement_seconds_count ");
-  BOOST_REQUIRE(at != std::string::npos);
-  BOOST_TEST(std::stod(metrics.substr(metrics.find(' ', at) + 1)) > 0);
+  // c's group acknowledged the turns it served, and b keeps copies of c's sessions (GET /metrics).
+  BOOST_TEST(metric(t.nodes["c"]->url("/metrics"), "keel_acknowledgement_seconds_count") > 0);
+  BOOST_TEST(metric(t.nodes["b"]->url("/metrics"), "keel_sessions_replicated") > 0);
+  BOOST_TEST(metric(t.nodes["c"]->url("/metrics"), "keel_sessions_owned") > 0);
 
   // The client reaches a (which opens the session and owns it); a is killed after 40 events;
   // the client reconnects to b with Last-Event-ID.
