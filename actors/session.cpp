@@ -14,6 +14,22 @@
 
 namespace keel {
 
+std::vector<int32_t> fed_tokens(const std::vector<turn_record>& turns, size_t upto, bool with_input,
+                                const std::function<size_t(const std::vector<int32_t>&)>& fed_reply) {
+  std::vector<int32_t> out;
+  for (size_t k = 0; k <= upto && k < turns.size(); ++k) {
+    if (k == upto && !with_input) break;
+    const auto& t = turns[k];
+    if (t.keep >= 0 && static_cast<size_t>(t.keep) < out.size())
+      out.resize(static_cast<size_t>(t.keep));
+    out.insert(out.end(), t.user.begin(), t.user.end());
+    if (k == upto) break;
+    auto n = std::min(fed_reply(t.generated), t.generated.size());
+    out.insert(out.end(), t.generated.begin(), t.generated.begin() + static_cast<ptrdiff_t>(n));
+  }
+  return out;
+}
+
 namespace {
 
 struct session_state {
@@ -50,6 +66,16 @@ void check_fault(self_ptr self) {
   auto& st = self->state;
   if (st.ctx->faults->take_session_crash(st.rec.id))
     throw std::runtime_error("injected fault: session " + st.rec.id + " crashed");
+}
+
+/// How much of a reply the turns after it are fed: a chat turn's reply without its end token
+/// (the next turn's rendering closes it), a text turn's all of it.
+std::function<size_t(const std::vector<int32_t>&)> replies_fed(self_ptr self) {
+  auto& st = self->state;
+  const bool chat = !st.rec.turns.empty() && !st.rec.turns.front().messages.empty();
+  return [chat, tok = st.ctx->tok](const std::vector<int32_t>& reply) {
+    return chat ? chat_fed_reply(*tok, reply) : reply.size();
+  };
 }
 
 turn_record* running_turn(session_state& st) {
@@ -90,15 +116,8 @@ void submit(self_ptr self) {
   job.seq = seq_of(st.rec, t->turn);
   job.session = caf::actor_cast<sequence_sink_actor>(self);
   job.session_id = st.rec.id;
-  const bool chat = !st.rec.turns.front().messages.empty();
-  for (auto& past : st.rec.turns) {
-    job.tokens.insert(job.tokens.end(), past.user.begin(), past.user.end());
-    if (&past == t) continue;
-    // A chat turn's reply is fed without its end token: the next turn's rendering closes it.
-    auto fed = chat ? chat_fed_reply(*st.ctx->tok, past.generated) : past.generated.size();
-    job.tokens.insert(job.tokens.end(), past.generated.begin(),
-                      past.generated.begin() + static_cast<ptrdiff_t>(fed));
-  }
+  job.tokens = fed_tokens(st.rec.turns, static_cast<size_t>(t - st.rec.turns.data()), true,
+                          replies_fed(self));
   job.generated = t->generated;
   job.params = st.rec.params;
   job.priority = st.rec.priority;
@@ -551,12 +570,9 @@ caf::result<uint64_t> chat_turn(self_ptr self, std::vector<turn_message> message
   auto tmpl = session_template(self);
   if (!tmpl) return std::move(tmpl.error());
   std::vector<chat_exchange> past;
-  size_t have = 0;
-  for (auto& t : st.rec.turns) {
-    past.push_back({t.messages, t.generated});
-    have += t.user.size() + chat_fed_reply(*st.ctx->tok, t.generated);
-  }
-  auto prompt = next_chat_turn(**tmpl, *st.ctx->tok, past, messages);
+  for (auto& t : st.rec.turns) past.push_back({t.messages, t.generated});
+  auto fed = fed_tokens(st.rec.turns, st.rec.turns.size(), false, replies_fed(self));
+  auto prompt = next_chat_turn(**tmpl, *st.ctx->tok, past, messages, fed);
   if (!prompt)
     return make_error(code_of(prompt.error()),
                       "session " + st.rec.id + ": " + message_of(prompt.error()));
@@ -564,6 +580,7 @@ caf::result<uint64_t> chat_turn(self_ptr self, std::vector<turn_message> message
     return make_error(errc::bad_request, "session " + st.rec.id +
                                              ": the chat template renders the turn as nothing");
   const auto ctx_len = static_cast<size_t>(st.ctx->llm->config().ctx_len);
+  const size_t have = prompt->keep >= 0 ? static_cast<size_t>(prompt->keep) : fed.size();
   if (have + prompt->tokens.size() >= ctx_len)
     return make_error(errc::bad_request, "the prompt has " + std::to_string(prompt->tokens.size()) +
                                              " tokens and the conversation " +
@@ -573,6 +590,7 @@ caf::result<uint64_t> chat_turn(self_ptr self, std::vector<turn_message> message
   t.turn = st.rec.turns.size();
   t.user = std::move(prompt->tokens);
   t.messages = std::move(messages);
+  t.keep = prompt->keep;
   if (t.turn == 0) t.chat_template = st.template_text;
   t.max_tokens = max_tokens;
   t.sink = std::move(sink);

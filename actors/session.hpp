@@ -39,7 +39,17 @@ struct turn_record {
   /// On a chat session's first turn: the template its turns render with (stored and
   /// replicated with the turn, so that another node renders the next turn identically).
   std::string chat_template;
+  /// A chat turn under a template that rewrites earlier turns (docs/engine.md, "Chat turns"):
+  /// how many tokens of what the model was fed before this turn stay; the rest are dropped and
+  /// `user` follows them. -1: all of them (every other turn).
+  int64_t keep = -1;
 };
+
+/// The tokens the model is fed before turn `upto` of `turns` (every earlier turn's input and
+/// reply, less what a later turn dropped with `keep`), then that turn's own input when `with_input`.
+/// `fed_reply` says how much of a reply later turns see (a chat reply's end token is not fed).
+std::vector<int32_t> fed_tokens(const std::vector<turn_record>& turns, size_t upto, bool with_input,
+                                const std::function<size_t(const std::vector<int32_t>&)>& fed_reply);
 
 /// What a session is: enough to rebuild its actor after a crash.
 struct session_record {

@@ -20,7 +20,7 @@ std::string turn_input(const turn_record& t) {
   c.id = "turn";
   c.number = t.turn;
   c.turns.push_back(
-      {0, t.user, t.max_tokens, false, finish_reason::length, t.messages, t.chat_template});
+      {0, t.user, t.max_tokens, false, finish_reason::length, t.messages, t.chat_template, t.keep});
   return wire::encode(c);
 }
 
@@ -61,6 +61,7 @@ caf::expected<session_record> record_of(const std::string& id, const session_dat
     t.max_tokens = in->turns[0].max_tokens;
     t.messages = std::move(in->turns[0].messages);
     t.chat_template = std::move(in->turns[0].chat_template);
+    t.keep = in->turns[0].keep;
     t.generated = e.tokens;
     t.done = e.done;
     if (e.done) {

@@ -213,7 +213,7 @@ wire::session_checkpoint to_checkpoint(const session_record& r) {
   c.tenant = r.tenant;
   for (auto& t : r.turns)
     c.turns.push_back(
-        {t.turn, t.user, t.max_tokens, t.done, t.reason, t.messages, t.chat_template});
+        {t.turn, t.user, t.max_tokens, t.done, t.reason, t.messages, t.chat_template, t.keep});
   return c;
 }
 
@@ -236,6 +236,7 @@ session_record from_checkpoint(wire::session_checkpoint c,
     x.reason = t.reason;
     x.messages = std::move(t.messages);
     x.chat_template = std::move(t.chat_template);
+    x.keep = t.keep;
     if (auto i = logs.find(t.turn); i != logs.end()) x.generated = i->second;
     r.turns.push_back(std::move(x));
   }

@@ -160,7 +160,8 @@ size_t chat_fed_reply(const tokenizer& tok, std::span<const int32_t> reply) {
 
 caf::expected<chat_turn_prompt> next_chat_turn(const chat_template& tmpl, const tokenizer& tok,
                                                std::span<const chat_exchange> past,
-                                               std::span<const turn_message> next) {
+                                               std::span<const turn_message> next,
+                                               std::span<const int32_t> fed_tokens) {
   const auto& v = tok.vocabulary();
   const auto bos = special_token_text(v, v.bos);
   const auto eos = special_token_text(v, v.eos);
@@ -191,18 +192,10 @@ caf::expected<chat_turn_prompt> next_chat_turn(const chat_template& tmpl, const 
   if (auto err = add(next, past.size())) return err;
   auto whole = render();
   if (!whole) return whole.error();
-  if (!std::string_view(*whole).starts_with(fed)) {
-    size_t at = 0;
-    while (at < fed.size() && at < whole->size() && fed[at] == (*whole)[at]) ++at;
-    return make_error(errc::bad_request,
-                      "the chat template renders the conversation so far differently from what "
-                      "the model was fed: at byte " +
-                          std::to_string(at) + " it renders " + excerpt(*whole, at) +
-                          " where the model was fed " + excerpt(fed, at) +
-                          "; a chat turn feeds only what the rendering adds after what was fed, "
-                          "so this conversation cannot go on with chat messages under this "
-                          "template");
-  }
+  // The template rewrote what was fed (Qwen3's drops earlier replies' reasoning): the turn
+  // feeds the whole rendering from where its tokens part from the fed ones.
+  const bool rewritten = !std::string_view(*whole).starts_with(fed);
+  if (rewritten) fed.clear();
   chat_turn_prompt out;
   std::vector<size_t> literal_at;  // in `out.text`: where a message's special text begins
   std::string_view rest = std::string_view(*whole).substr(fed.size());
@@ -220,8 +213,17 @@ caf::expected<chat_turn_prompt> next_chat_turn(const chat_template& tmpl, const 
   std::sort(literal_at.begin(), literal_at.end());
   literal_at.erase(std::unique(literal_at.begin(), literal_at.end()), literal_at.end());
   out.tokens = tok.encode(out.text, false, special_tokens::on, literal_at);
-  if (past.empty() && v.add_bos && v.bos >= 0 && (out.tokens.empty() || out.tokens[0] != v.bos))
+  if ((past.empty() || rewritten) && v.add_bos && v.bos >= 0 &&
+      (out.tokens.empty() || out.tokens[0] != v.bos))
     out.tokens.insert(out.tokens.begin(), v.bos);
+  if (rewritten) {
+    size_t keep = 0;
+    while (keep < fed_tokens.size() && keep < out.tokens.size() &&
+           fed_tokens[keep] == out.tokens[keep])
+      ++keep;
+    out.keep = static_cast<int64_t>(keep);
+    out.tokens.erase(out.tokens.begin(), out.tokens.begin() + static_cast<ptrdiff_t>(keep));
+  }
   return out;
 }
 

@@ -61,12 +61,17 @@ struct chat_exchange {
 
 /// What a new chat turn feeds the model.
 struct chat_turn_prompt {
-  /// The text the rendering of the whole conversation adds after what was already fed.
+  /// The text the rendering of the whole conversation adds after what was already fed (the
+  /// whole rendering when the template rewrote what was fed: `keep`).
   std::string text;
   /// `text` encoded with special-token parsing on for the template's own text only: the text
   /// of the messages stays text, so that a message cannot forge a control token. On the first
   /// turn BOS comes first when the vocabulary adds one and the rendering did not put it there.
   std::vector<int32_t> tokens;
+  /// -1: `tokens` follow everything fed so far. Otherwise the template rewrote earlier turns:
+  /// the first `keep` fed tokens stay (where the whole rendering's tokens agree with them),
+  /// the rest are dropped, and `tokens` are the rendering's tokens after them.
+  int64_t keep = -1;
 };
 
 /// The prompt of chat turn `past.size()` of a session whose earlier turns are `past`, sending
@@ -76,12 +81,15 @@ struct chat_turn_prompt {
 /// as `keel template` renders it. What was fed so far is the same rendering of the
 /// conversation up to the last past turn's messages, then that turn's reply: the new turn
 /// feeds what the whole rendering adds after it. When the rendering
-/// does not begin with what was fed (a template that rewrites earlier turns, such as one that
-/// trims replies), the turn is refused (`bad_request`, naming the byte where they part): the
-/// model cannot be fed the rewritten history without feeding it again. Template errors keep
-/// their class and place; a message holding U+FDD0 (which Keel reserves) is `bad_request`.
+/// does not begin with what was fed (a template that rewrites earlier turns: Qwen3's drops the
+/// reasoning of earlier replies, one that trims replies), the whole rendering is encoded as a
+/// first turn's and compared with `fed_tokens` (the tokens the model was fed so far): the turn
+/// keeps the fed tokens up to the first that differs and feeds the rest (`keep`), as llama.cpp
+/// reuses its cache up to the first difference. Template errors keep their class and place; a
+/// message holding U+FDD0 (which Keel reserves) is `bad_request`.
 caf::expected<chat_turn_prompt> next_chat_turn(const chat_template& tmpl, const tokenizer& tok,
                                                std::span<const chat_exchange> past,
-                                               std::span<const turn_message> next);
+                                               std::span<const turn_message> next,
+                                               std::span<const int32_t> fed_tokens);
 
 }  // namespace keel

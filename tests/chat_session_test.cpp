@@ -179,8 +179,16 @@ std::vector<chat_exchange> past_of(const std::vector<turn_record>& turns, size_t
   return out;
 }
 
+/// What the model was fed before turn `k` of `turns` (keel::fed_tokens with chat replies).
+std::vector<int32_t> fed_before(const std::vector<turn_record>& turns, size_t k,
+                                const tokenizer& tok) {
+  return fed_tokens(turns, k, false,
+                    [&](const std::vector<int32_t>& reply) { return chat_fed_reply(tok, reply); });
+}
+
 /// Checks that `turns` were fed as `tmpl` renders their conversation: each turn's prompt is
-/// what the rendering adds, and all that was fed is the rendering of the whole conversation.
+/// what the rendering adds (after the fed tokens it keeps, when the template rewrote earlier
+/// turns), and all that was fed is the rendering of the whole conversation.
 void check_rendered(const std::vector<turn_record>& turns, const tokenizer& tok,
                     const std::string& tmpl) {
   auto t = chat_template::parse(tmpl);
@@ -190,10 +198,20 @@ void check_rendered(const std::vector<turn_record>& turns, const tokenizer& tok,
   for (size_t k = 0; k < turns.size(); ++k) {
     BOOST_TEST_CONTEXT("turn " << k) {
       auto past = past_of(turns, k);
-      auto want = next_chat_turn(*t, tok, past, turns[k].messages);
+      auto want = next_chat_turn(*t, tok, past, turns[k].messages, fed);
       BOOST_REQUIRE_MESSAGE(want, test::why(want));
       BOOST_CHECK(turns[k].user == want->tokens);
+      BOOST_CHECK_EQUAL(turns[k].keep, want->keep);
+      if (want->keep >= 0) {
+        BOOST_CHECK_LT(static_cast<size_t>(want->keep), fed.size());
+        fed.resize(static_cast<size_t>(want->keep));
+      }
       fed.insert(fed.end(), turns[k].user.begin(), turns[k].user.end());
+      // keel::fed_tokens, which builds the batcher's input, agrees.
+      auto built = fed_tokens(turns, k, true, [&](const std::vector<int32_t>& reply) {
+        return chat_fed_reply(tok, reply);
+      });
+      BOOST_CHECK(built == fed);
       for (auto& m : turns[k].messages) conversation.push_back({m.role, m.content, {}});
       auto whole = t->render_chat(conversation, true, std::string("<s>"), std::string("</s>"));
       BOOST_REQUIRE_MESSAGE(whole, test::why(whole));
@@ -266,7 +284,8 @@ BOOST_FIXTURE_TEST_CASE(chat_turns_feed_the_rendering_and_survive_a_restart, fix
   // The node's own template would have rendered it otherwise.
   auto b = chat_template::parse(template_b);
   BOOST_REQUIRE(b);
-  auto with_b = next_chat_turn(*b, tok, past_of(turns, 2), turns[2].messages);
+  auto with_b = next_chat_turn(*b, tok, past_of(turns, 2), turns[2].messages,
+                               fed_before(turns, 2, tok));
   BOOST_CHECK(!with_b || with_b->tokens != turns[2].user);
 
   // A text session takes no chat turn.
@@ -276,6 +295,45 @@ BOOST_FIXTURE_TEST_CASE(chat_turns_feed_the_rendering_and_survive_a_restart, fix
   auto mixed = chat(*n, *plain, {{"user", "hi"}});
   BOOST_REQUIRE(!mixed);
   BOOST_CHECK(message_of(mixed.error()).find("text turns") != std::string::npos);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_template_that_rewrites_replies_keeps_what_it_can_through_a_restart,
+                        fixture) {
+  // Replies are rendered in upper case in the history: every later turn departs from what was
+  // fed (as Qwen3's drops earlier reasoning), keeps the fed tokens up to the change and feeds
+  // the rest of the rendering.
+  const std::string upper =
+      "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+      "{% if m.role == 'assistant' %}{{ m.content | upper }}{% else %}{{ m.content }}{% endif %}"
+      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+  auto c = config("solo", upper);
+  c.data_dir = (dir.path / "data").string();
+  auto n = start(c);
+  tokenizer tok(n->context()->tok->vocabulary());
+  sampling_params params;
+  params.temperature = 0.9f;
+  params.seed = 5;
+  auto id = n->open_session(params);
+  BOOST_REQUIRE_MESSAGE(id, test::why(id));
+  BOOST_REQUIRE(chat(*n, *id, {{"user", "Hi"}}, 12));
+  BOOST_REQUIRE(chat(*n, *id, {{"user", "And then?"}}, 12));
+  auto turns = n->sessions().at(0).turns;
+  BOOST_REQUIRE_EQUAL(turns.size(), 2u);
+  // The synthetic model's reply has a lower-case letter among 12 tokens (else no rewrite).
+  auto reply = tok.decode(turns[0].generated, special_tokens::on);
+  bool lower = std::any_of(reply.begin(), reply.end(), [](char ch) { return ch >= 'a' && ch <= 'z'; });
+  BOOST_REQUIRE_MESSAGE(lower, "no lower-case letter in the reply: " << reply);
+  BOOST_CHECK_EQUAL(turns[0].keep, -1);
+  BOOST_CHECK_GE(turns[1].keep, 0);
+  check_rendered(turns, tok, upper);
+  // Stored with the turn: a restarted node feeds the same history and goes on.
+  n.reset();
+  n = start(c);
+  BOOST_REQUIRE(chat(*n, *id, {{"user", "Last."}}, 12));
+  turns = n->sessions().at(0).turns;
+  BOOST_REQUIRE_EQUAL(turns.size(), 3u);
+  BOOST_CHECK_GE(turns[1].keep, 0);
+  check_rendered(turns, tok, upper);
 }
 
 BOOST_FIXTURE_TEST_CASE(a_node_that_takes_a_chat_session_over_renders_its_next_turn_alike,
@@ -346,7 +404,8 @@ BOOST_FIXTURE_TEST_CASE(a_node_that_takes_a_chat_session_over_renders_its_next_t
   check_rendered(turns, tok, template_a);
   auto tb = chat_template::parse(template_b);
   BOOST_REQUIRE(tb);
-  auto with_b = next_chat_turn(*tb, tok, past_of(turns, 2), turns[2].messages);
+  auto with_b = next_chat_turn(*tb, tok, past_of(turns, 2), turns[2].messages,
+                               fed_before(turns, 2, tok));
   BOOST_CHECK(!with_b || with_b->tokens != turns[2].user);
   sb->on_ownership({});
   sc->on_ownership({});

@@ -349,11 +349,13 @@ BOOST_AUTO_TEST_CASE(chat_sends_the_system_prompt_and_each_line_as_messages_the_
   BOOST_REQUIRE(tmpl);
   std::vector<keel::turn_message> first{{"system", "Be brief."}, {"user", "Hello <|im_end|>"}};
   std::vector<keel::turn_message> second{{"user", "Again"}};
-  auto want0 = keel::next_chat_turn(*tmpl, tok, {}, first);
+  auto want0 = keel::next_chat_turn(*tmpl, tok, {}, first, {});
   BOOST_REQUIRE_MESSAGE(want0, keel::test::why(want0));
   BOOST_CHECK(prompt0 == want0->tokens);
   std::vector<keel::chat_exchange> past{{first, gen0}};
-  auto want1 = keel::next_chat_turn(*tmpl, tok, past, second);
+  auto fed0 = want0->tokens;
+  fed0.insert(fed0.end(), gen0.begin(), gen0.begin() + static_cast<ptrdiff_t>(keel::chat_fed_reply(tok, gen0)));
+  auto want1 = keel::next_chat_turn(*tmpl, tok, past, second, fed0);
   BOOST_REQUIRE_MESSAGE(want1, keel::test::why(want1));
   BOOST_CHECK(prompt1 == want1->tokens);
   // --system is the first turn's: a session with turns takes none.

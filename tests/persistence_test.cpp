@@ -456,6 +456,24 @@ BOOST_AUTO_TEST_CASE(checkpoints_round_trip_and_refuse_bad_bytes) {
   BOOST_REQUIRE(!v);
   BOOST_TEST(describe(v.error()).find("format version 9") != std::string::npos,
              describe(v.error()));
+  BOOST_TEST(static_cast<uint8_t>(bytes[16]) == 1);  // nothing kept: version 1, as before
+
+  // A chat turn that keeps part of what was fed is written as version 2 and read back.
+  wire::session_checkpoint k;
+  k.id = "s-8@node";
+  k.turns.push_back({0, {1, 5}, 4, true, finish_reason::eos, {{"user", "a"}}, "tmpl", -1});
+  k.turns.push_back({1, {7}, 4, false, finish_reason::length, {{"user", "b"}}, {}, 3});
+  auto kept = wire::encode(k);
+  BOOST_TEST(static_cast<uint8_t>(kept[16]) == 2);
+  auto back = wire::decode(kept);
+  BOOST_REQUIRE_MESSAGE(back, test::why(back));
+  BOOST_TEST(back->turns[0].keep == -1);
+  BOOST_TEST(back->turns[1].keep == 3);
+  // A text turn cannot keep: the record is damaged.
+  k.turns[1].messages.clear();
+  auto bad = wire::decode(wire::encode(k));
+  BOOST_REQUIRE(!bad);
+  BOOST_TEST(describe(bad.error()).find("keeps 3 tokens") != std::string::npos, describe(bad.error()));
 }
 
 BOOST_AUTO_TEST_CASE(a_checkpoint_claiming_more_elements_than_bytes_is_refused_without_allocating) {

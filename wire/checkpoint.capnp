@@ -43,6 +43,10 @@ struct SessionCheckpoint {
     # On the first turn of a chat session: the chat template every turn of the session renders
     # with, so that any node that takes the session over renders its next turn identically.
     chatTemplate @6 :Text;
+    # A chat turn whose template rewrites earlier turns (Qwen3's drops the reasoning of earlier
+    # replies): how many tokens of what was fed before it stay, `user` following them; -1: all.
+    # A record with one is format version 2.
+    keep @7 :Int64 = -1;
   }
 
   struct Message {

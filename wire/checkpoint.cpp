@@ -41,7 +41,9 @@ caf::error corrupt(const std::string& what) {
 std::string encode(const session_checkpoint& c) {
   capnp::MallocMessageBuilder msg;
   auto root = msg.initRoot<SessionCheckpoint>();
-  root.setFormatVersion(checkpoint_format_version);
+  bool keeps = false;
+  for (auto& t : c.turns) keeps = keeps || t.keep >= 0;
+  root.setFormatVersion(keeps ? checkpoint_format_version_keep : checkpoint_format_version);
   root.setId(c.id);
   root.setNumber(c.number);
   auto p = root.initParams();
@@ -74,6 +76,7 @@ std::string encode(const session_checkpoint& c) {
       }
     }
     if (!t.chat_template.empty()) out.setChatTemplate(t.chat_template);
+    out.setKeep(t.keep);
   }
   auto words = capnp::messageToFlatArray(msg);
   auto bytes = words.asBytes();
@@ -92,9 +95,11 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
   try {
     capnp::FlatArrayMessageReader msg(words);
     auto root = msg.getRoot<SessionCheckpoint>();
-    if (root.getFormatVersion() != checkpoint_format_version) {
+    if (root.getFormatVersion() != checkpoint_format_version &&
+        root.getFormatVersion() != checkpoint_format_version_keep) {
       return corrupt(": format version " + std::to_string(root.getFormatVersion()) +
-                     ", this build reads version " + std::to_string(checkpoint_format_version));
+                     ", this build reads versions " + std::to_string(checkpoint_format_version) +
+                     " and " + std::to_string(checkpoint_format_version_keep));
     }
     c.id = root.getId();
     if (c.id.empty()) return corrupt(": empty session id");
@@ -158,6 +163,11 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
       if (!t.chat_template.empty() && t.messages.empty()) {
         return corrupt(" " + c.id + ": turn " + std::to_string(i) +
                        " has a chat template but no messages");
+      }
+      t.keep = in.getKeep();
+      if (t.keep < -1 || (t.keep >= 0 && t.messages.empty())) {
+        return corrupt(" " + c.id + ": turn " + std::to_string(i) + " keeps " +
+                       std::to_string(t.keep) + " tokens (only a chat turn keeps some)");
       }
       c.turns.push_back(std::move(t));
     }

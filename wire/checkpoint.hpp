@@ -26,6 +26,9 @@ struct turn_checkpoint {
   finish_reason reason = finish_reason::length;
   std::vector<turn_message> messages;  // a chat turn's messages; empty: a text turn
   std::string chat_template;           // on a chat session's first turn: its template's text
+  /// A chat turn under a template that rewrites earlier turns: how many of the tokens fed
+  /// before it stay (the rest are dropped, and `user` follows them); -1: all of them.
+  int64_t keep = -1;
 };
 
 /// A session as stored: what a restarted node needs, besides the turn logs, to rebuild it.
@@ -42,8 +45,11 @@ struct session_checkpoint {
   std::string tenant;
 };
 
-/// The checkpoint format version this build writes and reads.
+/// The checkpoint format version this build writes: 1, or 2 for a record with a turn that keeps
+/// part of what was fed (`turn_checkpoint::keep`), so that a build that reads only version 1
+/// refuses it rather than feed such a turn wrongly. It reads both.
 inline constexpr uint16_t checkpoint_format_version = 1;
+inline constexpr uint16_t checkpoint_format_version_keep = 2;
 
 /// A checkpoint.capnp message (unpacked, flat).
 std::string encode(const session_checkpoint& c);
