@@ -110,8 +110,10 @@ const detail::xgroup* quantize_inputs(const matrix_view& w, const float* x, int6
                                       int64_t nb, thread_pool* pool = nullptr) {
   const int64_t groups = detail::groups_of(w.cols);
   detail::xgroup* q = detail::input_scratch(groups * nb);
+  const int span = detail::input_span(w.type);
   auto rows = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) detail::quantize_input(x + b * ldx, w.cols, q + b * groups);
+    for (int64_t b = b0; b < b1; ++b)
+      detail::quantize_input(x + b * ldx, w.cols, span, q + b * groups);
   };
   if (pool)
     pool->parallel_for(nb, [&](int64_t b0, int64_t b1) { rows(b0, b1); });
@@ -204,7 +206,7 @@ float dot_row(const matrix_view& w, int64_t r, const float* x) {
     const int64_t groups = detail::groups_of(w.cols);
     std::vector<detail::xgroup> xq(static_cast<size_t>(groups));
     std::vector<detail::kgroup> wq(static_cast<size_t>(groups));
-    detail::quantize_input(x, w.cols, xq.data());
+    detail::quantize_input(x, w.cols, detail::input_span(w.type), xq.data());
     detail::decode_row(w, r, wq.data());
     return detail::qdot(wq.data(), xq.data(), groups, detail::props_of(w.type));
   }

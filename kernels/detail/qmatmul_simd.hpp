@@ -51,13 +51,16 @@ inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
 
 // How a type's integer factors look: all 1 (the 32-element types), one per block (q4_k, q5_k:
 // sc0 == sc1), or one per half-block (q2_k, q3_k, q6_k). The integers are the same either way;
-// the first two skip work that cannot change them.
+// the first two skip work that cannot change them. The last two are the K-quants, whose float
+// step is per super-block (group).
 enum scale_kind { sc_none, sc_block, sc_half };
 
-// One group of eight blocks of one row against NB inputs, added to acc[i] (lanes = blocks).
-// The weight bytes are loaded once for all NB inputs.
+// The exact integers of one group of eight blocks of one row against NB inputs: lane b of
+// isum[i] is block b's I with input i, of msum[i] its M (MIN only). The weight bytes are loaded
+// once for all NB inputs.
 template <int OFF, bool MIN, int SC, int NB>
-inline void group_dot(const kgroup& w, const xgroup* const* x, int64_t g, __m256* acc) {
+inline void group_ints(const kgroup& w, const xgroup* const* x, int64_t g, __m256i* isum,
+                       __m256i* msum) {
 #if KEEL_QDOT == 0
   constexpr bool signed_path = OFF == 7;
 #else
@@ -98,29 +101,39 @@ inline void group_dot(const kgroup& w, const xgroup* const* x, int64_t g, __m256
       }
     }
   }
-  const __m256 s = _mm256_load_ps(w.s);
 #pragma GCC unroll 4
   for (int i = 0; i < NB; ++i) {
     const xgroup& xi = x[i][g];
-    __m256i isum;
     if constexpr (halves) {
       if constexpr (OFF >= 0 && !signed_path) {
         p0[i] = _mm256_sub_epi32(p0[i], _mm256_slli_epi32(load256(xi.s0), OFF));
         p1[i] = _mm256_sub_epi32(p1[i], _mm256_slli_epi32(load256(xi.s1), OFF));
       }
-      isum = _mm256_add_epi32(_mm256_mullo_epi32(load256(w.sc0), p0[i]),
-                              _mm256_mullo_epi32(load256(w.sc1), p1[i]));
+      isum[i] = _mm256_add_epi32(_mm256_mullo_epi32(load256(w.sc0), p0[i]),
+                                 _mm256_mullo_epi32(load256(w.sc1), p1[i]));
     } else {
       if constexpr (OFF >= 0 && !signed_path)
         p0[i] = _mm256_sub_epi32(p0[i], _mm256_slli_epi32(load256(xi.sum), OFF));
-      isum = SC == sc_block ? _mm256_mullo_epi32(load256(w.sc0), p0[i]) : p0[i];
+      isum[i] = SC == sc_block ? _mm256_mullo_epi32(load256(w.sc0), p0[i]) : p0[i];
     }
-    const __m256 dx = _mm256_load_ps(xi.d);
-    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, dx), _mm256_cvtepi32_ps(isum), acc[i]);
+    if constexpr (MIN) msum[i] = _mm256_madd_epi16(load256(w.mn), load256(xi.sp));
+  }
+}
+
+// A group of a 32-element type against NB inputs, added to acc[i]: the float step of every
+// block in its lane.
+template <int OFF, bool MIN, int SC, int NB>
+inline void group_dot(const kgroup& w, const xgroup* const* x, int64_t g, __m256* acc) {
+  __m256i isum[NB], msum[NB];
+  group_ints<OFF, MIN, SC, NB>(w, x, g, isum, msum);
+  const __m256 s = _mm256_load_ps(w.s);
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) {
+    const __m256 dx = _mm256_load_ps(x[i][g].d);
+    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(s, dx), _mm256_cvtepi32_ps(isum[i]), acc[i]);
     if constexpr (MIN) {
-      const __m256i msum = _mm256_madd_epi16(load256(w.mn), load256(xi.sp));
       const __m256 td = _mm256_mul_ps(_mm256_load_ps(w.t), dx);
-      acc[i] = _mm256_fmadd_ps(td, _mm256_cvtepi32_ps(msum), acc[i]);
+      acc[i] = _mm256_fmadd_ps(td, _mm256_cvtepi32_ps(msum[i]), acc[i]);
     }
   }
 }
@@ -133,6 +146,70 @@ inline float reduce16(__m256 lo, __m256 hi) {
   const __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
   return _mm_cvtss_f32(s1);
 }
+
+// Lane j of the result: the sum of the eight lanes of v[j].
+inline __m256i hsum8(const __m256i* v) {
+  const __m256i a = _mm256_hadd_epi32(v[0], v[1]), b = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i c = _mm256_hadd_epi32(v[4], v[5]), d = _mm256_hadd_epi32(v[6], v[7]);
+  // ab: the sums of lanes 0-3 of v[0..3] in its low half, of lanes 4-7 in its high half.
+  const __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20),
+                          _mm256_permute2x128_si256(ab, cd, 0x31));
+}
+
+// The float steps of eight consecutive super-blocks g0 .. g0 + 7 (g0 a multiple of 8) of one
+// row with one input, into `acc` (canonical lanes g0 % 16 .. + 7): I and M are their exact
+// integers, sd and td the products s * dx and t * dx (0 for super-blocks past the row's end,
+// whose I and M are 0 too, so that their lanes add nothing).
+template <bool MIN>
+inline __m256 super_steps(__m256 acc, __m256i i8, __m256i m8, __m256 sd, __m256 td) {
+  acc = _mm256_fmadd_ps(sd, _mm256_cvtepi32_ps(i8), acc);
+  if constexpr (MIN) acc = _mm256_fmadd_ps(td, _mm256_cvtepi32_ps(m8), acc);
+  return acc;
+}
+
+// The scale of each of the eight super-blocks g0 .. g0 + n - 1 (a field of every group's s, t
+// or d), zero past n.
+template <class G, size_t L>
+inline __m256 scales8(const G* g, int n, float (G::*f)[L]) {
+  alignas(32) float v[8] = {};
+  for (int j = 0; j < n; ++j) v[j] = (g[j].*f)[0];
+  return _mm256_load_ps(v);
+}
+
+// A row of a K-quant against NB inputs: y[i * ldy] = the dot product with input i. Eight
+// super-blocks at a time: their integers, then one float step each.
+template <int OFF, bool MIN, int SC, int NB>
+void row_dot_k(const kgroup* w, const xgroup* const* x, int64_t groups, float* y, int64_t ldy) {
+  __m256 acc[2][NB];
+  for (int i = 0; i < NB; ++i) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, groups - g0));
+    __m256i iv[NB][8], mv[NB][8];
+    for (int j = 0; j < 8; ++j) {
+      __m256i isum[NB], msum[NB];
+      if (j < n) {
+        group_ints<OFF, MIN, SC, NB>(w[g0 + j], x, g0 + j, isum, msum);
+      } else {
+        for (int i = 0; i < NB; ++i) isum[i] = msum[i] = _mm256_setzero_si256();
+      }
+      for (int i = 0; i < NB; ++i) {
+        iv[i][j] = isum[i];
+        if constexpr (MIN) mv[i][j] = msum[i];
+      }
+    }
+    const __m256 s = scales8(w + g0, n, &kgroup::s);
+    const __m256 t = MIN ? scales8(w + g0, n, &kgroup::t) : _mm256_setzero_ps();
+    __m256* a = acc[(g0 / 8) % 2];
+    for (int i = 0; i < NB; ++i) {
+      const __m256 dx = scales8(x[i] + g0, n, &xgroup::d);
+      a[i] = super_steps<MIN>(a[i], hsum8(iv[i]), MIN ? hsum8(mv[i]) : _mm256_setzero_si256(),
+                              _mm256_mul_ps(s, dx), _mm256_mul_ps(t, dx));
+    }
+  }
+  for (int i = 0; i < NB; ++i) y[i * ldy] = reduce16(acc[0][i], acc[1][i]);
+}
+
 
 // Row `w` against NB inputs: y[i * ldy] = the dot product with input i.
 template <int OFF, bool MIN, int SC, int NB>
@@ -442,11 +519,17 @@ void rows_by_group(const keel::matrix_view& w, const xgroup* x, int64_t nb, floa
     for (; b + 4 <= nb; b += 4) {
       const xgroup* xs[4] = {x + b * groups, x + (b + 1) * groups, x + (b + 2) * groups,
                              x + (b + 3) * groups};
-      row_dot<OFF, MIN, SC, 4>(row, xs, groups, y + b * ldy + r, ldy);
+      if constexpr (SC == sc_none)
+        row_dot<OFF, MIN, SC, 4>(row, xs, groups, y + b * ldy + r, ldy);
+      else
+        row_dot_k<OFF, MIN, SC, 4>(row, xs, groups, y + b * ldy + r, ldy);
     }
     for (; b < nb; ++b) {
       const xgroup* xs[1] = {x + b * groups};
-      row_dot<OFF, MIN, SC, 1>(row, xs, groups, y + b * ldy + r, ldy);
+      if constexpr (SC == sc_none)
+        row_dot<OFF, MIN, SC, 1>(row, xs, groups, y + b * ldy + r, ldy);
+      else
+        row_dot_k<OFF, MIN, SC, 1>(row, xs, groups, y + b * ldy + r, ldy);
     }
   }
 }
@@ -615,7 +698,7 @@ void rows_by_pair(const keel::matrix_view& w, const xgroup* x, int64_t nb, float
 template <int OFF, bool MIN, int SC>
 void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
           int64_t r0, int64_t r1) {
-  if (nb >= 4) return rows_by_pair<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
+  if (nb >= 4 && SC == sc_none) return rows_by_pair<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
   rows_by_group<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
 }
 #else
