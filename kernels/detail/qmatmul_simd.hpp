@@ -147,14 +147,19 @@ inline float reduce16(__m256 lo, __m256 hi) {
   return _mm_cvtss_f32(s1);
 }
 
-// Lane j of the result: the sum of the eight lanes of v[j].
-inline __m256i hsum8(const __m256i* v) {
-  const __m256i a = _mm256_hadd_epi32(v[0], v[1]), b = _mm256_hadd_epi32(v[2], v[3]);
-  const __m256i c = _mm256_hadd_epi32(v[4], v[5]), d = _mm256_hadd_epi32(v[6], v[7]);
-  // ab: the sums of lanes 0-3 of v[0..3] in its low half, of lanes 4-7 in its high half.
-  const __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d);
+// Lane j of the result: the sum of the eight lanes of v_j, given h[k] = hadd(v_2k, v_2k+1).
+inline __m256i hsum8_pairs(const __m256i* h) {
+  // ab: the sums of lanes 0-3 of v_0 .. v_3 in its low half, of lanes 4-7 in its high half.
+  const __m256i ab = _mm256_hadd_epi32(h[0], h[1]), cd = _mm256_hadd_epi32(h[2], h[3]);
   return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20),
                           _mm256_permute2x128_si256(ab, cd, 0x31));
+}
+
+// Lane j of the result: the sum of the eight lanes of v[j].
+inline __m256i hsum8(const __m256i* v) {
+  const __m256i h[4] = {_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]),
+                        _mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7])};
+  return hsum8_pairs(h);
 }
 
 // The float steps of eight consecutive super-blocks g0 .. g0 + 7 (g0 a multiple of 8) of one
@@ -168,48 +173,34 @@ inline __m256 super_steps(__m256 acc, __m256i i8, __m256i m8, __m256 sd, __m256 
   return acc;
 }
 
-// The scale of each of the eight super-blocks g0 .. g0 + n - 1 (a field of every group's s, t
-// or d), zero past n.
-template <class G, size_t L>
-inline __m256 scales8(const G* g, int n, float (G::*f)[L]) {
-  alignas(32) float v[8] = {};
-  for (int j = 0; j < n; ++j) v[j] = (g[j].*f)[0];
-  return _mm256_load_ps(v);
-}
-
-// A row of a K-quant against NB inputs: y[i * ldy] = the dot product with input i. Eight
-// super-blocks at a time: their integers, then one float step each.
+// Super-blocks g0 .. g0 + n - 1 (n <= 8, g0 a multiple of 8) of one row (`w` its decoded
+// groups from g0) against NB inputs, added to acc[i] (the half of input i's 16 lanes that holds
+// lanes g0 % 16 ..): their integers, then one float step each. `s` and `t` are the row's scales
+// and `dx[i]` input i's, per super-block from g0, eight of each (zero past n).
 template <int OFF, bool MIN, int SC, int NB>
-void row_dot_k(const kgroup* w, const xgroup* const* x, int64_t groups, float* y, int64_t ldy) {
-  __m256 acc[2][NB];
-  for (int i = 0; i < NB; ++i) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
-  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
-    const int n = static_cast<int>(std::min<int64_t>(8, groups - g0));
-    __m256i iv[NB][8], mv[NB][8];
-    for (int j = 0; j < 8; ++j) {
-      __m256i isum[NB], msum[NB];
-      if (j < n) {
-        group_ints<OFF, MIN, SC, NB>(w[g0 + j], x, g0 + j, isum, msum);
-      } else {
-        for (int i = 0; i < NB; ++i) isum[i] = msum[i] = _mm256_setzero_si256();
-      }
-      for (int i = 0; i < NB; ++i) {
-        iv[i][j] = isum[i];
-        if constexpr (MIN) mv[i][j] = msum[i];
-      }
-    }
-    const __m256 s = scales8(w + g0, n, &kgroup::s);
-    const __m256 t = MIN ? scales8(w + g0, n, &kgroup::t) : _mm256_setzero_ps();
-    __m256* a = acc[(g0 / 8) % 2];
+inline void supers8(const kgroup* w, const xgroup* const* x, int64_t g0, int n, const float* s,
+                    const float* t, const float* const* dx, __m256* const* acc) {
+  // Pairs of super-blocks go through one horizontal add as they come, to keep few vectors live.
+  __m256i ih[NB][4], mh[NB][4];
+  for (int jp = 0; jp < 4; ++jp) {
+    __m256i i0[NB], m0[NB], i1[NB], m1[NB];
+    for (int i = 0; i < NB; ++i) i0[i] = m0[i] = i1[i] = m1[i] = _mm256_setzero_si256();
+    if (2 * jp < n) group_ints<OFF, MIN, SC, NB>(w[2 * jp], x, g0 + 2 * jp, i0, m0);
+    if (2 * jp + 1 < n) group_ints<OFF, MIN, SC, NB>(w[2 * jp + 1], x, g0 + 2 * jp + 1, i1, m1);
     for (int i = 0; i < NB; ++i) {
-      const __m256 dx = scales8(x[i] + g0, n, &xgroup::d);
-      a[i] = super_steps<MIN>(a[i], hsum8(iv[i]), MIN ? hsum8(mv[i]) : _mm256_setzero_si256(),
-                              _mm256_mul_ps(s, dx), _mm256_mul_ps(t, dx));
+      ih[i][jp] = _mm256_hadd_epi32(i0[i], i1[i]);
+      if constexpr (MIN) mh[i][jp] = _mm256_hadd_epi32(m0[i], m1[i]);
     }
   }
-  for (int i = 0; i < NB; ++i) y[i * ldy] = reduce16(acc[0][i], acc[1][i]);
+  const __m256 sv = _mm256_loadu_ps(s);
+  const __m256 tv = MIN ? _mm256_loadu_ps(t) : _mm256_setzero_ps();
+  for (int i = 0; i < NB; ++i) {
+    const __m256 d = _mm256_loadu_ps(dx[i]);
+    *acc[i] = super_steps<MIN>(*acc[i], hsum8_pairs(ih[i]),
+                               MIN ? hsum8_pairs(mh[i]) : _mm256_setzero_si256(),
+                               _mm256_mul_ps(sv, d), _mm256_mul_ps(tv, d));
+  }
 }
-
 
 // Row `w` against NB inputs: y[i * ldy] = the dot product with input i.
 template <int OFF, bool MIN, int SC, int NB>
@@ -506,6 +497,77 @@ void decode(const keel::matrix_view& w, int64_t r, kgroup* out) {
   }
 }
 
+// K-quants: rows decoded four at a time; then, for each run of eight super-blocks, every input
+// (four at a time) meets every row of the tile, so that the inputs' run stays in L1. Each output
+// still adds its super-blocks in increasing order.
+struct alignas(32) lanes16 {
+  __m256 h[2];  // canonical lanes 0-7 and 8-15
+};
+
+template <class T>
+T* thread_buffer(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+template <int OFF, bool MIN, int SC>
+void rows_by_tile(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
+                  int64_t r0, int64_t r1) {
+  constexpr int tile_rows = 4;
+  const int64_t groups = keel::detail::groups_of(w.cols);
+  const int64_t padded = (groups + 7) / 8 * 8;  // scales per row or input, zero past `groups`
+  kgroup* tile = keel::detail::weight_scratch(groups * tile_rows);
+  float* scales = thread_buffer<float>(static_cast<size_t>(padded * (2 * tile_rows + nb)));
+  float* st = scales + padded * tile_rows;  // the tile's t, after its s
+  float* xd = scales + 2 * padded * tile_rows;
+  std::fill(scales, scales + padded * (2 * tile_rows + nb), 0.0f);
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t g = 0; g < groups; ++g) xd[b * padded + g] = x[b * groups + g].d[0];
+  lanes16* acc = thread_buffer<lanes16>(static_cast<size_t>(tile_rows * nb));
+  for (int64_t r = r0; r < r1; r += tile_rows) {
+    const int rows = static_cast<int>(std::min<int64_t>(tile_rows, r1 - r));
+    for (int i = 0; i < rows; ++i) {
+      kgroup* row = tile + i * groups;
+      decode(w, r + i, row);
+      for (int64_t g = 0; g < groups; ++g) {
+        scales[i * padded + g] = row[g].s[0];
+        st[i * padded + g] = row[g].t[0];
+      }
+    }
+    for (int64_t k = 0; k < rows * nb; ++k) acc[k].h[0] = acc[k].h[1] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+      const int n = static_cast<int>(std::min<int64_t>(8, groups - g0));
+      const int half = static_cast<int>((g0 / 8) % 2);
+      int64_t b = 0;
+      for (; b + 4 <= nb; b += 4) {
+        const xgroup* xs[4] = {x + b * groups, x + (b + 1) * groups, x + (b + 2) * groups,
+                               x + (b + 3) * groups};
+        const float* ds[4] = {xd + b * padded + g0, xd + (b + 1) * padded + g0,
+                              xd + (b + 2) * padded + g0, xd + (b + 3) * padded + g0};
+        for (int i = 0; i < rows; ++i) {
+          __m256* as[4] = {&acc[i * nb + b].h[half], &acc[i * nb + b + 1].h[half],
+                           &acc[i * nb + b + 2].h[half], &acc[i * nb + b + 3].h[half]};
+          supers8<OFF, MIN, SC, 4>(tile + i * groups + g0, xs, g0, n, scales + i * padded + g0,
+                                   st + i * padded + g0, ds, as);
+        }
+      }
+      for (; b < nb; ++b) {
+        const xgroup* xs[1] = {x + b * groups};
+        const float* ds[1] = {xd + b * padded + g0};
+        for (int i = 0; i < rows; ++i) {
+          __m256* as[1] = {&acc[i * nb + b].h[half]};
+          supers8<OFF, MIN, SC, 1>(tile + i * groups + g0, xs, g0, n, scales + i * padded + g0,
+                                   st + i * padded + g0, ds, as);
+        }
+      }
+    }
+    for (int i = 0; i < rows; ++i)
+      for (int64_t b = 0; b < nb; ++b)
+        y[b * ldy + r + i] = reduce16(acc[i * nb + b].h[0], acc[i * nb + b].h[1]);
+  }
+}
+
 // One row at a time: decoded into L1 and used at once by every input (four at a time).
 template <int OFF, bool MIN, int SC>
 void rows_by_group(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
@@ -519,20 +581,201 @@ void rows_by_group(const keel::matrix_view& w, const xgroup* x, int64_t nb, floa
     for (; b + 4 <= nb; b += 4) {
       const xgroup* xs[4] = {x + b * groups, x + (b + 1) * groups, x + (b + 2) * groups,
                              x + (b + 3) * groups};
-      if constexpr (SC == sc_none)
-        row_dot<OFF, MIN, SC, 4>(row, xs, groups, y + b * ldy + r, ldy);
-      else
-        row_dot_k<OFF, MIN, SC, 4>(row, xs, groups, y + b * ldy + r, ldy);
+      row_dot<OFF, MIN, SC, 4>(row, xs, groups, y + b * ldy + r, ldy);
     }
     for (; b < nb; ++b) {
       const xgroup* xs[1] = {x + b * groups};
-      if constexpr (SC == sc_none)
-        row_dot<OFF, MIN, SC, 1>(row, xs, groups, y + b * ldy + r, ldy);
-      else
-        row_dot_k<OFF, MIN, SC, 1>(row, xs, groups, y + b * ldy + r, ldy);
+      row_dot<OFF, MIN, SC, 1>(row, xs, groups, y + b * ldy + r, ldy);
     }
   }
 }
+// Fewer than four inputs, Q4_K, Q5_K and Q6_K: each super-block is decoded in registers and
+// multiplied at once, in the format's own order (block b = elements 32b .. 32b + 31), against the
+// input un-transposed into that order. Per block, vpmaddubsw forms 16-bit pair sums (at most
+// 2 * 63 * 127 < 2^15) and a 16-bit multiply-add by the block's or half-block's scale adds them
+// into 32-bit lanes (exact), so that the lanes of the super-block total its I.
+struct alignas(32) xnat {
+  int8_t q[256];
+  int16_t s16[16];  // sum of each half-block
+  int16_t s8[8];    // sum of each block
+  float d;
+};
+
+xnat* nat_scratch(int64_t n) {
+  thread_local std::unique_ptr<xnat[]> buf;
+  thread_local int64_t cap = 0;
+  if (n > cap) {
+    buf = std::make_unique<xnat[]>(static_cast<size_t>(n));
+    cap = n;
+  }
+  return buf.get();
+}
+
+// An input's groups (super-blocks) in the format's order (the transposition is its own inverse).
+void natural_inputs(const xgroup* x, int64_t groups, xnat* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i v[8];
+    for (int j = 0; j < 8; ++j) v[j] = load256(x[g].q[j]);
+    uint8_t(*q)[32] = reinterpret_cast<uint8_t(*)[32]>(out[g].q);
+    store_transposed(v, q);
+    std::memcpy(out[g].s16, x[g].sp, sizeof out[g].s16);
+    for (int b = 0; b < 8; ++b) out[g].s8[b] = static_cast<int16_t>(x[g].sum[b]);
+    out[g].d = x[g].d[0];
+  }
+}
+
+// acc + per 32-bit lane, the two products of the 16-bit pairs of a and s.
+inline __m256i madd_add(__m256i acc, __m256i a, __m256i s) {
+#if KEEL_QDOT == 0
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, s));
+#elif KEEL_QDOT == 1
+  return _mm256_dpwssd_avx_epi32(acc, a, s);
+#else
+  return _mm256_dpwssd_epi32(acc, a, s);
+#endif
+}
+
+inline __m256i pairs(__m256i q, const int8_t* x) {
+  return _mm256_maddubs_epi16(q, load256(x));
+}
+
+// The eight 6-bit scales of a Q4_K/Q5_K super-block as 16-bit values, in both 128-bit halves
+// (for an in-lane byte shuffle per block), and its eight mins as 16-bit values.
+inline void k4_scales16(const uint8_t* s, __m256i& scales, __m128i& mins) {
+  uint32_t a[3];
+  std::memcpy(a, s, 12);
+  const uint32_t sc_lo = a[0] & 0x3f3f3f3fu;
+  const uint32_t mn_lo = a[1] & 0x3f3f3f3fu;
+  const uint32_t sc_hi = (a[2] & 0x0f0f0f0fu) | (((a[0] >> 6) & 0x03030303u) << 4);
+  const uint32_t mn_hi = ((a[2] >> 4) & 0x0f0f0f0fu) | (((a[1] >> 6) & 0x03030303u) << 4);
+  scales = _mm256_broadcastsi128_si256(
+      _mm_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), 0, 0)));
+  mins = _mm_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(mn_lo), static_cast<int>(mn_hi), 0, 0));
+}
+
+// The byte shuffle that spreads 16-bit element e of each 128-bit half over that half.
+inline __m256i spread16(int e) {
+  return _mm256_set1_epi16(static_cast<int16_t>(0x0100 * (2 * e + 1) + 2 * e));
+}
+
+// Q4_K and Q5_K (FIVE): lanes of isum total I, of msum M.
+template <bool FIVE>
+inline void super_q45(const uint8_t* base, const xnat& x, __m256i& isum, __m256i& msum) {
+  const uint8_t* scales = base + 4;
+  const uint8_t* qh = base + 16;
+  const uint8_t* qs = base + (FIVE ? 48 : 16);
+  __m256i sc;
+  __m128i mins;
+  k4_scales16(scales, sc, mins);
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i bit4 = _mm256_set1_epi8(16);
+  __m256i h = FIVE ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : low4;
+  __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * p));
+    __m256i q0 = _mm256_and_si256(v, low4);
+    __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    if constexpr (FIVE) {
+      // Bits 2p and 2p + 1 of qh to bit 4 (the mask drops what crossed from the next byte).
+      q0 = _mm256_or_si256(q0, _mm256_and_si256(_mm256_slli_epi16(h, 4), bit4));
+      q1 = _mm256_or_si256(q1, _mm256_and_si256(_mm256_slli_epi16(h, 3), bit4));
+      h = _mm256_srli_epi16(h, 2);
+    }
+    acc[0] = madd_add(acc[0], pairs(q0, x.q + 64 * p), _mm256_shuffle_epi8(sc, spread16(2 * p)));
+    acc[1] = madd_add(acc[1], pairs(q1, x.q + 64 * p + 32),
+                      _mm256_shuffle_epi8(sc, spread16(2 * p + 1)));
+  }
+  isum = _mm256_add_epi32(acc[0], acc[1]);
+  msum = _mm256_zextsi128_si256(
+      _mm_madd_epi16(mins, _mm_load_si128(reinterpret_cast<const __m128i*>(x.s8))));
+}
+
+// Q6_K: q in 0..63 with offset 32 and signed 8-bit scales per half-block:
+// I = sum sc_j P_j - 32 sum sc_j S_j.
+inline void super_q6(const keel::block_q6_k& b, const xnat& x, __m256i& isum, __m256i& msum) {
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i hi2 = _mm256_set1_epi8(0x30);
+  // The sixteen scales as 16-bit values: even half-blocks in the low 128 bits, odd in the high,
+  // so that one in-lane byte shuffle gives block b's [sc_2b x 8 | sc_2b+1 x 8].
+  const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales)));
+  const __m256i eo = _mm256_permute4x64_epi64(
+      _mm256_shuffle_epi8(sc16, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14,
+                                                 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10,
+                                                 11, 14, 15)),
+      0xd8);
+  __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.ql + 64 * h));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.ql + 64 * h + 32));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qh + 32 * h));
+    const __m256i q[4] = {
+        _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), hi2)),
+        _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), hi2)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(qh, hi2)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), hi2))};
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const int k = 4 * h + j;
+      acc[j % 2] = madd_add(acc[j % 2], pairs(q[j], x.q + 32 * k), _mm256_shuffle_epi8(eo, spread16(k)));
+    }
+  }
+  const __m256i off = _mm256_slli_epi32(
+      _mm256_madd_epi16(sc16, _mm256_load_si256(reinterpret_cast<const __m256i*>(x.s16))), 5);
+  isum = _mm256_sub_epi32(_mm256_add_epi32(acc[0], acc[1]), off);
+  msum = _mm256_setzero_si256();
+}
+
+// One row of a Q4_K, Q5_K or Q6_K matrix against one input in natural order.
+template <dtype T>
+float row_dot_nat(const char* row, const xnat* x, int64_t groups) {
+  constexpr bool min = T != dtype::q6_k;
+  using block = std::conditional_t<
+      T == dtype::q4_k, keel::block_q4_k,
+      std::conditional_t<T == dtype::q5_k, keel::block_q5_k, keel::block_q6_k>>;
+  const block* w = reinterpret_cast<const block*>(row);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, groups - g0));
+    __m256i iv[8], mv[8];
+    alignas(32) float s[8] = {}, t[8] = {}, dx[8] = {};
+    for (int j = 0; j < 8; ++j) {
+      if (j >= n) {
+        iv[j] = mv[j] = _mm256_setzero_si256();
+        continue;
+      }
+      const block& b = w[g0 + j];
+      if constexpr (T == dtype::q6_k) {
+        super_q6(b, x[g0 + j], iv[j], mv[j]);
+      } else {
+        super_q45<T == dtype::q5_k>(reinterpret_cast<const uint8_t*>(&b), x[g0 + j], iv[j], mv[j]);
+        t[j] = -half(b.dmin);
+      }
+      s[j] = half(b.d);
+      dx[j] = x[g0 + j].d;
+    }
+    const __m256 d = _mm256_load_ps(dx);
+    acc[(g0 / 8) % 2] = super_steps<min>(
+        acc[(g0 / 8) % 2], hsum8(iv), min ? hsum8(mv) : _mm256_setzero_si256(),
+        _mm256_mul_ps(_mm256_load_ps(s), d), _mm256_mul_ps(_mm256_load_ps(t), d));
+  }
+  return reduce16(acc[0], acc[1]);
+}
+
+template <dtype T>
+void rows_fused(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
+                int64_t r0, int64_t r1) {
+  const int64_t groups = keel::detail::groups_of(w.cols);
+  xnat* xn = nat_scratch(groups * nb);
+  for (int64_t b = 0; b < nb; ++b) natural_inputs(x + b * groups, groups, xn + b * groups);
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* row = static_cast<const char*>(w.data) + r * static_cast<int64_t>(w.row_bytes);
+    for (int64_t b = 0; b < nb; ++b) y[b * ldy + r] = row_dot_nat<T>(row, xn + b * groups, groups);
+  }
+}
+
 #if KEEL_QDOT == 2
 // AVX-512: one 512-bit vector covers two groups, g (lanes 0-7) and g + 1 (lanes 8-15), which
 // are exactly the canonical lanes k % 16 of blocks 8g .. 8g + 15 (g even). The inputs are first
@@ -698,13 +941,15 @@ void rows_by_pair(const keel::matrix_view& w, const xgroup* x, int64_t nb, float
 template <int OFF, bool MIN, int SC>
 void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
           int64_t r0, int64_t r1) {
-  if (nb >= 4 && SC == sc_none) return rows_by_pair<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
+  if constexpr (SC != sc_none) return rows_by_tile<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
+  if (nb >= 4) return rows_by_pair<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
   rows_by_group<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
 }
 #else
 template <int OFF, bool MIN, int SC>
 void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
           int64_t r0, int64_t r1) {
+  if constexpr (SC != sc_none) return rows_by_tile<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
   rows_by_group<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
 }
 #endif
@@ -713,6 +958,18 @@ void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int
 
 void qmatmul(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
              int64_t r0, int64_t r1) {
+  if (nb < 4) {
+    switch (w.type) {
+      case dtype::q4_k:
+        return rows_fused<dtype::q4_k>(w, x, nb, y, ldy, r0, r1);
+      case dtype::q5_k:
+        return rows_fused<dtype::q5_k>(w, x, nb, y, ldy, r0, r1);
+      case dtype::q6_k:
+        return rows_fused<dtype::q6_k>(w, x, nb, y, ldy, r0, r1);
+      default:
+        break;
+    }
+  }
   switch (w.type) {
     case dtype::q4_0:
       return rows<3, false, sc_none>(w, x, nb, y, ldy, r0, r1);
