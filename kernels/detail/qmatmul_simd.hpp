@@ -40,8 +40,7 @@ inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
     s = _mm256_sign_epi8(s, q);
   }
 #if KEEL_QDOT == 0
-  return _mm256_add_epi32(acc,
-                          _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #elif KEEL_QDOT == 1
   return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else
@@ -76,8 +75,8 @@ inline void group_ints(const kgroup& w, const xgroup* const* x, int64_t g, __m25
     __m256i c[4];
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
-      c[k] = dot_add<signed_path>(_mm256_setzero_si256(), load256(w.q[2 * k]),
-                                  load256(xi.q[2 * k]));
+      c[k] =
+          dot_add<signed_path>(_mm256_setzero_si256(), load256(w.q[2 * k]), load256(xi.q[2 * k]));
       c[k] = dot_add<signed_path>(c[k], load256(w.q[2 * k + 1]), load256(xi.q[2 * k + 1]));
     }
     p0[0] = _mm256_add_epi32(c[0], c[1]);
@@ -252,16 +251,22 @@ inline void fill_floats(float* p, float v) {
 }
 
 // The eight 6-bit scales and mins of a Q4_K/Q5_K super-block (keel::k4_scale_min, four at a
-// time in 32-bit words) into sc0, sc1 and the min pairs.
-inline void k4_scales(const uint8_t* s, kgroup& g) {
+// time in 32-bit words) as bytes 0-7 of `sc` and `mn`.
+inline void k4_bytes(const uint8_t* s, __m128i& sc, __m128i& mn) {
   uint32_t a[3];
   std::memcpy(a, s, 12);
   const uint32_t sc_lo = a[0] & 0x3f3f3f3fu;
   const uint32_t mn_lo = a[1] & 0x3f3f3f3fu;
   const uint32_t sc_hi = (a[2] & 0x0f0f0f0fu) | (((a[0] >> 6) & 0x03030303u) << 4);
   const uint32_t mn_hi = ((a[2] >> 4) & 0x0f0f0f0fu) | (((a[1] >> 6) & 0x03030303u) << 4);
-  const __m128i sc = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), 0, 0);
-  const __m128i mn = _mm_setr_epi32(static_cast<int>(mn_lo), static_cast<int>(mn_hi), 0, 0);
+  sc = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), 0, 0);
+  mn = _mm_setr_epi32(static_cast<int>(mn_lo), static_cast<int>(mn_hi), 0, 0);
+}
+
+// The same into sc0, sc1 and the min pairs of a decoded group.
+inline void k4_scales(const uint8_t* s, kgroup& g) {
+  __m128i sc, mn;
+  k4_bytes(s, sc, mn);
   const __m256i sc32 = _mm256_cvtepu8_epi32(sc);
   store256(g.sc0, sc32);
   store256(g.sc1, sc32);
@@ -324,11 +329,11 @@ void decode_q6_k(const keel::block_q6_k& x, kgroup& g) {
   }
   store_transposed(q, g.q);
   store256(g.sc0, _mm256_cvtepi8_epi32(_mm_setr_epi8(
-                      x.scales[0], x.scales[2], x.scales[4], x.scales[6], x.scales[8],
-                      x.scales[10], x.scales[12], x.scales[14], 0, 0, 0, 0, 0, 0, 0, 0)));
+                      x.scales[0], x.scales[2], x.scales[4], x.scales[6], x.scales[8], x.scales[10],
+                      x.scales[12], x.scales[14], 0, 0, 0, 0, 0, 0, 0, 0)));
   store256(g.sc1, _mm256_cvtepi8_epi32(_mm_setr_epi8(
-                      x.scales[1], x.scales[3], x.scales[5], x.scales[7], x.scales[9],
-                      x.scales[11], x.scales[13], x.scales[15], 0, 0, 0, 0, 0, 0, 0, 0)));
+                      x.scales[1], x.scales[3], x.scales[5], x.scales[7], x.scales[9], x.scales[11],
+                      x.scales[13], x.scales[15], 0, 0, 0, 0, 0, 0, 0, 0)));
   store256(g.mn, _mm256_setzero_si256());
   fill_floats(g.s, half(x.d));
   store256(g.t, _mm256_setzero_si256());
@@ -338,10 +343,10 @@ void decode_q6_k(const keel::block_q6_k& x, kgroup& g) {
 inline __m256i fifth_bits(const uint8_t* qh) {
   uint32_t h;
   std::memcpy(&h, qh, 4);
-  const __m256i spread = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(static_cast<int>(h)),
-      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
-                       3, 3, 3, 3, 3, 3, 3));
+  const __m256i spread =
+      _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(h)),
+                          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
+                                           2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
   const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
   return _mm256_and_si256(set, _mm256_set1_epi8(16));
@@ -359,11 +364,10 @@ template <dtype T>
 void decode_small(const char* row, int64_t k0, int n, kgroup& g) {
   using block = std::conditional_t<
       T == dtype::q8_0, keel::block_q8_0,
-      std::conditional_t<
-          T == dtype::q4_0, keel::block_q4_0,
-          std::conditional_t<T == dtype::q4_1, keel::block_q4_1,
-                             std::conditional_t<T == dtype::q5_0, keel::block_q5_0,
-                                                keel::block_q5_1>>>>;
+      std::conditional_t<T == dtype::q4_0, keel::block_q4_0,
+                         std::conditional_t<T == dtype::q4_1, keel::block_q4_1,
+                                            std::conditional_t<T == dtype::q5_0, keel::block_q5_0,
+                                                               keel::block_q5_1>>>>;
   constexpr bool has_m = T == dtype::q4_1 || T == dtype::q5_1;
   alignas(32) float s[8] = {}, t[8] = {};
   __m256i q[8];
@@ -391,8 +395,8 @@ void decode_small(const char* row, int64_t k0, int n, kgroup& g) {
   store256(g.sc0, ones);
   store256(g.sc1, ones);
   // mn pairs (1, 1) as 16-bit halves of each used lane.
-  store256(g.mn, has_m ? _mm256_and_si256(_mm256_set1_epi32(0x00010001), used)
-                       : _mm256_setzero_si256());
+  store256(g.mn,
+           has_m ? _mm256_and_si256(_mm256_set1_epi32(0x00010001), used) : _mm256_setzero_si256());
   _mm256_store_ps(g.s, _mm256_load_ps(s));
   _mm256_store_ps(g.t, _mm256_load_ps(t));
 }
@@ -439,8 +443,8 @@ void decode_q3_k(const keel::block_q3_k& x, kgroup& g) {
   store_transposed(q, g.q);
   alignas(16) uint8_t sc[16];
   keel::q3_k_scales(x.scales, sc);
-  const __m128i v = _mm_sub_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)),
-                                 _mm_set1_epi8(32));
+  const __m128i v =
+      _mm_sub_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(sc)), _mm_set1_epi8(32));
   const __m128i even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
   const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
   store256(g.sc0, _mm256_cvtepi8_epi32(_mm_shuffle_epi8(v, even)));
@@ -571,7 +575,7 @@ void rows_by_tile(const keel::matrix_view& w, const xgroup* x, int64_t nb, float
 // One row at a time: decoded into L1 and used at once by every input (four at a time).
 template <int OFF, bool MIN, int SC>
 void rows_by_group(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
-          int64_t r0, int64_t r1) {
+                   int64_t r0, int64_t r1) {
   const int64_t groups = keel::detail::groups_of(w.cols);
   kgroup* row = keel::detail::weight_scratch(groups);
   for (int64_t r = r0; r < r1; ++r) {
@@ -600,16 +604,6 @@ struct alignas(32) xnat {
   int16_t s8[8];    // sum of each block
   float d;
 };
-
-xnat* nat_scratch(int64_t n) {
-  thread_local std::unique_ptr<xnat[]> buf;
-  thread_local int64_t cap = 0;
-  if (n > cap) {
-    buf = std::make_unique<xnat[]>(static_cast<size_t>(n));
-    cap = n;
-  }
-  return buf.get();
-}
 
 // An input's groups (super-blocks) in the format's order (the transposition is its own inverse).
 void natural_inputs(const xgroup* x, int64_t groups, xnat* out) {
@@ -642,15 +636,10 @@ inline __m256i pairs(__m256i q, const int8_t* x) {
 // The eight 6-bit scales of a Q4_K/Q5_K super-block as 16-bit values, in both 128-bit halves
 // (for an in-lane byte shuffle per block), and its eight mins as 16-bit values.
 inline void k4_scales16(const uint8_t* s, __m256i& scales, __m128i& mins) {
-  uint32_t a[3];
-  std::memcpy(a, s, 12);
-  const uint32_t sc_lo = a[0] & 0x3f3f3f3fu;
-  const uint32_t mn_lo = a[1] & 0x3f3f3f3fu;
-  const uint32_t sc_hi = (a[2] & 0x0f0f0f0fu) | (((a[0] >> 6) & 0x03030303u) << 4);
-  const uint32_t mn_hi = ((a[2] >> 4) & 0x0f0f0f0fu) | (((a[1] >> 6) & 0x03030303u) << 4);
-  scales = _mm256_broadcastsi128_si256(
-      _mm_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), 0, 0)));
-  mins = _mm_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(mn_lo), static_cast<int>(mn_hi), 0, 0));
+  __m128i sc, mn;
+  k4_bytes(s, sc, mn);
+  scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
+  mins = _mm_cvtepu8_epi16(mn);
 }
 
 // The byte shuffle that spreads 16-bit element e of each 128-bit half over that half.
@@ -698,11 +687,12 @@ inline void super_q6(const keel::block_q6_k& b, const xnat& x, __m256i& isum, __
   const __m256i hi2 = _mm256_set1_epi8(0x30);
   // The sixteen scales as 16-bit values: even half-blocks in the low 128 bits, odd in the high,
   // so that one in-lane byte shuffle gives block b's [sc_2b x 8 | sc_2b+1 x 8].
-  const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales)));
+  const __m256i sc16 =
+      _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales)));
   const __m256i eo = _mm256_permute4x64_epi64(
-      _mm256_shuffle_epi8(sc16, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14,
-                                                 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10,
-                                                 11, 14, 15)),
+      _mm256_shuffle_epi8(
+          sc16, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5,
+                                 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)),
       0xd8);
   __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
 #pragma GCC unroll 2
@@ -710,16 +700,19 @@ inline void super_q6(const keel::block_q6_k& b, const xnat& x, __m256i& isum, __
     const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.ql + 64 * h));
     const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.ql + 64 * h + 32));
     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qh + 32 * h));
-    const __m256i q[4] = {
-        _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), hi2)),
-        _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), hi2)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(qh, hi2)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), hi2))};
+    const __m256i q[4] = {_mm256_or_si256(_mm256_and_si256(l0, low4),
+                                          _mm256_and_si256(_mm256_slli_epi16(qh, 4), hi2)),
+                          _mm256_or_si256(_mm256_and_si256(l1, low4),
+                                          _mm256_and_si256(_mm256_slli_epi16(qh, 2), hi2)),
+                          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                                          _mm256_and_si256(qh, hi2)),
+                          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), hi2))};
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const int k = 4 * h + j;
-      acc[j % 2] = madd_add(acc[j % 2], pairs(q[j], x.q + 32 * k), _mm256_shuffle_epi8(eo, spread16(k)));
+      acc[j % 2] =
+          madd_add(acc[j % 2], pairs(q[j], x.q + 32 * k), _mm256_shuffle_epi8(eo, spread16(k)));
     }
   }
   const __m256i off = _mm256_slli_epi32(
@@ -732,9 +725,9 @@ inline void super_q6(const keel::block_q6_k& b, const xnat& x, __m256i& isum, __
 template <dtype T>
 float row_dot_nat(const char* row, const xnat* x, int64_t groups) {
   constexpr bool min = T != dtype::q6_k;
-  using block = std::conditional_t<
-      T == dtype::q4_k, keel::block_q4_k,
-      std::conditional_t<T == dtype::q5_k, keel::block_q5_k, keel::block_q6_k>>;
+  using block =
+      std::conditional_t<T == dtype::q4_k, keel::block_q4_k,
+                         std::conditional_t<T == dtype::q5_k, keel::block_q5_k, keel::block_q6_k>>;
   const block* w = reinterpret_cast<const block*>(row);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g0 = 0; g0 < groups; g0 += 8) {
@@ -757,9 +750,9 @@ float row_dot_nat(const char* row, const xnat* x, int64_t groups) {
       dx[j] = x[g0 + j].d;
     }
     const __m256 d = _mm256_load_ps(dx);
-    acc[(g0 / 8) % 2] = super_steps<min>(
-        acc[(g0 / 8) % 2], hsum8(iv), min ? hsum8(mv) : _mm256_setzero_si256(),
-        _mm256_mul_ps(_mm256_load_ps(s), d), _mm256_mul_ps(_mm256_load_ps(t), d));
+    acc[(g0 / 8) % 2] =
+        super_steps<min>(acc[(g0 / 8) % 2], hsum8(iv), min ? hsum8(mv) : _mm256_setzero_si256(),
+                         _mm256_mul_ps(_mm256_load_ps(s), d), _mm256_mul_ps(_mm256_load_ps(t), d));
   }
   return reduce16(acc[0], acc[1]);
 }
@@ -768,7 +761,7 @@ template <dtype T>
 void rows_fused(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
                 int64_t r0, int64_t r1) {
   const int64_t groups = keel::detail::groups_of(w.cols);
-  xnat* xn = nat_scratch(groups * nb);
+  xnat* xn = thread_buffer<xnat>(static_cast<size_t>(groups * nb));
   for (int64_t b = 0; b < nb; ++b) natural_inputs(x + b * groups, groups, xn + b * groups);
   for (int64_t r = r0; r < r1; ++r) {
     const char* row = static_cast<const char*>(w.data) + r * static_cast<int64_t>(w.row_bytes);
@@ -888,7 +881,7 @@ void zero(__m512* a) {
 
 template <int OFF, bool MIN, int SC>
 void rows_by_pair(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
-          int64_t r0, int64_t r1) {
+                  int64_t r0, int64_t r1) {
   const int64_t groups = keel::detail::groups_of(w.cols);
   const int64_t pairs = (groups + 1) / 2;
   xpair* xp = pair_scratch(pairs * nb);
@@ -929,9 +922,9 @@ void rows_by_pair(const keel::matrix_view& w, const xgroup* x, int64_t nb, float
     for (int i = 0; i < n; ++i)
       for (int64_t b = 0; b < nb; ++b) {
         const __m512 v = acc[i * nb + b];
-        y[b * ldy + r + i] = reduce16(
-            _mm512_castps512_ps256(v),
-            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        y[b * ldy + r + i] =
+            reduce16(_mm512_castps512_ps256(v),
+                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
       }
   }
 }
