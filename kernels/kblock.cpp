@@ -201,6 +201,7 @@ void quantize_input(const float* x, int64_t cols, int span, xgroup* out) {
     g.sum[b] = s0 + s1;
     g.sp[b][0] = static_cast<int16_t>(s0);
     g.sp[b][1] = static_cast<int16_t>(s1);
+    g.bp[b / 2][b % 2] = static_cast<int16_t>(s0 + s1);
     g.d[b] = d;
   }
 }

@@ -29,6 +29,7 @@ struct alignas(32) xgroup {
   int32_t sum[8];    // s0 + s1
   int16_t sp[8][2];  // the same two sums as 16-bit pairs (for the min term's madd)
   float d[8];        // scale: x ~ d * q
+  int16_t bp[4][2];  // sum[2c], sum[2c + 1] as 16-bit pairs (a min per block: half the madds)
 };
 
 struct alignas(32) kgroup {
