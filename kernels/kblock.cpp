@@ -166,21 +166,29 @@ kprops props_of(dtype t) {
   const int off = kblock_offset(t);
   if (off > 0) p.off_shift = __builtin_ctz(static_cast<unsigned>(off));
   p.min = has_min(t);
+  p.super = input_span(t) == qk_k;
   return p;
 }
 
-void quantize_input(const float* x, int64_t cols, xgroup* out) {
+int input_span(dtype t) {
+  return static_cast<int>(layout_of(t)->block_elems);
+}
+
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out) {
   const int64_t blocks = cols / 32;
   const int64_t groups = groups_of(cols);
   std::memset(static_cast<void*>(out), 0, static_cast<size_t>(groups) * sizeof(xgroup));
+  float d = 0.0f, id = 0.0f;
   for (int64_t k = 0; k < blocks; ++k) {
     xgroup& g = out[k / 8];
     const int b = static_cast<int>(k % 8);
     const float* xk = x + 32 * k;
-    float amax = 0.0f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xk[i]));
-    const float d = amax / 127.0f;
-    const float id = amax != 0.0f ? 1.0f / d : 0.0f;
+    if (k % (span / 32) == 0) {
+      float amax = 0.0f;
+      for (int i = 0; i < span; ++i) amax = std::max(amax, std::fabs(xk[i]));
+      d = amax / 127.0f;
+      id = amax != 0.0f ? 1.0f / d : 0.0f;
+    }
     int32_t s0 = 0, s1 = 0;
     for (int i = 0; i < 32; ++i) {
       const float v = std::nearbyint(xk[i] * id);
@@ -193,6 +201,7 @@ void quantize_input(const float* x, int64_t cols, xgroup* out) {
     g.sum[b] = s0 + s1;
     g.sp[b][0] = static_cast<int16_t>(s0);
     g.sp[b][1] = static_cast<int16_t>(s1);
+    g.bp[b / 2][b % 2] = static_cast<int16_t>(s0 + s1);
     g.d[b] = d;
   }
 }
@@ -217,25 +226,55 @@ void decode_row(const matrix_view& w, int64_t r, kgroup* out) {
   }
 }
 
+namespace {
+
+// The exact integers I (scaled products) and M (min term) of block b of a group.
+void block_ints(const kgroup& wg, const xgroup& xg, int b, kprops p, int32_t& i_sum,
+                int32_t& m_sum) {
+  int32_t p0 = 0, p1 = 0;
+  for (int i = 0; i < 16; ++i) p0 += element(wg.q, b, i) * element(xg.q, b, i);
+  for (int i = 16; i < 32; ++i) p1 += element(wg.q, b, i) * element(xg.q, b, i);
+  if (p.off_shift >= 0) {
+    p0 -= xg.s0[b] * (1 << p.off_shift);
+    p1 -= xg.s1[b] * (1 << p.off_shift);
+  }
+  i_sum = wg.sc0[b] * p0 + wg.sc1[b] * p1;
+  m_sum = wg.mn[b][0] * xg.sp[b][0] + wg.mn[b][1] * xg.sp[b][1];
+}
+
+}  // namespace
+
 float qdot(const kgroup* w, const xgroup* x, int64_t groups, kprops p) {
   float acc[16] = {};
   for (int64_t g = 0; g < groups; ++g) {
     const kgroup& wg = w[g];
     const xgroup& xg = x[g];
+    if (p.super) {
+      // A super-block: I and M summed over its eight blocks (at most 2^28 in magnitude, see
+      // ops.cpp), then one float step with the super-block's s, t and dx.
+      int32_t i_sum = 0, m_sum = 0;
+      for (int b = 0; b < 8; ++b) {
+        int32_t i_b, m_b;
+        block_ints(wg, xg, b, p, i_b, m_b);
+        i_sum += i_b;
+        m_sum += m_b;
+      }
+      float& lane = acc[g % 16];
+      const float sd = wg.s[0] * xg.d[0];
+      lane = std::fma(sd, static_cast<float>(i_sum), lane);
+      if (p.min) {
+        const float td = wg.t[0] * xg.d[0];
+        lane = std::fma(td, static_cast<float>(m_sum), lane);
+      }
+      continue;
+    }
     for (int b = 0; b < 8; ++b) {
       float& lane = acc[(g % 2) * 8 + b];
-      int32_t p0 = 0, p1 = 0;
-      for (int i = 0; i < 16; ++i) p0 += element(wg.q, b, i) * element(xg.q, b, i);
-      for (int i = 16; i < 32; ++i) p1 += element(wg.q, b, i) * element(xg.q, b, i);
-      if (p.off_shift >= 0) {
-        p0 -= xg.s0[b] * (1 << p.off_shift);
-        p1 -= xg.s1[b] * (1 << p.off_shift);
-      }
-      const int32_t i_sum = wg.sc0[b] * p0 + wg.sc1[b] * p1;
+      int32_t i_sum, m_sum;
+      block_ints(wg, xg, b, p, i_sum, m_sum);
       const float sd = wg.s[b] * xg.d[b];
       lane = std::fma(sd, static_cast<float>(i_sum), lane);
       if (p.min) {
-        const int32_t m_sum = wg.mn[b][0] * xg.sp[b][0] + wg.mn[b][1] * xg.sp[b][1];
         const float td = wg.t[b] * xg.d[b];
         lane = std::fma(td, static_cast<float>(m_sum), lane);
       }

@@ -9,17 +9,23 @@
 //       acc[j % 16] = fma(w[j], x[j], acc[j % 16])
 //     with w[j] converted exactly to f32. This includes a tail of cols % 16 elements, which
 //     simply fill lanes 0 .. cols % 16 - 1 once more; the other lanes are left untouched.
-//  3. Block-quantised rows (Q4_0 ... Q8_0, Q2_K ... Q6_K): integer kernels. The input is first
-//     quantised per block of 32: amax = max |x|, dx = amax / 127, xq = nearest-even(x * (1/dx))
-//     (all 0 when amax = 0), with the sums S0, S1 of xq over each half-block. Each weight block
-//     k is decoded into kblock form (quants.hpp: unsigned q, offset, integer factors sc[2] and
-//     mn[2], floats s and t). Then, for k = 0, 1, ... in increasing order, lane = k % 16:
-//       P0 = sum(i < 16: q[i] * xq[i]) - offset * S0,  P1 likewise over i >= 16   (exact)
-//       I  = sc[0] * P0 + sc[1] * P1,  M = mn[0] * S0 + mn[1] * S1                  (exact)
+//  3. Block-quantised rows (Q4_0 ... Q8_0, Q2_K ... Q6_K): integer kernels. A unit is one block
+//     of the type: 32 elements (Q4_0 ... Q8_0) or a super-block of 256 (the K-quants). The input
+//     is first quantised per unit: amax = max |x|, dx = amax / 127, xq = nearest-even(x * (1/dx))
+//     (all 0 when amax = 0), with the sums S0, S1 of xq over each half of each 32-element block.
+//     Each weight block of 32 is decoded into kblock form (quants.hpp: unsigned q, offset,
+//     integer factors sc[2] and mn[2], floats s and t; the blocks of a super-block share s and t).
+//     Then, for units u = 0, 1, ... in increasing order, lane = u % 16:
+//       per block of the unit:
+//         P0 = sum(i < 16: q[i] * xq[i]) - offset * S0,  P1 likewise over i >= 16   (exact)
+//       I = sum over the unit's blocks of sc[0] * P0 + sc[1] * P1                     (exact)
+//       M = sum over the unit's blocks of mn[0] * S0 + mn[1] * S1                     (exact)
 //       acc[lane] = fma(s * dx, float(I), acc[lane])            (s * dx rounded first)
 //       acc[lane] = fma(t * dx, float(M), acc[lane])            (types with a min only)
 //     The integer sums may be formed in any order and any width (they are exact), which is what
-//     lets AVX2 pairs, VNNI quads and the scalar loop agree bit for bit.
+//     lets AVX2 pairs, VNNI quads and the scalar loop agree bit for bit. They fit in int32: per
+//     super-block |I| <= 256 * max|q - offset| * 127 * max|sc|, the largest being Q6_K's
+//     256 * 32 * 127 * 128 < 2^28 (Q5_K: 256 * 31 * 127 * 63 < 2^26), and |M| <= 256 * 127 * 63.
 //  4. Reduction: for width = 8, 4, 2, 1: for l < width: acc[l] = acc[l] + acc[l + width].
 //     The result is acc[0].
 //
@@ -106,12 +112,14 @@ void qmatmul(const matrix_view& w, const detail::xgroup* x, int64_t nb, float* y
 
 // The nb input rows quantised into the calling thread's scratch (by all of `pool`'s threads
 // when given: a prefill chunk has many rows), for every row range to share.
-const detail::xgroup* quantize_inputs(const matrix_view& w, const float* x, int64_t ldx,
-                                      int64_t nb, thread_pool* pool = nullptr) {
+const detail::xgroup* quantize_inputs(const matrix_view& w, const float* x, int64_t ldx, int64_t nb,
+                                      thread_pool* pool = nullptr) {
   const int64_t groups = detail::groups_of(w.cols);
   detail::xgroup* q = detail::input_scratch(groups * nb);
+  const int span = detail::input_span(w.type);
   auto rows = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) detail::quantize_input(x + b * ldx, w.cols, q + b * groups);
+    for (int64_t b = b0; b < b1; ++b)
+      detail::quantize_input(x + b * ldx, w.cols, span, q + b * groups);
   };
   if (pool)
     pool->parallel_for(nb, [&](int64_t b0, int64_t b1) { rows(b0, b1); });
@@ -204,7 +212,7 @@ float dot_row(const matrix_view& w, int64_t r, const float* x) {
     const int64_t groups = detail::groups_of(w.cols);
     std::vector<detail::xgroup> xq(static_cast<size_t>(groups));
     std::vector<detail::kgroup> wq(static_cast<size_t>(groups));
-    detail::quantize_input(x, w.cols, xq.data());
+    detail::quantize_input(x, w.cols, detail::input_span(w.type), xq.data());
     detail::decode_row(w, r, wq.data());
     return detail::qdot(wq.data(), xq.data(), groups, detail::props_of(w.type));
   }

@@ -125,7 +125,8 @@ void q3_k_scales(const uint8_t* s, uint8_t out[16]);
 /// quantised to xq with scale dx,
 ///   I = sc[0] * sum(i < 16: (q[i] - offset) * xq[i]) + sc[1] * sum(i >= 16: ...)
 ///   M = mn[0] * sum(i < 16: xq[i]) + mn[1] * sum(i >= 16: xq[i])
-/// exactly in integers, then add (s * dx) * I and (t * dx) * M to a float partial sum.
+/// exactly in integers (summed over the eight blocks of a K-quant super-block, which share s, t
+/// and dx), then add (s * dx) * I and (t * dx) * M to a float partial sum.
 struct kblock {
   uint8_t q[32];
   int32_t sc[2];

@@ -57,17 +57,18 @@ std::vector<double> dequant(const matrix_view& w, int64_t r) {
   return {f.begin(), f.end()};
 }
 
-/// The input a block-quantised matrix multiplies: per block of 32, amax / 127 times the nearest
-/// integers to x / (amax / 127), as ops.cpp documents (computed in float, as the engine holds
-/// its activations).
-std::vector<double> rounded_input(const std::vector<double>& x) {
+/// The input a block-quantised matrix multiplies: per block of the weight type (32, or 256 for
+/// the K-quants), amax / 127 times the nearest integers to x / (amax / 127), as ops.cpp
+/// documents (computed in float, as the engine holds its activations).
+std::vector<double> rounded_input(const std::vector<double>& x, size_t unit) {
   std::vector<double> out(x.size());
-  for (size_t k = 0; k + 32 <= x.size(); k += 32) {
+  for (size_t k = 0; k + unit <= x.size(); k += unit) {
     float amax = 0;
-    for (size_t i = k; i < k + 32; ++i) amax = std::max(amax, std::fabs(static_cast<float>(x[i])));
+    for (size_t i = k; i < k + unit; ++i)
+      amax = std::max(amax, std::fabs(static_cast<float>(x[i])));
     const float d = amax / 127.0f;
     const float id = amax != 0 ? 1.0f / d : 0.0f;
-    for (size_t i = k; i < k + 32; ++i)
+    for (size_t i = k; i < k + unit; ++i)
       out[i] = static_cast<double>(d) * std::nearbyint(static_cast<float>(x[i]) * id);
   }
   return out;
@@ -75,7 +76,8 @@ std::vector<double> rounded_input(const std::vector<double>& x) {
 
 /// y = W x in double, from the dequantised weights (and the rounded input for block types).
 std::vector<double> ref_matvec(const matrix_view& w, const std::vector<double>& x_in) {
-  const std::vector<double> x = is_block_quantized(w.type) ? rounded_input(x_in) : x_in;
+  const std::vector<double> x =
+      is_block_quantized(w.type) ? rounded_input(x_in, layout_of(w.type)->block_elems) : x_in;
   std::vector<double> y(w.rows);
   for (int64_t r = 0; r < w.rows; ++r) {
     auto row = dequant(w, r);

@@ -267,33 +267,43 @@ BOOST_AUTO_TEST_CASE(reference_order_is_not_a_plain_sequential_sum) {
 BOOST_AUTO_TEST_CASE(reference_integer_kernel_follows_the_documented_order) {
   // ops.cpp's canonical order for block types, written out here from its comment, with the
   // weights taken through decode_kblock (whose decoding quants_test checks against the format).
+  // A unit is one block of the type: 32 elements, or a K-quant's super-block of 256.
   std::mt19937 rng(3);
   for (dtype type : block_types) {
-    const int64_t cols = 768;  // 24 blocks: three groups, lanes 0..15 each used once or twice
+    const int64_t cols = 768;  // 24 blocks of 32 or 3 super-blocks: lanes used once or twice
+    const int64_t unit = layout_of(type)->block_elems;
     auto data = random_matrix(type, 1, cols, rng);
     auto x = random_floats(cols, rng);
     const int off = kblock_offset(type);
     float acc[16] = {};
-    for (int64_t k = 0; k < cols / 32; ++k) {
-      const float* xk = x.data() + 32 * k;
+    for (int64_t u = 0; u < cols / unit; ++u) {
+      const float* xu = x.data() + unit * u;
       float amax = 0;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xk[i]));
+      for (int64_t i = 0; i < unit; ++i) amax = std::max(amax, std::fabs(xu[i]));
       const float dx = amax / 127.0f;
       const float id = amax != 0 ? 1.0f / dx : 0.0f;
-      int xq[32];
-      for (int i = 0; i < 32; ++i) xq[i] = static_cast<int>(std::nearbyint(xk[i] * id));
-      kblock kb;
-      decode_kblock(type, data.data(), k, kb);
-      int64_t p[2] = {0, 0}, s[2] = {0, 0};
-      for (int i = 0; i < 32; ++i) {
-        p[i / 16] += (kb.q[i] - off) * xq[i];
-        s[i / 16] += xq[i];
+      int64_t isum = 0, msum = 0;
+      float s = 0, t = 0;
+      for (int64_t k = unit * u / 32; k < unit * (u + 1) / 32; ++k) {
+        int xq[32];
+        for (int i = 0; i < 32; ++i)
+          xq[i] = static_cast<int>(std::nearbyint(x[32 * k + i] * id));
+        kblock kb;
+        decode_kblock(type, data.data(), k, kb);
+        int64_t p[2] = {0, 0}, sx[2] = {0, 0};
+        for (int i = 0; i < 32; ++i) {
+          p[i / 16] += (kb.q[i] - off) * xq[i];
+          sx[i / 16] += xq[i];
+        }
+        isum += kb.sc[0] * p[0] + kb.sc[1] * p[1];
+        msum += kb.mn[0] * sx[0] + kb.mn[1] * sx[1];
+        s = kb.s;  // the same for every block of a super-block
+        t = kb.t;
       }
-      const int64_t isum = kb.sc[0] * p[0] + kb.sc[1] * p[1];
-      const int64_t msum = kb.mn[0] * s[0] + kb.mn[1] * s[1];
-      volatile float sd = kb.s * dx;  // rounded before the fma
-      volatile float td = kb.t * dx;
-      float& lane = acc[k % 16];
+      BOOST_TEST(std::abs(isum) < (int64_t{1} << 31));
+      volatile float sd = s * dx;  // rounded before the fma
+      volatile float td = t * dx;
+      float& lane = acc[u % 16];
       lane = std::fma(sd, static_cast<float>(isum), lane);
       if (has_min(type)) lane = std::fma(td, static_cast<float>(msum), lane);
     }
@@ -305,7 +315,8 @@ BOOST_AUTO_TEST_CASE(reference_integer_kernel_follows_the_documented_order) {
 }
 
 BOOST_AUTO_TEST_CASE(the_integer_kernel_is_close_to_the_dequantised_dot_product) {
-  // Quantising the input per block of 32 costs at most half a step (amax / 254) per value.
+  // Quantising the input per block of the type (32 or 256) costs at most half a step
+  // (amax / 254 of that block) per value.
   std::mt19937 rng(4);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (dtype type : block_types) {
@@ -317,12 +328,14 @@ BOOST_AUTO_TEST_CASE(the_integer_kernel_is_close_to_the_dequantised_dot_product)
     for (int64_t r = 0; r < 4; ++r) {
       dequantize_row(m, r, w.data());
       double exact = 0, bound = 0;
-      for (int64_t k = 0; k < cols / 32; ++k) {
+      const int64_t unit = layout_of(type)->block_elems;
+      for (int64_t k = 0; k < cols / unit; ++k) {
         double amax = 0;
-        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(double(x[32 * k + i])));
-        for (int i = 0; i < 32; ++i) {
-          exact += double(w[32 * k + i]) * x[32 * k + i];
-          bound += std::fabs(double(w[32 * k + i])) * (amax / 254.0 * 1.01 + 1e-6);
+        for (int64_t i = 0; i < unit; ++i)
+          amax = std::max(amax, std::fabs(double(x[unit * k + i])));
+        for (int64_t i = 0; i < unit; ++i) {
+          exact += double(w[unit * k + i]) * x[unit * k + i];
+          bound += std::fabs(double(w[unit * k + i])) * (amax / 254.0 * 1.01 + 1e-6);
         }
       }
       const double got = reference::dot_row(m, r, x.data());

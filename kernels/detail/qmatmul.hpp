@@ -29,6 +29,7 @@ struct alignas(32) xgroup {
   int32_t sum[8];    // s0 + s1
   int16_t sp[8][2];  // the same two sums as 16-bit pairs (for the min term's madd)
   float d[8];        // scale: x ~ d * q
+  int16_t bp[4][2];  // sum[2c], sum[2c + 1] as 16-bit pairs (a min per block: half the madds)
 };
 
 struct alignas(32) kgroup {
@@ -54,6 +55,7 @@ const T& element(const T (&q)[8][32], int b, int i) {
 struct kprops {
   int off_shift = -1;  // log2 of kblock_offset, or -1 for none
   bool min = false;
+  bool super = false;  // a K-quant: one float step per group (super-block), not per block
 };
 kprops props_of(dtype t);
 
@@ -62,9 +64,14 @@ inline int64_t groups_of(int64_t cols) {
   return (cols / 32 + 7) / 8;
 }
 
-/// Quantises `cols` floats (a multiple of 32) into groups_of(cols) groups: per block of 32,
-/// amax = max |x|, d = amax / 127, q = nearest-even(x * (1 / d)) (0 when amax = 0).
-void quantize_input(const float* x, int64_t cols, xgroup* out);
+/// Elements that share one input scale for weights of type `t`: its block size (32, or 256
+/// for the K-quants).
+int input_span(dtype t);
+
+/// Quantises `cols` floats (a multiple of `span`, 32 or 256) into groups_of(cols) groups: per
+/// span, amax = max |x|, d = amax / 127, q = nearest-even(x * (1 / d)) (0 when amax = 0); every
+/// block of the span gets the same d.
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out);
 
 /// Decodes row `r` of `w` into groups_of(w.cols) groups (scalar, any block type).
 void decode_row(const matrix_view& w, int64_t r, kgroup* out);
