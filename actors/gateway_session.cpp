@@ -354,6 +354,7 @@ class session_server final : public wire::Session::Server {
     const int64_t expect = p.getTurnGiven() ? static_cast<int64_t>(p.getTurn()) : -1;
     std::string txt(text.cStr(), text.size());
     auto max_tokens = static_cast<int32_t>(p.getMaxTokens());
+    const bool special = p.getSpecial();
     auto& s = g_.open_stream(id_, p.getSink(), key_);
     s.requested = asked;
     auto sid = s.id;
@@ -364,7 +365,7 @@ class session_server final : public wire::Session::Server {
     auto ctx_len = static_cast<size_t>(g_.nd.context()->llm->config().ctx_len);
     auto id = id_;
     return g_.find_session(id_)
-        .then([&sys, timeout, tok, ctx_len, id, txt, max_tokens, expect,
+        .then([&sys, timeout, tok, ctx_len, id, txt, max_tokens, expect, special,
                relay_actor](caf::expected<session_actor> a) -> kj::Promise<caf::expected<sent_turn>> {
           if (!a) return caf::expected<sent_turn>(std::move(a.error()));
           auto sess = *a;
@@ -379,7 +380,8 @@ class session_server final : public wire::Session::Server {
                           size_t have = 0;
                           for (auto& t : rec.turns) have += t.user.size() + t.generated.size();
                           auto prompt =
-                              tok->encode(txt, rec.turns.empty() && tok->vocabulary().add_bos);
+                              tok->encode(txt, rec.turns.empty() && tok->vocabulary().add_bos,
+                                          special ? special_tokens::on : special_tokens::off);
                           // A turn sent again (its number given and already taken) is in
                           // `have` already: the session checks it is the same one.
                           bool again = expect >= 0 && static_cast<uint64_t>(expect) < rec.turns.size();
@@ -392,7 +394,7 @@ class session_server final : public wire::Session::Server {
                             return;
                           }
                           self->request(sess, timeout, send_atom::value, txt, max_tokens,
-                                        relay_actor, expect)
+                                        relay_actor, expect, special)
                               .then(
                                   [=](uint64_t turn) {
                                     reply_recorded(self, sess, timeout, turn, reply);

@@ -63,7 +63,8 @@ using batcher_actor = supervision_observer_actor::extend<
 struct session_record;  // session.hpp
 
 /// A session actor (session.hpp): the batcher's `sequence_sink_actor`, and
-/// - `(send_atom, text, max_tokens, turn_sink_actor sink[, int64_t expect]) -> uint64_t turn`;
+/// - `(send_atom, text, max_tokens, turn_sink_actor sink[, int64_t expect[, bool special]])
+///   -> uint64_t turn`;
 /// - `(chat_atom, messages, max_tokens, turn_sink_actor sink, int64_t expect) -> uint64_t turn`:
 ///   a chat turn, rendered with the session's chat template;
 /// - `(resume_atom, turn, from_index, turn_sink_actor sink[, std::vector<int32_t> held])
@@ -75,6 +76,7 @@ struct session_record;  // session.hpp
 using session_actor = sequence_sink_actor::extend<
     caf::replies_to<send_atom, std::string, int32_t, turn_sink_actor>::with<uint64_t>,
     caf::replies_to<send_atom, std::string, int32_t, turn_sink_actor, int64_t>::with<uint64_t>,
+    caf::replies_to<send_atom, std::string, int32_t, turn_sink_actor, int64_t, bool>::with<uint64_t>,
     caf::replies_to<chat_atom, std::vector<turn_message>, int32_t, turn_sink_actor,
                     int64_t>::with<uint64_t>,
     caf::replies_to<resume_atom, uint64_t, int64_t, turn_sink_actor>::with<bool>,

@@ -502,15 +502,16 @@ bool is_chat(const session_record& r) {
 /// the client expects it to get (keel.capnp `Session.send`): the same text under a number taken
 /// already is that turn, sent again (its tokens stream to `sink` from index 0).
 caf::result<uint64_t> send_turn(self_ptr self, const std::string& text, int32_t max_tokens,
-                                turn_sink_actor sink, int64_t expect) {
+                                turn_sink_actor sink, int64_t expect, bool special) {
   check_fault(self);
   auto& st = self->state;
   const auto& tok = *st.ctx->tok;
+  const auto parse = special ? special_tokens::on : special_tokens::off;
   auto again = sent_again(
       self, expect,
       [&](const turn_record& t) {
         return t.messages.empty() &&
-               t.user == tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
+               t.user == tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos, parse);
       },
       sink);
   if (!again) return std::move(again.error());
@@ -523,7 +524,7 @@ caf::result<uint64_t> send_turn(self_ptr self, const std::string& text, int32_t 
   if (text.empty()) return make_error(errc::bad_request, "session " + st.rec.id + ": empty turn");
   turn_record t;
   t.turn = st.rec.turns.size();
-  t.user = tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos);
+  t.user = tok.encode(text, t.turn == 0 && tok.vocabulary().add_bos, parse);
   t.max_tokens = max_tokens;
   t.sink = std::move(sink);
   return start_turn(self, std::move(t));
@@ -638,11 +639,15 @@ session_actor::behavior_type session(self_ptr self, std::shared_ptr<node_context
   return {
       [self](send_atom, const std::string& text, int32_t max_tokens,
              turn_sink_actor sink) -> caf::result<uint64_t> {
-        return send_turn(self, text, max_tokens, std::move(sink), -1);
+        return send_turn(self, text, max_tokens, std::move(sink), -1, false);
       },
       [self](send_atom, const std::string& text, int32_t max_tokens, turn_sink_actor sink,
              int64_t expect) -> caf::result<uint64_t> {
-        return send_turn(self, text, max_tokens, std::move(sink), expect);
+        return send_turn(self, text, max_tokens, std::move(sink), expect, false);
+      },
+      [self](send_atom, const std::string& text, int32_t max_tokens, turn_sink_actor sink,
+             int64_t expect, bool special) -> caf::result<uint64_t> {
+        return send_turn(self, text, max_tokens, std::move(sink), expect, special);
       },
       [self](chat_atom, const std::vector<turn_message>& messages, int32_t max_tokens,
              turn_sink_actor sink, int64_t expect) -> caf::result<uint64_t> {

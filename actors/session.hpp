@@ -182,10 +182,11 @@ session_record from_checkpoint(wire::session_checkpoint c,
 /// turn's sink, and rebuilds itself from the session table when its supervisor restarts it.
 ///
 /// Messages (`session_actor`, protocols.hpp):
-/// - `(send_atom, std::string text, int32_t max_tokens, turn_sink_actor sink[, int64_t expect])
-///   -> uint64_t turn`: starts a turn; `bad_request` while another turn runs or when the text is
-///   empty. `expect`: the number the client expects (keel.capnp `Session.send`): the same text
-///   under a number taken already is that turn, sent again.
+/// - `(send_atom, std::string text, int32_t max_tokens, turn_sink_actor sink[, int64_t expect[,
+///   bool special]]) -> uint64_t turn`: starts a turn; `bad_request` while another turn runs or
+///   when the text is empty. `expect`: the number the client expects (keel.capnp
+///   `Session.send`): the same text under a number taken already is that turn, sent again.
+///   `special`: control-token text in `text` is parsed as those tokens.
 /// - `(chat_atom, std::vector<turn_message> messages, int32_t max_tokens, turn_sink_actor sink,
 ///   int64_t expect) -> uint64_t turn`: a chat turn (keel.capnp `Session.chat`): the session's
 ///   chat template (the node's at its first turn, kept with that turn) renders the whole

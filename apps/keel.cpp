@@ -58,8 +58,9 @@ constexpr option generate_spec[] = {
     {"priority", "N", "with --connect: the session's priority, higher first (default 0)"},
     {"ids", nullptr, "print token ids: 'prompt: ...' then 'gen: ...'"},
     {"special", nullptr,
-     "with --model: control-token text in --prompt (<|im_start|>, <s>...) is that token, and "
-     "generated control tokens are printed (default: both are plain text / not printed)"},
+     "control-token text in --prompt (<|im_start|>, <s>...) is that token (default: plain "
+     "text); with --model, generated control tokens are printed too (a node sends them "
+     "without text)"},
     {"verbose", nullptr, "with --connect: print the session, its node and each failover to stderr"},
     tls_ca_option,
     tls_name_option,
@@ -177,7 +178,7 @@ void print_ids(const char* label, const std::vector<int32_t>& ids) {
 
 /// `keel generate --connect`: the same output as the local command, from a node.
 int generate_remote(const keel::cli::options& opts, const keel::generation_request& req) {
-  for (const char* local_only : {"model", "tokenizer", "threads", "kv-bytes", "special"})
+  for (const char* local_only : {"model", "tokenizer", "threads", "kv-bytes"})
     if (opts.has(local_only))
       return fail(keel::make_error(keel::errc::bad_request,
                                    std::string("generate: --") + local_only +
@@ -226,7 +227,7 @@ int generate_remote(const keel::cli::options& opts, const keel::generation_reque
   };
   // Turn 0 of the session just opened: a send whose answer is lost is sent again safely.
   auto result = (*c)->generate(*session, opts.get("prompt"), static_cast<uint32_t>(req.max_tokens),
-                               on_token, on_accept, uint64_t{0});
+                               on_token, on_accept, uint64_t{0}, opts.has("special"));
   if (accepted) std::fputs("\n", stdout);
   std::fflush(stdout);
   if (!result) return fail(result.error());

@@ -300,10 +300,27 @@ BOOST_AUTO_TEST_CASE(generate_special_parses_control_tokens_in_the_prompt_and_pr
   BOOST_REQUIRE(quiet.status == 0 && shown.status == 0);
   BOOST_CHECK(shown.out.size() > 5 && shown.out.substr(shown.out.size() - 5) == "</s>\n");
   BOOST_CHECK_EQUAL(quiet.out, shown.out.substr(0, shown.out.size() - 5) + "\n");
-  // On a node the text of a turn is never parsed: --special is for --model only.
-  auto remote = sh(bin("keel") + " generate --connect 127.0.0.1:1 --prompt hi --special");
-  BOOST_TEST(remote.status == 2);
-  BOOST_TEST(remote.out.find("--special") != std::string::npos, remote.out);
+  // Through a node the prompt is parsed alike (Session.send's `special`), and only when asked.
+  keel::test::process node({bin("keel-node"), "--listen", "127.0.0.1:0", "--model", m,
+                            "--threads", "1"});
+  BOOST_REQUIRE_MESSAGE(node.wait_err([](const std::string& s) {
+                          return s.find("keel-node: listening on ") != std::string::npos &&
+                                 s.find('\n', s.find("keel-node: listening on ")) != std::string::npos;
+                        }, std::chrono::seconds(15)),
+                        "keel-node did not start: " + node.err());
+  auto err = node.err();
+  auto from = err.find("keel-node: listening on ") + 24;
+  auto address = err.substr(from, err.find('\n', from) - from);
+  auto r = bin("keel") + " generate --connect " + address + " --prompt '<s>Hi</s>' --ids --max-tokens 2";
+  auto remote_plain = sh(r);
+  auto remote_special = sh(r + " --special");
+  BOOST_REQUIRE_MESSAGE(remote_plain.status == 0 && remote_special.status == 0,
+                        remote_plain.out + remote_special.out);
+  at = 0;
+  BOOST_CHECK(ids_after(remote_plain.out, "prompt:", at) == tok.encode("<s>Hi</s>", true));
+  at = 0;
+  BOOST_CHECK(ids_after(remote_special.out, "prompt:", at) ==
+              (std::vector<int32_t>{tok.bos(), tok.bos(), 72, 105, tok.eos()}));
 }
 
 BOOST_AUTO_TEST_CASE(chat_sends_the_system_prompt_and_each_line_as_messages_the_node_renders) {

@@ -452,8 +452,9 @@ caf::expected<std::string> client::open_session(const sampling_params& params, i
 caf::expected<generation> client::generate(const std::string& session, const std::string& text,
                                            uint32_t max_tokens, const token_handler& on_token,
                                            const accept_handler& on_accept,
-                                           std::optional<uint64_t> turn) {
-  return run_turn(session, turn_input{&text, nullptr}, max_tokens, on_token, on_accept, turn);
+                                           std::optional<uint64_t> turn, bool special) {
+  return run_turn(session, turn_input{&text, nullptr, special}, max_tokens, on_token, on_accept,
+                  turn);
 }
 
 caf::expected<generation> client::chat(const std::string& session,
@@ -549,6 +550,7 @@ caf::expected<generation> client::run_turn(const std::string& session, turn_inpu
         } else {
           auto req = sess->sendRequest();
           req.setText(*input.text);
+          req.setSpecial(input.special);
           refused = start(kj::mv(req), "send");
         }
         if (refused) return refused;

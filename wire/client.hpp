@@ -169,10 +169,13 @@ class client {
   /// repeat, and a send that got no answer (`disconnected`: the node died, or the session's
   /// group did not store the turn in time) is sent again, within `resume_for`, instead of
   /// failing: the node takes a turn of that number with the same text as the same turn.
+  /// `special`: the node parses control-token text in `text` as those tokens (a node older
+  /// than keel.capnp's `special` treats it as text).
   caf::expected<generation> generate(const std::string& session, const std::string& text,
                                      uint32_t max_tokens, const token_handler& on_token = {},
                                      const accept_handler& on_accept = {},
-                                     std::optional<uint64_t> turn = std::nullopt);
+                                     std::optional<uint64_t> turn = std::nullopt,
+                                     bool special = false);
 
   /// A chat turn: as `generate`, with role/content `messages` (a system prompt, a user turn)
   /// instead of text, which the node renders with the session's chat template
@@ -205,6 +208,7 @@ class client {
   struct turn_input {
     const std::string* text = nullptr;
     const std::vector<turn_message>* messages = nullptr;
+    bool special = false;  // text: control-token text is parsed
   };
   caf::expected<generation> run_turn(const std::string& session, turn_input input,
                                      uint32_t max_tokens, const token_handler& on_token,

@@ -88,7 +88,9 @@ interface Session {
   # the same turn (the reply names it and its tokens stream into `sink` from index 0), another
   # text under that number or any other number is `badRequest`. Without it, a send after one
   # whose answer was lost may add the text twice.
-  send @1 (text :Text, maxTokens :UInt32, sink :TokenSink, turn :UInt64, turnGiven :Bool) -> (turn :UInt64, prompt :List(Int32), error :Error);
+  # `special`: control-token text in `text` (`<|im_start|>`) is parsed as those tokens (keel
+  # generate --special); otherwise it stays text. A node older than the field reads it as false.
+  send @1 (text :Text, maxTokens :UInt32, sink :TokenSink, turn :UInt64, turnGiven :Bool, special :Bool) -> (turn :UInt64, prompt :List(Int32), error :Error);
   cancel @2 (turn :UInt64) -> (error :Error);
   history @3 () -> (turns :List(Turn), error :Error);
   # Streams the turn's tokens from `fromIndex` on into `sink`: those already generated, then
