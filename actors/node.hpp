@@ -7,6 +7,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <stop_token>
 #include <string>
 
 #include <caf/actor.hpp>
@@ -194,7 +195,12 @@ class node {
   /// resumes elsewhere), then waits until another member of each group owns it. Returns what
   /// happened to each session; the node is safe to stop when every one moved. `unimplemented`
   /// without peers. Blocks; not on a CAF or KJ thread.
-  caf::expected<std::vector<drained_session>> drain();
+  ///
+  /// It waits for the new owners at most `patience` (zero: six times `down_after`, at least
+  /// 5 s) and stops waiting once `stop` is requested (keel-node's second SIGTERM); a session not
+  /// taken over by then is reported with why it stayed (it is given up all the same).
+  caf::expected<std::vector<drained_session>> drain(std::stop_token stop = {},
+                                                    std::chrono::milliseconds patience = {});
   bool draining() const { return draining_.load(); }
   /// Called once when `drain` starts (keel-node tells its peers through its heartbeats).
   void on_draining(std::function<void()> f) { on_draining_ = std::move(f); }

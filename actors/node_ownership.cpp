@@ -335,7 +335,8 @@ peer_transport::counters node::replication() const {
   return t ? t->stats() : peer_transport::counters{};
 }
 
-caf::expected<std::vector<node::drained_session>> node::drain() {
+caf::expected<std::vector<node::drained_session>> node::drain(std::stop_token stop,
+                                                             std::chrono::milliseconds patience) {
   if (!own_)
     return make_error(errc::unimplemented,
                       "node " + cfg_.name + " cannot drain: it runs alone (no --peers)");
@@ -368,7 +369,8 @@ caf::expected<std::vector<node::drained_session>> node::drain() {
   // Another member of each group takes it over after suspect_after, as from a silent owner:
   // waited for a few times that.
   std::vector<drained_session> out;
-  auto patience = std::max<std::chrono::milliseconds>(std::chrono::seconds(5), cfg_.down_after * 6);
+  if (patience.count() <= 0)
+    patience = std::max<std::chrono::milliseconds>(std::chrono::seconds(5), cfg_.down_after * 6);
   auto until = std::chrono::steady_clock::now() + patience;
   for (auto& id : asked) {
     drained_session d;
@@ -383,6 +385,10 @@ caf::expected<std::vector<node::drained_session>> node::drain() {
         d.epoch = v->promised.epoch;
         std::lock_guard<std::mutex> guard(own_->mu);
         own_->given_up.erase(id);
+        break;
+      }
+      if (stop.stop_requested()) {
+        d.error = "the drain was cut short before another member of its group took it over";
         break;
       }
       if (std::chrono::steady_clock::now() >= until) {
