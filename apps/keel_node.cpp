@@ -240,7 +240,11 @@ void drain_for_shutdown(keel::node& nd, const keel::cli::node_log& log, std::sto
     log.line("drain: no peers (--peers), so no session can move; stopping");
     return;
   }
-  auto moved = nd.drain(cut_short, budget);
+  keel::node::drain_options o;
+  o.patience = budget;
+  o.stop = cut_short;
+  o.skip_unreachable = true;  // the last node up does not wait for a takeover none can make
+  auto moved = nd.drain(o);
   if (!moved) {
     log.line("drain: " + keel::describe(moved.error()) + "; stopping without it",
              log_level::warning);

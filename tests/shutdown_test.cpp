@@ -230,3 +230,31 @@ BOOST_AUTO_TEST_CASE(a_second_sigterm_cuts_the_drain_short_and_stops_at_once) {
   BOOST_TEST(contains(log, "keel-node: stopped\n"), log);
   BOOST_TEST(!contains(log, "did not stop within"), log);
 }
+
+BOOST_AUTO_TEST_CASE(the_last_node_up_stops_without_waiting_for_takeovers_that_cannot_happen) {
+  // b and c are killed: no session of a can move. a's drain sees them down (its region links) and
+  // does not wait the drain's patience (six times --down-after) for new owners.
+  three_nodes t("last", {"--shutdown-timeout", "300000"}, 2000);
+  auto& cl = t.cl;
+  const size_t a = 0;
+  auto ca = connect({cl.address(a)});
+  auto sid = ca->open_session(sampled(11));
+  BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+  BOOST_REQUIRE(ca->generate(*sid, "Hello there", 4));
+  ca.reset();
+  cl.kill({1, 2});
+  for (size_t peer : {1, 2})
+    BOOST_REQUIRE_MESSAGE(
+        cl.wait_log(a, "link a -> " + cl.peer_address(peer) + ": suspect -> down", 60s),
+        cl.current_log(a));
+
+  int status = cl.terminate(a, 60s);
+  auto log = cl.log(a);
+  BOOST_TEST_MESSAGE("a's log:\n" << log);
+  BOOST_TEST(status == 0);
+  auto stayed = line_with(log, "keel-node: drain: session " + *sid + " stayed: ");
+  BOOST_TEST((contains(stayed, "no other member of its group answers this node (b, c down)") ||
+              contains(stayed, "no other member of its group answers this node (c, b down)")),
+             stayed);
+  BOOST_TEST(contains(log, "keel-node: stopped\n"), log);
+}
