@@ -22,6 +22,7 @@
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
+#include <caf/scoped_actor.hpp>
 
 #include "actors/admin.hpp"
 #include "actors/gateway.hpp"
@@ -717,11 +718,16 @@ int run(std::span<char*> args) {
   }
 
   serving parts{adm.get(), gw->get(), nd->get(), peer_srv.get()};
-  auto status = shut_down(stop_signals, parts, std::chrono::milliseconds(*shutdown_timeout),
-                          sdn.get(), logger, [&] {
-                            if (watchdog) caf::anon_send_exit(watchdog, caf::exit_reason::kill);
-                          });
-  return status;
+  // The watchdog reads the node: it ends (and is waited for) before the node stops.
+  auto end_watchdog = [&] {
+    if (!watchdog) return;
+    caf::scoped_actor self{sys};
+    self->monitor(watchdog);
+    self->send_exit(watchdog, caf::exit_reason::kill);
+    self->receive([](const caf::down_msg&) {});
+  };
+  return shut_down(stop_signals, parts, std::chrono::milliseconds(*shutdown_timeout), sdn.get(),
+                   logger, end_watchdog);
 }
 
 }  // namespace

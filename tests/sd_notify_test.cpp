@@ -248,3 +248,39 @@ BOOST_AUTO_TEST_CASE(a_keel_node_reports_ready_pings_and_reports_stopping_on_sig
              node->err());
   BOOST_TEST(contains(node->err(), "keel-node: stopped\n"), node->err());
 }
+
+BOOST_AUTO_TEST_CASE(a_keel_node_whose_supervisors_gave_up_stops_its_watchdog_pings) {
+  keel::test::temp_dir dir("sd_notify_test-wedged");
+  auto model = keel::test::write_model(dir.path / "tiny.gguf", keel::test::tiny_model());
+  auto key_file = keel::test::secret_file("sd-notify-test-admin-key");
+  notify_socket sock(false);
+  std::unique_ptr<keel::test::process> node;
+  {
+    scoped_env socket_env("NOTIFY_SOCKET", sock.address);
+    scoped_env usec("WATCHDOG_USEC", "200000");
+    node = std::make_unique<keel::test::process>(std::vector<std::string>{
+        keel::test::bin("keel-node"), "--listen", "127.0.0.1:0", "--model", model, "--threads",
+        "1", "--admin-listen", "127.0.0.1:0", "--admin-key-file", key_file});
+  }
+  std::string seen;
+  BOOST_REQUIRE_MESSAGE(sock.until("READY=1", 30s, seen), seen << "\n" << node->err());
+  BOOST_REQUIRE(sock.until("WATCHDOG=1", 10s, seen));
+  auto err = node->err();
+  const std::string tag = "keel-node: admin on ";
+  auto at = err.find(tag) + tag.size();
+  auto admin = err.substr(at, err.find_first_of(" \n", at) - at);
+
+  // Six failures of the engine within 10 s: more than the root's intensity (5), so it gives up.
+  std::string kills;
+  for (int i = 0; i < 6; ++i) kills += "kill node/engine; ";
+  keel::test::run({keel::test::bin("keel-shell"), "--connect", admin, "--key-file", key_file, "-c",
+                   kills});
+  auto status = sock.until("STATUS=not ready", 30s, seen);
+  BOOST_REQUIRE_MESSAGE(status, seen << "\n" << node->err());
+  BOOST_TEST(contains(*status, "its root supervisor exited"), *status);
+  BOOST_TEST(contains(*status, "watchdog pings stopped"), *status);
+  // Five times the period without a ping: systemd (WatchdogSec) would restart it now.
+  auto after = sock.next(500ms);
+  BOOST_TEST(!after.has_value(), "a datagram after the node gave up: " << after.value_or(""));
+  BOOST_TEST(contains(node->err(), "node not ready"), node->err());
+}
