@@ -414,6 +414,8 @@ class cluster {
   }
 
   void retire(member& m, int status) {
+    // The process has ended; its last lines may still be in the pipe.
+    m.proc->wait_err([](const std::string&) { return false; }, std::chrono::seconds(2));
     m.last_log = m.proc->err();
     m.past_logs += header(m, m.starts) + m.last_log + "---- " + m.spec.name +
                    " ended with status " + std::to_string(status) + " ----\n";
