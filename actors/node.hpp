@@ -7,6 +7,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <stop_token>
 #include <string>
 
 #include <caf/actor.hpp>
@@ -189,12 +190,26 @@ class node {
     uint64_t epoch = 0;  // the new owner's epoch
     std::string error;   // why it stayed, "" when it moved
   };
+  /// How long `drain` waits for new owners.
+  struct drain_options {
+    /// At most this long; zero: six times `down_after`, at least 5 s.
+    std::chrono::milliseconds patience{0};
+    /// Once requested, no longer (keel-node's second SIGTERM).
+    std::stop_token stop;
+    /// Not for a session whose other members the region links all see down (silent for
+    /// `down_after`): from here none can take it over. keel-node's stop does not wait for a
+    /// takeover that cannot happen (the last node of a cluster stopped); keel-shell's `drain`
+    /// waits, since a majority cut off from this node may still take it over.
+    bool skip_unreachable = false;
+  };
   /// Drains the node: refuses new sessions from now on (`overloaded`, "draining"), gives every
   /// session up (its host resigns it and the session actor ends its client's stream, which
-  /// resumes elsewhere), then waits until another member of each group owns it. Returns what
-  /// happened to each session; the node is safe to stop when every one moved. `unimplemented`
-  /// without peers. Blocks; not on a CAF or KJ thread.
-  caf::expected<std::vector<drained_session>> drain();
+  /// resumes elsewhere), then waits until another member of each group owns it (`o`). Returns
+  /// what happened to each session (why it stayed, when it did: it is given up all the same);
+  /// the node is safe to stop when every one moved. `unimplemented` without peers. Blocks; not
+  /// on a CAF or KJ thread.
+  caf::expected<std::vector<drained_session>> drain(const drain_options& o);
+  caf::expected<std::vector<drained_session>> drain() { return drain(drain_options{}); }
   bool draining() const { return draining_.load(); }
   /// Called once when `drain` starts (keel-node tells its peers through its heartbeats).
   void on_draining(std::function<void()> f) { on_draining_ = std::move(f); }
@@ -250,6 +265,9 @@ class node {
   /// its running turn's client told `detail`). On the host's or a session actor's thread.
   void lost(const std::string& id);
   void stop_lost(const std::string& id, const std::string& detail);
+  /// Why no other member of `id`'s group can take it over now as this node sees it: every one
+  /// is down on its region link ("" when one may be up).
+  std::string no_other_member_up(const std::string& id) const;
 
   caf::actor_system& sys_;
   node_config cfg_;

@@ -341,7 +341,24 @@ peer_transport::counters node::replication() const {
   return t ? t->stats() : peer_transport::counters{};
 }
 
-caf::expected<std::vector<node::drained_session>> node::drain() {
+std::string node::no_other_member_up(const std::string& id) const {
+  std::map<std::string, peer_status> status;  // by peer name, from the region links
+  auto seen = peers_->snapshot();
+  for (size_t i = 0; i < cfg_.peers.size() && i < cfg_.peer_names.size(); ++i)
+    for (auto& p : seen)
+      if (p.address == cfg_.peers[i]) status[cfg_.peer_names[i]] = p.status;
+  std::string list;
+  for (auto& m : replicas_of(id)) {
+    auto it = status.find(m);
+    if (it == status.end() || it->second != peer_status::down) return {};
+    list += (list.empty() ? "" : ", ") + m;
+  }
+  if (list.empty()) return {};
+  return "no other member of its group answers this node (" + list +
+         " down); it is taken over once a majority of its group is up";
+}
+
+caf::expected<std::vector<node::drained_session>> node::drain(const drain_options& o) {
   if (!own_)
     return make_error(errc::unimplemented,
                       "node " + cfg_.name + " cannot drain: it runs alone (no --peers)");
@@ -374,7 +391,9 @@ caf::expected<std::vector<node::drained_session>> node::drain() {
   // Another member of each group takes it over after suspect_after, as from a silent owner:
   // waited for a few times that.
   std::vector<drained_session> out;
-  auto patience = std::max<std::chrono::milliseconds>(std::chrono::seconds(5), cfg_.down_after * 6);
+  auto patience = o.patience;
+  if (patience.count() <= 0)
+    patience = std::max<std::chrono::milliseconds>(std::chrono::seconds(5), cfg_.down_after * 6);
   auto until = std::chrono::steady_clock::now() + patience;
   for (auto& id : asked) {
     drained_session d;
@@ -389,6 +408,14 @@ caf::expected<std::vector<node::drained_session>> node::drain() {
         d.epoch = v->promised.epoch;
         std::lock_guard<std::mutex> guard(own_->mu);
         own_->given_up.erase(id);
+        break;
+      }
+      if (o.stop.stop_requested()) {
+        d.error = "the drain was cut short before another member of its group took it over";
+        break;
+      }
+      if (auto why = o.skip_unreachable ? no_other_member_up(id) : std::string(); !why.empty()) {
+        d.error = why;
         break;
       }
       if (std::chrono::steady_clock::now() >= until) {

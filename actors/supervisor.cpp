@@ -86,6 +86,8 @@ void write_stderr(const std::string& line) {
 
 supervision_log::supervision_log(sink_fn sink) : sink_(std::move(sink)) {}
 
+supervision_log::supervision_log(event_sink_fn sink) : event_sink_(std::move(sink)) {}
+
 void supervision_log::record(supervision_event e) {
   std::string line = "supervisor: ";
   line += e.path;
@@ -102,16 +104,19 @@ void supervision_log::record(supervision_event e) {
   }
   // The sink runs under the lock so that lines come out in the order of events_.
   std::lock_guard<std::mutex> guard{mu_};
+  if (event_sink_) event_sink_(&e, line);
   events_.push_back(std::move(e));
   if (sink_)
     sink_(line);
-  else
+  else if (!event_sink_)
     write_stderr(line);
 }
 
 void supervision_log::report(const std::string& line) {
   std::lock_guard<std::mutex> guard{mu_};
-  if (sink_)
+  if (event_sink_)
+    event_sink_(nullptr, line);
+  else if (sink_)
     sink_(line);
   else
     write_stderr(line);

@@ -137,8 +137,12 @@ struct supervision_event {
 class supervision_log {
  public:
   using sink_fn = std::function<void(const std::string& line)>;
+  /// A sink that keeps the structure (keel-node --log-format json): each event with its line,
+  /// and each `report`ed line with a null event.
+  using event_sink_fn = std::function<void(const supervision_event* e, const std::string& line)>;
 
   explicit supervision_log(sink_fn sink = {});
+  explicit supervision_log(event_sink_fn sink);
 
   void record(supervision_event e);
 
@@ -157,6 +161,7 @@ class supervision_log {
  private:
   mutable std::mutex mu_;
   sink_fn sink_;
+  event_sink_fn event_sink_;  // set instead of sink_
   std::vector<supervision_event> events_;
 };
 

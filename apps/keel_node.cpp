@@ -3,11 +3,14 @@
 
 #include <signal.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iterator>
 #include <iostream>
+#include <map>
+#include <stop_token>
 #include <optional>
 #include <set>
 #include <span>
@@ -19,6 +22,7 @@
 
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
+#include <caf/scoped_actor.hpp>
 
 #include "actors/admin.hpp"
 #include "actors/gateway.hpp"
@@ -31,6 +35,8 @@
 #include "actors/node.hpp"
 #include "actors/peer_server.hpp"
 #include "apps/cli.hpp"
+#include "apps/node_log.hpp"
+#include "apps/sd_notify.hpp"
 
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -98,9 +104,15 @@ constexpr option spec[] = {
      "(default 16M)"},
     {"frame-timeout", "MS",
      "close a client connection whose message stays unfinished for MS ms (default 30000)"},
-    {"stop-timeout", "MS",
-     "on SIGTERM, exit anyway after MS milliseconds if the clean stop has not finished "
-     "(default 20000; what was acknowledged is synced, so nothing acknowledged is lost)"},
+    {"shutdown-timeout", "MS",
+     "SIGTERM or SIGINT drains the node (new sessions refused, every session handed to a peer, "
+     "running turns continue there), then stops it; past MS milliseconds it exits anyway "
+     "(default 30000; what was acknowledged is synced, so nothing acknowledged is lost). A "
+     "second SIGTERM or SIGINT cuts the drain short and stops at once"},
+    {"stop-timeout", "MS", "the older name of --shutdown-timeout"},
+    {"log-format", "text|json",
+     "text: 'keel-node: MESSAGE' lines; json: one JSON object per line with time, level, "
+     "program, node, message and, when known, component, actor, session (default text)"},
     {"config", "FILE", "'key = value' lines with the names of these options; flags override"},
 };
 
@@ -182,7 +194,7 @@ caf::error loopback_without_tls(const std::pair<std::string, uint16_t>& at, cons
 
 /// Raises the soft limit on open files to the hard one, so that many clients (each a socket)
 /// do not run the node out of descriptors, and says what the limit is.
-void raise_open_file_limit() {
+void raise_open_file_limit(const keel::cli::node_log& log) {
   rlimit rl{};
   if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
   auto was = rl.rlim_cur;
@@ -190,9 +202,131 @@ void raise_open_file_limit() {
     rl.rlim_cur = rl.rlim_max;
     if (setrlimit(RLIMIT_NOFILE, &rl) != 0) rl.rlim_cur = was;
   }
-  keel::cli::log_line(program, "open files: limit " + std::to_string(rl.rlim_cur) +
+  log.line("open files: limit " + std::to_string(rl.rlim_cur) +
                                    (rl.rlim_cur != was ? " (raised from " + std::to_string(was) + ")"
                                                        : ""));
+}
+
+/// Sends `state` to systemd, logging (not failing) when it cannot.
+void notify(const keel::sd::notifier& n, const std::string& state,
+            const keel::cli::node_log& log) {
+  if (auto err = n.notify(state))
+    log.line("systemd: " + keel::describe(err), keel::cli::log_level::warning);
+}
+
+/// What run() started and a shutdown stops, in this order. Owned by run().
+struct serving {
+  keel::admin* adm = nullptr;  // null without --admin-listen
+  keel::gateway* gw = nullptr;
+  keel::node* nd = nullptr;
+  keel::peer_server* ps = nullptr;  // null without --peer-listen
+
+  /// The clean stop: the ports close, then the node's tree stops in reverse start order.
+  void stop() const {
+    if (adm) adm->stop();
+    gw->stop();
+    if (ps) ps->on_ownership({});
+    if (ps) ps->set_readiness({});
+    nd->stop();
+    if (ps) ps->stop();
+  }
+};
+
+/// The drain a stop signal starts: every session handed to another member of its group
+/// (node::drain), each move logged, for at most `budget` or until `cut_short` is requested.
+void drain_for_shutdown(keel::node& nd, const keel::cli::node_log& log, std::stop_token cut_short,
+                        std::chrono::milliseconds budget) {
+  using keel::cli::log_level;
+  if (nd.config().peers.empty()) {
+    log.line("drain: no peers (--peers), so no session can move; stopping");
+    return;
+  }
+  keel::node::drain_options o;
+  o.patience = budget;
+  o.stop = cut_short;
+  o.skip_unreachable = true;  // the last node up does not wait for a takeover none can make
+  auto moved = nd.drain(o);
+  if (!moved) {
+    log.line("drain: " + keel::describe(moved.error()) + "; stopping without it",
+             log_level::warning);
+    return;
+  }
+  std::map<std::string, size_t> to;
+  size_t stayed = 0;
+  for (auto& d : *moved) {
+    if (d.error.empty()) {
+      ++to[d.to];
+      log.line("drain: session " + d.id + " -> " + d.to + " (epoch " + std::to_string(d.epoch) +
+               ")");
+    } else {
+      ++stayed;
+      log.line("drain: session " + d.id + " stayed: " + d.error +
+                   "; its group's majority holds it, and another member takes it over once this "
+                   "node is gone",
+               log_level::warning);
+    }
+  }
+  std::string where;
+  for (auto& [node, n] : to) where += (where.empty() ? "" : ", ") + node + " " + std::to_string(n);
+  log.line("drain: " + std::to_string(moved->size() - stayed) + " of " +
+               std::to_string(moved->size()) + " session(s) moved" +
+               (where.empty() ? "" : " (to " + where + ")") +
+               (stayed == 0 ? "" : "; " + std::to_string(stayed) + " stayed"),
+           stayed == 0 ? log_level::info : log_level::warning);
+}
+
+/// Waits for SIGTERM or SIGINT (blocked in every thread, `signals`), then drains and stops
+/// `parts` within `timeout`: the drain gets what the stop does not need (at most three
+/// quarters of it, the stop at least a quarter up to 5 s). A second signal during the drain cuts
+/// it short and stops at once (one during the stop changes nothing); past the timeout the process
+/// ends with status 3 (every acknowledged write is already synced: as safe as a crash, issue #11).
+/// `before_stop` runs when the drain ends. Returns the exit status.
+int shut_down(const sigset_t& signals, const serving& parts, std::chrono::milliseconds timeout,
+              const keel::sd::notifier* sdn, const keel::cli::node_log& log,
+              std::function<void()> before_stop) {
+  using keel::cli::log_level;
+  int sig = 0;
+  sigwait(&signals, &sig);
+  auto ms = std::to_string(timeout.count());
+  log.line(std::string(strsignal(sig)) + ": draining, then stopping within " + ms +
+           " ms (--shutdown-timeout); a second SIGTERM or SIGINT stops at once");
+  if (sdn) notify(*sdn, "STOPPING=1\nSTATUS=draining: handing sessions to peers", log);
+  // The bound (issue #11: a worker stuck in a stall held SIGTERM in await_detached_threads).
+  std::thread([&log, timeout, ms] {
+    std::this_thread::sleep_for(timeout);
+    log.line("did not stop within " + ms + " ms (--shutdown-timeout); exiting now",
+             log_level::error);
+    _exit(3);
+  }).detach();
+  auto reserve = std::min<std::chrono::milliseconds>(timeout / 4, std::chrono::seconds(5));
+  std::stop_source cut_short;
+  std::atomic<bool> stopping{false}, done{false};
+  std::thread worker([&] {
+    drain_for_shutdown(*parts.nd, log, cut_short.get_token(), timeout - reserve);
+    stopping = true;
+    log.line("stopping");
+    if (sdn) notify(*sdn, "STATUS=stopping", log);
+    if (before_stop) before_stop();
+    parts.stop();
+    done = true;
+  });
+  while (!done) {
+    timespec poll{0, 50'000'000};
+    int again = sigtimedwait(&signals, nullptr, &poll);
+    if (again <= 0) continue;
+    if (!stopping) {
+      log.line(std::string(strsignal(again)) + " again: the drain is cut short; stopping now",
+               log_level::warning);
+      cut_short.request_stop();
+    } else {
+      // The clean stop is short; --shutdown-timeout bounds one that hangs.
+      log.line(std::string(strsignal(again)) + " again: already stopping (within " + ms +
+               " ms, --shutdown-timeout)");
+    }
+  }
+  worker.join();
+  log.line("stopped");
+  return 0;
 }
 
 int run(std::span<char*> args) {
@@ -200,8 +334,12 @@ int run(std::span<char*> args) {
     std::cout << keel::cli::help_text(
         "keel-node --listen HOST:PORT --model FILE [OPTIONS]",
         "Runs one Keel node: loads the model, starts the node's actors and serves clients on "
-        "HOST:PORT until SIGTERM or SIGINT. Logs go to stderr, among them one line "
-        "'keel-node: listening on HOST:PORT' with the bound port.",
+        "HOST:PORT until SIGTERM or SIGINT, which drain it (its sessions move to its peers) "
+        "and stop it within --shutdown-timeout. Logs go to stderr, among them one line "
+        "'keel-node: listening on HOST:PORT' with the bound port (--log-format json: an object "
+        "whose message is 'listening on HOST:PORT'). Run by systemd (Type=notify, "
+        "$NOTIFY_SOCKET) it reports READY=1, STOPPING=1 and, with WatchdogSec, WATCHDOG=1 while "
+        "healthy (deploy/keel-node.service).",
         spec);
     return 0;
   }
@@ -219,6 +357,13 @@ int run(std::span<char*> args) {
   for (auto& a : merged) argv.push_back(a.data());
   auto opts = keel::cli::options::parse(argv, spec);
   if (!opts) return fail(opts.error());
+  auto format = keel::cli::parse_log_format(opts->get("log-format", "text"));
+  if (!format) return fail(format.error());
+  // From here on every line, errors included, is in the chosen format.
+  keel::cli::node_log logger(program, *format);
+  logger.set_node(opts->get("name", "node"));
+  auto fail = [&logger](const caf::error& err) { return logger.fail(err); };
+  constexpr auto warning = keel::cli::log_level::warning;
 
   if (!opts->has("listen"))
     return fail(keel::make_error(keel::errc::bad_request, "--listen HOST:PORT is required"));
@@ -264,8 +409,16 @@ int run(std::span<char*> args) {
   if (!stall) return fail(stall.error());
   auto heartbeat = opts->get_int("heartbeat-interval", 100, 1, 60 * 1000);
   auto down_after = opts->get_int("down-after", 500, 2, 10 * 60 * 1000);
-  auto stop_timeout = opts->get_int("stop-timeout", 20000, 100, 10 * 60 * 1000);
-  if (!stop_timeout) return fail(stop_timeout.error());
+  // --stop-timeout is the older name of --shutdown-timeout: scripts that give it keep working.
+  if (opts->has("stop-timeout") && opts->has("shutdown-timeout"))
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "--stop-timeout " + opts->get("stop-timeout") +
+                                     " and --shutdown-timeout " + opts->get("shutdown-timeout") +
+                                     ": give one (--stop-timeout is its older name)"));
+  auto shutdown_timeout =
+      opts->get_int(opts->has("stop-timeout") ? "stop-timeout" : "shutdown-timeout", 30000, 100,
+                    60 * 60 * 1000);
+  if (!shutdown_timeout) return fail(shutdown_timeout.error());
   if (!heartbeat) return fail(heartbeat.error());
   if (!down_after) return fail(down_after.error());
   std::vector<std::string> peers, peer_names;
@@ -334,10 +487,10 @@ int run(std::span<char*> args) {
   if (opts->has("admin-key")) {
     admin_key = opts->get("admin-key");
     if (auto warn = keel::cli::readable_by_others(opts->get("config")); !warn.empty())
-      keel::cli::log_line(program, "warning: the config file holds the admin key, and " + warn);
+      logger.line("warning: the config file holds the admin key, and " + warn, warning);
   } else if (opts->has("admin-key-file")) {
     if (auto warn = keel::cli::readable_by_others(opts->get("admin-key-file")); !warn.empty())
-      keel::cli::log_line(program, "warning: " + warn);
+      logger.line("warning: " + warn, warning);
     auto k = keel::cli::read_secret_file("admin-key-file", opts->get("admin-key-file"));
     if (!k) return fail(k.error());
     admin_key = *k;
@@ -376,7 +529,7 @@ int run(std::span<char*> args) {
   ncfg.data_dir = opts->get("data");
   // The store holds every conversation in clear (new files are the owner's only: umask below).
   if (auto warn = keel::cli::readable_by_others(ncfg.data_dir); !ncfg.data_dir.empty() && !warn.empty())
-    keel::cli::log_line(program, "warning: the session store " + warn);
+    logger.line("warning: the session store " + warn, warning);
   ncfg.region = opts->get("region");
   // Two replicas once there are three nodes: a group of three keeps acknowledging with one
   // member lost (a group of two would stop at any loss).
@@ -417,7 +570,7 @@ int run(std::span<char*> args) {
   gcfg.region = opts->get("region");
   gcfg.stall_timeout = std::chrono::milliseconds(*stall);
   gcfg.keys = keys;
-  gcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
+  gcfg.log = [&logger](const std::string& line) { logger.line_from("gateway", line); };
   gcfg.tls = tls;
   auto max_conn = opts->get_int("max-connections", 1024, 1, 1 << 20);
   auto per_address = opts->get_int("max-connections-per-address", 256, 1, 1 << 20);
@@ -440,7 +593,7 @@ int run(std::span<char*> args) {
 
   // Block the stop signals before any thread starts, so that every thread inherits the mask
   // and only sigwait below receives them.
-  raise_open_file_limit();
+  raise_open_file_limit(logger);
   // Sessions are conversations: the store's files (and anything else the node creates) are
   // for this user only (issue #11).
   umask(077);
@@ -450,11 +603,34 @@ int run(std::span<char*> args) {
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
+  // systemd (Type=notify): READY=1 once every port serves, STOPPING=1 when a drain starts,
+  // WATCHDOG=1 while the node is healthy. Nothing without $NOTIFY_SOCKET.
+  std::shared_ptr<const keel::sd::notifier> sdn;
+  std::optional<std::chrono::microseconds> watchdog_every;
+  if (auto n = keel::sd::notifier::from_environment(); !n) {
+    logger.line("systemd: " + keel::describe(n.error()) + "; not notifying", warning);
+  } else if (*n) {
+    sdn = std::make_shared<const keel::sd::notifier>(std::move(**n));
+    auto w = keel::sd::watchdog_period(std::getenv("WATCHDOG_USEC"), std::getenv("WATCHDOG_PID"),
+                                       getpid());
+    if (!w)
+      logger.line("systemd: " + keel::describe(w.error()) + "; no watchdog pings", warning);
+    else
+      watchdog_every = *w;
+    logger.line("systemd: notifying " + sdn->address() +
+                (watchdog_every ? ", watchdog ping every " +
+                                      std::to_string(watchdog_every->count() / 1000) + " ms"
+                                : std::string()));
+  }
+
   caf::actor_system_config sys_cfg;
   keel::tune_actor_system(sys_cfg);
   caf::actor_system sys{sys_cfg};
-  auto log = std::make_shared<keel::supervision_log>(
-      [](const std::string& line) { keel::cli::log_line(program, line); });
+  caf::actor watchdog;  // with WATCHDOG_USEC; ended before the tree stops
+  auto log = std::make_shared<keel::supervision_log>(keel::supervision_log::event_sink_fn(
+      [&logger](const keel::supervision_event* e, const std::string& line) {
+        logger.supervision(e, line);
+      }));
   // The peer endpoint first: the node's links name it in their heartbeats.
   std::unique_ptr<keel::peer_server> peer_srv;
   ncfg.cut = std::make_shared<keel::partition>();  // shared by the node and its peer endpoint
@@ -469,12 +645,12 @@ int run(std::span<char*> args) {
     pcfg.cluster = keel::cluster_digest(ncfg);
     for (auto& n : peer_names)
       if (!n.empty()) pcfg.peers.push_back(n);
-    pcfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
+    pcfg.log = [&logger](const std::string& line) { logger.line_from("peers", line); };
     auto ps = keel::peer_server::start(pcfg);
     if (!ps) return fail(ps.error());
     peer_srv = std::move(*ps);
     ncfg.peer_address = peer_srv->address();
-    keel::cli::log_line(program, "serving peers on " + peer_srv->address());
+    logger.line("serving peers on " + peer_srv->address());
   }
   // The node's environment, built here once: the real clock, randomness, store, transport and
   // threads (tests give their own; actors/node_env.hpp).
@@ -493,26 +669,26 @@ int run(std::span<char*> args) {
       n->deliver_ownership(from, std::move(message));
     });
   }
-  keel::cli::log_line(program, "listening on " + (*gw)->address());
-  if (http_listen) keel::cli::log_line(program, "http on " + (*gw)->http_address());
+  logger.line("listening on " + (*gw)->address());
+  if (http_listen) logger.line("http on " + (*gw)->http_address());
   if (keys) {
     std::set<std::string> tenants;
     for (auto& k : keys->keys()) tenants.insert(k.tenant);
-    keel::cli::log_line(program, "client port: " + std::to_string(keys->keys().size()) +
+    logger.line("client port: " + std::to_string(keys->keys().size()) +
                                      " API key(s) of " + std::to_string(tenants.size()) +
                                      " tenant(s) from " + opts->get("keys") + "; clients log in");
   } else {
-    keel::cli::log_line(program,
+    logger.line(
                         "client port open to anyone on this host (no --keys): every "
                         "local user can read and write every session");
   }
-  keel::cli::log_line(program, "node " + ncfg.name + ", model " + ncfg.model_path + ", " +
+  logger.line("node " + ncfg.name + ", model " + ncfg.model_path + ", " +
                                    std::to_string(ncfg.shards) + " shard(s) x " +
                                    std::to_string(ncfg.threads_per_shard) + " thread(s)" +
                                    (gcfg.region.empty() ? "" : ", region " + gcfg.region) +
                                    (opts->has("data") ? ", data " + opts->get("data") : ""));
-  keel::cli::log_line(
-      program, tls ? "TLS on the client, peer and admin ports: certificate " +
+  logger.line(
+      tls ? "TLS on the client, peer and admin ports: certificate " +
                          opts->get("tls-cert") + ", CA " + opts->get("tls-ca") +
                          (peer_listen ? "; peers must present certificates naming them" : "")
                    : "no TLS (no --tls-cert): the peer and admin ports serve loopback only, and "
@@ -524,35 +700,33 @@ int run(std::span<char*> args) {
     acfg.port = admin_listen->second;
     acfg.key = admin_key;
     acfg.client_address = (*gw)->address();
-    acfg.log = [](const std::string& line) { keel::cli::log_line(program, line); };
+    acfg.log = [&logger](const std::string& line) { logger.line_from("admin", line); };
     acfg.tls = tls;
     auto a = keel::admin::start(sys, **nd, std::move(acfg));
     if (!a) return fail(a.error());
     adm = std::move(*a);
-    keel::cli::log_line(program, "admin on " + adm->address() +
+    logger.line("admin on " + adm->address() +
                                      (admin_key.empty() ? " (disabled: no --admin-key)" : ""));
   }
 
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
-  keel::cli::log_line(program, std::string(strsignal(sig)) + ", stopping");
-  // Shutdown finishes within a bound (issue #11: a worker stuck in a stall held SIGTERM in
-  // await_detached_threads). Every acknowledged write is already synced: exiting is as safe
-  // as a crash.
-  std::thread([ms = *stop_timeout] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
-    keel::cli::log_line(program, "did not stop within " + std::to_string(ms) +
-                                     " ms (--stop-timeout); exiting now");
-    _exit(3);
-  }).detach();
-  if (adm) adm->stop();
-  (*gw)->stop();
-  if (peer_srv) peer_srv->on_ownership({});
-  if (peer_srv) peer_srv->set_readiness({});
-  (*nd)->stop();
-  if (peer_srv) peer_srv->stop();
-  keel::cli::log_line(program, "stopped");
-  return 0;
+  if (sdn) {
+    notify(*sdn, "READY=1\nSTATUS=serving clients on " + (*gw)->address(), logger);
+    if (watchdog_every)
+      watchdog = keel::sd::spawn_watchdog(sys, sdn, *watchdog_every,
+                                          [n = nd->get()] { return n->not_ready(); });
+  }
+
+  serving parts{adm.get(), gw->get(), nd->get(), peer_srv.get()};
+  // The watchdog reads the node: it ends (and is waited for) before the node stops.
+  auto end_watchdog = [&] {
+    if (!watchdog) return;
+    caf::scoped_actor self{sys};
+    self->monitor(watchdog);
+    self->send_exit(watchdog, caf::exit_reason::kill);
+    self->receive([](const caf::down_msg&) {});
+  };
+  return shut_down(stop_signals, parts, std::chrono::milliseconds(*shutdown_timeout), sdn.get(),
+                   logger, end_watchdog);
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include <initializer_list>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -75,6 +76,8 @@ struct cluster_config {
   /// A directory with scripts/make-certs.sh's files for every node (see `make_certs`): TLS on
   /// every port, each node with its own certificate, the peers named. Empty: plain TCP.
   std::filesystem::path tls;
+  /// More flags for every node (e.g. {"--shutdown-timeout", "60000"}).
+  std::vector<std::string> extra_args;
 };
 
 /// Makes a CA and a certificate per name in `dir` with scripts/make-certs.sh (the operators'
@@ -199,6 +202,25 @@ class cluster {
     int st = m.proc->stop(grace);
     retire(m, st);
     return st;
+  }
+
+  /// Sends `sig` to node `i`; `wait_exit` reaps it once it ends.
+  void signal(size_t i, int sig) { running_member(i).proc->signal(sig); }
+
+  /// Waits up to `timeout` for node `i` to end by itself, then reaps it: its status, nothing
+  /// while it still runs.
+  std::optional<int> wait_exit(size_t i, std::chrono::milliseconds timeout) {
+    auto& m = running_member(i);
+    auto st = m.proc->wait(timeout);
+    if (st) retire(m, *st);
+    return st;
+  }
+
+  /// Waits until the running incarnation of node `i` has logged `text`; false on timeout or
+  /// when its output ended first.
+  bool wait_log(size_t i, const std::string& text, std::chrono::milliseconds timeout) {
+    return running_member(i).proc->wait_err(
+        [&](const std::string& s) { return s.find(text) != std::string::npos; }, timeout);
   }
 
   /// SIGSTOP: the process freezes with its sockets open (connections still complete in the
@@ -353,6 +375,7 @@ class cluster {
         std::ofstream(admin_key_file()) << "chaos-admin-key\n";
       a.insert(a.end(), {"--admin-listen", "127.0.0.1:0", "--config", conf.string()});
     }
+    a.insert(a.end(), cfg_.extra_args.begin(), cfg_.extra_args.end());
     return a;
   }
 
@@ -391,6 +414,8 @@ class cluster {
   }
 
   void retire(member& m, int status) {
+    // The process has ended; its last lines may still be in the pipe.
+    m.proc->wait_err([](const std::string&) { return false; }, std::chrono::seconds(2));
     m.last_log = m.proc->err();
     m.past_logs += header(m, m.starts) + m.last_log + "---- " + m.spec.name +
                    " ended with status " + std::to_string(status) + " ----\n";
