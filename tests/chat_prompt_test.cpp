@@ -122,6 +122,21 @@ BOOST_AUTO_TEST_CASE(a_later_turn_feeds_what_the_rendering_adds_after_what_was_f
   BOOST_CHECK_EQUAL(chat_fed_reply(tok, cat({cut, {im_end}})), cut.size());
 }
 
+namespace {
+
+/// Checks that turn `p`, under a template that rewrote what was `fed`, keeps the fed tokens up
+/// to where the rendering's tokens part (around the first reply: the whole rendering may join
+/// the first prompt's last token, of `first_turn` tokens, with the reply's first) and no more,
+/// then applies it to `fed`.
+void feed_rewritten(std::vector<int32_t>& fed, const chat_turn_prompt& p, size_t first_turn) {
+  BOOST_REQUIRE_GE(p.keep, static_cast<int64_t>(first_turn) - 1);
+  BOOST_REQUIRE_LT(p.keep, static_cast<int64_t>(fed.size()));
+  fed.resize(static_cast<size_t>(p.keep));
+  fed.insert(fed.end(), p.tokens.begin(), p.tokens.end());
+}
+
+}  // namespace
+
 BOOST_AUTO_TEST_CASE(a_template_that_rewrites_what_was_fed_keeps_the_tokens_up_to_the_change,
                      *utf::precondition(test::needs_shared_data{})) {
   auto tok = qwen();
@@ -139,13 +154,7 @@ BOOST_AUTO_TEST_CASE(a_template_that_rewrites_what_was_fed_keeps_the_tokens_up_t
   std::vector<chat_exchange> past{{first, reply}};
   auto p = next_chat_turn(tmpl, tok, past, second, fed);
   BOOST_REQUIRE_MESSAGE(p, test::why(p));
-  // What was fed stays up to where the rendering's tokens part (around the reply: the whole
-  // rendering may join the prompt's last token with the reply's first), then the rewritten
-  // rendering is fed.
-  BOOST_REQUIRE_GE(p->keep, static_cast<int64_t>(p0->tokens.size()) - 1);
-  BOOST_REQUIRE_LT(p->keep, static_cast<int64_t>(fed.size()));
-  fed.resize(static_cast<size_t>(p->keep));
-  fed.insert(fed.end(), p->tokens.begin(), p->tokens.end());
+  feed_rewritten(fed, *p, p0->tokens.size());
   BOOST_CHECK_EQUAL(tok.decode(fed, special_tokens::on), "user: x\nassistant: hi\nuser: y\nassistant: ");
   // Without the spaces the same template goes on after everything fed.
   auto plain = tok.encode("hi", false);
@@ -177,10 +186,7 @@ BOOST_AUTO_TEST_CASE(qwen3_drops_earlier_reasoning_and_the_conversation_goes_on,
   std::vector<chat_exchange> past{{first, reply0}};
   auto p1 = next_chat_turn(tmpl, tok, past, second, fed);
   BOOST_REQUIRE_MESSAGE(p1, test::why(p1));
-  BOOST_REQUIRE_GE(p1->keep, static_cast<int64_t>(p0->tokens.size()) - 1);
-  BOOST_REQUIRE_LT(p1->keep, static_cast<int64_t>(fed.size()));
-  fed.resize(static_cast<size_t>(p1->keep));
-  fed.insert(fed.end(), p1->tokens.begin(), p1->tokens.end());
+  feed_rewritten(fed, *p1, p0->tokens.size());
   std::vector<chat_message> conversation{{"user", "2+2?", {}},
                                          {"assistant", "<think>\nSmall sums.\n</think>\n\n4", {}},
                                          {"user", "And 3+3?", {}}};

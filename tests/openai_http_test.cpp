@@ -478,10 +478,13 @@ BOOST_AUTO_TEST_CASE(a_stream_goes_on_with_last_event_id_on_another_node_after_i
   BOOST_TEST(tokens.back() == id_tokens(reference.result["ids"]).back());
 }
 
-BOOST_AUTO_TEST_CASE(a_stream_through_a_node_whose_owner_dies_goes_on_without_a_reconnect) {
-  trio t;
-  // Turn 0 on a: a owns the session. Turn 1 is asked of b, which forwards it to a; a dies
-  // mid-reply and b resumes the turn from its new owner by itself.
+namespace {
+
+/// Turn 1 of a session that node a opened (a owns it), streamed from node b, which forwards it
+/// to a; `fault` (SIGKILL, SIGSTOP) hits a after 40 events. b must resume the turn from the
+/// next owner by itself: the client never reconnects, and the text equals the same two turns
+/// run fault-free on c.
+void owner_fails_under_a_forwarded_stream(trio& t, int fault) {
   // A session's sampling is its first request's (the seed among it).
   auto first = [](uint64_t seed) {
     auto j = chat("Hello", 2, seed);
@@ -493,7 +496,6 @@ BOOST_AUTO_TEST_CASE(a_stream_through_a_node_whose_owner_dies_goes_on_without_a_
     BOOST_REQUIRE_MESSAGE(r.status == 200, r.body);
     return r;
   };
-  // The reference: the two turns on c, fault-free.
   std::map<uint64_t, http_reply> ref_open;
   auto [seed, reference] = long_reply(long_chat, t.http("c"), [&](uint64_t s) {
     ref_open[s] = open_on("c", s);
@@ -501,43 +503,25 @@ BOOST_AUTO_TEST_CASE(a_stream_through_a_node_whose_owner_dies_goes_on_without_a_
   });
   auto opened = open_on("a", seed);
   BOOST_REQUIRE(parse(opened)["choices"] == parse(ref_open[seed])["choices"]);
-  auto session = opened.headers["keel-session"];
-  auto second = long_chat(seed);
-
-  auto cut = sse(t.http("b"), second, {"--session", session},
-                 [&](size_t) { t.nodes["a"]->proc->signal(SIGKILL); }, 40);
+  auto cut = sse(t.http("b"), long_chat(seed), {"--session", opened.headers["keel-session"]},
+                 [&](size_t) { t.nodes["a"]->proc->signal(fault); }, 40);
+  if (fault == SIGSTOP) t.nodes["a"]->proc->signal(SIGCONT);
   BOOST_REQUIRE_MESSAGE(cut.result["done"] == true, cut.result.dump());
   BOOST_TEST(cut.result["reconnects"] == 0);
   BOOST_TEST(cut.result["text"] == reference.result["text"]);
   BOOST_TEST(strictly_growing(id_tokens(cut.result["ids"])));
 }
 
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(a_stream_through_a_node_whose_owner_dies_goes_on_without_a_reconnect) {
+  trio t;
+  owner_fails_under_a_forwarded_stream(t, SIGKILL);
+}
+
 BOOST_AUTO_TEST_CASE(a_stream_through_a_node_whose_owner_hangs_goes_on_from_the_next_owner) {
   trio t;
-  // As above, but a stops (SIGSTOP) instead of dying: its connections stay open and silent.
-  // b notices the silence (no token, and no answer to `info`, for its call timeout), and resumes
-  // the turn from whichever node took the session over.
-  auto first = [](uint64_t seed) {
-    auto j = chat("Hello", 2, seed);
-    j["model"] = "slow.gguf";
-    return j;
-  };
-  auto open_on = [&](const std::string& name, uint64_t seed) {
-    auto r = post("http://" + t.http(name) + "/v1/chat/completions", first(seed).dump());
-    BOOST_REQUIRE_MESSAGE(r.status == 200, r.body);
-    return r;
-  };
-  std::map<uint64_t, http_reply> ref_open;
-  auto [seed, reference] = long_reply(long_chat, t.http("c"), [&](uint64_t s) {
-    ref_open[s] = open_on("c", s);
-    return std::vector<std::string>{"--session", ref_open[s].headers["keel-session"]};
-  });
-  auto opened = open_on("a", seed);
-  auto cut = sse(t.http("b"), long_chat(seed), {"--session", opened.headers["keel-session"]},
-                 [&](size_t) { t.nodes["a"]->proc->signal(SIGSTOP); }, 40);
-  t.nodes["a"]->proc->signal(SIGCONT);
-  BOOST_REQUIRE_MESSAGE(cut.result["done"] == true, cut.result.dump());
-  BOOST_TEST(cut.result["reconnects"] == 0);
-  BOOST_TEST(cut.result["text"] == reference.result["text"]);
-  BOOST_TEST(strictly_growing(id_tokens(cut.result["ids"])));
+  // a's connections stay open and silent: b notices the silence (no token, and no answer to
+  // `info`, for its call timeout) and resumes the turn from whichever node took it over.
+  owner_fails_under_a_forwarded_stream(t, SIGSTOP);
 }
