@@ -336,6 +336,9 @@ BOOST_AUTO_TEST_CASE(probes_and_the_model_list_answer_and_bad_requests_get_their
   BOOST_TEST(idle.find("<timeout>") == std::string::npos);
   BOOST_TEST(idle_for > 4s);
   BOOST_TEST(idle_for < 10s);
+  // A header that never ends is cut off after the header timeout (10 s), with no answer.
+  auto slow = exchange(http_port, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ", 30s);
+  BOOST_TEST(slow.find("<timeout>") == std::string::npos, slow);
 
   // The node goes on serving.
   BOOST_TEST(curl(base + "/health").status == 200);
