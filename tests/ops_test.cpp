@@ -291,6 +291,34 @@ BOOST_AUTO_TEST_CASE(the_threaded_matmul_of_block_types_equals_the_single_range_
   }
 }
 
+BOOST_AUTO_TEST_CASE(a_matmul_of_several_parts_equals_one_matmul_per_part) {
+  // Parts of both input roundings (by 32 and by 256) and a float part, with row counts that do
+  // not fall on the threads' grain of 16, against the same inputs.
+  std::mt19937 rng(9);
+  thread_pool pool(3);
+  const int64_t cols = 512, nb = 5, ldx = cols + 3;
+  const dtype types[] = {dtype::q4_k, dtype::q8_0, dtype::f16, dtype::q6_k, dtype::q4_0};
+  const int64_t rows[] = {37, 50, 21, 16, 3};
+  auto x = random_floats(static_cast<size_t>(ldx * nb), rng);
+  std::vector<std::vector<char>> data;
+  std::vector<std::vector<float>> one, many;
+  std::vector<matmul_part> parts;
+  for (int k = 0; k < 5; ++k) {
+    data.push_back(random_matrix(types[k], rows[k], cols, rng));
+    one.emplace_back(static_cast<size_t>((rows[k] + 1) * nb), -7.0f);
+    many.emplace_back(static_cast<size_t>((rows[k] + 1) * nb), -7.0f);
+  }
+  for (int k = 0; k < 5; ++k) {
+    const matrix_view w = make_matrix(types[k], data[k].data(), rows[k], cols);
+    matmul(pool, w, x.data(), ldx, nb, one[k].data(), rows[k] + 1);
+    parts.push_back({w, many[k].data(), rows[k] + 1});
+  }
+  matmul(pool, parts, x.data(), ldx, cols, nb);
+  for (int k = 0; k < 5; ++k)
+    BOOST_TEST(std::memcmp(one[k].data(), many[k].data(), one[k].size() * 4) == 0,
+               dtype_name(types[k]));
+}
+
 BOOST_AUTO_TEST_CASE(reference_order_is_not_a_plain_sequential_sum) {
   // The determinism test above only has teeth if order matters for these inputs.
   std::mt19937 rng(7);
