@@ -117,9 +117,22 @@ const detail::xgroup* quantize_inputs(const matrix_view& w, const float* x, int6
   const int64_t groups = detail::groups_of(w.cols);
   detail::xgroup* q = detail::input_scratch(groups * nb, slot);
   const int span = detail::input_span(w.type);
+  auto* round = detail::quantize_input;
+  switch (active_qdot()) {
+    case qdot_isa::avx512_vnni:
+      round = detail::avx512vnni::quantize_input;
+      break;
+    case qdot_isa::avx_vnni:
+      round = detail::avxvnni::quantize_input;
+      break;
+    case qdot_isa::avx2:
+      round = detail::avx2::quantize_input;
+      break;
+    case qdot_isa::scalar:
+      break;
+  }
   auto rows = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      detail::quantize_input(x + b * ldx, w.cols, span, q + b * groups);
+    for (int64_t b = b0; b < b1; ++b) round(x + b * ldx, w.cols, span, q + b * groups);
   };
   if (pool)
     pool->parallel_for(nb, [&](int64_t b0, int64_t b1) { rows(b0, b1); });

@@ -92,18 +92,24 @@ void qmatmul_scalar(const matrix_view& w, const xgroup* x, int64_t nb, float* y,
 namespace avx2 {
 void qmatmul(const matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy, int64_t r0,
              int64_t r1);
+/// quantize_input, the same bytes, on 256-bit vectors.
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out);
 /// Runs `iters` rounds of independent byte dot products; returns the multiply-adds done.
 int64_t macs_burst(int64_t iters);
 }  // namespace avx2
 namespace avxvnni {
 void qmatmul(const matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy, int64_t r0,
              int64_t r1);
+/// quantize_input, the same bytes, on 256-bit vectors.
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out);
 /// Runs `iters` rounds of independent byte dot products; returns the multiply-adds done.
 int64_t macs_burst(int64_t iters);
 }  // namespace avxvnni
 namespace avx512vnni {
 void qmatmul(const matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy, int64_t r0,
              int64_t r1);
+/// quantize_input, the same bytes, on 256-bit vectors.
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out);
 /// Runs `iters` rounds of independent byte dot products; returns the multiply-adds done.
 int64_t macs_burst(int64_t iters);
 }  // namespace avx512vnni

@@ -1544,6 +1544,65 @@ void qmatmul(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, 
   }
 }
 
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out) {
+  // keel::detail::quantize_input on 256-bit vectors: the same amax (a maximum, in any order), d,
+  // 1 / d, products and rounding (the current direction, as nearbyint), so the same bytes.
+  const int64_t blocks = cols / 32;
+  const int64_t groups = keel::detail::groups_of(cols);
+  std::memset(static_cast<void*>(out), 0, static_cast<size_t>(groups) * sizeof(xgroup));
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  float d = 0.0f, id = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    xgroup& o = out[g];
+    __m256i q[8];
+    for (int b = 0; b < 8; ++b) {
+      const int64_t k = 8 * g + b;
+      if (k >= blocks) {
+        q[b] = _mm256_setzero_si256();
+        continue;
+      }
+      const float* xk = x + 32 * k;
+      if (k % (span / 32) == 0) {
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < span; i += 8)
+          m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xk + i)), m);
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        d = amax / 127.0f;
+        id = amax != 0.0f ? 1.0f / d : 0.0f;
+      }
+      const __m256 vid = _mm256_set1_ps(id);
+      __m256i v[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xk + 8 * i), vid),
+                                         _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+        v[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+      }
+      // Sums of elements 0..15 and 16..31: lanes 0-3 and 4-7 after two pairwise adds.
+      const __m256i h =
+          _mm256_hadd_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+      const __m256i h2 = _mm256_hadd_epi32(h, h);
+      const int32_t s0 = _mm256_extract_epi32(h2, 0) + _mm256_extract_epi32(h2, 4);
+      const int32_t s1 = _mm256_extract_epi32(h2, 1) + _mm256_extract_epi32(h2, 5);
+      q[b] = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])),
+          order);
+      o.s0[b] = s0;
+      o.s1[b] = s1;
+      o.sum[b] = s0 + s1;
+      o.sp[b][0] = static_cast<int16_t>(s0);
+      o.sp[b][1] = static_cast<int16_t>(s1);
+      o.bp[b / 2][b % 2] = static_cast<int16_t>(s0 + s1);
+      o.d[b] = d;
+    }
+    store_transposed(q, reinterpret_cast<uint8_t(*)[32]>(o.q));
+  }
+}
+
 int64_t macs_burst(int64_t iters) {
   // Eight independent chains of the widest byte dot product this variant has, on constant
   // inputs: the peak rate of integer multiply-adds, for the benchmark's prefill fraction.
