@@ -287,7 +287,6 @@ void matmul(thread_pool& pool, std::span<const matmul_part> parts, const float* 
   // The inputs rounded by 32 and by 256 elements (input_span), each at most once.
   const detail::xgroup* rounded[2] = {nullptr, nullptr};
   std::vector<const detail::xgroup*> q(parts.size(), nullptr);
-  int64_t total = 0;
   for (size_t k = 0; k < parts.size(); ++k) {
     const matrix_view& w = parts[k].w;
     if (!dtype_supported(w.type)) die("matmul", w.type);
@@ -296,30 +295,30 @@ void matmul(thread_pool& pool, std::span<const matmul_part> parts, const float* 
                    static_cast<long long>(w.cols), static_cast<long long>(cols));
       std::abort();
     }
-    total += w.rows;
     if (!is_block_quantized(w.type)) continue;
     const int slot = detail::input_span(w.type) == qk_k ? 1 : 0;
     if (!rounded[slot]) rounded[slot] = quantize_inputs(w, x, ldx, nb, &pool, slot);
     q[k] = rounded[slot];
   }
-  // Multiples of 16 rows keep every part on the kernels' row tiles (and threads off each
-  // other's cache lines of y for nb = 1).
-  pool.parallel_for(
-      total,
-      [&](int64_t r0, int64_t r1) {
-        int64_t base = 0;  // the first row of part k in [0, total)
-        for (size_t k = 0; k < parts.size() && base < r1; base += parts[k].w.rows, ++k) {
-          const matmul_part& p = parts[k];
-          const int64_t a = std::max<int64_t>(r0 - base, 0);
-          const int64_t b = std::min<int64_t>(r1 - base, p.w.rows);
-          if (a >= b) continue;
-          if (q[k])
-            qmatmul(p.w, q[k], nb, p.y, p.ldy, a, b);
-          else
-            matmul(p.w, x, ldx, nb, p.y, p.ldy, a, b);
-        }
-      },
-      16);
+  // Every thread takes its share of every part (rather than a share of the parts' rows laid end
+  // to end), so that parts of unequal cost per row (Q4_K and Q6_K in one Q4_K_M layer) stay
+  // balanced; shares are whole multiples of 16 rows, which keep the parts on the kernels' row
+  // tiles and threads off each other's cache lines of y for nb = 1.
+  const int64_t members = pool.size();
+  pool.parallel_for(members, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (size_t k = 0; k < parts.size(); ++k) {
+        const matmul_part& p = parts[k];
+        const int64_t grains = (p.w.rows + 15) / 16;
+        const int64_t a = std::min(p.w.rows, grains * m / members * 16);
+        const int64_t b = std::min(p.w.rows, grains * (m + 1) / members * 16);
+        if (a >= b) continue;
+        if (q[k])
+          qmatmul(p.w, q[k], nb, p.y, p.ldy, a, b);
+        else
+          matmul(p.w, x, ldx, nb, p.y, p.ldy, a, b);
+      }
+  });
 }
 
 void dequantize_row(const matrix_view& w, int64_t r, float* out) {

@@ -67,9 +67,10 @@ struct matmul_part {
 };
 
 /// matmul of every part against the same inputs (nb rows of at least `cols` values, ldx apart;
-/// every part's w.cols equals `cols`), split across `pool` in one parallel loop over all parts'
-/// rows. The inputs are rounded once for all block-quantised parts that round them alike (by 32
-/// or by 256 elements). Same results as one call per part. Not re-entrant (see thread_pool).
+/// every part's w.cols equals `cols`), in one parallel loop of `pool` in which each thread takes
+/// its share of every part's rows. The inputs are rounded once for all block-quantised parts that
+/// round them alike (by 32 or by 256 elements). Same results as one call per part. Not re-entrant
+/// (see thread_pool).
 void matmul(thread_pool& pool, std::span<const matmul_part> parts, const float* x, int64_t ldx,
             int64_t cols, int64_t nb);
 
