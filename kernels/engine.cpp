@@ -134,11 +134,18 @@ caf::error engine::reduce(float* data, int64_t n) {
 }
 
 void engine::matmul(const matrix_view& w, const float* x, int64_t nb, float* y) {
-  // Rows are split across threads in grains of 16 so that threads never share a cache line of y
-  // for nb = 1; each output is computed by one thread in the canonical order.
-  pool_.parallel_for(
-      w.rows, [&](int64_t r0, int64_t r1) { keel::matmul(w, x, w.cols, nb, y, w.rows, r0, r1); },
-      16);
+  matmul({{w, y}}, x, nb);
+}
+
+void engine::matmul(std::initializer_list<std::pair<const matrix_view&, float*>> parts,
+                    const float* x, int64_t nb) {
+  // Rows are split across threads in grains of 16 (see keel::matmul); each output is computed by
+  // one thread in the canonical order, so the split does not change its bits.
+  std::vector<matmul_part> ps;
+  ps.reserve(parts.size());
+  for (auto& [w, y] : parts) ps.push_back({w, y, w.rows});
+  const int64_t cols = ps.front().w.cols;
+  keel::matmul(pool_, ps, x, cols, cols, nb);
 }
 
 caf::error engine::validate(std::span<const seq_step> steps) const {
@@ -253,9 +260,7 @@ caf::error engine::forward(std::span<const seq_step> steps) {
     const auto& S = slices_[l];
     for (int64_t t = 0; t < T; ++t)
       rmsnorm(&xb_[t * dim], &x_[t * dim], L.attn_norm.data(), dim, c.rms_eps);
-    matmul(S.wq, xb_.data(), T, q_.data());
-    matmul(S.wk, xb_.data(), T, k_.data());
-    matmul(S.wv, xb_.data(), T, v_.data());
+    matmul({{S.wq, q_.data()}, {S.wk, k_.data()}, {S.wv, v_.data()}}, xb_.data(), T);
     add_bias(q_.data(), S.bq, qd, T);
     add_bias(k_.data(), S.bk, kvd, T);
     add_bias(v_.data(), S.bv, kvd, T);
@@ -277,8 +282,7 @@ caf::error engine::forward(std::span<const seq_step> steps) {
     for (int64_t i = 0; i < T * dim; ++i) x_[i] += xb_[i];
     for (int64_t t = 0; t < T; ++t)
       rmsnorm(&xb_[t * dim], &x_[t * dim], L.ffn_norm.data(), dim, c.rms_eps);
-    matmul(S.w_gate, xb_.data(), T, gate_.data());
-    matmul(S.w_up, xb_.data(), T, up_.data());
+    matmul({{S.w_gate, gate_.data()}, {S.w_up, up_.data()}}, xb_.data(), T);
     for (int64_t t = 0; t < T; ++t) silu_mul(&gate_[t * ffn], &up_[t * ffn], ffn);
     matmul(S.w_down, gate_.data(), T, xb_.data());
     if (auto err = reduce(xb_.data(), T * dim)) {

@@ -1,11 +1,13 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <span>
+#include <utility>
 #include <vector>
 
-#include "kernels/collective.hpp"
 #include "base/error.hpp"
+#include "kernels/collective.hpp"
 #include "kernels/kv_cache.hpp"
 #include "kernels/model.hpp"
 #include "kernels/thread_pool.hpp"
@@ -69,6 +71,10 @@ class engine {
 
  private:
   void matmul(const matrix_view& w, const float* x, int64_t nb, float* y);
+  // Several matrices against the same nb inputs of w.cols values: one rounding, one parallel
+  // loop. Each part's y has w.rows values per input.
+  void matmul(std::initializer_list<std::pair<const matrix_view&, float*>> parts, const float* x,
+              int64_t nb);
   void attention(int32_t layer, std::span<const seq_step> steps);
   caf::error validate(std::span<const seq_step> steps) const;
   // Sums `n` values over the group (nothing to do for one shard).

@@ -298,10 +298,10 @@ T* scratch(std::unique_ptr<T[]>& buf, int64_t& cap, int64_t n) {
 
 }  // namespace
 
-xgroup* input_scratch(int64_t n) {
-  thread_local std::unique_ptr<xgroup[]> buf;
-  thread_local int64_t cap = 0;
-  return scratch(buf, cap, n);
+xgroup* input_scratch(int64_t n, int slot) {
+  thread_local std::unique_ptr<xgroup[]> buf[2];
+  thread_local int64_t cap[2] = {};
+  return scratch(buf[slot], cap[slot], n);
 }
 
 kgroup* weight_scratch(int64_t n) {

@@ -110,16 +110,29 @@ void qmatmul(const matrix_view& w, const detail::xgroup* x, int64_t nb, float* y
   detail::qmatmul_scalar(w, x, nb, y, ldy, r0, r1);
 }
 
-// The nb input rows quantised into the calling thread's scratch (by all of `pool`'s threads
-// when given: a prefill chunk has many rows), for every row range to share.
+// The nb input rows quantised for `w` into the calling thread's scratch slot `slot` (by all of
+// `pool`'s threads when given: a prefill chunk has many rows), for every row range to share.
 const detail::xgroup* quantize_inputs(const matrix_view& w, const float* x, int64_t ldx, int64_t nb,
-                                      thread_pool* pool = nullptr) {
+                                      thread_pool* pool = nullptr, int slot = 0) {
   const int64_t groups = detail::groups_of(w.cols);
-  detail::xgroup* q = detail::input_scratch(groups * nb);
+  detail::xgroup* q = detail::input_scratch(groups * nb, slot);
   const int span = detail::input_span(w.type);
+  auto* round = detail::quantize_input;
+  switch (active_qdot()) {
+    case qdot_isa::avx512_vnni:
+      round = detail::avx512vnni::quantize_input;
+      break;
+    case qdot_isa::avx_vnni:
+      round = detail::avxvnni::quantize_input;
+      break;
+    case qdot_isa::avx2:
+      round = detail::avx2::quantize_input;
+      break;
+    case qdot_isa::scalar:
+      break;
+  }
   auto rows = [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      detail::quantize_input(x + b * ldx, w.cols, span, q + b * groups);
+    for (int64_t b = b0; b < b1; ++b) round(x + b * ldx, w.cols, span, q + b * groups);
   };
   if (pool)
     pool->parallel_for(nb, [&](int64_t b0, int64_t b1) { rows(b0, b1); });
@@ -265,15 +278,47 @@ void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float
 
 void matmul(thread_pool& pool, const matrix_view& w, const float* x, int64_t ldx, int64_t nb,
             float* y, int64_t ldy) {
-  // Multiples of 16 rows keep every part on the kernels' 4-row tiles.
-  if (is_block_quantized(w.type)) {
-    const detail::xgroup* q = quantize_inputs(w, x, ldx, nb, &pool);
-    pool.parallel_for(
-        w.rows, [&](int64_t r0, int64_t r1) { qmatmul(w, q, nb, y, ldy, r0, r1); }, 16);
-    return;
+  const matmul_part part{w, y, ldy};
+  matmul(pool, std::span(&part, 1), x, ldx, w.cols, nb);
+}
+
+void matmul(thread_pool& pool, std::span<const matmul_part> parts, const float* x, int64_t ldx,
+            int64_t cols, int64_t nb) {
+  // The inputs rounded by 32 and by 256 elements (input_span), each at most once.
+  const detail::xgroup* rounded[2] = {nullptr, nullptr};
+  std::vector<const detail::xgroup*> q(parts.size(), nullptr);
+  for (size_t k = 0; k < parts.size(); ++k) {
+    const matrix_view& w = parts[k].w;
+    if (!dtype_supported(w.type)) die("matmul", w.type);
+    if (w.cols != cols) {
+      std::fprintf(stderr, "keel: matmul: a part has %lld columns, expected %lld\n",
+                   static_cast<long long>(w.cols), static_cast<long long>(cols));
+      std::abort();
+    }
+    if (!is_block_quantized(w.type)) continue;
+    const int slot = detail::input_span(w.type) == qk_k ? 1 : 0;
+    if (!rounded[slot]) rounded[slot] = quantize_inputs(w, x, ldx, nb, &pool, slot);
+    q[k] = rounded[slot];
   }
-  pool.parallel_for(
-      w.rows, [&](int64_t r0, int64_t r1) { matmul(w, x, ldx, nb, y, ldy, r0, r1); }, 16);
+  // Every thread takes its share of every part (rather than a share of the parts' rows laid end
+  // to end), so that parts of unequal cost per row (Q4_K and Q6_K in one Q4_K_M layer) stay
+  // balanced; shares are whole multiples of 16 rows, which keep the parts on the kernels' row
+  // tiles and threads off each other's cache lines of y for nb = 1.
+  const int64_t members = pool.size();
+  pool.parallel_for(members, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (size_t k = 0; k < parts.size(); ++k) {
+        const matmul_part& p = parts[k];
+        const int64_t grains = (p.w.rows + 15) / 16;
+        const int64_t a = std::min(p.w.rows, grains * m / members * 16);
+        const int64_t b = std::min(p.w.rows, grains * (m + 1) / members * 16);
+        if (a >= b) continue;
+        if (q[k])
+          qmatmul(p.w, q[k], nb, p.y, p.ldy, a, b);
+        else
+          matmul(p.w, x, ldx, nb, p.y, p.ldy, a, b);
+      }
+  });
 }
 
 void dequantize_row(const matrix_view& w, int64_t r, float* out) {

@@ -2,6 +2,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 
 #include "kernels/dtype.hpp"
 
@@ -57,6 +58,21 @@ void matmul(const matrix_view& w, const float* x, int64_t ldx, int64_t nb, float
 /// the single-threaded call. Not re-entrant (see thread_pool).
 void matmul(thread_pool& pool, const matrix_view& w, const float* x, int64_t ldx, int64_t nb,
             float* y, int64_t ldy);
+
+/// One matrix of a matmul of several: y[b * ldy + r] = row r of `w` . input row b.
+struct matmul_part {
+  matrix_view w;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+
+/// matmul of every part against the same inputs (nb rows of at least `cols` values, ldx apart;
+/// every part's w.cols equals `cols`), in one parallel loop of `pool` in which each thread takes
+/// its share of every part's rows. The inputs are rounded once for all block-quantised parts that
+/// round them alike (by 32 or by 256 elements). Same results as one call per part. Not re-entrant
+/// (see thread_pool).
+void matmul(thread_pool& pool, std::span<const matmul_part> parts, const float* x, int64_t ldx,
+            int64_t cols, int64_t nb);
 
 /// Dequantises row `r` of `w` into `out` (w.cols floats).
 void dequantize_row(const matrix_view& w, int64_t r, float* out);

@@ -236,6 +236,46 @@ BOOST_AUTO_TEST_CASE(every_isa_matches_reference_dot_row_bit_for_bit) {
   BOOST_TEST(compared > 10000);
 }
 
+BOOST_AUTO_TEST_CASE(the_largest_weights_and_inputs_keep_every_isa_exact) {
+  // Every quant at its largest value (all bytes 0xff) against inputs that round to +-127: the
+  // widest products and pair sums, where a 16-bit sum (vpmaddubsw) would overflow if a kernel
+  // added too many of them before widening.
+  isa_guard guard;
+  vnni_guard vguard;
+  for (dtype type : block_types) {
+    const int64_t rows = 19, cols = 512, nb = 9;  // a partial tile of 16 and of 8 rows
+    const size_t row_bytes = bytes_of(*layout_of(type), static_cast<uint64_t>(cols));
+    std::vector<char> data(row_bytes * rows, static_cast<char>(0xff));
+    const size_t block = layout_of(type)->block_bytes;
+    for (size_t k = 0; k < data.size() / block; ++k)
+      for (size_t off : f16_fields(type)) {
+        const uint16_t h = f32_to_fp16(0.01f);
+        std::memcpy(data.data() + k * block + off, &h, 2);
+      }
+    matrix_view w = make_matrix(type, data.data(), rows, cols);
+    std::vector<float> x(static_cast<size_t>(cols * nb));
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t i = 0; i < cols; ++i)
+        x[b * cols + i] = b % 3 == 0 ? 1.0f : b % 3 == 1 ? -1.0f : (i / 32) % 2 ? 2.0f : -2.0f;
+    std::vector<float> want(static_cast<size_t>(rows * nb));
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t r = 0; r < rows; ++r)
+        want[b * rows + r] = reference::dot_row(w, r, x.data() + b * cols);
+    for (cpu_isa isa : supported_isas()) {
+      use_isa(isa);
+      for (bool vnni : {true, false}) {
+        use_vnni(vnni);
+        for (int64_t n : {int64_t{1}, int64_t{4}, nb}) {
+          std::vector<float> y(want.size(), -7.0f);
+          matmul(w, x.data(), cols, n, y.data(), rows, 0, rows);
+          BOOST_TEST(std::memcmp(y.data(), want.data(), static_cast<size_t>(rows * n) * 4) == 0,
+                     dtype_name(type) << " nb " << n << " qdot " << to_string(active_qdot()));
+        }
+      }
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(the_threaded_matmul_of_block_types_equals_the_single_range_one) {
   std::mt19937 rng(8);
   thread_pool pool(3);
@@ -249,6 +289,34 @@ BOOST_AUTO_TEST_CASE(the_threaded_matmul_of_block_types_equals_the_single_range_
     matmul(pool, w, x.data(), cols, nb, many.data(), rows);
     BOOST_TEST(std::memcmp(one.data(), many.data(), one.size() * 4) == 0, dtype_name(type));
   }
+}
+
+BOOST_AUTO_TEST_CASE(a_matmul_of_several_parts_equals_one_matmul_per_part) {
+  // Parts of both input roundings (by 32 and by 256) and a float part, with row counts that do
+  // not fall on the threads' grain of 16, against the same inputs.
+  std::mt19937 rng(9);
+  thread_pool pool(3);
+  const int64_t cols = 512, nb = 5, ldx = cols + 3;
+  const dtype types[] = {dtype::q4_k, dtype::q8_0, dtype::f16, dtype::q6_k, dtype::q4_0};
+  const int64_t rows[] = {37, 50, 21, 16, 3};
+  auto x = random_floats(static_cast<size_t>(ldx * nb), rng);
+  std::vector<std::vector<char>> data;
+  std::vector<std::vector<float>> one, many;
+  std::vector<matmul_part> parts;
+  for (int k = 0; k < 5; ++k) {
+    data.push_back(random_matrix(types[k], rows[k], cols, rng));
+    one.emplace_back(static_cast<size_t>((rows[k] + 1) * nb), -7.0f);
+    many.emplace_back(static_cast<size_t>((rows[k] + 1) * nb), -7.0f);
+  }
+  for (int k = 0; k < 5; ++k) {
+    const matrix_view w = make_matrix(types[k], data[k].data(), rows[k], cols);
+    matmul(pool, w, x.data(), ldx, nb, one[k].data(), rows[k] + 1);
+    parts.push_back({w, many[k].data(), rows[k] + 1});
+  }
+  matmul(pool, parts, x.data(), ldx, cols, nb);
+  for (int k = 0; k < 5; ++k)
+    BOOST_TEST(std::memcmp(one[k].data(), many[k].data(), one[k].size() * 4) == 0,
+               dtype_name(types[k]));
 }
 
 BOOST_AUTO_TEST_CASE(reference_order_is_not_a_plain_sequential_sum) {

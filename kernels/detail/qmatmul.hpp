@@ -79,9 +79,9 @@ void decode_row(const matrix_view& w, int64_t r, kgroup* out);
 /// The canonical dot product of one decoded row with one quantised input, in scalar code.
 float qdot(const kgroup* w, const xgroup* x, int64_t groups, kprops p);
 
-/// Per-thread scratch of at least `n` groups (reused across calls on the same thread; the
-/// `slot` keeps the input's and the weights' buffers apart).
-xgroup* input_scratch(int64_t n);
+/// Per-thread scratch of at least `n` groups, reused across calls on the same thread. Inputs
+/// have two slots (0 and 1), for the two ways of rounding one input (spans of 32 and 256).
+xgroup* input_scratch(int64_t n, int slot = 0);
 kgroup* weight_scratch(int64_t n);
 
 /// y[b * ldy + r] for rows [r0, r1) and inputs [0, nb) of already quantised inputs (`x` holds
@@ -92,20 +92,26 @@ void qmatmul_scalar(const matrix_view& w, const xgroup* x, int64_t nb, float* y,
 namespace avx2 {
 void qmatmul(const matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy, int64_t r0,
              int64_t r1);
+/// quantize_input, the same bytes, on 256-bit vectors.
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out);
 /// Runs `iters` rounds of independent byte dot products; returns the multiply-adds done.
 int64_t macs_burst(int64_t iters);
-}
+}  // namespace avx2
 namespace avxvnni {
 void qmatmul(const matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy, int64_t r0,
              int64_t r1);
+/// quantize_input, the same bytes, on 256-bit vectors.
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out);
 /// Runs `iters` rounds of independent byte dot products; returns the multiply-adds done.
 int64_t macs_burst(int64_t iters);
-}
+}  // namespace avxvnni
 namespace avx512vnni {
 void qmatmul(const matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy, int64_t r0,
              int64_t r1);
+/// quantize_input, the same bytes, on 256-bit vectors.
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out);
 /// Runs `iters` rounds of independent byte dot products; returns the multiply-adds done.
 int64_t macs_burst(int64_t iters);
-}
+}  // namespace avx512vnni
 
 }  // namespace keel::detail

@@ -223,8 +223,27 @@ inline void store256(void* p, __m256i v) {
   _mm256_store_si256(static_cast<__m256i*>(p), v);
 }
 
+// out[j], lane b: the 32-bit element j of v[b] (an 8 x 8 transpose of 32-bit elements).
+inline void transpose8(const __m256i* v, __m256i* out) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    out[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
+    out[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
+  }
+}
+
 // Stores eight blocks (v[b] = block b's 32 bytes) transposed in units of four bytes: row j of
-// `q` gets the j-th four bytes of each block (an 8 x 8 transpose of 32-bit elements).
+// `q` gets the j-th four bytes of each block.
 inline void store_transposed(const __m256i* v, uint8_t (*q)[32]) {
   __m256i t[8], u[8];
   for (int i = 0; i < 4; ++i) {
@@ -502,7 +521,7 @@ void decode(const keel::matrix_view& w, int64_t r, kgroup* out) {
   }
 }
 
-// K-quants on 256-bit vectors (and Q2_K/Q3_K with one to three inputs on AVX-512): rows decoded
+// Q2_K and Q3_K with one to three inputs (with any number on 256-bit vectors): rows decoded
 // four at a time; then, for each run of eight super-blocks, every input (four at a time) meets
 // every row of the tile, so that the inputs' run stays in L1, and the eight block lanes of each
 // super-block are summed horizontally. Each output still adds its super-blocks in increasing
@@ -932,30 +951,104 @@ void rows_by_pair(const keel::matrix_view& w, const xgroup* x, int64_t nb, float
   }
 }
 
-// K-quants with four or more inputs: sixteen rows at a time, row r in 32-bit lane r. One
-// super-block of the sixteen rows is decoded and transposed into a `ktile` (4 KB of weights in
-// L1), then every input meets it: each four input bytes are broadcast to all lanes and one
-// vpdpbusd adds their products with the sixteen rows' four bytes, so every lane holds one
-// output's sums and no horizontal add is needed. The scales are applied per block (or
-// half-block) with one 32-bit multiply for sixteen outputs, and the float steps run on sixteen
-// outputs' canonical lanes at once. The weights are decoded once for all inputs.
-struct alignas(64) ktile {
-  int32_t q[8][8][16];  // [block][four bytes j][row]: elements 4j .. 4j + 3 of the block
-  int32_t sc[16][16];   // [half-block][row]: the integer factor
-  int32_t mn[8][16];    // [block][row]: the min factors of the two halves, as 16-bit pairs
-                        // (Q4_K, Q5_K: [c < 4][row] the mins of blocks 2c and 2c + 1)
-  int32_t so[8][16];    // [block][row]: the two halves' factors as 16-bit pairs (offset term)
-  float s[16], t[16];
-};
+#endif
+
+// K-quants with four or more inputs: kRows rows at a time (sixteen on AVX-512, eight on 256-bit
+// vectors), row r in 32-bit lane r. One super-block of the rows is decoded and transposed into a
+// `ktile` (kRows * 256 bytes of weights in L1), then every input meets it: each four input bytes
+// are broadcast to all lanes and one four-way byte dot product adds their products with the
+// rows' four bytes, so every lane holds one output's sums and no horizontal add is needed. The
+// scales are applied per block (or half-block) for all rows at once, and the float steps run on
+// the rows' canonical lanes at once. The weights are decoded once for all inputs.
+#if KEEL_QDOT == 2
+using vint = __m512i;
+using vfloat = __m512;
+inline vint vload(const void* p) {
+  return _mm512_load_si512(p);
+}
+inline void vstore(void* p, vint v) {
+  _mm512_store_si512(p, v);
+}
+inline vint vzero() {
+  return _mm512_setzero_si512();
+}
+inline vint vset8(int v) {
+  return _mm512_set1_epi8(static_cast<char>(v));
+}
+inline vint vset32(int v) {
+  return _mm512_set1_epi32(v);
+}
+inline vint vand(vint a, vint b) {
+  return _mm512_and_si512(a, b);
+}
+inline vint vor(vint a, vint b) {
+  return _mm512_or_si512(a, b);
+}
+inline vint vsrl16(vint a, int n) {
+  return _mm512_srli_epi16(a, n);
+}
+inline vint vsll16(vint a, int n) {
+  return _mm512_slli_epi16(a, n);
+}
+inline vint vsrl32(vint a, int n) {
+  return _mm512_srli_epi32(a, n);
+}
+inline vint vsll32(vint a, int n) {
+  return _mm512_slli_epi32(a, n);
+}
+inline vint vsra32(vint a, int n) {
+  return _mm512_srai_epi32(a, n);
+}
+inline vint vadd32(vint a, vint b) {
+  return _mm512_add_epi32(a, b);
+}
+inline vint vsub32(vint a, vint b) {
+  return _mm512_sub_epi32(a, b);
+}
+inline vint vmullo32(vint a, vint b) {
+  return _mm512_mullo_epi32(a, b);
+}
+inline vint vdot(vint acc, vint u, vint s) {
+  return _mm512_dpbusd_epi32(acc, u, s);
+}
+inline vint vmadd_add(vint acc, vint a, vint b) {
+  return _mm512_dpwssd_epi32(acc, a, b);
+}
+inline vint vbcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+inline vfloat vloadf(const float* p) {
+  return _mm512_load_ps(p);
+}
+inline void vstoref(float* p, vfloat v) {
+  _mm512_store_ps(p, v);
+}
+inline vfloat vsetf(float v) {
+  return _mm512_set1_ps(v);
+}
+inline vfloat vmulf(vfloat a, vfloat b) {
+  return _mm512_mul_ps(a, b);
+}
+inline vfloat vaddf(vfloat a, vfloat b) {
+  return _mm512_add_ps(a, b);
+}
+inline vfloat vfmaf(vfloat a, vfloat b, vfloat c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+inline vfloat vcvtf(vint a) {
+  return _mm512_cvtepi32_ps(a);
+}
 
 // out[k], lane r: 32-bit element k (k < 8) of the 32 bytes at rows[r] + at, r < 16.
-inline void transpose16x8(const char* const* rows, size_t at, __m512i* out) {
+inline void transpose_rows(const char* const* rows, size_t at, vint* out) {
   __m512i z[8], t[8], u[8];
   for (int r = 0; r < 8; ++r)
     z[r] = _mm512_inserti64x4(
         _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + at))),
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r + 8] + at)), 1);
-  // As store_transposed, in both 256-bit halves at once (rows 0-7 low, 8-15 high).
+  // As transpose8, in both 256-bit halves at once (rows 0-7 low, 8-15 high).
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]);
@@ -973,10 +1066,119 @@ inline void transpose16x8(const char* const* rows, size_t at, __m512i* out) {
     out[j + 4] = _mm512_permutex2var_epi64(u[j], hi, u[j + 4]);
   }
 }
-
-inline void store512(void* p, __m512i v) {
-  _mm512_store_si512(p, v);
+#else
+using vint = __m256i;
+using vfloat = __m256;
+inline vint vload(const void* p) {
+  return _mm256_load_si256(static_cast<const __m256i*>(p));
 }
+inline void vstore(void* p, vint v) {
+  _mm256_store_si256(static_cast<__m256i*>(p), v);
+}
+inline vint vzero() {
+  return _mm256_setzero_si256();
+}
+inline vint vset8(int v) {
+  return _mm256_set1_epi8(static_cast<char>(v));
+}
+inline vint vset32(int v) {
+  return _mm256_set1_epi32(v);
+}
+inline vint vand(vint a, vint b) {
+  return _mm256_and_si256(a, b);
+}
+inline vint vor(vint a, vint b) {
+  return _mm256_or_si256(a, b);
+}
+inline vint vsrl16(vint a, int n) {
+  return _mm256_srli_epi16(a, n);
+}
+inline vint vsll16(vint a, int n) {
+  return _mm256_slli_epi16(a, n);
+}
+inline vint vsrl32(vint a, int n) {
+  return _mm256_srli_epi32(a, n);
+}
+inline vint vsll32(vint a, int n) {
+  return _mm256_slli_epi32(a, n);
+}
+inline vint vsra32(vint a, int n) {
+  return _mm256_srai_epi32(a, n);
+}
+inline vint vadd32(vint a, vint b) {
+  return _mm256_add_epi32(a, b);
+}
+inline vint vsub32(vint a, vint b) {
+  return _mm256_sub_epi32(a, b);
+}
+inline vint vmullo32(vint a, vint b) {
+  return _mm256_mullo_epi32(a, b);
+}
+inline vint vdot(vint acc, vint u, vint s) {
+  return dot_add<false>(acc, u, s);
+}
+inline vint vmadd_add(vint acc, vint a, vint b) {
+  return madd_add(acc, a, b);
+}
+inline vint vbcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+inline vfloat vloadf(const float* p) {
+  return _mm256_load_ps(p);
+}
+inline void vstoref(float* p, vfloat v) {
+  _mm256_store_ps(p, v);
+}
+inline vfloat vsetf(float v) {
+  return _mm256_set1_ps(v);
+}
+inline vfloat vmulf(vfloat a, vfloat b) {
+  return _mm256_mul_ps(a, b);
+}
+inline vfloat vaddf(vfloat a, vfloat b) {
+  return _mm256_add_ps(a, b);
+}
+inline vfloat vfmaf(vfloat a, vfloat b, vfloat c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+inline vfloat vcvtf(vint a) {
+  return _mm256_cvtepi32_ps(a);
+}
+
+// out[k], lane r: 32-bit element k (k < 8) of the 32 bytes at rows[r] + at, r < 8.
+inline void transpose_rows(const char* const* rows, size_t at, vint* out) {
+  __m256i z[8];
+  for (int r = 0; r < 8; ++r)
+    z[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + at));
+  transpose8(z, out);
+}
+#endif
+
+constexpr int kRows = sizeof(vint) / 4;
+
+// On AVX2 the scales multiply 16-bit pair sums (vpmaddwd): a tile holds each as a 16-bit pair.
+constexpr bool kPairScales = KEEL_QDOT == 0;
+
+// Lanes of a and b as 16-bit pairs: a's low 16 bits, then b's.
+inline vint pair16(vint a, vint b) {
+  return vor(vand(a, vset32(0xffff)), vsll32(b, 16));
+}
+
+// A scale as a tile holds it.
+inline vint scale_form(vint v) {
+  return kPairScales ? pair16(v, v) : v;
+}
+
+struct alignas(64) ktile {
+  int32_t q[8][8][kRows];  // [block][four bytes j][row]: elements 4j .. 4j + 3 of the block
+  int32_t sc[16][kRows];   // [half-block][row]: the integer factor (scale_form)
+  int32_t mn[8][kRows];    // [block][row]: the min factors of the two halves, as 16-bit pairs
+                           // (Q4_K, Q5_K: [c < 4][row] the mins of blocks 2c and 2c + 1)
+  int32_t so[8][kRows];    // [block][row]: the two halves' factors as 16-bit pairs (offset term)
+  float s[kRows], t[kRows];
+};
 
 // Super-block g of a K-quant row, decoded into one group.
 inline void decode_super(dtype t, const char* row, int64_t g, kgroup& out) {
@@ -996,213 +1198,216 @@ inline void decode_super(dtype t, const char* row, int64_t g, kgroup& out) {
   }
 }
 
-// The sixteen decoded groups `kg` (one super-block of sixteen rows) as a tile (Q2_K, Q3_K).
+// The kRows decoded groups `kg` (one super-block of the rows) as a tile (Q2_K, Q3_K).
 template <int OFF, bool MIN, int SC>
 void make_tile(const kgroup* kg, ktile& k) {
-  const char* rows[16];
-  for (int r = 0; r < 16; ++r) rows[r] = reinterpret_cast<const char*>(kg + r);
-  __m512i v[8];
+  const char* rows[kRows];
+  for (int r = 0; r < kRows; ++r) rows[r] = reinterpret_cast<const char*>(kg + r);
+  vint v[8];
   for (int j = 0; j < 8; ++j) {
-    transpose16x8(rows, offsetof(kgroup, q) + 32 * j, v);
-    for (int b = 0; b < 8; ++b) store512(k.q[b][j], v[b]);
+    transpose_rows(rows, offsetof(kgroup, q) + 32 * j, v);
+    for (int b = 0; b < 8; ++b) vstore(k.q[b][j], v[b]);
   }
-  __m512i sc0[8], sc1[8];
-  transpose16x8(rows, offsetof(kgroup, sc0), sc0);
-  if constexpr (SC == sc_half) transpose16x8(rows, offsetof(kgroup, sc1), sc1);
+  vint sc0[8], sc1[8];
+  transpose_rows(rows, offsetof(kgroup, sc0), sc0);
+  if constexpr (SC == sc_half) transpose_rows(rows, offsetof(kgroup, sc1), sc1);
   for (int b = 0; b < 8; ++b) {
-    store512(k.sc[2 * b], sc0[b]);
-    store512(k.sc[2 * b + 1], SC == sc_half ? sc1[b] : sc0[b]);
-    if constexpr (OFF >= 0) {
-      const __m512i s1 = SC == sc_half ? sc1[b] : sc0[b];
-      store512(k.so[b], _mm512_or_si512(_mm512_and_si512(sc0[b], _mm512_set1_epi32(0xffff)),
-                                        _mm512_slli_epi32(s1, 16)));
-    }
+    const vint s1 = SC == sc_half ? sc1[b] : sc0[b];
+    vstore(k.sc[2 * b], scale_form(sc0[b]));
+    vstore(k.sc[2 * b + 1], scale_form(s1));
+    if constexpr (OFF >= 0) vstore(k.so[b], pair16(sc0[b], s1));
   }
   if constexpr (MIN) {
-    transpose16x8(rows, offsetof(kgroup, mn), v);
-    for (int b = 0; b < 8; ++b) store512(k.mn[b], v[b]);
+    transpose_rows(rows, offsetof(kgroup, mn), v);
+    for (int b = 0; b < 8; ++b) vstore(k.mn[b], v[b]);
   }
-  for (int r = 0; r < 16; ++r) {
+  for (int r = 0; r < kRows; ++r) {
     k.s[r] = kg[r].s[0];
     k.t[r] = kg[r].t[0];
   }
 }
 
-// Q4_K and Q5_K (FIVE) straight from sixteen rows' super-blocks (rows[r] points at row r's):
-// the raw bytes are transposed first, then decoded sixteen rows at a time by the same byte
-// operations as decode_q4_k / decode_q5_k (piece j of a 32-byte run holds elements 4j .. 4j + 3
-// of the blocks that run encodes).
+// Q4_K and Q5_K (FIVE) straight from the rows' super-blocks (rows[r] points at row r's): the raw
+// bytes are transposed first, then decoded kRows rows at a time by the same byte operations as
+// decode_q4_k / decode_q5_k (piece j of a 32-byte run holds elements 4j .. 4j + 3 of the blocks
+// that run encodes).
 template <bool FIVE>
 void tile_q45(const char* const* rows, ktile& k) {
-  __m512i h[8];
-  transpose16x8(rows, 0, h);  // h[0]: d | dmin << 16; h[1..3]: the twelve scale bytes
+  vint h[8];
+  transpose_rows(rows, 0, h);  // h[0]: d | dmin << 16; h[1..3]: the twelve scale bytes
   // k4_bytes, per lane.
-  const __m512i m6 = _mm512_set1_epi32(0x3f3f3f3f), m4 = _mm512_set1_epi32(0x0f0f0f0f);
-  const __m512i m2 = _mm512_set1_epi32(0x03030303), byte = _mm512_set1_epi32(0xff);
-  const __m512i sc[2] = {
-      _mm512_and_si512(h[1], m6),
-      _mm512_or_si512(_mm512_and_si512(h[3], m4),
-                      _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h[1], 6), m2), 4))};
-  const __m512i mn[2] = {
-      _mm512_and_si512(h[2], m6),
-      _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(h[3], 4), m4),
-                      _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h[2], 6), m2), 4))};
+  const vint m6 = vset32(0x3f3f3f3f), m4 = vset32(0x0f0f0f0f);
+  const vint m2 = vset32(0x03030303), byte = vset32(0xff);
+  const vint sc[2] = {vand(h[1], m6), vor(vand(h[3], m4), vsll32(vand(vsrl32(h[1], 6), m2), 4))};
+  const vint mn[2] = {vand(h[2], m6),
+                      vor(vand(vsrl32(h[3], 4), m4), vsll32(vand(vsrl32(h[2], 6), m2), 4))};
   for (int b = 0; b < 8; ++b)
-    store512(k.sc[2 * b], _mm512_and_si512(_mm512_srli_epi32(sc[b / 4], 8 * (b % 4)), byte));
+    vstore(k.sc[2 * b], scale_form(vand(vsrl32(sc[b / 4], 8 * (b % 4)), byte)));
   // Mins of blocks 2c and 2c + 1: bytes 2c % 4 and the next, widened to 16 bits.
-  const __m512i pair = _mm512_set1_epi32(0x00ff00ff);
+  const vint pair = vset32(0x00ff00ff);
   for (int c = 0; c < 4; ++c) {
-    const __m512i v = c % 2 ? _mm512_srli_epi32(mn[c / 2], 16)
-                            : _mm512_and_si512(mn[c / 2], _mm512_set1_epi32(0xffff));
-    store512(k.mn[c], _mm512_and_si512(_mm512_or_si512(v, _mm512_slli_epi32(v, 8)), pair));
+    const vint v = c % 2 ? vsrl32(mn[c / 2], 16) : vand(mn[c / 2], vset32(0xffff));
+    vstore(k.mn[c], vand(vor(v, vsll32(v, 8)), pair));
   }
+#if KEEL_QDOT == 2
   _mm512_store_ps(k.s, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h[0])));
   _mm512_store_ps(
       k.t, _mm512_sub_ps(_mm512_setzero_ps(),
                          _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h[0], 16)))));
-  const __m512i low4 = _mm512_set1_epi8(15), bit4 = _mm512_set1_epi8(16);
-  __m512i qh[8];
-  if constexpr (FIVE) transpose16x8(rows, offsetof(keel::block_q5_k, qh), qh);
+#else
+  for (int r = 0; r < kRows; ++r) {
+    uint16_t d[2];
+    std::memcpy(d, rows[r], 4);
+    k.s[r] = half(d[0]);
+    k.t[r] = -half(d[1]);
+  }
+#endif
+  const vint low4 = vset8(15), bit4 = vset8(16);
+  vint qh[8];
+  if constexpr (FIVE) transpose_rows(rows, offsetof(keel::block_q5_k, qh), qh);
   constexpr size_t qs = FIVE ? offsetof(keel::block_q5_k, qs) : offsetof(keel::block_q4_k, qs);
   for (int p = 0; p < 4; ++p) {
-    __m512i v[8];
-    transpose16x8(rows, qs + 32 * p, v);
+    vint v[8];
+    transpose_rows(rows, qs + 32 * p, v);
     for (int j = 0; j < 8; ++j) {
-      __m512i q0 = _mm512_and_si512(v[j], low4);
-      __m512i q1 = _mm512_and_si512(_mm512_srli_epi16(v[j], 4), low4);
+      vint q0 = vand(v[j], low4);
+      vint q1 = vand(vsrl16(v[j], 4), low4);
       if constexpr (FIVE) {
         // Bits 2p and 2p + 1 of qh to bit 4, as decode_q5_k.
         const int b0 = 2 * p, b1 = 2 * p + 1;
-        const __m512i h0 =
-            b0 <= 4 ? _mm512_slli_epi16(qh[j], 4 - b0) : _mm512_srli_epi16(qh[j], b0 - 4);
-        const __m512i h1 =
-            b1 <= 4 ? _mm512_slli_epi16(qh[j], 4 - b1) : _mm512_srli_epi16(qh[j], b1 - 4);
-        q0 = _mm512_or_si512(q0, _mm512_and_si512(h0, bit4));
-        q1 = _mm512_or_si512(q1, _mm512_and_si512(h1, bit4));
+        const vint h0 = b0 <= 4 ? vsll16(qh[j], 4 - b0) : vsrl16(qh[j], b0 - 4);
+        const vint h1 = b1 <= 4 ? vsll16(qh[j], 4 - b1) : vsrl16(qh[j], b1 - 4);
+        q0 = vor(q0, vand(h0, bit4));
+        q1 = vor(q1, vand(h1, bit4));
       }
-      store512(k.q[2 * p][j], q0);
-      store512(k.q[2 * p + 1][j], q1);
+      vstore(k.q[2 * p][j], q0);
+      vstore(k.q[2 * p + 1][j], q1);
     }
   }
 }
 
-// Q6_K straight from sixteen rows' super-blocks, as tile_q45 (the byte operations of super_q6).
+// Q6_K straight from the rows' super-blocks, as tile_q45 (the byte operations of super_q6).
 inline void tile_q6(const char* const* rows, ktile& k) {
-  const __m512i low4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
+  const vint low4 = vset8(15), hi2 = vset8(0x30);
   for (int h = 0; h < 2; ++h) {
-    __m512i l0[8], l1[8], qh[8];
-    transpose16x8(rows, 64 * h, l0);
-    transpose16x8(rows, 64 * h + 32, l1);
-    transpose16x8(rows, offsetof(keel::block_q6_k, qh) + 32 * h, qh);
+    vint l0[8], l1[8], qh[8];
+    transpose_rows(rows, 64 * h, l0);
+    transpose_rows(rows, 64 * h + 32, l1);
+    transpose_rows(rows, offsetof(keel::block_q6_k, qh) + 32 * h, qh);
     for (int j = 0; j < 8; ++j) {
-      store512(k.q[4 * h][j], _mm512_or_si512(_mm512_and_si512(l0[j], low4),
-                                              _mm512_and_si512(_mm512_slli_epi16(qh[j], 4), hi2)));
-      store512(k.q[4 * h + 1][j],
-               _mm512_or_si512(_mm512_and_si512(l1[j], low4),
-                               _mm512_and_si512(_mm512_slli_epi16(qh[j], 2), hi2)));
-      store512(k.q[4 * h + 2][j],
-               _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l0[j], 4), low4),
-                               _mm512_and_si512(qh[j], hi2)));
-      store512(k.q[4 * h + 3][j],
-               _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l1[j], 4), low4),
-                               _mm512_and_si512(_mm512_srli_epi16(qh[j], 2), hi2)));
+      vstore(k.q[4 * h][j], vor(vand(l0[j], low4), vand(vsll16(qh[j], 4), hi2)));
+      vstore(k.q[4 * h + 1][j], vor(vand(l1[j], low4), vand(vsll16(qh[j], 2), hi2)));
+      vstore(k.q[4 * h + 2][j], vor(vand(vsrl16(l0[j], 4), low4), vand(qh[j], hi2)));
+      vstore(k.q[4 * h + 3][j], vor(vand(vsrl16(l1[j], 4), low4), vand(vsrl16(qh[j], 2), hi2)));
     }
   }
   // The sixteen signed scales are bytes 16..31 of the 32 at offset 176 (so as not to read past
   // the block), i.e. pieces 4..7.
   static_assert(offsetof(keel::block_q6_k, scales) == 192);
-  __m512i v[8];
-  transpose16x8(rows, 176, v);
-  __m512i sc[16];
-  for (int i = 0; i < 16; ++i)
-    sc[i] = _mm512_srai_epi32(_mm512_slli_epi32(v[4 + i / 4], 24 - 8 * (i % 4)), 24);
+  vint v[8];
+  transpose_rows(rows, 176, v);
+  vint sc[16];
+  for (int i = 0; i < 16; ++i) sc[i] = vsra32(vsll32(v[4 + i / 4], 24 - 8 * (i % 4)), 24);
   for (int b = 0; b < 8; ++b) {
-    store512(k.sc[2 * b], sc[2 * b]);
-    store512(k.sc[2 * b + 1], sc[2 * b + 1]);
-    store512(k.so[b], _mm512_or_si512(_mm512_and_si512(sc[2 * b], _mm512_set1_epi32(0xffff)),
-                                      _mm512_slli_epi32(sc[2 * b + 1], 16)));
+    vstore(k.sc[2 * b], scale_form(sc[2 * b]));
+    vstore(k.sc[2 * b + 1], scale_form(sc[2 * b + 1]));
+    vstore(k.so[b], pair16(sc[2 * b], sc[2 * b + 1]));
   }
-  for (int r = 0; r < 16; ++r) {
+  for (int r = 0; r < kRows; ++r) {
     k.s[r] = half(reinterpret_cast<const keel::block_q6_k*>(rows[r])->d);
     k.t[r] = 0.0f;
   }
 }
 
 // A tile's outputs' sixteen canonical lanes, each a vector over its rows.
-struct alignas(64) lanes16x16 {
-  float v[16][16];  // [canonical lane][row]
+struct alignas(64) tile_lanes {
+  float v[16][kRows];  // [canonical lane][row]
 };
 
-inline __m512i bcast32(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
-
-// One tile (super-block g of sixteen rows) against NB inputs (x[i] = input i's groups): the
-// exact I and M of each row and input, then their float steps into acc[i] (the canonical lane
-// g % 16 of the rows with input i). Each loaded weight vector serves NB inputs.
-template <int OFF, bool MIN, int SC, int NB>
-inline void tile_dot(const ktile& k, const xgroup* const* x, int64_t g, __m512* const* acc) {
-  __m512i isum[NB], p[NB];
+// One tile (super-block g of the rows) against NB inputs (x[i] = input i's groups): the exact I
+// and M of each row and input, then their float steps into acc[i] (the canonical lane g % 16 of
+// the rows with input i). Each loaded weight vector serves NB inputs. BITS: the weights' width
+// (their bytes are below 2^BITS).
+template <int OFF, bool MIN, int SC, int BITS, int NB>
+inline void tile_dot(const ktile& k, const xgroup* const* x, int64_t g, vfloat* const* acc) {
+  vint isum[NB], p[NB];
 #pragma GCC unroll 8
-  for (int i = 0; i < NB; ++i) isum[i] = _mm512_setzero_si512();
+  for (int i = 0; i < NB; ++i) isum[i] = vzero();
   // Half-blocks one at a time (a block's two halves share sc for Q4_K/Q5_K: whole blocks).
   constexpr int halves = SC == sc_half ? 2 : 1;
   constexpr int per = 8 / halves;  // four-byte pieces per scale
+#if KEEL_QDOT == 0
+  // vpmaddubsw's 16-bit pair sums (at most 2 * 63 * 127) of `chunk` pieces are added in 16 bits
+  // while they cannot overflow, then vpmaddwd multiplies them by the scale into 32 bits: exact.
+  constexpr int fit = 32767 / (2 * ((1 << BITS) - 1) * 127);
+  constexpr int chunk = fit >= per ? per : fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
+  static_assert(per % chunk == 0);
+#else
+  constexpr int chunk = per;
+#endif
   for (int h = 0; h < 8 * halves; ++h) {
-    const int b = h / halves, j0 = (h % halves) * per;
+    const int b = h / halves;
+    const vint sc = vload(k.sc[halves == 2 ? h : 2 * b]);
+    for (int j0 = (h % halves) * per; j0 < (h % halves + 1) * per; j0 += chunk) {
 #pragma GCC unroll 8
-    for (int i = 0; i < NB; ++i) p[i] = _mm512_setzero_si512();
+      for (int i = 0; i < NB; ++i) p[i] = vzero();
 #pragma GCC unroll 8
-    for (int j = j0; j < j0 + per; ++j) {
-      const __m512i w = _mm512_load_si512(k.q[b][j]);
+      for (int j = j0; j < j0 + chunk; ++j) {
+        const vint w = vload(k.q[b][j]);
 #pragma GCC unroll 8
-      for (int i = 0; i < NB; ++i)
-        p[i] = _mm512_dpbusd_epi32(p[i], w, bcast32(x[i][g].q[j] + 4 * b));
+        for (int i = 0; i < NB; ++i) {
+#if KEEL_QDOT == 0
+          p[i] = _mm256_add_epi16(p[i], _mm256_maddubs_epi16(w, vbcast32(x[i][g].q[j] + 4 * b)));
+#else
+          p[i] = vdot(p[i], w, vbcast32(x[i][g].q[j] + 4 * b));
+#endif
+        }
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < NB; ++i) {
+#if KEEL_QDOT == 0
+        isum[i] = vmadd_add(isum[i], p[i], sc);
+#else
+        isum[i] = vadd32(isum[i], vmullo32(p[i], sc));
+#endif
+      }
     }
-    const __m512i sc = _mm512_load_si512(k.sc[halves == 2 ? h : 2 * b]);
-#pragma GCC unroll 8
-    for (int i = 0; i < NB; ++i) isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(p[i], sc));
   }
-  const __m512 s = _mm512_load_ps(k.s);
-  const __m512 t = _mm512_load_ps(k.t);
+  const vfloat s = vloadf(k.s);
+  const vfloat t = vloadf(k.t);
 #pragma GCC unroll 8
   for (int i = 0; i < NB; ++i) {
     const xgroup& xg = x[i][g];
     if constexpr (OFF >= 0) {
       // I -= offset * sum of sc * S over the half-blocks.
-      __m512i off = _mm512_setzero_si512();
-      for (int b = 0; b < 8; ++b)
-        off = _mm512_dpwssd_epi32(off, _mm512_load_si512(k.so[b]), bcast32(xg.sp[b]));
-      isum[i] = _mm512_sub_epi32(isum[i], _mm512_slli_epi32(off, OFF));
+      vint off = vzero();
+      for (int b = 0; b < 8; ++b) off = vmadd_add(off, vload(k.so[b]), vbcast32(xg.sp[b]));
+      isum[i] = vsub32(isum[i], vsll32(off, OFF));
     }
-    const __m512 dx = _mm512_set1_ps(xg.d[0]);
-    __m512 a = _mm512_fmadd_ps(_mm512_mul_ps(s, dx), _mm512_cvtepi32_ps(isum[i]), *acc[i]);
+    const vfloat dx = vsetf(xg.d[0]);
+    vfloat a = vfmaf(vmulf(s, dx), vcvtf(isum[i]), *acc[i]);
     if constexpr (MIN) {
-      __m512i m = _mm512_setzero_si512();
+      vint m = vzero();
       if constexpr (SC == sc_block) {
-        for (int c = 0; c < 4; ++c)
-          m = _mm512_dpwssd_epi32(m, _mm512_load_si512(k.mn[c]), bcast32(xg.bp[c]));
+        for (int c = 0; c < 4; ++c) m = vmadd_add(m, vload(k.mn[c]), vbcast32(xg.bp[c]));
       } else {
-        for (int b = 0; b < 8; ++b)
-          m = _mm512_dpwssd_epi32(m, _mm512_load_si512(k.mn[b]), bcast32(xg.sp[b]));
+        for (int b = 0; b < 8; ++b) m = vmadd_add(m, vload(k.mn[b]), vbcast32(xg.sp[b]));
       }
-      a = _mm512_fmadd_ps(_mm512_mul_ps(t, dx), _mm512_cvtepi32_ps(m), a);
+      a = vfmaf(vmulf(t, dx), vcvtf(m), a);
     }
     *acc[i] = a;
   }
 }
 
-// A super-block of sixteen rows (all zero past the range: those lanes are not stored) as a tile.
+// A super-block of kRows rows (all zero past the range: those lanes are not stored) as a tile.
 template <int OFF, bool MIN, int SC>
 void load_tile(const keel::matrix_view& w, int64_t r, int n, int64_t g, kgroup* kg, ktile& k) {
   // Zero bytes for the rows past the range (at least a Q6_K block, the largest: 210).
   alignas(64) static const char zero_block[256] = {};
   const auto* data = static_cast<const char*>(w.data);
   const int64_t bytes = static_cast<int64_t>(keel::layout_of(w.type)->block_bytes);
-  const char* rows[16];
-  for (int i = 0; i < 16; ++i)
+  const char* rows[kRows];
+  for (int i = 0; i < kRows; ++i)
     rows[i] = i < n ? data + (r + i) * static_cast<int64_t>(w.row_bytes) + g * bytes : zero_block;
   switch (w.type) {
     case dtype::q4_k:
@@ -1218,72 +1423,67 @@ void load_tile(const keel::matrix_view& w, int64_t r, int n, int64_t g, kgroup* 
 }
 
 // Inputs [b, b + NB) against a tile, into their accumulators.
-template <int OFF, bool MIN, int SC, int NB>
+template <int OFF, bool MIN, int SC, int BITS, int NB>
 inline void inputs_dot(const ktile& k, const xgroup* x, int64_t groups, int64_t b, int64_t g,
-                       lanes16x16* acc) {
+                       tile_lanes* acc) {
   const int lane = static_cast<int>(g % 16);
   const xgroup* xs[NB];
-  __m512* as[NB];
+  vfloat* as[NB];
   for (int i = 0; i < NB; ++i) {
     xs[i] = x + (b + i) * groups;
-    as[i] = reinterpret_cast<__m512*>(acc[b + i].v[lane]);
+    as[i] = reinterpret_cast<vfloat*>(acc[b + i].v[lane]);
   }
-  tile_dot<OFF, MIN, SC, NB>(k, xs, g, as);
+  tile_dot<OFF, MIN, SC, BITS, NB>(k, xs, g, as);
 }
 
-// Rows sixteen at a time; for each super-block, every input (eight at a time) against the tile.
-template <int OFF, bool MIN, int SC>
+// Rows kRows at a time; for each super-block, every input (several at a time) against the tile.
+template <int OFF, bool MIN, int SC, int BITS>
 void rows_by_ktile(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
                    int64_t r0, int64_t r1) {
+  // As many inputs at a time as the registers hold (16 vector registers below AVX-512).
+  constexpr int most = KEEL_QDOT == 2 ? 8 : 4;
   const int64_t groups = keel::detail::groups_of(w.cols);
-  kgroup* kg = keel::detail::weight_scratch(16);
+  kgroup* kg = keel::detail::weight_scratch(kRows);
   ktile* tile = thread_buffer<ktile>(1);
-  lanes16x16* acc = thread_buffer<lanes16x16>(static_cast<size_t>(nb));
-  for (int64_t r = r0; r < r1; r += 16) {
-    const int n = static_cast<int>(std::min<int64_t>(16, r1 - r));
+  tile_lanes* acc = thread_buffer<tile_lanes>(static_cast<size_t>(nb));
+  for (int64_t r = r0; r < r1; r += kRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kRows, r1 - r));
     // Rows past the range stay zero groups: their lanes add 0 and are not stored.
-    if (n < 16) std::memset(static_cast<void*>(kg + n), 0, (16 - n) * sizeof(kgroup));
-    std::memset(static_cast<void*>(acc), 0, static_cast<size_t>(nb) * sizeof(lanes16x16));
+    if (n < kRows) std::memset(static_cast<void*>(kg + n), 0, (kRows - n) * sizeof(kgroup));
+    std::memset(static_cast<void*>(acc), 0, static_cast<size_t>(nb) * sizeof(tile_lanes));
     for (int64_t g = 0; g < groups; ++g) {
       load_tile<OFF, MIN, SC>(w, r, n, g, kg, *tile);
       int64_t b = 0;
-      for (; b + 8 <= nb; b += 8) inputs_dot<OFF, MIN, SC, 8>(*tile, x, groups, b, g, acc);
-      for (; b + 4 <= nb; b += 4) inputs_dot<OFF, MIN, SC, 4>(*tile, x, groups, b, g, acc);
-      for (; b < nb; ++b) inputs_dot<OFF, MIN, SC, 1>(*tile, x, groups, b, g, acc);
+      for (; b + most <= nb; b += most)
+        inputs_dot<OFF, MIN, SC, BITS, most>(*tile, x, groups, b, g, acc);
+      for (; b + 4 <= nb; b += 4) inputs_dot<OFF, MIN, SC, BITS, 4>(*tile, x, groups, b, g, acc);
+      for (; b < nb; ++b) inputs_dot<OFF, MIN, SC, BITS, 1>(*tile, x, groups, b, g, acc);
     }
-    const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
     for (int64_t b = 0; b < nb; ++b) {
-      __m512 a[16];
-      for (int l = 0; l < 16; ++l) a[l] = _mm512_load_ps(acc[b].v[l]);
+      vfloat a[16];
+      for (int l = 0; l < 16; ++l) a[l] = vloadf(acc[b].v[l]);
       for (int width = 8; width >= 1; width /= 2)
-        for (int l = 0; l < width; ++l) a[l] = _mm512_add_ps(a[l], a[l + width]);
-      _mm512_mask_storeu_ps(y + b * ldy + r, keep, a[0]);
+        for (int l = 0; l < width; ++l) a[l] = vaddf(a[l], a[l + width]);
+      alignas(64) float out[kRows];
+      vstoref(out, a[0]);
+      std::memcpy(y + b * ldy + r, out, static_cast<size_t>(n) * sizeof(float));
     }
   }
 }
 
-// Few inputs: the groups one by one (pairing them costs more than it saves when each weight
-// meets fewer than four inputs); more: pairs of groups and tiles of rows, or for the K-quants
-// tiles of sixteen rows with one row per lane (decoding a tile costs more than it saves below
-// four inputs).
-template <int OFF, bool MIN, int SC>
-void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
-          int64_t r0, int64_t r1) {
-  if constexpr (SC != sc_none) {
-    if (nb >= 4) return rows_by_ktile<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
-    return rows_by_tile<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
-  }
-  if (nb >= 4) return rows_by_pair<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
-  rows_by_group<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
-}
-#else
+// Fewer than four inputs for the K-quants (four or more go to rows_by_ktile, see qmatmul):
+// rows_by_tile. The 32-element types on AVX-512: the groups one by one for few inputs (pairing
+// them costs more than it saves when each weight meets fewer than four inputs), else pairs of
+// groups and tiles of rows.
 template <int OFF, bool MIN, int SC>
 void rows(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, int64_t ldy,
           int64_t r0, int64_t r1) {
   if constexpr (SC != sc_none) return rows_by_tile<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
+#if KEEL_QDOT == 2
+  if (nb >= 4) return rows_by_pair<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
+#endif
   rows_by_group<OFF, MIN, SC>(w, x, nb, y, ldy, r0, r1);
 }
-#endif
 
 }  // namespace
 
@@ -1297,6 +1497,25 @@ void qmatmul(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, 
         return rows_fused<dtype::q5_k>(w, x, nb, y, ldy, r0, r1);
       case dtype::q6_k:
         return rows_fused<dtype::q6_k>(w, x, nb, y, ldy, r0, r1);
+      default:
+        break;
+    }
+  } else {
+    switch (w.type) {
+      case dtype::q4_k:
+        return rows_by_ktile<-1, true, sc_block, 4>(w, x, nb, y, ldy, r0, r1);
+      case dtype::q5_k:
+        return rows_by_ktile<-1, true, sc_block, 5>(w, x, nb, y, ldy, r0, r1);
+#if KEEL_QDOT == 2
+      // On 256-bit vectors, decoding Q2_K and Q3_K rows into groups and then into tiles of
+      // eight costs more than the horizontal adds it saves: they keep rows_by_tile.
+      case dtype::q2_k:
+        return rows_by_ktile<-1, true, sc_half, 2>(w, x, nb, y, ldy, r0, r1);
+      case dtype::q3_k:
+        return rows_by_ktile<2, false, sc_half, 3>(w, x, nb, y, ldy, r0, r1);
+#endif
+      case dtype::q6_k:
+        return rows_by_ktile<5, false, sc_half, 6>(w, x, nb, y, ldy, r0, r1);
       default:
         break;
     }
@@ -1322,6 +1541,65 @@ void qmatmul(const keel::matrix_view& w, const xgroup* x, int64_t nb, float* y, 
       return rows<5, false, sc_half>(w, x, nb, y, ldy, r0, r1);
     default:
       return;  // ops.cpp checks the type before dispatching
+  }
+}
+
+void quantize_input(const float* x, int64_t cols, int span, xgroup* out) {
+  // keel::detail::quantize_input on 256-bit vectors: the same amax (a maximum, in any order), d,
+  // 1 / d, products and rounding (the current direction, as nearbyint), so the same bytes.
+  const int64_t blocks = cols / 32;
+  const int64_t groups = keel::detail::groups_of(cols);
+  std::memset(static_cast<void*>(out), 0, static_cast<size_t>(groups) * sizeof(xgroup));
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  float d = 0.0f, id = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    xgroup& o = out[g];
+    __m256i q[8];
+    for (int b = 0; b < 8; ++b) {
+      const int64_t k = 8 * g + b;
+      if (k >= blocks) {
+        q[b] = _mm256_setzero_si256();
+        continue;
+      }
+      const float* xk = x + 32 * k;
+      if (k % (span / 32) == 0) {
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < span; i += 8)
+          m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xk + i)), m);
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        d = amax / 127.0f;
+        id = amax != 0.0f ? 1.0f / d : 0.0f;
+      }
+      const __m256 vid = _mm256_set1_ps(id);
+      __m256i v[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xk + 8 * i), vid),
+                                         _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+        v[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+      }
+      // Sums of elements 0..15 and 16..31: lanes 0-3 and 4-7 after two pairwise adds.
+      const __m256i h =
+          _mm256_hadd_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+      const __m256i h2 = _mm256_hadd_epi32(h, h);
+      const int32_t s0 = _mm256_extract_epi32(h2, 0) + _mm256_extract_epi32(h2, 4);
+      const int32_t s1 = _mm256_extract_epi32(h2, 1) + _mm256_extract_epi32(h2, 5);
+      q[b] = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])),
+          order);
+      o.s0[b] = s0;
+      o.s1[b] = s1;
+      o.sum[b] = s0 + s1;
+      o.sp[b][0] = static_cast<int16_t>(s0);
+      o.sp[b][1] = static_cast<int16_t>(s1);
+      o.bp[b / 2][b % 2] = static_cast<int16_t>(s0 + s1);
+      o.d[b] = d;
+    }
+    store_transposed(q, reinterpret_cast<uint8_t(*)[32]>(o.q));
   }
 }
 
