@@ -131,7 +131,8 @@ sse_result sse(const std::string& endpoints, const json& body, std::vector<std::
                                                             << p.err());
     after_events(at);
   }
-  auto st = p.wait(120s);
+  // Generous: a 600-token reply of the slow model takes seconds, but minutes under TSan.
+  auto st = p.wait(300s);
   BOOST_REQUIRE_MESSAGE(st.has_value(), "sse_client.py did not end: " << p.out() << p.err());
   p.wait_out([](const std::string&) { return false; }, 1s);
   sse_result out;
