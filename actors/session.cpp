@@ -40,6 +40,10 @@ struct session_state {
   int end_retries = 0;  // writes of the running turn's end refused by a full disk
   bool ending = false;  // with peers: the running turn's end is with the ownership host
   std::optional<uint64_t> accepting;  // with peers: the new turn the host is storing
+  /// The answer to the client of the turn being stored (`accepting`): kept here, not only in the
+  /// storing request's handlers, so that an actor that quits first (the session moved) still
+  /// answers it (`disconnected`) instead of leaving the client to its timeout.
+  std::optional<caf::typed_response_promise<uint64_t>> accept_rp;
   /// This session's slot in the table: each token is recorded there under its lock only.
   session_table::handle slot;
   /// With peers: the ownership host as last asked (at a turn's start and end), and how many
@@ -228,9 +232,12 @@ void record_tokens(self_ptr self) {
 
 /// A new turn was stored (by the group, or the store writer): it runs, and the client hears
 /// its number; unless another turn took its place meanwhile.
-void turn_stored(self_ptr self, caf::typed_response_promise<uint64_t>& rp, uint64_t turn) {
+void turn_stored(self_ptr self, uint64_t turn) {
   auto& st = self->state;
   st.accepting.reset();
+  if (!st.accept_rp) return;  // answered already (the actor is quitting)
+  auto rp = std::move(*st.accept_rp);
+  st.accept_rp.reset();
   auto* t = running_turn(st);
   if (t == nullptr || t->turn != turn) {
     rp.deliver(make_error(errc::disconnected, "session " + st.rec.id + ": turn " +
@@ -280,10 +287,11 @@ caf::result<uint64_t> accept_turn(self_ptr self) {
   }
   auto rp = self->make_response_promise<uint64_t>();
   st.accepting = turn;
+  st.accept_rp = rp;
   self->request(host, st.ctx->ownership_wait, submit_atom::value, st.rec.id, turn,
                 turn_input(t))
-      .then([self, rp, turn](bool) mutable { turn_stored(self, rp, turn); },
-          [self, rp, turn](caf::error& e) mutable {
+      .then([self, turn](bool) mutable { turn_stored(self, turn); },
+          [self, turn](caf::error& e) mutable {
             auto& st = self->state;
             st.accepting.reset();
             if (code_of(e) == errc::stale_epoch && st.ctx->lost_session)
@@ -293,7 +301,11 @@ caf::result<uint64_t> accept_turn(self_ptr self) {
               st.rec.turns.pop_back();
               st.table->put(st.rec, change::memory);
             }
-            rp.deliver(host_refusal(e, "session " + st.rec.id + " turn " + std::to_string(turn)));
+            if (st.accept_rp) {
+              st.accept_rp->deliver(
+                  host_refusal(e, "session " + st.rec.id + " turn " + std::to_string(turn)));
+              st.accept_rp.reset();
+            }
           });
   return rp;
 }
@@ -306,12 +318,16 @@ caf::result<uint64_t> store_turn(self_ptr self, const store_writer_actor& writer
   const auto turn = st.rec.turns.back().turn;
   auto rp = self->make_response_promise<uint64_t>();
   st.accepting = turn;
+  st.accept_rp = rp;
   self->request(writer, std::chrono::seconds(30), write_atom::value, st.rec,
                 static_cast<uint8_t>(change::accept))
-      .then([self, rp, turn](bool) mutable { turn_stored(self, rp, turn); },
-          [self, rp, turn](caf::error& e) mutable {
+      .then([self, turn](bool) mutable { turn_stored(self, turn); },
+          [self, turn](caf::error& e) mutable {
             auto& st = self->state;
             st.accepting.reset();
+            if (!st.accept_rp) return;
+            auto rp = std::move(*st.accept_rp);
+            st.accept_rp.reset();
             auto* t = running_turn(st);
             // Not stored: the table has the session as before the turn.
             if (t != nullptr && t->turn == turn && t->generated.empty()) st.rec.turns.pop_back();
@@ -743,6 +759,10 @@ session_actor::behavior_type session(self_ptr self, std::shared_ptr<node_context
         // Another node owns the session now (node::lose): the running turn's client reconnects
         // and resumes there. The table refuses this actor's writes from now on.
         auto& st = self->state;
+        if (st.accept_rp) {  // a new turn being stored: its client hears now, not at its timeout
+          st.accept_rp->deliver(make_error(errc::disconnected, detail));
+          st.accept_rp.reset();
+        }
         if (auto* t = running_turn(st)) {
           self->send(t->sink, moved_atom::value, st.rec.id, t->turn, detail);
           if (st.batcher) self->send(st.batcher, cancel_atom::value, seq_of(st.rec, t->turn));
