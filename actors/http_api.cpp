@@ -43,6 +43,10 @@ std::string readiness_problem(node& n) {
   return {};
 }
 
+std::string served_model(node& n) {
+  return std::filesystem::path(n.context()->llm->path()).filename().string();
+}
+
 // -- metrics ------------------------------------------------------------------------------
 
 namespace {
@@ -320,8 +324,7 @@ class http_service final : public kj::HttpService {
   }
 
   std::string models() const {
-    const auto& m = *g_.nd.context()->llm;
-    nlohmann::json one = {{"id", std::filesystem::path(m.path()).filename().string()},
+    nlohmann::json one = {{"id", served_model(g_.nd)},
                           {"object", "model"},
                           {"owned_by", "keel"}};
     nlohmann::json list = {{"object", "list"}, {"data", nlohmann::json::array({one})}};

@@ -25,6 +25,9 @@ namespace keel {
 /// than the live ones still cannot. Reads the node's tables only (mutexes, no actor).
 std::string readiness_problem(node& n);
 
+/// The model's id on the HTTP port (GET /v1/models, a request's `model`): its file's name.
+std::string served_model(node& n);
+
 /// The metrics of `n` in Prometheus's text format; `stats` are the batcher's figures (null while
 /// it restarts: queue and KV gauges are left out).
 std::string render_metrics(node& n, const batcher_stats* stats);

@@ -5,6 +5,7 @@
 #endif
 
 #include "actors/detail/http_openai.hpp"
+#include "actors/http_api.hpp"
 
 #include <chrono>
 #include <filesystem>
@@ -680,7 +681,7 @@ kj::Promise<void> serve_openai(gw& g, const kj::HttpHeaderTable& table, const ht
                                kj::HttpService::Response& response) {
   auto req = openai::parse(kind, body);
   if (!req) return send_error(response, table, http_error_of(req.error()));
-  auto model = std::filesystem::path(g.nd.context()->llm->path()).filename().string();
+  auto model = served_model(g.nd);
   if (!req->model.empty() && req->model != model) {
     http_error e{404, "model '" + req->model + "' is not served here; this node serves '" + model +
                           "' (GET /v1/models)",

@@ -196,13 +196,7 @@ void quantize_input(const float* x, int64_t cols, int span, xgroup* out) {
       element(g.q, b, i) = static_cast<int8_t>(q);
       (i < 16 ? s0 : s1) += q;
     }
-    g.s0[b] = s0;
-    g.s1[b] = s1;
-    g.sum[b] = s0 + s1;
-    g.sp[b][0] = static_cast<int16_t>(s0);
-    g.sp[b][1] = static_cast<int16_t>(s1);
-    g.bp[b / 2][b % 2] = static_cast<int16_t>(s0 + s1);
-    g.d[b] = d;
+    g.set_block(b, s0, s1, d);
   }
 }
 

@@ -19,8 +19,12 @@ namespace {
 
 const int32_t im_start = 151644, im_end = 151645, endoftext = 151643;
 
+std::string qwen_vocab() {
+  return (test::shared_data() / "vocab" / "keel-vocab-qwen.gguf").string();
+}
+
 tokenizer qwen() {
-  auto file = gguf_file::open((test::shared_data() / "vocab" / "keel-vocab-qwen.gguf").string());
+  auto file = gguf_file::open(qwen_vocab());
   BOOST_REQUIRE_MESSAGE(file, test::why(file));
   auto v = vocab_from_gguf(*file);
   BOOST_REQUIRE_MESSAGE(v, test::why(v));
@@ -31,6 +35,15 @@ chat_template parsed(const std::string& text) {
   auto t = chat_template::parse(text);
   BOOST_REQUIRE_MESSAGE(t, test::why(t));
   return std::move(*t);
+}
+
+/// Qwen3's own template: the Qwen vocabulary's tokenizer.chat_template.
+chat_template qwen3_template() {
+  auto file = gguf_file::open(qwen_vocab());
+  BOOST_REQUIRE(file);
+  auto text = chat_template_of(*file);
+  BOOST_REQUIRE(text && text->from_model);
+  return parsed(text->text);
 }
 
 std::vector<int32_t> cat(std::initializer_list<std::vector<int32_t>> parts) {
@@ -80,12 +93,7 @@ BOOST_AUTO_TEST_CASE(a_first_turn_is_the_whole_rendering_and_messages_cannot_for
 BOOST_AUTO_TEST_CASE(a_later_turn_feeds_what_the_rendering_adds_after_what_was_fed,
                      *utf::precondition(test::needs_shared_data{})) {
   auto tok = qwen();
-  // Qwen3's own template (the vocabulary's tokenizer.chat_template).
-  auto file = gguf_file::open((test::shared_data() / "vocab" / "keel-vocab-qwen.gguf").string());
-  BOOST_REQUIRE(file);
-  auto text = chat_template_of(*file);
-  BOOST_REQUIRE(text && text->from_model);
-  auto tmpl = parsed(text->text);
+  auto tmpl = qwen3_template();
   std::vector<turn_message> first{{"system", "Be brief."}, {"user", "Hi"}};
   std::vector<turn_message> second{{"user", "More?"}};
   auto p0 = next_chat_turn(tmpl, tok, {}, first, {});
@@ -168,11 +176,7 @@ BOOST_AUTO_TEST_CASE(a_template_that_rewrites_what_was_fed_keeps_the_tokens_up_t
 BOOST_AUTO_TEST_CASE(qwen3_drops_earlier_reasoning_and_the_conversation_goes_on,
                      *utf::precondition(test::needs_shared_data{})) {
   auto tok = qwen();
-  auto file = gguf_file::open((test::shared_data() / "vocab" / "keel-vocab-qwen.gguf").string());
-  BOOST_REQUIRE(file);
-  auto text = chat_template_of(*file);
-  BOOST_REQUIRE(text && text->from_model);
-  auto tmpl = parsed(text->text);
+  auto tmpl = qwen3_template();
   std::vector<turn_message> first{{"user", "2+2?"}};
   std::vector<turn_message> second{{"user", "And 3+3?"}};
   std::vector<turn_message> third{{"user", "Thanks."}};

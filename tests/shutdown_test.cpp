@@ -80,6 +80,15 @@ std::unique_ptr<keel::wire::client> connect(const std::vector<std::string>& endp
   return std::move(*c);
 }
 
+/// A session that node `at` of `cl` opened (and owns), with one short turn: something to drain.
+std::string session_on(cluster& cl, size_t at, uint64_t seed) {
+  auto c = connect({cl.address(at)});
+  auto sid = c->open_session(sampled(seed));
+  BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
+  BOOST_REQUIRE(c->generate(*sid, "Hello there", 4));
+  return *sid;
+}
+
 /// GET http://`address``path` with curl: "STATUS BODY".
 std::string http_get(const std::string& address, const std::string& path) {
   auto r = keel::test::run({"/usr/bin/curl", "-sS", "--max-time", "10", "-w", " %{http_code}",
@@ -196,11 +205,7 @@ BOOST_AUTO_TEST_CASE(a_second_sigterm_cuts_the_drain_short_and_stops_at_once) {
   three_nodes t("twice", {"--shutdown-timeout", "300000", "--http-listen", "127.0.0.1:0"}, 10000);
   auto& cl = t.cl;
   const size_t a = 0;
-  auto ca = connect({cl.address(a)});
-  auto sid = ca->open_session(sampled(7));
-  BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
-  BOOST_REQUIRE(ca->generate(*sid, "Hello there", 4));
-  ca.reset();
+  auto sid = session_on(cl, a, 7);
   auto http = line_with(cl.current_log(a), "keel-node: http on ");
   http = http.substr(http.rfind(' ') + 1);
   auto before = http_get(http, "/ready");
@@ -224,7 +229,7 @@ BOOST_AUTO_TEST_CASE(a_second_sigterm_cuts_the_drain_short_and_stops_at_once) {
   BOOST_TEST(*status == 0);
   BOOST_TEST(contains(log, "keel-node: Terminated again: the drain is cut short; stopping now"),
              log);
-  auto stayed = line_with(log, "keel-node: drain: session " + *sid + " stayed: ");
+  auto stayed = line_with(log, "keel-node: drain: session " + sid + " stayed: ");
   BOOST_TEST(contains(stayed, "the drain was cut short"), stayed);
   BOOST_TEST(contains(log, "keel-node: drain: 0 of 1 session(s) moved; 1 stayed"), log);
   BOOST_TEST(contains(log, "keel-node: stopped\n"), log);
@@ -237,11 +242,7 @@ BOOST_AUTO_TEST_CASE(the_last_node_up_stops_without_waiting_for_takeovers_that_c
   three_nodes t("last", {"--shutdown-timeout", "300000"}, 2000);
   auto& cl = t.cl;
   const size_t a = 0;
-  auto ca = connect({cl.address(a)});
-  auto sid = ca->open_session(sampled(11));
-  BOOST_REQUIRE_MESSAGE(sid, keel::test::why(sid));
-  BOOST_REQUIRE(ca->generate(*sid, "Hello there", 4));
-  ca.reset();
+  auto sid = session_on(cl, a, 11);
   cl.kill({1, 2});
   for (size_t peer : {1, 2})
     BOOST_REQUIRE_MESSAGE(
@@ -252,7 +253,7 @@ BOOST_AUTO_TEST_CASE(the_last_node_up_stops_without_waiting_for_takeovers_that_c
   auto log = cl.log(a);
   BOOST_TEST_MESSAGE("a's log:\n" << log);
   BOOST_TEST(status == 0);
-  auto stayed = line_with(log, "keel-node: drain: session " + *sid + " stayed: ");
+  auto stayed = line_with(log, "keel-node: drain: session " + sid + " stayed: ");
   BOOST_TEST((contains(stayed, "no other member of its group answers this node (b, c down)") ||
               contains(stayed, "no other member of its group answers this node (c, b down)")),
              stayed);

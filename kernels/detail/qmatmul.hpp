@@ -30,6 +30,17 @@ struct alignas(32) xgroup {
   int16_t sp[8][2];  // the same two sums as 16-bit pairs (for the min term's madd)
   float d[8];        // scale: x ~ d * q
   int16_t bp[4][2];  // sum[2c], sum[2c + 1] as 16-bit pairs (a min per block: half the madds)
+
+  /// Block b's sums (of its elements 0..15 and 16..31) and scale, in every form above.
+  void set_block(int b, int32_t lo, int32_t hi, float scale) {
+    s0[b] = lo;
+    s1[b] = hi;
+    sum[b] = lo + hi;
+    sp[b][0] = static_cast<int16_t>(lo);
+    sp[b][1] = static_cast<int16_t>(hi);
+    bp[b / 2][b % 2] = static_cast<int16_t>(lo + hi);
+    d[b] = scale;
+  }
 };
 
 struct alignas(32) kgroup {

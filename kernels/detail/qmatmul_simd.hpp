@@ -1591,13 +1591,7 @@ void quantize_input(const float* x, int64_t cols, int span, xgroup* out) {
       q[b] = _mm256_permutevar8x32_epi32(
           _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])),
           order);
-      o.s0[b] = s0;
-      o.s1[b] = s1;
-      o.sum[b] = s0 + s1;
-      o.sp[b][0] = static_cast<int16_t>(s0);
-      o.sp[b][1] = static_cast<int16_t>(s1);
-      o.bp[b / 2][b % 2] = static_cast<int16_t>(s0 + s1);
-      o.d[b] = d;
+      o.set_block(b, s0, s1, d);
     }
     store_transposed(q, reinterpret_cast<uint8_t(*)[32]>(o.q));
   }
