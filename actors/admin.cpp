@@ -187,6 +187,7 @@ class admin_server final : public wire::Admin::Server {
           out.setReplicated(f->replicated);
           out.setReplicationFailures(f->replication_failures);
           out.setDraining(a_.nd.draining());
+          out.setRoom(static_cast<float>(a_.nd.load().room()));
           auto peers = out.initPeers(static_cast<unsigned>(f->peers.size()));
           for (size_t i = 0; i < f->peers.size(); ++i) {
             auto& p = f->peers[i];
@@ -201,6 +202,10 @@ class admin_server final : public wire::Admin::Server {
             o.setFailures(p.failures);
             o.setLastFailure(p.last_failure);
             o.setClientAddress(p.client_address);
+            o.setKvPagesFree(static_cast<uint32_t>(std::max(p.load.kv_free, 0)));
+            o.setKvPagesCapacity(static_cast<uint32_t>(std::max(p.load.kv_capacity, 0)));
+            o.setWaiting(static_cast<uint32_t>(std::max(p.load.waiting, 0)));
+            o.setRoom(static_cast<float>(p.load.room()));
           }
           set_ok(res.initError());
         });

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
@@ -48,6 +49,7 @@ struct batcher_state {
   supervisor_actor engine_sup;
   sampler_scratch scratch;
   batcher_stats stats;
+  token_rate rate;
   static inline const char* name = "batcher";
 };
 
@@ -95,10 +97,23 @@ std::vector<seq_id> waiting_order(const batcher_state& st) {
   return w;
 }
 
+void schedule(self_ptr self);
+void preempt(self_ptr self, seq_id id);
+
+/// The running sequence of the lowest priority below `priority` (the last admitted among
+/// equals), if any.
+std::optional<seq_id> lowest_running_below(const batcher_state& st, int32_t priority) {
+  std::optional<seq_id> out;
+  for (auto id : st.running) {
+    auto p = st.seqs.at(id).job.priority;
+    if (p < priority && (!out || p <= st.seqs.at(*out).job.priority)) out = id;
+  }
+  return out;
+}
+
 void admit(self_ptr self) {
   auto& st = self->state;
   for (auto id : waiting_order(st)) {
-    if (static_cast<int32_t>(st.running.size()) >= st.cfg.max_batch) return;
     auto& s = st.seqs.at(id);
     int32_t need = pages_needed(st, s);
     if (need > st.cfg.kv_pages) {
@@ -107,8 +122,34 @@ void admit(self_ptr self) {
                  std::to_string(st.cfg.kv_pages));
       continue;
     }
-    // Strict priority order: a turn that does not fit yet holds back those behind it.
-    if (need > st.free_pages) return;
+    bool full = static_cast<int32_t>(st.running.size()) >= st.cfg.max_batch;
+    if (full || need > st.free_pages) {
+      // Priority first: running turns of lower priority go back to the queue (their tokens
+      // kept; they are prefilled again when admitted again) when that makes room for this one.
+      // So a higher priority never waits behind a lower one, and the queue, whose overflow is
+      // shed lowest first, holds the lower priorities.
+      int32_t reclaimable = 0, slots = 0;
+      for (auto r : st.running) {
+        if (st.seqs.at(r).job.priority >= s.job.priority) continue;
+        reclaimable += st.seqs.at(r).pages;
+        ++slots;
+      }
+      if (need > st.free_pages + reclaimable || (full && slots == 0)) {
+        return;  // Strict priority order: a turn that does not fit yet holds back those behind it.
+      }
+      while (need > st.free_pages ||
+             static_cast<int32_t>(st.running.size()) >= st.cfg.max_batch) {
+        auto victim = lowest_running_below(st, s.job.priority);
+        if (!victim) return;
+        preempt(self, *victim);
+      }
+      st.free_pages -= need;
+      s.pages = need;
+      s.admitted = true;
+      s.kv_length = 0;
+      st.running.push_back(id);
+      return;  // what was preempted is ordered again at the next admission
+    }
     st.free_pages -= need;
     s.pages = need;
     s.admitted = true;
@@ -117,14 +158,18 @@ void admit(self_ptr self) {
   }
 }
 
-void schedule(self_ptr self);
-
 /// Sends the running sequence admitted last back to the queue (KV pages ran out on a shard).
 void preempt_one(self_ptr self) {
   auto& st = self->state;
   if (st.running.empty()) return;
-  auto id = st.running.back();
-  st.running.pop_back();
+  preempt(self, st.running.back());
+}
+
+/// Sends running sequence `id` back to the queue: its pages are freed (on the shards with the
+/// next step) and it is prefilled again, from its tokens, when admitted again.
+void preempt(self_ptr self, seq_id id) {
+  auto& st = self->state;
+  st.running.erase(std::remove(st.running.begin(), st.running.end(), id), st.running.end());
   auto& s = st.seqs.at(id);
   st.free_pages += s.pages;
   s.pages = 0;
@@ -168,6 +213,7 @@ void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
                   std::vector<std::vector<float>>& logits) {
   auto& st = self->state;
   ++st.stats.steps;
+  auto tokens_before = st.stats.tokens;
   const auto& m = *st.ctx->llm;
   const auto& c = m.config();
   size_t li = 0;
@@ -211,6 +257,7 @@ void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
     else if (static_cast<int64_t>(s.tokens.size()) >= c.ctx_len)
       finish(self, e.seq, finish_reason::context);
   }
+  st.rate.add(static_cast<int64_t>(st.stats.tokens - tokens_before), clock_type::now());
 }
 
 void on_step_failed(self_ptr self, const caf::error& err, const std::vector<shard_actor>& used) {
@@ -223,7 +270,29 @@ void on_step_failed(self_ptr self, const caf::error& err, const std::vector<shar
   }
 }
 
+/// Publishes the node's load (node_metrics::load) for heartbeats, placement and takeovers.
+void publish(batcher_state& st) {
+  node_load l;
+  l.running = static_cast<int32_t>(st.running.size());
+  l.waiting = static_cast<int32_t>(st.seqs.size() - st.running.size());
+  l.kv_free = st.free_pages;
+  l.kv_capacity = st.cfg.kv_pages;
+  for (auto& [id, s] : st.seqs)
+    if (!s.admitted) l.kv_wanted += std::min(pages_needed(st, s), st.cfg.kv_pages);
+  if (st.running.empty()) st.rate.idle();
+  l.tokens_per_s = st.rate.rate();
+  st.ctx->metrics->load.publish(l);
+}
+
+void step(self_ptr self);
+
+/// Admits what fits and starts the next step unless one runs; then publishes the load.
 void schedule(self_ptr self) {
+  step(self);
+  publish(self->state);
+}
+
+void step(self_ptr self) {
   auto& st = self->state;
   if (st.in_flight || st.group_failed) return;
   admit(self);
@@ -319,6 +388,7 @@ batcher_actor::behavior_type batcher(self_ptr self, std::shared_ptr<node_context
   st.cfg = cfg;
   st.free_pages = cfg.kv_pages;
   st.shards.resize(cfg.shards);
+  publish(st);  // a node's room is known from its start (placement reads it)
   self->set_down_handler([self](caf::down_msg& m) {
     auto& st = self->state;
     if (m.source == st.engine_sup.address()) {

@@ -128,6 +128,32 @@ class gateway_server final : public wire::Gateway::Server {
       set_error(err, ctx.getResults().initError());
       return kj::READY_NOW;
     }
+    if (!p.getHere()) {
+      // Placement: a node whose KV budget is nearly taken opens the session on a peer with
+      // more room (docs/actors.md, "Load across the cluster"); here again if that fails.
+      if (auto peer = g_.nd.place_new_session()) {
+        auto to = peer->name;
+        return g_.open_on(*peer, params, priority, key_)
+            .then([this, ctx, params, priority, to](
+                      caf::expected<gw::placed> placed) mutable -> kj::Promise<void> {
+              if (!placed) {
+                g_.log("placement: opening a session on " + to +
+                       " failed, opening it here: " + describe(placed.error()));
+                return open_here(ctx, params, priority);
+              }
+              auto res = ctx.getResults();
+              res.setId(placed->id);
+              res.setSession(kj::mv(placed->session));
+              res.initError().setKind(wire::Error::Kind::NONE);
+              return kj::READY_NOW;
+            });
+      }
+    }
+    return open_here(ctx, params, priority);
+  }
+
+  kj::Promise<void> open_here(OpenSessionContext ctx, const sampling_params& params,
+                              int32_t priority) {
     auto& nd = g_.nd;
     auto key = key_;
     // Counted and opened on the one worker thread, so that two opens cannot both pass the limit.

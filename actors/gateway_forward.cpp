@@ -85,4 +85,30 @@ kj::Promise<caf::expected<wire::Session::Client>> gateway::impl::forward(const s
       });
 }
 
+kj::Promise<caf::expected<gateway::impl::placed>> gateway::impl::open_on(
+    const placement_candidate& peer, const sampling_params& params, int32_t priority,
+    const api_key* key) {
+  auto where = peer.client_address;
+  auto name = upstream_name(where, key);
+  return upstream_to(where, peer.name, key)
+      .then([params, priority](wire::Gateway::Client gw) {
+        auto req = gw.openSessionRequest();
+        wire::to_wire(params, req.initParams());
+        req.setPriority(priority);
+        req.setHere(true);
+        return req.send();
+      })
+      .then(
+          [](capnp::Response<wire::Gateway::OpenSessionResults> r) -> caf::expected<placed> {
+            if (auto err = wire::from_wire(r.getError())) return err;
+            return placed{r.getId().cStr(), r.getSession()};
+          },
+          [this, where, name](kj::Exception&& e) -> caf::expected<placed> {
+            upstreams.erase(name);
+            return make_error(errc::disconnected,
+                              "the node at " + where + " did not answer: " +
+                                  e.getDescription().cStr());
+          });
+}
+
 }  // namespace keel

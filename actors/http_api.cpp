@@ -173,6 +173,9 @@ std::string render_metrics(node& n, const batcher_stats* stats) {
     x.sample("keel_kv_pages_capacity", total);
     x.family("keel_kv_pages_used", "gauge", "KV-cache pages of each shard in use.");
     x.sample("keel_kv_pages_used", total > free ? total - free : 0);
+    x.family("keel_kv_pages_peak", "gauge",
+             "The most KV-cache pages of each shard in use at once since the node started.");
+    x.sample("keel_kv_pages_peak", static_cast<uint64_t>(std::max(m.load.peak_used(), 0)));
   }
 
   if (!cfg.peers.empty()) {

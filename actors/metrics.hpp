@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <string_view>
 
+#include "actors/load.hpp"
+
 namespace keel {
 
 /// How a client's turn request ended, as the gateway saw it (`keel_requests_total{outcome}`).
@@ -77,6 +79,8 @@ struct node_metrics {
   /// From a new turn or a turn's end submitted to the session's group to a majority's
   /// acknowledgement (nodes with peers).
   latency_histogram acknowledgement;
+  /// The batcher's load, published by it after every change (heartbeats, placement, takeovers).
+  load_gauge load;
 
   void count(request_outcome x) {
     requests[static_cast<size_t>(x)].fetch_add(1, std::memory_order_relaxed);

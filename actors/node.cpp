@@ -159,6 +159,14 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
                                              std::to_string(probe.page_bytes()) + " bytes)");
   }
 
+  {
+    // Known before the batcher's first message: a node that has just started has all its room
+    // (placement would otherwise send its first sessions elsewhere).
+    node_load empty;
+    empty.kv_capacity = empty.kv_free = cfg.batching.kv_pages;
+    ctx->metrics->load.publish(empty);
+  }
+
   auto table = std::make_shared<session_table>(cfg.checkpoint_every);
   if (!cfg.peers.empty()) {
     // With peers the ownership protocol keeps the sessions (in the store's `ownership` column family and on the
@@ -483,6 +491,29 @@ caf::expected<batcher_stats> node::stats() {
       .receive([&](batcher_stats& s) { out = std::move(s); },
                [&](caf::error& e) { out = std::move(e); });
   return out;
+}
+
+std::optional<placement_candidate> node::place_new_session() {
+  if (cfg_.peers.empty() || cfg_.keep_room <= 0) return std::nullopt;
+  auto mine = load();
+  if (mine.room() >= cfg_.keep_room) return std::nullopt;  // the common case: no copy, no draw
+  std::vector<placement_candidate> peers;
+  for (auto& p : peers_->snapshot()) {
+    if (!p.accepts_work() || p.draining || p.client_address.empty() || p.name.empty()) continue;
+    peers.push_back({p.name, p.client_address, p.load});
+  }
+  uint64_t draw = 0;
+  if (env_.random(reinterpret_cast<unsigned char*>(&draw), sizeof draw)) return std::nullopt;
+  auto i = choose_placement(mine, peers, cfg_.keep_room, 0.1, draw);
+  if (!i) return std::nullopt;
+  return peers[*i];
+}
+
+double node::room_of(const std::string& name) const {
+  if (name == cfg_.name) return load().room();
+  for (auto& p : peers_->snapshot())
+    if (p.name == name) return p.status == peer_status::up ? p.load.room() : 0.0;
+  return 0;
 }
 
 }  // namespace keel

@@ -85,6 +85,11 @@ struct node_config {
   /// With peers: members per session group (the owner and its replicas; at most the cluster).
   /// 3: two replicas, so that a session outlives the loss of any one member.
   int32_t group_size = 3;
+  /// With peers: a new session opens here while at least this share of the node's KV pages is
+  /// free of running and waiting turns; beyond it, on a peer with more room (`choose_placement`,
+  /// actors/load.hpp). 0.2: a node forwards new sessions once 80% of its KV budget is in use
+  /// (`keel-node --spread-above 80`); 0: never.
+  double keep_room = 0.2;
 };
 
 /// A digest of `cfg`'s view of the cluster: every member's name and region (this node's and
@@ -177,6 +182,15 @@ class node {
 
   /// The batcher's figures.
   caf::expected<batcher_stats> stats();
+  /// The node's load as its batcher last published it (no message: a few atomics).
+  node_load load() const { return ctx_->metrics->load.read(); }
+  /// Where a new session should open (`choose_placement`): nullopt here, else a peer that
+  /// accepts work and has more room (by its last heartbeat answer). Reads the peer table only.
+  std::optional<placement_candidate> place_new_session();
+  /// The room (node_load::room) of member `name`: this node's own, or a peer's by its last
+  /// heartbeat answer; 0 for a peer whose link does not see it up. The ownership host orders
+  /// takeovers by it.
+  double room_of(const std::string& name) const;
 
   /// Where a session this node does not hold is served: the client address of the live node
   /// that owns it. `disconnected` while its group chooses an owner or its owner cannot be

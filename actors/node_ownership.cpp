@@ -141,6 +141,7 @@ child_spec node::ownership_spec() {
   hc.copies = [m = ctx_->metrics](size_t n) {
     m->sessions_replicated.store(n, std::memory_order_relaxed);
   };
+  hc.room = [this](const std::string& name) { return room_of(name); };
   child_spec host;
   host.id = "host";
   host.start = [hc, part = own_](caf::actor_system& sys, const std::string&,

@@ -2,6 +2,7 @@
 #include "actors/rendezvous.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <limits>
 
@@ -744,10 +745,37 @@ void ownership::finish_turn(const std::string& session, uint64_t turn, const std
 
 // ---- time ----------------------------------------------------------------------------------
 
+size_t takeover_rank(const std::string& session, const std::string& self,
+                     const std::vector<std::string>& live, const std::vector<double>& rooms) {
+  bool same = std::all_of(rooms.begin(), rooms.end(), [&](double r) { return r == rooms[0]; });
+  auto me = std::find(live.begin(), live.end(), self);
+  if (me == live.end()) return live.size();
+  if (same) return static_cast<size_t>(me - live.begin());
+  // (has room, score): members without room after every member with some, among themselves
+  // by the hash alone.
+  auto score = [&](size_t i) {
+    auto w = rooms[i] > 0 ? rooms[i] : 1.0;
+    // u in (0, 1) from the top 53 bits of the hash; -w / ln(u) is positive and grows with w.
+    auto h = rendezvous_weight(session, live[i]);
+    double u = (static_cast<double>(h >> 11) + 0.5) / static_cast<double>(uint64_t{1} << 53);
+    return std::make_pair(rooms[i] > 0, -w / std::log(u));
+  };
+  auto i = static_cast<size_t>(me - live.begin());
+  auto mine = score(i);
+  size_t rank = 0;
+  for (size_t j = 0; j < live.size(); ++j) {
+    if (j == i) continue;
+    auto other = score(j);
+    if (other > mine || (other == mine && j < i)) ++rank;
+  }
+  return rank;
+}
+
 void ownership::takeovers() {
   auto now = env_.now();
   auto& t = cfg_.timing;
   if (now - started_at_ < t.suspect_after) return;  // not heard from everyone yet
+  std::map<std::string, double> room_cache;  // asked once per member per round
   for (auto& [s, st] : stored_) {
     if (owned_.count(s) || candidacies_.count(s)) continue;
     auto r = retry_after_.find(s);
@@ -768,11 +796,16 @@ void ownership::takeovers() {
     auto h = claimed_.find(s);
     int64_t silent = now - std::max(started_at_, h == claimed_.end() ? 0 : h->second);
     if (silent < t.suspect_after) continue;
-    size_t rank = 0;
+    std::vector<std::string> live;
+    std::vector<double> rooms;
     for (auto& m : g) {
-      if (m == cfg_.self) break;
-      if (m != owner && alive(m)) ++rank;
+      if (m == owner || (m != cfg_.self && !alive(m))) continue;
+      live.push_back(m);
+      auto r = room_cache.find(m);
+      if (r == room_cache.end()) r = room_cache.emplace(m, env_.room(m)).first;
+      rooms.push_back(r->second);
     }
+    auto rank = takeover_rank(s, cfg_.self, live, rooms);
     if (silent >= t.suspect_after + static_cast<int64_t>(rank) * t.suspect_after / 2)
       acquire(s, false, {});
   }

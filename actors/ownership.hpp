@@ -185,7 +185,25 @@ class ownership_env {
   /// A majority of the group stored `turn` of `session` as its owner submitted it (or its end,
   /// with `finished`): the owner may acknowledge it now (it holds its lease).
   virtual void durable(const std::string& session, uint64_t turn, bool finished) = 0;
+
+  /// The room of member `node` for new work (node_load::room: the share of its KV pages free of
+  /// running and waiting turns, in [0, 1]), as this node last heard it. Orders the members that
+  /// try to take a silent owner's sessions over (`takeover_rank`); it decides who tries first,
+  /// never whether a takeover is safe. The same for every member (the default): group order.
+  virtual double room(const std::string& /*node*/) { return 1.0; }
 };
+
+/// This member's place among those that may take `session` over from `owner` (0: it tries
+/// first, then each next one half a suspect time later). `live`: the group's members this node
+/// hears from, in group order, itself included, the owner not. When every one has the same room
+/// (the default), group order. Otherwise weighted rendezvous: member m scores
+/// -room(m) / ln(u(session, m)), u uniform in (0, 1) from the rendezvous hash, so that across
+/// the owner's sessions each survivor comes first in proportion to its room, and every member
+/// computes the same order from the same loads. Members without room (room 0) come after every
+/// member with some (among themselves by the hash), but still take the session when no one else
+/// does (their batcher then queues the turn, within its KV budget).
+size_t takeover_rank(const std::string& session, const std::string& self,
+                     const std::vector<std::string>& live, const std::vector<double>& rooms);
 
 /// How the owner writes (the old rules are kept for keel-sim's checker test only).
 enum class ownership_rule : uint8_t {

@@ -68,6 +68,7 @@ class host_env final : public ownership_env {
   void acquired(const std::string& session) override;
   void lost(const std::string& session) override;
   void durable(const std::string& session, uint64_t turn, bool finished) override;
+  double room(const std::string& node) override;
 
  private:
   host_state& st_;
@@ -271,6 +272,10 @@ void host_env::lost(const std::string& session) {
   st_.fail_waiting(session, make_error(errc::stale_epoch,
                                        "session " + session + ": taken over by " +
                                            (owner.empty() ? "another node" : owner)));
+}
+
+double host_env::room(const std::string& node) {
+  return st_.cfg.room ? st_.cfg.room(node) : 1.0;
 }
 
 void host_env::durable(const std::string& session, uint64_t turn, bool finished) {

@@ -137,6 +137,10 @@ struct ownership_host_config {
   /// The sessions this node keeps a copy of for other owners, after every change (GET /metrics);
   /// called on the host actor.
   std::function<void(size_t)> copies;
+  /// The room of a member for new work (ownership_env::room), which orders takeovers; called on
+  /// the host actor, so it must not block (the node reads its load and its peer table). Empty:
+  /// every member the same (group order).
+  std::function<double(const std::string& node)> room;
 };
 
 /// Spawns the host, detached (its synced store writes block its own thread, no CAF worker's).

@@ -26,6 +26,7 @@ struct peer_server::node_state {
   std::string client_address;
   bool draining = false;
   std::function<std::string()> not_ready;
+  std::function<node_load()> load;
 };
 
 namespace {
@@ -82,6 +83,17 @@ class peer_impl final : public wire::Peer::Server {
       me.setClientAddress(rs_.client_address);
       me.setDraining(rs_.draining);
       if (rs_.not_ready) me.setNotReady(rs_.not_ready());
+      if (rs_.load) {
+        auto l = rs_.load();
+        auto out = me.initLoad();
+        auto u = [](int32_t x) { return static_cast<uint32_t>(std::max(x, 0)); };
+        out.setWaiting(u(l.waiting));
+        out.setRunning(u(l.running));
+        out.setKvPagesFree(u(l.kv_free));
+        out.setKvPagesCapacity(u(l.kv_capacity));
+        out.setKvPagesWanted(u(l.kv_wanted));
+        out.setTokensPerSecond(l.tokens_per_s);
+      }
     }
     res.setSentNs(ctx.getParams().getSentNs());
     res.setReceivedNs(steady_ns());
@@ -192,6 +204,11 @@ void peer_server::set_draining(bool draining) {
 void peer_server::set_readiness(std::function<std::string()> not_ready) {
   std::lock_guard<std::mutex> guard(state_->mu);
   state_->not_ready = std::move(not_ready);
+}
+
+void peer_server::set_load(std::function<node_load()> load) {
+  std::lock_guard<std::mutex> guard(state_->mu);
+  state_->load = std::move(load);
 }
 
 void peer_server::set_client_address(const std::string& address) {

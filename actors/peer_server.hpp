@@ -10,6 +10,7 @@
 
 #include <caf/expected.hpp>
 
+#include "actors/load.hpp"
 #include "actors/partition.hpp"
 #include "wire/server_thread.hpp"
 
@@ -71,6 +72,9 @@ class peer_server {
   /// Asked at each heartbeat: why the node cannot serve ("" when it can), as heartbeats report
   /// it (peers then treat it as down). Called on the server's thread; empty: always ready.
   void set_readiness(std::function<std::string()> not_ready);
+  /// Asked at each heartbeat: the node's load, as heartbeats report it (node_metrics::load).
+  /// Called on the server's thread; empty: no load is reported.
+  void set_load(std::function<node_load()> load);
   /// The node's client Gateway address, as heartbeats report it (set once the gateway is up).
   void set_client_address(const std::string& address);
 

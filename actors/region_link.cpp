@@ -301,6 +301,18 @@ class link_io : public kj::TaskSet::ErrorHandler {
           info_.region = n.getRegion().cStr();
           info_.client_address = n.getClientAddress().cStr();
           info_.draining = n.getDraining();
+          if (n.hasLoad()) {
+            auto l = n.getLoad();
+            auto i = [](uint32_t x) { return static_cast<int32_t>(std::min<uint32_t>(x, 0x7fffffffu)); };
+            info_.load.waiting = i(l.getWaiting());
+            info_.load.running = i(l.getRunning());
+            info_.load.kv_free = i(l.getKvPagesFree());
+            info_.load.kv_capacity = i(l.getKvPagesCapacity());
+            info_.load.kv_wanted = i(l.getKvPagesWanted());
+            info_.load.tokens_per_s = l.getTokensPerSecond();
+          } else {
+            info_.load = node_load{};  // an older build: no load, so no room is assumed
+          }
           if (info_.breaker != breaker_state::closed)
             set_breaker(breaker_state::closed, "answered");
           evaluate(now);

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "actors/load.hpp"
 #include "actors/partition.hpp"
 #include "actors/supervisor.hpp"
 #include "base/threads.hpp"
@@ -71,6 +72,7 @@ struct peer_info {
   std::string region;
   std::string client_address;  // of its client Gateway, from its last heartbeat answer
   bool draining = false;       // it drains (from its last heartbeat answer)
+  node_load load;              // from its last heartbeat answer (all 0 until one)
   peer_status status = peer_status::down;
   breaker_state breaker = breaker_state::closed;
   std::chrono::nanoseconds round_trip{0};  // of the last answered heartbeat

@@ -176,14 +176,18 @@ caf::result<bool> resume(self_ptr self, uint64_t turn, int64_t from_index, turn_
     // More than the session has: legitimate only when this node rebuilt the session from a
     // copy that lags the stream the client received (recovery, takeover), for the running
     // turn, and once. A session that generated every token itself has all a client can hold.
-    if (t.done || !st.rec.from_copy || turn + 1 != st.rec.turns.size()) {
+    if (!st.rec.from_copy || turn + 1 != st.rec.turns.size()) {
       return make_error(errc::bad_request,
                         "session " + st.rec.id + " turn " + std::to_string(turn) +
                             ": the client holds " + std::to_string(held.size()) +
                             " tokens, the session produced " + std::to_string(t.generated.size()));
     }
-    st.rec.from_copy = false;
-    auto limit = std::min(held.size(), static_cast<size_t>(std::max(t.max_tokens, 0)));
+    // A turn that ended here before its client came back (shed by a full node after a
+    // takeover, cancelled) adopts nothing: the client hears its end below, and the tokens it
+    // holds beyond the copy are not part of the reply.
+    auto limit = t.done ? size_t{0}
+                        : std::min(held.size(), static_cast<size_t>(std::max(t.max_tokens, 0)));
+    if (!t.done) st.rec.from_copy = false;
     if (limit > t.generated.size()) {
       t.generated.insert(t.generated.end(), held.begin() + static_cast<ptrdiff_t>(t.generated.size()),
                          held.begin() + static_cast<ptrdiff_t>(limit));

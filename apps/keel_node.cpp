@@ -58,6 +58,13 @@ constexpr option spec[] = {
     {"shards", "N", "tensor-parallel shards (default 1)"},
     {"threads", "N", "CPU threads per shard (default 1)"},
     {"kv-bytes", "B", "KV cache budget of the node, e.g. 256M (default 256M)"},
+    {"max-queue", "N",
+     "turns that may wait for KV pages or a batch slot; beyond it the lowest priority waiting "
+     "turn is shed with a retry-after (default 256)"},
+    {"spread-above", "PERCENT",
+     "with peers: once more than PERCENT of the KV budget is taken by running and waiting "
+     "turns, open new sessions on a peer with more room, as its heartbeats report it (default "
+     "80; 100: never)"},
     {"stall-timeout", "MS",
      "cut off a client that does not read its stream for MS ms (default "
      "10000)"},
@@ -403,6 +410,10 @@ int run(std::span<char*> args) {
   auto threads = opts->get_int("threads", 1, 1, 1024);
   auto kv_bytes = opts->get_bytes("kv-bytes", 256ull << 20);
   auto stall = opts->get_int("stall-timeout", 10000, 1, 24 * 3600 * 1000);
+  auto max_queue = opts->get_int("max-queue", 256, 0, 1 << 20);
+  auto spread_above = opts->get_int("spread-above", 80, 0, 100);
+  if (!max_queue) return fail(max_queue.error());
+  if (!spread_above) return fail(spread_above.error());
   if (!shards) return fail(shards.error());
   if (!threads) return fail(threads.error());
   if (!kv_bytes) return fail(kv_bytes.error());
@@ -526,6 +537,8 @@ int run(std::span<char*> args) {
   ncfg.shards = static_cast<int32_t>(*shards);
   ncfg.threads_per_shard = static_cast<int32_t>(*threads);
   ncfg.kv_bytes = *kv_bytes;
+  ncfg.batching.max_queue = static_cast<int32_t>(*max_queue);
+  ncfg.keep_room = 1.0 - static_cast<double>(*spread_above) / 100.0;
   ncfg.data_dir = opts->get("data");
   // The store holds every conversation in clear (new files are the owner's only: umask below).
   if (auto warn = keel::cli::readable_by_others(ncfg.data_dir); !ncfg.data_dir.empty() && !warn.empty())
@@ -665,6 +678,7 @@ int run(std::span<char*> args) {
     peer_srv->set_client_address((*gw)->address());
     (*nd)->on_draining([ps = peer_srv.get()] { ps->set_draining(true); });
     peer_srv->set_readiness([n = nd->get()] { return n->not_ready(); });
+    peer_srv->set_load([n = nd->get()] { return n->load(); });
     peer_srv->on_ownership([n = nd->get()](const std::string& from, std::string message) {
       n->deliver_ownership(from, std::move(message));
     });
@@ -687,6 +701,18 @@ int run(std::span<char*> args) {
                                    std::to_string(ncfg.threads_per_shard) + " thread(s)" +
                                    (gcfg.region.empty() ? "" : ", region " + gcfg.region) +
                                    (opts->has("data") ? ", data " + opts->get("data") : ""));
+  {
+    const auto& b = (*nd)->config().batching;
+    logger.line("KV cache: " + std::to_string(b.kv_pages) + " pages of " +
+                std::to_string(b.page_tokens) + " tokens per shard (--kv-bytes " +
+                std::to_string(ncfg.kv_bytes) + "); at most " + std::to_string(b.max_queue) +
+                " turns wait" +
+                (ncfg.peers.empty() || ncfg.keep_room <= 0
+                     ? std::string()
+                     : "; new sessions go to peers with more room once " +
+                           std::to_string(static_cast<int>(100 - ncfg.keep_room * 100 + 0.5)) +
+                           "% is taken"));
+  }
   logger.line(
       tls ? "TLS on the client, peer and admin ports: certificate " +
                          opts->get("tls-cert") + ", CA " + opts->get("tls-ca") +

@@ -76,6 +76,8 @@ struct cluster_config {
   /// A directory with scripts/make-certs.sh's files for every node (see `make_certs`): TLS on
   /// every port, each node with its own certificate, the peers named. Empty: plain TCP.
   std::filesystem::path tls;
+  /// Each node also serves HTTP (--http-listen on a free port; `http_address`).
+  bool http = false;
   /// More flags for every node (e.g. {"--shutdown-timeout", "60000"}).
   std::vector<std::string> extra_args;
 };
@@ -137,6 +139,8 @@ class cluster {
   /// The peer address HOST:PORT ("" for a standalone node).
   const std::string& peer_address(size_t i) const { return nodes_.at(i).peer_address; }
   const std::filesystem::path& data_dir(size_t i) const { return nodes_.at(i).data; }
+  /// The HTTP address HOST:PORT of the running node `i` (with cluster_config::http).
+  const std::string& http_address(size_t i) const { return nodes_.at(i).http_address; }
 
   size_t index(const std::string& name) const {
     for (size_t i = 0; i < nodes_.size(); ++i)
@@ -322,6 +326,7 @@ class cluster {
     std::filesystem::path data;
     std::unique_ptr<process> proc;
     std::string admin_address;  // with cluster_config::admin, once listening
+    std::string http_address;   // with cluster_config::http, once listening
     bool paused = false;
     int starts = 0;
     std::string past_logs;  // the ended incarnations' stderr, with headers
@@ -375,6 +380,7 @@ class cluster {
         std::ofstream(admin_key_file()) << "chaos-admin-key\n";
       a.insert(a.end(), {"--admin-listen", "127.0.0.1:0", "--config", conf.string()});
     }
+    if (cfg_.http) a.insert(a.end(), {"--http-listen", "127.0.0.1:0"});
     a.insert(a.end(), cfg_.extra_args.begin(), cfg_.extra_args.end());
     return a;
   }
@@ -399,6 +405,17 @@ class cluster {
       // Keep the log before the destructor reaps it, so that the failure shows why.
       std::string why = m.proc->exited() ? "it exited" : "timed out";
       BOOST_FAIL("keel-node " + m.spec.name + " did not start (" + why + "):\n" + m.proc->err());
+    }
+    if (cfg_.http) {
+      const std::string tag = "keel-node: http on ";
+      m.proc->wait_err([&](const std::string& s) { return s.find(tag) != std::string::npos; },
+                       cfg_.start_timeout);
+      auto err = m.proc->err();
+      auto at = err.find(tag);
+      m.http_address = at == std::string::npos
+                           ? std::string()
+                           : err.substr(at + tag.size(), err.find_first_of(" \n", at + tag.size()) -
+                                                             at - tag.size());
     }
     if (cfg_.admin) {
       const std::string tag = "keel-node: admin on ";

@@ -375,7 +375,7 @@ BOOST_AUTO_TEST_CASE(metrics_are_valid_exposition_and_count_a_generate) {
        {"keel_requests_total", "keel_prompt_tokens_total", "keel_generated_tokens_total",
         "keel_time_to_first_token_seconds", "keel_sessions_owned", "keel_takeovers_total",
         "keel_supervision_restarts_total", "keel_queue_length", "keel_kv_pages_capacity",
-        "keel_kv_pages_used", "keel_ready", "keel_inter_token_seconds",
+        "keel_kv_pages_used", "keel_kv_pages_peak", "keel_ready", "keel_inter_token_seconds",
         "keel_acknowledgement_seconds"})
     BOOST_TEST(x0.type.count(family) == 1u, family);
   BOOST_TEST(x0.get("keel_requests_total", {{"outcome", "length"}}) == 0);

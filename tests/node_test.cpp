@@ -288,6 +288,174 @@ BOOST_AUTO_TEST_CASE(more_work_than_the_kv_budget_is_queued_or_shed_by_priority)
   BOOST_TEST(r.stats.shed == static_cast<uint64_t>(shed));
 }
 
+BOOST_AUTO_TEST_CASE(the_batcher_publishes_its_load_for_heartbeats_and_placement) {
+  caf::actor_system_config sys_cfg;
+  keel::tune_actor_system(sys_cfg);
+  caf::actor_system sys{sys_cfg};
+  node_config cfg;
+  cfg.model_path = model_path;
+  cfg.kv_bytes = 2 * 15 * 16 * 2 * 2 * 64 * sizeof(float);  // about 30 pages
+  auto log = std::make_shared<supervision_log>([](const std::string&) {});
+  auto nd = node::start(sys, cfg, log);
+  BOOST_REQUIRE_MESSAGE(nd, test::why(nd));
+  auto& n = **nd;
+  // From the start: the whole budget is free, so the node has all its room.
+  auto capacity = n.config().batching.kv_pages;
+  auto l = n.load();
+  BOOST_TEST(l.kv_capacity == capacity);
+  BOOST_TEST(l.kv_free == capacity);
+  BOOST_TEST(l.running == 0);
+  BOOST_TEST(l.waiting == 0);
+  BOOST_TEST(l.room() == 1.0);
+  BOOST_REQUIRE(capacity >= 6);
+  BOOST_REQUIRE(16 * (capacity / 2 + 1) <= 512);  // within the model's context
+
+  // The first step stalls, so the admitted turn holds its pages while the load is read. Turn 1
+  // reserves half the pages; turn 2 needs one page more than is left, so it waits.
+  n.context()->faults->stall_shard(0, std::chrono::milliseconds(1500), 0);
+  caf::scoped_actor self{sys};
+  auto sk = sys.spawn([](caf::event_based_actor*) -> caf::behavior {
+    return {[](token_atom, seq_id, int64_t, int32_t) {},
+            [](done_atom, seq_id, finish_reason, const std::string&, int64_t) {}};
+  });
+  int32_t half = capacity / 2;
+  auto job = [&](seq_id seq, int32_t pages) {
+    generation_job j;
+    j.seq = seq;
+    j.session = caf::actor_cast<sequence_sink_actor>(sk);
+    j.session_id = "s-" + std::to_string(seq);
+    j.tokens = {1, 2, 3};
+    j.max_tokens = 16 * pages - 3;  // prompt plus budget: exactly `pages` pages
+    j.params = sampled(7);
+    return j;
+  };
+  auto batcher = caf::actor_cast<batcher_actor>(n.child("batcher"));
+  self->send(batcher, submit_atom::value, job(1, half));
+  self->send(batcher, submit_atom::value, job(2, capacity - half + 1));
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while ((l = n.load()).waiting != 1 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  BOOST_TEST(l.running == 1);
+  BOOST_TEST(l.waiting == 1);
+  BOOST_TEST(l.kv_free == capacity - half);
+  BOOST_TEST(l.kv_wanted == capacity - half + 1);
+  BOOST_TEST(l.room() == 0.0);  // what is free is wanted already
+  BOOST_TEST_MESSAGE("loaded: " << l.describe());
+
+  // Both turns run in turn; then everything is free again, the rate falls back to 0, and the
+  // peak is the larger turn's reservation.
+  until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (((l = n.load()).running != 0 || l.waiting != 0) && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  BOOST_TEST(l.running == 0);
+  BOOST_TEST(l.waiting == 0);
+  BOOST_TEST(l.kv_free == capacity);
+  BOOST_TEST(l.tokens_per_s == 0.0f);
+  BOOST_TEST(n.context()->metrics->load.peak_used() == capacity - half + 1);
+  self->send_exit(sk, caf::exit_reason::user_shutdown);
+  n.stop();
+}
+
+BOOST_AUTO_TEST_CASE(a_higher_priority_turn_sends_a_running_lower_one_back_to_the_queue) {
+  caf::actor_system_config sys_cfg;
+  keel::tune_actor_system(sys_cfg);
+  caf::actor_system sys{sys_cfg};
+  node_config cfg;
+  cfg.model_path = model_path;
+  cfg.kv_bytes = 2 * 15 * 16 * 2 * 2 * 64 * sizeof(float);  // about 30 pages
+  auto log = std::make_shared<supervision_log>([](const std::string&) {});
+  auto nd = node::start(sys, cfg, log);
+  BOOST_REQUIRE_MESSAGE(nd, test::why(nd));
+  auto& n = **nd;
+  auto capacity = n.config().batching.kv_pages;
+  int32_t most = capacity * 2 / 3;  // two such turns do not fit together
+  BOOST_REQUIRE(16 * most <= 512);
+
+  struct seen {
+    std::mutex mu;
+    std::map<seq_id, std::vector<int32_t>> tokens;
+    std::map<seq_id, finish_reason> done;
+    int gaps = 0;  // a token index out of order: lost or repeated
+  };
+  auto log_of = std::make_shared<seen>();
+  auto sk = sys.spawn([log_of](caf::event_based_actor*) -> caf::behavior {
+    return {[log_of](token_atom, seq_id seq, int64_t index, int32_t tok) {
+              std::lock_guard<std::mutex> g(log_of->mu);
+              auto& v = log_of->tokens[seq];
+              if (index != static_cast<int64_t>(v.size()))
+                ++log_of->gaps;
+              else
+                v.push_back(tok);
+            },
+            [log_of](done_atom, seq_id seq, finish_reason why, const std::string&, int64_t) {
+              std::lock_guard<std::mutex> g(log_of->mu);
+              log_of->done[seq] = why;
+            }};
+  });
+  auto job = [&](seq_id seq, int32_t priority, uint64_t seed) {
+    generation_job j;
+    j.seq = seq;
+    j.session = caf::actor_cast<sequence_sink_actor>(sk);
+    j.session_id = "s-" + std::to_string(seq);
+    j.tokens = {1, 2, 3};
+    j.max_tokens = 16 * most - 3;
+    j.params = sampled(seed);
+    j.priority = priority;
+    return j;
+  };
+  caf::scoped_actor self{sys};
+  auto batcher = caf::actor_cast<batcher_actor>(n.child("batcher"));
+  // The low-priority turn runs a few steps, then its 6th step stalls: the high one arrives
+  // while it holds its pages.
+  n.context()->faults->stall_shard(0, std::chrono::milliseconds(800), 5);
+  self->send(batcher, submit_atom::value, job(1, 0, 1));
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  auto low_tokens = [&] {
+    std::lock_guard<std::mutex> g(log_of->mu);
+    return log_of->tokens[1].size();
+  };
+  while (low_tokens() < 3 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  BOOST_REQUIRE(low_tokens() >= 3);
+  self->send(batcher, submit_atom::value, job(2, 20, 2));
+  node_load l;
+  until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while ((l = n.load()).waiting != 1 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  BOOST_TEST(l.running == 1);  // the high one
+  BOOST_TEST(l.waiting == 1);  // the low one, back in the queue
+  BOOST_TEST(l.kv_free == capacity - most);
+
+  auto wait_done = [&](size_t count) {
+    auto end = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (std::chrono::steady_clock::now() < end) {
+      {
+        std::lock_guard<std::mutex> g(log_of->mu);
+        if (log_of->done.size() >= count) return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  };
+  wait_done(2);
+  // The same turn again, alone and never preempted: the same tokens.
+  self->send(batcher, submit_atom::value, job(3, 0, 1));
+  wait_done(3);
+  std::lock_guard<std::mutex> g(log_of->mu);
+  BOOST_TEST(log_of->done.size() == 3u);
+  BOOST_TEST(log_of->tokens[3] == log_of->tokens[1]);
+  BOOST_TEST(log_of->gaps == 0);  // the preempted turn went on from its next index
+  for (seq_id s : {seq_id{1}, seq_id{2}}) {
+    BOOST_TEST((log_of->done[s] == finish_reason::length || log_of->done[s] == finish_reason::eos));
+    BOOST_TEST(log_of->tokens[s].size() > 0u);
+  }
+  auto st = n.stats();
+  BOOST_REQUIRE(st);
+  BOOST_TEST(st->preemptions == 1u);
+  BOOST_TEST(st->shed == 0u);
+  self->send_exit(sk, caf::exit_reason::user_shutdown);
+  n.stop();
+}
+
 BOOST_AUTO_TEST_CASE(a_turn_with_a_token_outside_the_vocabulary_fails_alone) {
   // Issue #11: a forged session with token 99999 reached the engine; every step failed, the
   // worker group restarted forever. The batcher refuses that turn alone, and the node serves on.

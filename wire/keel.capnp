@@ -130,7 +130,10 @@ struct NodeInfo {
 # capped to the class's highest (batch 0, standard 10, interactive 20).
 interface Gateway {
   info @0 () -> (info :NodeInfo, error :Error);
-  openSession @1 (params :SamplingParams, priority :Int32) -> (session :Session, id :Text, error :Error);
+  # Opens a session. With peers, a node whose KV budget is nearly taken opens it on a peer with
+  # more room and passes that node's `Session` on (the id names the node that opened it);
+  # `here`: open it on this node whatever its load (what a node placing a session asks).
+  openSession @1 (params :SamplingParams, priority :Int32, here :Bool) -> (session :Session, id :Text, error :Error);
   getSession @2 (id :Text) -> (session :Session, error :Error);
   listSessions @3 () -> (sessions :List(SessionInfo), error :Error);
   # The Gateway of the key's tenant. A wrong key is answered `unauthenticated` "API key
@@ -173,6 +176,12 @@ struct PeerView {
   failures @6 :UInt64;
   lastFailure @7 :Text;
   clientAddress @8 :Text;  # its Gateway's HOST:PORT, from its heartbeats ("" until one)
+  # Its load, from its last heartbeat answer (all 0 until one): KV pages, waiting turns and
+  # the share of its KV pages free for new work (actors/load.hpp).
+  kvPagesFree @9 :UInt32;
+  kvPagesCapacity @10 :UInt32;
+  waiting @11 :UInt32;
+  room @12 :Float32;
 }
 
 struct NodeReport {
@@ -202,6 +211,7 @@ struct NodeReport {
   replicationFailures @23 :UInt64;
   peers @24 :List(PeerView);
   draining @25 :Bool;            # `drain` ran: the node opens no new sessions
+  room @26 :Float32;             # share of the KV pages free for new work (actors/load.hpp)
 }
 
 struct AdminSession {

@@ -27,6 +27,18 @@ struct NodeId {
   # each computes every session's group and its leases from it; a node drops the ownership
   # messages of a peer whose digest differs from its own. 0: not given (no peers).
   cluster @6 :UInt64;
+  # The node's load when it answered (heartbeat answers only; not set in calls): placement of
+  # new sessions and the order of takeovers read it (docs/actors.md, "Load across the cluster").
+  load @7 :NodeLoad;
+}
+
+struct NodeLoad {
+  waiting @0 :UInt32;          # turns waiting for admission
+  running @1 :UInt32;          # turns generating
+  kvPagesFree @2 :UInt32;      # KV pages no running turn reserved
+  kvPagesCapacity @3 :UInt32;  # KV pages of the node; 0: not given
+  kvPagesWanted @4 :UInt32;    # pages the waiting turns need to be admitted
+  tokensPerSecond @5 :Float32; # generated over the last second or so
 }
 
 interface Peer {

@@ -180,6 +180,18 @@ struct gateway::impl : kj::TaskSet::ErrorHandler {
   kj::Promise<caf::expected<wire::Session::Client>> forward(const std::string& id,
                                                             const api_key* key);
 
+  /// A new session opened on another node (placement, node::place_new_session).
+  struct placed {
+    std::string id;
+    wire::Session::Client session;
+  };
+  /// Opens a session on `peer` (asked to open it there, not to place it again) as `key`'s
+  /// tenant, and passes its `Session` on. Any failure (the peer went down, refused, is over a
+  /// limit) is an error: the caller opens the session here instead.
+  kj::Promise<caf::expected<placed>> open_on(const placement_candidate& peer,
+                                             const sampling_params& params, int32_t priority,
+                                             const api_key* key);
+
   void log(const std::string& line) {
     if (cfg.log) cfg.log(line);
   }

@@ -182,9 +182,11 @@ caf::expected<node_report> cluster::report(size_t m) {
           o.peers.push_back(peer_row{text(p.getAddress()), text(p.getName()), text(p.getRegion()),
                                      text(p.getStatus()), text(p.getBreaker()), p.getRoundTripUs(),
                                      p.getFailures(), text(p.getLastFailure()),
-                                     text(p.getClientAddress())});
+                                     text(p.getClientAddress()), p.getKvPagesFree(),
+                                     p.getKvPagesCapacity(), p.getWaiting(), p.getRoom()});
         }
         o.draining = r.getDraining();
+        o.room = r.getRoom();
         return o;
       });
 }

@@ -35,6 +35,9 @@ struct peer_row {
   uint64_t round_trip_us = 0, failures = 0;
   std::string last_failure;
   std::string client_address;  // "" until the peer answered a heartbeat
+  // Its load, from its last heartbeat answer.
+  uint32_t kv_pages_free = 0, kv_pages_capacity = 0, waiting = 0;
+  float room = 0;
 };
 
 struct node_report {
@@ -50,6 +53,7 @@ struct node_report {
   uint64_t faults_fired = 0, replicated = 0, replication_failures = 0;
   std::vector<peer_row> peers;
   bool draining = false;  // the node was drained: it opens no new sessions
+  float room = 0;         // share of its KV pages free for new work
 };
 
 struct session_row {

@@ -132,6 +132,7 @@ int shell::nodes(const std::vector<std::string>& args) {
     std::string name, region, address, admin, peer, status = "down", note;
     bool reached = false;
     std::optional<node_report> r;
+    std::optional<peer_row> seen;  // not reached: what a peer's heartbeats say of its load
   };
   std::vector<entry> rows;
   std::map<std::string, size_t> by_key;  // a node's name, or its address while nameless
@@ -175,6 +176,7 @@ int shell::nodes(const std::vector<std::string>& args) {
         e.peer = p.address;
         e.status = p.status;
         e.note = "seen by " + rep.name + "'s region link";
+        if (p.kv_pages_capacity > 0) e.seen = p;
         by_key[key] = rows.size();
         rows.push_back(std::move(e));
       } else if (status_rank(p.status) > status_rank(rows[at->second].status) ||
@@ -185,6 +187,7 @@ int shell::nodes(const std::vector<std::string>& args) {
         if (e.region.empty()) e.region = p.region;
         if (!p.client_address.empty()) e.address = p.client_address;
         e.note += (e.note.empty() ? "" : "; ") + rep.name + "'s link sees it " + p.status;
+        if (p.kv_pages_capacity > 0 && !e.seen) e.seen = p;
       }
     }
   }
@@ -195,17 +198,28 @@ int shell::nodes(const std::vector<std::string>& args) {
            {"SESSIONS", true},
            {"KV PAGES", true},
            {"QUEUE", true},
+           {"ROOM", true},
            {"TOK/S", true}});
   json j;
   j.begin_object().key("nodes").begin_array();
   std::string notes;
   for (auto& e : rows) {
     auto dash = std::string("-");
+    auto percent = [](float x) { return std::to_string(static_cast<int>(x * 100 + 0.5f)) + "%"; };
+    std::string kv = dash, queue = dash, room = dash;
+    if (e.r) {
+      kv = std::to_string(e.r->kv_pages_used) + "/" + std::to_string(e.r->kv_pages_total);
+      queue = std::to_string(e.r->queue_length);
+      room = percent(e.r->room);
+    } else if (e.seen) {  // from a peer's heartbeats: the node is not reached, its load is known
+      kv = std::to_string(e.seen->kv_pages_capacity - std::min(e.seen->kv_pages_free,
+                                                               e.seen->kv_pages_capacity)) +
+           "/" + std::to_string(e.seen->kv_pages_capacity);
+      queue = std::to_string(e.seen->waiting);
+      room = percent(e.seen->room);
+    }
     t.add({e.name.empty() ? "?" : e.name, e.region.empty() ? dash : e.region, e.address, e.status,
-           e.r ? std::to_string(e.r->sessions) : dash,
-           e.r ? std::to_string(e.r->kv_pages_used) + "/" + std::to_string(e.r->kv_pages_total)
-               : dash,
-           e.r ? std::to_string(e.r->queue_length) : dash,
+           e.r ? std::to_string(e.r->sessions) : dash, kv, queue, room,
            e.r ? format_rate(e.r->tokens_per_second) : dash});
     if (!e.reached)
       notes += "  " + (e.name.empty() ? e.address : e.name) + ": not reached" +
@@ -220,7 +234,9 @@ int shell::nodes(const std::vector<std::string>& args) {
       j.field("kv_pages_used", e.r->kv_pages_used).field("kv_pages_total", e.r->kv_pages_total);
       j.field("queue_length", e.r->queue_length);
       j.field("tokens_per_second", e.r->tokens_per_second);
+      j.field("room", static_cast<double>(e.r->room));
     } else {
+      if (e.seen) j.field("room", static_cast<double>(e.seen->room));
       j.field("note", e.note);
     }
     j.end_object();

@@ -1,0 +1,318 @@
+#define BOOST_TEST_MODULE placement_test
+#include <boost/test/unit_test.hpp>
+
+// Load across the cluster (issue #14) with real keel-node processes on loopback: a node near its
+// KV budget opens new sessions on peers with room, and a killed node's conversations continue on
+// the survivors without any node going past its budget, only the lowest priority being shed.
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/synth.hpp"
+#include "tests/cluster.hpp"
+#include "tests/http_support.hpp"
+#include "wire/client.hpp"
+
+using namespace std::chrono_literals;
+using keel::errc;
+using keel::test::cluster;
+using keel::test::cluster_config;
+using keel::wire::client;
+
+namespace {
+
+struct model_file {
+  keel::test::temp_dir dir{"placement_test-model"};
+  std::string path = (dir.path / "model.gguf").string();
+  model_file() {
+    keel::synth_options o;
+    o.ctx = 2048;
+    keel::test::write_model(path, o);
+  }
+};
+
+model_file& model() {
+  static model_file m;
+  return m;
+}
+
+/// One sample of node `i`'s GET /metrics (a gauge or counter without labels).
+double metric(cluster& cl, size_t i, const std::string& name) {
+  auto r = keel::test::curl("http://" + cl.http_address(i) + "/metrics");
+  BOOST_REQUIRE(r.status == 200);
+  std::istringstream in(r.body);
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(name + " ", 0) == 0) return std::stod(line.substr(name.size() + 1));
+  BOOST_FAIL("no sample " + name + " at node " + cl.name(i));
+  return 0;
+}
+
+/// The KV pages of each shard of node `i`, from its start line ("KV cache: N pages of ...").
+int kv_pages(cluster& cl, size_t i) {
+  auto log = cl.log(i);
+  const std::string tag = "KV cache: ";
+  auto at = log.find(tag);
+  BOOST_REQUIRE_MESSAGE(at != std::string::npos, "no KV line in:\n" << log);
+  return std::stoi(log.substr(at + tag.size()));
+}
+
+std::string owner_of(const std::string& session) { return session.substr(session.rfind('@') + 1); }
+
+cluster_config config(const std::filesystem::path& root, const std::string& label,
+                      std::vector<std::string> extra) {
+  cluster_config cfg;
+  cfg.model = model().path;
+  cfg.root = root;
+  cfg.label = label;
+  cfg.admin = true;
+  cfg.http = true;
+  cfg.extra_args = std::move(extra);
+  return cfg;
+}
+
+std::vector<keel::test::node_spec> three() { return {{"a", "r1"}, {"b", "r2"}, {"c", "r3"}}; }
+
+keel::sampling_params seeded(uint64_t seed) {
+  keel::sampling_params p;
+  p.temperature = 0.8f;
+  p.seed = seed;
+  return p;
+}
+
+client::options client_options() {
+  client::options o;
+  o.connect_timeout = 2s;
+  // A resumed turn may wait in a full node's queue: silence is not a failure here.
+  o.call_timeout = 60s;
+  o.resume_for = 40s;
+  return o;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(a_node_near_its_kv_budget_opens_new_sessions_on_peers_with_room) {
+  keel::test::temp_dir root("placement_test-open");
+  cluster cl(config(root.path, "open", {"--kv-bytes", "8M"}), three());
+  cl.start_all();
+  BOOST_REQUIRE(cl.wait_all_links_up(10s));
+  auto pages = kv_pages(cl, 0);
+  BOOST_TEST_MESSAGE("KV pages per node: " << pages);
+  BOOST_REQUIRE(pages >= 10);
+  BOOST_REQUIRE(pages * 16 <= 2048);
+
+  // a's engine stalls before its next step, so a turn admitted there holds its pages: 90% of
+  // them (a prompt of at most 16 tokens plus 16 * (P - 1) tokens of budget is P pages).
+  auto armed = cl.shell(0, "fault a/engine/shard-0 stall 20000ms");
+  BOOST_REQUIRE_MESSAGE(armed.first == 0, armed.second);
+  int big = (pages * 9 + 9) / 10;
+  auto at_a = client::connect({cl.address(0)}, client_options());
+  BOOST_REQUIRE(at_a);
+  auto heavy = (*at_a)->open_session(seeded(1));
+  BOOST_REQUIRE_MESSAGE(heavy, (heavy ? "" : keel::describe(heavy.error())));
+  BOOST_TEST(owner_of(*heavy) == "a");  // a had room then
+  std::thread turn([&cl, heavy = *heavy, big] {
+    auto c = client::connect({cl.address(0)}, client_options());
+    if (c) (void)(*c)->generate(heavy, "Hello", static_cast<uint32_t>(16 * (big - 1)));
+  });
+  struct joiner {
+    std::thread& t;
+    ~joiner() { t.join(); }
+  } join{turn};
+  auto until = std::chrono::steady_clock::now() + 10s;
+  while (metric(cl, 0, "keel_kv_pages_used") < big && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(20ms);
+  BOOST_REQUIRE(metric(cl, 0, "keel_kv_pages_used") >= big);
+
+  // Every new session asked of a opens on b or c, and works through a.
+  std::map<std::string, int> where;
+  std::vector<std::string> placed;
+  for (int i = 0; i < 8; ++i) {
+    auto s = (*at_a)->open_session(seeded(10 + i));
+    BOOST_REQUIRE_MESSAGE(s, (s ? "" : keel::describe(s.error())));
+    ++where[owner_of(*s)];
+    placed.push_back(*s);
+  }
+  BOOST_TEST(where["a"] == 0);
+  BOOST_TEST(where["b"] + where["c"] == 8);
+  BOOST_TEST_MESSAGE("placed: b " << where["b"] << ", c " << where["c"]);
+  auto g = (*at_a)->generate(placed[0], "Once upon a time", 24);
+  BOOST_REQUIRE_MESSAGE(g, (g ? "" : keel::describe(g.error())));
+  BOOST_TEST(g->generated.size() > 0u);  // served by b or c while a's engine is stalled
+
+  // b has room: what it is asked to open, it opens itself.
+  auto at_b = client::connect({cl.address(1)}, client_options());
+  BOOST_REQUIRE(at_b);
+  auto local = (*at_b)->open_session(seeded(99));
+  BOOST_REQUIRE(local);
+  BOOST_TEST(owner_of(*local) == "b");
+
+  auto cleared = cl.shell(0, "fault a clear");
+  BOOST_TEST(cleared.first == 0);
+}
+
+namespace {
+
+/// One conversation of the cascade case: who opens it, at which priority, and what it did.
+struct conversation {
+  size_t home = 0;  // the node its client connects to first
+  int32_t priority = 0;
+  uint64_t seed = 0;
+  std::string session;
+  std::vector<std::vector<int32_t>> replies;  // each turn's generated ids (completed turns)
+  int shed = 0;                               // turns ended `overloaded` (then sent again)
+  bool clean = true;                          // no turn was shed: its replies are comparable
+  std::string error;
+};
+
+const std::vector<std::string> texts = {"Tell me a story", "And then?"};
+
+/// Holds conversation `c` through `endpoints`: each turn until it completes; a turn shed with
+/// `overloaded` is sent again (as the next turn) after its retry-after.
+void converse(conversation& c, const std::vector<std::string>& endpoints, uint32_t max_tokens,
+              std::atomic<int>& streaming) {
+  auto cl = client::connect(endpoints, client_options());
+  if (!cl) {
+    c.error = "connect: " + keel::describe(cl.error());
+    return;
+  }
+  auto s = (*cl)->open_session(seeded(c.seed), c.priority);
+  if (!s) {
+    c.error = "open: " + keel::describe(s.error());
+    return;
+  }
+  c.session = *s;
+  uint64_t next = 0;  // the session's turns so far
+  bool counted = false;
+  auto deadline = std::chrono::steady_clock::now() + 180s;
+  for (size_t t = 0; t < texts.size();) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      c.error = "deadline passed at turn " + std::to_string(t);
+      return;
+    }
+    auto on_token = [&](uint64_t, uint64_t index, int32_t, std::string_view) {
+      if (!counted && index >= 4) {
+        counted = true;
+        ++streaming;
+      }
+    };
+    auto g = (*cl)->generate(c.session, texts[t], max_tokens, on_token, {}, next);
+    if (g) {
+      c.replies.push_back(g->generated);
+      next = g->turn + 1;
+      ++t;
+      continue;
+    }
+    auto code = keel::code_of(g.error());
+    if (code != errc::overloaded) {
+      c.error = "turn " + std::to_string(t) + ": " + keel::describe(g.error());
+      return;
+    }
+    // Shed: the turn is in the history, ended. Wait as told, then send it again as a new turn.
+    ++c.shed;
+    c.clean = false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(
+        std::clamp<uint32_t>(keel::wire::retry_after_ms(g.error()), 50, 2000)));
+    auto h = (*cl)->history(c.session);
+    if (!h) {
+      c.error = "history after a shed turn: " + keel::describe(h.error());
+      return;
+    }
+    next = h->size();
+  }
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(a_killed_nodes_conversations_continue_within_every_survivors_kv_budget) {
+  keel::test::temp_dir root("placement_test-cascade");
+  cluster cl(config(root.path, "cascade", {"--kv-bytes", "8M", "--max-queue", "2"}), three());
+  cl.start_all();
+  BOOST_REQUIRE(cl.wait_all_links_up(10s));
+  int pages = kv_pages(cl, 0);
+  // Each turn reserves R pages and a node fits five (and not six): four conversations per node
+  // keep it at about 80% of its budget; after a node's loss each survivor is asked for ~120%.
+  int r = pages / 5;
+  BOOST_REQUIRE(r >= 3);
+  auto max_tokens = static_cast<uint32_t>(16 * (r - 1));
+  BOOST_TEST_MESSAGE("KV pages per node " << pages << ", a turn reserves " << r
+                                         << " (max tokens " << max_tokens << ")");
+
+  // Four conversations per node, opened there: two interactive (priority 20), two batch (0).
+  std::vector<conversation> convs(12);
+  for (size_t k = 0; k < convs.size(); ++k) {
+    convs[k].home = k % 3;
+    convs[k].priority = (k / 3) % 2 == 0 ? 20 : 0;
+    convs[k].seed = 100 + k;
+  }
+  std::atomic<int> streaming{0};
+  std::vector<std::thread> threads;
+  for (auto& c : convs)
+    threads.emplace_back([&, cp = &c] {
+      converse(*cp, cl.endpoints(cp->home), max_tokens, streaming);
+    });
+  struct joiner {
+    std::vector<std::thread>& ts;
+    ~joiner() {
+      for (auto& t : ts)
+        if (t.joinable()) t.join();
+    }
+  } join{threads};
+
+  // Every conversation streams its first turn: then a dies.
+  auto until = std::chrono::steady_clock::now() + 60s;
+  while (streaming.load() < static_cast<int>(convs.size()) && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(5ms);
+  BOOST_REQUIRE_MESSAGE(streaming.load() == static_cast<int>(convs.size()),
+                        "only " << streaming.load() << " conversations streamed");
+  double before[3];
+  for (size_t i = 0; i < 3; ++i) before[i] = metric(cl, i, "keel_kv_pages_used");
+  BOOST_TEST_MESSAGE("KV pages in use before the kill: a " << before[0] << ", b " << before[1]
+                                                           << ", c " << before[2]);
+  cl.kill(0);
+  for (auto& t : threads) t.join();
+
+  // No survivor died, none went past its budget, and they were loaded.
+  for (size_t i : {size_t{1}, size_t{2}}) {
+    BOOST_TEST(cl.alive(i), cl.name(i) << " died");
+    auto peak = metric(cl, i, "keel_kv_pages_peak");
+    auto capacity = metric(cl, i, "keel_kv_pages_capacity");
+    BOOST_TEST(peak <= capacity, cl.name(i) << ": peak " << peak << " of " << capacity);
+    BOOST_TEST(peak >= 4 * r, cl.name(i) << ": peak " << peak);
+    BOOST_TEST_MESSAGE(cl.name(i) << ": peak " << peak << " of " << capacity << " pages, "
+                                  << metric(cl, i, "keel_takeovers_total") << " takeovers");
+  }
+
+  // Every conversation continued to its end; only the batch ones were ever shed.
+  int shed = 0;
+  for (auto& c : convs) {
+    BOOST_TEST(c.error.empty(), c.session << " (priority " << c.priority << "): " << c.error);
+    BOOST_TEST(c.replies.size() == texts.size(), c.session);
+    if (c.priority > 0) BOOST_TEST(c.shed == 0, c.session << " was shed at priority " << c.priority);
+    shed += c.shed;
+  }
+  BOOST_TEST_MESSAGE("turns shed (all batch): " << shed);
+
+  // The conversations never shed said what a fault-free cluster says: one node alone, the same
+  // seeds and turns, one conversation at a time.
+  keel::test::temp_dir ref_root("placement_test-reference");
+  cluster_config rc = config(ref_root.path, "reference", {});
+  rc.admin = false;
+  cluster ref(rc, {{"solo", ""}});
+  ref.start_all();
+  for (auto& c : convs) {
+    if (!c.clean || !c.error.empty()) continue;
+    conversation again;
+    again.priority = c.priority;
+    again.seed = c.seed;
+    std::atomic<int> ignored{0};
+    converse(again, ref.endpoints(0), max_tokens, ignored);
+    BOOST_REQUIRE_MESSAGE(again.error.empty(), again.error);
+    BOOST_TEST(again.replies == c.replies, c.session << " differs from the fault-free run");
+  }
+}
