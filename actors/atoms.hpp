@@ -28,6 +28,7 @@ using done_atom = caf::atom_constant<caf::atom("k_done")>;
 using cancel_atom = caf::atom_constant<caf::atom("k_cancel")>;
 using send_atom = caf::atom_constant<caf::atom("k_send")>;
 using chat_atom = caf::atom_constant<caf::atom("k_chat")>;
+using check_atom = caf::atom_constant<caf::atom("k_check")>;  // guardrail.hpp
 using write_atom = caf::atom_constant<caf::atom("k_write")>;
 using history_atom = caf::atom_constant<caf::atom("k_history")>;
 using tick_atom = caf::atom_constant<caf::atom("k_tick")>;

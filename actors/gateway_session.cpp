@@ -272,6 +272,34 @@ void reply_recorded(caf::event_based_actor* self, const session_actor& sess,
           [=](caf::error& e) { reply(std::move(e)); });
 }
 
+/// Checks a turn's input with the node's guardrail (from `self`, within its deadline), then
+/// calls `go`; a refusal is `reply`'d: `bad_request` naming the rule it matched, or under
+/// fail-closed `overloaded` when no check could be had in time.
+void guarded(caf::event_based_actor* self, const std::shared_ptr<node_context>& ctx,
+             std::string text, const wire::kj_reply<caf::expected<sent_turn>>& reply,
+             std::function<void()> go) {
+  auto log = ctx->log;
+  guard_check(self, ctx->guard, guard_stage::prompt, std::move(text),
+              [log](const std::string& line) { log->report(line); },
+              [reply, go](guard_outcome o, const std::string& rule) {
+                switch (o) {
+                  case guard_outcome::allowed:
+                  case guard_outcome::failed_open:
+                    go();
+                    return;
+                  case guard_outcome::denied:
+                    reply(make_error(errc::bad_request,
+                                     "the prompt was refused by the guardrail (" + rule + ")"));
+                    return;
+                  case guard_outcome::failed_closed:
+                    reply(make_error(errc::overloaded,
+                                     "the guardrail could not check the prompt in time, and this "
+                                     "node refuses what it cannot check; retry later"));
+                    return;
+                }
+              });
+}
+
 class session_server final : public wire::Session::Server {
  public:
   session_server(gw& g, std::string id, const api_key* key)
@@ -364,9 +392,10 @@ class session_server final : public wire::Session::Server {
     auto tok = g_.nd.context()->tok;
     auto ctx_len = static_cast<size_t>(g_.nd.context()->llm->config().ctx_len);
     auto id = id_;
+    auto node_ctx = g_.nd.context();
     return g_.find_session(id_)
-        .then([&sys, timeout, tok, ctx_len, id, txt, max_tokens, expect, special,
-               relay_actor](caf::expected<session_actor> a) -> kj::Promise<caf::expected<sent_turn>> {
+        .then([&sys, timeout, tok, ctx_len, id, txt, max_tokens, expect, special, relay_actor,
+               node_ctx](caf::expected<session_actor> a) -> kj::Promise<caf::expected<sent_turn>> {
           if (!a) return caf::expected<sent_turn>(std::move(a.error()));
           auto sess = *a;
           return wire::in_caf<caf::expected<sent_turn>>(
@@ -393,13 +422,15 @@ class session_server final : public wire::Session::Server {
                                                  std::to_string(ctx_len)));
                             return;
                           }
-                          self->request(sess, timeout, send_atom::value, txt, max_tokens,
-                                        relay_actor, expect, special)
-                              .then(
-                                  [=](uint64_t turn) {
-                                    reply_recorded(self, sess, timeout, turn, reply);
-                                  },
-                                  [=](caf::error& e) { reply(std::move(e)); });
+                          guarded(self, node_ctx, txt, reply, [=] {
+                            self->request(sess, timeout, send_atom::value, txt, max_tokens,
+                                          relay_actor, expect, special)
+                                .then(
+                                    [=](uint64_t turn) {
+                                      reply_recorded(self, sess, timeout, turn, reply);
+                                    },
+                                    [=](caf::error& e) { reply(std::move(e)); });
+                          });
                         },
                         [=](caf::error& e) { reply(std::move(e)); });
               });
@@ -444,22 +475,29 @@ class session_server final : public wire::Session::Server {
     auto relay_actor = s.relay;
     auto& sys = g_.sys;
     auto timeout = g_.cfg.call_timeout;
-    // The session renders the turn and checks its length against the context.
+    // The session renders the turn and checks its length against the context; the guardrail
+    // reads every message's content.
+    std::string said;
+    for (auto& m : messages) said += m.content + "\n";
+    auto node_ctx = g_.nd.context();
     return g_.find_session(id_)
-        .then([&sys, timeout, messages = std::move(messages), max_tokens, expect, relay_actor](
+        .then([&sys, timeout, messages = std::move(messages), max_tokens, expect, relay_actor,
+               node_ctx, said = std::move(said)](
                   caf::expected<session_actor> a) -> kj::Promise<caf::expected<sent_turn>> {
           if (!a) return caf::expected<sent_turn>(std::move(a.error()));
           auto sess = *a;
           return wire::in_caf<caf::expected<sent_turn>>(
               sys,
               [=](caf::event_based_actor* self, wire::kj_reply<caf::expected<sent_turn>> reply) {
-                self->request(sess, timeout, chat_atom::value, messages, max_tokens, relay_actor,
-                              expect)
-                    .then(
-                        [=](uint64_t turn) {
-                          reply_recorded(self, sess, timeout, turn, reply);
-                        },
-                        [=](caf::error& e) { reply(std::move(e)); });
+                guarded(self, node_ctx, said, reply, [=] {
+                  self->request(sess, timeout, chat_atom::value, messages, max_tokens,
+                                relay_actor, expect)
+                      .then(
+                          [=](uint64_t turn) {
+                            reply_recorded(self, sess, timeout, turn, reply);
+                          },
+                          [=](caf::error& e) { reply(std::move(e)); });
+                });
               });
         })
         .then([this, ctx, sid](caf::expected<sent_turn> r) mutable {

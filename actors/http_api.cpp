@@ -157,6 +157,16 @@ std::string render_metrics(node& n, const batcher_stats* stats) {
   for (const auto& [path, count] : restarts)
     x.sample("keel_supervision_restarts_total", count, "path=\"" + label(path) + "\"");
 
+  if (const auto& g = n.context()->guard; g->enabled()) {
+    x.family("keel_guardrail_checks_total", "counter",
+             "Guardrail checks of prompts and replies by result (allowed, denied, failed_open, "
+             "failed_closed: no answer in time, and the policy let the turn go on or refused it).");
+    const char* names[] = {"allowed", "denied", "failed_open", "failed_closed"};
+    for (size_t i = 0; i < 4; ++i)
+      x.sample("keel_guardrail_checks_total", g->counted(static_cast<guard_outcome>(i)),
+               std::string("result=\"") + names[i] + "\"");
+  }
+
   x.family("keel_takeovers_total", "counter",
            "Sessions this node started serving from its group's copy (taken over, or taken "
            "back after a restart).");

@@ -74,6 +74,8 @@ const char* finish_name(finish_reason r, bool stopped) {
       return "length";
     case finish_reason::cancelled:
       return "cancelled";
+    case finish_reason::filtered:
+      return "content_filter";  // OpenAI's name: the reply stopped by moderation
     default:
       return "error";
   }

@@ -16,6 +16,8 @@ std::string_view to_label(request_outcome x) {
       return "overloaded";
     case request_outcome::failed:
       return "failed";
+    case request_outcome::filtered:
+      return "filtered";
     case request_outcome::moved:
       return "moved";
     case request_outcome::cut_off:

@@ -23,6 +23,7 @@ enum class request_outcome : uint8_t {
   cancelled,     // Session.cancel
   overloaded,    // refused or shed with `overloaded` (admission, limits, a full disk)
   failed,        // the turn failed (a bug or a bad model state)
+  filtered,      // the guardrail refused the prompt or stopped the reply
   moved,         // the session moved to another node mid-turn (the client resumes there)
   cut_off,       // the client did not drain its stream, or went away (the turn goes on)
   bad_request,   // refused before it started: bad input, unknown session, no key

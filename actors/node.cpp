@@ -126,6 +126,7 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   ctx->llm = std::shared_ptr<const model>(std::move(*m));
   ctx->faults = std::make_shared<fault_injector>();
   ctx->log = log ? std::move(log) : std::make_shared<supervision_log>();
+  ctx->guard = std::make_shared<guardrail>(cfg.guard);
   if (!cfg.chat_template.empty()) {
     if (auto t = chat_template::parse(cfg.chat_template); !t)
       return make_error(errc::bad_request, "the chat template given: " + message_of(t.error()));
@@ -293,6 +294,10 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   }
   top.push_back(std::move(engine_sup));
   top.push_back(std::move(batcher));
+  if (ctx->guard->enabled()) {
+    // Its own supervisor: a crash-looping filter backs off there and never reaches the root.
+    top.push_back(supervisor_child("guard", guard_flags(), {guard_spec(ctx->guard)}, ctx->log));
+  }
   top.push_back(std::move(sessions));
   if (!cfg.peers.empty()) {
     if (cfg.heartbeat_interval.count() <= 0 || cfg.down_after <= cfg.heartbeat_interval) {

@@ -15,6 +15,7 @@
 #include <caf/actor_system_config.hpp>
 
 #include "actors/batcher.hpp"
+#include "actors/guardrail.hpp"
 #include "actors/node_context.hpp"
 #include "actors/node_env.hpp"
 #include "actors/ownership.hpp"
@@ -90,6 +91,9 @@ struct node_config {
   /// actors/load.hpp). 0.2: a node forwards new sessions once 80% of its KV budget is in use
   /// (`keel-node --spread-above 80`); 0: never.
   double keep_room = 0.2;
+  /// The guardrail (actors/guardrail.hpp): prompts and replies checked by a supervised filter
+  /// under a deadline and a failure policy. `guard.make` empty: none.
+  guard_config guard;
 };
 
 /// A digest of `cfg`'s view of the cluster: every member's name and region (this node's and

@@ -10,6 +10,7 @@
 #include <caf/actor_cast.hpp>
 
 #include "actors/fault.hpp"
+#include "actors/guardrail.hpp"
 #include "actors/metrics.hpp"
 #include "actors/ownership_host.hpp"
 #include "actors/protocols.hpp"
@@ -34,6 +35,8 @@ struct node_context {
   std::shared_ptr<supervision_log> log;
   /// What the node counts for GET /metrics (actors/metrics.hpp); never null.
   std::shared_ptr<node_metrics> metrics = std::make_shared<node_metrics>();
+  /// The guardrail (actors/guardrail.hpp); never null (`enabled()` false: none configured).
+  std::shared_ptr<guardrail> guard = std::make_shared<guardrail>(guard_config{});
   /// With peers (the ownership protocol): the node's host (invalid while it restarts), which the
   /// session actors send a new turn and a turn's end to, going on when it answers (no handler
   /// waits), and how long they wait for its answer. Empty: the node runs alone.

@@ -54,6 +54,19 @@ struct session_state {
   /// The session's chat template, parsed (of the text `template_text`) at its first chat turn.
   std::string template_text;
   std::optional<chat_template> tmpl;
+  /// The guardrail's look at the running reply (`check_reply`): the turn, how many of its tokens
+  /// the last check covered, whether one is out; and a turn it stops (its end comes as the
+  /// batcher's, with this reason instead).
+  uint64_t guard_turn = 0;
+  size_t guard_checked = 0;
+  bool guard_pending = false;
+  struct stop {
+    uint64_t turn = 0;
+    finish_reason why = finish_reason::filtered;
+    std::string detail;
+    int64_t retry_after_ms = 0;
+  };
+  std::optional<stop> stopping;
   static inline const char* name = "session";
 };
 
@@ -514,6 +527,66 @@ caf::result<uint64_t> start_turn(self_ptr self, turn_record t) {
   return turn;
 }
 
+/// Stops the running turn for the guardrail: the batcher cancels it, and its end (whenever the
+/// batcher sends it) is recorded with `why` instead; no token after this one is taken.
+void stop_turn(self_ptr self, finish_reason why, std::string detail, int64_t retry_after_ms) {
+  auto& st = self->state;
+  auto* t = running_turn(st);
+  if (t == nullptr) return;
+  st.stopping = session_state::stop{t->turn, why, std::move(detail), retry_after_ms};
+  st.ctx->log->report("session " + st.rec.id + ": turn " + std::to_string(t->turn) + " stopped: " +
+                      st.stopping->detail);
+  if (st.batcher)
+    self->send(st.batcher, cancel_atom::value, seq_of(st.rec, t->turn));
+  else  // no batcher to end it: end it here
+    self->send(self, done_atom::value, seq_of(st.rec, t->turn), why, st.stopping->detail,
+               retry_after_ms);
+}
+
+/// The guardrail's look at the running reply: every `output_every` tokens the reply so far
+/// (its last 16 KiB) goes to the guardrail, one check at a time, while the stream goes on. A
+/// denial stops the turn (`filtered`, naming the rule); a check that failed under fail-closed
+/// stops it too (`overloaded`, retry later); under fail-open the reply goes on.
+void check_reply(self_ptr self) {
+  auto& st = self->state;
+  const auto& g = st.ctx->guard;
+  if (!g->enabled() || st.guard_pending) return;
+  auto* t = running_turn(st);
+  if (t == nullptr || (st.stopping && st.stopping->turn == t->turn)) return;
+  if (st.guard_turn != t->turn) {
+    st.guard_turn = t->turn;
+    st.guard_checked = 0;
+  }
+  auto every = static_cast<size_t>(std::max(g->config().output_every, 1));
+  if (t->generated.size() < st.guard_checked + every) return;
+  st.guard_checked = t->generated.size();
+  std::string text;
+  for (auto id : t->generated) text += st.ctx->tok->token_text(id);
+  constexpr size_t window = 16 * 1024;
+  if (text.size() > window) text.erase(0, text.size() - window);
+  st.guard_pending = true;
+  auto turn = t->turn;
+  auto log = st.ctx->log;
+  guard_check(self, g, guard_stage::output, std::move(text),
+              [log](const std::string& line) { log->report(line); },
+              [self, turn](guard_outcome o, const std::string& rule) {
+                auto& st = self->state;
+                st.guard_pending = false;
+                auto* t = running_turn(st);
+                if (t == nullptr || t->turn != turn) return;
+                if (o == guard_outcome::denied)
+                  stop_turn(self, finish_reason::filtered,
+                            "the guardrail stopped the reply (" + rule + ")", 0);
+                else if (o == guard_outcome::failed_closed)
+                  stop_turn(self, finish_reason::overloaded,
+                            "the guardrail could not check the reply in time, and this node stops "
+                            "what it cannot check; retry later",
+                            1000);
+                else
+                  check_reply(self);  // tokens that came meanwhile
+              });
+}
+
 bool is_chat(const session_record& r) {
   return !r.turns.empty() && !r.turns[0].messages.empty();
 }
@@ -680,18 +753,25 @@ session_actor::behavior_type session(self_ptr self, std::shared_ptr<node_context
         auto& st = self->state;
         auto* t = running_turn(st);
         if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
+        if (st.stopping && st.stopping->turn == t->turn) return;  // the guardrail stopped it
         // Exactly once: an index already recorded is a repeat (after a resubmission or attach).
         if (index != static_cast<int64_t>(t->generated.size())) return;
         t->generated.push_back(token);
         record_tokens(self);
         self->send(t->sink, token_atom::value, st.rec.id, t->turn, index, token,
                    st.ctx->tok->token_text(token));
+        check_reply(self);
       },
-      [self](done_atom, seq_id seq, finish_reason why, const std::string& detail,
+      [self](done_atom, seq_id seq, finish_reason why, std::string detail,
              int64_t retry_after_ms) {
         auto& st = self->state;
         auto* t = running_turn(st);
         if (t == nullptr || seq != seq_of(st.rec, t->turn)) return;
+        if (st.stopping && st.stopping->turn == t->turn) {
+          why = st.stopping->why;
+          detail = st.stopping->detail;
+          retry_after_ms = st.stopping->retry_after_ms;
+        }
         if (st.ctx->ownership_host) {
           end_turn(self, seq, why, detail, retry_after_ms);
           return;

@@ -66,7 +66,7 @@ caf::expected<session_record> record_of(const std::string& id, const session_dat
     t.done = e.done;
     if (e.done) {
       auto why = e.end.empty() ? 0 : static_cast<uint8_t>(e.end[0]);
-      if (why > static_cast<uint8_t>(finish_reason::failed)) {
+      if (why > static_cast<uint8_t>(finish_reason::filtered)) {
         return make_error(errc::corrupt_record, "session " + id + ": turn " + std::to_string(k) +
                                                     " ended for an unknown reason " +
                                                     std::to_string(why));

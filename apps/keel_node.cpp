@@ -61,6 +61,17 @@ constexpr option spec[] = {
     {"max-queue", "N",
      "turns that may wait for KV pages or a batch slot; beyond it the lowest priority waiting "
      "turn is shed with a retry-after (default 256)"},
+    {"guardrail-rules", "FILE",
+     "check prompts and replies against the patterns in FILE (one per line: a phrase, or "
+     "'re: REGEX'; 'prompt:' or 'output:' first for one stage only; '#' comments): a prompt "
+     "that matches is refused, a reply that matches is stopped (docs/operations.md, "
+     "\"Guardrails\"; default: none)"},
+    {"guardrail-deadline", "MS", "how long a turn waits for a guardrail check (default 250)"},
+    {"guardrail-failure", "open|closed",
+     "when a check cannot be had in time (the guardrail is slow, busy or restarting): 'open' "
+     "lets the turn go on (logged and counted), 'closed' refuses it with a retry-after "
+     "(default open)"},
+    {"guardrail-every", "N", "check the reply every N tokens (default 16)"},
     {"spread-above", "PERCENT",
      "with peers: once more than PERCENT of the KV budget is taken by running and waiting "
      "turns, open new sessions on a peer with more room, as its heartbeats report it (default "
@@ -410,6 +421,15 @@ int run(std::span<char*> args) {
   auto threads = opts->get_int("threads", 1, 1, 1024);
   auto kv_bytes = opts->get_bytes("kv-bytes", 256ull << 20);
   auto stall = opts->get_int("stall-timeout", 10000, 1, 24 * 3600 * 1000);
+  auto guard_deadline = opts->get_int("guardrail-deadline", 250, 1, 60 * 1000);
+  auto guard_every = opts->get_int("guardrail-every", 16, 1, 1 << 20);
+  if (!guard_deadline) return fail(guard_deadline.error());
+  if (!guard_every) return fail(guard_every.error());
+  auto guard_failure = opts->get("guardrail-failure");
+  if (!guard_failure.empty() && guard_failure != "open" && guard_failure != "closed")
+    return fail(keel::make_error(keel::errc::bad_request,
+                                 "--guardrail-failure must be open or closed, got '" +
+                                     guard_failure + "'"));
   auto max_queue = opts->get_int("max-queue", 256, 0, 1 << 20);
   auto spread_above = opts->get_int("spread-above", 80, 0, 100);
   if (!max_queue) return fail(max_queue.error());
@@ -538,6 +558,23 @@ int run(std::span<char*> args) {
   ncfg.threads_per_shard = static_cast<int32_t>(*threads);
   ncfg.kv_bytes = *kv_bytes;
   ncfg.batching.max_queue = static_cast<int32_t>(*max_queue);
+  if (opts->has("guardrail-rules")) {
+    // Read now, so that a bad file stops the start with its line named; each (re)start of the
+    // guardrail reads it again.
+    auto path = opts->get("guardrail-rules");
+    auto rules = keel::rule_filter::load(path);
+    if (!rules) return fail(rules.error());
+    ncfg.guard.origin = path + " (" + std::to_string((*rules)->size()) + " rules)";
+    ncfg.guard.make = [path]() -> caf::expected<std::unique_ptr<keel::guard_filter>> {
+      auto r = keel::rule_filter::load(path);
+      if (!r) return std::move(r.error());
+      return std::unique_ptr<keel::guard_filter>(std::move(*r));
+    };
+    ncfg.guard.deadline = std::chrono::milliseconds(*guard_deadline);
+    ncfg.guard.output_every = static_cast<int32_t>(*guard_every);
+    ncfg.guard.on_failure =
+        guard_failure == "closed" ? keel::guard_failure::closed : keel::guard_failure::open;
+  }
   ncfg.keep_room = 1.0 - static_cast<double>(*spread_above) / 100.0;
   ncfg.data_dir = opts->get("data");
   // The store holds every conversation in clear (new files are the owner's only: umask below).
@@ -701,6 +738,11 @@ int run(std::span<char*> args) {
                                    std::to_string(ncfg.threads_per_shard) + " thread(s)" +
                                    (gcfg.region.empty() ? "" : ", region " + gcfg.region) +
                                    (opts->has("data") ? ", data " + opts->get("data") : ""));
+  if (ncfg.guard.make)
+    logger.line("guardrail: " + ncfg.guard.origin + ", " +
+                std::to_string(ncfg.guard.deadline.count()) + " ms per check, failing " +
+                (ncfg.guard.on_failure == keel::guard_failure::open ? "open" : "closed") +
+                ", replies checked every " + std::to_string(ncfg.guard.output_every) + " tokens");
   {
     const auto& b = (*nd)->config().batching;
     logger.line("KV cache: " + std::to_string(b.kv_pages) + " pages of " +

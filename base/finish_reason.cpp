@@ -10,6 +10,7 @@ const char* to_string(finish_reason r) {
     case finish_reason::cancelled: return "cancelled";
     case finish_reason::overloaded: return "overloaded";
     case finish_reason::failed: return "failed";
+    case finish_reason::filtered: return "filtered";
   }
   return "unknown";
 }

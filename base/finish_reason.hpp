@@ -6,7 +6,8 @@
 namespace keel {
 
 /// Why a turn ended; the same values travel as the wire's FinishReason.
-enum class finish_reason : uint8_t { length, eos, context, cancelled, overloaded, failed };
+/// Why a turn ended. `filtered`: the guardrail stopped the reply (actors/guardrail.hpp).
+enum class finish_reason : uint8_t { length, eos, context, cancelled, overloaded, failed, filtered };
 
 const char* to_string(finish_reason r);
 

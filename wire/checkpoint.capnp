@@ -61,5 +61,6 @@ struct SessionCheckpoint {
     cancelled @3;
     overloaded @4;
     failed @5;
+    filtered @6;
   }
 }

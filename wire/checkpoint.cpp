@@ -28,6 +28,8 @@ SessionCheckpoint::FinishReason to_stored(finish_reason r) {
       return SessionCheckpoint::FinishReason::OVERLOADED;
     case finish_reason::failed:
       return SessionCheckpoint::FinishReason::FAILED;
+    case finish_reason::filtered:
+      return SessionCheckpoint::FinishReason::FILTERED;
   }
   return SessionCheckpoint::FinishReason::FAILED;
 }
@@ -150,7 +152,7 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
                        " is not done but is not the last turn");
       }
       auto r = static_cast<uint16_t>(in.getReason());
-      if (r > static_cast<uint16_t>(finish_reason::failed)) {
+      if (r > static_cast<uint16_t>(finish_reason::filtered)) {
         return corrupt(" " + c.id + ": turn " + std::to_string(i) + ": unknown finish reason " +
                        std::to_string(r));
       }

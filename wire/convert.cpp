@@ -127,6 +127,7 @@ FinishReason to_wire(finish_reason r) {
     case finish_reason::cancelled: return FinishReason::CANCELLED;
     case finish_reason::overloaded: return FinishReason::OVERLOADED;
     case finish_reason::failed: return FinishReason::FAILED;
+    case finish_reason::filtered: return FinishReason::FILTERED;
   }
   return FinishReason::FAILED;
 }
@@ -139,6 +140,7 @@ finish_reason from_wire(FinishReason r) {
     case FinishReason::CANCELLED: return finish_reason::cancelled;
     case FinishReason::OVERLOADED: return finish_reason::overloaded;
     case FinishReason::FAILED: return finish_reason::failed;
+    case FinishReason::FILTERED: return finish_reason::filtered;
   }
   return finish_reason::failed;
 }

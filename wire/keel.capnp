@@ -42,6 +42,7 @@ enum FinishReason {
   cancelled @3;
   overloaded @4;  # shed by admission control: see the error's retryAfterMs
   failed @5;
+  filtered @6;    # the guardrail stopped the reply (a node older than it never sends it)
 }
 
 struct TokenEvent {

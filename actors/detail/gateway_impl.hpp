@@ -100,6 +100,8 @@ inline request_outcome outcome_of(finish_reason why) {
       return request_outcome::overloaded;
     case finish_reason::failed:
       break;
+    case finish_reason::filtered:
+      return request_outcome::filtered;
   }
   return request_outcome::failed;
 }
