@@ -12,6 +12,7 @@
 
 #include "actors/shard_worker.hpp"
 #include "kernels/chat_prompt.hpp"
+#include "kernels/digest.hpp"
 #include "kernels/gguf.hpp"
 #include "kernels/engine.hpp"
 #include "kernels/kv_cache.hpp"
@@ -124,6 +125,12 @@ caf::expected<std::unique_ptr<node>> node::start(caf::actor_system& sys, node_co
   ctx->name = cfg.name;
   ctx->tok = std::make_shared<tokenizer>((*m)->vocabulary());
   ctx->llm = std::shared_ptr<const model>(std::move(*m));
+  {
+    auto digest = cfg.model_digest.empty() ? file_digest(cfg.model_path)
+                                           : caf::expected<std::string>(cfg.model_digest);
+    if (!digest) return std::move(digest.error());
+    ctx->model_digest = std::move(*digest);
+  }
   ctx->faults = std::make_shared<fault_injector>();
   ctx->log = log ? std::move(log) : std::make_shared<supervision_log>();
   ctx->guard = std::make_shared<guardrail>(cfg.guard);
@@ -441,6 +448,8 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
   }
   r.owner = cfg_.name;
   r.tenant = tenant;
+  r.model = ctx_->llm->path();
+  r.model_digest = ctx_->model_digest;
   r.params = params;
   r.priority = priority;
   // Durable before the id is returned: with a store, or with a majority of its group.
@@ -505,6 +514,7 @@ std::optional<placement_candidate> node::place_new_session() {
   std::vector<placement_candidate> peers;
   for (auto& p : peers_->snapshot()) {
     if (!p.accepts_work() || p.draining || p.client_address.empty() || p.name.empty()) continue;
+    if (p.model_digest != ctx_->model_digest) continue;  // sessions are pinned to the model
     peers.push_back({p.name, p.client_address, p.load});
   }
   uint64_t draw = 0;

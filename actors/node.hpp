@@ -91,6 +91,9 @@ struct node_config {
   /// actors/load.hpp). 0.2: a node forwards new sessions once 80% of its KV budget is in use
   /// (`keel-node --spread-above 80`); 0: never.
   double keep_room = 0.2;
+  /// The model file's digest when known already (keel-node computes it before the node starts,
+  /// to log it); empty: the node computes it (kernels/digest.hpp).
+  std::string model_digest;
   /// The guardrail (actors/guardrail.hpp): prompts and replies checked by a supervised filter
   /// under a deadline and a failure policy. `guard.make` empty: none.
   guard_config guard;

@@ -27,6 +27,9 @@ struct node_context {
   std::string name;  // the root of actor paths ("node")
   std::shared_ptr<const model> llm;
   std::shared_ptr<const tokenizer> tok;
+  /// The digest of the model file (kernels/digest.hpp): new sessions are pinned to it, and this
+  /// node serves only sessions pinned to it (or to none).
+  std::string model_digest;
   /// The chat template a new chat session renders with (and keeps: later turns, and any node
   /// that takes the session over, use the session's own): keel-node's --chat-template, else
   /// the model's tokenizer.chat_template, else Keel's default (kernels/chat_prompt.hpp).

@@ -142,6 +142,9 @@ child_spec node::ownership_spec() {
     m->sessions_replicated.store(n, std::memory_order_relaxed);
   };
   hc.room = [this](const std::string& name) { return room_of(name); };
+  hc.may_own = [digest = ctx_->model_digest](const session_data& data) {
+    return serves_model(digest, data);
+  };
   child_spec host;
   host.id = "host";
   host.start = [hc, part = own_](caf::actor_system& sys, const std::string&,

@@ -785,6 +785,7 @@ void ownership::takeovers() {
     auto& g = group(s);
     if (std::find(g.begin(), g.end(), cfg_.self) == g.end()) continue;
     if (owner == cfg_.self && resigned_.count(s)) continue;  // given up: another takes it
+    if (!env_.may_own(s, st.data)) continue;  // pinned to a model this node does not serve
     if (owner == cfg_.self) {
       // Ours before a restart (or a candidacy of ours that stopped halfway): take it back.
       if (st.accepted.epoch > 0 || st.promised.epoch > 0) acquire(s, false, {});

@@ -191,6 +191,13 @@ class ownership_env {
   /// try to take a silent owner's sessions over (`takeover_rank`); it decides who tries first,
   /// never whether a takeover is safe. The same for every member (the default): group order.
   virtual double room(const std::string& /*node*/) { return 1.0; }
+
+  /// Whether this node may own `session`, whose newest copy here is `data` (a session is
+  /// pinned to a model; a node serving another model must not take it over, nor back). A member
+  /// that may not still stores copies, promises and votes. The default: it may.
+  virtual bool may_own(const std::string& /*session*/, const session_data& /*data*/) {
+    return true;
+  }
 };
 
 /// This member's place among those that may take `session` over from `owner` (0: it tries

@@ -69,6 +69,7 @@ class host_env final : public ownership_env {
   void lost(const std::string& session) override;
   void durable(const std::string& session, uint64_t turn, bool finished) override;
   double room(const std::string& node) override;
+  bool may_own(const std::string& session, const session_data& data) override;
 
  private:
   host_state& st_;
@@ -272,6 +273,10 @@ void host_env::lost(const std::string& session) {
   st_.fail_waiting(session, make_error(errc::stale_epoch,
                                        "session " + session + ": taken over by " +
                                            (owner.empty() ? "another node" : owner)));
+}
+
+bool host_env::may_own(const std::string&, const session_data& data) {
+  return st_.cfg.may_own ? st_.cfg.may_own(data) : true;
 }
 
 double host_env::room(const std::string& node) {

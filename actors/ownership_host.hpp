@@ -141,6 +141,9 @@ struct ownership_host_config {
   /// the host actor, so it must not block (the node reads its load and its peer table). Empty:
   /// every member the same (group order).
   std::function<double(const std::string& node)> room;
+  /// Whether this node may own a session, from its newest copy here (ownership_env::may_own);
+  /// called on the host actor. Empty: it may.
+  std::function<bool(const session_data& data)> may_own;
 };
 
 /// Spawns the host, detached (its synced store writes block its own thread, no CAF worker's).

@@ -78,6 +78,7 @@ class peer_impl final : public wire::Peer::Server {
     me.setRegion(cfg_.region);
     me.setAddress(address_);
     me.setCluster(cfg_.cluster);
+    me.setModelDigest(cfg_.model_digest);
     {
       std::lock_guard<std::mutex> guard(rs_.mu);
       me.setClientAddress(rs_.client_address);

@@ -35,6 +35,8 @@ struct peer_server_config {
   /// `ownership` message whose sender's differs is dropped (and logged, once a minute per
   /// sender). 0: not checked.
   uint64_t cluster = 0;
+  /// The digest of this node's model file, sent in heartbeat answers ("" when not known).
+  std::string model_digest;
   /// The names of the configured peers (`--peers NAME=HOST:PORT`), the only callers served
   /// under TLS.
   std::vector<std::string> peers;

@@ -301,6 +301,7 @@ class link_io : public kj::TaskSet::ErrorHandler {
           info_.region = n.getRegion().cStr();
           info_.client_address = n.getClientAddress().cStr();
           info_.draining = n.getDraining();
+          info_.model_digest = n.getModelDigest().cStr();
           if (n.hasLoad()) {
             auto l = n.getLoad();
             auto i = [](uint32_t x) { return static_cast<int32_t>(std::min<uint32_t>(x, 0x7fffffffu)); };

@@ -73,6 +73,7 @@ struct peer_info {
   std::string client_address;  // of its client Gateway, from its last heartbeat answer
   bool draining = false;       // it drains (from its last heartbeat answer)
   node_load load;              // from its last heartbeat answer (all 0 until one)
+  std::string model_digest;    // of its model file, from its last heartbeat answer
   peer_status status = peer_status::down;
   breaker_state breaker = breaker_state::closed;
   std::chrono::nanoseconds round_trip{0};  // of the last answered heartbeat

@@ -65,6 +65,11 @@ struct session_record {
   /// The tenant whose API key opened it ("" on a node without --keys); stored and replicated,
   /// so that every node that serves it lets only that tenant use it.
   std::string tenant;
+  /// The model that serves it (its file's name) and the file's digest (kernels/digest.hpp): the
+  /// session is pinned to that digest, and only a node whose model has it serves the session.
+  /// "" (a session from before the field): any model.
+  std::string model;
+  std::string model_digest;
   /// Not stored: the record was rebuilt from a stored or replicated copy (recovery, takeover),
   /// which may lag the tokens its client already received; `resume` adopts a
   /// running turn's held tokens beyond the record's only then, and once.

@@ -13,6 +13,12 @@ std::string session_meta(const session_record& r) {
   return wire::encode(c);
 }
 
+bool serves_model(const std::string& digest, const session_data& data) {
+  if (data.meta.empty()) return true;
+  auto meta = wire::decode(data.meta);
+  return !meta || meta->model_digest.empty() || meta->model_digest == digest;
+}
+
 std::string turn_input(const turn_record& t) {
   // A checkpoint holding this one turn, not ended: the checkpoint format and its checks (which
   // number turns from 0: the turn's own number goes in the checkpoint's `number`).
@@ -44,6 +50,8 @@ caf::expected<session_record> record_of(const std::string& id, const session_dat
   r.params = meta->params;
   r.priority = meta->priority;
   r.tenant = meta->tenant;
+  r.model = meta->model;
+  r.model_digest = meta->model_digest;
   r.owner = self;
   r.epoch = epoch;
   r.from_copy = true;

@@ -24,6 +24,11 @@ std::string turn_input(const turn_record& t);
 /// Why a turn ended, as the protocol stores it with the turn's end.
 std::string turn_end(const turn_record& t);
 
+/// Whether a node whose model has digest `digest` may serve the session of `data`: the session
+/// is pinned to no digest (from before the field) or to this one. A copy whose parameters do
+/// not decode is not refused here (taking it over reports it).
+bool serves_model(const std::string& digest, const session_data& data);
+
 /// The session record of `data`, a copy the protocol handed this node (a takeover, a restart):
 /// owned by `self` at `epoch`, `from_copy` set, no node-local number. `corrupt_record` naming
 /// the session and the part when a part does not decode.

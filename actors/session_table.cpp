@@ -211,6 +211,8 @@ wire::session_checkpoint to_checkpoint(const session_record& r) {
   c.priority = r.priority;
   c.owner = r.owner;
   c.tenant = r.tenant;
+  c.model = r.model;
+  c.model_digest = r.model_digest;
   for (auto& t : r.turns)
     c.turns.push_back(
         {t.turn, t.user, t.max_tokens, t.done, t.reason, t.messages, t.chat_template, t.keep});
@@ -226,6 +228,8 @@ session_record from_checkpoint(wire::session_checkpoint c,
   r.priority = c.priority;
   r.owner = std::move(c.owner);
   r.tenant = std::move(c.tenant);
+  r.model = std::move(c.model);
+  r.model_digest = std::move(c.model_digest);
   r.from_copy = true;
   for (auto& t : c.turns) {
     turn_record x;

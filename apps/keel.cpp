@@ -201,9 +201,14 @@ int generate_remote(const keel::cli::options& opts, const keel::generation_reque
   auto session = (*c)->open_session(req.params, *priority);
   if (!session) return fail(session.error());
   if (verbose) {
+    // The node that serves it may not be the one reached (placement on a node with room).
     auto info = (*c)->info();
-    std::fprintf(stderr, "keel: session %s on node %s at %s\n", session->c_str(),
-                 info ? info->name.c_str() : "?", (*c)->endpoint().c_str());
+    auto s = (*c)->session(*session);
+    std::string owner = s && !s->owner.empty() ? s->owner : info ? info->name : "?";
+    std::fprintf(stderr, "keel: session %s on node %s through %s at %s, model %s (digest %s)\n",
+                 session->c_str(), owner.c_str(), info ? info->name.c_str() : "?",
+                 (*c)->endpoint().c_str(), s ? s->model.c_str() : "?",
+                 s && !s->model_digest.empty() ? s->model_digest.c_str() : "none");
   }
   const bool ids = opts.has("ids");
   bool accepted = false;

@@ -35,6 +35,7 @@
 #include "actors/node.hpp"
 #include "actors/peer_server.hpp"
 #include "apps/cli.hpp"
+#include "kernels/digest.hpp"
 #include "apps/node_log.hpp"
 #include "apps/sd_notify.hpp"
 
@@ -681,6 +682,19 @@ int run(std::span<char*> args) {
       [&logger](const keel::supervision_event* e, const std::string& line) {
         logger.supervision(e, line);
       }));
+  // The model's digest, which every new session is pinned to (and the peers learn from the
+  // heartbeats): read once here, before anything serves.
+  {
+    auto started = std::chrono::steady_clock::now();
+    auto digest = keel::file_digest(ncfg.model_path);
+    if (!digest) return fail(digest.error());
+    ncfg.model_digest = *digest;
+    logger.line("model " + ncfg.model_path + ": digest " + *digest + " (" +
+                std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                   std::chrono::steady_clock::now() - started)
+                                   .count()) +
+                " ms)");
+  }
   // The peer endpoint first: the node's links name it in their heartbeats.
   std::unique_ptr<keel::peer_server> peer_srv;
   ncfg.cut = std::make_shared<keel::partition>();  // shared by the node and its peer endpoint
@@ -693,6 +707,7 @@ int run(std::span<char*> args) {
     pcfg.cut = ncfg.cut;
     pcfg.tls = tls;
     pcfg.cluster = keel::cluster_digest(ncfg);
+    pcfg.model_digest = ncfg.model_digest;
     for (auto& n : peer_names)
       if (!n.empty()) pcfg.peers.push_back(n);
     pcfg.log = [&logger](const std::string& line) { logger.line_from("peers", line); };

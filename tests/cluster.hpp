@@ -22,6 +22,7 @@
 #include <fstream>
 #include <initializer_list>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
 #include <random>
@@ -76,6 +77,8 @@ struct cluster_config {
   /// A directory with scripts/make-certs.sh's files for every node (see `make_certs`): TLS on
   /// every port, each node with its own certificate, the peers named. Empty: plain TCP.
   std::filesystem::path tls;
+  /// A model of its own for some nodes, by name (the others serve `model`).
+  std::map<std::string, std::string> models;
   /// Each node also serves HTTP (--http-listen on a free port; `http_address`).
   bool http = false;
   /// More flags for every node (e.g. {"--shutdown-timeout", "60000"}).
@@ -348,7 +351,7 @@ class cluster {
     auto& m = nodes_[i];
     std::vector<std::string> a = {
         bin("keel-node"), "--name",  m.spec.name, "--listen",  m.address, "--data",
-        m.data.string(),  "--model", cfg_.model,  "--threads", "1"};
+        m.data.string(),  "--model", model_of(m.spec.name),  "--threads", "1"};
     if (!m.spec.region.empty()) a.insert(a.end(), {"--region", m.spec.region});
     if (nodes_.size() > 1) {
       std::string peers;
@@ -386,6 +389,11 @@ class cluster {
   }
 
   std::filesystem::path admin_key_file() const { return cfg_.root / "admin.key"; }
+
+  const std::string& model_of(const std::string& name) const {
+    auto i = cfg_.models.find(name);
+    return i == cfg_.models.end() ? cfg_.model : i->second;
+  }
 
   void launch(size_t i) {
     auto& m = nodes_.at(i);

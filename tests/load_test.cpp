@@ -2,15 +2,23 @@
 #include <boost/test/unit_test.hpp>
 
 // Load across the cluster (actors/load.hpp, actors/ownership.hpp): a node's room, where a new
-// session opens, and who takes a silent owner's sessions over first.
+// session opens, and who takes a silent owner's sessions over first; and the model digest a
+// session is pinned to (kernels/digest.hpp, actors/session_copy.hpp).
 
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
 #include "actors/load.hpp"
 #include "actors/ownership.hpp"
+#include "actors/session_copy.hpp"
+#include "kernels/digest.hpp"
 
 using namespace keel;
 
@@ -118,4 +126,41 @@ BOOST_AUTO_TEST_CASE(a_member_without_room_takes_a_session_over_last_but_still_t
     // Alone, it is first: a session is never left without an owner for want of room.
     BOOST_TEST(takeover_rank(id, "c", {"c"}, {0.0}) == 0u);
   }
+}
+
+BOOST_AUTO_TEST_CASE(a_files_digest_depends_on_every_byte_and_nothing_else) {
+  auto dir = std::filesystem::temp_directory_path() / ("load_test-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::string bytes(1 << 20, '\0');
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>((i * 2654435761u) >> 13);
+  auto write = [&](const std::string& name, const std::string& b) {
+    std::ofstream(dir / name, std::ios::binary) << b;
+    return (dir / name).string();
+  };
+  auto a = file_digest(write("a", bytes));
+  auto same = file_digest(write("same", bytes));
+  auto flipped = bytes;
+  flipped[777777] ^= 1;
+  auto b = file_digest(write("b", flipped));
+  auto longer = file_digest(write("c", bytes + '\0'));
+  BOOST_REQUIRE(a && same && b && longer);
+  BOOST_TEST(a->size() == 32u);
+  BOOST_TEST(*a == *same);
+  BOOST_TEST(*a == bytes_digest(bytes));  // the file's contents, read in chunks, or at once
+  BOOST_TEST(*a != *b);
+  BOOST_TEST(*a != *longer);
+  BOOST_TEST(!file_digest((dir / "missing").string()));
+  std::filesystem::remove_all(dir);
+}
+
+BOOST_AUTO_TEST_CASE(a_node_serves_only_sessions_pinned_to_its_model_or_to_none) {
+  session_record r;
+  r.id = "s-x@a";
+  r.model_digest = "0123456789abcdef0123456789abcdef";
+  session_data pinned{session_meta(r), {}};
+  BOOST_TEST(serves_model("0123456789abcdef0123456789abcdef", pinned));
+  BOOST_TEST(!serves_model("ffffffffffffffffffffffffffffffff", pinned));
+  r.model_digest.clear();
+  session_data unpinned{session_meta(r), {}};
+  BOOST_TEST(serves_model("ffffffffffffffffffffffffffffffff", unpinned));
 }

@@ -16,6 +16,7 @@
 #include "kernels/synth.hpp"
 #include "tests/cluster.hpp"
 #include "tests/http_support.hpp"
+#include "tests/process.hpp"
 #include "wire/client.hpp"
 
 using namespace std::chrono_literals;
@@ -315,4 +316,64 @@ BOOST_AUTO_TEST_CASE(a_killed_nodes_conversations_continue_within_every_survivor
     BOOST_REQUIRE_MESSAGE(again.error.empty(), again.error);
     BOOST_TEST(again.replies == c.replies, c.session << " differs from the fault-free run");
   }
+}
+
+BOOST_AUTO_TEST_CASE(a_session_is_served_only_by_nodes_with_its_model) {
+  // a and b serve one model, c another (the same shape, other weights): c's digest differs.
+  keel::test::temp_dir root("placement_test-pinned");
+  auto other = (root.path / "other.gguf").string();
+  {
+    keel::synth_options o;
+    o.ctx = 2048;
+    o.seed = 99;
+    keel::test::write_model(other, o);
+  }
+  auto cfg = config(root.path, "pinned", {"--kv-bytes", "8M"});
+  cfg.models["c"] = other;
+  cluster cl(cfg, three());
+  cl.start_all();
+  BOOST_REQUIRE(cl.wait_all_links_up(10s));
+
+  // Sessions opened at a are pinned to a's model, and say so.
+  auto at_a = client::connect(cl.endpoints(0), client_options());
+  BOOST_REQUIRE(at_a);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) {
+    auto s = (*at_a)->open_session(seeded(200 + i));
+    BOOST_REQUIRE(s);
+    BOOST_REQUIRE(owner_of(*s) == "a");
+    auto g = (*at_a)->generate(*s, "Hello", 8);
+    BOOST_REQUIRE_MESSAGE(g, (g ? "" : keel::describe(g.error())));
+    ids.push_back(*s);
+  }
+  auto info = (*at_a)->session(ids[0]);
+  BOOST_REQUIRE(info);
+  BOOST_TEST(info->model == model().path);
+  BOOST_TEST(info->model_digest.size() == 32u);
+  auto verbose = keel::test::run({keel::test::bin("keel"), "generate", "--connect", cl.address(1),
+                                  "--prompt", "Hi", "--max-tokens", "4", "--verbose"});
+  BOOST_TEST(verbose.status == 0, verbose.err);
+  BOOST_TEST(verbose.err.find("model " + model().path + " (digest " + info->model_digest + ")") !=
+                 std::string::npos,
+             verbose.err);
+
+  // a dies: every one of its sessions goes to b, none to c (whose model differs), and each
+  // goes on there.
+  cl.kill(0);
+  auto at_b = client::connect({cl.address(1), cl.address(2)}, client_options());
+  BOOST_REQUIRE(at_b);
+  for (auto& id : ids) {
+    caf::expected<keel::wire::generation> g = keel::make_error(errc::failed, "not tried");
+    auto until = std::chrono::steady_clock::now() + 20s;
+    while (!g && std::chrono::steady_clock::now() < until) {
+      g = (*at_b)->generate(id, "And then?", 8);
+      if (!g) std::this_thread::sleep_for(100ms);
+    }
+    BOOST_TEST(static_cast<bool>(g), id << ": " << (g ? "" : keel::describe(g.error())));
+    auto s = (*at_b)->session(id);
+    BOOST_REQUIRE(s);
+    BOOST_TEST(s->owner == "b", id << " is served by " << s->owner);
+  }
+  BOOST_TEST(metric(cl, 2, "keel_takeovers_total") == 0);
+  BOOST_TEST(metric(cl, 1, "keel_takeovers_total") == static_cast<double>(ids.size()));
 }

@@ -19,6 +19,11 @@ struct SessionCheckpoint {
   owner @6 :Text;  # the node that owned the session when it wrote this record ("" before failover)
   tenant @7 :Text;  # the tenant whose key opened it ("" on a node without --keys); only that
                     # tenant may use it, on any node that holds it
+  # The model that serves it: its file's name and digest (kernels/digest.hpp). A session is
+  # pinned to the digest: only a node whose model has the same one serves it. "" (a record
+  # written before this field): any node's model.
+  model @8 :Text;
+  modelDigest @9 :Text;
 
   struct Sampling {
     temperature @0 :Float32;

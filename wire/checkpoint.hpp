@@ -43,6 +43,10 @@ struct session_checkpoint {
   std::string owner;
   /// The tenant that opened the session ("" without --keys): every owner enforces it.
   std::string tenant;
+  /// The model that serves it (its file's name) and the file's digest, to which the session is
+  /// pinned ("": not pinned, a record from before the field).
+  std::string model;
+  std::string model_digest;
 };
 
 /// The checkpoint format version this build writes: 1, or 2 for a record with a turn that keeps

@@ -743,10 +743,32 @@ caf::expected<std::vector<session_info>> client::sessions() {
           i.tokens = s.getTokens();
           i.priority = s.getPriority();
           i.running = s.getRunning();
+          i.owner = s.getOwner().cStr();
+          i.model = s.getModel().cStr();
+          i.model_digest = s.getModelDigest().cStr();
           out.push_back(std::move(i));
         }
         return out;
       });
+}
+
+caf::expected<session_info> client::session(const std::string& session) {
+  return at_edge<session_info>(impl_->endpoint, [&]() -> caf::expected<session_info> {
+    Session::Client* sess = nullptr;
+    if (auto err = impl_->session(session, sess)) return err;
+    auto resp = impl_->call(sess->infoRequest().send(), "info");
+    auto s = resp.getInfo();
+    session_info i;
+    i.id = s.getId().cStr();
+    i.turns = s.getTurns();
+    i.tokens = s.getTokens();
+    i.priority = s.getPriority();
+    i.running = s.getRunning();
+    i.owner = s.getOwner().cStr();
+    i.model = s.getModel().cStr();
+    i.model_digest = s.getModelDigest().cStr();
+    return i;
+  });
 }
 
 }  // namespace keel::wire

@@ -46,6 +46,9 @@ struct session_info {
   uint64_t tokens = 0;  // prompt and generated tokens of every turn
   int32_t priority = 0;
   bool running = false;  // a turn is being generated
+  std::string owner;     // the node that serves it ("" when the node did not say)
+  std::string model;     // the model that serves it, and its digest ("": not pinned)
+  std::string model_digest;
 };
 
 /// One turn of `client::history()`.
@@ -200,6 +203,8 @@ class client {
 
   /// Every session the node holds.
   caf::expected<std::vector<session_info>> sessions();
+  /// Session `session` as its owner describes it (through this node when it forwards).
+  caf::expected<session_info> session(const std::string& session);
 
  private:
   struct impl;

@@ -79,6 +79,8 @@ struct SessionInfo {
   priority @3 :Int32;
   running @4 :Bool;   # a turn is being generated
   owner @5 :Text;     # the node that serves it (the owner, when reached through another node)
+  model @6 :Text;        # the model that serves it (its file), to which it is pinned
+  modelDigest @7 :Text;  # that file's digest (kernels/digest.hpp); "": not pinned
 }
 
 interface Session {

@@ -30,6 +30,9 @@ struct NodeId {
   # The node's load when it answered (heartbeat answers only; not set in calls): placement of
   # new sessions and the order of takeovers read it (docs/actors.md, "Load across the cluster").
   load @7 :NodeLoad;
+  # The digest of the node's model file (kernels/digest.hpp): new sessions are placed only on
+  # peers with the same model (a session is pinned to its model's digest). "": not given.
+  modelDigest @8 :Text;
 }
 
 struct NodeLoad {

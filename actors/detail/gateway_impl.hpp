@@ -69,6 +69,8 @@ inline void fill_info(const session_record& r, wire::SessionInfo::Builder out) {
   out.setPriority(r.priority);
   out.setRunning(!r.turns.empty() && !r.turns.back().done);
   out.setOwner(r.owner);
+  out.setModel(r.model);
+  out.setModelDigest(r.model_digest);
 }
 
 /// The outcome a turn request refused with `kind` counts as.
