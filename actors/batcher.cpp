@@ -75,11 +75,17 @@ void finish(self_ptr self, seq_id id, finish_reason why, const std::string& deta
   st.seqs.erase(i);
 }
 
+/// The context length of `job`'s session: the model's, or the session's own when shorter.
+int64_t context_of(const batcher_state& st, const generation_job& job) {
+  int64_t model = st.ctx->llm->config().ctx_len;
+  return job.context_limit > 0 ? std::min<int64_t>(model, job.context_limit) : model;
+}
+
 int32_t pages_needed(const batcher_state& st, const sequence& s) {
-  const auto& c = st.ctx->llm->config();
   int64_t remaining =
       std::max<int64_t>(0, s.job.max_tokens - static_cast<int64_t>(s.job.generated.size()));
-  int64_t total = std::min<int64_t>(c.ctx_len, static_cast<int64_t>(s.tokens.size()) + remaining);
+  int64_t total =
+      std::min<int64_t>(context_of(st, s.job), static_cast<int64_t>(s.tokens.size()) + remaining);
   return static_cast<int32_t>((total + st.cfg.page_tokens - 1) / st.cfg.page_tokens);
 }
 
@@ -254,7 +260,7 @@ void on_step_done(self_ptr self, const std::shared_ptr<const step_batch>& batch,
       finish(self, e.seq, finish_reason::eos);
     else if (static_cast<int32_t>(s.job.generated.size()) >= s.job.max_tokens)
       finish(self, e.seq, finish_reason::length);
-    else if (static_cast<int64_t>(s.tokens.size()) >= c.ctx_len)
+    else if (static_cast<int64_t>(s.tokens.size()) >= context_of(st, s.job))
       finish(self, e.seq, finish_reason::context);
   }
   st.rate.add(static_cast<int64_t>(st.stats.tokens - tokens_before), clock_type::now());
@@ -426,9 +432,10 @@ batcher_actor::behavior_type batcher(self_ptr self, std::shared_ptr<node_context
         std::string bad;
         if (job.tokens.empty())
           bad = "the turn has no tokens";
-        else if (static_cast<int64_t>(job.tokens.size() + job.generated.size()) >= c.ctx_len)
+        else if (static_cast<int64_t>(job.tokens.size() + job.generated.size()) >=
+                 context_of(st, job))
           bad = "the conversation has " + std::to_string(job.tokens.size() + job.generated.size()) +
-                " tokens, the context length is " + std::to_string(c.ctx_len);
+                " tokens, the context length is " + std::to_string(context_of(st, job));
         else if (auto err = validate(job.params))
           bad = message_of(err);
         // A token outside the vocabulary fails this turn only: the engine would refuse every step

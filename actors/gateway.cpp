@@ -164,7 +164,9 @@ class gateway_server final : public wire::Gateway::Server {
                               "tenant " + key->tenant + ": over its limit sessions=" +
                                   std::to_string(key->max_sessions) + " on this node");
           }
-          return nd.open_session(params, priority, key ? key->tenant : std::string());
+          // Degrade before shedding: under pressure, a low priority gets a shorter context.
+          return nd.open_session(params, priority, key ? key->tenant : std::string(),
+                                 nd.context_for_new_session(priority));
         })
         .then([this, ctx](caf::expected<std::string> id) mutable {
           auto res = ctx.getResults();
@@ -219,7 +221,9 @@ class gateway_server final : public wire::Gateway::Server {
                              [&](const session_record& r) { return r.tenant != mine; }),
               all.end());
     auto out = ctx.getResults().initSessions(static_cast<unsigned>(all.size()));
-    for (size_t i = 0; i < all.size(); ++i) fill_info(all[i], out[static_cast<unsigned>(i)]);
+    auto ctx_len = static_cast<size_t>(g_.nd.context()->llm->config().ctx_len);
+    for (size_t i = 0; i < all.size(); ++i)
+      fill_info(all[i], ctx_len, out[static_cast<unsigned>(i)]);
     ctx.getResults().initError().setKind(wire::Error::Kind::NONE);
     return kj::READY_NOW;
   }

@@ -307,9 +307,10 @@ class session_server final : public wire::Session::Server {
 
   kj::Promise<void> info(InfoContext ctx) override {
     ctx.allowCancellation();
-    return record().then([ctx](caf::expected<session_record> r) mutable {
+    auto ctx_len = static_cast<size_t>(g_.nd.context()->llm->config().ctx_len);
+    return record().then([ctx, ctx_len](caf::expected<session_record> r) mutable {
       if (r)
-        fill_info(*r, ctx.getResults().initInfo());
+        fill_info(*r, ctx_len, ctx.getResults().initInfo());
       else
         kj::throwFatalException(KJ_EXCEPTION(FAILED, wire_text(r.error())));
     });
@@ -414,12 +415,16 @@ class session_server final : public wire::Session::Server {
                           // A turn sent again (its number given and already taken) is in
                           // `have` already: the session checks it is the same one.
                           bool again = expect >= 0 && static_cast<uint64_t>(expect) < rec.turns.size();
-                          if (!again && have + prompt.size() >= ctx_len) {
+                          auto limit = session_context(rec, ctx_len);
+                          if (!again && have + prompt.size() >= limit) {
                             reply(make_error(errc::bad_request,
                                              "the prompt has " + std::to_string(prompt.size()) +
                                                  " tokens and the conversation " +
                                                  std::to_string(have) + "; the context length is " +
-                                                 std::to_string(ctx_len)));
+                                                 std::to_string(limit) +
+                                                 (limit < ctx_len ? " (this session's, shortened "
+                                                                    "under load)"
+                                                                  : "")));
                             return;
                           }
                           guarded(self, node_ctx, txt, reply, [=] {

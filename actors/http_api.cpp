@@ -167,6 +167,11 @@ std::string render_metrics(node& n, const batcher_stats* stats) {
                std::string("result=\"") + names[i] + "\"");
   }
 
+  x.family("keel_sessions_degraded_total", "counter",
+           "New sessions opened with a shorter context because the node was under pressure "
+           "(the degradation policy: --degrade-below).");
+  x.sample("keel_sessions_degraded_total", m.sessions_degraded.load());
+
   x.family("keel_takeovers_total", "counter",
            "Sessions this node started serving from its group's copy (taken over, or taken "
            "back after a restart).");

@@ -81,6 +81,7 @@ struct generation_job {
   int32_t priority = 0;    // higher runs first, lower is shed first
   int32_t max_tokens = 0;  // of this turn, counting `generated`
   uint64_t turn = 0;
+  int32_t context_limit = 0;  // the session's own context length (0: the model's)
 };
 
 /// A shard worker (shard_worker.hpp):

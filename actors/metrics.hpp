@@ -71,6 +71,8 @@ struct node_metrics {
   /// Sessions this node started serving from its group's copy: a takeover from another node, or
   /// its own taken back after a restart.
   std::atomic<uint64_t> takeovers{0};
+  /// New sessions opened with a shorter context under load (the degradation policy).
+  std::atomic<uint64_t> sessions_degraded{0};
   /// Sessions whose copy this node keeps for their owner (with peers).
   std::atomic<uint64_t> sessions_replicated{0};
   /// From a turn's request reaching the gateway to its first token leaving it.

@@ -413,8 +413,16 @@ caf::error node::unknown_session(const std::string& id) const {
   return make_error(errc::not_found, "no node has session " + id);
 }
 
+int32_t node::context_for_new_session(int32_t priority) const {
+  if (priority >= cfg_.degrade_below) return 0;
+  if (load().room() >= cfg_.degrade_room) return 0;
+  auto model = ctx_->llm->config().ctx_len;
+  auto shorter = cfg_.degrade_context > 0 ? cfg_.degrade_context : model / 4;
+  return shorter < model ? shorter : 0;
+}
+
 caf::expected<std::string> node::open_session(const sampling_params& params, int32_t priority,
-                                              const std::string& tenant) {
+                                              const std::string& tenant, int32_t context_limit) {
   if (auto err = validate(params)) return err;
   if (draining_) {
     return make_error(errc::overloaded, "node " + cfg_.name +
@@ -450,6 +458,8 @@ caf::expected<std::string> node::open_session(const sampling_params& params, int
   r.tenant = tenant;
   r.model = ctx_->llm->path();
   r.model_digest = ctx_->model_digest;
+  r.context_limit = std::max(context_limit, 0);
+  if (r.context_limit > 0) ctx_->metrics->sessions_degraded.fetch_add(1, std::memory_order_relaxed);
   r.params = params;
   r.priority = priority;
   // Durable before the id is returned: with a store, or with a majority of its group.

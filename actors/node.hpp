@@ -91,6 +91,13 @@ struct node_config {
   /// actors/load.hpp). 0.2: a node forwards new sessions once 80% of its KV budget is in use
   /// (`keel-node --spread-above 80`); 0: never.
   double keep_room = 0.2;
+  /// Degrade before shedding: a new session of a priority below `degrade_below`, opened on a
+  /// node with less room than `degrade_room` (after placement found no peer with more), gets a
+  /// context of `degrade_context` tokens (0: a quarter of the model's) instead of the model's,
+  /// so its turns reserve fewer KV pages. `degrade_below` 0 (or below every priority): off.
+  int32_t degrade_below = 0;
+  double degrade_room = 0.2;
+  int32_t degrade_context = 0;
   /// The model file's digest when known already (keel-node computes it before the node starts,
   /// to log it); empty: the node computes it (kernels/digest.hpp).
   std::string model_digest;
@@ -168,7 +175,11 @@ class node {
   /// With a data dir, the session record is in a synced write (and with peers, on a replica)
   /// before the id is returned.
   caf::expected<std::string> open_session(const sampling_params& params, int32_t priority = 0,
-                                          const std::string& tenant = {});
+                                          const std::string& tenant = {},
+                                          int32_t context_limit = 0);
+  /// The context a new session of `priority` gets here now: 0 (the model's), or the degradation
+  /// policy's shorter one when this node is under pressure (node_config::degrade_below).
+  int32_t context_for_new_session(int32_t priority) const;
   /// The tenant of session `id` when this node holds it (nullopt otherwise).
   std::optional<std::string> tenant_of(const std::string& id) const {
     return sessions_->tenant_of(id);

@@ -138,6 +138,7 @@ void submit(self_ptr self) {
   job.generated = t->generated;
   job.params = st.rec.params;
   job.priority = st.rec.priority;
+  job.context_limit = st.rec.context_limit;
   job.max_tokens = t->max_tokens;
   job.turn = t->turn;
   self->send(b, submit_atom::value, std::move(job));
@@ -673,7 +674,8 @@ caf::result<uint64_t> chat_turn(self_ptr self, std::vector<turn_message> message
   if (prompt->tokens.empty())
     return make_error(errc::bad_request, "session " + st.rec.id +
                                              ": the chat template renders the turn as nothing");
-  const auto ctx_len = static_cast<size_t>(st.ctx->llm->config().ctx_len);
+  const auto ctx_len =
+      session_context(st.rec, static_cast<size_t>(st.ctx->llm->config().ctx_len));
   const size_t have = prompt->keep >= 0 ? static_cast<size_t>(prompt->keep) : fed.size();
   if (have + prompt->tokens.size() >= ctx_len)
     return make_error(errc::bad_request, "the prompt has " + std::to_string(prompt->tokens.size()) +

@@ -70,6 +70,9 @@ struct session_record {
   /// "" (a session from before the field): any model.
   std::string model;
   std::string model_digest;
+  /// The session's own context length when it was opened shortened under load (the
+  /// degradation policy, node_config::degrade); 0: the model's.
+  int32_t context_limit = 0;
   /// Not stored: the record was rebuilt from a stored or replicated copy (recovery, takeover),
   /// which may lag the tokens its client already received; `resume` adopts a
   /// running turn's held tokens beyond the record's only then, and once.
@@ -221,6 +224,15 @@ child_spec store_writer_spec(std::shared_ptr<session_table> table);
 /// one `session_record` (the new session); a restart rebuilds from the table.
 child_spec session_spec(std::shared_ptr<node_context> ctx, std::shared_ptr<session_table> table);
 
+}  // namespace keel
+
+namespace keel {
+/// The context length of session `r` on a model of `model_ctx`: the model's, or the session's
+/// own when it was opened shortened.
+inline size_t session_context(const session_record& r, size_t model_ctx) {
+  return r.context_limit > 0 ? std::min(model_ctx, static_cast<size_t>(r.context_limit))
+                             : model_ctx;
+}
 }  // namespace keel
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(keel::session_record)

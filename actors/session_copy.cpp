@@ -52,6 +52,7 @@ caf::expected<session_record> record_of(const std::string& id, const session_dat
   r.tenant = meta->tenant;
   r.model = meta->model;
   r.model_digest = meta->model_digest;
+  r.context_limit = static_cast<int32_t>(std::min<uint32_t>(meta->context_limit, 1u << 30));
   r.owner = self;
   r.epoch = epoch;
   r.from_copy = true;

@@ -213,6 +213,7 @@ wire::session_checkpoint to_checkpoint(const session_record& r) {
   c.tenant = r.tenant;
   c.model = r.model;
   c.model_digest = r.model_digest;
+  c.context_limit = static_cast<uint32_t>(std::max(r.context_limit, 0));
   for (auto& t : r.turns)
     c.turns.push_back(
         {t.turn, t.user, t.max_tokens, t.done, t.reason, t.messages, t.chat_template, t.keep});
@@ -230,6 +231,7 @@ session_record from_checkpoint(wire::session_checkpoint c,
   r.tenant = std::move(c.tenant);
   r.model = std::move(c.model);
   r.model_digest = std::move(c.model_digest);
+  r.context_limit = static_cast<int32_t>(std::min<uint32_t>(c.context_limit, 1u << 30));
   r.from_copy = true;
   for (auto& t : c.turns) {
     turn_record x;

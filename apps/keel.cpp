@@ -205,10 +205,16 @@ int generate_remote(const keel::cli::options& opts, const keel::generation_reque
     auto info = (*c)->info();
     auto s = (*c)->session(*session);
     std::string owner = s && !s->owner.empty() ? s->owner : info ? info->name : "?";
-    std::fprintf(stderr, "keel: session %s on node %s through %s at %s, model %s (digest %s)\n",
+    std::string context;
+    if (s && s->context_length > 0) {
+      context = ", context " + std::to_string(s->context_length);
+      if (info && s->context_length < info->context_length) context += " (shortened under load)";
+    }
+    std::fprintf(stderr, "keel: session %s on node %s through %s at %s, model %s (digest %s)%s\n",
                  session->c_str(), owner.c_str(), info ? info->name.c_str() : "?",
                  (*c)->endpoint().c_str(), s ? s->model.c_str() : "?",
-                 s && !s->model_digest.empty() ? s->model_digest.c_str() : "none");
+                 s && !s->model_digest.empty() ? s->model_digest.c_str() : "none",
+                 context.c_str());
   }
   const bool ids = opts.has("ids");
   bool accepted = false;

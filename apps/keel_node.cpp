@@ -73,6 +73,13 @@ constexpr option spec[] = {
      "lets the turn go on (logged and counted), 'closed' refuses it with a retry-after "
      "(default open)"},
     {"guardrail-every", "N", "check the reply every N tokens (default 16)"},
+    {"degrade-below", "PRIORITY",
+     "degrade before shedding: once more than --degrade-above of the KV budget is taken (and no "
+     "peer has more room), new sessions of a priority below PRIORITY get a shorter context "
+     "(--degrade-context), so that their turns reserve fewer KV pages (default: off)"},
+    {"degrade-context", "TOKENS",
+     "the context of a session opened degraded (default: a quarter of the model's)"},
+    {"degrade-above", "PERCENT", "the KV use past which new sessions are degraded (default 80)"},
     {"spread-above", "PERCENT",
      "with peers: once more than PERCENT of the KV budget is taken by running and waiting "
      "turns, open new sessions on a peer with more room, as its heartbeats report it (default "
@@ -431,6 +438,12 @@ int run(std::span<char*> args) {
     return fail(keel::make_error(keel::errc::bad_request,
                                  "--guardrail-failure must be open or closed, got '" +
                                      guard_failure + "'"));
+  auto degrade_below = opts->get_int("degrade-below", 0, -(1 << 30), 1 << 30);
+  auto degrade_context = opts->get_int("degrade-context", 0, 1, 1 << 24);
+  auto degrade_above = opts->get_int("degrade-above", 80, 0, 100);
+  if (!degrade_below) return fail(degrade_below.error());
+  if (opts->has("degrade-context") && !degrade_context) return fail(degrade_context.error());
+  if (!degrade_above) return fail(degrade_above.error());
   auto max_queue = opts->get_int("max-queue", 256, 0, 1 << 20);
   auto spread_above = opts->get_int("spread-above", 80, 0, 100);
   if (!max_queue) return fail(max_queue.error());
@@ -559,6 +572,9 @@ int run(std::span<char*> args) {
   ncfg.threads_per_shard = static_cast<int32_t>(*threads);
   ncfg.kv_bytes = *kv_bytes;
   ncfg.batching.max_queue = static_cast<int32_t>(*max_queue);
+  ncfg.degrade_below = static_cast<int32_t>(*degrade_below);
+  ncfg.degrade_room = 1.0 - static_cast<double>(*degrade_above) / 100.0;
+  if (opts->has("degrade-context")) ncfg.degrade_context = static_cast<int32_t>(*degrade_context);
   if (opts->has("guardrail-rules")) {
     // Read now, so that a bad file stops the start with its line named; each (re)start of the
     // guardrail reads it again.

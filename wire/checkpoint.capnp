@@ -24,6 +24,9 @@ struct SessionCheckpoint {
   # written before this field): any node's model.
   model @8 :Text;
   modelDigest @9 :Text;
+  # The session's own context length when it was opened shortened under load (its turns never
+  # grow the conversation past it); 0: the model's.
+  contextLimit @10 :UInt32;
 
   struct Sampling {
     temperature @0 :Float32;

@@ -61,6 +61,7 @@ std::string encode(const session_checkpoint& c) {
   root.setTenant(c.tenant);
   root.setModel(c.model);
   root.setModelDigest(c.model_digest);
+  root.setContextLimit(c.context_limit);
   auto turns = root.initTurns(static_cast<unsigned>(c.turns.size()));
   for (size_t i = 0; i < c.turns.size(); ++i) {
     auto& t = c.turns[i];
@@ -123,6 +124,7 @@ caf::expected<session_checkpoint> decode(std::string_view bytes) {
     c.tenant = root.getTenant();
     c.model = root.getModel();
     c.model_digest = root.getModelDigest();
+    c.context_limit = root.getContextLimit();
     // A list of structs may claim far more elements than the bytes hold (a struct whose fields
     // are all default takes no bytes; Cap'n Proto only charges such lists against its 64 MiB
     // traversal limit). Every turn and every message Keel writes takes at least one word of its

@@ -47,6 +47,8 @@ struct session_checkpoint {
   /// pinned ("": not pinned, a record from before the field).
   std::string model;
   std::string model_digest;
+  /// The session's own context length (shortened under load); 0: the model's.
+  uint32_t context_limit = 0;
 };
 
 /// The checkpoint format version this build writes: 1, or 2 for a record with a turn that keeps

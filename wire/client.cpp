@@ -746,6 +746,7 @@ caf::expected<std::vector<session_info>> client::sessions() {
           i.owner = s.getOwner().cStr();
           i.model = s.getModel().cStr();
           i.model_digest = s.getModelDigest().cStr();
+          i.context_length = s.getContextLength();
           out.push_back(std::move(i));
         }
         return out;
@@ -767,6 +768,7 @@ caf::expected<session_info> client::session(const std::string& session) {
     i.owner = s.getOwner().cStr();
     i.model = s.getModel().cStr();
     i.model_digest = s.getModelDigest().cStr();
+    i.context_length = s.getContextLength();
     return i;
   });
 }

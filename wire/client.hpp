@@ -49,6 +49,7 @@ struct session_info {
   std::string owner;     // the node that serves it ("" when the node did not say)
   std::string model;     // the model that serves it, and its digest ("": not pinned)
   std::string model_digest;
+  uint32_t context_length = 0;  // the model's, or shorter when opened under load; 0: not said
 };
 
 /// One turn of `client::history()`.

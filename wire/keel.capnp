@@ -81,6 +81,8 @@ struct SessionInfo {
   owner @5 :Text;     # the node that serves it (the owner, when reached through another node)
   model @6 :Text;        # the model that serves it (its file), to which it is pinned
   modelDigest @7 :Text;  # that file's digest (kernels/digest.hpp); "": not pinned
+  contextLength @8 :UInt32;  # the session's context length: the model's, or shorter when it
+                             # was opened under load (the degradation policy); 0: not said
 }
 
 interface Session {

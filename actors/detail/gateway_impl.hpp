@@ -60,7 +60,7 @@ inline void set_error(const caf::error& err, wire::Error::Builder out) {
   wire::to_wire(err, out, default_retry_after_ms);
 }
 
-inline void fill_info(const session_record& r, wire::SessionInfo::Builder out) {
+inline void fill_info(const session_record& r, size_t model_ctx, wire::SessionInfo::Builder out) {
   uint64_t tokens = 0;
   for (auto& t : r.turns) tokens += t.user.size() + t.generated.size();
   out.setId(r.id);
@@ -71,6 +71,7 @@ inline void fill_info(const session_record& r, wire::SessionInfo::Builder out) {
   out.setOwner(r.owner);
   out.setModel(r.model);
   out.setModelDigest(r.model_digest);
+  out.setContextLength(static_cast<uint32_t>(session_context(r, model_ctx)));
 }
 
 /// The outcome a turn request refused with `kind` counts as.
