@@ -8,69 +8,14 @@
 #include <chrono>
 #include <thread>
 
-#include <caf/actor_system.hpp>
-#include <caf/actor_system_config.hpp>
-
-#include "actors/gateway.hpp"
-#include "actors/node.hpp"
-#include "kernels/synth.hpp"
-#include "tests/test_support.hpp"
-#include "wire/client.hpp"
+#include "tests/serving_node.hpp"
 
 using namespace keel;
 using namespace std::chrono_literals;
 
 namespace {
 
-struct model_file {
-  test::temp_dir dir{"degrade_test"};
-  std::string path;
-  model_file() {
-    synth_options o;
-    o.dim = 64;
-    o.layers = 2;
-    o.heads = 4;
-    o.kv_heads = 2;
-    o.ffn = 128;
-    o.ctx = 512;
-    path = test::write_model(dir.path / "m.gguf", o);
-  }
-};
-
-model_file& test_model() {
-  static model_file m;
-  return m;
-}
-
-struct serving_node {
-  caf::actor_system_config sys_cfg;  // the system keeps a reference: it must outlive it
-  std::unique_ptr<caf::actor_system> sys;
-  std::unique_ptr<node> nd;
-  std::unique_ptr<gateway> gw;
-
-  explicit serving_node(node_config cfg) {
-    tune_actor_system(sys_cfg);
-    sys = std::make_unique<caf::actor_system>(sys_cfg);
-    cfg.model_path = test_model().path;
-    auto n = node::start(*sys, cfg, std::make_shared<supervision_log>([](const std::string&) {}));
-    BOOST_REQUIRE_MESSAGE(n, test::why(n));
-    nd = std::move(*n);
-    auto g = gateway::start(*sys, *nd, gateway_config{});
-    BOOST_REQUIRE_MESSAGE(g, test::why(g));
-    gw = std::move(*g);
-  }
-  ~serving_node() {
-    gw.reset();
-    nd->stop();
-    nd.reset();
-    sys.reset();
-  }
-  std::unique_ptr<wire::client> client() {
-    auto c = wire::client::connect({gw->address()});
-    BOOST_REQUIRE_MESSAGE(c, (c ? "" : describe(c.error())));
-    return std::move(*c);
-  }
-};
+using test::serving_node;
 
 sampling_params seeded(uint64_t seed) {
   sampling_params p;
@@ -81,6 +26,7 @@ sampling_params seeded(uint64_t seed) {
 
 node_config policy() {
   node_config cfg;
+  cfg.model_path = test::small_model("degrade_test");
   cfg.kv_bytes = 2 * 16 * 16 * 2 * 2 * 32 * sizeof(float);  // a few dozen pages
   cfg.degrade_below = 10;    // batch (priority 0) degrades; standard (10) and up do not
   cfg.degrade_room = 0.6;    // once 40% of the pages are taken

@@ -12,17 +12,10 @@
 #include <stdexcept>
 #include <thread>
 
-#include <caf/actor_system.hpp>
-#include <caf/actor_system_config.hpp>
-
-#include "actors/gateway.hpp"
 #include "actors/guardrail.hpp"
-#include "actors/node.hpp"
-#include "kernels/synth.hpp"
 #include "tests/cluster.hpp"
 #include "tests/http_support.hpp"
-#include "tests/test_support.hpp"
-#include "wire/client.hpp"
+#include "tests/serving_node.hpp"
 
 using namespace keel;
 using namespace std::chrono_literals;
@@ -109,68 +102,38 @@ class scripted_filter final : public guard_filter {
   std::shared_ptr<scripted> s_;
 };
 
-struct model_file {
-  test::temp_dir dir{"guardrail_test"};
-  std::string path;
-  model_file() {
-    synth_options o;
-    o.dim = 64;
-    o.layers = 2;
-    o.heads = 4;
-    o.kv_heads = 2;
-    o.ffn = 128;
-    o.ctx = 512;
-    path = test::write_model(dir.path / "m.gguf", o);
-  }
-};
+const std::string& test_model_path() { return test::small_model("guardrail_test"); }
 
-model_file& test_model() {
-  static model_file m;
-  return m;
+node_config guarded(const std::shared_ptr<scripted>& script, guard_failure policy, int32_t every) {
+  node_config cfg;
+  cfg.model_path = test_model_path();
+  cfg.guard.make = [s = script]() -> caf::expected<std::unique_ptr<guard_filter>> {
+    ++s->made;
+    return std::unique_ptr<guard_filter>(std::make_unique<scripted_filter>(s));
+  };
+  cfg.guard.deadline = 100ms;
+  cfg.guard.on_failure = policy;
+  cfg.guard.output_every = every;
+  cfg.guard.max_pending = 4;
+  return cfg;
 }
 
 /// A node with a scripted guardrail and its gateway on loopback.
 struct guarded_node {
   std::shared_ptr<scripted> script = std::make_shared<scripted>();
-  caf::actor_system_config sys_cfg;  // the system keeps a reference: it must outlive it
-  std::unique_ptr<caf::actor_system> sys;
-  std::unique_ptr<node> nd;
-  std::unique_ptr<gateway> gw;
+  /// Releases a blocked filter before the node stops (declared after it: destroyed before).
+  struct releaser {
+    std::shared_ptr<scripted> s;
+    ~releaser() { s->release(); }
+  };
+  test::serving_node served;
+  releaser release_at_end{script};
 
-  explicit guarded_node(guard_failure policy, int32_t every = 8) {
-    tune_actor_system(sys_cfg);
-    sys = std::make_unique<caf::actor_system>(sys_cfg);
-    node_config cfg;
-    cfg.model_path = test_model().path;
-    cfg.guard.make = [s = script]() -> caf::expected<std::unique_ptr<guard_filter>> {
-      ++s->made;
-      return std::unique_ptr<guard_filter>(std::make_unique<scripted_filter>(s));
-    };
-    cfg.guard.deadline = 100ms;
-    cfg.guard.on_failure = policy;
-    cfg.guard.output_every = every;
-    cfg.guard.max_pending = 4;
-    auto n = node::start(*sys, cfg, std::make_shared<supervision_log>([](const std::string&) {}));
-    BOOST_REQUIRE_MESSAGE(n, test::why(n));
-    nd = std::move(*n);
-    gateway_config gc;
-    auto g = gateway::start(*sys, *nd, gc);
-    BOOST_REQUIRE_MESSAGE(g, test::why(g));
-    gw = std::move(*g);
-  }
-  ~guarded_node() {
-    script->release();  // a blocked filter must not hold the node's stop
-    gw.reset();
-    nd->stop();
-    nd.reset();
-    sys.reset();
-  }
-  std::unique_ptr<wire::client> client() {
-    auto c = wire::client::connect({gw->address()});
-    BOOST_REQUIRE_MESSAGE(c, (c ? "" : describe(c.error())));
-    return std::move(*c);
-  }
-  uint64_t counted(guard_outcome o) const { return nd->context()->guard->counted(o); }
+  explicit guarded_node(guard_failure policy, int32_t every = 8)
+      : served(guarded(script, policy, every)) {}
+  std::unique_ptr<wire::client> client() { return served.client(); }
+  node& nd() { return *served.nd; }
+  uint64_t counted(guard_outcome o) { return served.nd->context()->guard->counted(o); }
 };
 
 sampling_params seeded(uint64_t seed) {
@@ -300,8 +263,8 @@ BOOST_AUTO_TEST_CASE(a_crash_looping_guardrail_fails_open_and_never_takes_the_no
   }
   // The node never escalated: it is ready and its root never restarted a child for it.
   BOOST_TEST(n.script->made.load() >= 3);
-  BOOST_TEST(n.nd->not_ready().empty());
-  BOOST_TEST(n.nd->log().restarts("node/guard") == 0);
+  BOOST_TEST(n.nd().not_ready().empty());
+  BOOST_TEST(n.nd().log().restarts("node/guard") == 0);
   BOOST_TEST(n.counted(guard_outcome::failed_open) >= 1u);
   n.script->crash = false;
 }
@@ -311,7 +274,7 @@ BOOST_AUTO_TEST_CASE(keel_node_loads_a_rules_file_refuses_matching_prompts_and_c
   auto rules = dir.path / "rules.txt";
   std::ofstream(rules) << "# what this deployment refuses\nforbidden topic\noutput: re: x{1000}\n";
   test::cluster_config cfg;
-  cfg.model = test_model().path;
+  cfg.model = test_model_path();
   cfg.root = dir.path;
   cfg.label = "guardrail";
   cfg.http = true;
@@ -346,7 +309,7 @@ BOOST_AUTO_TEST_CASE(keel_node_loads_a_rules_file_refuses_matching_prompts_and_c
 
   // A rules file that does not parse stops the start, naming the line.
   std::ofstream(rules) << "fine\nre: (\n";
-  auto bad = test::run({test::bin("keel-node"), "--model", test_model().path, "--listen", "127.0.0.1:0",
+  auto bad = test::run({test::bin("keel-node"), "--model", test_model_path(), "--listen", "127.0.0.1:0",
                         "--guardrail-rules", rules.string()});
   BOOST_TEST(bad.status != 0);
   BOOST_TEST(bad.err.find(rules.string() + " line 2") != std::string::npos, bad.err);

@@ -288,17 +288,22 @@ BOOST_AUTO_TEST_CASE(more_work_than_the_kv_budget_is_queued_or_shed_by_priority)
   BOOST_TEST(r.stats.shed == static_cast<uint64_t>(shed));
 }
 
+/// A node of `model` with a KV budget of about 30 pages (room for two turns of ~240 tokens).
+std::unique_ptr<node> small_budget_node(caf::actor_system& sys, const std::string& model) {
+  node_config cfg;
+  cfg.model_path = model;
+  cfg.kv_bytes = 2 * 15 * 16 * 2 * 2 * 64 * sizeof(float);
+  auto nd = node::start(sys, cfg, std::make_shared<supervision_log>([](const std::string&) {}));
+  BOOST_REQUIRE_MESSAGE(nd, test::why(nd));
+  return std::move(*nd);
+}
+
 BOOST_AUTO_TEST_CASE(the_batcher_publishes_its_load_for_heartbeats_and_placement) {
   caf::actor_system_config sys_cfg;
   keel::tune_actor_system(sys_cfg);
   caf::actor_system sys{sys_cfg};
-  node_config cfg;
-  cfg.model_path = model_path;
-  cfg.kv_bytes = 2 * 15 * 16 * 2 * 2 * 64 * sizeof(float);  // about 30 pages
-  auto log = std::make_shared<supervision_log>([](const std::string&) {});
-  auto nd = node::start(sys, cfg, log);
-  BOOST_REQUIRE_MESSAGE(nd, test::why(nd));
-  auto& n = **nd;
+  auto nd = small_budget_node(sys, model_path);
+  auto& n = *nd;
   // From the start: the whole budget is free, so the node has all its room.
   auto capacity = n.config().batching.kv_pages;
   auto l = n.load();
@@ -360,13 +365,8 @@ BOOST_AUTO_TEST_CASE(a_higher_priority_turn_sends_a_running_lower_one_back_to_th
   caf::actor_system_config sys_cfg;
   keel::tune_actor_system(sys_cfg);
   caf::actor_system sys{sys_cfg};
-  node_config cfg;
-  cfg.model_path = model_path;
-  cfg.kv_bytes = 2 * 15 * 16 * 2 * 2 * 64 * sizeof(float);  // about 30 pages
-  auto log = std::make_shared<supervision_log>([](const std::string&) {});
-  auto nd = node::start(sys, cfg, log);
-  BOOST_REQUIRE_MESSAGE(nd, test::why(nd));
-  auto& n = **nd;
+  auto nd = small_budget_node(sys, model_path);
+  auto& n = *nd;
   auto capacity = n.config().batching.kv_pages;
   int32_t most = capacity * 2 / 3;  // two such turns do not fit together
   BOOST_REQUIRE(16 * most <= 512);

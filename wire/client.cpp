@@ -730,25 +730,31 @@ caf::expected<std::vector<turn_record>> client::history(const std::string& sessi
       });
 }
 
+namespace {
+
+session_info info_of(SessionInfo::Reader s) {
+  session_info i;
+  i.id = s.getId().cStr();
+  i.turns = s.getTurns();
+  i.tokens = s.getTokens();
+  i.priority = s.getPriority();
+  i.running = s.getRunning();
+  i.owner = s.getOwner().cStr();
+  i.model = s.getModel().cStr();
+  i.model_digest = s.getModelDigest().cStr();
+  i.context_length = s.getContextLength();
+  return i;
+}
+
+}  // namespace
+
 caf::expected<std::vector<session_info>> client::sessions() {
   return at_edge<std::vector<session_info>>(
       impl_->endpoint, [&]() -> caf::expected<std::vector<session_info>> {
         auto resp = impl_->call(impl_->gateway.listSessionsRequest().send(), "listSessions");
         if (auto err = from_wire(resp.getError())) return err;
         std::vector<session_info> out;
-        for (auto s : resp.getSessions()) {
-          session_info i;
-          i.id = s.getId().cStr();
-          i.turns = s.getTurns();
-          i.tokens = s.getTokens();
-          i.priority = s.getPriority();
-          i.running = s.getRunning();
-          i.owner = s.getOwner().cStr();
-          i.model = s.getModel().cStr();
-          i.model_digest = s.getModelDigest().cStr();
-          i.context_length = s.getContextLength();
-          out.push_back(std::move(i));
-        }
+        for (auto s : resp.getSessions()) out.push_back(info_of(s));
         return out;
       });
 }
@@ -758,18 +764,7 @@ caf::expected<session_info> client::session(const std::string& session) {
     Session::Client* sess = nullptr;
     if (auto err = impl_->session(session, sess)) return err;
     auto resp = impl_->call(sess->infoRequest().send(), "info");
-    auto s = resp.getInfo();
-    session_info i;
-    i.id = s.getId().cStr();
-    i.turns = s.getTurns();
-    i.tokens = s.getTokens();
-    i.priority = s.getPriority();
-    i.running = s.getRunning();
-    i.owner = s.getOwner().cStr();
-    i.model = s.getModel().cStr();
-    i.model_digest = s.getModelDigest().cStr();
-    i.context_length = s.getContextLength();
-    return i;
+    return info_of(resp.getInfo());
   });
 }
 
