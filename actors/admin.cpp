@@ -161,6 +161,7 @@ class admin_server final : public wire::Admin::Server {
           out.setAdminAddress(a_.address);
           out.setPeerAddress(nc.peer_address);
           out.setModel(a_.nd.context()->llm->path());
+          out.setModelDigest(a_.nd.context()->model_digest);
           out.setShards(static_cast<uint32_t>(nc.shards));
           out.setUptimeMs(static_cast<uint64_t>(
               std::chrono::duration_cast<std::chrono::milliseconds>(sys_clock::now() - a_.started)
@@ -206,6 +207,7 @@ class admin_server final : public wire::Admin::Server {
             o.setKvPagesCapacity(static_cast<uint32_t>(std::max(p.load.kv_capacity, 0)));
             o.setWaiting(static_cast<uint32_t>(std::max(p.load.waiting, 0)));
             o.setRoom(static_cast<float>(p.load.room()));
+            o.setModelDigest(p.model_digest);
           }
           set_ok(res.initError());
         });
@@ -238,6 +240,9 @@ class admin_server final : public wire::Admin::Server {
             o.setCheckpointTokens(row.checkpoint_tokens);
             o.setParked(row.parked);
             o.setTenant(r.tenant);
+            o.setModel(r.model);
+            o.setModelDigest(r.model_digest);
+            o.setContextLimit(static_cast<uint32_t>(std::max(r.context_limit, 0)));
           }
           set_ok(res.initError());
         });

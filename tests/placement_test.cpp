@@ -9,6 +9,8 @@
 #include <chrono>
 #include <map>
 #include <mutex>
+#include <regex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -376,4 +378,20 @@ BOOST_AUTO_TEST_CASE(a_session_is_served_only_by_nodes_with_its_model) {
   }
   BOOST_TEST(metric(cl, 2, "keel_takeovers_total") == 0);
   BOOST_TEST(metric(cl, 1, "keel_takeovers_total") == static_cast<double>(ids.size()));
+
+  // keel-shell shows the rollout: a's model served by b alone now, with the 6 sessions opened
+  // on a and the one `keel generate` opened on b, none running; c's model by c, with none.
+  auto rollout = cl.shell(1, "rollout status");
+  BOOST_TEST(rollout.first == 0, rollout.second);
+  auto line_of = [&](const std::string& needle) {
+    std::istringstream in(rollout.second);
+    std::string line;
+    while (std::getline(in, line))
+      if (line.find(needle) != std::string::npos) return line;
+    return std::string();
+  };
+  auto first = line_of(info->model_digest.substr(0, 12));
+  BOOST_TEST(std::regex_search(first, std::regex(R"(\sb\s+7\s+0\s*$)")), rollout.second);
+  auto second = line_of("seen by heartbeats");  // c, reached through b's heartbeats only
+  BOOST_TEST(std::regex_search(second, std::regex(R"(\sc\s+0\s+0\s*$)")), rollout.second);
 }

@@ -187,6 +187,7 @@ struct PeerView {
   kvPagesCapacity @10 :UInt32;
   waiting @11 :UInt32;
   room @12 :Float32;
+  modelDigest @13 :Text;  # of its model file, from its heartbeats
 }
 
 struct NodeReport {
@@ -217,6 +218,7 @@ struct NodeReport {
   peers @24 :List(PeerView);
   draining @25 :Bool;            # `drain` ran: the node opens no new sessions
   room @26 :Float32;             # share of the KV pages free for new work (actors/load.hpp)
+  modelDigest @27 :Text;         # the digest of its model file (kernels/digest.hpp)
 }
 
 struct AdminSession {
@@ -233,6 +235,9 @@ struct AdminSession {
   checkpointTokens @10 :UInt64;  # ... and how many of its generated tokens its log holds
   tenant @11 :Text;            # the tenant whose API key opened it ("" without --keys)
   parked @12 :Text;            # why its actor is parked (failed again and again); "" when it is not
+  model @13 :Text;             # the model that serves it, and its digest ("": not pinned)
+  modelDigest @14 :Text;
+  contextLimit @15 :UInt32;    # its own context length when opened under load; 0: the model's
 }
 
 struct Fault {

@@ -160,6 +160,7 @@ caf::expected<node_report> cluster::report(size_t m) {
         o.admin_address = text(r.getAdminAddress());
         o.peer_address = text(r.getPeerAddress());
         o.model = text(r.getModel());
+        o.model_digest = text(r.getModelDigest());
         o.shards = r.getShards();
         o.uptime_ms = r.getUptimeMs();
         o.sessions = r.getSessions();
@@ -183,7 +184,8 @@ caf::expected<node_report> cluster::report(size_t m) {
                                      text(p.getStatus()), text(p.getBreaker()), p.getRoundTripUs(),
                                      p.getFailures(), text(p.getLastFailure()),
                                      text(p.getClientAddress()), p.getKvPagesFree(),
-                                     p.getKvPagesCapacity(), p.getWaiting(), p.getRoom()});
+                                     p.getKvPagesCapacity(), p.getWaiting(), p.getRoom(),
+                                     text(p.getModelDigest())});
         }
         o.draining = r.getDraining();
         o.room = r.getRoom();
@@ -205,6 +207,9 @@ caf::expected<std::vector<session_row>> cluster::sessions(size_t m) {
           o.id = text(s.getId());
           o.owner = text(s.getOwner());
           o.tenant = text(s.getTenant());
+          o.model = text(s.getModel());
+          o.model_digest = text(s.getModelDigest());
+          o.context_limit = s.getContextLimit();
           for (auto r : s.getReplicas()) o.replicas.push_back(text(r));
           o.epoch = s.getEpoch();
           o.turns = s.getTurns();

@@ -38,6 +38,7 @@ struct peer_row {
   // Its load, from its last heartbeat answer.
   uint32_t kv_pages_free = 0, kv_pages_capacity = 0, waiting = 0;
   float room = 0;
+  std::string model_digest;
 };
 
 struct node_report {
@@ -54,11 +55,14 @@ struct node_report {
   std::vector<peer_row> peers;
   bool draining = false;  // the node was drained: it opens no new sessions
   float room = 0;         // share of its KV pages free for new work
+  std::string model_digest;
 };
 
 struct session_row {
   std::string id, owner;
   std::string tenant;  // "" without --keys
+  std::string model, model_digest;  // "" when not pinned
+  uint32_t context_limit = 0;       // 0: the model's
   std::vector<std::string> replicas;
   uint64_t epoch = 0;
   uint32_t turns = 0;

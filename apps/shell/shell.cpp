@@ -31,6 +31,10 @@ const std::vector<command_info>& commands() {
       {"sessions", "sessions [--node NODE]", "every session: owner, replicas, epoch, turns, tokens",
        "The last checkpoint is the newest turn in the node's store and how many of its\n"
        "generated tokens its log holds (nodes without --data keep sessions in memory only)."},
+      {"rollout", "rollout status", "per model: the nodes that serve it, its sessions",
+       "Every session is pinned to the digest of the model that served its first turn and is\n"
+       "served only by nodes with that model. Per digest: the model file, the nodes serving\n"
+       "it, and how many sessions (running now) are pinned to it, each counted once."},
       {"kill", "kill PATH", "make the actor at PATH fail, and see its supervisor react",
        "The actor exits with 'killed by admin', as if it had crashed: its supervisor restarts\n"
        "it (and, for one_for_all, its siblings), or escalates past its restart intensity.\n"
@@ -174,6 +178,7 @@ int shell::run(const std::vector<std::string>& args) {
   if (name == "tree") return tree(args);
   if (name == "nodes") return nodes(args);
   if (name == "sessions") return sessions(args);
+  if (name == "rollout") return rollout(args);
   if (name == "stats") return stats(args);
   if (name == "drain") return drain(args);
   return act(args);

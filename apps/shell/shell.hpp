@@ -59,6 +59,7 @@ class shell {
   int tree(const std::vector<std::string>& args);
   int nodes(const std::vector<std::string>& args);
   int sessions(const std::vector<std::string>& args);
+  int rollout(const std::vector<std::string>& args);
   int stats(const std::vector<std::string>& args);
   int act(const std::vector<std::string>& args);  // kill, restart, fault
   int drain(const std::vector<std::string>& args);

@@ -300,7 +300,8 @@ int shell::sessions(const std::vector<std::string>& args) {
       for (auto& r : s.replicas) j.value(r);
       j.end_array().field("epoch", s.epoch).field("turns", s.turns).field("tokens", s.tokens);
       j.field("running", s.running).field("priority", s.priority).field("durable", s.durable);
-      j.field("parked", s.parked);
+      j.field("parked", s.parked).field("model", s.model).field("model_digest", s.model_digest);
+      j.field("context_limit", s.context_limit);
       j.field("checkpoint_turn", s.checkpoint_turn);
       j.field("checkpoint_tokens", s.checkpoint_tokens).end_object();
     }
@@ -316,6 +317,79 @@ int shell::sessions(const std::vector<std::string>& args) {
     print_json(j);
   else
     print(t.render() + (t.empty() ? "(no sessions)\n" : ""));
+  return 0;
+}
+
+int shell::rollout(const std::vector<std::string>& args) {
+  if (args.size() != 2 || args[1] != "status")
+    return fail("rollout", usage_error("rollout", args.size() < 2 ? "it needs 'status'"
+                                                                  : "unknown argument " + args[1]));
+  // Per model digest: the nodes that serve it (their own reports) and the sessions pinned to
+  // it, each counted once (by the row of the node that owns it, else the first row).
+  struct version {
+    std::string model;
+    std::vector<std::string> nodes;
+    size_t sessions = 0, running = 0;
+  };
+  std::map<std::string, version> by_digest;
+  std::map<std::string, session_row> sessions;
+  std::vector<node_report> reports;
+  size_t answered = 0;
+  for (size_t i = 0; i < cluster_.members().size(); ++i) {
+    auto r = cluster_.report(i);
+    if (!r) {
+      warn("rollout", r.error());
+      continue;
+    }
+    ++answered;
+    reports.push_back(*r);
+    auto& v = by_digest[r->model_digest];
+    v.model = r->model;
+    v.nodes.push_back(r->name);
+    auto rows = cluster_.sessions(i);
+    if (!rows) continue;
+    for (auto& s : *rows) {
+      auto at = sessions.find(s.id);
+      if (at == sessions.end() || (s.owner == r->name && at->second.owner != r->name))
+        sessions[s.id] = s;
+    }
+  }
+  if (answered == 0)
+    return fail("rollout",
+                make_error(errc::disconnected, "no node answered; nodes: " + known_nodes()));
+  // Nodes not reached but up, as the reached nodes' heartbeats see them (their model digest
+  // comes with every heartbeat; its file name does not).
+  for (auto& r : reports)
+    for (auto& p : r.peers) {
+      if (p.status != "up" || p.model_digest.empty() || p.name.empty()) continue;
+      auto& v = by_digest[p.model_digest];
+      if (std::find(v.nodes.begin(), v.nodes.end(), p.name) == v.nodes.end())
+        v.nodes.push_back(p.name);
+    }
+  for (auto& [id, s] : sessions) {
+    auto& v = by_digest[s.model_digest];
+    if (v.model.empty()) v.model = s.model.empty() ? "(not pinned)" : s.model;
+    ++v.sessions;
+    v.running += s.running ? 1 : 0;
+  }
+  table t({{"MODEL", false, true}, {"DIGEST"}, {"NODES"}, {"SESSIONS", true}, {"RUNNING", true}});
+  json j;
+  j.begin_object().key("versions").begin_array();
+  for (auto& [digest, v] : by_digest) {
+    if (v.model.empty()) v.model = "(not reached; seen by heartbeats)";
+    std::string nodes;
+    for (auto& n : v.nodes) nodes += (nodes.empty() ? "" : ",") + n;
+    t.add({v.model, digest.empty() ? "-" : digest.substr(0, 12), nodes.empty() ? "none" : nodes,
+           std::to_string(v.sessions), std::to_string(v.running)});
+    j.begin_object().field("model", v.model).field("digest", digest).key("nodes").begin_array();
+    for (auto& n : v.nodes) j.value(n);
+    j.end_array().field("sessions", v.sessions).field("running", v.running).end_object();
+  }
+  j.end_array().end_object();
+  if (json_)
+    print_json(j);
+  else
+    print(t.render());
   return 0;
 }
 
