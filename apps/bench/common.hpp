@@ -49,5 +49,6 @@ int publish(const std::string& report, const std::string& out);
 int engine_command(std::span<char*> args);
 int batch_command(std::span<char*> args);
 int serve_command(std::span<char*> args);
+int cascade_command(std::span<char*> args);  // apps/bench/cascade.cpp
 
 }  // namespace keel::bench

@@ -25,7 +25,11 @@ const char* top_help =
     "  failover --model FILE [--kills N] [--partitions N]\n"
     "                                      3-node cluster: kill or partition the serving node\n"
     "                                      mid-reply, time to the client's next token; cost of\n"
-    "                                      majority acknowledgements in tokens/s and latency\n\n"
+    "                                      majority acknowledgements in tokens/s and latency\n"
+    "  cascade --model FILE [--policy off|on|both]\n"
+    "                                      3-node cluster: load stepped to 2x capacity, a node\n"
+    "                                      killed at the peak; goodput, TTFT and shedding per\n"
+    "                                      priority, peak KV per node\n\n"
     "Run 'keel-bench COMMAND --help' for a command's options.\n";
 
 }  // namespace
@@ -34,6 +38,7 @@ int main(int argc, char** argv) {
   constexpr keel::cli::command commands[] = {{"engine", keel::bench::engine_command},
                                              {"batch", keel::bench::batch_command},
                                              {"serve", keel::bench::serve_command},
-                                             {"failover", keel::bench::failover_command}};
+                                             {"failover", keel::bench::failover_command},
+                                             {"cascade", keel::bench::cascade_command}};
   return keel::cli::dispatch(argc, argv, "keel-bench", top_help, commands);
 }

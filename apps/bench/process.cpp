@@ -321,6 +321,7 @@ std::vector<std::string> cluster::argv(size_t i) const {
   a.insert(a.end(), {"--model", flags_.model, "--threads", std::to_string(flags_.threads)});
   if (!m.admin_listen.empty())
     a.insert(a.end(), {"--admin-listen", m.admin_listen, "--config", flags_.admin_config});
+  a.insert(a.end(), flags_.extra.begin(), flags_.extra.end());
   return a;
 }
 

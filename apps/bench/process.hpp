@@ -135,6 +135,8 @@ struct node_flags {
   // "admin-key = KEY" (--config), and for `cluster::admin` keel-shell's path and a file whose
   // first line is KEY. Empty: no node serves it.
   std::string admin_config, admin_key_file, shell;
+  /// More flags for every node (e.g. {"--kv-bytes", "8M"}).
+  std::vector<std::string> extra;
 };
 
 /// keel-node processes on 127.0.0.1. A node keeps its addresses and data directory, so a killed
