@@ -401,3 +401,78 @@ BOOST_AUTO_TEST_CASE(a_session_is_served_only_by_nodes_with_its_model) {
   auto second = line_of("seen by heartbeats");  // c, reached through b's heartbeats only
   BOOST_TEST(std::regex_search(second, std::regex(R"(\sc\s+0\s+0\s*$)")), rollout.second);
 }
+
+BOOST_AUTO_TEST_CASE(a_stream_through_the_node_that_placed_it_survives_its_owners_death) {
+  // A session placed on b or c through a: the client knows a only, and a forwards every call.
+  // When the owner dies, a itself is fine, so only a probe of the session (through a to the
+  // owner) can tell the client its stream broke; without one it waited for its call timeout.
+  keel::test::temp_dir root("placement_test-forwarded");
+  cluster cl(config(root.path, "forwarded", {"--kv-bytes", "8M"}), three());
+  cl.start_all();
+  BOOST_REQUIRE(cl.wait_all_links_up(10s));
+  auto pages = kv_pages(cl, 0);
+  auto armed = cl.shell(0, "fault a/engine/shard-0 stall 30000ms");
+  BOOST_REQUIRE_MESSAGE(armed.first == 0, armed.second);
+  auto opts = client_options();
+  opts.call_timeout = std::chrono::milliseconds(0);  // no limit: only the probe can notice
+  auto at_a = client::connect({cl.address(0)}, opts);
+  BOOST_REQUIRE(at_a);
+  auto heavy = (*at_a)->open_session(seeded(1));
+  BOOST_REQUIRE(heavy);
+  int big = (pages * 9 + 9) / 10;
+  std::thread hold([&cl, heavy = *heavy, big] {
+    auto c = client::connect({cl.address(0)}, client_options());
+    if (c) (void)(*c)->generate(heavy, "Hello", static_cast<uint32_t>(16 * (big - 1)));
+  });
+  struct joiner {
+    std::thread& t;
+    ~joiner() {
+      if (t.joinable()) t.join();
+    }
+  } join_hold{hold};
+  auto until = std::chrono::steady_clock::now() + 10s;
+  while (metric(cl, 0, "keel_kv_pages_used") < big && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(20ms);
+  BOOST_REQUIRE(metric(cl, 0, "keel_kv_pages_used") >= big);
+
+  auto placed = (*at_a)->open_session(seeded(5));
+  BOOST_REQUIRE(placed);
+  auto owner = owner_of(*placed);
+  BOOST_REQUIRE(owner != "a");
+  std::atomic<size_t> got{0};
+  std::atomic<bool> finished{false};
+  caf::expected<keel::wire::generation> result = keel::make_error(errc::failed, "not run");
+  std::vector<keel::wire::failover_event> failovers;
+  std::thread stream([&] {
+    auto o = opts;
+    o.on_failover = [&](const keel::wire::failover_event& e) { failovers.push_back(e); };
+    auto c = client::connect({cl.address(0)}, o);
+    if (c) {
+      result = (*c)->generate(*placed, "Once upon a time", 300,
+                              [&](uint64_t, uint64_t, int32_t, std::string_view) { ++got; });
+    }
+    finished = true;
+  });
+  struct joiner2 {
+    std::thread& t;
+    ~joiner2() {
+      if (t.joinable()) t.join();
+    }
+  } join_stream{stream};
+  until = std::chrono::steady_clock::now() + 30s;
+  while (got.load() < 10 && !finished && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(5ms);
+  BOOST_REQUIRE_MESSAGE(got.load() >= 10 || finished, "the placed stream did not start");
+  if (!finished) cl.kill(cl.index(owner));
+  // The stream goes on: it ends well within a minute (without the session probe it never
+  // would: the client has no call timeout).
+  until = std::chrono::steady_clock::now() + 60s;
+  while (!finished && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(20ms);
+  BOOST_REQUIRE_MESSAGE(finished.load(), "the stream through a did not go on after " << owner
+                                                                                      << " died");
+  stream.join();
+  BOOST_TEST(static_cast<bool>(result), (result ? "" : keel::describe(result.error())));
+  BOOST_TEST(failovers.size() >= 1u);
+  (void)cl.shell(0, "fault a clear");
+}

@@ -254,17 +254,32 @@ struct client::impl {
   }
 
   /// Never resolves; fails with DISCONNECTED once an `info()` probe does: a dead connection
-  /// noticed within about `probe_interval`.
-  kj::Promise<void> probe() {
+  /// noticed within about `probe_interval`. With `sess`, once no event came for
+  /// `session_probe_after` (`last_event`), the session is asked too: a node that forwards the
+  /// session (placement, or a failover to a node that is not the owner) answers for itself, but
+  /// the session's `info` goes through to its owner, so a dead or hung owner behind a live
+  /// forwarding node is noticed as well, not only after `call_timeout`.
+  kj::Promise<void> probe(Session::Client* sess = nullptr,
+                          const std::chrono::steady_clock::time_point* last_event = nullptr) {
     return rpc->getIoProvider()
         .getTimer()
         .afterDelay(std::max<int64_t>(opts.probe_interval.count(), 1) * kj::MILLISECONDS)
-        .then([this] {
-          return bounded(gateway.infoRequest().send(), opts.connect_timeout, "probe")
-              .ignoreResult();
+        .then([this, sess, last_event] {
+          auto node = bounded(gateway.infoRequest().send(), opts.connect_timeout, "probe")
+                          .ignoreResult();
+          if (sess == nullptr || last_event == nullptr ||
+              std::chrono::steady_clock::now() - *last_event < session_probe_after)
+            return node;
+          return node.then([this, sess] {
+            return bounded(sess->infoRequest().send(), opts.connect_timeout, "session probe")
+                .ignoreResult();
+          });
         })
-        .then([this] { return probe(); });
+        .then([this, sess, last_event] { return probe(sess, last_event); });
   }
+
+  /// How long a stream may be silent before `probe` asks its session too.
+  static constexpr auto session_probe_after = std::chrono::milliseconds(1000);
 
   /// Replaces the connection by one to the first endpoint that answers, trying the list in
   /// rounds with backoff until `deadline`, each round starting after the current endpoint (which
@@ -582,7 +597,7 @@ caf::expected<generation> client::run_turn(const std::string& session, turn_inpu
       kj::Promise<void> late_cancel = kj::READY_NOW;
       if (cancel_wanted)
         late_cancel = send_cancel(out.turn).eagerlyEvaluate([](kj::Exception&&) {});
-      auto alive = d.probe().fork();
+      auto alive = d.probe(sess, &st->last_event).fork();
 
       // Wait for done, a broken stream, a dead connection, or a silence longer than the call
       // timeout.

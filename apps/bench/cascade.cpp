@@ -122,7 +122,17 @@ void client_loop(const std::vector<std::string>& endpoints, int32_t priority, ui
         if (first < 0)
           first = std::chrono::duration<double, std::milli>(clock_type::now() - sent).count();
       };
+      std::string failovers;
       auto g = (*c)->generate(*s, prompts[t], max_tokens, on_token);
+      if (std::getenv("KEEL_BENCH_VERBOSE") &&
+          std::chrono::duration<double>(clock_type::now() - sent).count() > 10) {
+        std::lock_guard<std::mutex> lock(sh.mu);
+        std::cerr << "keel-bench: slow turn " << t << " of " << *s << " (priority " << priority
+                  << ") via " << (*c)->endpoint() << ": first token after " << first
+                  << " ms, ended after "
+                  << std::chrono::duration<double, std::milli>(clock_type::now() - sent).count()
+                  << " ms: " << (g ? std::string("done") : describe(g.error())) << "\n";
+      }
       if (g) {
         ++mine.turns;
         mine.tokens += static_cast<int64_t>(g->generated.size());
