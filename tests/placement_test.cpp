@@ -97,6 +97,38 @@ client::options client_options() {
   return o;
 }
 
+/// Node a near its budget: its engine stalls before its next step (for `stall`), and a turn
+/// admitted there meanwhile holds 90% of its pages (a prompt of at most 16 tokens plus
+/// 16 * (P - 1) tokens of budget is P pages). The turn's client runs on a thread of its own,
+/// joined by the destructor (the turn ends once the stall does, or when a is cleared or killed).
+struct a_held_full {
+  std::thread turn;
+  explicit a_held_full(cluster& cl, const char* stall = "20000ms") {
+    auto pages = kv_pages(cl, 0);
+    BOOST_REQUIRE(pages >= 10);
+    BOOST_REQUIRE(pages * 16 <= 2048);
+    auto armed = cl.shell(0, std::string("fault a/engine/shard-0 stall ") + stall);
+    BOOST_REQUIRE_MESSAGE(armed.first == 0, armed.second);
+    int big = (pages * 9 + 9) / 10;
+    auto at_a = client::connect({cl.address(0)}, client_options());
+    BOOST_REQUIRE(at_a);
+    auto heavy = (*at_a)->open_session(seeded(1));
+    BOOST_REQUIRE_MESSAGE(heavy, (heavy ? "" : keel::describe(heavy.error())));
+    BOOST_TEST(owner_of(*heavy) == "a");  // a had room then
+    turn = std::thread([&cl, heavy = *heavy, big] {
+      auto c = client::connect({cl.address(0)}, client_options());
+      if (c) (void)(*c)->generate(heavy, "Hello", static_cast<uint32_t>(16 * (big - 1)));
+    });
+    auto until = std::chrono::steady_clock::now() + 10s;
+    while (metric(cl, 0, "keel_kv_pages_used") < big && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(20ms);
+    BOOST_REQUIRE(metric(cl, 0, "keel_kv_pages_used") >= big);
+  }
+  ~a_held_full() {
+    if (turn.joinable()) turn.join();
+  }
+};
+
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(a_node_near_its_kv_budget_opens_new_sessions_on_peers_with_room) {
@@ -104,33 +136,9 @@ BOOST_AUTO_TEST_CASE(a_node_near_its_kv_budget_opens_new_sessions_on_peers_with_
   cluster cl(config(root.path, "open", {"--kv-bytes", "8M"}), three());
   cl.start_all();
   BOOST_REQUIRE(cl.wait_all_links_up(10s));
-  auto pages = kv_pages(cl, 0);
-  BOOST_TEST_MESSAGE("KV pages per node: " << pages);
-  BOOST_REQUIRE(pages >= 10);
-  BOOST_REQUIRE(pages * 16 <= 2048);
-
-  // a's engine stalls before its next step, so a turn admitted there holds its pages: 90% of
-  // them (a prompt of at most 16 tokens plus 16 * (P - 1) tokens of budget is P pages).
-  auto armed = cl.shell(0, "fault a/engine/shard-0 stall 20000ms");
-  BOOST_REQUIRE_MESSAGE(armed.first == 0, armed.second);
-  int big = (pages * 9 + 9) / 10;
+  a_held_full held(cl);
   auto at_a = client::connect({cl.address(0)}, client_options());
   BOOST_REQUIRE(at_a);
-  auto heavy = (*at_a)->open_session(seeded(1));
-  BOOST_REQUIRE_MESSAGE(heavy, (heavy ? "" : keel::describe(heavy.error())));
-  BOOST_TEST(owner_of(*heavy) == "a");  // a had room then
-  std::thread turn([&cl, heavy = *heavy, big] {
-    auto c = client::connect({cl.address(0)}, client_options());
-    if (c) (void)(*c)->generate(heavy, "Hello", static_cast<uint32_t>(16 * (big - 1)));
-  });
-  struct joiner {
-    std::thread& t;
-    ~joiner() { t.join(); }
-  } join{turn};
-  auto until = std::chrono::steady_clock::now() + 10s;
-  while (metric(cl, 0, "keel_kv_pages_used") < big && std::chrono::steady_clock::now() < until)
-    std::this_thread::sleep_for(20ms);
-  BOOST_REQUIRE(metric(cl, 0, "keel_kv_pages_used") >= big);
 
   // Every new session asked of a opens on b or c, and works through a.
   std::map<std::string, int> where;
@@ -410,30 +418,11 @@ BOOST_AUTO_TEST_CASE(a_stream_through_the_node_that_placed_it_survives_its_owner
   cluster cl(config(root.path, "forwarded", {"--kv-bytes", "8M"}), three());
   cl.start_all();
   BOOST_REQUIRE(cl.wait_all_links_up(10s));
-  auto pages = kv_pages(cl, 0);
-  auto armed = cl.shell(0, "fault a/engine/shard-0 stall 30000ms");
-  BOOST_REQUIRE_MESSAGE(armed.first == 0, armed.second);
+  a_held_full held(cl, "30000ms");
   auto opts = client_options();
   opts.call_timeout = std::chrono::milliseconds(0);  // no limit: only the probe can notice
   auto at_a = client::connect({cl.address(0)}, opts);
   BOOST_REQUIRE(at_a);
-  auto heavy = (*at_a)->open_session(seeded(1));
-  BOOST_REQUIRE(heavy);
-  int big = (pages * 9 + 9) / 10;
-  std::thread hold([&cl, heavy = *heavy, big] {
-    auto c = client::connect({cl.address(0)}, client_options());
-    if (c) (void)(*c)->generate(heavy, "Hello", static_cast<uint32_t>(16 * (big - 1)));
-  });
-  struct joiner {
-    std::thread& t;
-    ~joiner() {
-      if (t.joinable()) t.join();
-    }
-  } join_hold{hold};
-  auto until = std::chrono::steady_clock::now() + 10s;
-  while (metric(cl, 0, "keel_kv_pages_used") < big && std::chrono::steady_clock::now() < until)
-    std::this_thread::sleep_for(20ms);
-  BOOST_REQUIRE(metric(cl, 0, "keel_kv_pages_used") >= big);
 
   auto placed = (*at_a)->open_session(seeded(5));
   BOOST_REQUIRE(placed);
@@ -459,7 +448,7 @@ BOOST_AUTO_TEST_CASE(a_stream_through_the_node_that_placed_it_survives_its_owner
       if (t.joinable()) t.join();
     }
   } join_stream{stream};
-  until = std::chrono::steady_clock::now() + 30s;
+  auto until = std::chrono::steady_clock::now() + 30s;
   while (got.load() < 10 && !finished && std::chrono::steady_clock::now() < until)
     std::this_thread::sleep_for(5ms);
   BOOST_REQUIRE_MESSAGE(got.load() >= 10 || finished, "the placed stream did not start");
