@@ -57,9 +57,10 @@ BOOST_AUTO_TEST_CASE(under_pressure_a_low_priority_session_gets_a_shorter_contex
   auto heavy = c->open_session(seeded(2), 20);
   BOOST_REQUIRE(heavy);
   int32_t pages = std::min(capacity * 3 / 4, 512 / 16 - 1);
-  std::thread hold([&] {
-    auto h = n.client();
-    (void)h->generate(*heavy, "Hello", static_cast<uint32_t>(16 * pages - 8));
+  // No Boost.Test macro on this thread (they are not thread-safe): the client directly.
+  std::thread hold([&n, heavy = *heavy, pages] {
+    auto h = wire::client::connect({n.gw->address()});
+    if (h) (void)(*h)->generate(heavy, "Hello", static_cast<uint32_t>(16 * pages - 8));
   });
   struct joiner {
     std::thread& t;
