@@ -267,9 +267,12 @@ struct client::impl {
         .then([this, sess, last_event] {
           auto node = bounded(gateway.infoRequest().send(), opts.connect_timeout, "probe")
                           .ignoreResult();
+          auto now = std::chrono::steady_clock::now();
           if (sess == nullptr || last_event == nullptr ||
-              std::chrono::steady_clock::now() - *last_event < session_probe_after)
+              now - *last_event < session_probe_after ||
+              now - session_probed < session_probe_every)
             return node;
+          session_probed = now;
           return node.then([this, sess] {
             return bounded(sess->infoRequest().send(), opts.connect_timeout, "session probe")
                 .ignoreResult();
@@ -278,8 +281,11 @@ struct client::impl {
         .then([this, sess, last_event] { return probe(sess, last_event); });
   }
 
-  /// How long a stream may be silent before `probe` asks its session too.
+  /// How long a stream may be silent before `probe` asks its session too, and how often it
+  /// does then (the owner answers with the session's record: not at every probe).
   static constexpr auto session_probe_after = std::chrono::milliseconds(1000);
+  static constexpr auto session_probe_every = std::chrono::milliseconds(500);
+  std::chrono::steady_clock::time_point session_probed{};
 
   /// Replaces the connection by one to the first endpoint that answers, trying the list in
   /// rounds with backoff until `deadline`, each round starting after the current endpoint (which
