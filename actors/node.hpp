@@ -1,6 +1,7 @@
 #pragma once
 
 #include <atomic>
+#include <limits>
 #include <map>
 #include <cstdint>
 #include <memory>
@@ -94,8 +95,8 @@ struct node_config {
   /// Degrade before shedding: a new session of a priority below `degrade_below`, opened on a
   /// node with less room than `degrade_room` (after placement found no peer with more), gets a
   /// context of `degrade_context` tokens (0: a quarter of the model's) instead of the model's,
-  /// so its turns reserve fewer KV pages. `degrade_below` 0 (or below every priority): off.
-  int32_t degrade_below = 0;
+  /// so its turns reserve fewer KV pages. The default (the lowest int32): off.
+  int32_t degrade_below = std::numeric_limits<int32_t>::min();
   double degrade_room = 0.2;
   int32_t degrade_context = 0;
   /// The model file's digest when known already (keel-node computes it before the node starts,

@@ -572,7 +572,7 @@ int run(std::span<char*> args) {
   ncfg.threads_per_shard = static_cast<int32_t>(*threads);
   ncfg.kv_bytes = *kv_bytes;
   ncfg.batching.max_queue = static_cast<int32_t>(*max_queue);
-  ncfg.degrade_below = static_cast<int32_t>(*degrade_below);
+  if (opts->has("degrade-below")) ncfg.degrade_below = static_cast<int32_t>(*degrade_below);
   ncfg.degrade_room = 1.0 - static_cast<double>(*degrade_above) / 100.0;
   if (opts->has("degrade-context")) ncfg.degrade_context = static_cast<int32_t>(*degrade_context);
   if (opts->has("guardrail-rules")) {

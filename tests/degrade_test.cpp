@@ -102,3 +102,12 @@ BOOST_AUTO_TEST_CASE(under_pressure_a_low_priority_session_gets_a_shorter_contex
   BOOST_REQUIRE(again);
   BOOST_TEST(again->context_length == 48u);
 }
+
+BOOST_AUTO_TEST_CASE(without_a_policy_no_priority_is_degraded_even_under_pressure) {
+  node_config cfg;
+  cfg.model_path = test::small_model("degrade_test");
+  cfg.degrade_room = 1.1;  // "under pressure" whatever the load: only the priority decides
+  serving_node n(cfg);
+  for (int32_t priority : {-1000, -1, 0, 10, 20})
+    BOOST_TEST(n.nd->context_for_new_session(priority) == 0, "priority " << priority);
+}
