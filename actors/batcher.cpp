@@ -129,6 +129,7 @@ void admit(self_ptr self) {
       continue;
     }
     bool full = static_cast<int32_t>(st.running.size()) >= st.cfg.max_batch;
+    bool preempted = false;
     if (full || need > st.free_pages) {
       // Priority first: running turns of lower priority go back to the queue (their tokens
       // kept; they are prefilled again when admitted again) when that makes room for this one.
@@ -149,18 +150,14 @@ void admit(self_ptr self) {
         if (!victim) return;
         preempt(self, *victim);
       }
-      st.free_pages -= need;
-      s.pages = need;
-      s.admitted = true;
-      s.kv_length = 0;
-      st.running.push_back(id);
-      return;  // what was preempted is ordered again at the next admission
+      preempted = true;
     }
     st.free_pages -= need;
     s.pages = need;
     s.admitted = true;
     s.kv_length = 0;
     st.running.push_back(id);
+    if (preempted) return;  // what was preempted is ordered again at the next admission
   }
 }
 
